@@ -1,0 +1,39 @@
+//! Node-wide settings the programs read from the one-entry `CONFIG` array.
+
+use crate::addr::Addr;
+
+/// Value of `CONFIG[0]`. Written by the agent before any pod is enabled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Port of the proxy's outbound listener on loopback (Istio: 15001). Host byte order.
+    pub outbound_port: u32,
+    /// Port of the proxy's inbound listener (Istio: 15006). Host byte order.
+    pub inbound_port: u32,
+    /// `CONFIG_*` flags.
+    pub flags: u32,
+    /// Source address the proxy binds for its inbound passthrough hop (Istio: 127.0.0.6).
+    /// Network byte order.
+    pub passthrough_ip4: u32,
+    /// IPv6 passthrough source (Istio: `::6`). Network byte order words.
+    pub passthrough_ip6: Addr,
+}
+
+/// sk_msg redirect of the app↔proxy hop is on (off = the same interception over loopback TCP,
+/// which the benchmark uses to isolate what the sockmap saves).
+pub const CONFIG_MSG_REDIRECT: u32 = 1 << 0;
+
+impl GlobalConfig {
+    pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+    pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+    pub const fn istio_defaults() -> Self {
+        Self {
+            outbound_port: Self::DEFAULT_OUTBOUND_PORT as u32,
+            inbound_port: Self::DEFAULT_INBOUND_PORT as u32,
+            flags: CONFIG_MSG_REDIRECT,
+            passthrough_ip4: u32::from_be_bytes([127, 0, 0, 6]).to_be(),
+            passthrough_ip6: [0, 0, 0, 6u32.to_be()],
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Indices of the per-CPU `COUNTERS` array: one counter per decision the programs take.
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
+        /// A slot of the `COUNTERS` per-CPU array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl Counter {
+            /// Every counter, in slot order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
+
+            /// The name `interceptor status --json` reports under `counters`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// connect rewritten to the proxy's outbound port.
+    ConnectRedirected = "connect_redirected",
+    /// The proxy's own connection (UID/GID): left alone.
+    ConnectSkippedProxy = "connect_skipped_proxy",
+    /// Destination on loopback: left alone (Istio rule 8).
+    ConnectSkippedLoopback = "connect_skipped_loopback",
+    /// Destination is the pod's own address: left alone (Istio rule 3).
+    ConnectSkippedPodLocal = "connect_skipped_pod_local",
+    /// Destination port excluded (`excludeOutboundPorts`).
+    ConnectSkippedPort = "connect_skipped_port",
+    /// Destination in an excluded CIDR (`excludeOutboundIPRanges`).
+    ConnectSkippedCidr = "connect_skipped_cidr",
+    /// Destination outside `includeOutboundIPRanges`.
+    ConnectSkippedNotIncluded = "connect_skipped_not_included",
+    /// The pod captures no outbound traffic.
+    ConnectSkippedOutboundOff = "connect_skipped_outbound_off",
+    /// Could not bind the pod address before redirecting (socket already bound).
+    ConnectBindFailed = "connect_bind_failed",
+    /// Proxy passthrough connection (from 127.0.0.6) marked for the sockhash.
+    ConnectPassthrough = "connect_passthrough",
+    /// Proxy calling its own pod: sent to the inbound port.
+    ConnectSelfInbound = "connect_self_inbound",
+    /// Could not record the original destination (map full): connect left alone.
+    ConnectMapFull = "connect_map_full",
+    /// Socket of an intercepted connection added to the sockhash.
+    SockhashInsert = "sockhash_insert",
+    /// Adding a socket to the sockhash failed (map full or the socket belongs to another map).
+    SockhashInsertFailed = "sockhash_insert_failed",
+    /// Socket of an intercepted connection closed (it leaves the sockhash by itself).
+    SockhashRemove = "sockhash_remove",
+    /// A listener on the inbound port was put in the listener map.
+    ListenerInsert = "listener_insert",
+    /// Message moved into the peer socket by `bpf_msg_redirect_hash`.
+    MsgRedirected = "msg_redirected",
+    /// Peer socket missing from the sockhash: that direction falls back to TCP for good.
+    MsgRedirectFailed = "msg_redirect_failed",
+    /// Message sent over TCP on a direction that fell back (keeps bytes in order).
+    MsgFallbackPass = "msg_fallback_pass",
+    /// sk_msg redirect switched off in `CONFIG`: message sent over TCP.
+    MsgRedirectDisabled = "msg_redirect_disabled",
+    /// SO_ORIGINAL_DST answered for a redirected connection.
+    OrigDstAnswered = "orig_dst_answered",
+    /// SO_ORIGINAL_DST answered with the local address of an inbound connection to a pod.
+    OrigDstLocal = "orig_dst_local",
+    /// Inbound connection handed to the proxy's inbound listener.
+    InboundAssigned = "inbound_assigned",
+    /// Inbound port excluded or not included: left alone.
+    InboundSkippedPort = "inbound_skipped_port",
+    /// Inbound connection from inside the pod (loopback or its own address): left alone.
+    InboundSkippedLocal = "inbound_skipped_local",
+    /// No proxy listener known for the pod: refused, as Istio's REDIRECT to a closed port is.
+    InboundNoListener = "inbound_no_listener",
+    /// `bpf_sk_assign` failed: refused.
+    InboundAssignFailed = "inbound_assign_failed",
+    /// Network-namespace cookie recorded for the agent's probe.
+    NetnsProbe = "netns_probe",
+}
+
+impl Counter {
+    pub const COUNT: u32 = Counter::ALL.len() as u32;
+
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}

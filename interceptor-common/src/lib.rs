@@ -1,0 +1,73 @@
+//! Map keys and values shared by the interceptor eBPF programs (`interceptor-ebpf`) and the agent.
+//!
+//! Every type is `#[repr(C)]`, `Copy` and free of implicit padding (only `u32`/`u64` fields, or
+//! explicit padding), so the kernel and user-space views agree byte for byte. Byte order is part
+//! of each type and is written on each field.
+//!
+//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so an `AF_INET`
+//! socket and a dual-stack `AF_INET6` socket talking IPv4 produce the same keys.
+#![no_std]
+
+pub mod addr;
+pub mod config;
+pub mod counters;
+pub mod event;
+pub mod names;
+pub mod origdst;
+pub mod pod;
+pub mod sockmap;
+
+/// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
+/// state written with another ABI instead of misreading it.
+pub const ABI_VERSION: u32 = 1;
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use crate::{
+        config::GlobalConfig,
+        event::Event,
+        origdst::OrigDst,
+        pod::{CidrKey, PodConfig, PodInfo, PortKey},
+        sockmap::SockKey,
+    };
+
+    // SAFETY: all of these are #[repr(C)], Copy, and have no padding bytes (checked by the
+    // layout tests below), so any bit pattern the kernel hands back is a valid value.
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for PodInfo {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for CidrKey {}
+    unsafe impl aya::Pod for SockKey {}
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use core::mem::size_of;
+
+    use crate::{
+        config::GlobalConfig,
+        event::Event,
+        origdst::OrigDst,
+        pod::{CidrKey, PodConfig, PodInfo, PortKey},
+        sockmap::SockKey,
+    };
+
+    // The sizes are the sum of the field sizes: no implicit padding anywhere.
+    #[test]
+    fn no_padding() {
+        assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4);
+        assert_eq!(size_of::<OrigDst>(), 16 + 4 * 4);
+        assert_eq!(size_of::<PodConfig>(), 5 * 4 + 16);
+        assert_eq!(size_of::<PortKey>(), 4 + 2 + 2);
+        assert_eq!(size_of::<CidrKey>(), 4 + 16);
+        assert_eq!(size_of::<GlobalConfig>(), 4 * 4 + 16);
+        assert_eq!(size_of::<Event>(), 4 + 4 + 8);
+        assert_eq!(
+            size_of::<PodInfo>(),
+            3 * 8 + 2 * 4 + crate::pod::POD_NAME_LEN
+        );
+    }
+}

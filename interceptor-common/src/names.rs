@@ -1,0 +1,76 @@
+//! Names of maps and programs: the eBPF crate defines them, the agent finds them by these names.
+//! Kept to 15 characters so `bpftool` shows what the code says.
+
+pub mod map {
+    pub const CONFIG: &str = "CONFIG";
+    pub const ABI: &str = "ABI";
+    pub const POD_CONFIG: &str = "POD_CONFIG";
+    pub const POD_IPS: &str = "POD_IPS";
+    pub const POD_PORTS: &str = "POD_PORTS";
+    pub const CIDR_EXCLUDE: &str = "CIDR_EXCLUDE";
+    pub const CIDR_INCLUDE: &str = "CIDR_INCLUDE";
+    pub const POD_INFO: &str = "POD_INFO";
+    pub const POD_LISTENER: &str = "POD_LISTENER";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const COOKIE_ORIG: &str = "COOKIE_ORIG";
+    pub const TUPLE_ORIG: &str = "TUPLE_ORIG";
+    pub const SOCKS: &str = "SOCKS";
+    pub const MSG_FALLBACK: &str = "MSG_FALLBACK";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const NETNS_PROBE: &str = "NETNS_PROBE";
+    pub const EVENTS: &str = "EVENTS";
+
+    /// Every map the agent pins, in the order `status` reports them.
+    pub const PINNED: &[&str] = &[
+        CONFIG,
+        ABI,
+        POD_CONFIG,
+        POD_IPS,
+        POD_PORTS,
+        CIDR_EXCLUDE,
+        CIDR_INCLUDE,
+        POD_INFO,
+        POD_LISTENER,
+        LISTENERS,
+        COOKIE_ORIG,
+        TUPLE_ORIG,
+        SOCKS,
+        MSG_FALLBACK,
+        COUNTERS,
+        NETNS_PROBE,
+        EVENTS,
+    ];
+}
+
+pub mod prog {
+    /// cgroup/connect4: redirect an app's connect to the proxy.
+    pub const CONNECT4: &str = "redirect_conn4";
+    /// cgroup/connect6: the same for IPv6 and dual-stack sockets.
+    pub const CONNECT6: &str = "redirect_conn6";
+    /// sockops: put both ends of intercepted local connections in the sockhash.
+    pub const SOCKOPS: &str = "track_sockets";
+    /// sk_msg: move bytes straight into the peer socket.
+    pub const SK_MSG: &str = "msg_to_peer";
+    /// cgroup/getsockopt: answer SO_ORIGINAL_DST.
+    pub const GETSOCKOPT: &str = "orig_dst";
+    /// sk_lookup: steer inbound connections to the proxy's inbound listener.
+    pub const SK_LOOKUP: &str = "steer_inbound";
+}
+
+/// Sizes of the maps. Sockets and connections are bounded by what a node runs at once.
+pub mod size {
+    pub const PODS: u32 = 4096;
+    pub const POD_IPS: u32 = 16384;
+    pub const POD_PORTS: u32 = 65536;
+    pub const CIDRS: u32 = 16384;
+    pub const CONNECTIONS: u32 = 65536;
+    pub const SOCKETS: u32 = 131072;
+    pub const PROBES: u32 = 1024;
+    pub const EVENTS_BYTES: u32 = 64 * 1024;
+}
+
+/// A UDP `connect()` to this address lets the agent learn a network namespace's cookie on
+/// kernels without `SO_NETNS_COOKIE` (< 5.14): connect4 records it under the socket cookie. UDP
+/// connect sends nothing. 127.255.255.254:65535.
+pub const NETNS_PROBE_IP4: [u8; 4] = [127, 255, 255, 254];
+pub const NETNS_PROBE_PORT: u16 = 65535;

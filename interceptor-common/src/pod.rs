@@ -1,0 +1,99 @@
+//! What the programs know about an enabled pod.
+
+use crate::addr::Addr;
+
+/// Capture the pod's outbound connections.
+pub const POD_OUTBOUND: u32 = 1 << 0;
+/// Capture the pod's inbound connections.
+pub const POD_INBOUND: u32 = 1 << 1;
+/// `includeOutboundIPRanges: "*"`: every destination not excluded is captured.
+pub const POD_OUTBOUND_ALL_CIDRS: u32 = 1 << 2;
+/// `includeInboundPorts: "*"`: every inbound port not excluded is captured.
+pub const POD_INBOUND_ALL_PORTS: u32 = 1 << 3;
+/// Keep the pod's app↔proxy hops on loopback TCP (no sockhash, no sk_msg): for apps that
+/// block in read() while another thread writes to or half-closes the same socket (see README,
+/// "Known kernel behaviour").
+pub const POD_NO_SOCKMAP: u32 = 1 << 4;
+
+/// Value of `POD_CONFIG`, keyed by the pod's network-namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Agent-assigned id, unique on the node; keys the per-pod maps.
+    pub pod_id: u32,
+    /// `POD_*` flags.
+    pub flags: u32,
+    /// Connections of this UID are the proxy's own and never redirected (Istio: 1337).
+    pub proxy_uid: u32,
+    /// Likewise for this GID.
+    pub proxy_gid: u32,
+    /// The pod's IPv4 address, network byte order; 0 when it has none. Redirected IPv4
+    /// connections are bound to it, which keeps sockhash 4-tuples unique across pods.
+    pub ip4: u32,
+    /// The pod's IPv6 address, network byte order words; zero when it has none.
+    pub ip6: Addr,
+}
+
+/// Direction of a `PortKey`.
+pub const DIR_OUTBOUND: u16 = 1;
+pub const DIR_INBOUND: u16 = 2;
+
+/// `POD_PORTS` value: capture this port (include list).
+pub const PORT_INCLUDE: u32 = 1;
+/// `POD_PORTS` value: never capture this port.
+pub const PORT_EXCLUDE: u32 = 2;
+
+/// Key of `POD_PORTS`: one port of one pod in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub pod_id: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// `DIR_*`.
+    pub direction: u16,
+}
+
+/// Data part of the `CIDR_EXCLUDE` / `CIDR_INCLUDE` LPM-trie keys. The trie matches bytes from
+/// the first, so `pod_id` comes first and is always matched whole (prefix = 32 + address bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKey {
+    /// Big-endian, so the LPM byte order and the numeric order agree.
+    pub pod_id_be: u32,
+    /// Network byte order words; IPv4-mapped for IPv4 (prefix then counts 96 + v4 bits).
+    pub ip: Addr,
+}
+
+impl CidrKey {
+    /// Prefix length of a key that matches `pod_id` exactly and the first `addr_bits` bits of
+    /// the 128-bit address.
+    pub const fn prefix_len(addr_bits: u32) -> u32 {
+        32 + addr_bits
+    }
+}
+
+/// Bytes of `PodInfo::name`.
+pub const POD_NAME_LEN: usize = 128;
+
+/// How the pod was named when enabled.
+pub const SOURCE_NETNS: u32 = 1;
+pub const SOURCE_PID: u32 = 2;
+pub const SOURCE_KUBERNETES: u32 = 3;
+
+/// Value of `POD_INFO` (keyed by pod id): what user space needs to list and find the pod again.
+/// The programs never read it; it is pinned with the rest so an agent restart loses nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub netns_cookie: u64,
+    /// Inode and device of the pod's network namespace (`stat` of its nsfs file).
+    pub netns_ino: u64,
+    pub netns_dev: u64,
+    /// `SOURCE_*`.
+    pub source: u32,
+    /// Process the pod was enabled by (`--pid`), else 0.
+    pub pid: u32,
+    /// NUL-padded UTF-8: the netns name, `pid:N`, or `namespace/name` for Kubernetes pods.
+    pub name: [u8; POD_NAME_LEN],
+}

@@ -1,0 +1,20 @@
+//! `cargo xtask demo`: setup, a release build, and `interceptor demo`.
+
+use anyhow::Result;
+use xtask::{exec, step, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Requests the client pod sends.
+    #[arg(long, default_value_t = 5)]
+    requests: u32,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    crate::setup::run(&crate::setup::Options::default())?;
+    step("building interceptor (release)");
+    exec(xtask::cargo().args(["build", "--release", "--package", "interceptor"]))?;
+    let bin = workspace_root().join("target/release/interceptor");
+    step(&format!("{} demo", bin.display()));
+    exec(std::process::Command::new(bin).args(["demo", "--requests", &opts.requests.to_string()]))
+}

@@ -1,0 +1,39 @@
+//! `cargo xtask <command>`: everything a fresh machine needs, in one place.
+
+mod build_ebpf;
+mod demo;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "interceptor project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what a fresh machine lacks (Debian packages, bpf-linker for LLVM 22, bpffs).
+    /// Idempotent; quiet when everything is there.
+    Setup(setup::Options),
+    /// Build the eBPF object on its own and show its programs (never required: the
+    /// interceptor build does it).
+    BuildEbpf,
+    /// Run every test: unit tests, then the end-to-end suite on this machine's kernel (root).
+    Test(test::Options),
+    /// Build the release binary and run `interceptor demo`.
+    Demo(demo::Options),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup(opts) => setup::run(&opts),
+        Command::BuildEbpf => build_ebpf::run(),
+        Command::Test(opts) => test::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
+    }
+}

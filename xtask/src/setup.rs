@@ -1,0 +1,150 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks, following TOOLCHAIN.md (the recipe
+//! verified on these machines). Idempotent: checks first, installs only what is missing, prints
+//! one line when nothing was needed.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use xtask::{exec, is_root, output, step};
+
+/// Debian packages for building and testing: Debian's rustc-web with the prebuilt `core` for
+/// the BPF targets, LLVM 22 for bpf-linker, and the network tools the tests and the iptables
+/// mode use.
+pub const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+];
+
+/// The bpf-linker version verified with LLVM 22 (newer ones may drop the llvm-22 feature).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(clap::Args, Default)]
+pub struct Options {
+    /// Also install what `cargo xtask vm-test` needs.
+    #[arg(long)]
+    pub vm: bool,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    if !is_root() {
+        bail!("setup installs Debian packages and mounts bpffs: run it as root");
+    }
+    let mut did = Vec::new();
+    let mut packages: Vec<&str> = PACKAGES.to_vec();
+    if opts.vm {
+        packages.extend_from_slice(VM_PACKAGES);
+    }
+    let missing = missing_packages(&packages)?;
+    if !missing.is_empty() {
+        install_packages(&missing)?;
+        did.push(format!("installed {}", missing.join(" ")));
+    }
+    if !bpf_linker_ok() {
+        install_bpf_linker()?;
+        did.push(format!(
+            "installed bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
+        ));
+    }
+    if mount_bpffs()? {
+        did.push("mounted bpffs at /sys/fs/bpf".into());
+    }
+    if did.is_empty() {
+        eprintln!("setup: everything is in place");
+    } else {
+        eprintln!("setup: {}", did.join("; "));
+    }
+    Ok(())
+}
+
+/// Extra packages for the virtme-ng kernel matrix (VMTEST.md).
+pub const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "libcap-ng-dev",
+    "libseccomp-dev",
+];
+
+pub fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for pkg in packages {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .output()
+            .context("running dpkg-query (is this Debian?)")?;
+        let status = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !status.contains("install ok installed") {
+            missing.push((*pkg).to_owned());
+        }
+    }
+    Ok(missing)
+}
+
+pub fn install_packages(missing: &[String]) -> Result<()> {
+    step(&format!("apt-get install {}", missing.join(" ")));
+    exec(Command::new("apt-get").args(["update", "-q"]))?;
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(missing),
+    )
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .or_else(|_| {
+            let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+                format!("{}/.cargo", std::env::var("HOME").unwrap_or_default())
+            });
+            Command::new(format!("{home}/bin/bpf-linker"))
+                .arg("--version")
+                .output()
+        })
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn install_bpf_linker() -> Result<()> {
+    step(&format!(
+        "cargo install bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    exec(
+        xtask::cargo()
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
+    )
+}
+
+/// Mounts bpffs at /sys/fs/bpf if it is not. Returns whether it mounted.
+fn mount_bpffs() -> Result<bool> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
+    });
+    if mounted {
+        return Ok(false);
+    }
+    if !Path::new("/sys/fs/bpf").exists() {
+        std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
+    }
+    output(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    Ok(true)
+}

@@ -1,0 +1,51 @@
+//! `cargo xtask test`: setup, the host unit tests, then the end-to-end suite that loads the real
+//! programs into this kernel (root; pods are network namespaces).
+
+use anyhow::{Result, bail};
+use xtask::{exec, is_root, step, workspace_root};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only run tests whose name contains this.
+    filter: Option<String>,
+    /// Parallel test threads for the end-to-end suite (each test has its own agent and pods).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Skip setup (for machines prepared already, e.g. inside the VM matrix).
+    #[arg(long)]
+    no_setup: bool,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    if !is_root() {
+        bail!("the end-to-end tests load eBPF programs and create network namespaces: run as root");
+    }
+    if !opts.no_setup {
+        crate::setup::run(&crate::setup::Options::default())?;
+    }
+    step("building interceptor and the test suites");
+    exec(xtask::cargo().args(["build", "--package", "interceptor"]))?;
+    let filter: Vec<&str> = opts.filter.as_deref().into_iter().collect();
+    step("unit tests");
+    exec(
+        xtask::cargo()
+            .args([
+                "test",
+                "--package",
+                "interceptor-common",
+                "--package",
+                "interceptor",
+            ])
+            .args(["--package", "xtask", "--"])
+            .args(&filter),
+    )?;
+    step("end-to-end tests on this kernel");
+    let bin = workspace_root().join("target/debug/interceptor");
+    exec(
+        xtask::cargo()
+            .env("INTERCEPTOR_BIN", &bin)
+            .args(["test", "--package", "interceptor-e2e", "--"])
+            .arg(format!("--test-threads={}", opts.threads))
+            .args(&filter),
+    )
+}
