@@ -1,0 +1,186 @@
+//! What connect4 and connect6 share: which pod a socket belongs to and what to do with its
+//! connect.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use interceptor_common::{
+    addr::{is_loopback, Addr},
+    config::GlobalConfig,
+    counters::Counter,
+    origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
+    pod::{PodConfig, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
+};
+
+use crate::{
+    maps::{config, count, pod_of, COOKIE_ORIG, POD_CONFIG},
+    policy::{self, Outbound},
+};
+
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
+pub(crate) const SOCK_STREAM: u32 = 1;
+pub(crate) const SOCK_DGRAM: u32 = 2;
+
+/// What the connect program does with a connect.
+pub(crate) enum Verdict {
+    /// Leave the connect alone.
+    Pass,
+    /// Rewrite the destination to the proxy's port on loopback and bind the pod address.
+    ToProxy { port: u16 },
+}
+
+/// An enabled pod, as seen from one of its sockets.
+pub(crate) struct Pod {
+    /// Network-namespace cookie: the pod's identity in the kernel.
+    pub(crate) netns: u64,
+    pub(crate) config: PodConfig,
+}
+
+/// The pod the calling socket lives in (by network namespace), if it is enabled.
+#[inline(always)]
+pub(crate) fn current_pod(ctx: &SockAddrContext) -> Option<Pod> {
+    // SAFETY: bpf_get_netns_cookie takes the program context (sock_addr: kernel >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let config = unsafe { POD_CONFIG.get(&netns) }.copied()?;
+    Some(Pod { netns, config })
+}
+
+#[inline(always)]
+fn is_pod_address(pod: &Pod, addr: &Addr) -> bool {
+    pod_of(addr) == pod.netns
+}
+
+/// `OrigDst` flags for connections of this pod.
+#[inline(always)]
+fn orig_flags(pod: &Pod) -> u32 {
+    if pod.config.flags & POD_NO_SOCKMAP != 0 {
+        ORIG_NO_SOCKMAP
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> bool {
+    // SAFETY: bpf_get_socket_cookie on a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if COOKIE_ORIG.insert(&cookie, orig, 0).is_err() {
+        count(Counter::ConnectMapFull);
+        return false;
+    }
+    true
+}
+
+/// Decides a TCP connect of a socket in `pod` to `dst`:`port`, `src` being the socket's
+/// already-bound source (unspecified if none). Mirrors Istio's ISTIO_OUTPUT chain.
+#[inline(always)]
+pub(crate) fn decide(
+    ctx: &SockAddrContext,
+    pod: &Pod,
+    cfg: &GlobalConfig,
+    src: &Addr,
+    passthrough: &Addr,
+    dst: &Addr,
+    port: u16,
+) -> Verdict {
+    // Rule 1: the proxy's inbound passthrough hop (bound to 127.0.0.6) to its pod's app. Never
+    // redirected; remembered so sockops accelerates the hop through the sockhash.
+    if src == passthrough {
+        if is_pod_address(pod, dst) {
+            let orig = OrigDst {
+                ip: *dst,
+                port: port as u32,
+                pod_id: pod.config.pod_id,
+                kind: KIND_PASSTHROUGH,
+                flags: orig_flags(pod),
+            };
+            if remember(ctx, &orig) {
+                count(Counter::ConnectPassthrough);
+            }
+        }
+        return Verdict::Pass;
+    }
+
+    // sock_addr programs run in process context, so the caller's credentials are meaningful.
+    let uid_gid = bpf_get_current_uid_gid();
+    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    if uid == pod.config.proxy_uid || gid == pod.config.proxy_gid {
+        // Rules 2/5: the proxy calling its own pod goes through its inbound handler.
+        if pod.config.flags & POD_INBOUND != 0 && is_pod_address(pod, dst) {
+            let orig = OrigDst {
+                ip: *dst,
+                port: port as u32,
+                pod_id: pod.config.pod_id,
+                kind: KIND_SELF_INBOUND,
+                flags: orig_flags(pod),
+            };
+            if remember(ctx, &orig) {
+                count(Counter::ConnectSelfInbound);
+                return Verdict::ToProxy {
+                    port: cfg.inbound_port as u16,
+                };
+            }
+            return Verdict::Pass;
+        }
+        // Rules 4/7: the proxy's own upstream connections.
+        count(Counter::ConnectSkippedProxy);
+        return Verdict::Pass;
+    }
+
+    if pod.config.flags & POD_OUTBOUND == 0 {
+        count(Counter::ConnectSkippedOutboundOff);
+        return Verdict::Pass;
+    }
+    // Rule 8 (and rule 3 for other loopback addresses).
+    if is_loopback(dst) {
+        count(Counter::ConnectSkippedLoopback);
+        return Verdict::Pass;
+    }
+    // Rule 3: the app calling its own pod address stays inside the pod.
+    if is_pod_address(pod, dst) {
+        count(Counter::ConnectSkippedPodLocal);
+        return Verdict::Pass;
+    }
+    match policy::outbound(&pod.config, dst, port) {
+        Outbound::Capture => {}
+        Outbound::ExcludedPort => {
+            count(Counter::ConnectSkippedPort);
+            return Verdict::Pass;
+        }
+        Outbound::ExcludedCidr => {
+            count(Counter::ConnectSkippedCidr);
+            return Verdict::Pass;
+        }
+        Outbound::NotIncluded => {
+            count(Counter::ConnectSkippedNotIncluded);
+            return Verdict::Pass;
+        }
+    }
+
+    let orig = OrigDst {
+        ip: *dst,
+        port: port as u32,
+        pod_id: pod.config.pod_id,
+        kind: KIND_OUTBOUND,
+        flags: orig_flags(pod),
+    };
+    // Without a recorded original destination the proxy could not route the connection:
+    // leave it alone rather than break it.
+    if !remember(ctx, &orig) {
+        return Verdict::Pass;
+    }
+    count(Counter::ConnectRedirected);
+    Verdict::ToProxy {
+        port: cfg.outbound_port as u16,
+    }
+}
+
+/// Node settings, or None before the agent wrote them (then nothing is intercepted).
+#[inline(always)]
+pub(crate) fn settings() -> Option<GlobalConfig> {
+    config().copied()
+}

@@ -1,0 +1,89 @@
+//! `cgroup/connect6`: the same for IPv6 sockets, including dual-stack sockets connecting to an
+//! IPv4-mapped address (those are redirected to `::ffff:127.0.0.1` and bound to the pod's IPv4).
+
+use aya_ebpf::{
+    helpers::bpf_bind, macros::cgroup_sock_addr, programs::SockAddrContext, EbpfContext as _,
+};
+use interceptor_common::{
+    addr::{is_unspecified, is_v4_mapped, v4_mapped, Addr, LOCALHOST_V4, LOCALHOST_V6},
+    counters::Counter,
+};
+
+use crate::{
+    connect::{current_pod, decide, settings, Verdict, AF_INET6, SOCK_STREAM},
+    ctx,
+    maps::count,
+};
+
+/// `struct sockaddr_in6`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_conn6(ctx: SockAddrContext) -> i32 {
+    intercept(&ctx);
+    1
+}
+
+#[inline(always)]
+fn intercept(ctx: &SockAddrContext) {
+    if ctx::sa_type(ctx) != SOCK_STREAM {
+        return;
+    }
+    let Some(pod) = current_pod(ctx) else {
+        return;
+    };
+    let Some(cfg) = settings() else {
+        return;
+    };
+    let dst = ctx::sa_user_ip6(ctx);
+    let port = ctx::sa_user_port(ctx);
+    let src = ctx::sa_bound_src(ctx, true);
+    let mapped = is_v4_mapped(&dst);
+    let passthrough = if mapped {
+        v4_mapped(cfg.passthrough_ip4)
+    } else {
+        cfg.passthrough_ip6
+    };
+    if let Verdict::ToProxy { port } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port) {
+        let (proxy, source) = if mapped {
+            (
+                v4_mapped(LOCALHOST_V4),
+                (pod.config.ip4 != 0).then(|| v4_mapped(pod.config.ip4)),
+            )
+        } else {
+            (
+                LOCALHOST_V6,
+                (!is_unspecified(&pod.config.ip6)).then_some(pod.config.ip6),
+            )
+        };
+        if let (Some(source), true) = (source, is_unspecified(&src)) {
+            let mut sa = SockaddrIn6 {
+                family: AF_INET6 as u16,
+                port: 0,
+                flowinfo: 0,
+                addr: source,
+                scope_id: 0,
+            };
+            // SAFETY: bpf_bind on a connect6 context with a sockaddr_in6 on the stack.
+            let ret = unsafe {
+                bpf_bind(
+                    ctx.as_ptr().cast(),
+                    (&mut sa as *mut SockaddrIn6).cast(),
+                    core::mem::size_of::<SockaddrIn6>() as i32,
+                )
+            };
+            if ret != 0 {
+                count(Counter::ConnectBindFailed);
+            }
+        }
+        ctx::sa_set_user_ip6(ctx, &proxy);
+        ctx::sa_set_user_port(ctx, port);
+    }
+}

@@ -1,0 +1,126 @@
+//! `cgroup/getsockopt` at the cgroup v2 root: answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)`
+//! (and `SOL_IPV6, IP6T_SO_ORIGINAL_DST`) the way netfilter's conntrack would, so any
+//! Istio-style proxy works unmodified.
+
+use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
+use interceptor_common::{
+    addr::{is_v4_mapped, Addr},
+    counters::Counter,
+    sockmap::SockKey,
+};
+
+use crate::{
+    connect::{AF_INET, AF_INET6},
+    ctx,
+    maps::{count, pod_of, PAGE_SIZE, TUPLE_ORIG},
+};
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST` share the number.
+const SO_ORIGINAL_DST: i32 = 80;
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn orig_dst(ctx: SockoptContext) -> i32 {
+    let level = ctx::so_level(&ctx);
+    if ctx::so_optname(&ctx) == SO_ORIGINAL_DST && (level == SOL_IP || level == SOL_IPV6) {
+        answer(&ctx, level == SOL_IPV6);
+    } else if ctx::so_optlen(&ctx) > PAGE_SIZE.load() as i32 {
+        // This program sees at most a page of the value. Before 6.5 the kernel fails the
+        // syscall with EFAULT unless the program sets optlen to 0 ("use the kernel's buffer"):
+        // without this, e.g. iptables-legacy-save on a large ruleset would break on the host.
+        ctx::so_set_optlen(&ctx, 0);
+    }
+    // Never reject a getsockopt call.
+    1
+}
+
+#[inline(always)]
+fn answer(ctx: &SockoptContext, v6: bool) {
+    let Some(sk) = ctx::so_sk(ctx) else {
+        return;
+    };
+    let family = ctx::sock_family(sk);
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let (local_ip, remote_ip, local_port, remote_port) = ctx::sock_tuple(sk);
+    let key = SockKey {
+        local_ip,
+        remote_ip,
+        local_port,
+        remote_port,
+    };
+    // A connection connect4/6 redirected: its recorded destination.
+    // SAFETY: copied out at once.
+    let (ip, port, counter) = if let Some(orig) = unsafe { TUPLE_ORIG.get(&key) }.copied() {
+        (orig.ip, orig.port, Counter::OrigDstAnswered)
+    // A connection to a pod address (steered here by sk_lookup): like conntrack for a
+    // connection without NAT, the original destination is the local address itself.
+    } else if pod_of(&local_ip) != 0 {
+        (local_ip, local_port, Counter::OrigDstLocal)
+    } else {
+        return;
+    };
+    let (start, end) = ctx::so_optval(ctx);
+    let mapped = is_v4_mapped(&ip);
+    if !v6 {
+        if !mapped {
+            return;
+        }
+        let len = core::mem::size_of::<SockaddrIn>();
+        // SAFETY: bounds-checked against optval_end before any write.
+        if start.is_null() || unsafe { start.add(len) } > end {
+            return;
+        }
+        let sa = start as *mut SockaddrIn;
+        // SAFETY: inside [optval, optval_end), checked above.
+        unsafe {
+            (*sa).family = AF_INET as u16;
+            (*sa).port = (port as u16).to_be();
+            (*sa).addr = ip[3];
+            (*sa).zero = [0; 8];
+        }
+        finish(ctx, len as i32);
+    } else {
+        let len = core::mem::size_of::<SockaddrIn6>();
+        // SAFETY: bounds-checked against optval_end before any write.
+        if start.is_null() || unsafe { start.add(len) } > end {
+            return;
+        }
+        let sa = start as *mut SockaddrIn6;
+        // SAFETY: inside [optval, optval_end), checked above.
+        unsafe {
+            (*sa).family = AF_INET6 as u16;
+            (*sa).port = (port as u16).to_be();
+            (*sa).flowinfo = 0;
+            (*sa).addr = ip;
+            (*sa).scope_id = 0;
+        }
+        finish(ctx, len as i32);
+    }
+    count(counter);
+}
+
+#[inline(always)]
+fn finish(ctx: &SockoptContext, len: i32) {
+    ctx::so_set_optlen(ctx, len);
+    ctx::so_set_retval(ctx, 0);
+}

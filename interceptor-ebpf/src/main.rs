@@ -1,0 +1,27 @@
+//! The interceptor BPF program family, one attach point per module, loaded as one object so the
+//! programs share their maps (sockops and sk_msg the sockhash, connect and getsockopt the
+//! original destinations).
+#![no_std]
+#![no_main]
+
+mod connect;
+mod connect4;
+mod connect6;
+mod ctx;
+mod getsockopt;
+mod maps;
+mod policy;
+mod sk_lookup;
+mod sk_msg;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never entered.
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,120 @@
+//! Every map of the family. All are pinned by name (the agent sets the pin directory), so a
+//! restarted agent, `interceptor pod ...` and `interceptor status` see the same state.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    Global,
+};
+use interceptor_common::{
+    config::GlobalConfig,
+    counters::Counter,
+    names::size,
+    origdst::OrigDst,
+    pod::{CidrKey, PodConfig, PodInfo, PortKey},
+    sockmap::SockKey,
+};
+
+/// Node-wide settings, slot 0.
+#[map]
+pub(crate) static CONFIG: Array<GlobalConfig> = Array::pinned(1, 0);
+
+/// ABI version of whoever created the pinned maps (`interceptor_common::ABI_VERSION`), slot 0.
+/// Only user space reads it.
+#[map]
+pub(crate) static ABI: Array<u32> = Array::pinned(1, 0);
+
+/// Enabled pods by network-namespace cookie.
+#[map]
+pub(crate) static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(size::PODS, 0);
+
+/// Pod addresses (16-byte, IPv4-mapped for IPv4) → the pod's network-namespace cookie, which
+/// keys `POD_CONFIG`.
+#[map]
+pub(crate) static POD_IPS: HashMap<[u32; 4], u64> = HashMap::pinned(size::POD_IPS, 0);
+
+/// Per-pod port include/exclude lists.
+#[map]
+pub(crate) static POD_PORTS: HashMap<PortKey, u32> = HashMap::pinned(size::POD_PORTS, 0);
+
+/// Per-pod `excludeOutboundIPRanges`.
+#[map]
+pub(crate) static CIDR_EXCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::pinned(size::CIDRS, 0);
+
+/// Per-pod `includeOutboundIPRanges` (when not `*`).
+#[map]
+pub(crate) static CIDR_INCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::pinned(size::CIDRS, 0);
+
+/// User-space metadata of each pod (never read here; pinned with the rest).
+#[map]
+pub(crate) static POD_INFO: HashMap<u32, PodInfo> = HashMap::pinned(size::PODS, 0);
+
+/// Pod id → socket cookie of its proxy's inbound listener (resolved by the agent).
+#[map]
+pub(crate) static POD_LISTENER: HashMap<u32, u64> = HashMap::pinned(size::PODS, 0);
+
+/// Listening sockets on the inbound port, by socket cookie (inserted by sockops at listen()).
+#[map]
+pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::PODS, 0);
+
+/// connect → established: original destination by the app socket's cookie. LRU because a
+/// connect that never completes leaves its entry behind.
+#[map]
+pub(crate) static COOKIE_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(size::CONNECTIONS, 0);
+
+/// Original destination by the 4-tuple of the proxy-side socket (what getsockopt sees).
+/// Removed when that socket closes; LRU as a backstop.
+#[map]
+pub(crate) static TUPLE_ORIG: LruHashMap<SockKey, OrigDst> =
+    LruHashMap::pinned(size::CONNECTIONS, 0);
+
+/// Both ends of every intercepted local connection; `msg_to_peer` is attached here.
+#[map]
+pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(size::SOCKETS, 0);
+
+/// Directions (sender 4-tuple) that had to fall back to TCP once and stay there, so bytes are
+/// never delivered out of order.
+#[map]
+pub(crate) static MSG_FALLBACK: LruHashMap<SockKey, u32> = LruHashMap::pinned(size::CONNECTIONS, 0);
+
+/// One counter per decision; summed over CPUs by user space.
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+/// Socket cookie of a probe socket → its network-namespace cookie (kernels < 5.14).
+#[map]
+pub(crate) static NETNS_PROBE: LruHashMap<u64, u64> = LruHashMap::pinned(size::PROBES, 0);
+
+/// Wakes the agent when a proxy starts listening.
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::pinned(size::EVENTS_BYTES, 0);
+
+/// Page size of the running kernel, set by the loader: getsockopt must step aside for option
+/// values larger than a page (see getsockopt.rs).
+#[no_mangle]
+pub(crate) static PAGE_SIZE: Global<u32> = Global::new(4096);
+
+#[inline(always)]
+pub(crate) fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The netns cookie of the pod owning `addr`, or 0 (cookies start at 1). A plain value instead
+/// of an `Option`: LLVM compares options branch-free, reading the undefined payload of `None`,
+/// which the verifier rejects ("R1 !read_ok").
+#[inline(always)]
+pub(crate) fn pod_of(addr: &[u32; 4]) -> u64 {
+    match POD_IPS.get_ptr(addr) {
+        // SAFETY: a valid map value pointer for this program run.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub(crate) fn config() -> Option<&'static GlobalConfig> {
+    CONFIG.get(0)
+}

@@ -1,0 +1,52 @@
+//! `sk_msg` on the `SOCKS` sockhash: every message an intercepted socket sends goes straight
+//! into its peer's receive queue (`bpf_msg_redirect_hash` with `BPF_F_INGRESS`), skipping the
+//! TCP/IP stack and netfilter.
+
+use aya_ebpf::{
+    bindings::{sk_action, BPF_F_INGRESS},
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use interceptor_common::{config::CONFIG_MSG_REDIRECT, counters::Counter, sockmap::SockKey};
+
+use crate::{
+    ctx,
+    maps::{config, count, MSG_FALLBACK, SOCKS},
+};
+
+#[sk_msg]
+pub fn msg_to_peer(ctx: SkMsgContext) -> u32 {
+    redirect(&ctx);
+    // Never drop: when the redirect does not happen the message goes over TCP as usual.
+    sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn redirect(ctx: &SkMsgContext) {
+    if !matches!(config(), Some(cfg) if cfg.flags & CONFIG_MSG_REDIRECT != 0) {
+        count(Counter::MsgRedirectDisabled);
+        return;
+    }
+    let (local_ip, remote_ip, local_port, remote_port) = ctx::msg_tuple(ctx);
+    let key = SockKey {
+        local_ip,
+        remote_ip,
+        local_port,
+        remote_port,
+    };
+    // Once a direction sent over TCP, redirected bytes could overtake bytes still in flight:
+    // the receiver reads its redirect queue first. Stay on TCP for good.
+    // SAFETY: only tested for presence.
+    if unsafe { MSG_FALLBACK.get(&key) }.is_some() {
+        count(Counter::MsgFallbackPass);
+        return;
+    }
+    let mut peer = key.mirror();
+    if SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
+        count(Counter::MsgRedirected);
+    } else {
+        // The peer is not in the sockhash (yet): this message takes TCP, and so must the rest.
+        let _ = MSG_FALLBACK.insert(&key, &1, 0);
+        count(Counter::MsgRedirectFailed);
+    }
+}

@@ -1,0 +1,159 @@
+//! `sockops` at the cgroup v2 root: both ends of every intercepted local connection go into the
+//! `SOCKS` sockhash, keyed by their 4-tuple, so `msg_to_peer` can move bytes between them.
+//! Also registers listeners on the inbound port for `steer_inbound`.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+    EbpfContext as _,
+};
+use aya_log_ebpf::warn;
+use interceptor_common::{
+    config::CONFIG_MSG_REDIRECT,
+    counters::Counter,
+    event::{Event, EVENT_LISTENER},
+    origdst::ORIG_NO_SOCKMAP,
+    sockmap::SockKey,
+};
+
+use crate::{
+    ctx,
+    maps::{config, count, COOKIE_ORIG, EVENTS, LISTENERS, MSG_FALLBACK, SOCKS, TUPLE_ORIG},
+};
+
+/// `TCP_CLOSE` from include/net/tcp_states.h.
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn track_sockets(ctx: SockOpsContext) -> u32 {
+    match ctx::ops_op(&ctx) {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        _ => {}
+    }
+    0
+}
+
+/// The socket's 4-tuple from its own point of view, or None for non-IP families.
+#[inline(always)]
+fn own_tuple(ctx: &SockOpsContext) -> Option<SockKey> {
+    let (local_ip, remote_ip, local_port, remote_port) = ctx::ops_tuple(ctx)?;
+    Some(SockKey {
+        local_ip,
+        remote_ip,
+        local_port,
+        remote_port,
+    })
+}
+
+#[inline(always)]
+fn redirect_enabled() -> bool {
+    matches!(config(), Some(cfg) if cfg.flags & CONFIG_MSG_REDIRECT != 0)
+}
+
+#[inline(always)]
+fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey) {
+    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
+    let ops = unsafe { &mut *ctx.ops };
+    match SOCKS.update(key, ops, BPF_ANY as u64) {
+        Ok(()) => count(Counter::SockhashInsert),
+        Err(err) => {
+            count(Counter::SockhashInsertFailed);
+            warn!(ctx, "sockhash insert failed: {}", err);
+        }
+    }
+    // Ask for state changes so the connection's entries are cleaned up when it closes.
+    let _ = ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// The app's side (connect4/6 remembered its cookie): record the original destination under
+/// the 4-tuple the proxy's accepted socket will have, and add the app socket.
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    // SAFETY: bpf_get_socket_cookie on a sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = COOKIE_ORIG.remove(&cookie);
+    let Some(mut key) = own_tuple(ctx) else {
+        return;
+    };
+    // The peer's entry is what tells on_passive_established (and getsockopt) that the accepted
+    // socket belongs to an intercepted connection.
+    if TUPLE_ORIG.insert(&key.mirror(), &orig, 0).is_err() {
+        count(Counter::ConnectMapFull);
+        return;
+    }
+    if redirect_enabled() && orig.flags & ORIG_NO_SOCKMAP == 0 {
+        add_to_sockhash(ctx, &mut key);
+    } else {
+        let _ = ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// The proxy's (or, for passthrough, the app's) accepted side of an intercepted connection.
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let Some(mut key) = own_tuple(ctx) else {
+        return;
+    };
+    let flags = match TUPLE_ORIG.get_ptr(&key) {
+        // SAFETY: a valid map value pointer for this program run.
+        Some(orig) => unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*orig).flags)) },
+        None => return,
+    };
+    if redirect_enabled() && flags & ORIG_NO_SOCKMAP == 0 {
+        add_to_sockhash(ctx, &mut key);
+    } else {
+        let _ = ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// A tracked socket closed: it leaves the sockhash by itself; drop what is keyed by its tuple.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    if ctx::ops_arg1(ctx) != TCP_CLOSE {
+        return;
+    }
+    let Some(key) = own_tuple(ctx) else {
+        return;
+    };
+    let _ = TUPLE_ORIG.remove(&key);
+    let _ = MSG_FALLBACK.remove(&key);
+    count(Counter::SockhashRemove);
+}
+
+/// listen() on the inbound port: keep the socket so `steer_inbound` can hand connections to it
+/// once the agent has matched it to its pod, and wake the agent to do that.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    let port = ctx::ops_local_port(ctx);
+    if port != cfg.inbound_port {
+        return;
+    }
+    // SAFETY: bpf_get_socket_cookie on a sock_ops context.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
+    let ops = unsafe { &mut *ctx.ops };
+    if LISTENERS.update(&mut cookie, ops, BPF_ANY as u64).is_ok() {
+        count(Counter::ListenerInsert);
+    }
+    let event = Event {
+        kind: EVENT_LISTENER,
+        port,
+        cookie,
+    };
+    let _ = EVENTS.output::<Event>(&event, 0);
+}
