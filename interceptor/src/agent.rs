@@ -1,0 +1,300 @@
+//! `interceptor agent`: loads (or adopts) the datapath, keeps the per-pod state right (inbound
+//! listeners, pods that went away), and on exit removes what it attached unless asked to keep it
+//! pinned or another agent still uses it.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    future::Future,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use interceptor_common::{event::Event, names};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::{debug, info, warn};
+
+use crate::{
+    bpf::{self, Datapath, LoadOptions, Pins, features::Features},
+    pods::Registry,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the agent needs root (it loads eBPF programs and attaches them to the cgroup root)")]
+    NotRoot,
+    #[error(
+        "no cgroup v2 mount found in /proc/self/mounts: mount one (`mount -t cgroup2 none \
+         /sys/fs/cgroup`) or pass --cgroup"
+    )]
+    NoCgroup2,
+    #[error(
+        "bpffs is not mounted at {0} and mounting it failed ({1}): run `mount -t bpf bpf {0}` \
+         (or `cargo xtask setup`)"
+    )]
+    NoBpffs(&'static str, nix::Error),
+    #[error(
+        "this kernel ({kernel}) lacks what interception needs: {missing}. Interceptor needs \
+         Linux >= 5.7 with CONFIG_CGROUP_BPF, CONFIG_BPF_STREAM_PARSER; use iptables mode \
+         (`interceptor iptables apply`) on this node"
+    )]
+    Kernel { kernel: String, missing: String },
+    #[error(transparent)]
+    Bpf(#[from] bpf::Error),
+    #[error(transparent)]
+    Pods(#[from] crate::pods::Error),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub pins: Pins,
+    pub load: LoadOptions,
+    /// Leave programs attached and maps pinned on exit (interception goes on without an agent).
+    pub keep_pinned: bool,
+    /// How often pods are checked (gone namespaces, proxy listeners).
+    pub reconcile_every: Duration,
+}
+
+/// Checks what the agent needs before touching anything; fixes what it safely can (bpffs).
+pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
+    if !bpf::features::bpffs_mounted() {
+        let target = bpf::features::BPFFS;
+        nix::mount::mount(
+            Some("bpf"),
+            target,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::NoBpffs(target, e))?;
+        info!("mounted bpffs at {target}");
+    }
+    let cgroup = match cgroup {
+        Some(c) => c.to_owned(),
+        None => bpf::features::cgroup2_mount().ok_or(Error::NoCgroup2)?,
+    };
+    raise_memlock();
+    let features = Features::probe();
+    let missing = features.missing_for_outbound();
+    if !missing.is_empty() {
+        return Err(Error::Kernel {
+            kernel: features.kernel.clone(),
+            missing: missing.join(", "),
+        });
+    }
+    if !features.inbound() {
+        warn!(
+            kernel = %features.kernel,
+            "sk_lookup is not available (Linux >= 5.9): inbound capture is off on this node"
+        );
+    }
+    Ok((cgroup, features))
+}
+
+/// Linux < 5.11 charges BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Holds this agent's share of the instance; the last one out may tear the datapath down.
+struct Membership {
+    lock: Flock<File>,
+    pid_file: PathBuf,
+}
+
+impl Membership {
+    fn join(pins: &Pins) -> Result<Self, Error> {
+        let dir = pins.run_dir();
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { what, path, source }
+        };
+        fs::create_dir_all(dir.join("agents")).map_err(io("creating", &dir))?;
+        let path = dir.join("agent.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("opening", &path))?;
+        let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| Error::Io {
+            what: "locking",
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let pid_file = dir.join("agents").join(std::process::id().to_string());
+        fs::write(&pid_file, b"").map_err(io("writing", &pid_file))?;
+        Ok(Self { lock, pid_file })
+    }
+
+    /// Whether no other agent holds the instance (turns our shared lock into an exclusive one).
+    fn last_one(&self) -> bool {
+        // SAFETY: flock on our own open descriptor; converts the lock atomically or fails.
+        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.pid_file);
+    }
+}
+
+/// Pids of the agents currently running on this instance.
+pub fn running_agents(pins: &Pins) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir(pins.run_dir().join("agents")) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let membership = Membership::join(&opts.pins)?;
+    let mut datapath = Datapath::start(opts.pins.clone(), &opts.load)?;
+
+    let logs = start_logs(&mut datapath);
+    let mut events = open_events(&opts.pins);
+
+    // Pods enabled while no agent ran (or by a previous one) may have new proxies.
+    reconcile(&mut datapath);
+    info!(
+        root = %opts.pins.root().display(),
+        attached = ?datapath.attached,
+        "agent ready"
+    );
+    // A line scripts and tests wait for.
+    println!(
+        "interceptor agent ready (pin root {})",
+        opts.pins.root().display()
+    );
+
+    let mut tick = tokio::time::interval(opts.reconcile_every);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => reconcile(&mut datapath),
+            woke = next_event(&mut events) => {
+                if woke {
+                    // A proxy started listening: match it to its pod right away.
+                    if let Err(err) = Registry::lock(&datapath.pins, &mut datapath.maps)
+                        .and_then(|mut r| r.resolve_listeners())
+                    {
+                        warn!(%err, "resolving inbound listeners");
+                    }
+                }
+            }
+        }
+    }
+
+    if let Some(logs) = logs {
+        logs.abort();
+    }
+    let pins = datapath.pins.clone();
+    drop(datapath);
+    if opts.keep_pinned {
+        info!(root = %pins.root().display(), "keeping the datapath pinned (--keep-pinned)");
+    } else if membership.last_one() {
+        bpf::teardown(&pins)?;
+    } else {
+        info!("another agent still uses the datapath; leaving it attached");
+    }
+    drop(membership);
+    Ok(())
+}
+
+fn reconcile(datapath: &mut Datapath) {
+    let result = Registry::lock(&datapath.pins, &mut datapath.maps).and_then(|mut registry| {
+        registry.collect_gone()?;
+        registry.resolve_listeners()
+    });
+    if let Err(err) = result {
+        warn!(%err, "reconciling pods");
+    }
+}
+
+/// aya-log: the programs' log records become tracing events.
+fn start_logs(datapath: &mut Datapath) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match datapath.ebpf_mut() {
+        Some(ebpf) => aya_log::EbpfLogger::init(ebpf),
+        None => {
+            let path = datapath.pins.prog(names::prog::SOCKOPS);
+            match aya::programs::SockOps::from_pin(&path).and_then(|p| p.info()) {
+                Ok(info) => aya_log::EbpfLogger::init_from_id(info.id()),
+                Err(err) => {
+                    debug!(%err, "no pinned program to read logs from");
+                    return None;
+                }
+            }
+        }
+    };
+    match logger {
+        Ok(logger) => Some(tokio::spawn(bpf::logs::forward(logger))),
+        Err(err) => {
+            debug!(%err, "eBPF logs unavailable");
+            None
+        }
+    }
+}
+
+struct Events(RingBuf<MapData>);
+
+impl AsRawFd for Events {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+fn open_events(pins: &Pins) -> Option<AsyncFd<Events>> {
+    let ring: RingBuf<MapData> = bpf::maps::open_pinned(pins, names::map::EVENTS)
+        .inspect_err(|err| debug!(%err, "no event ring buffer; polling only"))
+        .ok()?;
+    // SAFETY: Events owns the ring buffer's descriptor for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(Events(ring), Interest::READABLE) }.ok()
+}
+
+/// Waits for datapath events; true when at least one listener event arrived. Never resolves
+/// without an event buffer.
+async fn next_event(events: &mut Option<AsyncFd<Events>>) -> bool {
+    let Some(fd) = events else {
+        return std::future::pending().await;
+    };
+    let Ok(mut guard) = fd.readable_mut().await else {
+        return std::future::pending().await;
+    };
+    let mut woke = false;
+    let ring = &mut guard.get_inner_mut().0;
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<Event>() {
+            woke = true;
+        }
+    }
+    guard.clear_ready();
+    woke
+}

@@ -1,0 +1,274 @@
+//! The proxy's composition root: binds every listener, builds metrics and servers, and runs them
+//! until shutdown, then drains. `Bound` reports the bound addresses (tests bind port 0).
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use prometheus_client::{encoding::text::encode, registry::Registry};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    http_server::{self, Handler, text},
+    proxy::{ProxyConfig, inbound, metrics::ProxyMetrics, outbound},
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding {what} on {addr}: {source}")]
+pub struct BindError {
+    what: &'static str,
+    addr: SocketAddr,
+    #[source]
+    source: io::Error,
+}
+
+/// Every listener of the proxy, bound and ready to serve.
+pub struct Bound {
+    pub config: Arc<ProxyConfig>,
+    pub outbound: SocketAddr,
+    pub outbound_v6: Option<SocketAddr>,
+    pub inbound: SocketAddr,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    listeners: Listeners,
+}
+
+struct Listeners {
+    outbound: TcpListener,
+    outbound_v6: Option<TcpListener>,
+    inbound: TcpListener,
+    metrics: TcpListener,
+    health: TcpListener,
+}
+
+fn listen(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
+    let err = |source| BindError { what, addr, source };
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]` also takes IPv4, like Envoy's 0.0.0.0 listeners do for both families.
+        sock.set_only_v6(false).map_err(err)?;
+    }
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(1024).map_err(err)?;
+    TcpListener::from_std(sock.into()).map_err(err)
+}
+
+impl Bound {
+    pub fn bind(config: ProxyConfig) -> Result<Self, BindError> {
+        let outbound = listen(config.outbound, "the outbound listener")?;
+        let outbound_v6 = match config.outbound_v6 {
+            Some(addr) => match listen(addr, "the IPv6 outbound listener") {
+                Ok(l) => Some(l),
+                Err(err) => {
+                    debug!(%err, "no IPv6 outbound listener (IPv6 off in this pod?)");
+                    None
+                }
+            },
+            None => None,
+        };
+        let inbound = match listen(config.inbound, "the inbound listener") {
+            Ok(l) => l,
+            // A pod without IPv6 cannot bind `[::]`: fall back to IPv4 only.
+            Err(err) if config.inbound.is_ipv6() && config.inbound.ip().is_unspecified() => {
+                debug!(%err, "no dual-stack inbound listener; using 0.0.0.0");
+                listen(
+                    SocketAddr::from(([0, 0, 0, 0], config.inbound.port())),
+                    "the inbound listener",
+                )?
+            }
+            Err(err) => return Err(err),
+        };
+        let metrics = listen(config.metrics, "the metrics endpoint")?;
+        let health = listen(config.health, "the health endpoint")?;
+        let addr = |l: &TcpListener| l.local_addr().unwrap_or(config.outbound);
+        Ok(Self {
+            outbound: addr(&outbound),
+            outbound_v6: outbound_v6.as_ref().map(addr),
+            inbound: addr(&inbound),
+            metrics: addr(&metrics),
+            health: addr(&health),
+            config: Arc::new(config),
+            listeners: Listeners {
+                outbound,
+                outbound_v6,
+                inbound,
+                metrics,
+                health,
+            },
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and gives open connections up to
+    /// the drain timeout to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut registry = Registry::default();
+        let metrics = ProxyMetrics::new(&mut registry);
+        let registry = Arc::new(registry);
+        let stop = CancellationToken::new();
+        let conns = TaskTracker::new();
+        let ready = Arc::new(AtomicBool::new(true));
+        let Listeners {
+            outbound,
+            outbound_v6,
+            inbound,
+            metrics: metrics_listener,
+            health,
+        } = self.listeners;
+
+        let mut accept_loops = Vec::new();
+        for listener in std::iter::once(outbound).chain(outbound_v6) {
+            let (config, metrics, stop, conns) = (
+                self.config.clone(),
+                metrics.clone(),
+                stop.clone(),
+                conns.clone(),
+            );
+            accept_loops.push(tokio::spawn(accept(
+                listener,
+                stop,
+                conns,
+                move |stream, peer| {
+                    outbound::handle(stream, peer, config.clone(), metrics.clone())
+                        .instrument(info_span!("outbound", %peer))
+                },
+            )));
+        }
+        {
+            let (config, metrics, stop, conns) = (
+                self.config.clone(),
+                metrics.clone(),
+                stop.clone(),
+                conns.clone(),
+            );
+            accept_loops.push(tokio::spawn(accept(
+                inbound,
+                stop,
+                conns,
+                move |stream, peer| {
+                    inbound::handle(stream, peer, config.clone(), metrics.clone())
+                        .instrument(info_span!("inbound", %peer))
+                },
+            )));
+        }
+        let prometheus: Handler = {
+            let registry = registry.clone();
+            Arc::new(move |req| match req.uri().path() {
+                "/stats/prometheus" | "/metrics" => {
+                    let mut out = String::new();
+                    match encode(&mut out, &registry) {
+                        Ok(()) => {
+                            let mut resp = text(http::StatusCode::OK, out);
+                            resp.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                ),
+                            );
+                            resp
+                        }
+                        Err(_) => {
+                            text(http::StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")
+                        }
+                    }
+                }
+                _ => text(http::StatusCode::NOT_FOUND, "try /stats/prometheus\n"),
+            })
+        };
+        let readiness: Handler = {
+            let ready = ready.clone();
+            Arc::new(move |req| match req.uri().path() {
+                "/healthz/ready" | "/ready" if ready.load(Ordering::Relaxed) => {
+                    text(http::StatusCode::OK, "ready\n")
+                }
+                "/healthz/ready" | "/ready" => {
+                    text(http::StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                }
+                _ => text(http::StatusCode::NOT_FOUND, "try /healthz/ready\n"),
+            })
+        };
+        // Endpoints outlive the drain (readiness reports it); stopped at the very end.
+        let endpoints_stop = CancellationToken::new();
+        let endpoints = [
+            tokio::spawn(http_server::serve(
+                metrics_listener,
+                prometheus,
+                endpoints_stop.clone(),
+            )),
+            tokio::spawn(http_server::serve(
+                health,
+                readiness,
+                endpoints_stop.clone(),
+            )),
+        ];
+        info!(
+            outbound = %self.outbound,
+            inbound = %self.inbound,
+            metrics = %self.metrics,
+            health = %self.health,
+            "proxy ready"
+        );
+
+        shutdown.await;
+        ready.store(false, Ordering::Relaxed);
+        stop.cancel();
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        conns.close();
+        let open = conns.len();
+        if open > 0 {
+            info!(open, timeout = ?self.config.drain_timeout, "draining connections");
+        }
+        if tokio::time::timeout(self.config.drain_timeout, conns.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = conns.len(),
+                "drain timeout: closing the remaining connections"
+            );
+        }
+        endpoints_stop.cancel();
+        for e in endpoints {
+            let _ = e.await;
+        }
+    }
+}
+
+async fn accept<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    conns: TaskTracker,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(handle(stream, peer));
+                }
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The kernel side as user space sees it: the embedded object, where its state is pinned, how it
+//! is loaded and attached, typed handles to its maps, and what the running kernel supports.
+
+pub(crate) mod attach;
+pub mod features;
+pub mod logs;
+pub mod maps;
+pub mod pins;
+mod sys;
+
+use std::{io, path::PathBuf};
+
+pub use attach::{Attached, Datapath, LoadOptions, teardown};
+pub use maps::Maps;
+pub use pins::Pins;
+
+/// The compiled program family (interceptor-ebpf), built by build.rs.
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "this interceptor binary was built without its eBPF programs (INTERCEPTOR_EBPF_STUB); \
+         rebuild after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "the kernel rejected program {program} ({source}); it needs {needs}. \
+         Run `interceptor status` to see what this kernel supports"
+    )]
+    ProgramRejected {
+        program: &'static str,
+        needs: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {map} is missing from {path}: is the agent running? (start `interceptor agent`)")]
+    MapNotPinned { map: &'static str, path: PathBuf },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error(
+        "the state pinned under {path} was written by an incompatible interceptor (ABI {found}, \
+         this binary uses {expected}); stop the old agent and start this one with --replace"
+    )]
+    AbiMismatch {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Loading the program family, attaching it at the cgroup v2 root, pinning everything, adopting
+//! what another agent pinned, and removing it all.
+
+use std::{
+    fs::{self, File},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, Program, SkLookup, SkMsg,
+        links::{FdLink, PinnedLink},
+    },
+};
+use interceptor_common::{config::GlobalConfig, names};
+use tracing::{debug, info, warn};
+
+use super::{Error, Maps, OBJECT, Pins, maps::open_pinned, sys};
+
+/// What the agent asks of the loader.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The cgroup v2 directory the cgroup programs attach to (the root: every process).
+    pub cgroup: PathBuf,
+    pub config: GlobalConfig,
+    /// Level of the programs' own log records (aya-log), e.g. Warn.
+    pub bpf_log_level: aya_log::Level,
+    /// Remove incompatible pinned state instead of refusing to start.
+    pub replace: bool,
+}
+
+/// How this agent got its datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attached {
+    /// Loaded and attached the programs itself.
+    Loaded,
+    /// Found them pinned and attached (another agent, or one that exited with --keep-pinned).
+    Adopted,
+}
+
+/// A running datapath: the maps, and in `Loaded` mode the object that owns the log buffer.
+pub struct Datapath {
+    pub pins: Pins,
+    pub maps: Maps,
+    pub attached: Attached,
+    /// Kept alive for aya-log: dropping it closes the log ring buffer.
+    ebpf: Option<Ebpf>,
+}
+
+/// Programs attached to the cgroup root, with the kernel feature each one needs.
+const CGROUP_PROGRAMS: &[(&str, &str)] = &[
+    (
+        names::prog::CONNECT4,
+        "cgroup/connect4 with bpf_get_netns_cookie and bpf_bind (Linux >= 5.7)",
+    ),
+    (names::prog::CONNECT6, "cgroup/connect6 (Linux >= 5.7)"),
+    (
+        names::prog::SOCKOPS,
+        "sockops with sockhash updates (Linux >= 5.7)",
+    ),
+    (names::prog::GETSOCKOPT, "cgroup/getsockopt (Linux >= 5.3)"),
+];
+
+impl Datapath {
+    /// Adopts the datapath pinned under `pins` if programs are attached there, else loads,
+    /// attaches and pins a fresh one.
+    pub fn start(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
+        if pins.is_live() {
+            match Self::adopt(pins.clone()) {
+                Ok(dp) => return Ok(dp),
+                Err(err @ Error::AbiMismatch { .. }) if opts.replace => {
+                    warn!(%err, "replacing the pinned datapath");
+                    teardown(&pins)?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Self::load(pins, opts)
+    }
+
+    /// Opens a datapath another agent pinned: no program is loaded or attached again.
+    pub fn adopt(pins: Pins) -> Result<Self, Error> {
+        let maps = Maps::open(&pins)?;
+        info!(root = %pins.root().display(), "adopted pinned datapath");
+        Ok(Self {
+            pins,
+            maps,
+            attached: Attached::Adopted,
+            ebpf: None,
+        })
+    }
+
+    fn load(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        check_pinned_abi(&pins, opts.replace)?;
+        let existed = pins.root().exists();
+        Self::load_and_attach(pins.clone(), opts).inspect_err(|err| {
+            // Never leave a half-attached datapath behind: a program the kernel rejected must
+            // not leave the others intercepting without their partners.
+            warn!(%err, "loading failed; detaching what was attached");
+            if existed {
+                for dir in [pins.links_dir(), pins.progs_dir()] {
+                    let _ = fs::remove_dir_all(dir);
+                }
+            } else {
+                let _ = teardown(&pins);
+            }
+        })
+    }
+
+    fn load_and_attach(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
+        for dir in [
+            pins.maps_dir(),
+            pins.progs_dir(),
+            pins.links_dir(),
+            pins.pods_dir(),
+        ] {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        }
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |v| v as u32);
+        let level = opts.bpf_log_level as u8;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps_dir())
+            .override_global("PAGE_SIZE", &page_size, true)
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)
+            .map_err(Error::Load)?;
+
+        let mut maps = Maps::open(&pins)?;
+        maps.set_global_config(opts.config)?;
+        maps.write_abi()?;
+
+        let cgroup =
+            File::open(&opts.cgroup).map_err(|e| Error::io("opening cgroup", &opts.cgroup, e))?;
+        for (name, needs) in CGROUP_PROGRAMS {
+            attach_to_cgroup(&mut ebpf, &pins, &cgroup, name, needs)?;
+        }
+        attach_sk_msg(&mut ebpf, &pins)?;
+        load_sk_lookup(&mut ebpf, &pins);
+
+        info!(
+            root = %pins.root().display(),
+            cgroup = %opts.cgroup.display(),
+            "loaded and attached the datapath"
+        );
+        Ok(Self {
+            pins,
+            maps,
+            attached: Attached::Loaded,
+            ebpf: Some(ebpf),
+        })
+    }
+
+    /// The loaded object, when this agent loaded it (for the aya-log buffer).
+    pub fn ebpf_mut(&mut self) -> Option<&mut Ebpf> {
+        self.ebpf.as_mut()
+    }
+}
+
+/// Refuses (or with `replace`, removes) pinned maps of another ABI before the loader reuses
+/// them with a different layout.
+fn check_pinned_abi(pins: &Pins, replace: bool) -> Result<(), Error> {
+    if !pins.map(names::map::ABI).exists() {
+        return Ok(());
+    }
+    let abi: aya::maps::Array<_, u32> = open_pinned(pins, names::map::ABI)?;
+    let found = abi.get(&0, 0).map_err(|source| Error::Map {
+        map: names::map::ABI,
+        source,
+    })?;
+    if found == 0 || found == interceptor_common::ABI_VERSION {
+        return Ok(());
+    }
+    let err = Error::AbiMismatch {
+        path: pins.root().to_owned(),
+        found,
+        expected: interceptor_common::ABI_VERSION,
+    };
+    if !replace {
+        return Err(err);
+    }
+    warn!(%err, "removing incompatible pinned state");
+    teardown(pins)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, Error> {
+    ebpf.program_mut(name).ok_or(Error::Program {
+        program: name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })
+}
+
+fn attach_to_cgroup(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    cgroup: &File,
+    name: &'static str,
+    needs: &'static str,
+) -> Result<(), Error> {
+    let rejected = |source| Error::ProgramRejected {
+        program: name,
+        needs,
+        source,
+    };
+    let wrong = |source| Error::Program {
+        program: name,
+        source,
+    };
+    // Attached with a bpf_link (Linux >= 5.7), which always coexists with other programs on
+    // the cgroup; the kernel rejects any flag for links, so the mode must stay Single.
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match program(ebpf, name)? {
+        Program::CgroupSockAddr(p) => {
+            load_and_pin(p, pins, name, |p| p.load(), |p, path| p.pin(path)).map_err(rejected)?;
+            let id = p.attach(cgroup, mode).map_err(rejected)?;
+            p.take_link(id)
+                .map_err(wrong)?
+                .try_into()
+                .map_err(|source| link_err(pins, name, source))?
+        }
+        Program::SockOps(p) => {
+            load_and_pin(p, pins, name, |p| p.load(), |p, path| p.pin(path)).map_err(rejected)?;
+            let id = p.attach(cgroup, mode).map_err(rejected)?;
+            p.take_link(id)
+                .map_err(wrong)?
+                .try_into()
+                .map_err(|source| link_err(pins, name, source))?
+        }
+        Program::CgroupSockopt(p) => {
+            load_and_pin(p, pins, name, |p| p.load(), |p, path| p.pin(path)).map_err(rejected)?;
+            // See bpf/sys.rs: aya cannot turn this link into a pinnable FdLink.
+            let prog = p.fd().map_err(rejected)?;
+            let fd = sys::link_create(prog.as_fd(), cgroup.as_fd(), sys::BPF_CGROUP_GETSOCKOPT, 0)
+                .map_err(|e| {
+                    Error::io(
+                        "attaching cgroup/getsockopt to",
+                        opts_cgroup_path(cgroup),
+                        e,
+                    )
+                })?;
+            let path = pins.link(name);
+            sys::obj_pin(fd.as_fd(), &path).map_err(|e| Error::io("pinning", &path, e))?;
+            debug!(program = name, "attached to the cgroup root");
+            return Ok(());
+        }
+        _ => return Err(wrong(aya::programs::ProgramError::UnexpectedProgramType)),
+    };
+    let path = pins.link(name);
+    // The pinned link is what keeps the program attached after this process exits.
+    let _pinned: PinnedLink = link
+        .pin(&path)
+        .map_err(|source| Error::Pin { path, source })?;
+    debug!(program = name, "attached to the cgroup root");
+    Ok(())
+}
+
+/// The cgroup a descriptor refers to, for error messages.
+fn opts_cgroup_path(cgroup: &File) -> PathBuf {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_link(format!("/proc/self/fd/{}", cgroup.as_raw_fd())).unwrap_or_default()
+}
+
+fn link_err(pins: &Pins, name: &str, source: aya::programs::links::LinkError) -> Error {
+    Error::Link {
+        path: pins.link(name),
+        source,
+    }
+}
+
+/// Loads a program and pins it under `progs/` (so `pod enable` can attach sk_lookup from any
+/// process, and `status` can find the programs).
+fn load_and_pin<P>(
+    p: &mut P,
+    pins: &Pins,
+    name: &str,
+    load: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+    pin: impl FnOnce(&mut P, &Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), aya::programs::ProgramError> {
+    load(p)?;
+    let path = pins.prog(name);
+    let _ = fs::remove_file(&path);
+    if let Err(err) = pin(p, &path) {
+        warn!(program = name, %err, "could not pin program");
+    }
+    Ok(())
+}
+
+/// sk_msg attaches to the sockhash itself: the attachment lives as long as the map does.
+fn attach_sk_msg(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), Error> {
+    let name = names::prog::SK_MSG;
+    let socks: aya::maps::SockHash<_, interceptor_common::sockmap::SockKey> =
+        open_pinned(pins, names::map::SOCKS)?;
+    let rejected = |source| Error::ProgramRejected {
+        program: name,
+        needs: "sk_msg with bpf_msg_redirect_hash (CONFIG_BPF_STREAM_PARSER, Linux >= 4.17)",
+        source,
+    };
+    let Program::SkMsg(p) = program(ebpf, name)? else {
+        return Err(Error::Program {
+            program: name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        });
+    };
+    load_and_pin::<SkMsg>(p, pins, name, |p| p.load(), |p, path| p.pin(path)).map_err(rejected)?;
+    let id = p.attach(socks.fd()).map_err(rejected)?;
+    let link = p.take_link(id).map_err(|source| Error::Program {
+        program: name,
+        source,
+    })?;
+    // Dropping the link would detach the program from the map even while another agent uses
+    // it; the kernel releases the attachment together with the map instead.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// sk_lookup is attached per pod; here it is only loaded and pinned. A kernel without it
+/// (< 5.9) keeps outbound interception and reports inbound as unavailable.
+fn load_sk_lookup(ebpf: &mut Ebpf, pins: &Pins) {
+    let name = names::prog::SK_LOOKUP;
+    let Ok(Program::SkLookup(p)) = program(ebpf, name) else {
+        return;
+    };
+    if let Err(err) = load_and_pin::<SkLookup>(p, pins, name, |p| p.load(), |p, path| p.pin(path)) {
+        warn!(
+            %err,
+            "sk_lookup is not available (Linux >= 5.9): inbound capture is disabled; \
+             use iptables mode for pods that need it"
+        );
+    }
+}
+
+/// Removes everything pinned under `pins`: the kernel detaches a link when its last reference
+/// (the pin) goes, and frees maps and programs nobody holds.
+pub fn teardown(pins: &Pins) -> Result<(), Error> {
+    if !pins.root().exists() {
+        return Ok(());
+    }
+    fs::remove_dir_all(pins.root()).map_err(|e| Error::io("removing", pins.root(), e))?;
+    let _ = fs::remove_dir_all(pins.run_dir());
+    info!(root = %pins.root().display(), "removed the pinned datapath");
+    Ok(())
+}
+
+/// Attaches the pinned sk_lookup program to a network namespace and pins the link under the
+/// pod's directory.
+pub(crate) fn attach_sk_lookup(pins: &Pins, pod_id: u32, netns: &File) -> Result<PathBuf, Error> {
+    let name = names::prog::SK_LOOKUP;
+    let prog_path = pins.prog(name);
+    let mut prog = SkLookup::from_pin(&prog_path).map_err(|source| Error::ProgramRejected {
+        program: name,
+        needs: "sk_lookup (Linux >= 5.9)",
+        source,
+    })?;
+    let id = prog.attach(netns).map_err(|source| Error::Program {
+        program: name,
+        source,
+    })?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|source| Error::Program {
+            program: name,
+            source,
+        })?
+        .into();
+    let dir = pins.pod_dir(pod_id);
+    fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    let path = pins.pod_sk_lookup(pod_id);
+    let _ = fs::remove_file(&path);
+    link.pin(&path).map_err(|source| Error::Pin {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Whether the pinned sk_lookup program exists (loaded on this kernel).
+pub(crate) fn sk_lookup_available(pins: &Pins) -> bool {
+    pins.prog(names::prog::SK_LOOKUP).exists()
+}
+
+/// Detaches a pod's sk_lookup by removing its pinned link.
+pub(crate) fn detach_pod(pins: &Pins, pod_id: u32) -> Result<(), Error> {
+    let dir = pins.pod_dir(pod_id);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_programs_named_as_in_the_object() {
+        for (name, _) in CGROUP_PROGRAMS {
+            assert!(name.len() <= 15, "{name} is longer than bpftool shows");
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! What the running kernel offers the datapath, probed the way libbpf does (load a minimal
+//! program of each type / calling each helper). `interceptor status` reports it; the agent
+//! decides with it what it can promise.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
+};
+use serde::Serialize;
+
+/// Everything probed, with the feature each datapath piece depends on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Features {
+    /// `uname -r`.
+    pub kernel: String,
+    /// Where cgroup v2 is mounted, if it is.
+    pub cgroup2: Option<PathBuf>,
+    /// Whether bpffs is mounted at /sys/fs/bpf.
+    pub bpffs: bool,
+    /// Program and map types and helpers by name: true = supported.
+    pub probes: BTreeMap<&'static str, bool>,
+}
+
+impl Features {
+    pub fn probe() -> Self {
+        let mut probes = BTreeMap::new();
+        let mut program = |name, ty| {
+            probes.insert(name, is_program_supported(ty).unwrap_or(false));
+        };
+        program("prog_cgroup_sock_addr", ProgramType::CgroupSockAddr);
+        program("prog_sock_ops", ProgramType::SockOps);
+        program("prog_sk_msg", ProgramType::SkMsg);
+        program("prog_cgroup_sockopt", ProgramType::CgroupSockopt);
+        program("prog_sk_lookup", ProgramType::SkLookup);
+        let mut map = |name, ty| {
+            probes.insert(name, is_map_supported(ty).unwrap_or(false));
+        };
+        map("map_sockhash", MapType::SockHash);
+        map("map_lpm_trie", MapType::LpmTrie);
+        map("map_lru_hash", MapType::LruHash);
+        map("map_ringbuf", MapType::RingBuf);
+        let mut helper = |name, ty, h| {
+            probes.insert(name, is_helper_supported(ty, h).unwrap_or(false));
+        };
+        helper(
+            "helper_netns_cookie_sock_addr",
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_netns_cookie,
+        );
+        helper(
+            "helper_bind_sock_addr",
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_bind,
+        );
+        helper(
+            "helper_socket_cookie_sock_ops",
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+        );
+        helper(
+            "helper_msg_redirect_hash",
+            ProgramType::SkMsg,
+            BpfHelper::BPF_FUNC_msg_redirect_hash,
+        );
+        helper(
+            "helper_sk_assign_sk_lookup",
+            ProgramType::SkLookup,
+            BpfHelper::BPF_FUNC_sk_assign,
+        );
+        Self {
+            kernel: kernel_release(),
+            cgroup2: cgroup2_mount(),
+            bpffs: bpffs_mounted(),
+            probes,
+        }
+    }
+
+    pub fn has(&self, probe: &str) -> bool {
+        self.probes.get(probe).copied().unwrap_or(false)
+    }
+
+    /// Inbound capture needs sk_lookup (Linux >= 5.9).
+    pub fn inbound(&self) -> bool {
+        self.has("prog_sk_lookup") && self.has("helper_sk_assign_sk_lookup")
+    }
+
+    /// What is missing for outbound interception, if anything.
+    pub fn missing_for_outbound(&self) -> Vec<&'static str> {
+        [
+            "prog_cgroup_sock_addr",
+            "prog_sock_ops",
+            "prog_sk_msg",
+            "prog_cgroup_sockopt",
+            "map_sockhash",
+            "helper_netns_cookie_sock_addr",
+            "helper_bind_sock_addr",
+            "helper_msg_redirect_hash",
+        ]
+        .into_iter()
+        .filter(|p| !self.has(p))
+        .collect()
+    }
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The cgroup v2 mount point: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
+/// hybrid ones (these machines).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_src, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(target)))
+    })
+}
+
+/// /proc/mounts escapes spaces and friends as octal (`\040`).
+fn unescape_mount(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = (bytes[i] == b'\\')
+            .then(|| bytes.get(i + 1..i + 4))
+            .flatten()
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub fn bpffs_mounted() -> bool {
+    nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal_in_mount_paths() {
+        assert_eq!(unescape_mount(r"/sys/fs/cgroup\040x"), "/sys/fs/cgroup x");
+        assert_eq!(
+            unescape_mount("/sys/fs/cgroup/unified"),
+            "/sys/fs/cgroup/unified"
+        );
+    }
+}

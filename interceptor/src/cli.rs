@@ -1,0 +1,275 @@
+//! The command line: `interceptor agent | proxy | pod | status | demo`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    bpf::pins::DEFAULT_ROOT,
+    pods::spec::{self, PodSpec, SpecError},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "interceptor",
+    version,
+    about = "eBPF traffic interception for sidecar service meshes",
+    long_about = "Routes every connection of a meshed pod through its local proxy, like \
+                  istio-iptables, but in the kernel: cgroup/connect4, sockops, sk_msg over a \
+                  sockhash, sk_lookup and cgroup/getsockopt."
+)]
+pub struct Cli {
+    /// Where this instance pins its maps, programs and links on bpffs.
+    #[arg(long, global = true, env = "INTERCEPTOR_PIN_ROOT", default_value = DEFAULT_ROOT)]
+    pub pin_root: PathBuf,
+    /// Log level (also RUST_LOG, which wins when set).
+    #[arg(long, global = true, default_value = "info", env = "INTERCEPTOR_LOG")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the datapath, keep the per-pod state right; runs until SIGINT/SIGTERM.
+    Agent(AgentArgs),
+    /// Run the sidecar proxy (outbound 15001, inbound 15006, metrics 15090, health 15021).
+    Proxy(ProxyArgs),
+    /// Enable, disable and list intercepted pods (talks to the pinned maps).
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Show what is attached, the pods, and every datapath counter.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build two pods on real network namespaces and show a request crossing both sidecars.
+    Demo(DemoArgs),
+    /// Small applications used by the demo, the tests and the benchmark.
+    #[command(subcommand, hide = true)]
+    Testapp(TestappCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// cgroup v2 directory to attach to (default: the cgroup v2 root, found in /proc/mounts).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// The proxy's outbound capture port.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// The proxy's inbound capture port.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Carry the app↔proxy hop over loopback TCP instead of sk_msg (for comparisons).
+    #[arg(long)]
+    pub no_msg_redirect: bool,
+    /// Leave programs attached and maps pinned on exit: interception goes on without an agent.
+    #[arg(long)]
+    pub keep_pinned: bool,
+    /// Replace pinned state written by an incompatible version instead of refusing to start.
+    #[arg(long)]
+    pub replace: bool,
+    /// Level of the eBPF programs' own log records.
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Warn)]
+    pub bpf_log_level: BpfLogLevel,
+    /// Seconds between checks of the pods (gone namespaces, proxy listeners).
+    #[arg(long, default_value_t = 1.0)]
+    pub reconcile_seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BpfLogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl From<BpfLogLevel> for aya_log::Level {
+    fn from(l: BpfLogLevel) -> Self {
+        match l {
+            BpfLogLevel::Error => aya_log::Level::Error,
+            BpfLogLevel::Warn => aya_log::Level::Warn,
+            BpfLogLevel::Info => aya_log::Level::Info,
+            BpfLogLevel::Debug => aya_log::Level::Debug,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// IPv6 outbound listener ("none" to skip).
+    #[arg(long, default_value = "[::1]:15001")]
+    pub outbound_v6: String,
+    #[arg(long, default_value = "[::]:15006")]
+    pub inbound: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15090")]
+    pub metrics: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub health: SocketAddr,
+    /// Run as this UID when started as root (the identity interception leaves alone).
+    #[arg(long, default_value_t = 1337)]
+    pub uid: u32,
+    #[arg(long, default_value_t = 1337)]
+    pub gid: u32,
+    /// Keep running as the starting user.
+    #[arg(long)]
+    pub no_drop_privileges: bool,
+    /// Upstream connect timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// How long open connections get to finish on SIGTERM, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_timeout: f64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PodCommand {
+    /// Start intercepting a pod's traffic (again: update its settings).
+    Enable(PodEnableArgs),
+    /// Stop intercepting a pod and remove its entries.
+    Disable(PodSelector),
+    /// List the intercepted pods.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PodTarget {
+    /// A network namespace made with `ip netns add`.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// A process inside the pod.
+    #[arg(long)]
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PodSelector {
+    #[arg(long)]
+    pub netns: Option<String>,
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// The pod id `pod list` shows.
+    #[arg(long)]
+    pub id: Option<u32>,
+    /// The name `pod list` shows.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Per-pod switches, with the syntax of Istio's `traffic.sidecar.istio.io/*` annotations.
+#[derive(Debug, Args)]
+pub struct PodEnableArgs {
+    #[command(flatten)]
+    pub target: PodTarget,
+    /// Inbound ports to capture: "*" (default) or a list; "" turns inbound capture off.
+    #[arg(long, default_value = "*")]
+    pub include_inbound_ports: String,
+    /// Inbound ports never captured (15090, 15021, 15020 always are).
+    #[arg(long, default_value = "")]
+    pub exclude_inbound_ports: String,
+    /// Outbound ports captured whatever the destination range.
+    #[arg(long, default_value = "")]
+    pub include_outbound_ports: String,
+    /// Outbound ports never captured.
+    #[arg(long, default_value = "")]
+    pub exclude_outbound_ports: String,
+    /// Destination ranges to capture: "*" (default) or CIDRs.
+    #[arg(long, alias = "include-outbound-ip-ranges", default_value = "*")]
+    pub include_outbound_cidrs: String,
+    /// Destination ranges never captured.
+    #[arg(long, alias = "exclude-outbound-ip-ranges", default_value = "")]
+    pub exclude_outbound_cidrs: String,
+    /// Do not capture outbound connections at all.
+    #[arg(long)]
+    pub no_outbound: bool,
+    /// Keep this pod's app↔proxy hop on loopback TCP instead of sk_msg (for apps that block in
+    /// read() while another thread writes to or half-closes the same socket; see README).
+    #[arg(long)]
+    pub no_sockmap: bool,
+    /// UID of the pod's proxy (its connections are never captured).
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: u32,
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_gid: u32,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PodEnableArgs {
+    pub fn spec(&self) -> Result<PodSpec, SpecError> {
+        Ok(PodSpec {
+            include_inbound_ports: spec::parse_port_selection(
+                "--include-inbound-ports",
+                &self.include_inbound_ports,
+            )?,
+            exclude_inbound_ports: spec::parse_ports(
+                "--exclude-inbound-ports",
+                &self.exclude_inbound_ports,
+            )?,
+            include_outbound_ports: spec::parse_ports(
+                "--include-outbound-ports",
+                &self.include_outbound_ports,
+            )?,
+            exclude_outbound_ports: spec::parse_ports(
+                "--exclude-outbound-ports",
+                &self.exclude_outbound_ports,
+            )?,
+            include_outbound_cidrs: spec::parse_cidr_selection(
+                "--include-outbound-cidrs",
+                &self.include_outbound_cidrs,
+            )?,
+            exclude_outbound_cidrs: spec::parse_cidrs(
+                "--exclude-outbound-cidrs",
+                &self.exclude_outbound_cidrs,
+            )?,
+            outbound: !self.no_outbound,
+            sockmap: !self.no_sockmap,
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Requests the client pod sends.
+    #[arg(long, default_value_t = 5)]
+    pub requests: u32,
+    /// Machine-readable summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TestappCommand {
+    /// HTTP server answering who called it.
+    HttpServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "app")]
+        name: String,
+    },
+}
+
+pub fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0))
+}

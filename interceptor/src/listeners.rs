@@ -1,0 +1,270 @@
+//! Matching each pod to its proxy's inbound listener, for `steer_inbound`.
+//!
+//! sockops puts every listener on the inbound port into `LISTENERS` (keyed by socket cookie)
+//! when it calls listen(), but it cannot tell which pod the socket belongs to on every kernel.
+//! The agent can: it asks `sock_diag` inside the pod's network namespace for the listening
+//! socket on that port, and records its cookie under the pod in `POD_LISTENER`. A listener that
+//! predates the programs (proxy started before the agent) is not in `LISTENERS`: the agent then
+//! takes a duplicate of its file descriptor from the owning process (`pidfd_getfd`, Linux >= 5.6)
+//! and inserts it itself. Works with any proxy that listens on the Istio port.
+
+use std::{
+    fs, io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use tracing::{debug, info};
+
+use crate::{bpf::Maps, netns::Netns};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sock_diag in {netns}: {source}")]
+    Diag {
+        netns: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::Error),
+    #[error("no socket listens on port {port} in {netns}: is the proxy running?")]
+    NoListener { port: u16, netns: String },
+    #[error(
+        "the listener on port {port} (socket inode {inode}) predates the datapath and its \
+         owning process could not lend it ({source}); restart the proxy"
+    )]
+    Adopt {
+        port: u16,
+        inode: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("updating {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// A listening TCP socket as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub cookie: u64,
+    pub inode: u32,
+}
+
+/// Finds the pod's listener on `port` and records it for `steer_inbound`. Returns its cookie.
+pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result<u64, Error> {
+    let found = netns
+        .run(|| listening_on(port))?
+        .map_err(|source| Error::Diag {
+            netns: netns.path().display().to_string(),
+            source,
+        })?;
+    let Some(listener) = found.first().copied() else {
+        // The proxy is gone: forget the old socket so nothing is steered to a stale cookie.
+        let _ = maps.pod_listener.remove(&pod_id);
+        return Err(Error::NoListener {
+            port,
+            netns: netns.path().display().to_string(),
+        });
+    };
+    if maps.pod_listener.get(&pod_id, 0).ok() == Some(listener.cookie)
+        && maps.has_listener(listener.cookie)
+    {
+        return Ok(listener.cookie);
+    }
+    if !maps.has_listener(listener.cookie) {
+        let fd = borrow_socket(netns, listener.inode).map_err(|source| Error::Adopt {
+            port,
+            inode: listener.inode,
+            source,
+        })?;
+        maps.listeners
+            .insert(listener.cookie, fd.as_raw_fd(), 0)
+            .map_err(|source| Error::Map {
+                map: "LISTENERS",
+                source,
+            })?;
+        debug!(
+            cookie = listener.cookie,
+            "adopted a listener that predates the datapath"
+        );
+    }
+    maps.pod_listener
+        .insert(pod_id, listener.cookie, 0)
+        .map_err(|source| Error::Map {
+            map: "POD_LISTENER",
+            source,
+        })?;
+    info!(
+        pod_id,
+        port,
+        cookie = listener.cookie,
+        "inbound listener registered"
+    );
+    Ok(listener.cookie)
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) on `port` in the calling thread's namespace.
+pub fn listening_on(port: u16) -> io::Result<Vec<Listener>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut out = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let socket_id = if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        };
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        dump(&socket, |id, inode| {
+            if id.source_port == port {
+                out.push(Listener {
+                    cookie: cookie_of(&id.cookie),
+                    inode,
+                });
+            }
+        })?;
+    }
+    Ok(out)
+}
+
+/// Reads one sock_diag dump to its end.
+fn dump(socket: &Socket, mut each: impl FnMut(&SocketId, u32)) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..size])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    each(&r.header.socket_id, r.header.inode);
+                }
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => {
+                    return Err(e.to_io());
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
+}
+
+/// `idiag_cookie` is two host-order u32 words, low word first (sock_diag_save_cookie).
+fn cookie_of(bytes: &[u8; 8]) -> u64 {
+    let lo = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let hi = u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// A duplicate of the socket with this inode, taken from a process in the namespace.
+fn borrow_socket(netns: &Netns, inode: u32) -> io::Result<OwnedFd> {
+    let target = format!("socket:[{inode}]");
+    for entry in fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let in_pod = Netns::open(entry.path().join("ns/net"))
+            .is_ok_and(|ns| ns.same_as(netns.dev, netns.ino));
+        if !in_pod {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let is_target =
+                fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str());
+            if !is_target {
+                continue;
+            }
+            let Some(num) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            return pidfd_getfd(pid, num);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no process in the pod holds the socket",
+    ))
+}
+
+fn pidfd_getfd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; the returned descriptors are owned here.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(dup as i32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn cookie_words() {
+        let c: u64 = 0x1122_3344_5566_7788;
+        let lo = (c as u32).to_ne_bytes();
+        let hi = ((c >> 32) as u32).to_ne_bytes();
+        let bytes = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+        assert_eq!(cookie_of(&bytes), c);
+    }
+
+    /// sock_diag's cookie is the socket's SO_COOKIE (what the programs see).
+    #[test]
+    fn diag_finds_a_listener_with_its_cookie() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let found = listening_on(port).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].cookie, crate::netns::socket_cookie(&l).unwrap());
+        assert!(listening_on(port).unwrap().iter().all(|f| f.inode != 0));
+    }
+}

@@ -1,0 +1,190 @@
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser as _;
+use interceptor::{
+    agent::{self, AgentOptions},
+    app::Bound,
+    bpf::{LoadOptions, Maps, Pins},
+    cli::{self, Cli, Command, PodCommand, TestappCommand},
+    demo,
+    netns::Netns,
+    pods::{self, PodRef, PodSource, Registry},
+    privileges,
+    proxy::ProxyConfig,
+    signal, status, telemetry, testapp,
+};
+use interceptor_common::config::{CONFIG_MSG_REDIRECT, GlobalConfig};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(&cli.log_level, cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let pins = Pins::new(&cli.pin_root);
+    match cli.command {
+        Command::Agent(args) => {
+            let (cgroup, _features) = agent::preflight(args.cgroup.as_deref())?;
+            let mut config = GlobalConfig::istio_defaults();
+            config.outbound_port = args.outbound_port.into();
+            config.inbound_port = args.inbound_port.into();
+            if args.no_msg_redirect {
+                config.flags &= !CONFIG_MSG_REDIRECT;
+            }
+            let opts = AgentOptions {
+                pins,
+                load: LoadOptions {
+                    cgroup,
+                    config,
+                    bpf_log_level: args.bpf_log_level.into(),
+                    replace: args.replace,
+                },
+                keep_pinned: args.keep_pinned,
+                reconcile_every: cli::secs(args.reconcile_seconds.max(0.05)),
+            };
+            runtime()?.block_on(agent::run(opts, signal::shutdown()))?;
+            Ok(())
+        }
+        Command::Proxy(args) => {
+            let config = ProxyConfig {
+                outbound: args.outbound,
+                outbound_v6: match args.outbound_v6.as_str() {
+                    "none" | "" => None,
+                    s => Some(s.parse().context("--outbound-v6")?),
+                },
+                inbound: args.inbound,
+                metrics: args.metrics,
+                health: args.health,
+                connect_timeout: cli::secs(args.connect_timeout),
+                drain_timeout: cli::secs(args.drain_timeout),
+                ..ProxyConfig::default()
+            };
+            // Before any thread exists: every thread must run as the proxy identity.
+            if !args.no_drop_privileges && privileges::drop_to(args.uid, args.gid)? {
+                tracing::info!(
+                    uid = args.uid,
+                    gid = args.gid,
+                    "running as the proxy identity"
+                );
+            }
+            let rt = runtime()?;
+            rt.block_on(async {
+                let bound = Bound::bind(config)?;
+                bound.run(signal::shutdown()).await;
+                Ok::<_, anyhow::Error>(())
+            })
+        }
+        Command::Pod(cmd) => pod(&pins, cmd),
+        Command::Status { json } => {
+            let status = status::Status::collect(&pins)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Demo(args) => {
+            let color = std::io::stdout().is_terminal();
+            runtime()?.block_on(demo::run(args, color))
+        }
+        Command::Testapp(TestappCommand::HttpServer { listen, name }) => {
+            runtime()?.block_on(testapp::http_server(listen, name))?;
+            Ok(())
+        }
+    }
+}
+
+fn pod(pins: &Pins, cmd: PodCommand) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`interceptor pod` writes the datapath's maps: run it as root");
+    }
+    let mut maps = Maps::open(pins)?;
+    match cmd {
+        PodCommand::Enable(args) => {
+            let spec = args.spec()?;
+            let (netns, source) = match (&args.target.netns, args.target.pid) {
+                (Some(name), _) => (Netns::by_name(name)?, PodSource::Netns(name.clone())),
+                (None, Some(pid)) => (Netns::by_pid(pid)?, PodSource::Pid(pid)),
+                (None, None) => bail!("name the pod with --netns or --pid"),
+            };
+            let entry = Registry::lock(pins, &mut maps)?.enable(&netns, &source, &spec)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&entry)?);
+            } else {
+                let addrs: Vec<String> = entry.addresses.iter().map(ToString::to_string).collect();
+                println!(
+                    "enabled pod {} (id {}, {}): outbound {}, inbound {}",
+                    entry.name,
+                    entry.id,
+                    if addrs.is_empty() {
+                        "no address".into()
+                    } else {
+                        addrs.join(", ")
+                    },
+                    if entry.outbound { "on" } else { "off" },
+                    match (entry.inbound, entry.inbound_ready) {
+                        (false, _) => "off",
+                        (true, true) => "on",
+                        (true, false) => "on (waiting for the proxy's 15006 listener)",
+                    }
+                );
+            }
+        }
+        PodCommand::Disable(sel) => {
+            let pod = match (sel.netns, sel.pid, sel.id, sel.name) {
+                (Some(n), ..) => PodRef::Netns(n),
+                (_, Some(p), ..) => PodRef::Pid(p),
+                (_, _, Some(i), _) => PodRef::Id(i),
+                (_, _, _, Some(n)) => PodRef::Name(n),
+                _ => bail!("name the pod with --netns, --pid, --id or --name"),
+            };
+            let entry = Registry::lock(pins, &mut maps)?.disable(&pod)?;
+            println!("disabled pod {} (id {})", entry.name, entry.id);
+        }
+        PodCommand::List { json } => {
+            let pods = pods::list(&maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pods)?);
+            } else if pods.is_empty() {
+                println!("no pods enabled");
+            } else {
+                println!(
+                    "{:>3}  {:<28} {:<34} {:<4} IN",
+                    "ID", "NAME", "ADDRESSES", "OUT"
+                );
+                for p in pods {
+                    let addrs: Vec<String> = p.addresses.iter().map(ToString::to_string).collect();
+                    println!(
+                        "{:>3}  {:<28} {:<34} {:<4} {}",
+                        p.id,
+                        p.name,
+                        addrs.join(","),
+                        if p.outbound { "on" } else { "off" },
+                        match (p.inbound, p.inbound_ready) {
+                            (false, _) => "off",
+                            (true, true) => "on",
+                            (true, false) => "waiting for proxy",
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

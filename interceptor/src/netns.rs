@@ -1,0 +1,255 @@
+//! Network namespaces: naming them, entering them on a dedicated thread, and reading what the
+//! datapath needs from inside (the namespace cookie, the pod's addresses).
+//!
+//! `setns` changes only the calling thread, so work inside a namespace runs on a thread of its
+//! own; never `ip netns exec`, which remounts /sys and hides the cgroup and bpffs mounts.
+
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Where `ip netns add` puts named namespaces.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "network namespace {path} not found ({source}); list them with `ip netns list`, or \
+         name a process with --pid"
+    )]
+    NotFound {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a network namespace")]
+    NotNetns { path: PathBuf },
+    #[error("entering network namespace {path}: {source} (this needs root / CAP_SYS_ADMIN)")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("thread inside network namespace {path} panicked")]
+    Thread { path: PathBuf },
+}
+
+/// An open network namespace and its identity (nsfs device and inode).
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Netns {
+    /// A namespace created with `ip netns add NAME`.
+    pub fn by_name(name: &str) -> Result<Self, Error> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::NotFound {
+                path: PathBuf::from(name),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a netns name"),
+            });
+        }
+        Self::open(Path::new(NETNS_RUN_DIR).join(name))
+    }
+
+    /// The namespace a process lives in.
+    pub fn by_pid(pid: u32) -> Result<Self, Error> {
+        Self::open(format!("/proc/{pid}/ns/net"))
+    }
+
+    /// The calling thread's own namespace.
+    pub fn current() -> Result<Self, Error> {
+        Self::open("/proc/thread-self/ns/net")
+    }
+
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, Error> {
+        let path = path.into();
+        let file = File::open(&path).map_err(|source| Error::NotFound {
+            path: path.clone(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| Error::NotFound {
+            path: path.clone(),
+            source,
+        })?;
+        // nsfs files are what /proc/*/ns/net and `ip netns` bind mounts point at.
+        if !is_netns(&file) {
+            return Err(Error::NotNetns { path });
+        }
+        Ok(Self {
+            path,
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Runs `f` on a thread inside this namespace and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                        Error::Enter {
+                            path: self.path.clone(),
+                            source,
+                        }
+                    })?;
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| Error::Thread {
+                    path: self.path.clone(),
+                })?
+        })
+    }
+
+    /// Whether `other` is the same namespace.
+    pub fn same_as(&self, dev: u64, ino: u64) -> bool {
+        self.dev == dev && self.ino == ino
+    }
+}
+
+fn is_netns(file: &File) -> bool {
+    const NSIO: u8 = 0xb7;
+    // NS_GET_NSTYPE = _IO(0xb7, 0x3): returns CLONE_NEWNET for a network namespace.
+    nix::ioctl_none!(ns_get_nstype, NSIO, 0x3);
+    // SAFETY: the ioctl takes no argument and only reads the file's namespace type.
+    match unsafe { ns_get_nstype(file.as_raw_fd()) } {
+        Ok(kind) => kind == libc::CLONE_NEWNET,
+        // Kernels without NS_GET_NSTYPE (< 4.11): trust the path.
+        Err(_) => true,
+    }
+}
+
+/// `SO_NETNS_COOKIE` (Linux >= 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The calling thread's network-namespace cookie via `SO_NETNS_COOKIE`, or None when the kernel
+/// does not have it (< 5.14).
+pub fn current_cookie() -> io::Result<Option<u64>> {
+    let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .or_else(|_| UdpSocket::bind("[::1]:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(cookie));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOPROTOOPT) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// A socket's cookie (`SO_COOKIE`).
+pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the UDP "connect" connect4 recognises as a cookie probe and returns the probe socket's
+/// cookie; the datapath records the namespace cookie under it (for kernels < 5.14).
+pub fn probe_socket_cookie() -> io::Result<u64> {
+    use interceptor_common::names::{NETNS_PROBE_IP4, NETNS_PROBE_PORT};
+    let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+    // UDP connect sends nothing; it only runs the connect4 hook.
+    sock.connect(SocketAddr::from((
+        Ipv4Addr::from(NETNS_PROBE_IP4),
+        NETNS_PROBE_PORT,
+    )))?;
+    socket_cookie(&sock)
+}
+
+/// The calling thread's namespace's own addresses: unicast addresses of its non-loopback
+/// interfaces, not IPv6 link-local.
+pub fn pod_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        // Loopback holds 127.0.0.1, ::1 and Istio's ::6: never the pod's own address.
+        if ifa
+            .flags
+            .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+        {
+            continue;
+        }
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let usable = match ip {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified() && !v4.is_link_local(),
+            IpAddr::V6(v6) => {
+                !v6.is_loopback() && !v6.is_unspecified() && !v6.is_unicast_link_local()
+            }
+        };
+        if usable && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+/// Finds a live process in the namespace with this identity (for pods whose name no longer
+/// resolves). Scans /proc: only used on slow paths.
+pub fn find_by_identity(dev: u64, ino: u64) -> Option<PathBuf> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
+}

@@ -1,0 +1,848 @@
+//! The registry of enabled pods: enable, disable, list, collect the dead. All state lives in the
+//! pinned maps (so any process sees it and an agent restart loses nothing); a lock file
+//! serialises writers (agents and `interceptor pod` commands).
+
+pub mod spec;
+
+use std::{
+    fs::{self, File, OpenOptions},
+    net::{IpAddr, Ipv6Addr},
+    path::PathBuf,
+};
+
+use interceptor_common::{
+    addr::{Addr, v4_mapped},
+    names::size,
+    pod::{
+        DIR_INBOUND, DIR_OUTBOUND, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN,
+        POD_NO_SOCKMAP, POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
+        PodConfig, PodInfo, PortKey, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+    },
+};
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use self::spec::{Cidr, PodSpec, Selection};
+use crate::{
+    bpf::{self, Maps, Pins, maps::cidr_key},
+    listeners,
+    netns::{self, Netns},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bpf(#[from] bpf::Error),
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error(
+        "cannot read the network-namespace cookie of {path}: {reason}. On kernels without \
+         SO_NETNS_COOKIE (< 5.14) the running agent's connect4 program answers instead: start \
+         `interceptor agent` first"
+    )]
+    NoCookie { path: PathBuf, reason: String },
+    #[error("address {addr} already belongs to enabled pod {other}; disable it first")]
+    AddressInUse { addr: IpAddr, other: String },
+    #[error("no enabled pod matches {0}; see `interceptor pod list`")]
+    NotEnabled(String),
+    #[error(
+        "inbound capture needs sk_lookup (Linux >= 5.9), which this kernel lacks: enable the pod \
+         with --include-inbound-ports \"\" (outbound only), or use --mode iptables"
+    )]
+    InboundUnavailable,
+    #[error("the pod table is full ({0} pods); disable pods that are gone")]
+    Full(u32),
+    #[error("pod name {0:?} is longer than {POD_NAME_LEN} bytes")]
+    NameTooLong(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing map {map} for pod {pod}: {source} (map full?)")]
+    MapWrite {
+        map: &'static str,
+        pod: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How a pod was named when it was enabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSource {
+    /// `ip netns add NAME`.
+    Netns(String),
+    /// A process in the pod.
+    Pid(u32),
+    /// A Kubernetes pod (`namespace/name`), found through one of its processes.
+    Kubernetes { name: String, pid: u32 },
+}
+
+/// Which pod a `disable` means.
+#[derive(Clone, Debug)]
+pub enum PodRef {
+    Netns(String),
+    Pid(u32),
+    Id(u32),
+    Name(String),
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodRef::Netns(n) => write!(f, "netns {n}"),
+            PodRef::Pid(p) => write!(f, "pid {p}"),
+            PodRef::Id(i) => write!(f, "pod id {i}"),
+            PodRef::Name(n) => write!(f, "pod {n}"),
+        }
+    }
+}
+
+/// One enabled pod, as `pod list` and `status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodEntry {
+    pub id: u32,
+    pub name: String,
+    pub source: &'static str,
+    pub netns_cookie: u64,
+    pub addresses: Vec<IpAddr>,
+    pub outbound: bool,
+    pub inbound: bool,
+    /// Socket cookie of the proxy's inbound listener, once resolved.
+    pub inbound_listener: Option<u64>,
+    /// Whether inbound connections can be handed to the proxy right now.
+    pub inbound_ready: bool,
+    pub spec: PodSpec,
+}
+
+/// Exclusive access to the pod tables.
+pub struct Registry<'a> {
+    pins: &'a Pins,
+    maps: &'a mut Maps,
+    _lock: Flock<File>,
+}
+
+impl<'a> Registry<'a> {
+    /// Takes the writers' lock (waits for other writers).
+    pub fn lock(pins: &'a Pins, maps: &'a mut Maps) -> Result<Self, Error> {
+        let dir = pins.run_dir();
+        fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join("pods.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                what: "opening",
+                path: path.clone(),
+                source,
+            })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| Error::Io {
+            what: "locking",
+            path,
+            source: e.into(),
+        })?;
+        Ok(Self {
+            pins,
+            maps,
+            _lock: lock,
+        })
+    }
+
+    /// Starts (or updates) interception of the pod whose network namespace is `netns`.
+    pub fn enable(
+        &mut self,
+        netns: &Netns,
+        source: &PodSource,
+        spec: &PodSpec,
+    ) -> Result<PodEntry, Error> {
+        let name = display_name(source);
+        if name.len() > POD_NAME_LEN {
+            return Err(Error::NameTooLong(name));
+        }
+        let inbound = spec.inbound();
+        if inbound && !bpf::attach::sk_lookup_available(self.pins) {
+            return Err(Error::InboundUnavailable);
+        }
+        let (cookie, addresses) = self.inspect(netns)?;
+        let existing = self.find_by_netns(netns)?;
+        let id = match existing {
+            Some((id, _)) => id,
+            None => self.free_id()?,
+        };
+        self.claim_addresses(cookie, &addresses)?;
+
+        let cfg = self.maps.global_config()?;
+        let proxy_ports = [cfg.outbound_port as u16, cfg.inbound_port as u16];
+        let config = pod_config(id, spec, &addresses);
+        let info = pod_info(cookie, netns, source, &name);
+        if let Err(err) = self.write(id, cookie, &config, &info, spec, &addresses, &proxy_ports) {
+            // Never leave a pod half-configured.
+            warn!(pod = %name, %err, "enabling failed; removing what was written");
+            let _ = self.remove(id, cookie);
+            return Err(err);
+        }
+        if inbound {
+            let already = self.pins.pod_sk_lookup(id).exists();
+            if !already && let Err(err) = bpf::attach::attach_sk_lookup(self.pins, id, netns.file())
+            {
+                let _ = self.remove(id, cookie);
+                return Err(err.into());
+            }
+            if let Err(err) = listeners::resolve(self.maps, id, netns, cfg.inbound_port as u16) {
+                debug!(pod = %name, %err, "inbound listener not resolved yet");
+            }
+        } else {
+            bpf::attach::detach_pod(self.pins, id)?;
+        }
+        info!(pod = %name, id, ?addresses, inbound, outbound = spec.outbound, "pod enabled");
+        self.entry(id)
+    }
+
+    /// Stops interception of a pod and removes everything it had in the maps.
+    pub fn disable(&mut self, pod: &PodRef) -> Result<PodEntry, Error> {
+        let (id, info) = self
+            .find(pod)?
+            .ok_or_else(|| Error::NotEnabled(pod.to_string()))?;
+        let entry = self.entry(id)?;
+        self.remove(id, info.netns_cookie)?;
+        info!(pod = %entry.name, id, "pod disabled");
+        Ok(entry)
+    }
+
+    /// Disables every pod whose network namespace no longer exists. Returns what was removed.
+    pub fn collect_gone(&mut self) -> Result<Vec<PodEntry>, Error> {
+        let mut gone = Vec::new();
+        for (id, info) in self.infos() {
+            if locate(&info).is_none() {
+                let entry = self.entry(id)?;
+                self.remove(id, info.netns_cookie)?;
+                info!(pod = %entry.name, id, "pod's network namespace is gone; disabled");
+                gone.push(entry);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Matches each inbound pod to its proxy's listener (see `listeners`).
+    pub fn resolve_listeners(&mut self) -> Result<(), Error> {
+        let cfg = self.maps.global_config()?;
+        for (id, info) in self.infos() {
+            let inbound = self
+                .maps
+                .pod_config
+                .get(&info.netns_cookie, 0)
+                .is_ok_and(|c| c.flags & POD_INBOUND != 0);
+            if !inbound {
+                continue;
+            }
+            let Some(path) = locate(&info) else { continue };
+            let Ok(netns) = Netns::open(&path) else {
+                continue;
+            };
+            if let Err(err) = listeners::resolve(self.maps, id, &netns, cfg.inbound_port as u16) {
+                debug!(pod = %pod_name(&info), %err, "inbound listener not resolved");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<PodEntry>, Error> {
+        list(self.maps)
+    }
+
+    fn entry(&self, id: u32) -> Result<PodEntry, Error> {
+        entry(self.maps, id)
+    }
+
+    fn infos(&self) -> Vec<(u32, PodInfo)> {
+        self.maps.pod_info.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The namespace's cookie and addresses, read from inside it.
+    fn inspect(&mut self, netns: &Netns) -> Result<(u64, Vec<IpAddr>), Error> {
+        let (cookie, probe, addresses) = netns.run(|| {
+            let cookie = netns::current_cookie();
+            // Without SO_NETNS_COOKIE, ask connect4 (it records the cookie of a probe socket).
+            let probe = match &cookie {
+                Ok(Some(_)) => None,
+                _ => Some(netns::probe_socket_cookie()),
+            };
+            (cookie, probe, netns::pod_addresses())
+        })?;
+        let cookie = match (cookie, probe) {
+            (Ok(Some(cookie)), _) => cookie,
+            (first, Some(Ok(sock_cookie))) => {
+                let found = self.maps.netns_probe.get(&sock_cookie, 0).ok();
+                let _ = self.maps.netns_probe.remove(&sock_cookie);
+                found.ok_or_else(|| Error::NoCookie {
+                    path: netns.path().to_owned(),
+                    reason: match first {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "the connect4 probe recorded nothing".into(),
+                    },
+                })?
+            }
+            (first, probe) => {
+                return Err(Error::NoCookie {
+                    path: netns.path().to_owned(),
+                    reason: format!(
+                        "SO_NETNS_COOKIE: {}; probe: {}",
+                        first.map_or_else(|e| e.to_string(), |_| "unsupported".into()),
+                        probe.map_or_else(
+                            || "-".into(),
+                            |r| r.err().map_or_else(String::new, |e| e.to_string())
+                        )
+                    ),
+                });
+            }
+        };
+        let addresses = addresses.map_err(|source| Error::Io {
+            what: "listing addresses in",
+            path: netns.path().to_owned(),
+            source,
+        })?;
+        if addresses.is_empty() {
+            warn!(netns = %netns.path().display(), "the pod has no address yet: inbound capture \
+                  and source binding need one; enable it again once it has");
+        }
+        Ok((cookie, addresses))
+    }
+
+    fn find_by_netns(&self, netns: &Netns) -> Result<Option<(u32, PodInfo)>, Error> {
+        Ok(self
+            .infos()
+            .into_iter()
+            .find(|(_, i)| netns.same_as(i.netns_dev, i.netns_ino)))
+    }
+
+    fn find(&self, pod: &PodRef) -> Result<Option<(u32, PodInfo)>, Error> {
+        match pod {
+            PodRef::Id(id) => Ok(self.maps.pod_info.get(id, 0).ok().map(|i| (*id, i))),
+            PodRef::Name(name) => Ok(self.infos().into_iter().find(|(_, i)| &pod_name(i) == name)),
+            PodRef::Netns(name) => match Netns::by_name(name) {
+                Ok(ns) => self.find_by_netns(&ns),
+                // The namespace is gone: find the pod by the name it was enabled with.
+                Err(_) => Ok(self
+                    .infos()
+                    .into_iter()
+                    .find(|(_, i)| i.source == SOURCE_NETNS && pod_name(i) == *name)),
+            },
+            PodRef::Pid(pid) => match Netns::by_pid(*pid) {
+                Ok(ns) => self.find_by_netns(&ns),
+                Err(_) => Ok(self
+                    .infos()
+                    .into_iter()
+                    .find(|(_, i)| i.source == SOURCE_PID && i.pid == *pid)),
+            },
+        }
+    }
+
+    fn free_id(&self) -> Result<u32, Error> {
+        let used: std::collections::BTreeSet<u32> =
+            self.maps.pod_info.keys().filter_map(Result::ok).collect();
+        (1..=size::PODS)
+            .find(|id| !used.contains(id))
+            .ok_or(Error::Full(size::PODS))
+    }
+
+    /// Fails if another live pod owns one of these addresses; takes them over from dead pods
+    /// (IP reuse after a pod went away without being disabled).
+    fn claim_addresses(&mut self, cookie: u64, addresses: &[IpAddr]) -> Result<(), Error> {
+        for ip in addresses {
+            let Ok(owner) = self.maps.pod_ips.get(&addr(*ip), 0) else {
+                continue;
+            };
+            if owner == cookie {
+                continue;
+            }
+            let other = self
+                .infos()
+                .into_iter()
+                .find(|(_, i)| i.netns_cookie == owner);
+            match other {
+                Some((id, info)) if locate(&info).is_none() => {
+                    info!(pod = %pod_name(&info), %ip, "address reused: removing the gone pod");
+                    self.remove(id, owner)?;
+                }
+                Some((_, info)) => {
+                    return Err(Error::AddressInUse {
+                        addr: *ip,
+                        other: pod_name(&info),
+                    });
+                }
+                None => {
+                    let _ = self.maps.pod_ips.remove(&addr(*ip));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a pod's entries: rules first, then addresses, then the config that switches it on,
+    /// then stale rules of a previous spec are dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        id: u32,
+        cookie: u64,
+        config: &PodConfig,
+        info: &PodInfo,
+        spec: &PodSpec,
+        addresses: &[IpAddr],
+        proxy_ports: &[u16],
+    ) -> Result<(), Error> {
+        let name = pod_name(info);
+        let map_err = |map: &'static str| {
+            let name = name.clone();
+            move |source| Error::MapWrite {
+                map,
+                pod: name,
+                source,
+            }
+        };
+        let mut ports = Vec::new();
+        for port in spec.effective_inbound_exclusions(proxy_ports) {
+            ports.push((port_key(id, port, DIR_INBOUND), PORT_EXCLUDE));
+        }
+        if let Selection::List(list) = &spec.include_inbound_ports {
+            for &port in list {
+                if !spec
+                    .effective_inbound_exclusions(proxy_ports)
+                    .contains(&port)
+                {
+                    ports.push((port_key(id, port, DIR_INBOUND), PORT_INCLUDE));
+                }
+            }
+        }
+        for &port in &spec.exclude_outbound_ports {
+            ports.push((port_key(id, port, DIR_OUTBOUND), PORT_EXCLUDE));
+        }
+        for &port in &spec.include_outbound_ports {
+            if !spec.exclude_outbound_ports.contains(&port) {
+                ports.push((port_key(id, port, DIR_OUTBOUND), PORT_INCLUDE));
+            }
+        }
+        for (key, rule) in &ports {
+            self.maps
+                .pod_ports
+                .insert(key, rule, 0)
+                .map_err(map_err("POD_PORTS"))?;
+        }
+        let excluded: Vec<(Addr, u32)> =
+            spec.exclude_outbound_cidrs.iter().map(cidr_entry).collect();
+        let included: Vec<(Addr, u32)> = match &spec.include_outbound_cidrs {
+            Selection::All => Vec::new(),
+            Selection::List(list) => list.iter().map(cidr_entry).collect(),
+        };
+        for (ip, bits) in &excluded {
+            self.maps
+                .cidr_exclude
+                .insert(&cidr_key(id, *ip, *bits), 1, 0)
+                .map_err(map_err("CIDR_EXCLUDE"))?;
+        }
+        for (ip, bits) in &included {
+            self.maps
+                .cidr_include
+                .insert(&cidr_key(id, *ip, *bits), 1, 0)
+                .map_err(map_err("CIDR_INCLUDE"))?;
+        }
+        for ip in addresses {
+            self.maps
+                .pod_ips
+                .insert(addr(*ip), cookie, 0)
+                .map_err(map_err("POD_IPS"))?;
+        }
+        self.maps
+            .pod_info
+            .insert(id, *info, 0)
+            .map_err(map_err("POD_INFO"))?;
+        // The switch: from here on the pod's connects are intercepted.
+        self.maps
+            .pod_config
+            .insert(cookie, *config, 0)
+            .map_err(map_err("POD_CONFIG"))?;
+
+        // Drop what an earlier spec of this pod had and this one does not.
+        let keep: Vec<PortKey> = ports.iter().map(|(k, _)| *k).collect();
+        let stale: Vec<PortKey> = self
+            .maps
+            .pod_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_id == id && !keep.contains(k))
+            .collect();
+        for key in stale {
+            let _ = self.maps.pod_ports.remove(&key);
+        }
+        remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &excluded);
+        remove_stale_cidrs(&mut self.maps.cidr_include, id, &included);
+        let stale_ips: Vec<Addr> = self
+            .maps
+            .pod_ips
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(ip, c)| *c == cookie && !addresses.iter().any(|a| addr(*a) == *ip))
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in stale_ips {
+            let _ = self.maps.pod_ips.remove(&ip);
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of a pod: the switch first, then its rules and its netns link.
+    fn remove(&mut self, id: u32, cookie: u64) -> Result<(), Error> {
+        let _ = self.maps.pod_config.remove(&cookie);
+        let ips: Vec<Addr> = self
+            .maps
+            .pod_ips
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| *c == cookie)
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in ips {
+            let _ = self.maps.pod_ips.remove(&ip);
+        }
+        let ports: Vec<PortKey> = self
+            .maps
+            .pod_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_id == id)
+            .collect();
+        for key in ports {
+            let _ = self.maps.pod_ports.remove(&key);
+        }
+        remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &[]);
+        remove_stale_cidrs(&mut self.maps.cidr_include, id, &[]);
+        let _ = self.maps.pod_listener.remove(&id);
+        bpf::attach::detach_pod(self.pins, id)?;
+        let _ = self.maps.pod_info.remove(&id);
+        Ok(())
+    }
+}
+
+fn remove_stale_cidrs(
+    trie: &mut aya::maps::LpmTrie<aya::maps::MapData, interceptor_common::pod::CidrKey, u32>,
+    id: u32,
+    keep: &[(Addr, u32)],
+) {
+    let stale: Vec<_> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            let data = k.data();
+            u32::from_be(data.pod_id_be) == id
+                && !keep
+                    .iter()
+                    .any(|(ip, bits)| data.ip == *ip && k.prefix_len() == 32 + bits)
+        })
+        .collect();
+    for key in stale {
+        let _ = trie.remove(&key);
+    }
+}
+
+/// Every enabled pod.
+pub fn list(maps: &Maps) -> Result<Vec<PodEntry>, Error> {
+    let mut ids: Vec<u32> = maps.pod_info.keys().filter_map(Result::ok).collect();
+    ids.sort_unstable();
+    ids.into_iter().map(|id| entry(maps, id)).collect()
+}
+
+fn entry(maps: &Maps, id: u32) -> Result<PodEntry, Error> {
+    let info = maps
+        .pod_info
+        .get(&id, 0)
+        .map_err(|_| Error::NotEnabled(format!("pod id {id}")))?;
+    let config = maps.pod_config.get(&info.netns_cookie, 0).ok();
+    let mut addresses: Vec<IpAddr> = maps
+        .pod_ips
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, c)| *c == info.netns_cookie)
+        .map(|(a, _)| ip_of(a))
+        .collect();
+    addresses.sort();
+    let listener = maps.pod_listener.get(&id, 0).ok();
+    let inbound = config.is_some_and(|c| c.flags & POD_INBOUND != 0);
+    Ok(PodEntry {
+        id,
+        name: pod_name(&info),
+        source: match info.source {
+            SOURCE_NETNS => "netns",
+            SOURCE_PID => "pid",
+            SOURCE_KUBERNETES => "kubernetes",
+            _ => "unknown",
+        },
+        netns_cookie: info.netns_cookie,
+        addresses,
+        outbound: config.is_some_and(|c| c.flags & POD_OUTBOUND != 0),
+        inbound,
+        inbound_listener: listener,
+        inbound_ready: inbound && listener.is_some_and(|c| maps.has_listener(c)),
+        spec: read_spec(maps, id, config.as_ref()),
+    })
+}
+
+/// The spec as the maps hold it (what the datapath really does).
+fn read_spec(maps: &Maps, id: u32, config: Option<&PodConfig>) -> PodSpec {
+    let flags = config.map_or(0, |c| c.flags);
+    let mut spec = PodSpec {
+        include_inbound_ports: if flags & POD_INBOUND_ALL_PORTS != 0 {
+            Selection::All
+        } else {
+            Selection::List(Vec::new())
+        },
+        include_outbound_cidrs: if flags & POD_OUTBOUND_ALL_CIDRS != 0 {
+            Selection::All
+        } else {
+            Selection::List(Vec::new())
+        },
+        outbound: flags & POD_OUTBOUND != 0,
+        sockmap: flags & POD_NO_SOCKMAP == 0,
+        proxy_uid: config.map_or(0, |c| c.proxy_uid),
+        proxy_gid: config.map_or(0, |c| c.proxy_gid),
+        ..PodSpec::default()
+    };
+    for (key, rule) in maps.pod_ports.iter().filter_map(Result::ok) {
+        if key.pod_id != id {
+            continue;
+        }
+        let list = match (key.direction, rule) {
+            (DIR_INBOUND, PORT_EXCLUDE) => &mut spec.exclude_inbound_ports,
+            (DIR_INBOUND, PORT_INCLUDE) => match &mut spec.include_inbound_ports {
+                Selection::List(l) => l,
+                Selection::All => continue,
+            },
+            (DIR_OUTBOUND, PORT_EXCLUDE) => &mut spec.exclude_outbound_ports,
+            (DIR_OUTBOUND, PORT_INCLUDE) => &mut spec.include_outbound_ports,
+            _ => continue,
+        };
+        list.push(key.port);
+    }
+    let cidrs = |trie: &aya::maps::LpmTrie<_, interceptor_common::pod::CidrKey, u32>| {
+        let mut out: Vec<Cidr> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| u32::from_be(k.data().pod_id_be) == id)
+            .map(|k| cidr_of(k.data().ip, k.prefix_len() - 32))
+            .collect();
+        out.sort_by_key(|c| (c.addr, c.prefix));
+        out
+    };
+    spec.exclude_outbound_cidrs = cidrs(&maps.cidr_exclude);
+    if let Selection::List(l) = &mut spec.include_outbound_cidrs {
+        *l = cidrs(&maps.cidr_include);
+    }
+    for list in [
+        &mut spec.exclude_inbound_ports,
+        &mut spec.exclude_outbound_ports,
+        &mut spec.include_outbound_ports,
+    ] {
+        list.sort_unstable();
+    }
+    if let Selection::List(l) = &mut spec.include_inbound_ports {
+        l.sort_unstable();
+    }
+    spec
+}
+
+/// A path to the pod's network namespace if it still exists.
+pub fn locate(info: &PodInfo) -> Option<PathBuf> {
+    let same =
+        |p: &PathBuf| Netns::open(p).is_ok_and(|ns| ns.same_as(info.netns_dev, info.netns_ino));
+    let primary = match info.source {
+        SOURCE_NETNS => Some(PathBuf::from(netns::NETNS_RUN_DIR).join(pod_name(info))),
+        SOURCE_PID | SOURCE_KUBERNETES => Some(PathBuf::from(format!("/proc/{}/ns/net", info.pid))),
+        _ => None,
+    };
+    primary
+        .filter(same)
+        .or_else(|| netns::find_by_identity(info.netns_dev, info.netns_ino))
+}
+
+fn display_name(source: &PodSource) -> String {
+    match source {
+        PodSource::Netns(n) => n.clone(),
+        PodSource::Pid(p) => format!("pid:{p}"),
+        PodSource::Kubernetes { name, .. } => name.clone(),
+    }
+}
+
+pub fn pod_name(info: &PodInfo) -> String {
+    let end = info
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.name.len());
+    String::from_utf8_lossy(&info.name[..end]).into_owned()
+}
+
+fn pod_info(cookie: u64, netns: &Netns, source: &PodSource, name: &str) -> PodInfo {
+    let mut bytes = [0u8; POD_NAME_LEN];
+    bytes[..name.len()].copy_from_slice(name.as_bytes());
+    let (kind, pid) = match source {
+        PodSource::Netns(_) => (SOURCE_NETNS, 0),
+        PodSource::Pid(p) => (SOURCE_PID, *p),
+        PodSource::Kubernetes { pid, .. } => (SOURCE_KUBERNETES, *pid),
+    };
+    PodInfo {
+        netns_cookie: cookie,
+        netns_ino: netns.ino,
+        netns_dev: netns.dev,
+        source: kind,
+        pid,
+        name: bytes,
+    }
+}
+
+fn pod_config(id: u32, spec: &PodSpec, addresses: &[IpAddr]) -> PodConfig {
+    let mut flags = 0;
+    if spec.outbound {
+        flags |= POD_OUTBOUND;
+    }
+    if spec.inbound() {
+        flags |= POD_INBOUND;
+    }
+    if spec.include_inbound_ports == Selection::All {
+        flags |= POD_INBOUND_ALL_PORTS;
+    }
+    if spec.include_outbound_cidrs == Selection::All {
+        flags |= POD_OUTBOUND_ALL_CIDRS;
+    }
+    if !spec.sockmap {
+        flags |= POD_NO_SOCKMAP;
+    }
+    let ip4 = addresses.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(_) => None,
+    });
+    let ip6 = addresses.iter().find_map(|a| match a {
+        IpAddr::V6(v6) => Some(addr(IpAddr::V6(*v6))),
+        IpAddr::V4(_) => None,
+    });
+    PodConfig {
+        pod_id: id,
+        flags,
+        proxy_uid: spec.proxy_uid,
+        proxy_gid: spec.proxy_gid,
+        ip4: ip4.unwrap_or(0),
+        ip6: ip6.unwrap_or([0; 4]),
+    }
+}
+
+fn port_key(pod_id: u32, port: u16, direction: u16) -> PortKey {
+    PortKey {
+        pod_id,
+        port,
+        direction,
+    }
+}
+
+fn cidr_entry(c: &Cidr) -> (Addr, u32) {
+    (addr(c.addr), c.mapped_bits())
+}
+
+/// An address as the maps store it: four network-order words, IPv4 mapped.
+pub fn addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+            })
+        }
+    }
+}
+
+/// The inverse of [`addr`].
+pub fn ip_of(a: Addr) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn cidr_of(a: Addr, mapped_bits: u32) -> Cidr {
+    match ip_of(a) {
+        IpAddr::V4(v4) => Cidr {
+            addr: IpAddr::V4(v4),
+            prefix: mapped_bits.saturating_sub(96) as u8,
+        },
+        ip => Cidr {
+            addr: ip,
+            prefix: mapped_bits as u8,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn address_round_trip() {
+        for s in ["198.18.0.7", "fd00:198:18::7", "::1", "127.0.0.6"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(ip_of(addr(ip)), ip);
+        }
+        // IPv4 is stored mapped: the kernel's v4_mapped gives the same words.
+        let v4: Ipv4Addr = "198.18.0.7".parse().unwrap();
+        assert_eq!(
+            addr(IpAddr::V4(v4)),
+            v4_mapped(u32::from_be_bytes(v4.octets()).to_be())
+        );
+    }
+
+    #[test]
+    fn config_flags_follow_spec() {
+        let addrs: Vec<IpAddr> = vec![
+            "198.18.0.7".parse().unwrap(),
+            "fd00:198:18::7".parse().unwrap(),
+        ];
+        let c = pod_config(3, &PodSpec::default(), &addrs);
+        assert_eq!(c.pod_id, 3);
+        assert_eq!(
+            c.flags,
+            POD_OUTBOUND | POD_INBOUND | POD_INBOUND_ALL_PORTS | POD_OUTBOUND_ALL_CIDRS
+        );
+        assert_eq!(c.ip4, u32::from_ne_bytes([198, 18, 0, 7]));
+        assert_eq!(ip_of(c.ip6), addrs[1]);
+        let spec = PodSpec {
+            include_inbound_ports: Selection::List(vec![]),
+            include_outbound_cidrs: Selection::List(vec!["10.0.0.0/8".parse().unwrap()]),
+            ..PodSpec::default()
+        };
+        assert_eq!(pod_config(1, &spec, &[]).flags, POD_OUTBOUND);
+    }
+
+    #[test]
+    fn cidr_round_trip() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        let (a, bits) = cidr_entry(&c);
+        assert_eq!(cidr_of(a, bits), c);
+        let c: Cidr = "fd00::/8".parse().unwrap();
+        let (a, bits) = cidr_entry(&c);
+        assert_eq!(cidr_of(a, bits), c);
+    }
+}

@@ -1,0 +1,322 @@
+//! A pod's capture settings, written with Istio's syntax (the values of the
+//! `traffic.sidecar.istio.io/*` annotations and the `istio-iptables` flags).
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// Ports that are never captured inbound: Prometheus (15090), health (15021), the agent's
+/// status port (15020), and the proxy's own capture ports.
+pub const ALWAYS_EXCLUDED_INBOUND: &[u16] = &[15090, 15021, 15020];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("{field}: {value:?} is not a port (1-65535); write e.g. \"8080,9090\"")]
+    Port { field: &'static str, value: String },
+    #[error("{field}: {value:?} is not a CIDR; write e.g. \"10.0.0.0/8,fd00::/8\" or \"*\"")]
+    Cidr { field: &'static str, value: String },
+    #[error("{field}: \"*\" is only allowed as the whole value, not inside a list")]
+    Star { field: &'static str },
+    #[error("{field} takes a list of ports, not \"*\"")]
+    StarNotAllowed { field: &'static str },
+}
+
+/// `*` or an explicit list (possibly empty).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection<T> {
+    All,
+    List(Vec<T>),
+}
+
+impl<T> Selection<T> {
+    pub fn is_empty_list(&self) -> bool {
+        matches!(self, Selection::List(v) if v.is_empty())
+    }
+}
+
+/// An IP range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Bits matched in the 128-bit (IPv4-mapped) form.
+    pub fn mapped_bits(&self) -> u32 {
+        match self.addr {
+            IpAddr::V4(_) => 96 + u32::from(self.prefix),
+            IpAddr::V6(_) => u32::from(self.prefix),
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| ())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().map_err(|_| ())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// How one pod is intercepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    /// `includeInboundPorts` (default `*`; an empty list turns inbound capture off).
+    pub include_inbound_ports: Selection<u16>,
+    /// `excludeInboundPorts`.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// `includeOutboundPorts`: captured whatever the destination range.
+    pub include_outbound_ports: Vec<u16>,
+    /// `excludeOutboundPorts`.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// `includeOutboundIPRanges` (default `*`; an empty list captures only included ports).
+    pub include_outbound_cidrs: Selection<Cidr>,
+    /// `excludeOutboundIPRanges`.
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// Whether outbound capture is on at all.
+    pub outbound: bool,
+    /// Move the app↔proxy bytes with sk_msg (default) or keep them on loopback TCP.
+    pub sockmap: bool,
+    /// The proxy's identity: its connections are never captured.
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+}
+
+impl Default for PodSpec {
+    fn default() -> Self {
+        Self {
+            include_inbound_ports: Selection::All,
+            exclude_inbound_ports: Vec::new(),
+            include_outbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            include_outbound_cidrs: Selection::All,
+            exclude_outbound_cidrs: Vec::new(),
+            outbound: true,
+            sockmap: true,
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+        }
+    }
+}
+
+impl PodSpec {
+    pub fn inbound(&self) -> bool {
+        !self.include_inbound_ports.is_empty_list()
+    }
+
+    /// Every inbound port never captured for this pod: the user's exclusions, the
+    /// always-excluded ports, the proxy's own ports, and ssh (22) when everything else is
+    /// captured — as `istio-iptables` does with `-b *`.
+    pub fn effective_inbound_exclusions(&self, proxy_ports: &[u16]) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.exclude_inbound_ports.clone();
+        ports.extend_from_slice(ALWAYS_EXCLUDED_INBOUND);
+        ports.extend_from_slice(proxy_ports);
+        if self.include_inbound_ports == Selection::All {
+            ports.push(22);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+fn items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// A comma-separated list of ports (`excludeOutboundPorts: "8080, 9090"`).
+pub fn parse_ports(field: &'static str, value: &str) -> Result<Vec<u16>, SpecError> {
+    let mut out = Vec::new();
+    for item in items(value) {
+        if item == "*" {
+            return Err(SpecError::StarNotAllowed { field });
+        }
+        match item.parse::<u16>() {
+            Ok(p) if p != 0 => out.push(p),
+            _ => {
+                return Err(SpecError::Port {
+                    field,
+                    value: item.to_owned(),
+                });
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// `*` or a list of ports (`includeInboundPorts`).
+pub fn parse_port_selection(field: &'static str, value: &str) -> Result<Selection<u16>, SpecError> {
+    if value.trim() == "*" {
+        return Ok(Selection::All);
+    }
+    if items(value).any(|i| i == "*") {
+        return Err(SpecError::Star { field });
+    }
+    parse_ports(field, value).map(Selection::List)
+}
+
+/// A comma-separated list of CIDRs (`excludeOutboundIPRanges`); a bare address is a /32 or
+/// /128.
+pub fn parse_cidrs(field: &'static str, value: &str) -> Result<Vec<Cidr>, SpecError> {
+    let mut out = Vec::new();
+    for item in items(value) {
+        if item == "*" {
+            return Err(SpecError::Star { field });
+        }
+        let cidr = item.parse::<Cidr>().map_err(|()| SpecError::Cidr {
+            field,
+            value: item.to_owned(),
+        })?;
+        if !out.contains(&cidr) {
+            out.push(cidr);
+        }
+    }
+    Ok(out)
+}
+
+/// `*` or a list of CIDRs (`includeOutboundIPRanges`).
+pub fn parse_cidr_selection(
+    field: &'static str,
+    value: &str,
+) -> Result<Selection<Cidr>, SpecError> {
+    if value.trim() == "*" {
+        return Ok(Selection::All);
+    }
+    parse_cidrs(field, value).map(Selection::List)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse_with_spaces_and_duplicates() {
+        assert_eq!(
+            parse_ports("f", " 8080, 9090,8080 ,").unwrap(),
+            vec![8080, 9090]
+        );
+        assert_eq!(parse_ports("f", "").unwrap(), Vec::<u16>::new());
+    }
+
+    #[test]
+    fn bad_ports_name_field_and_value() {
+        let err = parse_ports("excludeOutboundPorts", "80,http").unwrap_err();
+        assert_eq!(
+            err,
+            SpecError::Port {
+                field: "excludeOutboundPorts",
+                value: "http".into()
+            }
+        );
+        assert!(err.to_string().contains("excludeOutboundPorts"));
+        assert!(parse_ports("f", "0").is_err());
+        assert!(parse_ports("f", "65536").is_err());
+        assert!(parse_ports("f", "-1").is_err());
+        assert!(parse_ports("f", "*").is_err());
+    }
+
+    #[test]
+    fn selections() {
+        assert_eq!(parse_port_selection("f", "*").unwrap(), Selection::All);
+        assert_eq!(parse_port_selection("f", " * ").unwrap(), Selection::All);
+        assert_eq!(
+            parse_port_selection("f", "").unwrap(),
+            Selection::List(vec![])
+        );
+        assert!(parse_port_selection("f", "80,*").is_err());
+        assert_eq!(parse_cidr_selection("f", "*").unwrap(), Selection::All);
+    }
+
+    #[test]
+    fn cidrs() {
+        let v = parse_cidrs("f", "10.0.0.0/8, 198.18.0.7 ,fd00::/8").unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1].prefix, 32);
+        assert_eq!(v[0].mapped_bits(), 104);
+        assert_eq!(v[2].mapped_bits(), 8);
+        assert!(parse_cidrs("f", "10.0.0.0/33").is_err());
+        assert!(parse_cidrs("f", "10.0.0/8").is_err());
+        assert!(parse_cidrs("f", "fd00::/129").is_err());
+        assert!(parse_cidrs("f", "*").is_err());
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c: Cidr = "198.18.0.0/15".parse().unwrap();
+        assert!(c.contains("198.19.255.1".parse().unwrap()));
+        assert!(!c.contains("198.20.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        assert!(!all.contains("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn inbound_exclusions_follow_istio() {
+        let spec = PodSpec {
+            exclude_inbound_ports: vec![9000],
+            ..PodSpec::default()
+        };
+        let ex = spec.effective_inbound_exclusions(&[15001, 15006]);
+        for p in [22, 9000, 15001, 15006, 15020, 15021, 15090] {
+            assert!(ex.contains(&p), "{p} should be excluded");
+        }
+        // An explicit list that names 22 captures it ("unless asked").
+        let spec = PodSpec {
+            include_inbound_ports: Selection::List(vec![22, 8080]),
+            ..PodSpec::default()
+        };
+        assert!(
+            !spec
+                .effective_inbound_exclusions(&[15001, 15006])
+                .contains(&22)
+        );
+        assert!(
+            !PodSpec {
+                include_inbound_ports: Selection::List(vec![]),
+                ..PodSpec::default()
+            }
+            .inbound()
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! `interceptor status`: what is attached, which pods are intercepted, and every counter.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use interceptor_common::names;
+use serde::Serialize;
+
+use crate::{
+    agent,
+    bpf::{Maps, Pins, features::Features},
+    pods::{self, PodEntry},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_root: String,
+    /// Programs are attached through this pin root.
+    pub attached: bool,
+    /// Pids of the agents running on this instance.
+    pub agents: Vec<u32>,
+    pub kernel: String,
+    pub features: Features,
+    pub programs: Vec<ProgramStatus>,
+    pub pods: Vec<PodEntry>,
+    pub sockhash_entries: usize,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramStatus {
+    pub name: &'static str,
+    /// Kernel program id, when loaded.
+    pub id: Option<u32>,
+    /// Attached at the cgroup root through a pinned link.
+    pub linked: bool,
+}
+
+const PROGRAMS: &[&str] = &[
+    names::prog::CONNECT4,
+    names::prog::CONNECT6,
+    names::prog::SOCKOPS,
+    names::prog::GETSOCKOPT,
+    names::prog::SK_MSG,
+    names::prog::SK_LOOKUP,
+];
+
+impl Status {
+    pub fn collect(pins: &Pins) -> Result<Self, crate::bpf::Error> {
+        let features = Features::probe();
+        let programs = PROGRAMS
+            .iter()
+            .map(|&name| ProgramStatus {
+                name,
+                id: program_id(pins, name),
+                linked: pins.link(name).exists(),
+            })
+            .collect();
+        let (pods, sockhash_entries, counters) = if pins.map(names::map::POD_INFO).exists() {
+            let maps = Maps::open(pins)?;
+            let pods = pods::list(&maps).unwrap_or_default();
+            (pods, maps.sockhash_entries(), maps.counters()?)
+        } else {
+            (Vec::new(), 0, BTreeMap::new())
+        };
+        Ok(Self {
+            pin_root: pins.root().display().to_string(),
+            attached: pins.is_live(),
+            agents: agent::running_agents(pins),
+            kernel: features.kernel.clone(),
+            features,
+            programs,
+            pods,
+            sockhash_entries,
+            counters,
+        })
+    }
+
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "kernel      {}", self.kernel);
+        let _ = writeln!(
+            out,
+            "datapath    {} ({})",
+            if self.attached {
+                "attached"
+            } else {
+                "not attached"
+            },
+            self.pin_root
+        );
+        let agents = if self.agents.is_empty() {
+            "none running".to_string()
+        } else {
+            self.agents
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(out, "agents      {agents}");
+        let _ = writeln!(
+            out,
+            "inbound     {}",
+            if self.features.inbound() {
+                "sk_lookup available"
+            } else {
+                "unavailable (kernel < 5.9): outbound only"
+            }
+        );
+        let _ = writeln!(out, "\nprograms");
+        for p in &self.programs {
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<10} {}",
+                p.name,
+                p.id.map_or_else(|| "-".into(), |id| format!("id {id}")),
+                if p.linked {
+                    "attached at cgroup root"
+                } else {
+                    ""
+                }
+            );
+        }
+        let _ = writeln!(out, "\npods ({})", self.pods.len());
+        for pod in &self.pods {
+            let addrs: Vec<String> = pod.addresses.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  {:>3}  {:<28} {:<32} out:{:<3} in:{}",
+                pod.id,
+                pod.name,
+                addrs.join(","),
+                if pod.outbound { "on" } else { "off" },
+                match (pod.inbound, pod.inbound_ready) {
+                    (false, _) => "off",
+                    (true, true) => "on (proxy listening)",
+                    (true, false) => "on (no proxy listener yet: inbound refused)",
+                }
+            );
+        }
+        let _ = writeln!(out, "\nsockhash entries  {}", self.sockhash_entries);
+        let _ = writeln!(out, "\ncounters");
+        for (name, value) in &self.counters {
+            if *value > 0 {
+                let _ = writeln!(out, "  {name:<32} {value}");
+            }
+        }
+        if self.counters.values().all(|v| *v == 0) {
+            let _ = writeln!(out, "  (all zero)");
+        }
+        out
+    }
+}
+
+fn program_id(pins: &Pins, name: &str) -> Option<u32> {
+    let path = pins.prog(name);
+    if !path.exists() {
+        return None;
+    }
+    aya::programs::ProgramInfo::from_pin(&path)
+        .ok()
+        .map(|info| info.id())
+}
