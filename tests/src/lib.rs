@@ -1,0 +1,445 @@
+//! End-to-end tests of interceptor on the real kernel: the real `interceptor` binary (agent, CLI,
+//! sidecar proxy), the real BPF programs attached at the cgroup v2 root, and real TCP traffic
+//! between pods made of network namespaces, veths and cgroups.
+//!
+//! Every test gets its own pin root (its own instance of the datapath) and its own lab, so tests
+//! run in parallel and never touch a real agent. They need root and panic without it: a skip
+//! would pass silently.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use interceptor::lab::{Lab, LabPod, Managed};
+use serde_json::Value;
+
+#[cfg(test)]
+mod tests;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Panics unless running as root (the suite loads BPF programs and creates namespaces).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests need root: run `cargo xtask test` as root"
+    );
+}
+
+/// The interceptor binary under test: $INTERCEPTOR_BIN, or the one next to this test binary.
+pub fn binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("INTERCEPTOR_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("interceptor"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p interceptor`) or set INTERCEPTOR_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// One test's world: an instance of the datapath (pin root + agent) and a lab of pods.
+pub struct Harness {
+    pub bin: PathBuf,
+    pub pin_root: PathBuf,
+    pub lab: Lab,
+    agents: Vec<Managed>,
+    sidecars: Vec<Managed>,
+}
+
+impl Harness {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        interceptor::lab::sweep_stale();
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let pin_root = PathBuf::from(format!(
+            "/sys/fs/bpf/icpt-test-{tag}-{}-{seq}",
+            std::process::id()
+        ));
+        let lab = Lab::create(tag).expect("creating the lab");
+        Self {
+            bin: binary(),
+            pin_root,
+            lab,
+            agents: Vec::new(),
+            sidecars: Vec::new(),
+        }
+    }
+
+    pub fn pod(&mut self, name: &str) -> LabPod {
+        self.lab.add_pod(name).expect("adding a pod")
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--pin-root").arg(&self.pin_root);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        cmd
+    }
+
+    /// Starts an agent on this instance and waits until it is ready.
+    pub fn start_agent(&mut self, args: &[&str]) -> &mut Managed {
+        let child = self
+            .command()
+            .args(["agent", "--reconcile-seconds", "0.2"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning the agent");
+        let mut agent = Managed::new("agent", child);
+        agent
+            .wait_for_line("agent ready", Duration::from_secs(60))
+            .expect("agent ready");
+        self.agents.push(agent);
+        self.agents.last_mut().expect("just pushed")
+    }
+
+    /// Stops the most recently started agent (SIGTERM) and returns whether it exited cleanly.
+    pub fn stop_agent(&mut self) -> bool {
+        let mut agent = self.agents.pop().expect("an agent to stop");
+        agent
+            .stop(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    }
+
+    /// Stops the agent started `index`-th among those still running.
+    pub fn stop_agent_at(&mut self, index: usize) -> bool {
+        let mut agent = self.agents.remove(index);
+        agent
+            .stop(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    }
+
+    /// Runs `interceptor --pin-root <this> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running interceptor")
+    }
+
+    /// `pod enable --netns` for a lab pod, which must succeed.
+    pub fn enable(&self, pod: &LabPod, extra: &[&str]) {
+        let out = self.cli(&[&["pod", "enable", "--netns", &pod.netns], extra].concat());
+        assert!(
+            out.status.success(),
+            "pod enable failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn disable(&self, pod: &LabPod) {
+        let out = self.cli(&["pod", "disable", "--netns", &pod.netns]);
+        assert!(
+            out.status.success(),
+            "pod disable failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.status()["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters(self.status()["counters"].clone())
+    }
+
+    /// Starts a sidecar proxy in the pod (dropping to UID 1337) and waits for its health port.
+    pub fn sidecar(&mut self, pod: &LabPod) {
+        let child = pod
+            .spawn(
+                Command::new(&self.bin)
+                    .args(["proxy"])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null()),
+            )
+            .expect("spawning the sidecar");
+        let mut proxy = Managed::new(format!("{} sidecar", pod.name), child);
+        wait_until(Duration::from_secs(20), || {
+            assert!(proxy.stop_if_exited().is_none(), "sidecar exited early");
+            pod.run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from(([127, 0, 0, 1], 15021)),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+            .expect("netns")
+        });
+        self.sidecars.push(proxy);
+    }
+
+    /// Waits until the pod's inbound listener is registered for steering.
+    pub fn wait_inbound_ready(&self, pod: &LabPod) {
+        wait_until(Duration::from_secs(20), || {
+            self.status()["pods"].as_array().is_some_and(|pods| {
+                pods.iter()
+                    .any(|p| p["name"] == pod.netns.as_str() && p["inbound_ready"] == true)
+            })
+        });
+    }
+
+    /// A sidecar's Prometheus sample, read from inside its pod.
+    pub fn proxy_metric(&self, pod: &LabPod, series: &str) -> f64 {
+        let body = pod
+            .run(|| {
+                interceptor::testapp::http_get(
+                    SocketAddr::from(([127, 0, 0, 1], 15090)),
+                    "/stats/prometheus",
+                    Duration::from_secs(5),
+                )
+            })
+            .expect("netns")
+            .expect("metrics");
+        let text = String::from_utf8_lossy(&body.body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.sidecars.clear();
+        while let Some(mut agent) = self.agents.pop() {
+            agent.stop(Duration::from_secs(20));
+        }
+        // Whatever a failed test left: unpin so nothing stays attached.
+        if self.pin_root.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_root);
+        }
+    }
+}
+
+/// A snapshot of the datapath counters.
+#[derive(Clone, Debug)]
+pub struct Counters(Value);
+
+impl Counters {
+    pub fn get(&self, name: &str) -> u64 {
+        self.0[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// How much `name` grew since `earlier`.
+    pub fn since(&self, earlier: &Counters, name: &str) -> u64 {
+        self.get(name) - earlier.get(name)
+    }
+}
+
+/// Polls `f` until true; panics after `timeout`.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met in {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a test server saw of one connection.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// A TCP server bound inside a pod: echoes every byte back and records each connection.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _notify: mpsc::Receiver<()>,
+}
+
+impl EchoServer {
+    /// Binds `addr` inside `pod` and serves from background threads (sockets keep their netns).
+    pub fn start(pod: &LabPod, addr: SocketAddr) -> Self {
+        let listener = pod
+            .run(|| TcpListener::bind(addr))
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let record = seen.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+                    continue;
+                };
+                record.lock().expect("lock").push(Seen { peer, local });
+                let _ = tx.send(());
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            _notify: rx,
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+/// Connects from inside `pod` (the socket is created there), with a timeout.
+pub fn connect_from(pod: &LabPod, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    pod.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .expect("netns")
+}
+
+/// Sends `payload` and reads the echo back, full duplex, then half-closes and expects the
+/// server's EOF.
+///
+/// Written as an event-loop app does it (non-blocking socket + `poll`, like Go, Java NIO, Node,
+/// tokio and Envoy): a *blocking* read on a socket in a sockmap can return EAGAIN when another
+/// thread's activity on the same socket wakes it without data (a kernel behaviour covered by
+/// its own tests in `tests/sockmap.rs`), which is not what these tests are about.
+pub fn echo_round_trip(stream: TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::{io::ErrorKind, os::fd::AsRawFd};
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    stream.set_nonblocking(true)?;
+    let mut socket = stream;
+    let mut sent = 0;
+    let mut back = Vec::with_capacity(payload.len());
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut half_closed = false;
+    loop {
+        if back.len() >= payload.len() && !half_closed {
+            // Everything came back: the EOF must follow the half-close.
+            socket.shutdown(Shutdown::Write)?;
+            half_closed = true;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "echo: sent {sent}, got {} of {} bytes",
+                    back.len(),
+                    payload.len()
+                ),
+            ));
+        }
+        let mut events = libc::POLLIN;
+        if sent < payload.len() {
+            events |= libc::POLLOUT;
+        }
+        let mut fd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        let timeout = remaining.as_millis().min(1000) as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut fd, 1, timeout) } < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if fd.revents & libc::POLLOUT != 0 && sent < payload.len() {
+            let end = payload.len().min(sent + buf.len());
+            match socket.write(&payload[sent..end]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            match socket.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => back.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if back.len() != payload.len() {
+        return Err(std::io::Error::other(format!(
+            "echo: {} bytes back for {} sent (EOF {})",
+            back.len(),
+            payload.len(),
+            if back.len() > payload.len() {
+                "after unexpected bytes"
+            } else {
+                "too early"
+            }
+        )));
+    }
+    Ok(back)
+}
+
+/// A deterministic pseudo-random payload (so corruption or reordering shows).
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn ip4(pod: &LabPod) -> IpAddr {
+    IpAddr::V4(pod.ip)
+}

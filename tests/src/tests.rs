@@ -1,0 +1,12 @@
+//! The suite, one module per area of the datapath.
+
+mod cli;
+mod demo;
+mod host_safety;
+mod inbound;
+mod ipv6;
+mod isolation;
+mod lifecycle;
+mod outbound;
+mod policy;
+mod sockmap;

@@ -1,0 +1,79 @@
+//! The datapath must never break the host: getsockopt calls of every other program keep working
+//! (the getsockopt hook runs for all of them), including values larger than a page.
+
+use std::{net::TcpListener, os::fd::AsRawFd, process::Command};
+
+use crate::Harness;
+
+#[test]
+fn getsockopt_with_a_buffer_larger_than_a_page_still_works() {
+    let mut h = Harness::new("bigopt");
+    h.pod("meshed");
+    h.start_agent(&[]);
+    let sock = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut buf = vec![0u8; 3 * 4096];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into buf.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    assert!(len > 0 && (len as usize) < 4096);
+}
+
+#[test]
+fn iptables_legacy_save_of_a_large_ruleset_still_works() {
+    let mut h = Harness::new("iptsave");
+    let pod = h.pod("scratch");
+    h.start_agent(&[]);
+    // Enough rules that the kernel's answer to IPT_SO_GET_ENTRIES is several pages long.
+    let mut rules =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..300 {
+        rules.push_str(&format!(
+            "-A INPUT -s 198.18.{}.{}/32 -p tcp --dport {} -j ACCEPT\n",
+            i / 200,
+            i % 200 + 1,
+            1000 + i
+        ));
+    }
+    rules.push_str("COMMIT\n");
+    let restore = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "iptables-legacy-restore"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().expect("stdin").write_all(rules.as_bytes())?;
+            c.wait()
+        })
+        .expect("iptables-legacy-restore");
+    assert!(restore.success());
+    let save = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns,
+            "iptables-legacy-save",
+            "-t",
+            "filter",
+        ])
+        .output()
+        .expect("iptables-legacy-save");
+    assert!(
+        save.status.success(),
+        "{}",
+        String::from_utf8_lossy(&save.stderr)
+    );
+    let text = String::from_utf8_lossy(&save.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("-A INPUT")).count(),
+        300
+    );
+}

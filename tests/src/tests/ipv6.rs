@@ -1,0 +1,39 @@
+//! IPv6 pods (fd00:198:18::/48): connect6 and sk_lookup handle them like IPv4, with Istio's ::6
+//! as the inbound passthrough source.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use crate::{EchoServer, Harness, connect_from, echo_round_trip, payload};
+
+#[test]
+fn ipv6_pod_to_pod_through_both_sidecars() {
+    let mut h = Harness::new("ipv6");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    h.sidecar(&server);
+    let echo = EchoServer::start(&server, SocketAddr::new(IpAddr::V6(server.ip6), 9000));
+    h.enable(&client, &[]);
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, 15001))
+    );
+    assert_eq!(s.local_addr().expect("local").ip(), IpAddr::V6(client.ip6));
+    let data = payload(1 << 20);
+    assert!(echo_round_trip(s, &data).expect("echo") == data);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+    assert_eq!(after.since(&before, "orig_dst_answered"), 1);
+    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    assert_eq!(after.since(&before, "connect_passthrough"), 1);
+    assert!(after.since(&before, "msg_redirected") > 0);
+    assert_eq!(
+        echo.seen()[0].peer.ip(),
+        IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
+    );
+}

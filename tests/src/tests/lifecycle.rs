@@ -1,0 +1,208 @@
+//! The datapath's life: pod disable, agent stop, a second agent, --keep-pinned, proxies that
+//! predate the agent, and pods whose namespace goes away.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use crate::{EchoServer, Harness, connect_from, echo_round_trip, ip4, wait_until};
+
+fn program_ids(h: &Harness) -> Vec<u64> {
+    h.status()["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+fn loaded(id: u64) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn cgroup_attachments() -> String {
+    let cgroup = interceptor::bpf::features::cgroup2_mount().expect("cgroup2");
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pod_disable_restores_direct_traffic_and_removes_its_state() {
+    let mut h = Harness::new("disable");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    h.sidecar(&server);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"1").expect("echo"), b"1");
+    assert_eq!(
+        echo.seen()[0].peer.ip(),
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))
+    );
+
+    h.disable(&client);
+    h.disable(&server);
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(s.peer_addr().expect("peer"), echo.addr);
+    assert_eq!(echo_round_trip(s, b"2").expect("echo"), b"2");
+    assert_eq!(echo.seen()[1].peer.ip(), ip4(&client));
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_redirected"), 0);
+    assert_eq!(after.since(&before, "inbound_assigned"), 0);
+    assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 0);
+    let pods_dir = h.pin_root.join("pods");
+    assert_eq!(std::fs::read_dir(pods_dir).expect("pods dir").count(), 0);
+}
+
+#[test]
+fn agent_stop_detaches_and_unpins_everything() {
+    let mut h = Harness::new("stop");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    h.enable(&server, &["--include-inbound-ports", "9999"]);
+    let ids = program_ids(&h);
+    assert_eq!(ids.len(), 6, "all six programs loaded");
+    assert!(ids.iter().all(|id| loaded(*id)));
+    assert!(h.stop_agent(), "agent exits cleanly on SIGTERM");
+
+    assert!(
+        !h.pin_root.exists(),
+        "{} still pinned",
+        h.pin_root.display()
+    );
+    wait_until(Duration::from_secs(10), || {
+        ids.iter().all(|id| !loaded(*id))
+    });
+    let attached = cgroup_attachments();
+    for id in &ids {
+        assert!(
+            !attached
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&id.to_string())),
+            "program {id} still attached: {attached}"
+        );
+    }
+    // Traffic is direct again.
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(s.peer_addr().expect("peer"), echo.addr);
+    assert_eq!(echo_round_trip(s, b"direct").expect("echo"), b"direct");
+}
+
+#[test]
+fn a_second_agent_adopts_the_pinned_datapath() {
+    let mut h = Harness::new("adopt");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    let ids = program_ids(&h);
+    // A second agent on the same node: it reuses what is pinned instead of attaching again.
+    h.start_agent(&[]);
+    assert_eq!(program_ids(&h), ids);
+    assert_eq!(h.status()["agents"].as_array().expect("agents").len(), 2);
+    let attached = cgroup_attachments();
+    let connect4 = ids[0].to_string();
+    assert_eq!(
+        attached
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(&connect4))
+            .count(),
+        1,
+        "connect4 attached once: {attached}"
+    );
+    // The first agent goes (as in a rolling update): interception carries on.
+    let first = h.stop_agent_at(0);
+    assert!(first);
+    assert!(h.pin_root.exists());
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"still").expect("echo"), b"still");
+    assert_eq!(h.counters().since(&before, "connect_redirected"), 1);
+    // The last one out cleans up.
+    assert!(h.stop_agent());
+    assert!(!h.pin_root.exists());
+}
+
+#[test]
+fn keep_pinned_leaves_interception_running_without_an_agent() {
+    let mut h = Harness::new("keep");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&["--keep-pinned"]);
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    assert!(h.stop_agent());
+    assert!(h.pin_root.join("links").exists());
+    // No agent runs, the pod is still intercepted (its state was pinned).
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        SocketAddr::from(([127, 0, 0, 1], 15001))
+    );
+    assert_eq!(echo_round_trip(s, b"kept").expect("echo"), b"kept");
+    assert_eq!(h.counters().since(&before, "connect_redirected"), 1);
+    // A new agent adopts it; stopping that one normally removes everything.
+    h.start_agent(&[]);
+    assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 1);
+    assert!(h.stop_agent());
+    assert!(!h.pin_root.exists());
+}
+
+#[test]
+fn a_sidecar_started_before_the_agent_gets_its_inbound_traffic() {
+    let mut h = Harness::new("early");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    // The proxy listens before any program is attached: sockops never saw its listen().
+    h.sidecar(&server);
+    h.start_agent(&[]);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"early").expect("echo"), b"early");
+    assert_eq!(
+        echo.seen()[0].peer.ip(),
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))
+    );
+}
+
+#[test]
+fn a_pod_whose_namespace_is_gone_is_removed() {
+    let mut h = Harness::new("gone");
+    let pod = h.pod("ephemeral");
+    let keep = h.pod("keep");
+    h.start_agent(&[]);
+    h.enable(&pod, &["--include-inbound-ports", ""]);
+    h.enable(&keep, &["--include-inbound-ports", ""]);
+    assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 2);
+    interceptor::lab::ip(&["netns", "del", &pod.netns]).expect("netns del");
+    wait_until(Duration::from_secs(10), || {
+        h.status()["pods"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    assert_eq!(h.status()["pods"][0]["name"], keep.netns.as_str());
+    assert!(!Path::new(&format!("/run/netns/{}", pod.netns)).exists());
+}
