@@ -1,0 +1,677 @@
+//! What a pod's metadata says about its interception: Istio's own annotations and labels (so the
+//! agent drops into an existing mesh) plus `interceptor.dev/*` overrides, turned into one
+//! [`Decision`]. Pure functions of the pod and its namespace: no I/O, unit-tested below.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use serde::Serialize;
+
+use crate::pods::spec::{self, PodSpec, SpecError};
+
+/// Istio: whether the injector should add a sidecar (label preferred, annotation accepted).
+pub const INJECT: &str = "sidecar.istio.io/inject";
+/// Istio: written by the injector on every pod it injected.
+pub const STATUS: &str = "sidecar.istio.io/status";
+/// Istio: `REDIRECT` (default), `TPROXY` or `NONE`.
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+/// Ours: `ebpf`, `iptables` or `off`; wins over everything Istio's metadata says.
+pub const MODE: &str = "interceptor.dev/mode";
+/// Ours: `off` keeps the pod's app↔proxy hop on loopback TCP (see README, sockmap reads).
+pub const SOCKMAP: &str = "interceptor.dev/sockmap";
+/// Namespace label: `enabled` or `disabled`.
+pub const NAMESPACE_INJECTION: &str = "istio-injection";
+/// Namespace label: revision-based injection.
+pub const NAMESPACE_REVISION: &str = "istio.io/rev";
+/// The container Istio's injector adds.
+pub const PROXY_CONTAINER: &str = "istio-proxy";
+/// A container declaring this port is a proxy following Istio's conventions.
+pub const PROXY_OUTBOUND_PORT: i32 = 15001;
+/// Istio's default proxy identity.
+pub const DEFAULT_PROXY_ID: u32 = 1337;
+
+/// How an intercepted pod is intercepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Ebpf,
+    Iptables,
+}
+
+/// Why a pod is intercepted (logged, so an operator can tell which rule matched).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Because {
+    /// `interceptor.dev/mode` named the mode.
+    ModeAnnotation,
+    /// Istio's injector marked it (`sidecar.istio.io/status`).
+    Injected,
+    /// It has an `istio-proxy` container (or native sidecar).
+    ProxyContainer,
+    /// A container declares the proxy's outbound port 15001.
+    ProxyPort,
+    /// `sidecar.istio.io/inject` asks for a sidecar on the pod itself.
+    InjectRequested,
+}
+
+/// Why a pod is left alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// `spec.hostNetwork`: its sockets are the node's; never intercepted, whatever it asks.
+    HostNetwork,
+    /// `status.phase` Succeeded or Failed.
+    Finished,
+    /// `interceptor.dev/mode: off`.
+    ModeOff,
+    /// `sidecar.istio.io/interceptionMode: NONE`.
+    InterceptionNone,
+    /// Its namespace asks for injection, but the pod has no sidecar (it was created before the
+    /// label, or the injector was not running): capturing it would send its traffic to a proxy
+    /// that does not exist.
+    NotInjected { policy: String },
+    /// Nothing marks it as part of the mesh.
+    NotMeshed,
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::HostNetwork => f.write_str("host network pod"),
+            SkipReason::Finished => f.write_str("pod has finished"),
+            SkipReason::ModeOff => write!(f, "{MODE}: off"),
+            SkipReason::InterceptionNone => write!(f, "{INTERCEPTION_MODE}: NONE"),
+            SkipReason::NotInjected { policy } => write!(
+                f,
+                "{policy} asks for a sidecar but the pod has none (created before injection was \
+                 enabled?): restart it to get one"
+            ),
+            SkipReason::NotMeshed => f.write_str("no sidecar"),
+        }
+    }
+}
+
+/// What to do with one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Intercept {
+        mode: Mode,
+        spec: Box<PodSpec>,
+        because: Because,
+    },
+    Skip {
+        reason: SkipReason,
+    },
+    /// A value the agent cannot honour: the pod is left un-intercepted (never half-configured).
+    Invalid {
+        annotation: &'static str,
+        value: String,
+        error: String,
+    },
+}
+
+/// The namespace's injection policy, as Istio's webhooks select namespaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamespacePolicy {
+    /// `istio-injection=enabled`, or `istio.io/rev` without an `istio-injection` label.
+    Enabled(String),
+    /// `istio-injection=disabled` (or any other value): never injected.
+    Disabled,
+    /// No label: only pods that ask (`sidecar.istio.io/inject: "true"`) are injected.
+    Unset,
+}
+
+pub fn namespace_policy(ns: Option<&Namespace>) -> NamespacePolicy {
+    let labels = ns.and_then(|n| n.metadata.labels.as_ref());
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    match (label(NAMESPACE_INJECTION), label(NAMESPACE_REVISION)) {
+        (Some("enabled"), _) => {
+            NamespacePolicy::Enabled(format!("namespace label {NAMESPACE_INJECTION}=enabled"))
+        }
+        (Some(_), _) => NamespacePolicy::Disabled,
+        (None, Some(rev)) => {
+            NamespacePolicy::Enabled(format!("namespace label {NAMESPACE_REVISION}={rev}"))
+        }
+        (None, None) => NamespacePolicy::Unset,
+    }
+}
+
+/// `sidecar.istio.io/inject`, read as Istio's injector reads it: the label wins over the
+/// annotation; y/yes/true/on (any case) is true, empty is "unset", anything else is false.
+fn inject_request(pod: &Pod) -> Option<bool> {
+    let meta = &pod.metadata;
+    let value = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT))
+        .or_else(|| meta.annotations.as_ref().and_then(|a| a.get(INJECT)))?;
+    match value.to_ascii_lowercase().as_str() {
+        "" => None,
+        "y" | "yes" | "true" | "on" => Some(true),
+        _ => Some(false),
+    }
+}
+
+fn containers(pod: &Pod) -> impl Iterator<Item = &Container> {
+    let spec = pod.spec.as_ref();
+    let main = spec.map(|s| s.containers.iter()).into_iter().flatten();
+    // Native sidecars (Istio >= 1.27 can inject istio-proxy as an init container that keeps
+    // running).
+    let init = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|c| c.iter())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    main.chain(init)
+}
+
+/// Evidence that the pod really runs a sidecar proxy.
+fn sidecar_evidence(pod: &Pod, annotations: &BTreeMap<String, String>) -> Option<Because> {
+    if annotations.contains_key(STATUS) {
+        return Some(Because::Injected);
+    }
+    if containers(pod).any(|c| c.name == PROXY_CONTAINER) {
+        return Some(Because::ProxyContainer);
+    }
+    containers(pod)
+        .any(|c| {
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.container_port == PROXY_OUTBOUND_PORT)
+        })
+        .then_some(Because::ProxyPort)
+}
+
+/// The proxy's UID/GID: the `istio-proxy` container's `runAsUser`/`runAsGroup` (OpenShift and
+/// other platforms pick their own), else Istio's 1337.
+fn proxy_identity(pod: &Pod) -> (u32, u32) {
+    let ctx = containers(pod)
+        .find(|c| c.name == PROXY_CONTAINER)
+        .and_then(|c| c.security_context.as_ref());
+    let id = |v: Option<i64>| {
+        v.and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(DEFAULT_PROXY_ID)
+    };
+    (
+        id(ctx.and_then(|c| c.run_as_user)),
+        id(ctx.and_then(|c| c.run_as_group)),
+    )
+}
+
+fn parse_mode(value: &str) -> Result<Option<Mode>, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "ebpf" => Ok(Some(Mode::Ebpf)),
+        "iptables" => Ok(Some(Mode::Iptables)),
+        "off" => Ok(None),
+        _ => Err("expected one of ebpf, iptables, off".into()),
+    }
+}
+
+/// Decides what to do with `pod`, given its namespace (None while the namespace is unknown).
+pub fn decide(pod: &Pod, namespace: Option<&Namespace>) -> Decision {
+    let empty = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return Decision::Skip {
+            reason: SkipReason::HostNetwork,
+        };
+    }
+    if let Some("Succeeded" | "Failed") = pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        return Decision::Skip {
+            reason: SkipReason::Finished,
+        };
+    }
+    let invalid = |annotation: &'static str, value: &str, error: String| Decision::Invalid {
+        annotation,
+        value: value.to_owned(),
+        error,
+    };
+
+    let (mode, because) = match annotations.get(MODE) {
+        Some(value) => match parse_mode(value) {
+            Ok(Some(mode)) => (mode, Because::ModeAnnotation),
+            Ok(None) => {
+                return Decision::Skip {
+                    reason: SkipReason::ModeOff,
+                };
+            }
+            Err(error) => return invalid(MODE, value, error),
+        },
+        None => {
+            if let Some(value) = annotations.get(INTERCEPTION_MODE) {
+                match value.trim().to_ascii_uppercase().as_str() {
+                    "NONE" => {
+                        return Decision::Skip {
+                            reason: SkipReason::InterceptionNone,
+                        };
+                    }
+                    // TPROXY keeps the client's address on the inbound hop; sk_lookup does too.
+                    "REDIRECT" | "TPROXY" => {}
+                    _ => {
+                        return invalid(
+                            INTERCEPTION_MODE,
+                            value,
+                            "expected one of REDIRECT, TPROXY, NONE".into(),
+                        );
+                    }
+                }
+            }
+            let because = match (sidecar_evidence(pod, annotations), inject_request(pod)) {
+                (Some(evidence), _) => evidence,
+                (None, Some(true)) if namespace_policy(namespace) != NamespacePolicy::Disabled => {
+                    Because::InjectRequested
+                }
+                (None, request) => {
+                    let reason = match namespace_policy(namespace) {
+                        NamespacePolicy::Enabled(policy) if request != Some(false) => {
+                            SkipReason::NotInjected { policy }
+                        }
+                        _ => SkipReason::NotMeshed,
+                    };
+                    return Decision::Skip { reason };
+                }
+            };
+            (Mode::Ebpf, because)
+        }
+    };
+
+    match pod_spec(pod, annotations) {
+        Ok(spec) => Decision::Intercept {
+            mode,
+            spec: Box::new(spec),
+            because,
+        },
+        Err((annotation, value, error)) => invalid(annotation, &value, error),
+    }
+}
+
+/// The capture settings from the `traffic.sidecar.istio.io/*` annotations (Istio's defaults
+/// for what is absent), or the first annotation that does not parse.
+fn pod_spec(
+    pod: &Pod,
+    annotations: &BTreeMap<String, String>,
+) -> Result<PodSpec, (&'static str, String, String)> {
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    let bad = |annotation: &'static str| {
+        move |e: SpecError| {
+            (
+                annotation,
+                annotations.get(annotation).cloned().unwrap_or_default(),
+                e.to_string(),
+            )
+        }
+    };
+    let mut spec = PodSpec::default();
+    if let Some(v) = get(INCLUDE_INBOUND_PORTS) {
+        spec.include_inbound_ports = spec::parse_port_selection(INCLUDE_INBOUND_PORTS, v)
+            .map_err(bad(INCLUDE_INBOUND_PORTS))?;
+    }
+    if let Some(v) = get(EXCLUDE_INBOUND_PORTS) {
+        spec.exclude_inbound_ports =
+            spec::parse_ports(EXCLUDE_INBOUND_PORTS, v).map_err(bad(EXCLUDE_INBOUND_PORTS))?;
+    }
+    if let Some(v) = get(INCLUDE_OUTBOUND_PORTS) {
+        spec.include_outbound_ports =
+            spec::parse_ports(INCLUDE_OUTBOUND_PORTS, v).map_err(bad(INCLUDE_OUTBOUND_PORTS))?;
+    }
+    if let Some(v) = get(EXCLUDE_OUTBOUND_PORTS) {
+        spec.exclude_outbound_ports =
+            spec::parse_ports(EXCLUDE_OUTBOUND_PORTS, v).map_err(bad(EXCLUDE_OUTBOUND_PORTS))?;
+    }
+    if let Some(v) = get(INCLUDE_OUTBOUND_IP_RANGES) {
+        spec.include_outbound_cidrs = spec::parse_cidr_selection(INCLUDE_OUTBOUND_IP_RANGES, v)
+            .map_err(bad(INCLUDE_OUTBOUND_IP_RANGES))?;
+    }
+    if let Some(v) = get(EXCLUDE_OUTBOUND_IP_RANGES) {
+        spec.exclude_outbound_cidrs = spec::parse_cidrs(EXCLUDE_OUTBOUND_IP_RANGES, v)
+            .map_err(bad(EXCLUDE_OUTBOUND_IP_RANGES))?;
+    }
+    if let Some(v) = get(SOCKMAP) {
+        spec.sockmap = match v.trim().to_ascii_lowercase().as_str() {
+            "on" | "true" => true,
+            "off" | "false" => false,
+            _ => {
+                return Err((
+                    SOCKMAP,
+                    v.to_owned(),
+                    "expected on or off (true or false)".into(),
+                ));
+            }
+        };
+    }
+    (spec.proxy_uid, spec.proxy_gid) = proxy_identity(pod);
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{ContainerPort, PodSpec as K8sPodSpec, PodStatus};
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::pods::spec::Selection;
+
+    fn pod(annotations: &[(&str, &str)], containers: &[&str]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).into(), (*v).into()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(K8sPodSpec {
+                containers: containers
+                    .iter()
+                    .map(|n| Container {
+                        name: (*n).into(),
+                        ..Container::default()
+                    })
+                    .collect(),
+                ..K8sPodSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn ns(labels: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some("shop".into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).into(), (*v).into()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        }
+    }
+
+    fn intercepted(d: &Decision) -> Option<(Mode, PodSpec, Because)> {
+        match d {
+            Decision::Intercept {
+                mode,
+                spec,
+                because,
+            } => Some((*mode, (**spec).clone(), *because)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn istio_injected_pods_are_intercepted_with_istio_defaults() {
+        let p = pod(&[(STATUS, "{}")], &["app", "istio-proxy"]);
+        let (mode, spec, because) = intercepted(&decide(&p, None)).expect("intercepted");
+        assert_eq!(mode, Mode::Ebpf);
+        assert_eq!(because, Because::Injected);
+        assert_eq!(spec, PodSpec::default());
+        let p = pod(&[], &["app", "istio-proxy"]);
+        assert_eq!(
+            intercepted(&decide(&p, None)).map(|i| i.2),
+            Some(Because::ProxyContainer)
+        );
+    }
+
+    #[test]
+    fn a_container_declaring_15001_is_a_proxy() {
+        let mut p = pod(&[], &["app", "mesh-proxy"]);
+        p.spec.as_mut().unwrap().containers[1].ports = Some(vec![ContainerPort {
+            container_port: 15001,
+            ..ContainerPort::default()
+        }]);
+        assert_eq!(
+            intercepted(&decide(&p, None)).map(|i| i.2),
+            Some(Because::ProxyPort)
+        );
+    }
+
+    #[test]
+    fn native_sidecar_init_container_counts_but_plain_init_does_not() {
+        let mut p = pod(&[], &["app"]);
+        p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: PROXY_CONTAINER.into(),
+            ..Container::default()
+        }]);
+        assert!(
+            intercepted(&decide(&p, None)).is_none(),
+            "runs to completion"
+        );
+        p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0].restart_policy =
+            Some("Always".into());
+        assert!(intercepted(&decide(&p, None)).is_some());
+    }
+
+    #[test]
+    fn inject_annotation_and_label_follow_istio() {
+        for v in ["true", "TRUE", "yes", "y", "on"] {
+            let p = pod(&[(INJECT, v)], &["app"]);
+            assert_eq!(
+                intercepted(&decide(&p, None)).map(|i| i.2),
+                Some(Because::InjectRequested),
+                "{v}"
+            );
+        }
+        for v in ["false", "no", "nonsense"] {
+            let p = pod(&[(INJECT, v)], &["app"]);
+            assert_eq!(
+                decide(&p, None),
+                Decision::Skip {
+                    reason: SkipReason::NotMeshed
+                },
+                "{v}"
+            );
+        }
+        // The label wins over the annotation.
+        let mut p = pod(&[(INJECT, "true")], &["app"]);
+        p.metadata.labels = Some([(INJECT.to_owned(), "false".to_owned())].into());
+        assert!(intercepted(&decide(&p, None)).is_none());
+        // A namespace with injection disabled is never injected, whatever the pod asks.
+        let p = pod(&[(INJECT, "true")], &["app"]);
+        let disabled = ns(&[(NAMESPACE_INJECTION, "disabled")]);
+        assert!(intercepted(&decide(&p, Some(&disabled))).is_none());
+    }
+
+    #[test]
+    fn namespace_label_without_a_sidecar_is_reported_not_intercepted() {
+        let p = pod(&[], &["app"]);
+        for labels in [
+            &[(NAMESPACE_INJECTION, "enabled")][..],
+            &[(NAMESPACE_REVISION, "canary")][..],
+        ] {
+            match decide(&p, Some(&ns(labels))) {
+                Decision::Skip {
+                    reason: SkipReason::NotInjected { policy },
+                } => assert!(policy.contains(labels[0].0), "{policy}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Opted out: nothing to report.
+        let p = pod(&[(INJECT, "false")], &["app"]);
+        assert_eq!(
+            decide(&p, Some(&ns(&[(NAMESPACE_INJECTION, "enabled")]))),
+            Decision::Skip {
+                reason: SkipReason::NotMeshed
+            }
+        );
+        // With the sidecar injected by the namespace label, it is intercepted.
+        let p = pod(&[(STATUS, "{}")], &["app", PROXY_CONTAINER]);
+        assert!(intercepted(&decide(&p, Some(&ns(&[(NAMESPACE_INJECTION, "enabled")])))).is_some());
+    }
+
+    #[test]
+    fn interception_mode_none_and_our_override() {
+        let p = pod(&[(STATUS, "{}"), (INTERCEPTION_MODE, "NONE")], &["app"]);
+        assert_eq!(
+            decide(&p, None),
+            Decision::Skip {
+                reason: SkipReason::InterceptionNone
+            }
+        );
+        for m in ["REDIRECT", "TPROXY"] {
+            let p = pod(&[(STATUS, "{}"), (INTERCEPTION_MODE, m)], &["app"]);
+            assert!(intercepted(&decide(&p, None)).is_some(), "{m}");
+        }
+        let p = pod(&[(STATUS, "{}"), (INTERCEPTION_MODE, "BPF")], &["app"]);
+        assert!(matches!(
+            decide(&p, None),
+            Decision::Invalid { annotation: INTERCEPTION_MODE, ref value, .. } if value == "BPF"
+        ));
+        // interceptor.dev/mode wins, both ways.
+        let p = pod(&[(STATUS, "{}"), (MODE, "off")], &["app"]);
+        assert_eq!(
+            decide(&p, None),
+            Decision::Skip {
+                reason: SkipReason::ModeOff
+            }
+        );
+        let p = pod(&[(INTERCEPTION_MODE, "NONE"), (MODE, "ebpf")], &["app"]);
+        assert_eq!(
+            intercepted(&decide(&p, None)).map(|i| (i.0, i.2)),
+            Some((Mode::Ebpf, Because::ModeAnnotation))
+        );
+        let p = pod(&[(MODE, "iptables")], &["app"]);
+        assert_eq!(
+            intercepted(&decide(&p, None)).map(|i| i.0),
+            Some(Mode::Iptables)
+        );
+        let p = pod(&[(MODE, "bpf")], &["app"]);
+        assert!(matches!(
+            decide(&p, None),
+            Decision::Invalid {
+                annotation: MODE,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_never_intercepted() {
+        let mut p = pod(&[(MODE, "ebpf")], &["app", PROXY_CONTAINER]);
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(
+            decide(&p, None),
+            Decision::Skip {
+                reason: SkipReason::HostNetwork
+            }
+        );
+        let mut p = pod(&[(STATUS, "{}")], &["app"]);
+        p.status = Some(PodStatus {
+            phase: Some("Succeeded".into()),
+            ..PodStatus::default()
+        });
+        assert_eq!(
+            decide(&p, None),
+            Decision::Skip {
+                reason: SkipReason::Finished
+            }
+        );
+    }
+
+    #[test]
+    fn traffic_annotations_become_the_spec() {
+        let p = pod(
+            &[
+                (STATUS, "{}"),
+                (INCLUDE_INBOUND_PORTS, "8080, 9090"),
+                (EXCLUDE_INBOUND_PORTS, "8081"),
+                (INCLUDE_OUTBOUND_PORTS, "443"),
+                (EXCLUDE_OUTBOUND_PORTS, "5432,6379"),
+                (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,fd00::/8"),
+                (EXCLUDE_OUTBOUND_IP_RANGES, "10.96.0.1/32"),
+                (SOCKMAP, "off"),
+            ],
+            &["app"],
+        );
+        let (_, spec, _) = intercepted(&decide(&p, None)).expect("intercepted");
+        assert_eq!(
+            spec.include_inbound_ports,
+            Selection::List(vec![8080, 9090])
+        );
+        assert_eq!(spec.exclude_inbound_ports, vec![8081]);
+        assert_eq!(spec.include_outbound_ports, vec![443]);
+        assert_eq!(spec.exclude_outbound_ports, vec![5432, 6379]);
+        assert_eq!(
+            spec.include_outbound_cidrs,
+            Selection::List(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "fd00::/8".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            spec.exclude_outbound_cidrs,
+            vec!["10.96.0.1/32".parse().unwrap()]
+        );
+        assert!(!spec.sockmap);
+        // Empty values mean what they mean for istio-iptables: no inbound capture, only the
+        // included ports outbound.
+        let p = pod(
+            &[
+                (STATUS, "{}"),
+                (INCLUDE_INBOUND_PORTS, ""),
+                (INCLUDE_OUTBOUND_IP_RANGES, ""),
+            ],
+            &["app"],
+        );
+        let (_, spec, _) = intercepted(&decide(&p, None)).expect("intercepted");
+        assert!(!spec.inbound());
+        assert_eq!(spec.include_outbound_cidrs, Selection::List(vec![]));
+    }
+
+    #[test]
+    fn every_bad_value_names_its_annotation_and_value() {
+        for (annotation, value) in [
+            (INCLUDE_INBOUND_PORTS, "80,*"),
+            (EXCLUDE_INBOUND_PORTS, "http"),
+            (INCLUDE_OUTBOUND_PORTS, "70000"),
+            (EXCLUDE_OUTBOUND_PORTS, "*"),
+            (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, "not-a-cidr"),
+            (SOCKMAP, "maybe"),
+        ] {
+            let p = pod(&[(STATUS, "{}"), (annotation, value)], &["app"]);
+            match decide(&p, None) {
+                Decision::Invalid {
+                    annotation: a,
+                    value: v,
+                    error,
+                } => {
+                    assert_eq!((a, v.as_str()), (annotation, value));
+                    assert!(!error.is_empty());
+                }
+                other => panic!("{annotation}={value}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn proxy_identity_comes_from_the_istio_proxy_container() {
+        let mut p = pod(&[], &["app", PROXY_CONTAINER]);
+        p.spec.as_mut().unwrap().containers[1].security_context =
+            Some(k8s_openapi::api::core::v1::SecurityContext {
+                run_as_user: Some(1000650000),
+                run_as_group: Some(1000650001),
+                ..Default::default()
+            });
+        let (_, spec, _) = intercepted(&decide(&p, None)).expect("intercepted");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (1000650000, 1000650001));
+        let p = pod(&[(STATUS, "{}")], &["app"]);
+        let (_, spec, _) = intercepted(&decide(&p, None)).expect("intercepted");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (1337, 1337));
+    }
+}
