@@ -5,19 +5,30 @@
 use std::{
     fs::{self, File, OpenOptions},
     future::Future,
+    net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
 use interceptor_common::{event::Event, names};
 use nix::fcntl::{Flock, FlockArg};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::Notify,
+};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{self, Datapath, LoadOptions, Pins, features::Features},
+    http_server,
+    kube::{KubeOptions, PodController},
     pods::Registry,
 };
 
@@ -45,6 +56,14 @@ pub enum Error {
     Bpf(#[from] bpf::Error),
     #[error(transparent)]
     Pods(#[from] crate::pods::Error),
+    #[error(transparent)]
+    Kube(#[from] crate::kube::Error),
+    #[error("binding the health endpoint {addr}: {source}")]
+    Health {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -62,6 +81,10 @@ pub struct AgentOptions {
     pub keep_pinned: bool,
     /// How often pods are checked (gone namespaces, proxy listeners).
     pub reconcile_every: Duration,
+    /// Learn the pods from the Kubernetes API (`--kube`).
+    pub kube: Option<KubeOptions>,
+    /// Where to serve `/healthz/ready`.
+    pub health_addr: Option<SocketAddr>,
 }
 
 /// Checks what the agent needs before touching anything; fixes what it safely can (bpffs).
@@ -175,31 +198,66 @@ pub fn running_agents(pins: &Pins) -> Vec<u32> {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop_health = CancellationToken::new();
+    if let Some(addr) = opts.health_addr {
+        serve_health(addr, ready.clone(), stop_health.clone()).await?;
+    }
+    // Before touching the datapath: a bad kubeconfig fails the start, not the first pass.
+    let client = match &opts.kube {
+        Some(k) => Some(crate::kube::client(k).await?),
+        None => None,
+    };
     let membership = Membership::join(&opts.pins)?;
     let mut datapath = Datapath::start(opts.pins.clone(), &opts.load)?;
 
     let logs = start_logs(&mut datapath);
     let mut events = open_events(&opts.pins);
+    let mut controller = match (client, &opts.kube) {
+        (Some(client), Some(k)) => {
+            info!(node = %k.node_name, "watching this node's pods in the Kubernetes API");
+            Some(PodController::start(client, k))
+        }
+        _ => None,
+    };
+    let kube_changed = controller.as_ref().map(|c| c.watch.notifier());
 
     // Pods enabled while no agent ran (or by a previous one) may have new proxies.
     reconcile(&mut datapath);
-    info!(
-        root = %opts.pins.root().display(),
-        attached = ?datapath.attached,
-        "agent ready"
-    );
-    // A line scripts and tests wait for.
-    println!(
-        "interceptor agent ready (pin root {})",
-        opts.pins.root().display()
-    );
 
     let mut tick = tokio::time::interval(opts.reconcile_every);
     tokio::pin!(shutdown);
     loop {
+        // Ready once pinned and, with --kube, once the first complete list has been applied.
+        if !ready.load(Ordering::Relaxed) && controller.as_ref().is_none_or(|c| c.watch.synced()) {
+            if let Some(c) = controller.as_mut() {
+                kube_pass(c, &mut datapath);
+            }
+            ready.store(true, Ordering::Relaxed);
+            info!(
+                root = %opts.pins.root().display(),
+                attached = ?datapath.attached,
+                "agent ready"
+            );
+            // A line scripts and tests wait for.
+            println!(
+                "interceptor agent ready (pin root {})",
+                opts.pins.root().display()
+            );
+        }
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => reconcile(&mut datapath),
+            _ = tick.tick() => {
+                reconcile(&mut datapath);
+                if let Some(c) = controller.as_mut() {
+                    kube_pass(c, &mut datapath);
+                }
+            }
+            _ = notified(kube_changed.as_deref()) => {
+                if let Some(c) = controller.as_mut() {
+                    kube_pass(c, &mut datapath);
+                }
+            }
             woke = next_event(&mut events) => {
                 if woke {
                     // A proxy started listening: match it to its pod right away.
@@ -212,6 +270,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             }
         }
     }
+    ready.store(false, Ordering::Relaxed);
+    stop_health.cancel();
+    drop(controller);
 
     if let Some(logs) = logs {
         logs.abort();
@@ -226,6 +287,45 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         info!("another agent still uses the datapath; leaving it attached");
     }
     drop(membership);
+    Ok(())
+}
+
+/// One pass of the Kubernetes controller. It stats /proc and enters namespaces: blocking work,
+/// so the runtime is told to move other tasks (the watches) off this thread meanwhile.
+fn kube_pass(controller: &mut PodController, datapath: &mut Datapath) {
+    tokio::task::block_in_place(|| controller.reconcile(&datapath.pins, &mut datapath.maps));
+}
+
+async fn notified(notify: Option<&Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `/healthz/ready` (200 when ready, else 503) and `/healthz/live`, bound before anything else
+/// so a port conflict fails the start.
+async fn serve_health(
+    addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Health { addr, source })?;
+    let handler: http_server::Handler = Arc::new(move |req| match req.uri().path() {
+        "/healthz/ready" if ready.load(Ordering::Relaxed) => {
+            http_server::text(http::StatusCode::OK, "ready\n")
+        }
+        "/healthz/ready" => http_server::text(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: datapath or first Kubernetes list pending\n",
+        ),
+        "/healthz/live" => http_server::text(http::StatusCode::OK, "live\n"),
+        _ => http_server::text(http::StatusCode::NOT_FOUND, "not found\n"),
+    });
+    info!(%addr, "serving /healthz/ready");
+    tokio::spawn(http_server::serve(listener, handler, stop));
     Ok(())
 }
 

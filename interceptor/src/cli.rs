@@ -86,6 +86,24 @@ pub struct AgentArgs {
     /// Seconds between checks of the pods (gone namespaces, proxy listeners).
     #[arg(long, default_value_t = 1.0)]
     pub reconcile_seconds: f64,
+    /// Learn which pods of this node to intercept, and how, from the Kubernetes API (Istio's
+    /// annotations and namespace labels, `interceptor.dev/mode`): the DaemonSet mode.
+    #[arg(long)]
+    pub kube: bool,
+    /// kubeconfig for --kube (default: the in-cluster service account, else $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name: --kube watches the pods with spec.nodeName equal to it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the node's processes are (the host's /proc: the DaemonSet runs with hostPID).
+    #[arg(long, default_value = "/proc", hide = true)]
+    pub proc_root: PathBuf,
+    /// Serve GET /healthz/ready here: 200 once the datapath is pinned and, with --kube, the
+    /// first list of pods and namespaces is in; 503 before. (/healthz/live: 200 while running.)
+    #[arg(long)]
+    pub health_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

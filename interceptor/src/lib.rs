@@ -3,6 +3,7 @@
 //! - [`bpf`]: the program family as user space sees it (load, attach, pin, maps, probes).
 //! - [`agent`]: the node agent that owns the datapath.
 //! - [`pods`]: which pods are intercepted, and how (Istio's per-pod switches).
+//! - [`kube`]: the pod watcher: this node's pods from the Kubernetes API, Istio's annotations.
 //! - [`proxy`] + [`app`]: the sidecar proxy.
 //! - [`lab`], [`testapp`], [`demo`]: pods on network namespaces for the demo, tests, benchmark.
 
@@ -12,6 +13,7 @@ pub mod bpf;
 pub mod cli;
 pub mod demo;
 pub mod http_server;
+pub mod kube;
 pub mod lab;
 pub mod listeners;
 pub mod netns;

@@ -8,6 +8,7 @@ use interceptor::{
     bpf::{LoadOptions, Maps, Pins},
     cli::{self, Cli, Command, PodCommand, TestappCommand},
     demo,
+    kube::KubeOptions,
     netns::Netns,
     pods::{self, PodRef, PodSource, Registry},
     privileges,
@@ -39,6 +40,16 @@ fn run(cli: Cli) -> Result<()> {
     let pins = Pins::new(&cli.pin_root);
     match cli.command {
         Command::Agent(args) => {
+            // Checked before anything is loaded: a misconfigured DaemonSet fails fast.
+            let kube = match (args.kube, args.node_name.clone()) {
+                (false, _) => None,
+                (true, Some(node_name)) if !node_name.is_empty() => Some(KubeOptions {
+                    kubeconfig: args.kubeconfig.clone(),
+                    node_name,
+                    proc_root: args.proc_root.clone(),
+                }),
+                (true, _) => return Err(interceptor::kube::Error::NoNodeName.into()),
+            };
             let (cgroup, _features) = agent::preflight(args.cgroup.as_deref())?;
             let mut config = GlobalConfig::istio_defaults();
             config.outbound_port = args.outbound_port.into();
@@ -56,6 +67,8 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 keep_pinned: args.keep_pinned,
                 reconcile_every: cli::secs(args.reconcile_seconds.max(0.05)),
+                kube,
+                health_addr: args.health_addr,
             };
             runtime()?.block_on(agent::run(opts, signal::shutdown()))?;
             Ok(())

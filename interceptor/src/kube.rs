@@ -1,0 +1,507 @@
+//! `interceptor agent --kube`: learns which pods of this node are meshed, and how, from the
+//! Kubernetes API with Istio's own annotations, and keeps the pod registry equal to that.
+//!
+//! - [`watch`]: this node's pods and all namespaces, watched and reflected into stores.
+//! - [`annotations`]: pod + namespace metadata → a [`Decision`].
+//! - [`resolve`]: pod UID (or IP) → its processes and network namespace on this node.
+//! - [`events`]: Kubernetes Events on pods that cannot be intercepted as asked.
+//!
+//! [`PodController::reconcile`] compares the latest complete snapshot with what is applied and
+//! fixes the difference, so a missed watch event, a re-list, an agent restart or a pod sandbox
+//! restart all converge the same way.
+
+pub mod annotations;
+pub mod events;
+pub mod resolve;
+pub mod watch;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Client, Config, ResourceExt as _,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use tokio::{task::JoinHandle, time::Instant};
+use tracing::{debug, info, warn};
+
+use self::{
+    annotations::{Decision, Mode, SkipReason},
+    events::{EventSink, reason},
+    resolve::{NsId, ProcIndex},
+    watch::Watch,
+};
+use crate::{
+    bpf::{Maps, Pins},
+    pods::{PodEntry, PodRef, PodSource, Registry, spec::PodSpec},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "--kube needs this node's name: pass --node-name or set NODE_NAME (the DaemonSet sets it \
+         from spec.nodeName)"
+    )]
+    NoNodeName,
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: not running in a cluster and no kubeconfig found \
+         ({0}); pass --kubeconfig"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// How the agent reaches the API and finds pods.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// A kubeconfig file; None: in-cluster service account (or $KUBECONFIG, ~/.kube/config).
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    /// Where the node's processes are (`/proc` with `hostPID: true`).
+    pub proc_root: PathBuf,
+}
+
+/// Builds the API client from a kubeconfig or the in-cluster service account.
+pub async fn client(opts: &KubeOptions) -> Result<Client, Error> {
+    let config = match &opts.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        None => Config::infer().await.map_err(Error::Infer)?,
+    };
+    info!(server = %config.cluster_url, "using the Kubernetes API");
+    Client::try_from(config).map_err(Error::Client)
+}
+
+/// The registry name of a Kubernetes pod: `namespace/name`, shortened with a hash of the full
+/// name when it would not fit the datapath's name field.
+pub fn registry_name(namespace: &str, name: &str) -> String {
+    use interceptor_common::pod::POD_NAME_LEN;
+    let full = format!("{namespace}/{name}");
+    if full.len() <= POD_NAME_LEN {
+        return full;
+    }
+    // FNV-1a: stable across runs and versions (the name is matched again after a restart).
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let suffix = format!("~{hash:016x}");
+    let mut end = POD_NAME_LEN - suffix.len();
+    while !full.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{suffix}", &full[..end])
+}
+
+/// The one place `interceptor.dev/mode: iptables` goes. Until the iptables fallback is wired
+/// into the agent, it refuses (the pod stays un-intercepted, never half-configured).
+pub fn apply_iptables(_pod: &Pod, _spec: &PodSpec) -> Result<(), String> {
+    Err("iptables mode is not available in this agent build; the pod is left un-intercepted".into())
+}
+
+/// What this agent applied for one pod.
+#[derive(Clone, Debug)]
+struct Applied {
+    id: u32,
+    pid: u32,
+    netns: NsId,
+    spec: PodSpec,
+}
+
+/// Per-pod memory between passes (keyed by pod UID).
+#[derive(Debug, Default)]
+struct PodState {
+    name: String,
+    applied: Option<Applied>,
+    /// The last problem reported (log + event), so each is reported once, not every pass.
+    problem: Option<String>,
+    /// Locating or enabling failed: when to try again, and how many times it failed.
+    retry_at: Option<Instant>,
+    failures: u32,
+    /// The pod's resourceVersion at the last failure: a change retries at once.
+    failed_version: Option<String>,
+}
+
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Keeps the registry equal to what the API says about this node's pods.
+pub struct PodController {
+    pub watch: Watch,
+    events: EventSink,
+    node: String,
+    proc_root: PathBuf,
+    pods: HashMap<String, PodState>,
+    _events_task: JoinHandle<()>,
+}
+
+impl PodController {
+    pub fn start(client: Client, opts: &KubeOptions) -> Self {
+        let watch = Watch::start(client.clone(), &opts.node_name);
+        let (events, task) = EventSink::start(client, format!("interceptor-{}", opts.node_name));
+        Self {
+            watch,
+            events,
+            node: opts.node_name.clone(),
+            proc_root: opts.proc_root.clone(),
+            pods: HashMap::new(),
+            _events_task: task,
+        }
+    }
+
+    /// One pass: every pod of the snapshot to its decided state, and every Kubernetes entry of
+    /// the registry that no pod wants removed. Does nothing before the first complete list (an
+    /// empty store would look like "every pod is gone").
+    pub fn reconcile(&mut self, pins: &Pins, maps: &mut Maps) {
+        if !self.watch.synced() {
+            return;
+        }
+        let mut registry = match Registry::lock(pins, maps) {
+            Ok(r) => r,
+            Err(err) => {
+                warn!(%err, "cannot lock the pod registry");
+                return;
+            }
+        };
+        let mut entries = match registry.list() {
+            Ok(e) => e,
+            Err(err) => {
+                warn!(%err, "cannot read the pod registry");
+                return;
+            }
+        };
+        let snapshot = self.watch.pods.state();
+        let live: HashSet<String> = snapshot.iter().filter_map(|p| p.uid()).collect();
+        self.pods.retain(|uid, state| {
+            let keep = live.contains(uid);
+            if !keep && state.applied.is_some() {
+                info!(pod = %state.name, "pod deleted");
+            }
+            keep
+        });
+
+        let mut index: Option<ProcIndex> = None;
+        let mut wanted: HashSet<String> = HashSet::new();
+        for pod in &snapshot {
+            let (Some(uid), Some(namespace)) = (pod.uid(), pod.namespace()) else {
+                continue;
+            };
+            // The field selector already does this; a wrong server must not make us touch
+            // another node's pods by IP.
+            if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str()) {
+                continue;
+            }
+            let name = registry_name(&namespace, &pod.name_any());
+            let state = self.pods.entry(uid.clone()).or_default();
+            state.name.clone_from(&name);
+            let decision = annotations::decide(pod, self.watch.namespace(&namespace).as_deref());
+            match decision {
+                Decision::Intercept {
+                    mode: Mode::Ebpf,
+                    spec,
+                    because,
+                } => {
+                    wanted.insert(name.clone());
+                    let ctx = Ctx {
+                        pod,
+                        uid: &uid,
+                        proc_root: &self.proc_root,
+                        events: &self.events,
+                    };
+                    if ctx.ensure_ebpf(state, &spec, &mut registry, &entries, &mut index) {
+                        debug!(pod = %name, ?because, "intercepted");
+                        // The pass below must see this pod's current entry.
+                        if let Ok(e) = registry.list() {
+                            entries = e;
+                        }
+                    }
+                }
+                Decision::Intercept {
+                    mode: Mode::Iptables,
+                    spec,
+                    ..
+                } => {
+                    state.applied = None;
+                    if let Err(problem) = apply_iptables(pod, &spec) {
+                        report(
+                            &self.events,
+                            pod,
+                            state,
+                            reason::IPTABLES_UNAVAILABLE,
+                            problem,
+                        );
+                    }
+                }
+                Decision::Skip { reason } => {
+                    if state.applied.take().is_some() {
+                        info!(pod = %name, %reason, "interception turned off");
+                    }
+                    if let SkipReason::NotInjected { .. } = reason {
+                        report(
+                            &self.events,
+                            pod,
+                            state,
+                            reason::SIDECAR_MISSING,
+                            reason.to_string(),
+                        );
+                    } else {
+                        state.problem = None;
+                    }
+                }
+                Decision::Invalid {
+                    annotation,
+                    value,
+                    error,
+                } => {
+                    state.applied = None;
+                    let problem = format!(
+                        "annotation {annotation}={value:?} is invalid ({error}); the pod is left \
+                         un-intercepted until it is fixed"
+                    );
+                    report(
+                        &self.events,
+                        pod,
+                        state,
+                        reason::INVALID_ANNOTATION,
+                        problem,
+                    );
+                }
+            }
+        }
+
+        // Anything the agent manages that no pod wants: deleted pods, pods turned off or made
+        // invalid, pods deleted while no agent (or no watch) ran, and stale duplicates of a pod
+        // whose sandbox was recreated.
+        let current: HashSet<u32> = self
+            .pods
+            .values()
+            .filter_map(|s| s.applied.as_ref().map(|a| a.id))
+            .collect();
+        for entry in entries.iter().filter(|e| e.source == "kubernetes") {
+            let stale = !wanted.contains(&entry.name)
+                || (!current.contains(&entry.id)
+                    && self
+                        .pods
+                        .values()
+                        .any(|s| s.name == entry.name && s.applied.is_some()));
+            if stale {
+                match registry.disable(&PodRef::Id(entry.id)) {
+                    Ok(_) => info!(pod = %entry.name, id = entry.id, "interception removed"),
+                    Err(err) => warn!(pod = %entry.name, %err, "removing interception"),
+                }
+            }
+        }
+    }
+
+    /// Pods the controller currently intercepts (for logs and tests).
+    pub fn intercepted(&self) -> usize {
+        self.pods.values().filter(|s| s.applied.is_some()).count()
+    }
+}
+
+struct Ctx<'a> {
+    pod: &'a Pod,
+    uid: &'a str,
+    proc_root: &'a Path,
+    events: &'a EventSink,
+}
+
+impl Ctx<'_> {
+    /// Makes sure the pod is enabled with `spec` in its current network namespace. Returns
+    /// whether the registry changed.
+    fn ensure_ebpf(
+        &self,
+        state: &mut PodState,
+        spec: &PodSpec,
+        registry: &mut Registry<'_>,
+        entries: &[PodEntry],
+        index: &mut Option<ProcIndex>,
+    ) -> bool {
+        let entry = |id: u32| entries.iter().find(|e| e.id == id && e.name == state.name);
+        if let Some(applied) = &state.applied
+            && applied.spec == *spec
+            && entry(applied.id).is_some()
+            && resolve::still_in(self.proc_root, applied.pid, applied.netns)
+        {
+            return false;
+        }
+        let version = self.pod.resource_version();
+        if let Some(at) = state.retry_at
+            && Instant::now() < at
+            && version == state.failed_version
+        {
+            return false;
+        }
+
+        let index = index.get_or_insert_with(|| ProcIndex::scan(self.proc_root));
+        let located = match index.locate(self.uid, &pod_ips(self.pod)) {
+            Ok(l) => l,
+            Err(err) => {
+                // Not running yet is the normal state of a starting pod: no event for that.
+                if matches!(err, resolve::Error::NotRunning { .. }) {
+                    debug!(pod = %state.name, %err, "pod not found on this node yet");
+                    self.failed(state);
+                } else {
+                    let problem = format!("cannot find the pod on this node: {err}");
+                    report(
+                        self.events,
+                        self.pod,
+                        state,
+                        reason::INTERCEPTION_FAILED,
+                        problem,
+                    );
+                    self.failed(state);
+                }
+                return false;
+            }
+        };
+        // The sandbox was recreated (new namespace): drop the old entry first so the new one
+        // can take over its addresses.
+        if let Some(old) = &state.applied
+            && old.netns != (located.netns.dev, located.netns.ino)
+        {
+            info!(pod = %state.name, "pod network namespace changed (sandbox restart)");
+            let _ = registry.disable(&PodRef::Id(old.id));
+            state.applied = None;
+        }
+        let source = PodSource::Kubernetes {
+            name: state.name.clone(),
+            pid: located.pid,
+        };
+        match registry.enable(&located.netns, &source, spec) {
+            Ok(entry) => {
+                info!(
+                    pod = %state.name,
+                    id = entry.id,
+                    pid = located.pid,
+                    by_ip = located.by_ip,
+                    addresses = ?entry.addresses,
+                    inbound = entry.inbound,
+                    "pod intercepted (eBPF)"
+                );
+                warn_if_ip_missing(self.pod, &state.name, &entry.addresses);
+                state.applied = Some(Applied {
+                    id: entry.id,
+                    pid: located.pid,
+                    netns: (located.netns.dev, located.netns.ino),
+                    spec: spec.clone(),
+                });
+                state.problem = None;
+                state.retry_at = None;
+                state.failures = 0;
+                true
+            }
+            Err(err) => {
+                let problem = format!("enabling eBPF interception failed: {err}");
+                report(
+                    self.events,
+                    self.pod,
+                    state,
+                    reason::INTERCEPTION_FAILED,
+                    problem,
+                );
+                self.failed(state);
+                false
+            }
+        }
+    }
+
+    fn failed(&self, state: &mut PodState) {
+        state.failures = state.failures.saturating_add(1);
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << state.failures.min(8))
+            .min(RETRY_MAX);
+        state.retry_at = Some(Instant::now() + delay);
+        state.failed_version = self.pod.resource_version();
+    }
+}
+
+/// Logs and posts a problem once (until it changes or goes away).
+fn report(
+    events: &EventSink,
+    pod: &Pod,
+    state: &mut PodState,
+    reason: &'static str,
+    problem: String,
+) {
+    if state.problem.as_deref() == Some(problem.as_str()) {
+        return;
+    }
+    warn!(pod = %state.name, reason, "{problem}");
+    events.warn(pod, reason, &problem);
+    state.problem = Some(problem);
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|s| s.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+/// The API's pod IP should be one of the namespace's addresses; if not, something (CNI still
+/// configuring, or a wrong namespace) deserves a look.
+fn warn_if_ip_missing(pod: &Pod, name: &str, addresses: &[IpAddr]) {
+    let missing: Vec<IpAddr> = pod_ips(pod)
+        .into_iter()
+        .filter(|ip| !addresses.contains(ip))
+        .collect();
+    if !missing.is_empty() {
+        warn!(pod = %name, ?missing, ?addresses, "the pod's API address is not in its network namespace (yet)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_names_fit_and_stay_stable() {
+        assert_eq!(registry_name("shop", "web-0"), "shop/web-0");
+        let long = "x".repeat(253);
+        let a = registry_name("default", &long);
+        let b = registry_name("default", &long);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), interceptor_common::pod::POD_NAME_LEN);
+        let c = registry_name("default", &format!("{}y", &long[1..]));
+        assert_ne!(a, c, "different pods, different names");
+    }
+
+    #[test]
+    fn iptables_mode_refuses_until_wired() {
+        let err = apply_iptables(&Pod::default(), &PodSpec::default()).unwrap_err();
+        assert!(err.contains("not available"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Kubernetes Events on pods (`kubectl describe pod` shows them): why a pod the agent was asked
+//! to intercept is not. Published by kube-rs's `Recorder` (events.k8s.io/v1, repeated events
+//! become a series) from a task of their own, so the reconcile pass never waits on the API.
+
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::{
+    Client, Resource as _,
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{debug, warn};
+
+/// The `reportingController` of our events.
+pub const CONTROLLER: &str = "interceptor.dev/agent";
+/// Events' notes are limited to 1 KiB by the API.
+const NOTE_MAX: usize = 1024;
+/// Events waiting to be sent; past that, new ones are dropped (and logged) rather than queued.
+const QUEUE: usize = 256;
+
+/// Event reasons (CamelCase, as Kubernetes components write them).
+pub mod reason {
+    pub const INVALID_ANNOTATION: &str = "InvalidInterceptionAnnotation";
+    pub const INTERCEPTION_FAILED: &str = "InterceptionFailed";
+    pub const IPTABLES_UNAVAILABLE: &str = "IptablesModeUnavailable";
+    pub const SIDECAR_MISSING: &str = "SidecarMissing";
+}
+
+struct Notice {
+    pod: ObjectReference,
+    reason: &'static str,
+    note: String,
+}
+
+/// Where the controller drops its events.
+#[derive(Clone)]
+pub struct EventSink {
+    tx: mpsc::Sender<Notice>,
+}
+
+impl EventSink {
+    /// Starts the publishing task; `instance` names this agent (the node).
+    pub fn start(client: Client, instance: String) -> (Self, JoinHandle<()>) {
+        let recorder = Recorder::new(
+            client,
+            Reporter {
+                controller: CONTROLLER.into(),
+                instance: Some(instance),
+            },
+        );
+        let (tx, mut rx) = mpsc::channel::<Notice>(QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(notice) = rx.recv().await {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: notice.reason.into(),
+                    note: Some(notice.note),
+                    action: "Intercept".into(),
+                    secondary: None,
+                };
+                match recorder.publish(&event, &notice.pod).await {
+                    Ok(()) => {
+                        debug!(pod = ?notice.pod.name, reason = notice.reason, "event posted")
+                    }
+                    Err(err) => warn!(
+                        pod = ?notice.pod.name,
+                        reason = notice.reason,
+                        %err,
+                        "could not post a Kubernetes event"
+                    ),
+                }
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    /// Posts a Warning event on `pod`.
+    pub fn warn(&self, pod: &Pod, reason: &'static str, note: &str) {
+        let mut note = note.to_owned();
+        if note.len() > NOTE_MAX {
+            let mut end = NOTE_MAX - 3;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push_str("...");
+        }
+        let notice = Notice {
+            pod: pod.object_ref(&()),
+            reason,
+            note,
+        };
+        if self.tx.try_send(notice).is_err() {
+            warn!(reason, "too many Kubernetes events queued; dropping one");
+        }
+    }
+}
