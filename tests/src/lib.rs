@@ -23,6 +23,8 @@ use std::{
 use interceptor::lab::{Lab, LabPod, Managed};
 use serde_json::Value;
 
+pub mod fake_api;
+pub mod kube;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +64,8 @@ pub struct Harness {
     pub lab: Lab,
     agents: Vec<Managed>,
     sidecars: Vec<Managed>,
+    /// Other processes started in pods (stopped before the lab goes).
+    processes: Vec<Managed>,
 }
 
 impl Harness {
@@ -80,6 +84,7 @@ impl Harness {
             lab,
             agents: Vec::new(),
             sidecars: Vec::new(),
+            processes: Vec::new(),
         }
     }
 
@@ -205,6 +210,37 @@ impl Harness {
         self.sidecars.push(proxy);
     }
 
+    /// Starts a long-lived process in the pod (its network namespace and cgroup), stopped when
+    /// the harness goes; returns its pid.
+    pub fn keep_running(&mut self, pod: &LabPod) -> u32 {
+        let child = pod
+            .spawn(Command::new("sleep").arg("3600").stdout(Stdio::null()))
+            .expect("spawning a pod process");
+        let process = Managed::new(format!("{} process", pod.name), child);
+        let pid = process.pid().expect("pid");
+        self.processes.push(process);
+        pid
+    }
+
+    /// Stops the pod processes started by [`Harness::keep_running`] and [`Harness::sidecar`]
+    /// in `pod` (a pod's containers exiting).
+    pub fn stop_processes_of(&mut self, pod: &LabPod) {
+        let own = |m: &Managed| m.name.starts_with(&format!("{} ", pod.name));
+        self.processes.retain(|m| !own(m));
+        self.sidecars.retain(|m| !own(m));
+    }
+
+    /// Starts an agent that learns its pods from the Kubernetes API at `kubeconfig`.
+    pub fn start_kube_agent(&mut self, kubeconfig: &Path, node: &str, extra: &[&str]) {
+        let kubeconfig = kubeconfig.to_str().expect("utf-8 path");
+        let args = [
+            &["--kube", "--kubeconfig", kubeconfig, "--node-name", node][..],
+            extra,
+        ]
+        .concat();
+        self.start_agent(&args);
+    }
+
     /// Waits until the pod's inbound listener is registered for steering.
     pub fn wait_inbound_ready(&self, pod: &LabPod) {
         wait_until(Duration::from_secs(20), || {
@@ -237,6 +273,7 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.sidecars.clear();
+        self.processes.clear();
         while let Some(mut agent) = self.agents.pop() {
             agent.stop(Duration::from_secs(20));
         }

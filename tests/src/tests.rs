@@ -6,6 +6,7 @@ mod host_safety;
 mod inbound;
 mod ipv6;
 mod isolation;
+mod kube;
 mod lifecycle;
 mod outbound;
 mod policy;

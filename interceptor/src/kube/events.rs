@@ -1,6 +1,11 @@
 //! Kubernetes Events on pods (`kubectl describe pod` shows them): why a pod the agent was asked
-//! to intercept is not. Published by kube-rs's `Recorder` (events.k8s.io/v1, repeated events
-//! become a series) from a task of their own, so the reconcile pass never waits on the API.
+//! to intercept is not. Published by kube-rs's `Recorder` (events.k8s.io/v1) from a task of its
+//! own, so the reconcile pass never waits on the API.
+//!
+//! The controller reports each distinct problem of a pod once. A `Recorder` folds events with
+//! the same pod, reason and action into a series that keeps the *first* note, which would hide
+//! a second, different problem (another bad annotation); so each problem gets a fresh
+//! `Recorder` and its own Event.
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
@@ -40,16 +45,14 @@ pub struct EventSink {
 impl EventSink {
     /// Starts the publishing task; `instance` names this agent (the node).
     pub fn start(client: Client, instance: String) -> (Self, JoinHandle<()>) {
-        let recorder = Recorder::new(
-            client,
-            Reporter {
-                controller: CONTROLLER.into(),
-                instance: Some(instance),
-            },
-        );
+        let reporter = Reporter {
+            controller: CONTROLLER.into(),
+            instance: Some(instance),
+        };
         let (tx, mut rx) = mpsc::channel::<Notice>(QUEUE);
         let task = tokio::spawn(async move {
             while let Some(notice) = rx.recv().await {
+                let recorder = Recorder::new(client.clone(), reporter.clone());
                 let event = Event {
                     type_: EventType::Warning,
                     reason: notice.reason.into(),

@@ -1,0 +1,567 @@
+//! `interceptor agent --kube` against the in-process fake API server (real list/watch wire
+//! protocol): pods whose UIDs map to real network namespaces and cgroups made here, Istio's
+//! annotations, bad values, re-lists, API and agent restarts, pod sandbox restarts, IP reuse —
+//! each checked with real traffic through the interception.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use interceptor::{
+    kube::annotations::{
+        EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IP_RANGES, EXCLUDE_OUTBOUND_PORTS,
+        INCLUDE_INBOUND_PORTS, INCLUDE_OUTBOUND_IP_RANGES, INCLUDE_OUTBOUND_PORTS, INJECT,
+        INTERCEPTION_MODE, MODE, NAMESPACE_INJECTION, STATUS,
+    },
+    lab::LabPod,
+};
+use serde_json::Value;
+
+use crate::{
+    EchoServer, Harness, connect_from, echo_round_trip,
+    fake_api::Kind,
+    ip4,
+    kube::{
+        Driver, KubeEnv, kubelet_cgroup, namespace_object, new_uid, pod_object, set_annotations,
+    },
+    wait_until,
+};
+
+const NS: &str = "shop";
+const WAIT: Duration = Duration::from_secs(30);
+const PROXY: &[&str] = &["app", "istio-proxy"];
+
+fn entry(h: &Harness, name: &str) -> Option<Value> {
+    h.status()["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == format!("{NS}/{name}").as_str())
+        .cloned()
+}
+
+fn kube_entries(h: &Harness) -> Vec<String> {
+    h.status()["pods"]
+        .as_array()
+        .map(|pods| {
+            pods.iter()
+                .filter(|p| p["source"] == "kubernetes")
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_entry(h: &Harness, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let mut found = None;
+    wait_until(WAIT, || {
+        found = entry(h, name).filter(|e| ok(e));
+        found.is_some()
+    });
+    found.expect("entry")
+}
+
+fn wait_gone(h: &Harness, name: &str) {
+    wait_until(WAIT, || entry(h, name).is_none());
+}
+
+/// Connects from `from` and asserts the connection went to the sidecar's 15001.
+fn through_sidecar(from: &LabPod, echo: &EchoServer) {
+    let s = connect_from(from, echo.addr).expect("connect");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        SocketAddr::from(([127, 0, 0, 1], 15001)),
+        "should go through the sidecar"
+    );
+    assert_eq!(echo_round_trip(s, b"via").expect("echo"), b"via");
+}
+
+/// Connects from `from` and asserts the connection went straight to the server.
+fn direct(from: &LabPod, echo: &EchoServer) {
+    let s = connect_from(from, echo.addr).expect("connect");
+    assert_eq!(s.peer_addr().expect("peer"), echo.addr, "should go direct");
+    assert_eq!(echo_round_trip(s, b"direct").expect("echo"), b"direct");
+}
+
+/// A lab pod registered in the fake API under a fresh UID, with a process in its kubelet-style
+/// cgroup and (when `sidecar`) the proxy running in it.
+fn meshed_pod(
+    h: &mut Harness,
+    env: &KubeEnv,
+    name: &str,
+    annotations: &[(&str, &str)],
+    containers: &[&str],
+    sidecar: bool,
+) -> (LabPod, String) {
+    let lab_pod = h.pod(name);
+    let uid = new_uid();
+    let pod = kubelet_cgroup(&lab_pod, &uid, Driver::Systemd);
+    h.keep_running(&pod);
+    if sidecar {
+        h.sidecar(&pod);
+    }
+    env.api.apply(
+        Kind::Pod,
+        pod_object(NS, name, &uid, &env.node, pod.ip, annotations, containers),
+    );
+    (pod, uid)
+}
+
+fn warnings(env: &KubeEnv, pod: &str, reason: &str) -> Vec<Value> {
+    env.api
+        .events()
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == pod && e["reason"] == reason)
+        .collect()
+}
+
+#[test]
+fn api_pods_are_intercepted_before_and_after_agent_start_and_released_on_delete() {
+    let mut h = Harness::new("kpods");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    // Meshed before the agent starts.
+    let (client, _) = meshed_pod(&mut h, &env, "client", &[(STATUS, "{}")], PROXY, true);
+    // Not meshed: never touched.
+    let (bystander, _) = meshed_pod(&mut h, &env, "bystander", &[], &["app"], false);
+    // Meshed, with a process on this machine, but the API puts it on another node.
+    let other = h.pod("other");
+    let other_uid = new_uid();
+    let other_pod = kubelet_cgroup(&other, &other_uid, Driver::Systemd);
+    h.keep_running(&other_pod);
+    h.sidecar(&other_pod);
+    env.api.apply(
+        Kind::Pod,
+        pod_object(
+            NS,
+            "other",
+            &other_uid,
+            "another-node",
+            other.ip,
+            &[(STATUS, "{}")],
+            PROXY,
+        ),
+    );
+
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    // Ready means listed and applied: the pod is there without waiting.
+    let e = entry(&h, "client").expect("intercepted at ready");
+    assert_eq!(e["source"], "kubernetes");
+    assert_eq!(e["addresses"][0], client.ip.to_string());
+    assert_eq!(kube_entries(&h), vec![format!("{NS}/client")]);
+    let node_selector = format!("fieldSelector=spec.nodeName%3D{}", env.node);
+    assert!(
+        env.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/pods?") && r.contains(&node_selector)),
+        "the agent lists only its node's pods: {:?}",
+        env.api.requests()
+    );
+
+    let before = h.counters();
+    through_sidecar(&client, &echo);
+    direct(&bystander, &echo);
+    direct(&other_pod, &echo);
+    assert_eq!(h.counters().since(&before, "connect_redirected"), 1);
+
+    // A pod that asks for a sidecar, created while the agent runs.
+    let (late, _) = meshed_pod(&mut h, &env, "late", &[(INJECT, "true")], &["app"], true);
+    wait_entry(&h, "late", |_| true);
+    through_sidecar(&late, &echo);
+
+    // Deleted: its interception goes, the rest stays.
+    env.api.delete(Kind::Pod, NS, "client");
+    wait_gone(&h, "client");
+    direct(&client, &echo);
+    through_sidecar(&late, &echo);
+    assert_eq!(kube_entries(&h), vec![format!("{NS}/late")]);
+}
+
+#[test]
+fn outbound_annotations_apply_live() {
+    let mut h = Harness::new("kout");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let other = h.pod("other");
+    let e9000 = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let e9001 = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9001));
+    let other9001 = EchoServer::start(&other, SocketAddr::new(ip4(&other), 9001));
+    let other9443 = EchoServer::start(&other, SocketAddr::new(ip4(&other), 9443));
+    let other_cidr = format!("{}/32", other.ip);
+    let (client, _) = meshed_pod(
+        &mut h,
+        &env,
+        "client",
+        &[
+            (STATUS, "{}"),
+            (EXCLUDE_OUTBOUND_PORTS, "9000"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, &other_cidr),
+        ],
+        PROXY,
+        true,
+    );
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "client", |e| {
+        e["spec"]["exclude_outbound_ports"] == serde_json::json!([9000])
+    });
+    let before = h.counters();
+    direct(&client, &e9000);
+    direct(&client, &other9001);
+    through_sidecar(&client, &e9001);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_skipped_port"), 1);
+    assert_eq!(after.since(&before, "connect_skipped_cidr"), 1);
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+
+    // Re-annotated: only the server's /32 is captured, plus port 9443 anywhere.
+    let server_cidr = format!("{}/32", server.ip);
+    env.api.update(Kind::Pod, NS, "client", |p| {
+        set_annotations(
+            p,
+            &[
+                (EXCLUDE_OUTBOUND_PORTS, None),
+                (EXCLUDE_OUTBOUND_IP_RANGES, None),
+                (INCLUDE_OUTBOUND_IP_RANGES, Some(&server_cidr)),
+                (INCLUDE_OUTBOUND_PORTS, Some("9443")),
+            ],
+        );
+    });
+    wait_entry(&h, "client", |e| {
+        e["spec"]["include_outbound_ports"] == serde_json::json!([9443])
+    });
+    let before = h.counters();
+    through_sidecar(&client, &e9000);
+    direct(&client, &other9001);
+    through_sidecar(&client, &other9443);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_redirected"), 2);
+    assert_eq!(after.since(&before, "connect_skipped_not_included"), 1);
+}
+
+#[test]
+fn inbound_annotations_apply_live() {
+    let mut h = Harness::new("kin");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let client = h.pod("client");
+    let (server, _) = meshed_pod(
+        &mut h,
+        &env,
+        "server",
+        &[(STATUS, "{}"), (EXCLUDE_INBOUND_PORTS, "9000")],
+        PROXY,
+        true,
+    );
+    let e9000 = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let e9001 = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9001));
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "server", |e| e["inbound_ready"] == true);
+    let passthrough = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+    let send = |echo: &EchoServer| {
+        let s = connect_from(&client, echo.addr).expect("connect");
+        assert_eq!(echo_round_trip(s, b"in").expect("echo"), b"in");
+        echo.seen().last().expect("seen").peer.ip()
+    };
+    assert_eq!(send(&e9000), ip4(&client), "excluded port: direct");
+    assert_eq!(send(&e9001), passthrough, "captured by the sidecar");
+
+    // includeInboundPorts as a list: only 9000 is captured now.
+    env.api.update(Kind::Pod, NS, "server", |p| {
+        set_annotations(
+            p,
+            &[
+                (EXCLUDE_INBOUND_PORTS, None),
+                (INCLUDE_INBOUND_PORTS, Some("9000")),
+            ],
+        );
+    });
+    wait_entry(&h, "server", |e| {
+        e["spec"]["include_inbound_ports"] == serde_json::json!({"list": [9000]})
+    });
+    assert_eq!(send(&e9001), ip4(&client), "9001 no longer listed");
+    assert_eq!(send(&e9000), passthrough, "9000 listed");
+
+    // Empty: inbound capture off, outbound still on.
+    env.api.update(Kind::Pod, NS, "server", |p| {
+        set_annotations(p, &[(INCLUDE_INBOUND_PORTS, Some(""))]);
+    });
+    wait_entry(&h, "server", |e| {
+        e["inbound"] == false && e["outbound"] == true
+    });
+    assert_eq!(send(&e9000), ip4(&client));
+}
+
+#[test]
+fn modes_and_injection_policy_decide_interception() {
+    let mut h = Harness::new("kmode");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let (pod, _) = meshed_pod(&mut h, &env, "app", &[(STATUS, "{}")], PROXY, true);
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "app", |_| true);
+    through_sidecar(&pod, &echo);
+
+    let set = |k: &'static str, v: Option<&'static str>| {
+        env.api
+            .update(Kind::Pod, NS, "app", |p| set_annotations(p, &[(k, v)]));
+    };
+    set(INTERCEPTION_MODE, Some("NONE"));
+    wait_gone(&h, "app");
+    direct(&pod, &echo);
+    set(INTERCEPTION_MODE, Some("REDIRECT"));
+    wait_entry(&h, "app", |_| true);
+    through_sidecar(&pod, &echo);
+    // Ours wins over Istio's: off, then ebpf even with NONE.
+    set(MODE, Some("off"));
+    wait_gone(&h, "app");
+    direct(&pod, &echo);
+    set(INTERCEPTION_MODE, Some("NONE"));
+    set(MODE, Some("ebpf"));
+    wait_entry(&h, "app", |_| true);
+    through_sidecar(&pod, &echo);
+    // iptables mode is refused by this build: an event, and the pod left alone.
+    set(MODE, Some("iptables"));
+    wait_gone(&h, "app");
+    wait_until(WAIT, || {
+        !warnings(&env, "app", "IptablesModeUnavailable").is_empty()
+    });
+    direct(&pod, &echo);
+
+    // A namespace asking for injection does not capture a pod that has no sidecar (its traffic
+    // would go to a proxy that does not exist): an event says so.
+    env.api.apply(
+        Kind::Namespace,
+        namespace_object(NS, &[(NAMESPACE_INJECTION, "enabled")]),
+    );
+    let (bare, _) = meshed_pod(&mut h, &env, "bare", &[], &["app"], false);
+    wait_until(WAIT, || {
+        !warnings(&env, "bare", "SidecarMissing").is_empty()
+    });
+    assert!(entry(&h, "bare").is_none());
+    direct(&bare, &echo);
+    // …while one the injector handled is captured.
+    let (injected, _) = meshed_pod(&mut h, &env, "injected", &[(STATUS, "{}")], PROXY, true);
+    wait_entry(&h, "injected", |_| true);
+    through_sidecar(&injected, &echo);
+}
+
+#[test]
+fn bad_values_post_an_event_and_leave_the_pod_unintercepted() {
+    let mut h = Harness::new("kbad");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let (pod, _) = meshed_pod(&mut h, &env, "app", &[(STATUS, "{}")], PROXY, true);
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "app", |_| true);
+
+    let bad = [
+        (INCLUDE_INBOUND_PORTS, "80,*"),
+        (EXCLUDE_INBOUND_PORTS, "http"),
+        (INCLUDE_OUTBOUND_PORTS, "70000"),
+        (EXCLUDE_OUTBOUND_PORTS, "*"),
+        (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33"),
+        (EXCLUDE_OUTBOUND_IP_RANGES, "not-a-cidr"),
+        (INTERCEPTION_MODE, "BPF"),
+        (MODE, "turbo"),
+    ];
+    for (i, (annotation, value)) in bad.into_iter().enumerate() {
+        env.api.update(Kind::Pod, NS, "app", |p| {
+            set_annotations(p, &[(annotation, Some(value))]);
+        });
+        wait_until(WAIT, || {
+            warnings(&env, "app", "InvalidInterceptionAnnotation").len() > i
+        });
+        let events = warnings(&env, "app", "InvalidInterceptionAnnotation");
+        let note = events[i]["note"].as_str().expect("note");
+        assert!(
+            note.contains(annotation) && note.contains(value),
+            "event names annotation and value: {note}"
+        );
+        assert_eq!(events[i]["type"], "Warning");
+        assert_eq!(events[i]["regarding"]["kind"], "Pod");
+        assert_eq!(events[i]["regarding"]["namespace"], NS);
+        // Never half-configured: the pod is not intercepted at all.
+        wait_gone(&h, "app");
+        direct(&pod, &echo);
+        // Fixed: intercepted again.
+        env.api.update(Kind::Pod, NS, "app", |p| {
+            set_annotations(p, &[(annotation, None)]);
+        });
+        wait_entry(&h, "app", |_| true);
+        through_sidecar(&pod, &echo);
+    }
+}
+
+#[test]
+fn relists_after_watch_expiry_and_api_restarts_converge() {
+    let mut h = Harness::new("krelist");
+    let mut env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let (a, _) = meshed_pod(&mut h, &env, "a", &[(STATUS, "{}")], PROXY, true);
+    let (b, _) = meshed_pod(&mut h, &env, "b", &[(STATUS, "{}")], PROXY, true);
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "a", |_| true);
+    wait_entry(&h, "b", |_| true);
+    let lists = env.api.lists("Pod");
+
+    // The watch expires while `a` is deleted and `b` re-annotated: only a re-list tells.
+    env.api.expire_watches(|c| {
+        c.delete(Kind::Pod, NS, "a");
+        c.update(Kind::Pod, NS, "b", |p| {
+            set_annotations(p, &[(EXCLUDE_OUTBOUND_PORTS, Some("9000"))]);
+        });
+    });
+    wait_gone(&h, "a");
+    wait_entry(&h, "b", |e| {
+        e["spec"]["exclude_outbound_ports"] == serde_json::json!([9000])
+    });
+    assert!(env.api.lists("Pod") > lists, "re-listed after 410 Gone");
+    direct(&a, &echo);
+    direct(&b, &echo);
+
+    // The API server goes away for a while; `b` is deleted meanwhile. The agent keeps the
+    // datapath running, reconnects with backoff, and converges.
+    let watches = env.api.watches();
+    env.api.restart(Duration::from_secs(2), |c| {
+        c.delete(Kind::Pod, NS, "b");
+    });
+    wait_gone(&h, "b");
+    assert!(
+        env.api.watches() > watches,
+        "watching again after the restart"
+    );
+    let (c, _) = meshed_pod(&mut h, &env, "c", &[(STATUS, "{}")], PROXY, true);
+    wait_entry(&h, "c", |_| true);
+    through_sidecar(&c, &echo);
+}
+
+#[test]
+fn agent_restart_collects_pods_deleted_meanwhile_and_takes_over_reused_ips() {
+    let mut h = Harness::new("krestart");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let (stays, _) = meshed_pod(&mut h, &env, "stays", &[(STATUS, "{}")], PROXY, true);
+    let (goes, _) = meshed_pod(&mut h, &env, "goes", &[(STATUS, "{}")], PROXY, true);
+    h.start_kube_agent(&env.kubeconfig, &env.node, &["--keep-pinned"]);
+    wait_entry(&h, "stays", |_| true);
+    wait_entry(&h, "goes", |_| true);
+    assert!(h.stop_agent());
+
+    // No agent: interception goes on from the pins.
+    through_sidecar(&stays, &echo);
+    // Meanwhile `goes` is deleted (containers stopped, sandbox removed) and a new pod gets its
+    // IP (an IP the registry still lists for `goes`).
+    let reused = goes.ip;
+    env.api.delete(Kind::Pod, NS, "goes");
+    h.stop_processes_of(&goes);
+    interceptor::lab::ip(&["netns", "del", &goes.netns]).expect("netns del");
+    let fresh = h.pod("fresh");
+    interceptor::lab::ip(&[
+        "-n",
+        &fresh.netns,
+        "addr",
+        "add",
+        &format!("{reused}/24"),
+        "dev",
+        "eth0",
+    ])
+    .expect("ip addr add");
+    let uid = new_uid();
+    let fresh = kubelet_cgroup(&fresh, &uid, Driver::Cgroupfs);
+    h.keep_running(&fresh);
+    h.sidecar(&fresh);
+    env.api.apply(
+        Kind::Pod,
+        pod_object(
+            NS,
+            "fresh",
+            &uid,
+            &env.node,
+            reused,
+            &[(STATUS, "{}")],
+            PROXY,
+        ),
+    );
+
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    assert!(entry(&h, "goes").is_none(), "collected at the first list");
+    let e = wait_entry(&h, "fresh", |_| true);
+    let addresses: Vec<String> = e["addresses"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    assert!(addresses.contains(&reused.to_string()), "{addresses:?}");
+    through_sidecar(&fresh, &echo);
+    through_sidecar(&stays, &echo);
+    let mut names = kube_entries(&h);
+    names.sort();
+    assert_eq!(names, vec![format!("{NS}/fresh"), format!("{NS}/stays")]);
+}
+
+#[test]
+fn sandbox_restart_and_pods_found_only_by_ip() {
+    let mut h = Harness::new("ksandbox");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let (first, uid) = meshed_pod(&mut h, &env, "web", &[(STATUS, "{}")], PROXY, true);
+    // A pod whose cgroup path does not carry its UID: found by its IP in exactly one netns.
+    let by_ip = h.pod("byip");
+    h.keep_running(&by_ip);
+    h.sidecar(&by_ip);
+    env.api.apply(
+        Kind::Pod,
+        pod_object(
+            NS,
+            "byip",
+            &new_uid(),
+            &env.node,
+            by_ip.ip,
+            &[(STATUS, "{}")],
+            PROXY,
+        ),
+    );
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "web", |_| true);
+    wait_entry(&h, "byip", |_| true);
+    through_sidecar(&by_ip, &echo);
+
+    // The sandbox dies and kubelet makes a new one: same pod UID, new network namespace, new IP.
+    h.stop_processes_of(&first);
+    interceptor::lab::ip(&["netns", "del", &first.netns]).expect("netns del");
+    let second = h.pod("web2");
+    let second = kubelet_cgroup(&second, &uid, Driver::Cgroupfs);
+    h.keep_running(&second);
+    h.sidecar(&second);
+    env.api.update(Kind::Pod, NS, "web", |p| {
+        p["status"]["podIP"] = second.ip.to_string().into();
+        p["status"]["podIPs"] = serde_json::json!([{"ip": second.ip.to_string()}]);
+    });
+    wait_entry(&h, "web", |e| {
+        e["addresses"][0] == second.ip.to_string().as_str()
+    });
+    through_sidecar(&second, &echo);
+    assert_eq!(
+        kube_entries(&h)
+            .iter()
+            .filter(|n| n.ends_with("/web"))
+            .count(),
+        1,
+        "one entry for the pod"
+    );
+}
