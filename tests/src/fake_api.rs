@@ -92,6 +92,11 @@ pub struct FakeApi {
 impl FakeApi {
     /// Starts on a free loopback port.
     pub fn start() -> Self {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts on `addr`.
+    pub fn start_on(addr: SocketAddr) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -104,7 +109,7 @@ impl FakeApi {
             }),
             changed: Notify::new(),
         });
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener = bind(addr);
         let addr = listener.local_addr().expect("fake API address");
         let stop = CancellationToken::new();
         rt.spawn(serve(listener, shared.clone(), stop.clone()));
@@ -118,13 +123,7 @@ impl FakeApi {
 
     /// Writes a kubeconfig pointing at this server.
     pub fn write_kubeconfig(&self, path: &Path) {
-        let config = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: \
-             http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: \
-             agent\ncurrent-context: fake\nusers:\n- name: agent\n  user:\n    token: {TOKEN}\n",
-            self.addr
-        );
-        std::fs::write(path, config).expect("writing kubeconfig");
+        write_kubeconfig(path, self.addr);
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -276,6 +275,22 @@ impl Changes<'_> {
             object,
         });
     }
+}
+
+/// Writes a kubeconfig for a fake API at `addr` (which need not be up yet).
+pub fn write_kubeconfig(path: &Path, addr: SocketAddr) {
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: \
+         http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: \
+         agent\ncurrent-context: fake\nusers:\n- name: agent\n  user:\n    token: {TOKEN}\n"
+    );
+    std::fs::write(path, config).expect("writing kubeconfig");
+}
+
+/// A loopback address with a port free right now (for a server started later).
+pub fn free_loopback_addr() -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
 }
 
 fn bind(addr: SocketAddr) -> StdListener {

@@ -104,6 +104,15 @@ impl Harness {
 
     /// Starts an agent on this instance and waits until it is ready.
     pub fn start_agent(&mut self, args: &[&str]) -> &mut Managed {
+        let agent = self.spawn_agent(args);
+        agent
+            .wait_for_line("agent ready", Duration::from_secs(60))
+            .expect("agent ready");
+        agent
+    }
+
+    /// Starts an agent on this instance without waiting for it to be ready.
+    pub fn spawn_agent(&mut self, args: &[&str]) -> &mut Managed {
         let child = self
             .command()
             .args(["agent", "--reconcile-seconds", "0.2"])
@@ -112,12 +121,13 @@ impl Harness {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning the agent");
-        let mut agent = Managed::new("agent", child);
-        agent
-            .wait_for_line("agent ready", Duration::from_secs(60))
-            .expect("agent ready");
-        self.agents.push(agent);
+        self.agents.push(Managed::new("agent", child));
         self.agents.last_mut().expect("just pushed")
+    }
+
+    /// The most recently started agent.
+    pub fn agent_mut(&mut self) -> &mut Managed {
+        self.agents.last_mut().expect("an agent")
     }
 
     /// Stops the most recently started agent (SIGTERM) and returns whether it exited cleanly.

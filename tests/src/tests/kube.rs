@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::{
     EchoServer, Harness, connect_from, echo_round_trip,
-    fake_api::Kind,
+    fake_api::{self, FakeApi, Kind},
     ip4,
     kube::{
         Driver, KubeEnv, kubelet_cgroup, namespace_object, new_uid, pod_object, set_annotations,
@@ -178,6 +178,115 @@ fn api_pods_are_intercepted_before_and_after_agent_start_and_released_on_delete(
     direct(&client, &echo);
     through_sidecar(&late, &echo);
     assert_eq!(kube_entries(&h), vec![format!("{NS}/late")]);
+
+    // Uninstall (the DaemonSet's pod gets SIGTERM): nothing stays on the node.
+    assert!(h.stop_agent(), "agent exits cleanly");
+    assert!(!h.pin_root.exists(), "pins removed");
+    direct(&late, &echo);
+}
+
+#[test]
+fn not_ready_until_the_first_list_then_ready() {
+    let mut h = Harness::new("kready");
+    let api_addr = fake_api::free_loopback_addr();
+    let health = fake_api::free_loopback_addr();
+    let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", h.lab.name));
+    fake_api::write_kubeconfig(&kubeconfig, api_addr);
+    let node = format!("node-{}", h.lab.name);
+    let lab_pod = h.pod("app");
+    let uid = new_uid();
+    let pod = kubelet_cgroup(&lab_pod, &uid, Driver::Systemd);
+    h.keep_running(&pod);
+    h.sidecar(&pod);
+    let ready = || {
+        interceptor::testapp::http_get(health, "/healthz/ready", Duration::from_secs(2))
+            .map(|r| r.status)
+            .ok()
+    };
+    // The API server is not up: the agent runs, keeps retrying, and says it is not ready.
+    h.spawn_agent(&[
+        "--kube",
+        "--kubeconfig",
+        kubeconfig.to_str().expect("path"),
+        "--node-name",
+        &node,
+        "--health-addr",
+        &health.to_string(),
+    ]);
+    wait_until(WAIT, || ready() == Some(503));
+    assert!(h.status()["pods"].as_array().expect("pods").is_empty());
+
+    let api = FakeApi::start_on(api_addr);
+    api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    api.apply(
+        Kind::Pod,
+        pod_object(NS, "app", &uid, &node, pod.ip, &[(STATUS, "{}")], PROXY),
+    );
+    h.agent_mut()
+        .wait_for_line("agent ready", Duration::from_secs(60))
+        .expect("ready once the API answers");
+    assert_eq!(ready(), Some(200));
+    // Ready means the first list is applied: the pod is intercepted already.
+    assert!(entry(&h, "app").is_some());
+    let _ = std::fs::remove_file(&kubeconfig);
+}
+
+#[test]
+fn pods_in_the_nodes_network_namespace_are_never_intercepted() {
+    let mut h = Harness::new("khostnet");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    // A process in the node's own network namespace, in a kubelet-style cgroup, claimed by two
+    // pod objects: one honest (hostNetwork: true) and one that says it has its own network.
+    let base = h.pod("hostproc");
+    let uid = new_uid();
+    let cgroup = kubelet_cgroup(&base, &uid, Driver::Systemd)
+        .cgroup
+        .expect("cgroup");
+    let sleeper = interceptor::lab::Managed::new(
+        "host process",
+        std::process::Command::new("sleep")
+            .arg("3600")
+            .spawn()
+            .expect("sleep"),
+    );
+    let pid = sleeper.pid().expect("pid");
+    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).expect("cgroup.procs");
+    let mut honest = pod_object(
+        NS,
+        "hostnet",
+        &new_uid(),
+        &env.node,
+        base.ip,
+        &[(STATUS, "{}")],
+        PROXY,
+    );
+    honest["spec"]["hostNetwork"] = true.into();
+    env.api.apply(Kind::Pod, honest);
+    env.api.apply(
+        Kind::Pod,
+        pod_object(
+            NS,
+            "liar",
+            &uid,
+            &env.node,
+            base.ip,
+            &[(MODE, "ebpf")],
+            PROXY,
+        ),
+    );
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_until(WAIT, || {
+        !warnings(&env, "liar", "InterceptionFailed").is_empty()
+    });
+    let note = warnings(&env, "liar", "InterceptionFailed")[0]["note"]
+        .as_str()
+        .expect("note")
+        .to_owned();
+    assert!(note.contains("node's own network namespace"), "{note}");
+    assert!(kube_entries(&h).is_empty());
+    assert!(warnings(&env, "hostnet", "InterceptionFailed").is_empty());
+    drop(sleeper);
 }
 
 #[test]
