@@ -19,6 +19,8 @@ use tracing::{debug, warn};
 pub const CONTROLLER: &str = "interceptor.dev/agent";
 /// Events' notes are limited to 1 KiB by the API.
 const NOTE_MAX: usize = 1024;
+/// And `reportingInstance` to 128 characters (node names can be 253).
+const INSTANCE_MAX: usize = 128;
 /// Events waiting to be sent; past that, new ones are dropped (and logged) rather than queued.
 const QUEUE: usize = 256;
 
@@ -44,7 +46,8 @@ pub struct EventSink {
 
 impl EventSink {
     /// Starts the publishing task; `instance` names this agent (the node).
-    pub fn start(client: Client, instance: String) -> (Self, JoinHandle<()>) {
+    pub fn start(client: Client, mut instance: String) -> (Self, JoinHandle<()>) {
+        truncate(&mut instance, INSTANCE_MAX, "");
         let reporter = Reporter {
             controller: CONTROLLER.into(),
             instance: Some(instance),
@@ -79,14 +82,7 @@ impl EventSink {
     /// Posts a Warning event on `pod`.
     pub fn warn(&self, pod: &Pod, reason: &'static str, note: &str) {
         let mut note = note.to_owned();
-        if note.len() > NOTE_MAX {
-            let mut end = NOTE_MAX - 3;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-            note.push_str("...");
-        }
+        truncate(&mut note, NOTE_MAX, "...");
         let notice = Notice {
             pod: pod.object_ref(&()),
             reason,
@@ -95,5 +91,36 @@ impl EventSink {
         if self.tx.try_send(notice).is_err() {
             warn!(reason, "too many Kubernetes events queued; dropping one");
         }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes (on a character boundary), ending with `marker` if cut.
+fn truncate(s: &mut String, max: usize, marker: &str) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max - marker.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(marker);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_notes_and_instances_fit_the_api_limits() {
+        let mut note = "é".repeat(1000);
+        truncate(&mut note, NOTE_MAX, "...");
+        assert!(note.len() <= NOTE_MAX && note.ends_with("..."));
+        let mut instance = format!("interceptor-{}", "n".repeat(253));
+        truncate(&mut instance, INSTANCE_MAX, "");
+        assert_eq!(instance.len(), INSTANCE_MAX);
+        let mut short = "ok".to_owned();
+        truncate(&mut short, NOTE_MAX, "...");
+        assert_eq!(short, "ok");
     }
 }
