@@ -38,8 +38,9 @@ use self::{
 };
 use crate::{
     bpf::{Maps, Pins},
-    pods::{PodEntry, PodRef, PodSource, Registry, spec::PodSpec},
+    pods::{self, PodRef, PodSource, Registry, spec::PodSpec},
 };
+use interceptor_common::pod::SOURCE_KUBERNETES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -184,13 +185,7 @@ impl PodController {
                 return;
             }
         };
-        let mut entries = match registry.list() {
-            Ok(e) => e,
-            Err(err) => {
-                warn!(%err, "cannot read the pod registry");
-                return;
-            }
-        };
+        let mut entries = entries(&registry);
         let snapshot = self.watch.pods.state();
         let live: HashSet<String> = snapshot.iter().filter_map(|p| p.uid()).collect();
         self.pods.retain(|uid, state| {
@@ -232,9 +227,7 @@ impl PodController {
                     if ctx.ensure_ebpf(state, &spec, &mut registry, &entries, &mut index) {
                         debug!(pod = %name, ?because, "intercepted");
                         // The pass below must see this pod's current entry.
-                        if let Ok(e) = registry.list() {
-                            entries = e;
-                        }
+                        entries = self::entries(&registry);
                     }
                 }
                 Decision::Intercept {
@@ -298,7 +291,7 @@ impl PodController {
             .values()
             .filter_map(|s| s.applied.as_ref().map(|a| a.id))
             .collect();
-        for entry in entries.iter().filter(|e| e.source == "kubernetes") {
+        for entry in entries.iter().filter(|e| e.kubernetes) {
             let stale = !wanted.contains(&entry.name)
                 || (!current.contains(&entry.id)
                     && self
@@ -320,6 +313,26 @@ impl PodController {
     }
 }
 
+/// What the controller needs to know of a registry entry.
+struct Entry {
+    id: u32,
+    name: String,
+    kubernetes: bool,
+}
+
+/// The registry's entries, read cheaply (names only, not their rules): every pass reads them.
+fn entries(registry: &Registry<'_>) -> Vec<Entry> {
+    registry
+        .infos()
+        .into_iter()
+        .map(|(id, info)| Entry {
+            id,
+            name: pods::pod_name(&info),
+            kubernetes: info.source == SOURCE_KUBERNETES,
+        })
+        .collect()
+}
+
 struct Ctx<'a> {
     pod: &'a Pod,
     uid: &'a str,
@@ -335,7 +348,7 @@ impl Ctx<'_> {
         state: &mut PodState,
         spec: &PodSpec,
         registry: &mut Registry<'_>,
-        entries: &[PodEntry],
+        entries: &[Entry],
         index: &mut Option<ProcIndex>,
     ) -> bool {
         let entry = |id: u32| entries.iter().find(|e| e.id == id && e.name == state.name);

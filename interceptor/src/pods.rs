@@ -264,7 +264,8 @@ impl<'a> Registry<'a> {
         entry(self.maps, id)
     }
 
-    fn infos(&self) -> Vec<(u32, PodInfo)> {
+    /// Every enabled pod's id and identity record (cheap: one map walk, no rules read).
+    pub fn infos(&self) -> Vec<(u32, PodInfo)> {
         self.maps.pod_info.iter().filter_map(Result::ok).collect()
     }
 

@@ -674,3 +674,73 @@ fn sandbox_restart_and_pods_found_only_by_ip() {
         "one entry for the pod"
     );
 }
+
+/// CPU time (user + system, clock ticks) a process has used, from /proc/PID/stat.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn many_pods_are_all_intercepted_and_reported() {
+    const PODS: usize = 40;
+    let mut h = Harness::new("kscale");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let mut pods = Vec::new();
+    for i in 0..PODS {
+        let sidecar = i == 0;
+        let (pod, _) = meshed_pod(
+            &mut h,
+            &env,
+            &format!("p{i}"),
+            &[(STATUS, "{}")],
+            PROXY,
+            sidecar,
+        );
+        pods.push(pod);
+    }
+    let started = std::time::Instant::now();
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    let to_ready = started.elapsed();
+    // Ready means every listed pod is applied.
+    assert_eq!(kube_entries(&h).len(), PODS);
+    through_sidecar(&pods[0], &echo);
+
+    // Steady state: the controller's passes (5 a second here) over 40 pods.
+    let pid = h.agent_mut().pid().expect("agent pid");
+    let ticks = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let idle_ticks = cpu_ticks(pid) - ticks;
+
+    let uid = new_uid();
+    let late = kubelet_cgroup(&h.pod("late"), &uid, Driver::Systemd);
+    h.keep_running(&late);
+    h.sidecar(&late);
+    let applied = std::time::Instant::now();
+    env.api.apply(
+        Kind::Pod,
+        pod_object(
+            NS,
+            "late",
+            &uid,
+            &env.node,
+            late.ip,
+            &[(STATUS, "{}")],
+            PROXY,
+        ),
+    );
+    wait_entry(&h, "late", |_| true);
+    let to_intercept = applied.elapsed();
+    through_sidecar(&late, &echo);
+    eprintln!(
+        "kube scale: {PODS} pods, agent start to ready {to_ready:?}; idle CPU {idle_ticks} ticks \
+         in 5 s at 5 passes/s; new pod to intercepted {to_intercept:?} (status polled every \
+         50 ms)"
+    );
+}
