@@ -196,8 +196,9 @@ impl PodController {
             keep
         });
 
-        let mut index: Option<ProcIndex> = None;
-        let mut wanted: HashSet<String> = HashSet::new();
+        // Decide every pod first: entries nobody wants go before any pod is enabled, so a new
+        // pod can take over an address a deleted one still holds (IP reuse).
+        let mut decided = Vec::with_capacity(snapshot.len());
         for pod in &snapshot {
             let (Some(uid), Some(namespace)) = (pod.uid(), pod.namespace()) else {
                 continue;
@@ -208,23 +209,51 @@ impl PodController {
                 continue;
             }
             let name = registry_name(&namespace, &pod.name_any());
-            let state = self.pods.entry(uid.clone()).or_default();
-            state.name.clone_from(&name);
             let decision = annotations::decide(pod, self.watch.namespace(&namespace).as_deref());
+            decided.push((pod, uid, name, decision));
+        }
+        let wanted: HashSet<&str> = decided
+            .iter()
+            .filter(|(.., d)| {
+                matches!(
+                    d,
+                    Decision::Intercept {
+                        mode: Mode::Ebpf,
+                        ..
+                    }
+                )
+            })
+            .map(|(_, _, name, _)| name.as_str())
+            .collect();
+        // Deleted pods, pods turned off or made invalid, pods deleted while no agent (or no
+        // watch) ran.
+        let unwanted: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| e.kubernetes && !wanted.contains(e.name.as_str()))
+            .collect();
+        for entry in unwanted {
+            remove(&mut registry, entry);
+        }
+        entries = self::entries(&registry);
+
+        let mut index: Option<ProcIndex> = None;
+        for (pod, uid, name, decision) in &decided {
+            let pod: &Pod = pod;
+            let state = self.pods.entry(uid.clone()).or_default();
+            state.name.clone_from(name);
             match decision {
                 Decision::Intercept {
                     mode: Mode::Ebpf,
                     spec,
                     because,
                 } => {
-                    wanted.insert(name.clone());
                     let ctx = Ctx {
                         pod,
-                        uid: &uid,
+                        uid,
                         proc_root: &self.proc_root,
                         events: &self.events,
                     };
-                    if ctx.ensure_ebpf(state, &spec, &mut registry, &entries, &mut index) {
+                    if ctx.ensure_ebpf(state, spec, &mut registry, &entries, &mut index) {
                         debug!(pod = %name, ?because, "intercepted");
                         // The pass below must see this pod's current entry.
                         entries = self::entries(&registry);
@@ -236,7 +265,7 @@ impl PodController {
                     ..
                 } => {
                     state.applied = None;
-                    if let Err(problem) = apply_iptables(pod, &spec) {
+                    if let Err(problem) = apply_iptables(pod, spec) {
                         report(
                             &self.events,
                             pod,
@@ -283,26 +312,25 @@ impl PodController {
             }
         }
 
-        // Anything the agent manages that no pod wants: deleted pods, pods turned off or made
-        // invalid, pods deleted while no agent (or no watch) ran, and stale duplicates of a pod
-        // whose sandbox was recreated.
+        // Stale duplicates: an older entry under the name of a pod now applied elsewhere (its
+        // sandbox was recreated while no agent ran).
         let current: HashSet<u32> = self
             .pods
             .values()
             .filter_map(|s| s.applied.as_ref().map(|a| a.id))
             .collect();
-        for entry in entries.iter().filter(|e| e.kubernetes) {
-            let stale = !wanted.contains(&entry.name)
-                || (!current.contains(&entry.id)
-                    && self
-                        .pods
-                        .values()
-                        .any(|s| s.name == entry.name && s.applied.is_some()));
-            if stale {
-                match registry.disable(&PodRef::Id(entry.id)) {
-                    Ok(_) => info!(pod = %entry.name, id = entry.id, "interception removed"),
-                    Err(err) => warn!(pod = %entry.name, %err, "removing interception"),
-                }
+        let applied_names: HashSet<&str> = self
+            .pods
+            .values()
+            .filter(|s| s.applied.is_some())
+            .map(|s| s.name.as_str())
+            .collect();
+        for entry in &entries {
+            if entry.kubernetes
+                && !current.contains(&entry.id)
+                && applied_names.contains(entry.name.as_str())
+            {
+                remove(&mut registry, entry);
             }
         }
     }
@@ -310,6 +338,13 @@ impl PodController {
     /// Pods the controller currently intercepts (for logs and tests).
     pub fn intercepted(&self) -> usize {
         self.pods.values().filter(|s| s.applied.is_some()).count()
+    }
+}
+
+fn remove(registry: &mut Registry<'_>, entry: &Entry) {
+    match registry.disable(&PodRef::Id(entry.id)) {
+        Ok(_) => info!(pod = %entry.name, id = entry.id, "interception removed"),
+        Err(err) => warn!(pod = %entry.name, %err, "removing interception"),
     }
 }
 

@@ -744,3 +744,57 @@ fn many_pods_are_all_intercepted_and_reported() {
          50 ms)"
     );
 }
+
+#[test]
+fn a_new_pod_takes_over_an_ip_whose_old_pod_is_deleted_but_lingers() {
+    let mut h = Harness::new("kreuse");
+    let env = KubeEnv::new(&h);
+    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+    let server = h.pod("server");
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let (old, _) = meshed_pod(&mut h, &env, "old", &[(STATUS, "{}")], PROXY, true);
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "old", |_| true);
+
+    // The new pod's sandbox gets the old pod's IP while the old sandbox still exists (its
+    // teardown lags), and the agent learns both changes in one re-list.
+    let reused = old.ip;
+    let uid = new_uid();
+    let new = kubelet_cgroup(&h.pod("new"), &uid, Driver::Systemd);
+    interceptor::lab::ip(&[
+        "-n",
+        &new.netns,
+        "addr",
+        "add",
+        &format!("{reused}/32"),
+        "dev",
+        "eth0",
+    ])
+    .expect("ip addr add");
+    h.keep_running(&new);
+    h.sidecar(&new);
+    env.api.expire_watches(|c| {
+        c.delete(Kind::Pod, NS, "old");
+        c.apply(
+            Kind::Pod,
+            pod_object(NS, "new", &uid, &env.node, reused, &[(STATUS, "{}")], PROXY),
+        );
+    });
+    let e = wait_entry(&h, "new", |_| true);
+    assert!(
+        e["addresses"]
+            .as_array()
+            .expect("addresses")
+            .iter()
+            .any(|a| a == reused.to_string().as_str()),
+        "{e}"
+    );
+    assert!(entry(&h, "old").is_none());
+    assert!(
+        warnings(&env, "new", "InterceptionFailed").is_empty(),
+        "taken over without a failed attempt: {:?}",
+        env.api.events()
+    );
+    through_sidecar(&new, &echo);
+    direct(&old, &echo);
+}
