@@ -334,11 +334,6 @@ impl PodController {
             }
         }
     }
-
-    /// Pods the controller currently intercepts (for logs and tests).
-    pub fn intercepted(&self) -> usize {
-        self.pods.values().filter(|s| s.applied.is_some()).count()
-    }
 }
 
 fn remove(registry: &mut Registry<'_>, entry: &Entry) {
