@@ -38,6 +38,7 @@ use self::{
 };
 use crate::{
     bpf::{Maps, Pins},
+    netns::Netns,
     pods::{self, PodRef, PodSource, Registry, spec::PodSpec},
 };
 use interceptor_common::pod::SOURCE_KUBERNETES;
@@ -115,10 +116,17 @@ pub fn registry_name(namespace: &str, name: &str) -> String {
     format!("{}{suffix}", &full[..end])
 }
 
-/// The one place `interceptor.dev/mode: iptables` goes. Until the iptables fallback is wired
-/// into the agent, it refuses (the pod stays un-intercepted, never half-configured).
-pub fn apply_iptables(_pod: &Pod, _spec: &PodSpec) -> Result<(), String> {
+/// `interceptor.dev/mode: iptables`, step one: write Istio's chains for `spec` inside the pod's
+/// network namespace. The controller locates the pod, calls this, and remembers what it applied;
+/// until the iptables fallback (`interceptor::iptables`) is wired in here it refuses, and the pod
+/// stays un-intercepted, never half-configured.
+pub fn apply_iptables(_netns: &Netns, _spec: &PodSpec) -> Result<(), String> {
     Err("iptables mode is not available in this agent build; the pod is left un-intercepted".into())
+}
+
+/// Step two: remove those chains when the pod leaves iptables mode (or goes).
+pub fn remove_iptables(_netns: &Netns) -> Result<(), String> {
+    Ok(())
 }
 
 /// What this agent applied for one pod.
@@ -134,7 +142,10 @@ struct Applied {
 #[derive(Debug, Default)]
 struct PodState {
     name: String,
+    /// eBPF interception applied (a registry entry).
     applied: Option<Applied>,
+    /// iptables chains applied in the pod's namespace (`id` unused).
+    iptables: Option<Applied>,
     /// The last problem reported (log + event), so each is reported once, not every pass.
     problem: Option<String>,
     /// Locating or enabling failed: when to try again, and how many times it failed.
@@ -188,10 +199,14 @@ impl PodController {
         let mut entries = entries(&registry);
         let snapshot = self.watch.pods.state();
         let live: HashSet<String> = snapshot.iter().filter_map(|p| p.uid()).collect();
+        let proc_root = self.proc_root.clone();
         self.pods.retain(|uid, state| {
             let keep = live.contains(uid);
-            if !keep && state.applied.is_some() {
-                info!(pod = %state.name, "pod deleted");
+            if !keep {
+                if state.applied.is_some() {
+                    info!(pod = %state.name, "pod deleted");
+                }
+                undo_iptables(&proc_root, state);
             }
             keep
         });
@@ -241,18 +256,27 @@ impl PodController {
             let pod: &Pod = pod;
             let state = self.pods.entry(uid.clone()).or_default();
             state.name.clone_from(name);
+            let ctx = Ctx {
+                pod,
+                uid,
+                proc_root: &self.proc_root,
+                events: &self.events,
+            };
+            if !matches!(
+                decision,
+                Decision::Intercept {
+                    mode: Mode::Iptables,
+                    ..
+                }
+            ) {
+                undo_iptables(&self.proc_root, state);
+            }
             match decision {
                 Decision::Intercept {
                     mode: Mode::Ebpf,
                     spec,
                     because,
                 } => {
-                    let ctx = Ctx {
-                        pod,
-                        uid,
-                        proc_root: &self.proc_root,
-                        events: &self.events,
-                    };
                     if ctx.ensure_ebpf(state, spec, &mut registry, &entries, &mut index) {
                         debug!(pod = %name, ?because, "intercepted");
                         // The pass below must see this pod's current entry.
@@ -264,16 +288,9 @@ impl PodController {
                     spec,
                     ..
                 } => {
+                    // Its eBPF entry, if any, went with the unwanted entries above.
                     state.applied = None;
-                    if let Err(problem) = apply_iptables(pod, spec) {
-                        report(
-                            &self.events,
-                            pod,
-                            state,
-                            reason::IPTABLES_UNAVAILABLE,
-                            problem,
-                        );
-                    }
+                    ctx.ensure_iptables(state, spec, &mut index);
                 }
                 Decision::Skip { reason } => {
                     if state.applied.take().is_some() {
@@ -389,35 +406,8 @@ impl Ctx<'_> {
         {
             return false;
         }
-        let version = self.pod.resource_version();
-        if let Some(at) = state.retry_at
-            && Instant::now() < at
-            && version == state.failed_version
-        {
+        let Some(located) = self.locate(state, index) else {
             return false;
-        }
-
-        let index = index.get_or_insert_with(|| ProcIndex::scan(self.proc_root));
-        let located = match index.locate(self.uid, &pod_ips(self.pod)) {
-            Ok(l) => l,
-            Err(err) => {
-                // Not running yet is the normal state of a starting pod: no event for that.
-                if matches!(err, resolve::Error::NotRunning { .. }) {
-                    debug!(pod = %state.name, %err, "pod not found on this node yet");
-                    self.failed(state);
-                } else {
-                    let problem = format!("cannot find the pod on this node: {err}");
-                    report(
-                        self.events,
-                        self.pod,
-                        state,
-                        reason::INTERCEPTION_FAILED,
-                        problem,
-                    );
-                    self.failed(state);
-                }
-                return false;
-            }
         };
         // The sandbox was recreated (new namespace): drop the old entry first so the new one
         // can take over its addresses.
@@ -470,6 +460,80 @@ impl Ctx<'_> {
         }
     }
 
+    /// Finds the pod on the node, unless a recent attempt failed and the pod did not change
+    /// since (backoff). Reports what is worth reporting.
+    fn locate(
+        &self,
+        state: &mut PodState,
+        index: &mut Option<ProcIndex>,
+    ) -> Option<resolve::Located> {
+        let version = self.pod.resource_version();
+        if let Some(at) = state.retry_at
+            && Instant::now() < at
+            && version == state.failed_version
+        {
+            return None;
+        }
+        let index = index.get_or_insert_with(|| ProcIndex::scan(self.proc_root));
+        match index.locate(self.uid, &pod_ips(self.pod)) {
+            Ok(located) => Some(located),
+            Err(err) => {
+                // Not running yet is the normal state of a starting pod: no event for that.
+                if matches!(err, resolve::Error::NotRunning { .. }) {
+                    debug!(pod = %state.name, %err, "pod not found on this node yet");
+                } else {
+                    let problem = format!("cannot find the pod on this node: {err}");
+                    report(
+                        self.events,
+                        self.pod,
+                        state,
+                        reason::INTERCEPTION_FAILED,
+                        problem,
+                    );
+                }
+                self.failed(state);
+                None
+            }
+        }
+    }
+
+    /// Makes sure Istio's iptables chains for `spec` are in the pod's current namespace.
+    fn ensure_iptables(&self, state: &mut PodState, spec: &PodSpec, index: &mut Option<ProcIndex>) {
+        if let Some(applied) = &state.iptables
+            && applied.spec == *spec
+            && resolve::still_in(self.proc_root, applied.pid, applied.netns)
+        {
+            return;
+        }
+        let Some(located) = self.locate(state, index) else {
+            return;
+        };
+        match apply_iptables(&located.netns, spec) {
+            Ok(()) => {
+                info!(pod = %state.name, pid = located.pid, "pod intercepted (iptables)");
+                state.iptables = Some(Applied {
+                    id: 0,
+                    pid: located.pid,
+                    netns: (located.netns.dev, located.netns.ino),
+                    spec: spec.clone(),
+                });
+                state.problem = None;
+                state.retry_at = None;
+                state.failures = 0;
+            }
+            Err(problem) => {
+                report(
+                    self.events,
+                    self.pod,
+                    state,
+                    reason::IPTABLES_UNAVAILABLE,
+                    problem,
+                );
+                self.failed(state);
+            }
+        }
+    }
+
     fn failed(&self, state: &mut PodState) {
         state.failures = state.failures.saturating_add(1);
         let delay = RETRY_FIRST
@@ -477,6 +541,25 @@ impl Ctx<'_> {
             .min(RETRY_MAX);
         state.retry_at = Some(Instant::now() + delay);
         state.failed_version = self.pod.resource_version();
+    }
+}
+
+/// Removes the iptables chains applied to a pod that no longer wants them (when its namespace
+/// still exists: a gone namespace took its rules with it).
+fn undo_iptables(proc_root: &Path, state: &mut PodState) {
+    let Some(applied) = state.iptables.take() else {
+        return;
+    };
+    if !resolve::still_in(proc_root, applied.pid, applied.netns) {
+        return;
+    }
+    let path = proc_root.join(applied.pid.to_string()).join("ns/net");
+    let result = Netns::open(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|netns| remove_iptables(&netns));
+    match result {
+        Ok(()) => info!(pod = %state.name, "iptables interception removed"),
+        Err(err) => warn!(pod = %state.name, %err, "removing iptables interception"),
     }
 }
 
@@ -544,7 +627,8 @@ mod tests {
 
     #[test]
     fn iptables_mode_refuses_until_wired() {
-        let err = apply_iptables(&Pod::default(), &PodSpec::default()).unwrap_err();
+        let netns = Netns::current().expect("own netns");
+        let err = apply_iptables(&netns, &PodSpec::default()).unwrap_err();
         assert!(err.contains("not available"), "{err}");
     }
 }
