@@ -538,6 +538,22 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
     direct(&a, &echo);
     direct(&b, &echo);
 
+    // A change neither watch is shown (a pod of another node): the watches only learn its
+    // version from BOOKMARK events, and must resume from it after the restart below.
+    let marker = env.api.apply(
+        Kind::Pod,
+        pod_object(
+            NS,
+            "elsewhere",
+            &new_uid(),
+            "another-node",
+            server.ip,
+            &[],
+            &["app"],
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
     // The API server goes away for a while; `b` is deleted meanwhile. The agent keeps the
     // datapath running, reconnects with backoff, and converges.
     let watches = env.api.watches();
@@ -549,6 +565,24 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
         env.api.watches() > watches,
         "watching again after the restart"
     );
+    for resource in ["pods", "namespaces"] {
+        let resumed_from: Vec<u64> = env
+            .api
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.starts_with(&format!("GET /api/v1/{resource}?")) && r.contains("watch=true")
+            })
+            .filter_map(|r| {
+                let v = r.split("resourceVersion=").nth(1)?;
+                v.split('&').next()?.parse().ok()
+            })
+            .collect();
+        assert!(
+            resumed_from.iter().any(|&rv| rv >= marker),
+            "{resource} watch resumed from a bookmarked version (>= {marker}): {resumed_from:?}"
+        );
+    }
     let (c, _) = meshed_pod(&mut h, &env, "c", &[(STATUS, "{}")], PROXY, true);
     wait_entry(&h, "c", |_| true);
     through_sidecar(&c, &echo);
