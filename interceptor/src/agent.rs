@@ -18,6 +18,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use interceptor_common::{event::Event, names};
 use nix::fcntl::{Flock, FlockArg};
+use prometheus_client::{encoding::text::encode, registry::Registry as MetricsRegistry};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::Notify,
@@ -28,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::{
     bpf::{self, Datapath, LoadOptions, Pins, features::Features},
     http_server,
-    kube::{KubeOptions, PodController},
+    kube::{KubeOptions, PodController, metrics::KubeMetrics},
     pods::Registry,
 };
 
@@ -200,8 +201,10 @@ pub fn running_agents(pins: &Pins) -> Vec<u32> {
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let ready = Arc::new(AtomicBool::new(false));
     let stop_health = CancellationToken::new();
+    let mut registry = MetricsRegistry::with_prefix("interceptor_agent");
+    let kube_metrics = KubeMetrics::new(&mut registry);
     if let Some(addr) = opts.health_addr {
-        serve_health(addr, ready.clone(), stop_health.clone()).await?;
+        serve_health(addr, ready.clone(), Arc::new(registry), stop_health.clone()).await?;
     }
     // Before touching the datapath: a bad kubeconfig fails the start, not the first pass.
     let client = match &opts.kube {
@@ -216,7 +219,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let mut controller = match (client, &opts.kube) {
         (Some(client), Some(k)) => {
             info!(node = %k.node_name, "watching this node's pods in the Kubernetes API");
-            Some(PodController::start(client, k))
+            Some(PodController::start(client, k, kube_metrics))
         }
         _ => None,
     };
@@ -303,11 +306,12 @@ async fn notified(notify: Option<&Notify>) {
     }
 }
 
-/// `/healthz/ready` (200 when ready, else 503) and `/healthz/live`, bound before anything else
-/// so a port conflict fails the start.
+/// `/healthz/ready` (200 when ready, else 503), `/healthz/live`, and Prometheus `/metrics`
+/// (also `/stats/prometheus`), bound before anything else so a port conflict fails the start.
 async fn serve_health(
     addr: SocketAddr,
     ready: Arc<AtomicBool>,
+    registry: Arc<MetricsRegistry>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -322,6 +326,20 @@ async fn serve_health(
             "not ready: datapath or first Kubernetes list pending\n",
         ),
         "/healthz/live" => http_server::text(http::StatusCode::OK, "live\n"),
+        "/metrics" | "/stats/prometheus" => {
+            let mut out = String::new();
+            let ready = u8::from(ready.load(Ordering::Relaxed));
+            out.push_str("# HELP interceptor_agent_ready Whether the agent is ready.\n");
+            out.push_str("# TYPE interceptor_agent_ready gauge\n");
+            out.push_str(&format!("interceptor_agent_ready {ready}\n"));
+            match encode(&mut out, &registry) {
+                Ok(()) => http_server::text(http::StatusCode::OK, out),
+                Err(_) => http_server::text(
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding metrics failed\n",
+                ),
+            }
+        }
         _ => http_server::text(http::StatusCode::NOT_FOUND, "not found\n"),
     });
     info!(%addr, "serving /healthz/ready");

@@ -12,6 +12,7 @@
 
 pub mod annotations;
 pub mod events;
+pub mod metrics;
 pub mod resolve;
 pub mod watch;
 
@@ -33,6 +34,7 @@ use tracing::{debug, info, warn};
 use self::{
     annotations::{Decision, Mode, SkipReason},
     events::{EventSink, reason},
+    metrics::{KubeMetrics, PodState as MetricState},
     resolve::{NsId, ProcIndex},
     watch::Watch,
 };
@@ -165,19 +167,25 @@ pub struct PodController {
     node: String,
     proc_root: PathBuf,
     pods: HashMap<String, PodState>,
+    metrics: KubeMetrics,
     _events_task: JoinHandle<()>,
 }
 
 impl PodController {
-    pub fn start(client: Client, opts: &KubeOptions) -> Self {
-        let watch = Watch::start(client.clone(), &opts.node_name);
-        let (events, task) = EventSink::start(client, format!("interceptor-{}", opts.node_name));
+    pub fn start(client: Client, opts: &KubeOptions, metrics: KubeMetrics) -> Self {
+        let watch = Watch::start(client.clone(), &opts.node_name, &metrics);
+        let (events, task) = EventSink::start(
+            client,
+            format!("interceptor-{}", opts.node_name),
+            metrics.clone(),
+        );
         Self {
             watch,
             events,
             node: opts.node_name.clone(),
             proc_root: opts.proc_root.clone(),
             pods: HashMap::new(),
+            metrics,
             _events_task: task,
         }
     }
@@ -252,6 +260,13 @@ impl PodController {
         entries = self::entries(&registry);
 
         let mut index: Option<ProcIndex> = None;
+        let mut counts = [
+            (MetricState::Ebpf, 0),
+            (MetricState::Iptables, 0),
+            (MetricState::Pending, 0),
+            (MetricState::Skipped, 0),
+            (MetricState::Invalid, 0),
+        ];
         for (pod, uid, name, decision) in &decided {
             let pod: &Pod = pod;
             let state = self.pods.entry(uid.clone()).or_default();
@@ -327,7 +342,23 @@ impl PodController {
                     );
                 }
             }
+            let counted = match decision {
+                Decision::Intercept {
+                    mode: Mode::Ebpf, ..
+                } if state.applied.is_some() => MetricState::Ebpf,
+                Decision::Intercept {
+                    mode: Mode::Iptables,
+                    ..
+                } if state.iptables.is_some() => MetricState::Iptables,
+                Decision::Intercept { .. } => MetricState::Pending,
+                Decision::Skip { .. } => MetricState::Skipped,
+                Decision::Invalid { .. } => MetricState::Invalid,
+            };
+            if let Some(c) = counts.iter_mut().find(|(s, _)| *s == counted) {
+                c.1 += 1;
+            }
         }
+        self.metrics.set_pods(&counts);
 
         // Stale duplicates: an older entry under the name of a pod now applied elsewhere (its
         // sandbox was recreated while no agent ran).

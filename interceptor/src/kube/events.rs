@@ -15,6 +15,8 @@ use kube::{
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, warn};
 
+use super::metrics::KubeMetrics;
+
 /// The `reportingController` of our events.
 pub const CONTROLLER: &str = "interceptor.dev/agent";
 /// Events' notes are limited to 1 KiB by the API.
@@ -46,7 +48,11 @@ pub struct EventSink {
 
 impl EventSink {
     /// Starts the publishing task; `instance` names this agent (the node).
-    pub fn start(client: Client, mut instance: String) -> (Self, JoinHandle<()>) {
+    pub fn start(
+        client: Client,
+        mut instance: String,
+        metrics: KubeMetrics,
+    ) -> (Self, JoinHandle<()>) {
         truncate(&mut instance, INSTANCE_MAX, "");
         let reporter = Reporter {
             controller: CONTROLLER.into(),
@@ -65,7 +71,8 @@ impl EventSink {
                 };
                 match recorder.publish(&event, &notice.pod).await {
                     Ok(()) => {
-                        debug!(pod = ?notice.pod.name, reason = notice.reason, "event posted")
+                        metrics.events.inc();
+                        debug!(pod = ?notice.pod.name, reason = notice.reason, "event posted");
                     }
                     Err(err) => warn!(
                         pod = ?notice.pod.name,

@@ -27,6 +27,8 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
+use super::metrics::{KubeMetrics, Resource as MetricResource};
+
 /// Counters of one resource's watch, for logs and status.
 #[derive(Debug, Default)]
 pub struct WatchStats {
@@ -50,13 +52,13 @@ pub struct Watch {
 
 impl Watch {
     /// Starts watching the pods of `node` and all namespaces.
-    pub fn start(client: Client, node: &str) -> Self {
+    pub fn start(client: Client, node: &str, metrics: &KubeMetrics) -> Self {
         let changed = Arc::new(Notify::new());
         let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let (pods, pod_stats, pod_task) = run(
             Api::<Pod>::all(client.clone()),
             pod_config,
-            "pods",
+            (MetricResource::Pods, metrics.clone()),
             changed.clone(),
             |pod: &mut Pod| {
                 pod.managed_fields_mut().clear();
@@ -72,7 +74,7 @@ impl Watch {
         let (namespaces, namespace_stats, ns_task) = run(
             Api::<Namespace>::all(client),
             watcher::Config::default(),
-            "namespaces",
+            (MetricResource::Namespaces, metrics.clone()),
             changed.clone(),
             |ns: &mut Namespace| {
                 ns.managed_fields_mut().clear();
@@ -117,7 +119,7 @@ impl Drop for Watch {
 fn run<K>(
     api: Api<K>,
     config: watcher::Config,
-    what: &'static str,
+    what: (MetricResource, KubeMetrics),
     changed: Arc<Notify>,
     prune: impl FnMut(&mut K) + Send + 'static,
 ) -> (Store<K>, Arc<WatchStats>, JoinHandle<()>)
@@ -142,15 +144,20 @@ where
 
 async fn drive<K: Resource>(
     stream: impl Stream<Item = watcher::Result<watcher::Event<K>>>,
-    what: &'static str,
+    (resource, metrics): (MetricResource, KubeMetrics),
     stats: Arc<WatchStats>,
     changed: Arc<Notify>,
 ) {
+    let what = match resource {
+        MetricResource::Pods => "pods",
+        MetricResource::Namespaces => "namespaces",
+    };
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
             Ok(watcher::Event::InitDone) => {
                 let lists = stats.lists.fetch_add(1, Ordering::Relaxed) + 1;
+                metrics.list(resource);
                 if !stats.synced.swap(true, Ordering::AcqRel) {
                     info!(what, "listed: watching for changes");
                 } else {
@@ -163,6 +170,7 @@ async fn drive<K: Resource>(
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => changed.notify_one(),
             Err(err) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                metrics.watch_error(resource);
                 // The backoff delays the retry; 410 Gone is the watcher's cue to re-list.
                 match &err {
                     watcher::Error::WatchError(status) if status.code == 410 => {

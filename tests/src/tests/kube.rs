@@ -213,7 +213,20 @@ fn not_ready_until_the_first_list_then_ready() {
         "--health-addr",
         &health.to_string(),
     ]);
-    wait_until(WAIT, || ready() == Some(503));
+    let pod_watch_errors = || {
+        let metrics =
+            interceptor::testapp::http_get(health, "/metrics", Duration::from_secs(2)).ok()?;
+        String::from_utf8_lossy(&metrics.body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("interceptor_agent_kube_watch_errors_total{resource=\"Pods\"} ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+    };
+    // Until it has tried the API and failed, this would test nothing.
+    wait_until(WAIT, || pod_watch_errors().is_some_and(|n| n >= 1));
+    assert_eq!(ready(), Some(503));
     assert!(h.status()["pods"].as_array().expect("pods").is_empty());
 
     let api = FakeApi::start_on(api_addr);
@@ -228,6 +241,16 @@ fn not_ready_until_the_first_list_then_ready() {
     assert_eq!(ready(), Some(200));
     // Ready means the first list is applied: the pod is intercepted already.
     assert!(entry(&h, "app").is_some());
+    let metrics = interceptor::testapp::http_get(health, "/metrics", Duration::from_secs(2))
+        .expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        "interceptor_agent_ready 1",
+        "interceptor_agent_kube_pods{state=\"Ebpf\"} 1",
+        "interceptor_agent_kube_lists_total{resource=\"Pods\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
     let _ = std::fs::remove_file(&kubeconfig);
 }
 
