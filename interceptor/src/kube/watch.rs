@@ -29,15 +29,13 @@ use tracing::{debug, info, warn};
 
 use super::metrics::{KubeMetrics, Resource as MetricResource};
 
-/// Counters of one resource's watch, for logs and status.
+/// One resource's watch state (its counters are in [`super::metrics`]).
 #[derive(Debug, Default)]
 pub struct WatchStats {
     /// Set at the first complete list.
     pub synced: AtomicBool,
     /// Complete lists (the first, and every re-list after an expiry or a restart).
     pub lists: AtomicU64,
-    /// Errors the watcher reported (each followed by a backoff).
-    pub errors: AtomicU64,
 }
 
 /// Both watches, their stores, and a wake-up for the controller.
@@ -169,7 +167,6 @@ async fn drive<K: Resource>(
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => changed.notify_one(),
             Err(err) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
                 metrics.watch_error(resource);
                 // The backoff delays the retry; 410 Gone is the watcher's cue to re-list.
                 match &err {
