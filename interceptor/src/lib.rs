@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cli;
 pub mod demo;
 pub mod http_server;
+pub mod iptables;
 pub mod lab;
 pub mod listeners;
 pub mod netns;
