@@ -78,9 +78,9 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
 
-    let suite = build_suite()?;
     let out_root = root.join("target/vm-test");
     fs::create_dir_all(&out_root).with_context(|| format!("creating {}", out_root.display()))?;
+    let suite = build_suite()?.snapshot(&out_root.join("bin"))?;
 
     let mut results = Vec::new();
     let mut failures = Vec::new();
@@ -171,6 +171,25 @@ fn select(which: &str) -> Result<Vec<Target>> {
 struct Suite {
     interceptor: PathBuf,
     tests: PathBuf,
+}
+
+impl Suite {
+    /// Copies both files aside, so rebuilding the workspace while the matrix runs cannot swap
+    /// them under a running guest.
+    fn snapshot(self, dir: &Path) -> Result<Suite> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let copy = |from: &Path, name: &str| -> Result<PathBuf> {
+            let to = dir.join(name);
+            let _ = fs::remove_file(&to);
+            fs::copy(from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            Ok(to)
+        };
+        Ok(Suite {
+            interceptor: copy(&self.interceptor, "interceptor")?,
+            tests: copy(&self.tests, "interceptor-e2e")?,
+        })
+    }
 }
 
 fn build_suite() -> Result<Suite> {
