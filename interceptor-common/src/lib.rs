@@ -19,7 +19,7 @@ pub mod sockmap;
 
 /// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
 /// state written with another ABI instead of misreading it.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -67,7 +67,7 @@ mod layout_tests {
         assert_eq!(size_of::<Event>(), 4 + 4 + 8);
         assert_eq!(
             size_of::<PodInfo>(),
-            3 * 8 + 2 * 4 + crate::pod::POD_NAME_LEN
+            3 * 8 + 4 * 4 + crate::pod::POD_NAME_LEN
         );
     }
 }

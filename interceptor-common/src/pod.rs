@@ -81,6 +81,14 @@ pub const SOURCE_NETNS: u32 = 1;
 pub const SOURCE_PID: u32 = 2;
 pub const SOURCE_KUBERNETES: u32 = 3;
 
+/// Intercepted by the eBPF datapath (the pod has `POD_CONFIG` and `POD_IPS` entries).
+pub const MODE_EBPF: u32 = 0;
+/// Intercepted by istio-iptables' rules in its namespace: no datapath entry but this one.
+pub const MODE_IPTABLES: u32 = 1;
+
+pub const BACKEND_NFT: u32 = 1;
+pub const BACKEND_LEGACY: u32 = 2;
+
 /// Value of `POD_INFO` (keyed by pod id): what user space needs to list and find the pod again.
 /// The programs never read it; it is pinned with the rest so an agent restart loses nothing.
 #[repr(C)]
@@ -94,6 +102,10 @@ pub struct PodInfo {
     pub source: u32,
     /// Process the pod was enabled by (`--pid`), else 0.
     pub pid: u32,
+    /// `MODE_*`: how the pod is intercepted.
+    pub mode: u32,
+    /// `BACKEND_*` of an iptables-mode pod, else 0.
+    pub backend: u32,
     /// NUL-padded UTF-8: the netns name, `pid:N`, or `namespace/name` for Kubernetes pods.
     pub name: [u8; POD_NAME_LEN],
 }

@@ -285,6 +285,13 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     if opts.keep_pinned {
         info!(root = %pins.root().display(), "keeping the datapath pinned (--keep-pinned)");
     } else if membership.last_one() {
+        let mut maps = bpf::Maps::open(&pins)?;
+        match Registry::lock(&pins, &mut maps).and_then(|mut r| r.remove_all_iptables()) {
+            Ok(0) => {}
+            Ok(n) => info!(pods = n, "removed the iptables rules of iptables-mode pods"),
+            Err(err) => warn!(%err, "removing iptables-mode pods' rules"),
+        }
+        drop(maps);
         bpf::teardown(&pins)?;
     } else {
         info!("another agent still uses the datapath; leaving it attached");

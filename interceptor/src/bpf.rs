@@ -18,6 +18,14 @@ pub use pins::Pins;
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor.bpf.o"));
 
+/// How many kernel links (cgroup, netns attachments) point at program `id` right now.
+pub fn links_of(id: u32) -> usize {
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| l.program_id() == id)
+        .count()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(

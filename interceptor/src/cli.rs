@@ -1,4 +1,4 @@
-//! The command line: `interceptor agent | proxy | pod | status | demo`.
+//! The command line: `interceptor agent | proxy | pod | status | iptables | demo`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     bpf::pins::DEFAULT_ROOT,
+    iptables::BackendChoice,
     pods::spec::{self, PodSpec, SpecError},
 };
 
@@ -53,6 +54,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply or remove the iptables interception istio-iptables writes (fallback and baseline).
+    #[command(subcommand)]
+    Iptables(IptablesCommand),
     /// Build two pods on real network namespaces and show a request crossing both sidecars.
     Demo(DemoArgs),
     /// Small applications used by the demo, the tests and the benchmark.
@@ -198,8 +202,31 @@ pub struct PodSelector {
 pub struct PodEnableArgs {
     #[command(flatten)]
     pub target: PodTarget,
+    #[command(flatten)]
+    pub switches: Switches,
+    /// How to intercept: ebpf (the in-kernel datapath), iptables (istio-iptables' rules in the
+    /// pod's namespace), or auto (ebpf when this kernel can do all the pod asks, else iptables).
+    #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
+    pub mode: ModeArg,
+    /// iptables backend for --mode iptables: auto, nft or legacy.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Ebpf,
+    Iptables,
+    Auto,
+}
+
+/// Istio's per-pod interception switches, shared by `pod enable` and `iptables apply`.
+#[derive(Debug, Args)]
+pub struct Switches {
     /// Inbound ports to capture: "*" (default) or a list; "" turns inbound capture off.
-    #[arg(long, default_value = "*")]
+    #[arg(long, alias = "inbound-ports", default_value = "*")]
     pub include_inbound_ports: String,
     /// Inbound ports never captured (15090, 15021, 15020 always are).
     #[arg(long, default_value = "")]
@@ -228,11 +255,9 @@ pub struct PodEnableArgs {
     pub proxy_uid: u32,
     #[arg(long, default_value_t = 1337)]
     pub proxy_gid: u32,
-    #[arg(long)]
-    pub json: bool,
 }
 
-impl PodEnableArgs {
+impl Switches {
     pub fn spec(&self) -> Result<PodSpec, SpecError> {
         Ok(PodSpec {
             include_inbound_ports: spec::parse_port_selection(
@@ -265,6 +290,61 @@ impl PodEnableArgs {
             proxy_gid: self.proxy_gid,
         })
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IptablesCommand {
+    /// Write istio-iptables' chains into a network namespace (what Istio's init container does).
+    Apply(IptablesApplyArgs),
+    /// Remove exactly those chains (and the jumps into them) again.
+    Remove(IptablesRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IptablesApplyArgs {
+    #[command(flatten)]
+    pub target: NetnsTarget,
+    #[command(flatten)]
+    pub switches: Switches,
+    /// The proxy's outbound capture port.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// The proxy's inbound capture port.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// iptables backend: auto (the one the namespace already uses, else the system's), nft or
+    /// legacy.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Print the rules (iptables-save format) instead of applying them.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IptablesRemoveArgs {
+    #[command(flatten)]
+    pub target: NetnsTarget,
+    /// iptables backend: auto (the one holding the chains), nft or legacy.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A network namespace named by `ip netns` name or by a process in it; optional for
+/// `--dry-run`, which touches no namespace.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct NetnsTarget {
+    /// A network namespace made with `ip netns add`.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// A process inside the namespace.
+    #[arg(long)]
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -337,7 +337,7 @@ fn wait_inbound_ready(pins: &Pins, netns: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let maps = Maps::open(pins)?;
-        let ready = crate::pods::list(&maps)?
+        let ready = crate::pods::list(pins, &maps)?
             .iter()
             .any(|p| p.name == netns && p.inbound_ready);
         if ready {

@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod cli;
 pub mod demo;
 pub mod http_server;
+pub mod iptables;
 pub mod kube;
 pub mod lab;
 pub mod listeners;

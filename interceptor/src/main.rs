@@ -6,11 +6,11 @@ use interceptor::{
     agent::{self, AgentOptions},
     app::Bound,
     bpf::{LoadOptions, Maps, Pins},
-    cli::{self, Cli, Command, PodCommand, TestappCommand},
-    demo,
+    cli::{self, Cli, Command, IptablesCommand, ModeArg, NetnsTarget, PodCommand, TestappCommand},
+    demo, iptables,
     kube::KubeOptions,
     netns::Netns,
-    pods::{self, PodRef, PodSource, Registry},
+    pods::{self, Mode, PodRef, PodSource, Registry},
     privileges,
     proxy::ProxyConfig,
     signal, status, telemetry, testapp,
@@ -112,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Iptables(cmd) => iptables_command(cmd),
         Command::Demo(args) => {
             let color = std::io::stdout().is_terminal();
             runtime()?.block_on(demo::run(args, color))
@@ -130,21 +131,31 @@ fn pod(pins: &Pins, cmd: PodCommand) -> Result<()> {
     let mut maps = Maps::open(pins)?;
     match cmd {
         PodCommand::Enable(args) => {
-            let spec = args.spec()?;
+            let spec = args.switches.spec()?;
+            let mode = match args.mode {
+                ModeArg::Ebpf => Mode::Ebpf,
+                ModeArg::Iptables => Mode::Iptables(args.backend),
+                ModeArg::Auto => Mode::Auto(args.backend),
+            };
             let (netns, source) = match (&args.target.netns, args.target.pid) {
                 (Some(name), _) => (Netns::by_name(name)?, PodSource::Netns(name.clone())),
                 (None, Some(pid)) => (Netns::by_pid(pid)?, PodSource::Pid(pid)),
                 (None, None) => bail!("name the pod with --netns or --pid"),
             };
-            let entry = Registry::lock(pins, &mut maps)?.enable(&netns, &source, &spec)?;
+            let entry =
+                Registry::lock(pins, &mut maps)?.enable_with(&netns, &source, &spec, mode)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entry)?);
             } else {
                 let addrs: Vec<String> = entry.addresses.iter().map(ToString::to_string).collect();
                 println!(
-                    "enabled pod {} (id {}, {}): outbound {}, inbound {}",
+                    "enabled pod {} (id {}, {}, {}): outbound {}, inbound {}",
                     entry.name,
                     entry.id,
+                    match entry.backend {
+                        Some(b) => format!("iptables mode, {b} backend"),
+                        None => "ebpf mode".into(),
+                    },
                     if addrs.is_empty() {
                         "no address".into()
                     } else {
@@ -171,22 +182,23 @@ fn pod(pins: &Pins, cmd: PodCommand) -> Result<()> {
             println!("disabled pod {} (id {})", entry.name, entry.id);
         }
         PodCommand::List { json } => {
-            let pods = pods::list(&maps)?;
+            let pods = pods::list(pins, &maps)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pods)?);
             } else if pods.is_empty() {
                 println!("no pods enabled");
             } else {
                 println!(
-                    "{:>3}  {:<28} {:<34} {:<4} IN",
-                    "ID", "NAME", "ADDRESSES", "OUT"
+                    "{:>3}  {:<28} {:<9} {:<34} {:<4} IN",
+                    "ID", "NAME", "MODE", "ADDRESSES", "OUT"
                 );
                 for p in pods {
                     let addrs: Vec<String> = p.addresses.iter().map(ToString::to_string).collect();
                     println!(
-                        "{:>3}  {:<28} {:<34} {:<4} {}",
+                        "{:>3}  {:<28} {:<9} {:<34} {:<4} {}",
                         p.id,
                         p.name,
+                        p.mode,
                         addrs.join(","),
                         if p.outbound { "on" } else { "off" },
                         match (p.inbound, p.inbound_ready) {
@@ -196,6 +208,87 @@ fn pod(pins: &Pins, cmd: PodCommand) -> Result<()> {
                         }
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn netns_of(target: &NetnsTarget) -> Result<Netns> {
+    Ok(match (&target.netns, target.pid) {
+        (Some(name), _) => Netns::by_name(name)?,
+        (None, Some(pid)) => Netns::by_pid(pid)?,
+        (None, None) => bail!("name the network namespace with --netns or --pid"),
+    })
+}
+
+/// `interceptor iptables apply|remove`: istio-iptables' job, without the agent.
+fn iptables_command(cmd: IptablesCommand) -> Result<()> {
+    match cmd {
+        IptablesCommand::Apply(args) => {
+            let spec = args.switches.spec()?;
+            let settings = iptables::Settings {
+                outbound_port: args.outbound_port,
+                inbound_port: args.inbound_port,
+                ..iptables::Settings::default()
+            };
+            if args.dry_run {
+                for family in [iptables::Family::V4, iptables::Family::V6] {
+                    print!(
+                        "{}",
+                        iptables::RuleSet::new(&spec, &settings, family).save_format()
+                    );
+                }
+                return Ok(());
+            }
+            if !nix::unistd::geteuid().is_root() {
+                bail!("writing iptables rules into a network namespace needs root");
+            }
+            let netns = netns_of(&args.target)?;
+            let backend = iptables::resolve(&netns, args.backend);
+            let applied = iptables::apply(&netns, &spec, &settings, backend)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&applied)?);
+            } else {
+                println!(
+                    "applied {} rules in {} ({} backend, {})",
+                    applied.rules,
+                    netns.path().display(),
+                    applied.backend,
+                    applied
+                        .families
+                        .iter()
+                        .map(|f| match f {
+                            iptables::Family::V4 => "iptables",
+                            iptables::Family::V6 => "ip6tables",
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                );
+            }
+        }
+        IptablesCommand::Remove(args) => {
+            if !nix::unistd::geteuid().is_root() {
+                bail!("removing iptables rules from a network namespace needs root");
+            }
+            let netns = netns_of(&args.target)?;
+            let backend = iptables::resolve(&netns, args.backend);
+            let removed = iptables::remove(&netns, backend)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "backend": backend, "removed": removed })
+                );
+            } else if removed == 0 {
+                println!(
+                    "no Istio chains in {} ({backend} backend)",
+                    netns.path().display()
+                );
+            } else {
+                println!(
+                    "removed {removed} rules from {} ({backend} backend)",
+                    netns.path().display()
+                );
             }
         }
     }

@@ -124,6 +124,24 @@ impl Netns {
         })
     }
 
+    /// Starts `cmd` inside this namespace (the child enters it between fork and exec; the
+    /// mount namespace stays the caller's, unlike `ip netns exec`).
+    pub fn spawn(&self, cmd: &mut std::process::Command) -> io::Result<std::process::Child> {
+        use std::os::unix::process::CommandExt as _;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: only the async-signal-safe setns syscall runs between fork and exec, on a
+        // descriptor that stays open until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+
     /// Whether `other` is the same namespace.
     pub fn same_as(&self, dev: u64, ino: u64) -> bool {
         self.dev == dev && self.ino == ino

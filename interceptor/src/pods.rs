@@ -2,6 +2,7 @@
 //! pinned maps (so any process sees it and an agent restart loses nothing); a lock file
 //! serialises writers (agents and `interceptor pod` commands).
 
+mod iptables_mode;
 pub mod spec;
 
 use std::{
@@ -14,18 +15,21 @@ use interceptor_common::{
     addr::{Addr, v4_mapped},
     names::size,
     pod::{
-        DIR_INBOUND, DIR_OUTBOUND, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN,
-        POD_NO_SOCKMAP, POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
-        PodConfig, PodInfo, PortKey, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+        BACKEND_LEGACY, BACKEND_NFT, DIR_INBOUND, DIR_OUTBOUND, MODE_EBPF, MODE_IPTABLES,
+        POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN, POD_NO_SOCKMAP, POD_OUTBOUND,
+        POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE, PodConfig, PodInfo, PortKey,
+        SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
     },
 };
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+pub use self::iptables_mode::Mode;
 use self::spec::{Cidr, PodSpec, Selection};
 use crate::{
     bpf::{self, Maps, Pins, maps::cidr_key},
+    iptables::{self, Backend},
     listeners,
     netns::{self, Netns},
 };
@@ -61,6 +65,18 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("iptables mode for pod {pod}: {source}")]
+    Iptables {
+        pod: String,
+        #[source]
+        source: iptables::Error,
+    },
+    #[error("the state of iptables-mode pod {pod} ({path}) is unreadable: {reason}")]
+    Record {
+        pod: String,
+        path: PathBuf,
+        reason: String,
     },
     #[error("writing map {map} for pod {pod}: {source} (map full?)")]
     MapWrite {
@@ -108,6 +124,11 @@ pub struct PodEntry {
     pub id: u32,
     pub name: String,
     pub source: &'static str,
+    /// `ebpf` or `iptables`.
+    pub mode: &'static str,
+    /// The iptables backend of an iptables-mode pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
     pub netns_cookie: u64,
     pub addresses: Vec<IpAddr>,
     pub outbound: bool,
@@ -176,6 +197,11 @@ impl<'a> Registry<'a> {
         let (cookie, addresses) = self.inspect(netns)?;
         let existing = self.find_by_netns(netns)?;
         let id = match existing {
+            Some((id, info)) if info.mode == MODE_IPTABLES => {
+                // Switching modes: the pod's iptables rules go before the datapath takes over.
+                self.disable_iptables(id, &info, Some(netns))?;
+                id
+            }
             Some((id, _)) => id,
             None => self.free_id()?,
         };
@@ -184,7 +210,7 @@ impl<'a> Registry<'a> {
         let cfg = self.maps.global_config()?;
         let proxy_ports = [cfg.outbound_port as u16, cfg.inbound_port as u16];
         let config = pod_config(id, spec, &addresses);
-        let info = pod_info(cookie, netns, source, &name);
+        let info = pod_info(cookie, netns, source, &name, MODE_EBPF, 0);
         if let Err(err) = self.write(id, cookie, &config, &info, spec, &addresses, &proxy_ports) {
             // Never leave a pod half-configured.
             warn!(pod = %name, %err, "enabling failed; removing what was written");
@@ -214,7 +240,12 @@ impl<'a> Registry<'a> {
             .find(pod)?
             .ok_or_else(|| Error::NotEnabled(pod.to_string()))?;
         let entry = self.entry(id)?;
-        self.remove(id, info.netns_cookie)?;
+        if info.mode == MODE_IPTABLES {
+            let netns = locate(&info).and_then(|p| Netns::open(p).ok());
+            self.disable_iptables(id, &info, netns.as_ref())?;
+        } else {
+            self.remove(id, info.netns_cookie)?;
+        }
         info!(pod = %entry.name, id, "pod disabled");
         Ok(entry)
     }
@@ -257,11 +288,11 @@ impl<'a> Registry<'a> {
     }
 
     pub fn list(&self) -> Result<Vec<PodEntry>, Error> {
-        list(self.maps)
+        list(self.pins, self.maps)
     }
 
     fn entry(&self, id: u32) -> Result<PodEntry, Error> {
-        entry(self.maps, id)
+        entry(self.pins, self.maps, id)
     }
 
     /// Every enabled pod's id and identity record (cheap: one map walk, no rules read).
@@ -529,6 +560,7 @@ impl<'a> Registry<'a> {
         remove_stale_cidrs(&mut self.maps.cidr_include, id, &[]);
         let _ = self.maps.pod_listener.remove(&id);
         bpf::attach::detach_pod(self.pins, id)?;
+        iptables_mode::forget(self.pins, id);
         let _ = self.maps.pod_info.remove(&id);
         Ok(())
     }
@@ -556,17 +588,29 @@ fn remove_stale_cidrs(
 }
 
 /// Every enabled pod.
-pub fn list(maps: &Maps) -> Result<Vec<PodEntry>, Error> {
+pub fn list(pins: &Pins, maps: &Maps) -> Result<Vec<PodEntry>, Error> {
     let mut ids: Vec<u32> = maps.pod_info.keys().filter_map(Result::ok).collect();
     ids.sort_unstable();
-    ids.into_iter().map(|id| entry(maps, id)).collect()
+    ids.into_iter().map(|id| entry(pins, maps, id)).collect()
 }
 
-fn entry(maps: &Maps, id: u32) -> Result<PodEntry, Error> {
+fn source_name(info: &PodInfo) -> &'static str {
+    match info.source {
+        SOURCE_NETNS => "netns",
+        SOURCE_PID => "pid",
+        SOURCE_KUBERNETES => "kubernetes",
+        _ => "unknown",
+    }
+}
+
+fn entry(pins: &Pins, maps: &Maps, id: u32) -> Result<PodEntry, Error> {
     let info = maps
         .pod_info
         .get(&id, 0)
         .map_err(|_| Error::NotEnabled(format!("pod id {id}")))?;
+    if info.mode == MODE_IPTABLES {
+        return iptables_mode::entry(pins, id, &info);
+    }
     let config = maps.pod_config.get(&info.netns_cookie, 0).ok();
     let mut addresses: Vec<IpAddr> = maps
         .pod_ips
@@ -581,12 +625,9 @@ fn entry(maps: &Maps, id: u32) -> Result<PodEntry, Error> {
     Ok(PodEntry {
         id,
         name: pod_name(&info),
-        source: match info.source {
-            SOURCE_NETNS => "netns",
-            SOURCE_PID => "pid",
-            SOURCE_KUBERNETES => "kubernetes",
-            _ => "unknown",
-        },
+        source: source_name(&info),
+        mode: "ebpf",
+        backend: None,
         netns_cookie: info.netns_cookie,
         addresses,
         outbound: config.is_some_and(|c| c.flags & POD_OUTBOUND != 0),
@@ -691,7 +732,14 @@ pub fn pod_name(info: &PodInfo) -> String {
     String::from_utf8_lossy(&info.name[..end]).into_owned()
 }
 
-fn pod_info(cookie: u64, netns: &Netns, source: &PodSource, name: &str) -> PodInfo {
+fn pod_info(
+    cookie: u64,
+    netns: &Netns,
+    source: &PodSource,
+    name: &str,
+    mode: u32,
+    backend: u32,
+) -> PodInfo {
     let mut bytes = [0u8; POD_NAME_LEN];
     bytes[..name.len()].copy_from_slice(name.as_bytes());
     let (kind, pid) = match source {
@@ -705,7 +753,24 @@ fn pod_info(cookie: u64, netns: &Netns, source: &PodSource, name: &str) -> PodIn
         netns_dev: netns.dev,
         source: kind,
         pid,
+        mode,
+        backend,
         name: bytes,
+    }
+}
+
+fn backend_code(backend: Backend) -> u32 {
+    match backend {
+        Backend::Nft => BACKEND_NFT,
+        Backend::Legacy => BACKEND_LEGACY,
+    }
+}
+
+fn backend_of(code: u32) -> Backend {
+    if code == BACKEND_LEGACY {
+        Backend::Legacy
+    } else {
+        Backend::Nft
     }
 }
 

@@ -33,6 +33,8 @@ pub struct ProgramStatus {
     pub id: Option<u32>,
     /// Attached at the cgroup root through a pinned link.
     pub linked: bool,
+    /// Kernel links to the program (cgroup root, and one per pod netns for sk_lookup).
+    pub links: usize,
 }
 
 const PROGRAMS: &[&str] = &[
@@ -49,15 +51,19 @@ impl Status {
         let features = Features::probe();
         let programs = PROGRAMS
             .iter()
-            .map(|&name| ProgramStatus {
-                name,
-                id: program_id(pins, name),
-                linked: pins.link(name).exists(),
+            .map(|&name| {
+                let id = program_id(pins, name);
+                ProgramStatus {
+                    name,
+                    id,
+                    linked: pins.link(name).exists(),
+                    links: id.map_or(0, crate::bpf::links_of),
+                }
             })
             .collect();
         let (pods, sockhash_entries, counters) = if pins.map(names::map::POD_INFO).exists() {
             let maps = Maps::open(pins)?;
-            let pods = pods::list(&maps).unwrap_or_default();
+            let pods = pods::list(pins, &maps).unwrap_or_default();
             (pods, maps.sockhash_entries(), maps.counters()?)
         } else {
             (Vec::new(), 0, BTreeMap::new())
@@ -108,6 +114,7 @@ impl Status {
                 "unavailable (kernel < 5.9): outbound only"
             }
         );
+        let _ = writeln!(out, "in use      {}", self.features.in_use.join(", "));
         let _ = writeln!(out, "\nprograms");
         for p in &self.programs {
             let _ = writeln!(

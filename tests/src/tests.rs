@@ -4,6 +4,7 @@ mod cli;
 mod demo;
 mod host_safety;
 mod inbound;
+mod iptables;
 mod ipv6;
 mod isolation;
 mod kube;

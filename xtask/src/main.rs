@@ -2,8 +2,10 @@
 
 mod build_ebpf;
 mod demo;
+mod kernels;
 mod setup;
 mod test;
+mod vm_test;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +29,9 @@ enum Command {
     Test(test::Options),
     /// Build the release binary and run `interceptor demo`.
     Demo(demo::Options),
+    /// Run the end-to-end suite in virtme-ng guests on Debian's 5.10, 6.1 and 6.12 kernels,
+    /// and on this machine's kernel (root).
+    VmTest(vm_test::Options),
 }
 
 fn main() -> Result<()> {
@@ -35,5 +40,6 @@ fn main() -> Result<()> {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::VmTest(opts) => vm_test::run(&opts),
     }
 }

@@ -51,6 +51,9 @@ pub fn run(opts: &Options) -> Result<()> {
             "installed bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
         ));
     }
+    if opts.vm {
+        did.extend(setup_vm_tools()?);
+    }
     if mount_bpffs()? {
         did.push("mounted bpffs at /sys/fs/bpf".into());
     }
@@ -70,6 +73,79 @@ pub const VM_PACKAGES: &[&str] = &[
     "libcap-ng-dev",
     "libseccomp-dev",
 ];
+
+/// virtme-ng and virtiofsd, at the versions VMTEST.md verified.
+const VIRTME_NG_VERSION: &str = "1.42";
+const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+fn setup_vm_tools() -> Result<Vec<String>> {
+    let mut did = Vec::new();
+    if !version_output(&vng_path(), VIRTME_NG_VERSION) {
+        step(&format!("pip install virtme-ng=={VIRTME_NG_VERSION}"));
+        exec(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+        ]))?;
+        if !version_output(&vng_path(), VIRTME_NG_VERSION) {
+            bail!(
+                "virtme-ng {VIRTME_NG_VERSION} installed but `vng --version` does not report \
+                 it; is python3's scripts directory on PATH?"
+            );
+        }
+        did.push(format!("installed virtme-ng {VIRTME_NG_VERSION}"));
+    }
+    if !version_output(&cargo_bin("virtiofsd"), VIRTIOFSD_VERSION) {
+        step(&format!(
+            "cargo install virtiofsd {VIRTIOFSD_VERSION} (a few minutes, once)"
+        ));
+        exec(
+            xtask::cargo()
+                .args(["install", "virtiofsd", "--version", VIRTIOFSD_VERSION])
+                .arg("--locked"),
+        )?;
+        did.push(format!("installed virtiofsd {VIRTIOFSD_VERSION}"));
+    }
+    Ok(did)
+}
+
+/// `vng`, from python3's scripts directory (pip installs it there), else from PATH.
+pub fn vng_path() -> std::path::PathBuf {
+    let scripts = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    match scripts {
+        Some(dir) if Path::new(&dir).join("vng").exists() => Path::new(&dir).join("vng"),
+        _ => "vng".into(),
+    }
+}
+
+/// A binary cargo installed: $CARGO_HOME/bin/NAME.
+fn cargo_bin(name: &str) -> std::path::PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    Path::new(&home).join("bin").join(name)
+}
+
+/// Whether `program --version` runs and mentions `version`.
+fn version_output(program: &Path, version: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && (String::from_utf8_lossy(&o.stdout).contains(version)
+                    || String::from_utf8_lossy(&o.stderr).contains(version))
+        })
+}
 
 pub fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
     let mut missing = Vec::new();
@@ -98,20 +174,8 @@ pub fn install_packages(missing: &[String]) -> Result<()> {
 }
 
 fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .or_else(|_| {
-            let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
-                format!("{}/.cargo", std::env::var("HOME").unwrap_or_default())
-            });
-            Command::new(format!("{home}/bin/bpf-linker"))
-                .arg("--version")
-                .output()
-        })
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+    version_output(Path::new("bpf-linker"), BPF_LINKER_VERSION)
+        || version_output(&cargo_bin("bpf-linker"), BPF_LINKER_VERSION)
 }
 
 fn install_bpf_linker() -> Result<()> {

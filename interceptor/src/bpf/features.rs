@@ -22,6 +22,8 @@ pub struct Features {
     pub bpffs: bool,
     /// Program and map types and helpers by name: true = supported.
     pub probes: BTreeMap<&'static str, bool>,
+    /// The variant of each datapath piece this kernel gets (what the matrix reports).
+    pub in_use: Vec<&'static str>,
 }
 
 impl Features {
@@ -70,12 +72,43 @@ impl Features {
             ProgramType::SkLookup,
             BpfHelper::BPF_FUNC_sk_assign,
         );
-        Self {
+        probes.insert(
+            "sockopt_netns_cookie",
+            matches!(crate::netns::current_cookie(), Ok(Some(_))),
+        );
+        let mut features = Self {
             kernel: kernel_release(),
             cgroup2: cgroup2_mount(),
             bpffs: bpffs_mounted(),
             probes,
+            in_use: Vec::new(),
+        };
+        features.in_use = features.variants();
+        features
+    }
+
+    /// Which variant of each piece runs here. Only choices the agent makes are listed: a
+    /// missing requirement stops the agent instead (see `missing_for_outbound`).
+    fn variants(&self) -> Vec<&'static str> {
+        let mut v = vec!["connect4/6", "getsockopt", "sockops+sk_msg"];
+        v.push(if self.inbound() {
+            "sk_lookup inbound"
+        } else {
+            "no inbound (no sk_lookup)"
+        });
+        v.push(if self.has("sockopt_netns_cookie") {
+            "netns cookie: SO_NETNS_COOKIE"
+        } else {
+            "netns cookie: connect4 probe"
+        });
+        if !self.has("map_ringbuf") {
+            v.push("no bpf log/events (no ringbuf)");
         }
+        if kernel_below(&self.kernel, (5, 11)) {
+            // Before memcg accounting, BPF memory counts against RLIMIT_MEMLOCK.
+            v.push("memlock rlimit raised");
+        }
+        v
     }
 
     pub fn has(&self, probe: &str) -> bool {
@@ -102,6 +135,17 @@ impl Features {
         .into_iter()
         .filter(|p| !self.has(p))
         .collect()
+    }
+}
+
+/// Whether a `uname -r` release is older than `(major, minor)`; unknown formats are not.
+pub fn kernel_below(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next()) {
+        (Some(a), Some(b)) => (a, b) < (major, minor),
+        _ => false,
     }
 }
 
@@ -157,6 +201,15 @@ pub fn bpffs_mounted() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_kernel_releases() {
+        assert!(kernel_below("5.10.0-46-cloud-amd64", (5, 11)));
+        assert!(!kernel_below("6.1.0-56-cloud-amd64", (5, 11)));
+        assert!(!kernel_below("6.12.117+deb12-cloud-amd64", (6, 5)));
+        assert!(kernel_below("6.1.0-56-cloud-amd64", (6, 5)));
+        assert!(!kernel_below("weird", (6, 5)));
+    }
 
     #[test]
     fn unescapes_octal_in_mount_paths() {

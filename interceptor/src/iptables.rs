@@ -1,0 +1,221 @@
+//! The iptables interception `istio-iptables` writes, for kernels or pods where the eBPF path
+//! cannot be used, and as the baseline every benchmark compares against.
+//!
+//! The rules are Istio's own (REDIRECT mode, nat table, see the reference article): PREROUTING →
+//! ISTIO_INBOUND → ISTIO_IN_REDIRECT (→ 15006), OUTPUT → ISTIO_OUTPUT (127.0.0.6 passthrough,
+//! the proxy's UID/GID, loopback) → ISTIO_REDIRECT (→ 15001). They are applied atomically
+//! with `iptables-restore --noflush` inside the pod's network namespace and removed exactly:
+//! only the ISTIO_* chains and the two jumps into them, so the namespace's other rules stay.
+
+mod backend;
+mod rules;
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+};
+
+use serde::Serialize;
+use tracing::{debug, info};
+
+pub use self::{
+    backend::{Backend, BackendChoice},
+    rules::{Family, RuleSet},
+};
+use crate::{netns::Netns, pods::spec::PodSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "running {program}: {source}. Install iptables (`cargo xtask setup`, or `apt-get install \
+         iptables`)"
+    )]
+    Missing {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` in {netns} failed: {stderr}")]
+    Failed {
+        command: String,
+        netns: PathBuf,
+        stderr: String,
+    },
+    #[error(
+        "Istio chains already exist in {netns} ({backend}): another interception is applied \
+         there; remove it first (`interceptor iptables remove --netns ...`)"
+    )]
+    AlreadyApplied { netns: PathBuf, backend: Backend },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::Error),
+}
+
+/// Everything the rules need besides the pod's switches.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// Source of the proxy's inbound passthrough hop (Istio: 127.0.0.6 / ::6).
+    pub passthrough_v4: Ipv4Addr,
+    pub passthrough_v6: Ipv6Addr,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
+            passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+        }
+    }
+}
+
+/// What `apply` did, for `--json` and the pod registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct Applied {
+    pub backend: Backend,
+    pub families: Vec<Family>,
+    pub rules: usize,
+}
+
+/// Applies the rules for `spec` in `netns`, both families (IPv6 only where the namespace has
+/// ip6tables' nat table). Fails without touching anything if Istio chains are already there.
+pub fn apply(
+    netns: &Netns,
+    spec: &PodSpec,
+    settings: &Settings,
+    backend: Backend,
+) -> Result<Applied, Error> {
+    let mut families = Vec::new();
+    let mut count = 0;
+    for family in [Family::V4, Family::V6] {
+        let set = RuleSet::new(spec, settings, family);
+        let existing = save(netns, backend, family)?;
+        if rules::has_istio_chains(&existing) {
+            return Err(Error::AlreadyApplied {
+                netns: netns.path().to_owned(),
+                backend,
+            });
+        }
+        run(
+            netns,
+            backend.restore(family),
+            &["--noflush"],
+            Some(set.restore_script()),
+        )?;
+        count += set.rule_count();
+        families.push(family);
+    }
+    info!(netns = %netns.path().display(), %backend, rules = count, "iptables interception applied");
+    Ok(Applied {
+        backend,
+        families,
+        rules: count,
+    })
+}
+
+/// Removes exactly what `apply` added (the jumps into ISTIO_* chains, then the chains), for
+/// both families. Returns how many rules went; 0 when nothing was applied.
+pub fn remove(netns: &Netns, backend: Backend) -> Result<usize, Error> {
+    let mut removed = 0;
+    for family in [Family::V4, Family::V6] {
+        let existing = save(netns, backend, family)?;
+        let Some((script, count)) = rules::removal_script(&existing) else {
+            continue;
+        };
+        run(netns, backend.restore(family), &["--noflush"], Some(script))?;
+        removed += count;
+    }
+    if removed > 0 {
+        info!(netns = %netns.path().display(), %backend, rules = removed, "iptables interception removed");
+    }
+    Ok(removed)
+}
+
+/// The backend to use in `netns`: a fixed choice as is; for `auto`, the one whose tables
+/// already hold Istio chains (to remove them), else the one holding any rules there, else the
+/// machine's default — a namespace's rules must all go through one backend.
+pub fn resolve(netns: &Netns, choice: BackendChoice) -> Backend {
+    if let BackendChoice::Fixed(backend) = choice {
+        return backend;
+    }
+    let candidates = [Backend::Nft, Backend::Legacy];
+    let saves: Vec<(Backend, String)> = candidates
+        .iter()
+        .filter_map(|&b| save(netns, b, Family::V4).ok().map(|s| (b, s)))
+        .collect();
+    if let Some((b, _)) = saves.iter().find(|(_, s)| rules::has_istio_chains(s)) {
+        return *b;
+    }
+    let rule_count = |s: &str| s.lines().filter(|l| l.starts_with("-A ")).count();
+    match saves.iter().max_by_key(|(_, s)| rule_count(s)) {
+        Some((b, s)) if rule_count(s) > 0 => *b,
+        _ => Backend::system_default(),
+    }
+}
+
+/// The nat table of `netns` as `iptables-save` prints it.
+pub fn save(netns: &Netns, backend: Backend, family: Family) -> Result<String, Error> {
+    run(netns, backend.save(family), &["-t", "nat"], None)
+}
+
+/// Whether Istio chains are present in `netns` (either family).
+pub fn is_applied(netns: &Netns, backend: Backend) -> Result<bool, Error> {
+    for family in [Family::V4, Family::V6] {
+        if rules::has_istio_chains(&save(netns, backend, family)?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Runs an iptables tool inside `netns`, feeding `stdin`, and returns its stdout.
+fn run(
+    netns: &Netns,
+    program: &str,
+    args: &[&str],
+    stdin: Option<String>,
+) -> Result<String, Error> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let command = format!("{program} {}", args.join(" "));
+    debug!(netns = %netns.path().display(), %command, "running");
+    let out = spawn_in(netns, &mut cmd, stdin).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => Error::Missing {
+            program: program.to_owned(),
+            source,
+        },
+        _ => Error::Failed {
+            command: command.clone(),
+            netns: netns.path().to_owned(),
+            stderr: source.to_string(),
+        },
+    })?;
+    if !out.status.success() {
+        return Err(Error::Failed {
+            command,
+            netns: netns.path().to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn spawn_in(netns: &Netns, cmd: &mut Command, stdin: Option<String>) -> io::Result<Output> {
+    use std::io::Write as _;
+    let mut child = netns.spawn(cmd)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    child.wait_with_output()
+}
