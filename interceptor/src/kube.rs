@@ -40,7 +40,7 @@ use self::{
 };
 use crate::{
     bpf::{Maps, Pins},
-    netns::Netns,
+    iptables::BackendChoice,
     pods::{self, PodRef, PodSource, Registry, spec::PodSpec},
 };
 use interceptor_common::pod::SOURCE_KUBERNETES;
@@ -118,23 +118,11 @@ pub fn registry_name(namespace: &str, name: &str) -> String {
     format!("{}{suffix}", &full[..end])
 }
 
-/// `interceptor.dev/mode: iptables`, step one: write Istio's chains for `spec` inside the pod's
-/// network namespace. The controller locates the pod, calls this, and remembers what it applied;
-/// until the iptables fallback (`interceptor::iptables`) is wired in here it refuses, and the pod
-/// stays un-intercepted, never half-configured.
-pub fn apply_iptables(_netns: &Netns, _spec: &PodSpec) -> Result<(), String> {
-    Err("iptables mode is not available in this agent build; the pod is left un-intercepted".into())
-}
-
-/// Step two: remove those chains when the pod leaves iptables mode (or goes).
-pub fn remove_iptables(_netns: &Netns) -> Result<(), String> {
-    Ok(())
-}
-
 /// What this agent applied for one pod.
 #[derive(Clone, Debug)]
 struct Applied {
     id: u32,
+    mode: Mode,
     pid: u32,
     netns: NsId,
     spec: PodSpec,
@@ -144,10 +132,8 @@ struct Applied {
 #[derive(Debug, Default)]
 struct PodState {
     name: String,
-    /// eBPF interception applied (a registry entry).
+    /// The registry entry this agent made for the pod (eBPF or iptables mode).
     applied: Option<Applied>,
-    /// iptables chains applied in the pod's namespace (`id` unused).
-    iptables: Option<Applied>,
     /// The last problem reported (log + event), so each is reported once, not every pass.
     problem: Option<String>,
     /// Locating or enabling failed: when to try again, and how many times it failed.
@@ -207,14 +193,10 @@ impl PodController {
         let mut entries = entries(&registry);
         let snapshot = self.watch.pods.state();
         let live: HashSet<String> = snapshot.iter().filter_map(|p| p.uid()).collect();
-        let proc_root = self.proc_root.clone();
         self.pods.retain(|uid, state| {
             let keep = live.contains(uid);
-            if !keep {
-                if state.applied.is_some() {
-                    info!(pod = %state.name, "pod deleted");
-                }
-                undo_iptables(&proc_root, state);
+            if !keep && state.applied.is_some() {
+                info!(pod = %state.name, "pod deleted");
             }
             keep
         });
@@ -277,35 +259,18 @@ impl PodController {
                 proc_root: &self.proc_root,
                 events: &self.events,
             };
-            if !matches!(
-                decision,
-                Decision::Intercept {
-                    mode: Mode::Iptables,
-                    ..
-                }
-            ) {
-                undo_iptables(&self.proc_root, state);
-            }
             match decision {
                 Decision::Intercept {
-                    mode: Mode::Ebpf,
+                    mode,
                     spec,
                     because,
                 } => {
-                    if ctx.ensure_ebpf(state, spec, &mut registry, &entries, &mut index) {
+                    // Switching modes, the registry removes what the old mode applied.
+                    if ctx.ensure(state, *mode, spec, &mut registry, &entries, &mut index) {
                         debug!(pod = %name, ?because, "intercepted");
                         // The pass below must see this pod's current entry.
                         entries = self::entries(&registry);
                     }
-                }
-                Decision::Intercept {
-                    mode: Mode::Iptables,
-                    spec,
-                    ..
-                } => {
-                    // Its eBPF entry, if any, went with the unwanted entries above.
-                    state.applied = None;
-                    ctx.ensure_iptables(state, spec, &mut index);
                 }
                 Decision::Skip { reason } => {
                     if state.applied.take().is_some() {
@@ -342,17 +307,12 @@ impl PodController {
                     );
                 }
             }
-            let counted = match decision {
-                Decision::Intercept {
-                    mode: Mode::Ebpf, ..
-                } if state.applied.is_some() => MetricState::Ebpf,
-                Decision::Intercept {
-                    mode: Mode::Iptables,
-                    ..
-                } if state.iptables.is_some() => MetricState::Iptables,
-                Decision::Intercept { .. } => MetricState::Pending,
-                Decision::Skip { .. } => MetricState::Skipped,
-                Decision::Invalid { .. } => MetricState::Invalid,
+            let counted = match (decision, &state.applied) {
+                (Decision::Intercept { .. }, Some(a)) if a.mode == Mode::Ebpf => MetricState::Ebpf,
+                (Decision::Intercept { .. }, Some(_)) => MetricState::Iptables,
+                (Decision::Intercept { .. }, None) => MetricState::Pending,
+                (Decision::Skip { .. }, _) => MetricState::Skipped,
+                (Decision::Invalid { .. }, _) => MetricState::Invalid,
             };
             if let Some(c) = counts.iter_mut().find(|(s, _)| *s == counted) {
                 c.1 += 1;
@@ -419,11 +379,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Makes sure the pod is enabled with `spec` in its current network namespace. Returns
-    /// whether the registry changed.
-    fn ensure_ebpf(
+    /// Makes sure the pod is enabled in `mode` with `spec` in its current network namespace.
+    /// Returns whether the registry changed.
+    fn ensure(
         &self,
         state: &mut PodState,
+        mode: Mode,
         spec: &PodSpec,
         registry: &mut Registry<'_>,
         entries: &[Entry],
@@ -431,6 +392,7 @@ impl Ctx<'_> {
     ) -> bool {
         let entry = |id: u32| entries.iter().find(|e| e.id == id && e.name == state.name);
         if let Some(applied) = &state.applied
+            && applied.mode == mode
             && applied.spec == *spec
             && entry(applied.id).is_some()
             && resolve::still_in(self.proc_root, applied.pid, applied.netns)
@@ -453,20 +415,27 @@ impl Ctx<'_> {
             name: state.name.clone(),
             pid: located.pid,
         };
-        match registry.enable(&located.netns, &source, spec) {
+        let registry_mode = match mode {
+            Mode::Ebpf => pods::Mode::Ebpf,
+            // The backend the pod's namespace already uses, as istio-iptables would.
+            Mode::Iptables => pods::Mode::Iptables(BackendChoice::Auto),
+        };
+        match registry.enable_with(&located.netns, &source, spec, registry_mode) {
             Ok(entry) => {
                 info!(
                     pod = %state.name,
                     id = entry.id,
+                    mode = entry.mode,
                     pid = located.pid,
                     by_ip = located.by_ip,
                     addresses = ?entry.addresses,
                     inbound = entry.inbound,
-                    "pod intercepted (eBPF)"
+                    "pod intercepted"
                 );
                 warn_if_ip_missing(self.pod, &state.name, &entry.addresses);
                 state.applied = Some(Applied {
                     id: entry.id,
+                    mode,
                     pid: located.pid,
                     netns: (located.netns.dev, located.netns.ino),
                     spec: spec.clone(),
@@ -477,7 +446,7 @@ impl Ctx<'_> {
                 true
             }
             Err(err) => {
-                let problem = format!("enabling eBPF interception failed: {err}");
+                let problem = format!("enabling interception ({mode:?} mode) failed: {err}");
                 report(
                     self.events,
                     self.pod,
@@ -528,43 +497,6 @@ impl Ctx<'_> {
         }
     }
 
-    /// Makes sure Istio's iptables chains for `spec` are in the pod's current namespace.
-    fn ensure_iptables(&self, state: &mut PodState, spec: &PodSpec, index: &mut Option<ProcIndex>) {
-        if let Some(applied) = &state.iptables
-            && applied.spec == *spec
-            && resolve::still_in(self.proc_root, applied.pid, applied.netns)
-        {
-            return;
-        }
-        let Some(located) = self.locate(state, index) else {
-            return;
-        };
-        match apply_iptables(&located.netns, spec) {
-            Ok(()) => {
-                info!(pod = %state.name, pid = located.pid, "pod intercepted (iptables)");
-                state.iptables = Some(Applied {
-                    id: 0,
-                    pid: located.pid,
-                    netns: (located.netns.dev, located.netns.ino),
-                    spec: spec.clone(),
-                });
-                state.problem = None;
-                state.retry_at = None;
-                state.failures = 0;
-            }
-            Err(problem) => {
-                report(
-                    self.events,
-                    self.pod,
-                    state,
-                    reason::IPTABLES_UNAVAILABLE,
-                    problem,
-                );
-                self.failed(state);
-            }
-        }
-    }
-
     fn failed(&self, state: &mut PodState) {
         state.failures = state.failures.saturating_add(1);
         let delay = RETRY_FIRST
@@ -572,25 +504,6 @@ impl Ctx<'_> {
             .min(RETRY_MAX);
         state.retry_at = Some(Instant::now() + delay);
         state.failed_version = self.pod.resource_version();
-    }
-}
-
-/// Removes the iptables chains applied to a pod that no longer wants them (when its namespace
-/// still exists: a gone namespace took its rules with it).
-fn undo_iptables(proc_root: &Path, state: &mut PodState) {
-    let Some(applied) = state.iptables.take() else {
-        return;
-    };
-    if !resolve::still_in(proc_root, applied.pid, applied.netns) {
-        return;
-    }
-    let path = proc_root.join(applied.pid.to_string()).join("ns/net");
-    let result = Netns::open(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|netns| remove_iptables(&netns));
-    match result {
-        Ok(()) => info!(pod = %state.name, "iptables interception removed"),
-        Err(err) => warn!(pod = %state.name, %err, "removing iptables interception"),
     }
 }
 
@@ -654,12 +567,5 @@ mod tests {
         assert_eq!(a.len(), interceptor_common::pod::POD_NAME_LEN);
         let c = registry_name("default", &format!("{}y", &long[1..]));
         assert_ne!(a, c, "different pods, different names");
-    }
-
-    #[test]
-    fn iptables_mode_refuses_until_wired() {
-        let netns = Netns::current().expect("own netns");
-        let err = apply_iptables(&netns, &PodSpec::default()).unwrap_err();
-        assert!(err.contains("not available"), "{err}");
     }
 }

@@ -243,7 +243,8 @@ fn check(objects: &Objects) {
             "NET_ADMIN",
             "SYS_ADMIN",
             "SYS_RESOURCE",
-            "SYS_PTRACE"
+            "SYS_PTRACE",
+            "NET_RAW"
         ]
         .into_iter()
         .collect()

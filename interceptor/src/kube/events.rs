@@ -30,7 +30,6 @@ const QUEUE: usize = 256;
 pub mod reason {
     pub const INVALID_ANNOTATION: &str = "InvalidInterceptionAnnotation";
     pub const INTERCEPTION_FAILED: &str = "InterceptionFailed";
-    pub const IPTABLES_UNAVAILABLE: &str = "IptablesModeUnavailable";
     pub const SIDECAR_MISSING: &str = "SidecarMissing";
 }
 

@@ -457,13 +457,42 @@ fn modes_and_injection_policy_decide_interception() {
     set(MODE, Some("ebpf"));
     wait_entry(&h, "app", |_| true);
     through_sidecar(&pod, &echo);
-    // iptables mode is refused by this build: an event, and the pod left alone.
+    // iptables mode: istio-iptables' chains in the pod instead of the datapath (the app's
+    // socket sees its original peer through the NAT; the sidecar counts the connection).
     set(MODE, Some("iptables"));
+    wait_entry(&h, "app", |e| e["mode"] == "iptables");
+    let outbound = "interceptor_proxy_connections_total{direction=\"Outbound\"}";
+    let before = h.proxy_metric(&pod, outbound);
+    let redirected = h.counters();
+    let s = connect_from(&pod, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"nat").expect("echo"), b"nat");
+    assert_eq!(
+        h.proxy_metric(&pod, outbound),
+        before + 1.0,
+        "via the sidecar"
+    );
+    assert_eq!(
+        h.counters().since(&redirected, "connect_redirected"),
+        0,
+        "not by the datapath"
+    );
+    // Back to eBPF: the chains go, the datapath takes over.
+    set(MODE, Some("ebpf"));
+    wait_entry(&h, "app", |e| e["mode"] == "ebpf");
+    through_sidecar(&pod, &echo);
+    // Off from iptables mode: nothing left.
+    set(MODE, Some("iptables"));
+    wait_entry(&h, "app", |e| e["mode"] == "iptables");
+    set(MODE, Some("off"));
     wait_gone(&h, "app");
-    wait_until(WAIT, || {
-        !warnings(&env, "app", "IptablesModeUnavailable").is_empty()
-    });
     direct(&pod, &echo);
+    let before = h.proxy_metric(&pod, outbound);
+    direct(&pod, &echo);
+    assert_eq!(
+        h.proxy_metric(&pod, outbound),
+        before,
+        "no rule left behind"
+    );
 
     // A namespace asking for injection does not capture a pod that has no sidecar (its traffic
     // would go to a proxy that does not exist): an event says so.
