@@ -219,15 +219,7 @@ impl PodController {
         }
         let wanted: HashSet<&str> = decided
             .iter()
-            .filter(|(.., d)| {
-                matches!(
-                    d,
-                    Decision::Intercept {
-                        mode: Mode::Ebpf,
-                        ..
-                    }
-                )
-            })
+            .filter(|(.., d)| matches!(d, Decision::Intercept { .. }))
             .map(|(_, _, name, _)| name.as_str())
             .collect();
         // Deleted pods, pods turned off or made invalid, pods deleted while no agent (or no
