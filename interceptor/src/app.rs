@@ -19,7 +19,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     http_server::{self, Handler, text},
-    proxy::{ProxyConfig, inbound, metrics::ProxyMetrics, outbound},
+    proxy::{
+        ProxyConfig, admin, config::ConfigError, dispatch::Shared, inbound, metrics::ProxyMetrics,
+        outbound, reload, snapshot::ConfigSource,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +34,14 @@ pub struct BindError {
     source: io::Error,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+}
+
 /// Every listener of the proxy, bound and ready to serve.
 pub struct Bound {
     pub config: Arc<ProxyConfig>,
@@ -39,6 +50,9 @@ pub struct Bound {
     pub inbound: SocketAddr,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
+    pub admin: SocketAddr,
+    /// The routing config (reloadable).
+    pub source: ConfigSource,
     listeners: Listeners,
 }
 
@@ -48,6 +62,7 @@ struct Listeners {
     inbound: TcpListener,
     metrics: TcpListener,
     health: TcpListener,
+    admin: TcpListener,
 }
 
 fn listen(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
@@ -66,7 +81,9 @@ fn listen(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError
 }
 
 impl Bound {
-    pub fn bind(config: ProxyConfig) -> Result<Self, BindError> {
+    /// Loads the config file (if any) and binds every listener.
+    pub fn bind(config: ProxyConfig) -> Result<Self, Error> {
+        let source = ConfigSource::load(config.config_file.clone(), config.cluster_settings())?;
         let outbound = listen(config.outbound, "the outbound listener")?;
         let outbound_v6 = match config.outbound_v6 {
             Some(addr) => match listen(addr, "the IPv6 outbound listener") {
@@ -88,10 +105,11 @@ impl Bound {
                     "the inbound listener",
                 )?
             }
-            Err(err) => return Err(err),
+            Err(err) => return Err(err.into()),
         };
         let metrics = listen(config.metrics, "the metrics endpoint")?;
         let health = listen(config.health, "the health endpoint")?;
+        let admin = listen(config.admin, "the admin endpoint")?;
         let addr = |l: &TcpListener| l.local_addr().unwrap_or(config.outbound);
         Ok(Self {
             outbound: addr(&outbound),
@@ -99,13 +117,16 @@ impl Bound {
             inbound: addr(&inbound),
             metrics: addr(&metrics),
             health: addr(&health),
+            admin: addr(&admin),
             config: Arc::new(config),
+            source,
             listeners: Listeners {
                 outbound,
                 outbound_v6,
                 inbound,
                 metrics,
                 health,
+                admin,
             },
         })
     }
@@ -113,10 +134,15 @@ impl Bound {
     /// Serves until `shutdown` resolves, then stops accepting and gives open connections up to
     /// the drain timeout to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut registry = Registry::default();
+        self.run_with(shutdown, Registry::default()).await;
+    }
+
+    /// Like `run`, with metrics registered in `registry` (tests read it).
+    pub async fn run_with(self, shutdown: impl Future<Output = ()>, mut registry: Registry) {
         let metrics = ProxyMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let stop = CancellationToken::new();
+        let drain = CancellationToken::new();
         let conns = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
         let Listeners {
@@ -125,43 +151,46 @@ impl Bound {
             inbound,
             metrics: metrics_listener,
             health,
+            admin: admin_listener,
         } = self.listeners;
+        let shared = Shared {
+            config: self.config.clone(),
+            source: self.source.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+        };
 
         let mut accept_loops = Vec::new();
         for listener in std::iter::once(outbound).chain(outbound_v6) {
-            let (config, metrics, stop, conns) = (
-                self.config.clone(),
-                metrics.clone(),
-                stop.clone(),
-                conns.clone(),
-            );
+            let shared = shared.clone();
             accept_loops.push(tokio::spawn(accept(
                 listener,
-                stop,
-                conns,
+                stop.clone(),
+                conns.clone(),
                 move |stream, peer| {
-                    outbound::handle(stream, peer, config.clone(), metrics.clone())
+                    outbound::handle(stream, peer, shared.clone())
                         .instrument(info_span!("outbound", %peer))
                 },
             )));
         }
         {
-            let (config, metrics, stop, conns) = (
-                self.config.clone(),
-                metrics.clone(),
-                stop.clone(),
-                conns.clone(),
-            );
+            let shared = shared.clone();
             accept_loops.push(tokio::spawn(accept(
                 inbound,
-                stop,
-                conns,
+                stop.clone(),
+                conns.clone(),
                 move |stream, peer| {
-                    inbound::handle(stream, peer, config.clone(), metrics.clone())
+                    inbound::handle(stream, peer, shared.clone())
                         .instrument(info_span!("inbound", %peer))
                 },
             )));
         }
+        let reloader = tokio::spawn(reload::watch(
+            self.source.clone(),
+            metrics.clone(),
+            self.config.config_poll,
+            stop.clone(),
+        ));
         let prometheus: Handler = {
             let registry = registry.clone();
             Arc::new(move |req| match req.uri().path() {
@@ -200,7 +229,18 @@ impl Bound {
         };
         // Endpoints outlive the drain (readiness reports it); stopped at the very end.
         let endpoints_stop = CancellationToken::new();
+        let admin = admin::handler(
+            self.config.clone(),
+            self.source.clone(),
+            registry.clone(),
+            ready.clone(),
+        );
         let endpoints = [
+            tokio::spawn(http_server::serve(
+                admin_listener,
+                admin,
+                endpoints_stop.clone(),
+            )),
             tokio::spawn(http_server::serve(
                 metrics_listener,
                 prometheus,
@@ -217,6 +257,8 @@ impl Bound {
             inbound = %self.inbound,
             metrics = %self.metrics,
             health = %self.health,
+            admin = %self.admin,
+            config = ?self.config.config_file,
             "proxy ready"
         );
 
@@ -226,6 +268,9 @@ impl Bound {
         for l in accept_loops {
             let _ = l.await;
         }
+        let _ = reloader.await;
+        // HTTP connections finish their in-flight requests and close; TCP ones get the deadline.
+        drain.cancel();
         conns.close();
         let open = conns.len();
         if open > 0 {

@@ -61,6 +61,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Proxy(args) => {
+            if let Some(path) = &args.check_config {
+                let config = interceptor::proxy::config::Config::load(path)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&config)?);
+                } else {
+                    println!(
+                        "{}: valid ({} clusters, {} outbound listeners, {} virtual hosts)",
+                        path.display(),
+                        config.clusters.len(),
+                        config.outbound.listeners.len(),
+                        config
+                            .outbound
+                            .listeners
+                            .iter()
+                            .map(|l| l.virtual_hosts.len())
+                            .sum::<usize>()
+                    );
+                }
+                return Ok(());
+            }
             let config = ProxyConfig {
                 outbound: args.outbound,
                 outbound_v6: match args.outbound_v6.as_str() {
@@ -70,10 +90,18 @@ fn run(cli: Cli) -> Result<()> {
                 inbound: args.inbound,
                 metrics: args.metrics,
                 health: args.health,
+                admin: args.admin,
+                config_file: args.config.clone(),
+                config_poll: cli::secs(args.config_poll_seconds),
+                original_dst_override: args.original_dst_override,
                 connect_timeout: cli::secs(args.connect_timeout),
                 drain_timeout: cli::secs(args.drain_timeout),
                 ..ProxyConfig::default()
             };
+            // Fail before dropping privileges, with the file's line and field.
+            if let Some(path) = &config.config_file {
+                interceptor::proxy::config::Config::load(path)?;
+            }
             // Before any thread exists: every thread must run as the proxy identity.
             if !args.no_drop_privileges && privileges::drop_to(args.uid, args.gid)? {
                 tracing::info!(
