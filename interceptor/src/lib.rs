@@ -5,6 +5,7 @@
 //! - [`pods`]: which pods are intercepted, and how (Istio's per-pod switches).
 //! - [`proxy`] + [`app`]: the sidecar proxy.
 //! - [`lab`], [`testapp`], [`demo`]: pods on network namespaces for the demo, tests, benchmark.
+//! - [`loadgen`]: the HTTP load generator of the benchmarks.
 
 pub mod agent;
 pub mod app;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod http_server;
 pub mod lab;
 pub mod listeners;
+pub mod loadgen;
 pub mod netns;
 pub mod pods;
 pub mod privileges;
