@@ -288,6 +288,34 @@ pub enum TestappCommand {
         #[arg(long, default_value = "app")]
         name: String,
     },
+    /// HTTP/1.1 load against one address (the benchmark's client); prints a JSON result.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[arg(long)]
+    pub target: SocketAddr,
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Request budget (all connections together).
+    #[arg(long, default_value_t = 100_000)]
+    pub requests: u64,
+    /// Seconds; the run stops then even with requests left.
+    #[arg(long, default_value_t = 10.0)]
+    pub time_limit: f64,
+    #[arg(long, value_enum, default_value_t = LoadMode::KeepAlive)]
+    pub mode: LoadMode,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LoadMode {
+    KeepAlive,
+    ConnectionPerRequest,
 }
 
 pub fn secs(v: f64) -> Duration {

@@ -7,7 +7,7 @@ use interceptor::{
     app::Bound,
     bpf::{LoadOptions, Maps, Pins},
     cli::{self, Cli, Command, PodCommand, TestappCommand},
-    demo,
+    demo, loadgen,
     netns::Netns,
     pods::{self, PodRef, PodSource, Registry},
     privileges,
@@ -133,6 +133,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Testapp(TestappCommand::HttpServer { listen, name }) => {
             runtime()?.block_on(testapp::http_server(listen, name))?;
+            Ok(())
+        }
+        Command::Testapp(TestappCommand::Load(args)) => {
+            let spec = loadgen::LoadSpec::new(
+                args.target,
+                &args.host,
+                &args.path,
+                args.concurrency,
+                args.requests,
+                cli::secs(args.time_limit),
+                match args.mode {
+                    cli::LoadMode::KeepAlive => loadgen::Mode::KeepAlive,
+                    cli::LoadMode::ConnectionPerRequest => loadgen::Mode::ConnectionPerRequest,
+                },
+            );
+            let result = runtime()?.block_on(loadgen::run(spec));
+            println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }
     }

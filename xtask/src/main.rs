@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything a fresh machine needs, in one place.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -27,6 +28,9 @@ enum Command {
     Test(test::Options),
     /// Build the release binary and run `interceptor demo`.
     Demo(demo::Options),
+    /// Benchmarks; results go to bench/results/ with the command that produced them.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 fn main() -> Result<()> {
@@ -35,5 +39,9 @@ fn main() -> Result<()> {
         Command::BuildEbpf => build_ebpf::run(),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Bench(what) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            bench::run(&what, &format!("cargo xtask {}", args.join(" ")))
+        }
     }
 }
