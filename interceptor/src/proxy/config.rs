@@ -542,6 +542,16 @@ impl Config {
         Ok(())
     }
 
+    /// Fills in what defaults to the command line or to fixed values, so the config shows (and
+    /// `/config_dump` serves) what actually runs.
+    pub fn resolve(&mut self, connect_timeout: Duration) {
+        for p in [&mut self.outbound.passthrough, &mut self.inbound.cluster] {
+            p.connect_timeout.get_or_insert(Dur(connect_timeout));
+            p.idle_timeout.get_or_insert(Dur::secs(90));
+            p.timeout.get_or_insert(Dur::ZERO);
+        }
+    }
+
     /// Every cluster by name.
     pub fn cluster_map(&self) -> BTreeMap<&str, &ClusterConfig> {
         self.clusters.iter().map(|c| (c.name.as_str(), c)).collect()

@@ -26,11 +26,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(
-        config: Config,
+        mut config: Config,
         generation: u64,
         previous: Option<&Snapshot>,
         settings: &Settings,
     ) -> Self {
+        config.resolve(settings.connect_timeout);
         let clusters = ClusterSet::build(&config, previous.map(|p| &p.clusters), settings);
         let listeners = config
             .outbound
@@ -98,11 +99,14 @@ impl ConfigSource {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let config = Config::load(path)?;
+        let mut config = Config::load(path)?;
         let old = self.snapshot();
-        if *old.config == config {
+        let mut resolved = config.clone();
+        resolved.resolve(self.settings.connect_timeout);
+        if *old.config == resolved {
             return Ok(false);
         }
+        config.resolve(self.settings.connect_timeout);
         let next = Snapshot::build(config, old.generation + 1, Some(&old), &self.settings);
         self.current.send_replace(Arc::new(next));
         Ok(true)
