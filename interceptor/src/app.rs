@@ -9,6 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use prometheus_client::{encoding::text::encode, registry::Registry};
@@ -160,31 +161,65 @@ impl Bound {
             drain: drain.clone(),
         };
 
+        // The data plane: `workers` threads, each with a current-thread runtime. This thread
+        // accepts and hands connections out round robin; from then on a connection, its
+        // upstream pool and their tasks stay on one worker (no cross-thread wakeups per request,
+        // and an even spread even with few long-lived connections).
+        let workers = self.config.workers.max(1);
+        let mut worker_done = Vec::new();
+        let mut handoff = Vec::new();
+        for index in 0..workers {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+            let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let (shared, conns) = (shared.clone(), conns.clone());
+            let drain_timeout = self.config.drain_timeout;
+            let spawned = std::thread::Builder::new()
+                .name(format!("proxy-worker-{index}"))
+                .spawn(move || {
+                    crate::proxy::cluster::set_worker(index);
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(err) => {
+                            warn!(%err, index, "cannot start a proxy worker");
+                            return;
+                        }
+                    };
+                    rt.block_on(worker(rx, shared, conns.clone()));
+                    // In-flight connections get the drain deadline, then the runtime drops them.
+                    rt.block_on(async {
+                        let _ = tokio::time::timeout(drain_timeout, conns.wait()).await;
+                    });
+                    drop(rt);
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    handoff.push(tx);
+                    worker_done.push(done_rx);
+                }
+                Err(err) => warn!(%err, index, "cannot start a proxy worker thread"),
+            }
+        }
+        let handoff = Arc::new(Handoff {
+            workers: handoff,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
         let mut accept_loops = Vec::new();
-        for listener in std::iter::once(outbound).chain(outbound_v6) {
-            let shared = shared.clone();
+        for (listener, kind) in std::iter::once((outbound, Kind::Outbound))
+            .chain(outbound_v6.map(|l| (l, Kind::Outbound)))
+            .chain(std::iter::once((inbound, Kind::Inbound)))
+        {
             accept_loops.push(tokio::spawn(accept(
                 listener,
+                kind,
                 stop.clone(),
-                conns.clone(),
-                move |stream, peer| {
-                    outbound::handle(stream, peer, shared.clone())
-                        .instrument(info_span!("outbound", %peer))
-                },
+                handoff.clone(),
             )));
         }
-        {
-            let shared = shared.clone();
-            accept_loops.push(tokio::spawn(accept(
-                inbound,
-                stop.clone(),
-                conns.clone(),
-                move |stream, peer| {
-                    inbound::handle(stream, peer, shared.clone())
-                        .instrument(info_span!("inbound", %peer))
-                },
-            )));
-        }
+        drop(handoff);
         let reloader = tokio::spawn(reload::watch(
             self.source.clone(),
             metrics.clone(),
@@ -285,6 +320,10 @@ impl Bound {
                 "drain timeout: closing the remaining connections"
             );
         }
+        // Workers finish within the drain deadline; wait for them (a little slack).
+        for done in worker_done {
+            let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+        }
         endpoints_stop.cancel();
         for e in endpoints {
             let _ = e.await;
@@ -292,22 +331,68 @@ impl Bound {
     }
 }
 
-async fn accept<F, Fut>(
-    listener: TcpListener,
-    stop: CancellationToken,
+#[derive(Clone, Copy)]
+enum Kind {
+    Outbound,
+    Inbound,
+}
+
+/// An accepted connection on its way to a worker.
+type Accepted = (std::net::TcpStream, SocketAddr, Kind);
+
+struct Handoff {
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Handoff {
+    fn send(&self, accepted: Accepted) {
+        let n = self.workers.len();
+        if n == 0 {
+            return;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if self.workers[i].send(accepted).is_err() {
+            warn!(worker = i, "a proxy worker is gone; connection dropped");
+        }
+    }
+}
+
+/// One data-plane worker: serves the connections handed to it until the acceptors stop.
+async fn worker(
+    mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    shared: Shared,
     conns: TaskTracker,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+) {
+    while let Some((stream, peer, kind)) = accepted.recv().await {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(err) => {
+                warn!(%err, %peer, "a worker cannot take a connection");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        match kind {
+            Kind::Outbound => conns.spawn(
+                outbound::handle(stream, peer, shared).instrument(info_span!("outbound", %peer)),
+            ),
+            Kind::Inbound => conns.spawn(
+                inbound::handle(stream, peer, shared).instrument(info_span!("inbound", %peer)),
+            ),
+        };
+    }
+}
+
+async fn accept(listener: TcpListener, kind: Kind, stop: CancellationToken, handoff: Arc<Handoff>) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    conns.spawn(handle(stream, peer));
-                }
+                Ok((stream, peer)) => match stream.into_std() {
+                    Ok(stream) => handoff.send((stream, peer, kind)),
+                    Err(err) => warn!(%err, %peer, "cannot hand a connection to a worker"),
+                },
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(%err, "accept failed");

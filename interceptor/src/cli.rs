@@ -136,6 +136,9 @@ pub struct ProxyArgs {
     /// Seconds between checks of the config file for changes.
     #[arg(long, default_value_t = 1.0)]
     pub config_poll_seconds: f64,
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Treat every connection as redirected from this address instead of asking
     /// SO_ORIGINAL_DST (benchmarks and tests without interception).
     #[arg(long, hide = true)]

@@ -16,6 +16,9 @@ use interceptor::{
 };
 use interceptor_common::config::{CONFIG_MSG_REDIRECT, GlobalConfig};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(&cli.log_level, cli.log_format);
@@ -94,6 +97,9 @@ fn run(cli: Cli) -> Result<()> {
                 config_file: args.config.clone(),
                 config_poll: cli::secs(args.config_poll_seconds),
                 original_dst_override: args.original_dst_override,
+                workers: args
+                    .workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 connect_timeout: cli::secs(args.connect_timeout),
                 drain_timeout: cli::secs(args.drain_timeout),
                 ..ProxyConfig::default()
@@ -110,7 +116,12 @@ fn run(cli: Cli) -> Result<()> {
                     "running as the proxy identity"
                 );
             }
-            let rt = runtime()?;
+            // The control plane (admin, metrics, reload, signals) is light: one thread. The
+            // data plane runs on its own worker threads (see `app.rs`).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
             rt.block_on(async {
                 let bound = Bound::bind(config)?;
                 bound.run(signal::shutdown()).await;

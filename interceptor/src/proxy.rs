@@ -8,7 +8,8 @@
 //! - [`outbound`], [`inbound`]: the two capture listeners; [`dispatch`]: detection → HTTP or TCP.
 //! - [`detect`], [`io`]: first-bytes protocol detection and the replaying, counting stream.
 //! - [`http`]: serving and forwarding requests; [`route`]: virtual hosts and routes;
-//!   [`cluster`], [`balancer`], [`outlier`]: upstreams; [`retry`]: Envoy's retry policy.
+//!   [`cluster`], [`balancer`], [`outlier`], [`pool`]: upstreams; [`retry`]: Envoy's retry
+//!   policy.
 //! - [`admin`] (15000), [`metrics`] (15090).
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod io;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
+pub mod pool;
 pub mod reload;
 pub mod retry;
 pub mod route;
@@ -60,6 +62,9 @@ pub struct ProxyConfig {
     /// Treat every connection as if it had been redirected from this destination (benchmarks
     /// and tests without interception; never in a mesh).
     pub original_dst_override: Option<SocketAddr>,
+    /// Data-plane threads, each with its own event loop and upstream pools (thread per core,
+    /// as Envoy's workers): a connection and its upstream requests never cross threads.
+    pub workers: usize,
     /// Source of the inbound hop to the app (Istio's InboundPassthroughClusterIpv4).
     pub passthrough_v4: Ipv4Addr,
     /// Same for IPv6 (Istio: `::6`).
@@ -82,6 +87,7 @@ impl Default for ProxyConfig {
             config_file: None,
             config_poll: Duration::from_secs(1),
             original_dst_override: None,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
             passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
             connect_timeout: Duration::from_secs(10),
@@ -106,6 +112,7 @@ impl ProxyConfig {
     /// The settings clusters take from the command line.
     pub fn cluster_settings(&self) -> cluster::Settings {
         cluster::Settings {
+            workers: self.workers.max(1),
             connect_timeout: self.connect_timeout,
             passthrough_v4: self.passthrough_v4,
             passthrough_v6: self.passthrough_v6,

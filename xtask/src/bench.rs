@@ -315,7 +315,7 @@ fn haproxy_config(listen: SocketAddr, upstream: SocketAddr) -> String {
     format!(
         r#"# Written by `cargo xtask bench proxy`: haproxy as the same sidecar.
 global
-    maxconn 100000
+    maxconn 9000
     log stderr format raw local0 emerg
 
 defaults
@@ -440,8 +440,7 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
             Command::new("haproxy")
                 .args(["-db", "-f"])
                 .arg(&cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
+                .stdout(Stdio::null()),
         )?;
         wait_listening(listen, &mut ha)?;
         let (mut row, r) = measure("haproxy", &bin, listen, Some(ha.pid()), opts)?;

@@ -1,31 +1,23 @@
 //! Clusters: where routed requests go. A static cluster has endpoints, a load-balancing policy
 //! and outlier detection; an original-destination cluster (Istio's `PassthroughCluster` outbound,
 //! `inbound|port||` inbound) goes to the address the client asked for. Each cluster owns a pool
-//! of keep-alive upstream connections (hyper-util's client, one pool per endpoint address) and
+//! of keep-alive upstream connections (`pool.rs`, per worker thread and endpoint) and
 //! its statistics (`/clusters`).
 
 use std::{
     collections::HashMap,
-    future::Future,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::Uri;
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
 use serde::Serialize;
 use tokio::{
     net::{TcpSocket, TcpStream},
@@ -37,16 +29,18 @@ use super::{
     balancer,
     config::{ClusterConfig, Config, Dur, LbPolicy, OutlierConfig},
     outlier::Health,
+    pool::Pool,
 };
 use crate::socket;
 
 /// A request body on its way upstream: buffered (replayable, so retriable) or streaming.
 pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
-pub type UpstreamClient = Client<Connector, UpstreamBody>;
 
 /// Settings that come from the command line rather than the file.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// Data-plane worker threads (one upstream pool each).
+    pub workers: usize,
     pub connect_timeout: Duration,
     pub passthrough_v4: Ipv4Addr,
     pub passthrough_v6: Ipv6Addr,
@@ -55,6 +49,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            workers: 1,
             connect_timeout: Duration::from_secs(10),
             passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
             passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
@@ -62,8 +57,18 @@ impl Default for Settings {
     }
 }
 
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as data-plane worker `index` (its requests use pool `index`).
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 /// How a cluster's pool connects.
 struct PoolSettings {
+    workers: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
     bind: Option<(Ipv4Addr, Ipv6Addr)>,
@@ -85,7 +90,9 @@ pub struct Cluster {
     rr: AtomicUsize,
     pub outlier: OutlierConfig,
     pub connect_timeout: Duration,
-    pub client: Option<UpstreamClient>,
+    /// One connection pool per data-plane worker: a request uses its own worker's pool, so the
+    /// upstream connection task runs on the same thread as the downstream one.
+    pools: Vec<Arc<Pool>>,
     pub stats: ClusterStats,
     /// The config it was built from: an unchanged cluster survives a reload with its pool,
     /// ejections and stats.
@@ -105,6 +112,8 @@ pub struct ClusterStats {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority (the pool key), made once.
+    pub authority: http::uri::Authority,
     active: AtomicU64,
     pub rq_total: AtomicU64,
     pub rq_error: AtomicU64,
@@ -124,6 +133,8 @@ impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            authority: http::uri::Authority::try_from(addr.to_string().as_str())
+                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid")),
             active: AtomicU64::new(0),
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
@@ -172,15 +183,9 @@ impl Cluster {
         source: Option<ClusterConfig>,
     ) -> Self {
         let connect_timeout = pool.connect_timeout;
-        let connector = Connector {
-            connect_timeout,
-            bind: pool.bind,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(pool.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let pools = (0..pool.workers.max(1))
+            .map(|_| Pool::new(connect_timeout, pool.idle_timeout, pool.bind))
+            .collect();
         Self {
             name,
             kind,
@@ -188,13 +193,27 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             outlier,
             connect_timeout,
-            client: Some(client),
+            pools,
             stats: ClusterStats::default(),
             source,
         }
     }
 
-    pub fn from_config(c: &ClusterConfig) -> Self {
+    /// This worker's connection pool (none for a blackhole).
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        if self.pools.is_empty() {
+            return None;
+        }
+        let worker = WORKER.with(std::cell::Cell::get);
+        self.pools.get(worker % self.pools.len())
+    }
+
+    /// Idle upstream connections over every worker's pool.
+    pub fn idle_connections(&self) -> usize {
+        self.pools.iter().map(|p| p.idle_connections()).sum()
+    }
+
+    pub fn from_config(c: &ClusterConfig, workers: usize) -> Self {
         Self::new(
             c.name.clone(),
             Kind::Static(
@@ -206,6 +225,7 @@ impl Cluster {
             c.lb_policy,
             c.outlier_detection.clone(),
             PoolSettings {
+                workers,
                 connect_timeout: c.connect_timeout.0,
                 idle_timeout: c.idle_timeout.0,
                 bind: None,
@@ -217,6 +237,7 @@ impl Cluster {
     /// An original-destination cluster; `bind` = connect from these sources (inbound:
     /// 127.0.0.6 / ::6).
     pub fn original_dst(
+        workers: usize,
         name: &str,
         connect_timeout: Duration,
         idle_timeout: Duration,
@@ -231,6 +252,7 @@ impl Cluster {
                 ..OutlierConfig::default()
             },
             PoolSettings {
+                workers,
                 connect_timeout,
                 idle_timeout,
                 bind,
@@ -247,7 +269,7 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             outlier: OutlierConfig::default(),
             connect_timeout: Duration::from_secs(1),
-            client: None,
+            pools: Vec::new(),
             stats: ClusterStats::default(),
             source: None,
         }
@@ -322,7 +344,8 @@ impl ClusterSet {
                 .and_then(|p| p.by_name.get(&c.name))
                 .filter(|old| old.source.as_ref() == Some(c))
                 .cloned();
-            let cluster = reused.unwrap_or_else(|| Arc::new(Cluster::from_config(c)));
+            let cluster =
+                reused.unwrap_or_else(|| Arc::new(Cluster::from_config(c, settings.workers)));
             by_name.insert(c.name.clone(), cluster);
         }
         let resolve = |d: Option<Dur>, default: Duration| d.map_or(default, |d| d.0);
@@ -332,6 +355,7 @@ impl ClusterSet {
             .filter(|c| c.connect_timeout == resolve(out.connect_timeout, settings.connect_timeout))
             .unwrap_or_else(|| {
                 Arc::new(Cluster::original_dst(
+                    settings.workers,
                     OUTBOUND_PASSTHROUGH,
                     resolve(out.connect_timeout, settings.connect_timeout),
                     resolve(out.idle_timeout, Duration::from_secs(90)),
@@ -344,6 +368,7 @@ impl ClusterSet {
             .filter(|c| c.connect_timeout == resolve(inb.connect_timeout, settings.connect_timeout))
             .unwrap_or_else(|| {
                 Arc::new(Cluster::original_dst(
+                    settings.workers,
                     INBOUND_PASSTHROUGH,
                     resolve(inb.connect_timeout, settings.connect_timeout),
                     resolve(inb.idle_timeout, Duration::from_secs(90)),
@@ -355,52 +380,6 @@ impl ClusterSet {
             outbound_passthrough,
             inbound_passthrough,
         }
-    }
-}
-
-/// Opens upstream connections for the pool: connect timeout, TCP_NODELAY, and an optional
-/// source address (inbound's 127.0.0.6, which keeps the hop to the app from being captured
-/// again).
-#[derive(Clone, Debug)]
-pub struct Connector {
-    connect_timeout: Duration,
-    bind: Option<(Ipv4Addr, Ipv6Addr)>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<TcpStream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.connect_timeout;
-        let bind = self.bind;
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("no address in {uri}"))
-                })?;
-            let source = bind.map(|(v4, v6)| match addr {
-                SocketAddr::V4(_) => IpAddr::V4(v4),
-                SocketAddr::V6(_) => IpAddr::V6(v6),
-            });
-            let stream = tokio::time::timeout(timeout, connect(source, addr))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connect to {addr} timed out after {timeout:?}"),
-                    )
-                })??;
-            let _ = stream.set_nodelay(true);
-            Ok(TokioIo::new(stream))
-        })
     }
 }
 

@@ -101,6 +101,11 @@ pub async fn dispatch(
                 orig_dst,
                 source: shared.source.clone(),
                 metrics: shared.metrics.clone(),
+                active_requests: shared
+                    .metrics
+                    .active_requests
+                    .get_or_create(&metrics::DirectionLabels { direction })
+                    .clone(),
             });
             http::serve(io, protocol, ctx, &limits, shared.drain.clone()).await;
         }

@@ -35,15 +35,16 @@ use tracing::debug;
 
 use super::{
     balancer,
-    cluster::{Cluster, UpstreamBody},
+    cluster::{Cluster, Endpoint, UpstreamBody},
     config::Limits,
     detect,
-    metrics::{Direction, ProxyMetrics},
+    metrics::{ActiveGuard, Direction, ProxyMetrics},
+    pool::{PooledBody, SendError},
     retry::{Outcome, RetryPolicy},
     snapshot::{ConfigSource, Snapshot},
 };
 
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<PooledBody, Full<Bytes>>;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -58,6 +59,8 @@ pub struct ConnCtx {
     pub orig_dst: SocketAddr,
     pub source: ConfigSource,
     pub metrics: ProxyMetrics,
+    /// This direction's in-flight gauge, looked up once per connection.
+    pub active_requests: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Serves HTTP on a detected connection until the client closes it or the drain asks it to
@@ -120,7 +123,8 @@ pub async fn serve<S>(
 /// One request, start to finish, with its metrics.
 pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<ResponseBody> {
     let start = Instant::now();
-    let _active = ctx.metrics.request_started(ctx.direction);
+    ctx.active_requests.inc();
+    let _active = ActiveGuard(ctx.active_requests.clone());
     let snapshot = ctx.source.snapshot();
     let (response, cluster) = route_and_forward(req, ctx, &snapshot).await;
     ctx.metrics.request(
@@ -250,12 +254,7 @@ async fn forward(
     } else {
         RequestBody::Stream(Some(Limited::new(body, stream_limit)))
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let attempts = attempts(&parts, &path, body, cluster, retry, ctx);
+    let attempts = attempts(&mut parts, body, cluster, retry, ctx);
     match timeout {
         None => attempts.await,
         Some(t) => match tokio::time::timeout(t, attempts).await {
@@ -269,14 +268,13 @@ async fn forward(
 }
 
 async fn attempts(
-    parts: &http::request::Parts,
-    path: &str,
+    parts: &mut http::request::Parts,
     mut body: RequestBody,
     cluster: &Arc<Cluster>,
     retry: &RetryPolicy,
     ctx: &ConnCtx,
 ) -> Response<ResponseBody> {
-    let Some(client) = &cluster.client else {
+    let Some(pool) = cluster.pool() else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
     };
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -290,7 +288,9 @@ async fn attempts(
         let Some(attempt_body) = body.for_attempt() else {
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream reset\n");
         };
-        let request = match upstream_request(parts, path, endpoint.addr, attempt, attempt_body) {
+        // The last possible attempt takes the headers instead of copying them.
+        let last = !body.replayable() || attempt > retry.num_retries;
+        let request = match upstream_request(parts, &endpoint, attempt, attempt_body, last) {
             Ok(r) => r,
             Err(err) => {
                 debug!(%err, "cannot build the upstream request");
@@ -299,7 +299,7 @@ async fn attempts(
         };
         cluster.stats.rq_total.fetch_add(1, Ordering::Relaxed);
         let in_flight = endpoint.start();
-        let sent = client.request(request);
+        let sent = pool.send(endpoint.addr, request);
         let result = match retry.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r.map_err(Some),
@@ -348,26 +348,40 @@ async fn attempts(
 }
 
 fn upstream_request(
-    parts: &http::request::Parts,
-    path: &str,
-    endpoint: SocketAddr,
+    parts: &mut http::request::Parts,
+    endpoint: &Endpoint,
     attempt: u32,
     body: UpstreamBody,
+    take_headers: bool,
 ) -> Result<Request<UpstreamBody>, http::Error> {
-    let uri: Uri = format!("http://{endpoint}{path}").parse()?;
+    // HTTP/1.1 upstream: origin-form target, the client's Host kept.
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let mut req = Request::builder()
         .method(parts.method.clone())
-        .uri(uri)
+        .uri(Uri::from(path))
         .version(Version::HTTP_11)
         .body(body)?;
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = if take_headers {
+        std::mem::take(&mut parts.headers)
+    } else {
+        parts.headers.clone()
+    };
+    if !req.headers().contains_key(HOST)
+        && let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str())
+    {
+        req.headers_mut().insert(HOST, v);
+    }
     req.headers_mut()
         .insert(X_ATTEMPT_COUNT, HeaderValue::from(attempt));
     Ok(req)
 }
 
-fn classify_error(err: &hyper_util::client::legacy::Error) -> Outcome {
-    if err.is_connect() {
+fn classify_error(err: &SendError) -> Outcome {
+    if matches!(err, SendError::Connect { .. }) {
         return Outcome::ConnectFailure;
     }
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
@@ -382,7 +396,7 @@ fn classify_error(err: &hyper_util::client::legacy::Error) -> Outcome {
     Outcome::Reset
 }
 
-fn caused_by_body_limit(err: &hyper_util::client::legacy::Error) -> bool {
+fn caused_by_body_limit(err: &SendError) -> bool {
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
     while let Some(e) = source {
         if e.is::<LengthLimitError>() {
@@ -394,7 +408,7 @@ fn caused_by_body_limit(err: &hyper_util::client::legacy::Error) -> bool {
 }
 
 fn failure_reply(
-    err: &hyper_util::client::legacy::Error,
+    err: &SendError,
     outcome: Outcome,
     endpoint: SocketAddr,
 ) -> Response<ResponseBody> {
@@ -433,8 +447,22 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Headers a proxy must not forward (RFC 9110 §7.6.1), plus those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the names instead of seven lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -468,7 +496,7 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx) {
         headers.insert(HOST, v);
     }
     if !headers.contains_key(&X_REQUEST_ID)
-        && let Ok(v) = HeaderValue::from_str(&request_id())
+        && let Ok(v) = HeaderValue::from_bytes(&request_id_bytes())
     {
         headers.insert(X_REQUEST_ID, v);
     }
@@ -490,18 +518,30 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx) {
 
 /// A random UUID v4 in text form, like Envoy's generated request ids.
 pub fn request_id() -> String {
+    String::from_utf8_lossy(&request_id_bytes()).into_owned()
+}
+
+/// The same, without going through `fmt` (it runs for every request).
+fn request_id_bytes() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let hi = balancer::random_u64();
     let lo = balancer::random_u64();
     let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x4000; // version 4
     let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000; // RFC 4122 variant
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
+    let mut out = [b'-'; 36];
+    let mut nibbles = (0..16)
+        .rev()
+        .map(|i| (hi >> (i * 4)) & 0xf)
+        .chain((0..16).rev().map(|i| (lo >> (i * 4)) & 0xf));
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        if let Some(n) = nibbles.next() {
+            *slot = HEX[n as usize];
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -516,6 +556,16 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4");
         assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+        assert!(
+            a.chars()
+                .enumerate()
+                .all(|(i, c)| if [8, 13, 18, 23].contains(&i) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }),
+            "{a}"
+        );
     }
 
     #[test]

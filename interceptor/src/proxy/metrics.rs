@@ -226,16 +226,6 @@ impl ProxyMetrics {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
-    /// Counts a request as in flight until the guard drops.
-    pub fn request_started(&self, direction: Direction) -> ActiveGuard {
-        let gauge = self
-            .active_requests
-            .get_or_create(&DirectionLabels { direction })
-            .clone();
-        gauge.inc();
-        ActiveGuard(gauge)
-    }
-
     pub fn refuse(&self, direction: Direction, reason: Refusal) {
         self.refused
             .get_or_create(&RefusalLabels { direction, reason })
@@ -267,8 +257,8 @@ impl ProxyMetrics {
     }
 }
 
-/// Decrements the active-connections gauge on drop, however the connection ends.
-pub struct ActiveGuard(Gauge);
+/// Decrements a gauge (active connections or requests) on drop, however they end.
+pub struct ActiveGuard(pub Gauge);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
