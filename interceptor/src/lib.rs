@@ -5,6 +5,7 @@
 //! - [`pods`]: which pods are intercepted, and how (Istio's per-pod switches).
 //! - [`proxy`] + [`app`]: the sidecar proxy.
 //! - [`lab`], [`testapp`], [`demo`]: pods on network namespaces for the demo, tests, benchmark.
+//! - [`loadgen`]: the HTTP load generator of the benchmarks.
 
 pub mod agent;
 pub mod app;
@@ -15,6 +16,7 @@ pub mod http_server;
 pub mod iptables;
 pub mod lab;
 pub mod listeners;
+pub mod loadgen;
 pub mod netns;
 pub mod pods;
 pub mod privileges;

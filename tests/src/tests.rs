@@ -10,4 +10,5 @@ mod isolation;
 mod lifecycle;
 mod outbound;
 mod policy;
+mod proxy_l7;
 mod sockmap;
