@@ -59,6 +59,9 @@ pub enum Command {
     Iptables(IptablesCommand),
     /// Build two pods on real network namespaces and show a request crossing both sidecars.
     Demo(DemoArgs),
+    /// Compare interception modes (direct, iptables, ebpf, ebpf without sk_msg) on real pods:
+    /// requests/s, latency percentiles, CPU per request, app↔proxy stream throughput.
+    Bench(crate::bench::BenchArgs),
     /// Small applications used by the demo, the tests and the benchmark.
     #[command(subcommand, hide = true)]
     Testapp(TestappCommand),
@@ -373,6 +376,23 @@ pub enum TestappCommand {
     },
     /// HTTP/1.1 load against one address (the benchmark's client); prints a JSON result.
     Load(LoadArgs),
+    /// Reads and discards every connection's bytes.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Writes a byte budget in fixed-size messages to an address; prints the result as JSON.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 65536)]
+        message_size: usize,
+        #[arg(long, default_value_t = 256 << 20)]
+        bytes: u64,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        time_limit: f64,
+    },
 }
 
 #[derive(Debug, Args)]

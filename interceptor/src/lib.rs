@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod bench;
 pub mod bpf;
 pub mod cli;
 pub mod demo;

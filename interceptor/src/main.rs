@@ -5,6 +5,7 @@ use clap::Parser as _;
 use interceptor::{
     agent::{self, AgentOptions},
     app::Bound,
+    bench,
     bpf::{LoadOptions, Maps, Pins},
     cli::{self, Cli, Command, IptablesCommand, ModeArg, NetnsTarget, PodCommand, TestappCommand},
     demo, iptables, loadgen,
@@ -143,25 +144,18 @@ fn run(cli: Cli) -> Result<()> {
             let color = std::io::stdout().is_terminal();
             runtime()?.block_on(demo::run(args, color))
         }
-        Command::Testapp(TestappCommand::HttpServer { listen, name }) => {
-            runtime()?.block_on(testapp::http_server(listen, name))?;
-            Ok(())
-        }
-        Command::Testapp(TestappCommand::Load(args)) => {
-            let spec = loadgen::LoadSpec::new(
-                args.target,
-                &args.host,
-                &args.path,
-                args.concurrency,
-                args.requests,
-                cli::secs(args.time_limit),
-                match args.mode {
-                    cli::LoadMode::KeepAlive => loadgen::Mode::KeepAlive,
-                    cli::LoadMode::ConnectionPerRequest => loadgen::Mode::ConnectionPerRequest,
-                },
-            );
-            let result = runtime()?.block_on(loadgen::run(spec));
-            println!("{}", serde_json::to_string_pretty(&result)?);
+        Command::Testapp(cmd) => testapp_command(cmd),
+        Command::Bench(args) => {
+            let report = bench::run(&args)?;
+            let paths = report.write(&args.out)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.markdown());
+            }
+            for path in paths {
+                eprintln!("wrote {}", path.display());
+            }
             Ok(())
         }
     }
@@ -333,6 +327,48 @@ fn iptables_command(cmd: IptablesCommand) -> Result<()> {
                     netns.path().display()
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn testapp_command(cmd: TestappCommand) -> Result<()> {
+    match cmd {
+        TestappCommand::HttpServer { listen, name } => {
+            runtime()?.block_on(testapp::http_server(listen, name))?;
+        }
+        TestappCommand::Load(args) => {
+            let spec = loadgen::LoadSpec::new(
+                args.target,
+                &args.host,
+                &args.path,
+                args.concurrency,
+                args.requests,
+                cli::secs(args.time_limit),
+                match args.mode {
+                    cli::LoadMode::KeepAlive => loadgen::Mode::KeepAlive,
+                    cli::LoadMode::ConnectionPerRequest => loadgen::Mode::ConnectionPerRequest,
+                },
+            );
+            let result = runtime()?.block_on(loadgen::run(spec));
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        TestappCommand::Sink { listen } => {
+            runtime()?.block_on(testapp::stream::sink(listen))?;
+        }
+        TestappCommand::Stream {
+            to,
+            message_size,
+            bytes,
+            time_limit,
+        } => {
+            let result = runtime()?.block_on(testapp::stream::stream(
+                to,
+                message_size,
+                bytes,
+                cli::secs(time_limit),
+            ))?;
+            println!("{}", serde_json::to_string(&result)?);
         }
     }
     Ok(())

@@ -17,6 +17,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+pub mod stream;
+
 /// Serves `GET /` with "hello from NAME: you are PEER calling LOCAL", and `GET /bytes/N` with N
 /// bytes, until the process is stopped.
 pub async fn http_server(listen: SocketAddr, name: String) -> io::Result<()> {

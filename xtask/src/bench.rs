@@ -21,8 +21,18 @@ use serde::Serialize;
 use serde_json::Value;
 use xtask::{exec, is_root, output, step, workspace_root};
 
+/// `cargo xtask bench [datapath|proxy]`: the datapath comparison when nothing is named.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<Bench>,
+}
+
 #[derive(clap::Subcommand)]
 pub enum Bench {
+    /// Interception modes side by side on real pods: direct, iptables, ebpf, ebpf without
+    /// sk_msg (the default).
+    Datapath(crate::bench_datapath::DatapathOptions),
     /// The L7 sidecar proxy vs direct vs haproxy (keep-alive HTTP/1.1 on loopback).
     Proxy(ProxyOptions),
 }
@@ -49,9 +59,11 @@ pub struct ProxyOptions {
     no_haproxy: bool,
 }
 
-pub fn run(bench: &Bench, command_line: &str) -> Result<()> {
-    match bench {
-        Bench::Proxy(opts) => proxy(opts, command_line),
+pub fn run(args: &BenchArgs, command_line: &str) -> Result<()> {
+    match &args.what {
+        None => crate::bench_datapath::run(&Default::default(), command_line),
+        Some(Bench::Datapath(opts)) => crate::bench_datapath::run(opts, command_line),
+        Some(Bench::Proxy(opts)) => proxy(opts, command_line),
     }
 }
 

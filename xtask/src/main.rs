@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything a fresh machine needs, in one place.
 
 mod bench;
+mod bench_datapath;
 mod build_ebpf;
 mod demo;
 mod kernels;
@@ -34,8 +35,7 @@ enum Command {
     /// and on this machine's kernel (root).
     VmTest(vm_test::Options),
     /// Benchmarks; results go to bench/results/ with the command that produced them.
-    #[command(subcommand)]
-    Bench(bench::Bench),
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
