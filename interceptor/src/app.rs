@@ -9,6 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use prometheus_client::{encoding::text::encode, registry::Registry};
@@ -19,7 +20,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     http_server::{self, Handler, text},
-    proxy::{ProxyConfig, inbound, metrics::ProxyMetrics, outbound},
+    proxy::{
+        ProxyConfig, admin, config::ConfigError, dispatch::Shared, inbound, metrics::ProxyMetrics,
+        outbound, reload, snapshot::ConfigSource,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,14 @@ pub struct BindError {
     source: io::Error,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+}
+
 /// Every listener of the proxy, bound and ready to serve.
 pub struct Bound {
     pub config: Arc<ProxyConfig>,
@@ -39,6 +51,9 @@ pub struct Bound {
     pub inbound: SocketAddr,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
+    pub admin: SocketAddr,
+    /// The routing config (reloadable).
+    pub source: ConfigSource,
     listeners: Listeners,
 }
 
@@ -48,6 +63,7 @@ struct Listeners {
     inbound: TcpListener,
     metrics: TcpListener,
     health: TcpListener,
+    admin: TcpListener,
 }
 
 fn listen(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
@@ -66,7 +82,9 @@ fn listen(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError
 }
 
 impl Bound {
-    pub fn bind(config: ProxyConfig) -> Result<Self, BindError> {
+    /// Loads the config file (if any) and binds every listener.
+    pub fn bind(config: ProxyConfig) -> Result<Self, Error> {
+        let source = ConfigSource::load(config.config_file.clone(), config.cluster_settings())?;
         let outbound = listen(config.outbound, "the outbound listener")?;
         let outbound_v6 = match config.outbound_v6 {
             Some(addr) => match listen(addr, "the IPv6 outbound listener") {
@@ -88,10 +106,11 @@ impl Bound {
                     "the inbound listener",
                 )?
             }
-            Err(err) => return Err(err),
+            Err(err) => return Err(err.into()),
         };
         let metrics = listen(config.metrics, "the metrics endpoint")?;
         let health = listen(config.health, "the health endpoint")?;
+        let admin = listen(config.admin, "the admin endpoint")?;
         let addr = |l: &TcpListener| l.local_addr().unwrap_or(config.outbound);
         Ok(Self {
             outbound: addr(&outbound),
@@ -99,13 +118,16 @@ impl Bound {
             inbound: addr(&inbound),
             metrics: addr(&metrics),
             health: addr(&health),
+            admin: addr(&admin),
             config: Arc::new(config),
+            source,
             listeners: Listeners {
                 outbound,
                 outbound_v6,
                 inbound,
                 metrics,
                 health,
+                admin,
             },
         })
     }
@@ -113,10 +135,15 @@ impl Bound {
     /// Serves until `shutdown` resolves, then stops accepting and gives open connections up to
     /// the drain timeout to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut registry = Registry::default();
+        self.run_with(shutdown, Registry::default()).await;
+    }
+
+    /// Like `run`, with metrics registered in `registry` (tests read it).
+    pub async fn run_with(self, shutdown: impl Future<Output = ()>, mut registry: Registry) {
         let metrics = ProxyMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let stop = CancellationToken::new();
+        let drain = CancellationToken::new();
         let conns = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
         let Listeners {
@@ -125,43 +152,80 @@ impl Bound {
             inbound,
             metrics: metrics_listener,
             health,
+            admin: admin_listener,
         } = self.listeners;
+        let shared = Shared {
+            config: self.config.clone(),
+            source: self.source.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+        };
 
+        // The data plane: `workers` threads, each with a current-thread runtime. This thread
+        // accepts and hands connections out round robin; from then on a connection, its
+        // upstream pool and their tasks stay on one worker (no cross-thread wakeups per request,
+        // and an even spread even with few long-lived connections).
+        let workers = self.config.workers.max(1);
+        let mut worker_done = Vec::new();
+        let mut handoff = Vec::new();
+        for index in 0..workers {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+            let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let (shared, conns) = (shared.clone(), conns.clone());
+            let drain_timeout = self.config.drain_timeout;
+            let spawned = std::thread::Builder::new()
+                .name(format!("proxy-worker-{index}"))
+                .spawn(move || {
+                    crate::proxy::cluster::set_worker(index);
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(err) => {
+                            warn!(%err, index, "cannot start a proxy worker");
+                            return;
+                        }
+                    };
+                    rt.block_on(worker(rx, shared, conns.clone()));
+                    // In-flight connections get the drain deadline, then the runtime drops them.
+                    rt.block_on(async {
+                        let _ = tokio::time::timeout(drain_timeout, conns.wait()).await;
+                    });
+                    drop(rt);
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    handoff.push(tx);
+                    worker_done.push(done_rx);
+                }
+                Err(err) => warn!(%err, index, "cannot start a proxy worker thread"),
+            }
+        }
+        let handoff = Arc::new(Handoff {
+            workers: handoff,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
         let mut accept_loops = Vec::new();
-        for listener in std::iter::once(outbound).chain(outbound_v6) {
-            let (config, metrics, stop, conns) = (
-                self.config.clone(),
-                metrics.clone(),
-                stop.clone(),
-                conns.clone(),
-            );
+        for (listener, kind) in std::iter::once((outbound, Kind::Outbound))
+            .chain(outbound_v6.map(|l| (l, Kind::Outbound)))
+            .chain(std::iter::once((inbound, Kind::Inbound)))
+        {
             accept_loops.push(tokio::spawn(accept(
                 listener,
-                stop,
-                conns,
-                move |stream, peer| {
-                    outbound::handle(stream, peer, config.clone(), metrics.clone())
-                        .instrument(info_span!("outbound", %peer))
-                },
-            )));
-        }
-        {
-            let (config, metrics, stop, conns) = (
-                self.config.clone(),
-                metrics.clone(),
+                kind,
                 stop.clone(),
-                conns.clone(),
-            );
-            accept_loops.push(tokio::spawn(accept(
-                inbound,
-                stop,
-                conns,
-                move |stream, peer| {
-                    inbound::handle(stream, peer, config.clone(), metrics.clone())
-                        .instrument(info_span!("inbound", %peer))
-                },
+                handoff.clone(),
             )));
         }
+        drop(handoff);
+        let reloader = tokio::spawn(reload::watch(
+            self.source.clone(),
+            metrics.clone(),
+            self.config.config_poll,
+            stop.clone(),
+        ));
         let prometheus: Handler = {
             let registry = registry.clone();
             Arc::new(move |req| match req.uri().path() {
@@ -200,7 +264,18 @@ impl Bound {
         };
         // Endpoints outlive the drain (readiness reports it); stopped at the very end.
         let endpoints_stop = CancellationToken::new();
+        let admin = admin::handler(
+            self.config.clone(),
+            self.source.clone(),
+            registry.clone(),
+            ready.clone(),
+        );
         let endpoints = [
+            tokio::spawn(http_server::serve(
+                admin_listener,
+                admin,
+                endpoints_stop.clone(),
+            )),
             tokio::spawn(http_server::serve(
                 metrics_listener,
                 prometheus,
@@ -217,6 +292,8 @@ impl Bound {
             inbound = %self.inbound,
             metrics = %self.metrics,
             health = %self.health,
+            admin = %self.admin,
+            config = ?self.config.config_file,
             "proxy ready"
         );
 
@@ -226,6 +303,9 @@ impl Bound {
         for l in accept_loops {
             let _ = l.await;
         }
+        let _ = reloader.await;
+        // HTTP connections finish their in-flight requests and close; TCP ones get the deadline.
+        drain.cancel();
         conns.close();
         let open = conns.len();
         if open > 0 {
@@ -240,6 +320,10 @@ impl Bound {
                 "drain timeout: closing the remaining connections"
             );
         }
+        // Workers finish within the drain deadline; wait for them (a little slack).
+        for done in worker_done {
+            let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+        }
         endpoints_stop.cancel();
         for e in endpoints {
             let _ = e.await;
@@ -247,22 +331,68 @@ impl Bound {
     }
 }
 
-async fn accept<F, Fut>(
-    listener: TcpListener,
-    stop: CancellationToken,
+#[derive(Clone, Copy)]
+enum Kind {
+    Outbound,
+    Inbound,
+}
+
+/// An accepted connection on its way to a worker.
+type Accepted = (std::net::TcpStream, SocketAddr, Kind);
+
+struct Handoff {
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Handoff {
+    fn send(&self, accepted: Accepted) {
+        let n = self.workers.len();
+        if n == 0 {
+            return;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if self.workers[i].send(accepted).is_err() {
+            warn!(worker = i, "a proxy worker is gone; connection dropped");
+        }
+    }
+}
+
+/// One data-plane worker: serves the connections handed to it until the acceptors stop.
+async fn worker(
+    mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    shared: Shared,
     conns: TaskTracker,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+) {
+    while let Some((stream, peer, kind)) = accepted.recv().await {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(err) => {
+                warn!(%err, %peer, "a worker cannot take a connection");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        match kind {
+            Kind::Outbound => conns.spawn(
+                outbound::handle(stream, peer, shared).instrument(info_span!("outbound", %peer)),
+            ),
+            Kind::Inbound => conns.spawn(
+                inbound::handle(stream, peer, shared).instrument(info_span!("inbound", %peer)),
+            ),
+        };
+    }
+}
+
+async fn accept(listener: TcpListener, kind: Kind, stop: CancellationToken, handoff: Arc<Handoff>) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    conns.spawn(handle(stream, peer));
-                }
+                Ok((stream, peer)) => match stream.into_std() {
+                    Ok(stream) => handoff.send((stream, peer, kind)),
+                    Err(err) => warn!(%err, %peer, "cannot hand a connection to a worker"),
+                },
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(%err, "accept failed");

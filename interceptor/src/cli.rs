@@ -59,6 +59,9 @@ pub enum Command {
     Iptables(IptablesCommand),
     /// Build two pods on real network namespaces and show a request crossing both sidecars.
     Demo(DemoArgs),
+    /// Compare interception modes (direct, iptables, ebpf, ebpf without sk_msg) on real pods:
+    /// requests/s, latency percentiles, CPU per request, app↔proxy stream throughput.
+    Bench(crate::bench::BenchArgs),
     /// Small applications used by the demo, the tests and the benchmark.
     #[command(subcommand, hide = true)]
     Testapp(TestappCommand),
@@ -142,6 +145,29 @@ pub struct ProxyArgs {
     pub metrics: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub health: SocketAddr,
+    /// Admin endpoint: /config_dump, /clusters, /stats, /ready (keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Routing config (YAML; see examples/proxy/). Reloaded on change and on SIGHUP. Without
+    /// it every destination is passed through to its original address.
+    #[arg(long, env = "INTERCEPTOR_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate FILE and exit: 0 when valid, 1 with the line and field of the first error.
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<PathBuf>,
+    /// With --check-config: print the effective config (defaults filled in) as JSON.
+    #[arg(long, requires = "check_config")]
+    pub json: bool,
+    /// Seconds between checks of the config file for changes.
+    #[arg(long, default_value_t = 1.0)]
+    pub config_poll_seconds: f64,
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Treat every connection as redirected from this address instead of asking
+    /// SO_ORIGINAL_DST (benchmarks and tests without interception).
+    #[arg(long, hide = true)]
+    pub original_dst_override: Option<SocketAddr>,
     /// Run as this UID when started as root (the identity interception leaves alone).
     #[arg(long, default_value_t = 1337)]
     pub uid: u32,
@@ -366,6 +392,51 @@ pub enum TestappCommand {
         #[arg(long, default_value = "app")]
         name: String,
     },
+    /// HTTP/1.1 load against one address (the benchmark's client); prints a JSON result.
+    Load(LoadArgs),
+    /// Reads and discards every connection's bytes.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Writes a byte budget in fixed-size messages to an address; prints the result as JSON.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 65536)]
+        message_size: usize,
+        #[arg(long, default_value_t = 256 << 20)]
+        bytes: u64,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        time_limit: f64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[arg(long)]
+    pub target: SocketAddr,
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Request budget (all connections together).
+    #[arg(long, default_value_t = 100_000)]
+    pub requests: u64,
+    /// Seconds; the run stops then even with requests left.
+    #[arg(long, default_value_t = 10.0)]
+    pub time_limit: f64,
+    #[arg(long, value_enum, default_value_t = LoadMode::KeepAlive)]
+    pub mode: LoadMode,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LoadMode {
+    KeepAlive,
+    ConnectionPerRequest,
 }
 
 pub fn secs(v: f64) -> Duration {

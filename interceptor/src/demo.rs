@@ -43,6 +43,10 @@ struct Summary {
     counters: BTreeMap<&'static str, u64>,
     client_sidecar_outbound_connections: f64,
     server_sidecar_inbound_connections: f64,
+    /// HTTP requests each sidecar routed (the L7 proxy pools upstream connections, so
+    /// requests, not connections, match one to one across the sidecars).
+    client_sidecar_outbound_requests: f64,
+    server_sidecar_inbound_requests: f64,
 }
 
 /// Counters the demo explains, in the order a request meets them.
@@ -271,9 +275,23 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
         &server,
         "interceptor_proxy_connections_total{direction=\"Inbound\"}",
     );
+    let client_requests = metric(
+        &client,
+        "interceptor_proxy_requests_total{direction=\"Outbound\",cluster=\"PassthroughCluster\",code=\"200\"}",
+    );
+    let server_requests = metric(
+        &server,
+        &format!(
+            "interceptor_proxy_requests_total{{direction=\"Inbound\",cluster=\"inbound|{APP_PORT}||\",code=\"200\"}}"
+        ),
+    );
     println!("\n  Sidecar metrics (15090 /stats/prometheus):");
     println!("    client sidecar outbound connections  {client_out}");
-    println!("    server sidecar inbound connections   {server_in}");
+    println!("    client sidecar outbound requests     {client_requests}  (HTTP, routed)");
+    println!(
+        "    server sidecar inbound connections   {server_in}  (the client sidecar keeps its upstream connection alive)"
+    );
+    println!("    server sidecar inbound requests      {server_requests}");
 
     println!("\nCleaning up: sidecars, app, agent (detaches and unpins), namespaces, cgroups.");
     drop(sidecars);
@@ -291,6 +309,8 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
             counters: delta,
             client_sidecar_outbound_connections: client_out,
             server_sidecar_inbound_connections: server_in,
+            client_sidecar_outbound_requests: client_requests,
+            server_sidecar_inbound_requests: server_requests,
         };
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }

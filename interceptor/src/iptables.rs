@@ -173,7 +173,31 @@ pub fn is_applied(netns: &Netns, backend: Backend) -> Result<bool, Error> {
 }
 
 /// Runs an iptables tool inside `netns`, feeding `stdin`, and returns its stdout.
+///
+/// One retry on EFAULT: before Linux 6.9 (and on kernels without the fix), a getsockopt that
+/// races the first cgroup/getsockopt program being attached anywhere on the machine fails with
+/// EFAULT (`do_sock_getsockopt` reads the "BPF enabled" switch twice). iptables' table reads
+/// are getsockopts, and an agent attaching at that moment is exactly such a race.
 fn run(
+    netns: &Netns,
+    program: &str,
+    args: &[&str],
+    stdin: Option<String>,
+) -> Result<String, Error> {
+    match run_once(netns, program, args, stdin.clone()) {
+        Err(Error::Failed { stderr, .. }) if stderr.contains("Bad address") => {
+            debug!(
+                program,
+                "EFAULT from the kernel's getsockopt race; retrying once"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            run_once(netns, program, args, stdin)
+        }
+        other => other,
+    }
+}
+
+fn run_once(
     netns: &Netns,
     program: &str,
     args: &[&str],

@@ -6,9 +6,11 @@
 //! - [`kube`]: the pod watcher: this node's pods from the Kubernetes API, Istio's annotations.
 //! - [`proxy`] + [`app`]: the sidecar proxy.
 //! - [`lab`], [`testapp`], [`demo`]: pods on network namespaces for the demo, tests, benchmark.
+//! - [`loadgen`]: the HTTP load generator of the benchmarks.
 
 pub mod agent;
 pub mod app;
+pub mod bench;
 pub mod bpf;
 pub mod cli;
 pub mod demo;
@@ -17,6 +19,7 @@ pub mod iptables;
 pub mod kube;
 pub mod lab;
 pub mod listeners;
+pub mod loadgen;
 pub mod netns;
 pub mod pods;
 pub mod privileges;

@@ -5,10 +5,12 @@ use clap::Parser as _;
 use interceptor::{
     agent::{self, AgentOptions},
     app::Bound,
+    bench,
     bpf::{LoadOptions, Maps, Pins},
     cli::{self, Cli, Command, IptablesCommand, ModeArg, NetnsTarget, PodCommand, TestappCommand},
     demo, iptables,
     kube::KubeOptions,
+    loadgen,
     netns::Netns,
     pods::{self, Mode, PodRef, PodSource, Registry},
     privileges,
@@ -16,6 +18,9 @@ use interceptor::{
     signal, status, telemetry, testapp,
 };
 use interceptor_common::config::{CONFIG_MSG_REDIRECT, GlobalConfig};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -74,6 +79,26 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Proxy(args) => {
+            if let Some(path) = &args.check_config {
+                let config = interceptor::proxy::config::Config::load(path)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&config)?);
+                } else {
+                    println!(
+                        "{}: valid ({} clusters, {} outbound listeners, {} virtual hosts)",
+                        path.display(),
+                        config.clusters.len(),
+                        config.outbound.listeners.len(),
+                        config
+                            .outbound
+                            .listeners
+                            .iter()
+                            .map(|l| l.virtual_hosts.len())
+                            .sum::<usize>()
+                    );
+                }
+                return Ok(());
+            }
             let config = ProxyConfig {
                 outbound: args.outbound,
                 outbound_v6: match args.outbound_v6.as_str() {
@@ -83,10 +108,21 @@ fn run(cli: Cli) -> Result<()> {
                 inbound: args.inbound,
                 metrics: args.metrics,
                 health: args.health,
+                admin: args.admin,
+                config_file: args.config.clone(),
+                config_poll: cli::secs(args.config_poll_seconds),
+                original_dst_override: args.original_dst_override,
+                workers: args
+                    .workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 connect_timeout: cli::secs(args.connect_timeout),
                 drain_timeout: cli::secs(args.drain_timeout),
                 ..ProxyConfig::default()
             };
+            // Fail before dropping privileges, with the file's line and field.
+            if let Some(path) = &config.config_file {
+                interceptor::proxy::config::Config::load(path)?;
+            }
             // Before any thread exists: every thread must run as the proxy identity.
             if !args.no_drop_privileges && privileges::drop_to(args.uid, args.gid)? {
                 tracing::info!(
@@ -95,7 +131,12 @@ fn run(cli: Cli) -> Result<()> {
                     "running as the proxy identity"
                 );
             }
-            let rt = runtime()?;
+            // The control plane (admin, metrics, reload, signals) is light: one thread. The
+            // data plane runs on its own worker threads (see `app.rs`).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
             rt.block_on(async {
                 let bound = Bound::bind(config)?;
                 bound.run(signal::shutdown()).await;
@@ -117,8 +158,18 @@ fn run(cli: Cli) -> Result<()> {
             let color = std::io::stdout().is_terminal();
             runtime()?.block_on(demo::run(args, color))
         }
-        Command::Testapp(TestappCommand::HttpServer { listen, name }) => {
-            runtime()?.block_on(testapp::http_server(listen, name))?;
+        Command::Testapp(cmd) => testapp_command(cmd),
+        Command::Bench(args) => {
+            let report = bench::run(&args)?;
+            let paths = report.write(&args.out)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.markdown());
+            }
+            for path in paths {
+                eprintln!("wrote {}", path.display());
+            }
             Ok(())
         }
     }
@@ -290,6 +341,48 @@ fn iptables_command(cmd: IptablesCommand) -> Result<()> {
                     netns.path().display()
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn testapp_command(cmd: TestappCommand) -> Result<()> {
+    match cmd {
+        TestappCommand::HttpServer { listen, name } => {
+            runtime()?.block_on(testapp::http_server(listen, name))?;
+        }
+        TestappCommand::Load(args) => {
+            let spec = loadgen::LoadSpec::new(
+                args.target,
+                &args.host,
+                &args.path,
+                args.concurrency,
+                args.requests,
+                cli::secs(args.time_limit),
+                match args.mode {
+                    cli::LoadMode::KeepAlive => loadgen::Mode::KeepAlive,
+                    cli::LoadMode::ConnectionPerRequest => loadgen::Mode::ConnectionPerRequest,
+                },
+            );
+            let result = runtime()?.block_on(loadgen::run(spec));
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        TestappCommand::Sink { listen } => {
+            runtime()?.block_on(testapp::stream::sink(listen))?;
+        }
+        TestappCommand::Stream {
+            to,
+            message_size,
+            bytes,
+            time_limit,
+        } => {
+            let result = runtime()?.block_on(testapp::stream::stream(
+                to,
+                message_size,
+                bytes,
+                cli::secs(time_limit),
+            ))?;
+            println!("{}", serde_json::to_string(&result)?);
         }
     }
     Ok(())

@@ -1,14 +1,39 @@
 //! The sidecar proxy: the part Envoy plays in Istio. Outbound on 127.0.0.1:15001 (and [::1]),
 //! inbound on 15006; both recover the original destination with `SO_ORIGINAL_DST`, so the proxy
-//! works the same under eBPF and iptables interception.
+//! works the same under eBPF and iptables interception. HTTP/1.1 and h2c are routed (`route`,
+//! `cluster`, `retry`), everything else is passed through as TCP (`tcp`).
+//!
+//! - [`config`]: the YAML file; [`snapshot`]: one compiled generation of it, swapped on reload
+//!   ([`reload`]).
+//! - [`outbound`], [`inbound`]: the two capture listeners; [`dispatch`]: detection → HTTP or TCP.
+//! - [`detect`], [`io`]: first-bytes protocol detection and the replaying, counting stream.
+//! - [`http`]: serving and forwarding requests; [`route`]: virtual hosts and routes;
+//!   [`cluster`], [`balancer`], [`outlier`], [`pool`]: upstreams; [`retry`]: Envoy's retry
+//!   policy.
+//! - [`admin`] (15000), [`metrics`] (15090).
 
-pub mod forward;
+pub mod admin;
+pub mod balancer;
+pub mod cluster;
+pub mod config;
+pub mod detect;
+pub mod dispatch;
+pub mod http;
 pub mod inbound;
+pub mod io;
 pub mod metrics;
 pub mod outbound;
+pub mod outlier;
+pub mod pool;
+pub mod reload;
+pub mod retry;
+pub mod route;
+pub mod snapshot;
+pub mod tcp;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -27,6 +52,19 @@ pub struct ProxyConfig {
     pub metrics: SocketAddr,
     /// Health endpoint (15021, `/healthz/ready`).
     pub health: SocketAddr,
+    /// Admin endpoint (127.0.0.1:15000: `/config_dump`, `/clusters`, `/stats`, `/ready`).
+    pub admin: SocketAddr,
+    /// The routing config file (`--config`); none = every destination is passed through.
+    pub config_file: Option<PathBuf>,
+    /// How often the config file is checked for changes (SIGHUP reloads at once).
+    #[serde(with = "humantime_secs")]
+    pub config_poll: Duration,
+    /// Treat every connection as if it had been redirected from this destination (benchmarks
+    /// and tests without interception; never in a mesh).
+    pub original_dst_override: Option<SocketAddr>,
+    /// Data-plane threads, each with its own event loop and upstream pools (thread per core,
+    /// as Envoy's workers): a connection and its upstream requests never cross threads.
+    pub workers: usize,
     /// Source of the inbound hop to the app (Istio's InboundPassthroughClusterIpv4).
     pub passthrough_v4: Ipv4Addr,
     /// Same for IPv6 (Istio: `::6`).
@@ -45,6 +83,11 @@ impl Default for ProxyConfig {
             inbound: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 15006)),
             metrics: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 15090)),
             health: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 15021)),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)),
+            config_file: None,
+            config_poll: Duration::from_secs(1),
+            original_dst_override: None,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
             passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
             connect_timeout: Duration::from_secs(10),
@@ -56,13 +99,24 @@ impl Default for ProxyConfig {
 impl ProxyConfig {
     /// Ports of the proxy itself: a connection whose original destination is one of these on
     /// this host would loop back into the proxy.
-    pub fn own_ports(&self) -> [u16; 4] {
+    pub fn own_ports(&self) -> [u16; 5] {
         [
             self.outbound.port(),
             self.inbound.port(),
             self.metrics.port(),
             self.health.port(),
+            self.admin.port(),
         ]
+    }
+
+    /// The settings clusters take from the command line.
+    pub fn cluster_settings(&self) -> cluster::Settings {
+        cluster::Settings {
+            workers: self.workers.max(1),
+            connect_timeout: self.connect_timeout,
+            passthrough_v4: self.passthrough_v4,
+            passthrough_v6: self.passthrough_v6,
+        }
     }
 
     /// The passthrough source for a destination of this family.

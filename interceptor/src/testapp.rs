@@ -17,6 +17,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+pub mod stream;
+
 /// Serves `GET /` with "hello from NAME: you are PEER calling LOCAL", and `GET /bytes/N` with N
 /// bytes, until the process is stopped.
 pub async fn http_server(listen: SocketAddr, name: String) -> io::Result<()> {
@@ -72,12 +74,22 @@ pub struct HttpResponse {
 
 /// One `GET` on a fresh connection (`Connection: close`), blocking, with a timeout.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<HttpResponse> {
+    http_get_host(addr, &addr.to_string(), path, timeout)
+}
+
+/// Like [`http_get`], with the `Host` header given (what a sidecar routes on).
+pub fn http_get_host(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();

@@ -24,7 +24,7 @@ fn deploy_dir() -> PathBuf {
 }
 
 fn documents(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
+    serde_yaml_ng::Deserializer::from_str(yaml)
         .map(|doc| {
             let value: Value = serde::Deserialize::deserialize(doc).expect("valid YAML");
             value
@@ -314,13 +314,13 @@ fn the_strict_parse_catches_a_misspelt_field() {
 fn helm_chart_renders_the_same_rules() {
     let chart = deploy_dir().join("helm/interceptor");
     // What can be checked without helm: the chart's own files.
-    let meta: Value = serde_yaml::from_str(
+    let meta: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(chart.join("Chart.yaml")).expect("Chart.yaml"),
     )
     .expect("Chart.yaml is YAML");
     assert_eq!(meta["apiVersion"], "v2");
     assert_eq!(meta["name"], "interceptor");
-    let _: Value = serde_yaml::from_str(
+    let _: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(chart.join("values.yaml")).expect("values.yaml"),
     )
     .expect("values.yaml is YAML");

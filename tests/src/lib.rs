@@ -66,6 +66,9 @@ pub struct Harness {
     sidecars: Vec<Managed>,
     /// Other processes started in pods (stopped before the lab goes).
     processes: Vec<Managed>,
+    /// Apps started in pods (stopped before the pods go).
+    pub apps: Vec<Managed>,
+    temp_files: Vec<PathBuf>,
 }
 
 impl Harness {
@@ -85,6 +88,8 @@ impl Harness {
             agents: Vec::new(),
             sidecars: Vec::new(),
             processes: Vec::new(),
+            apps: Vec::new(),
+            temp_files: Vec::new(),
         }
     }
 
@@ -197,10 +202,28 @@ impl Harness {
 
     /// Starts a sidecar proxy in the pod (dropping to UID 1337) and waits for its health port.
     pub fn sidecar(&mut self, pod: &LabPod) {
+        self.sidecar_with(pod, &[]);
+    }
+
+    /// Starts a sidecar with a routing config (written where UID 1337 can read it).
+    pub fn sidecar_with_config(&mut self, pod: &LabPod, yaml: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("{}-proxy.yaml", pod.netns));
+        std::fs::write(&path, yaml).expect("writing the proxy config");
+        let _ =
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        self.temp_files.push(path.clone());
+        let arg = path.to_string_lossy().into_owned();
+        self.sidecar_with(pod, &["--config", &arg]);
+        path
+    }
+
+    /// Starts a sidecar with extra `interceptor proxy` arguments.
+    pub fn sidecar_with(&mut self, pod: &LabPod, args: &[&str]) {
         let child = pod
             .spawn(
                 Command::new(&self.bin)
                     .args(["proxy"])
+                    .args(args)
                     .env("RUST_LOG", "warn")
                     .stdout(Stdio::null()),
             )
@@ -251,6 +274,24 @@ impl Harness {
         self.start_agent(&args);
     }
 
+    /// Starts `interceptor testapp http-server` in the pod on `listen`, answering as `name`.
+    pub fn http_app(&mut self, pod: &LabPod, listen: SocketAddr, name: &str) {
+        let child = pod
+            .spawn(
+                Command::new(&self.bin)
+                    .args(["testapp", "http-server", "--listen"])
+                    .arg(listen.to_string())
+                    .args(["--name", name])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::piped()),
+            )
+            .expect("spawning the app");
+        let mut app = Managed::new(format!("{name} app"), child);
+        app.wait_for_line("listening", Duration::from_secs(20))
+            .expect("app listening");
+        self.apps.push(app);
+    }
+
     /// Waits until the pod's inbound listener is registered for steering.
     pub fn wait_inbound_ready(&self, pod: &LabPod) {
         wait_until(Duration::from_secs(20), || {
@@ -282,8 +323,12 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        self.apps.clear();
         self.sidecars.clear();
         self.processes.clear();
+        for f in &self.temp_files {
+            let _ = std::fs::remove_file(f);
+        }
         while let Some(mut agent) = self.agents.pop() {
             agent.stop(Duration::from_secs(20));
         }

@@ -11,4 +11,5 @@ mod kube;
 mod lifecycle;
 mod outbound;
 mod policy;
+mod proxy_l7;
 mod sockmap;

@@ -1,5 +1,7 @@
 //! `cargo xtask <command>`: everything a fresh machine needs, in one place.
 
+mod bench;
+mod bench_datapath;
 mod build_ebpf;
 mod demo;
 mod kernels;
@@ -32,6 +34,8 @@ enum Command {
     /// Run the end-to-end suite in virtme-ng guests on Debian's 5.10, 6.1 and 6.12 kernels,
     /// and on this machine's kernel (root).
     VmTest(vm_test::Options),
+    /// Benchmarks; results go to bench/results/ with the command that produced them.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -41,5 +45,9 @@ fn main() -> Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::VmTest(opts) => vm_test::run(&opts),
+        Command::Bench(what) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            bench::run(&what, &format!("cargo xtask {}", args.join(" ")))
+        }
     }
 }

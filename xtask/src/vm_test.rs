@@ -175,14 +175,19 @@ struct Suite {
 
 impl Suite {
     /// Copies both files aside, so rebuilding the workspace while the matrix runs cannot swap
-    /// them under a running guest.
+    /// them under a running guest, without their debug info: a guest under TCG pays for every
+    /// page it maps, and the debug build is mostly DWARF (panic locations stay).
     fn snapshot(self, dir: &Path) -> Result<Suite> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let copy = |from: &Path, name: &str| -> Result<PathBuf> {
             let to = dir.join(name);
             let _ = fs::remove_file(&to);
-            fs::copy(from, &to)
-                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+            exec(
+                Command::new("objcopy")
+                    .arg("--strip-debug")
+                    .arg(from)
+                    .arg(&to),
+            )?;
             Ok(to)
         };
         Ok(Suite {

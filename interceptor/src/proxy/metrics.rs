@@ -1,9 +1,16 @@
 //! The proxy's Prometheus metrics (served on 15090 `/stats/prometheus`).
 
+use std::time::Duration;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
 };
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -47,12 +54,79 @@ pub struct RefusalLabels {
     pub reason: Refusal,
 }
 
-#[derive(Clone, Default)]
+/// An HTTP request's labels: which way, which cluster, which status (the proxy's own replies
+/// included: 400, 404, 413, 431, 503, 504).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub cluster: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub direction: Direction,
+    pub cluster: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub direction: Direction,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ReloadResult {
+    Applied,
+    Rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+#[derive(Clone)]
 pub struct ProxyMetrics {
     pub connections: Family<DirectionLabels, Counter>,
     pub active: Family<DirectionLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
     pub refused: Family<RefusalLabels, Counter>,
+    pub detected: Family<ProtocolLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<ClusterLabels, Histogram, fn() -> Histogram>,
+    pub retries: Family<ClusterLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub active_requests: Family<DirectionLabels, Gauge>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Family::default(),
+            active: Family::default(),
+            bytes: Family::default(),
+            refused: Family::default(),
+            detected: Family::default(),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            retries: Family::default(),
+            reloads: Family::default(),
+            active_requests: Family::default(),
+        }
+    }
 }
 
 impl ProxyMetrics {
@@ -79,7 +153,77 @@ impl ProxyMetrics {
             "Connections closed without forwarding, by reason",
             m.refused.clone(),
         );
+        r.register(
+            "detected_connections",
+            "Connections by the protocol detection found",
+            m.detected.clone(),
+        );
+        r.register(
+            "requests",
+            "HTTP requests answered, by direction, cluster and response code",
+            m.requests.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "HTTP request latency, first byte in to response head out, retries included",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        r.register(
+            "retries",
+            "HTTP request attempts beyond the first, by cluster",
+            m.retries.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config reloads, applied or rejected (the old config stays)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "active_requests",
+            "HTTP requests in flight, by direction",
+            m.active_requests.clone(),
+        );
         m
+    }
+
+    pub fn detected(&self, direction: Direction, protocol: Protocol) {
+        self.detected
+            .get_or_create(&ProtocolLabels {
+                direction,
+                protocol,
+            })
+            .inc();
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, direction: Direction, cluster: &str, code: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                cluster: cluster.to_owned(),
+                code,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ClusterLabels {
+                direction,
+                cluster: cluster.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn retry(&self, direction: Direction, cluster: &str) {
+        self.retries
+            .get_or_create(&ClusterLabels {
+                direction,
+                cluster: cluster.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     pub fn refuse(&self, direction: Direction, reason: Refusal) {
@@ -113,8 +257,8 @@ impl ProxyMetrics {
     }
 }
 
-/// Decrements the active-connections gauge on drop, however the connection ends.
-pub struct ActiveGuard(Gauge);
+/// Decrements a gauge (active connections or requests) on drop, however they end.
+pub struct ActiveGuard(pub Gauge);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {

@@ -1,26 +1,26 @@
-//! Outbound (15001): the app's connection, redirected here, goes to the destination it asked for.
-//! The proxy's own upstream connection is made as the proxy UID, so it is not intercepted again.
+//! Outbound (15001): the app's connection, redirected here, goes where it asked to go — routed by
+//! `Host` when it is HTTP, byte for byte otherwise. The proxy's own upstream connections are made
+//! as the proxy UID, so they are not intercepted again.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{
-    ProxyConfig,
-    forward::forward,
-    metrics::{Direction, ProxyMetrics, Refusal},
+    dispatch::{Shared, dispatch},
+    metrics::{Direction, Refusal},
 };
 use crate::socket;
 
-pub async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
-    config: Arc<ProxyConfig>,
-    metrics: ProxyMetrics,
-) {
+pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared) {
+    let metrics = &shared.metrics;
     let _active = metrics.open(Direction::Outbound);
-    let orig = match socket::original_dst(&stream) {
+    let found = match shared.config.original_dst_override {
+        Some(addr) => Ok(addr),
+        None => socket::original_dst(&stream),
+    };
+    let orig = match found {
         Ok(orig) => orig,
         Err(err) => {
             warn!(
@@ -33,28 +33,12 @@ pub async fn handle(
         }
     };
     let local = stream.local_addr().ok();
-    if Some(orig) == local || (orig.ip().is_loopback() && config.own_ports().contains(&orig.port()))
+    if Some(orig) == local
+        || (orig.ip().is_loopback() && shared.config.own_ports().contains(&orig.port()))
     {
         warn!(%peer, %orig, "original destination is the proxy itself; closing");
         metrics.refuse(Direction::Outbound, Refusal::Loop);
         return;
     }
-    let upstream =
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(orig)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(err)) => {
-                debug!(%peer, %orig, %err, "upstream connect failed");
-                metrics.refuse(Direction::Outbound, Refusal::ConnectFailed);
-                return;
-            }
-            Err(_) => {
-                debug!(%peer, %orig, "upstream connect timed out");
-                metrics.refuse(Direction::Outbound, Refusal::ConnectFailed);
-                return;
-            }
-        };
-    match forward(stream, upstream, Direction::Outbound, &metrics).await {
-        Ok((sent, received)) => debug!(%peer, %orig, sent, received, "outbound closed"),
-        Err(err) => debug!(%peer, %orig, %err, "outbound ended with an error"),
-    }
+    dispatch(stream, peer, orig, Direction::Outbound, &shared).await;
 }

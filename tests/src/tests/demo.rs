@@ -21,8 +21,16 @@ fn demo_runs_and_every_request_crosses_both_sidecars() {
         serde_json::from_str(&stdout[json_start..json_end]).expect("summary");
     assert_eq!(summary["ok"], 3);
     assert_eq!(summary["counters"]["connect_redirected"], 3);
-    assert_eq!(summary["counters"]["inbound_assigned"], 3);
     assert!(summary["counters"]["msg_redirected"].as_u64().expect("n") > 0);
     assert_eq!(summary["client_sidecar_outbound_connections"], 3.0);
-    assert_eq!(summary["server_sidecar_inbound_connections"], 3.0);
+    // The client sidecar pools its upstream connection (HTTP keep-alive), so the three
+    // requests reach the server pod over 1 to 3 connections; each request crosses both sidecars.
+    let inbound = summary["counters"]["inbound_assigned"].as_u64().expect("n");
+    assert!((1..=3).contains(&inbound), "{inbound}");
+    assert_eq!(
+        summary["server_sidecar_inbound_connections"].as_f64(),
+        Some(inbound as f64)
+    );
+    assert_eq!(summary["client_sidecar_outbound_requests"], 3.0);
+    assert_eq!(summary["server_sidecar_inbound_requests"], 3.0);
 }

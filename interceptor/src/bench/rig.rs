@@ -1,0 +1,298 @@
+//! One benchmark topology in one interception mode: a client pod and a server pod (network
+//! namespaces + veth + cgroups, see `lab`), the server app, a sidecar (this binary's proxy) in
+//! each pod unless the mode is `direct`, and the interception itself. Everything is torn down
+//! when the rig is dropped, whatever happened.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    bpf::{Maps, Pins},
+    iptables,
+    lab::{Lab, LabPod, Managed},
+    pods::{PodSource, Registry, spec::PodSpec},
+};
+
+/// How the pods' traffic reaches their sidecars.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No sidecars, no interception: the floor.
+    Direct,
+    /// istio-iptables' rules (nat REDIRECT, conntrack for SO_ORIGINAL_DST).
+    Iptables,
+    /// The eBPF datapath: connect4, sockops + sk_msg, sk_lookup, getsockopt.
+    Ebpf,
+    /// The eBPF datapath with the sk_msg redirect off: the app↔proxy hop is loopback TCP.
+    EbpfNoSkmsg,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Ebpf, Mode::EbpfNoSkmsg];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Iptables => "iptables",
+            Mode::Ebpf => "ebpf",
+            Mode::EbpfNoSkmsg => "ebpf-no-skmsg",
+        }
+    }
+
+    fn ebpf(self) -> bool {
+        matches!(self, Mode::Ebpf | Mode::EbpfNoSkmsg)
+    }
+}
+
+/// What the rig runs in its pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// The HTTP app in the server pod, sidecars in both pods.
+    Http,
+    /// A sink on the client pod's 15001 in place of its sidecar: isolates the app↔proxy hop.
+    HopSink,
+}
+
+pub const APP_PORT: u16 = 8080;
+const SINK_PORT: u16 = 15001;
+
+pub struct Rig {
+    pub mode: Mode,
+    pub client: LabPod,
+    pub server: LabPod,
+    exe: PathBuf,
+    // Dropped in reverse order of creation: processes, then the agent, then the pods.
+    processes: Vec<Managed>,
+    agent: Option<Managed>,
+    pins: Pins,
+    _lab: Lab,
+}
+
+impl Rig {
+    pub fn new(mode: Mode, workload: Workload, tag: &str) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding this binary")?;
+        let mut lab = Lab::create(tag)?;
+        let client = lab.add_pod("client")?;
+        let server = lab.add_pod("server")?;
+        let pins = Pins::new(format!("/sys/fs/bpf/{}", lab.name));
+        let mut rig = Self {
+            mode,
+            client,
+            server,
+            exe,
+            processes: Vec::new(),
+            agent: None,
+            pins,
+            _lab: lab,
+        };
+        if mode.ebpf() {
+            rig.start_agent()?;
+        }
+        match workload {
+            Workload::Http => rig.start_http()?,
+            Workload::HopSink => rig.start_sink()?,
+        }
+        Ok(rig)
+    }
+
+    /// Where the load generator sends its requests.
+    pub fn app_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.server.ip, APP_PORT))
+    }
+
+    /// Where the stream writer connects: any address outside the pod is captured to the sink;
+    /// `direct` talks to the sink itself over loopback TCP.
+    pub fn stream_target(&self) -> SocketAddr {
+        match self.mode {
+            Mode::Direct => SocketAddr::from((Ipv4Addr::LOCALHOST, SINK_PORT)),
+            _ => SocketAddr::from((self.server.ip, 9)),
+        }
+    }
+
+    pub fn exe(&self) -> &PathBuf {
+        &self.exe
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--pin-root").arg(self.pins.root()).args([
+            "--log-level",
+            "warn",
+            "agent",
+            "--reconcile-seconds",
+            "0.2",
+        ]);
+        if self.mode == Mode::EbpfNoSkmsg {
+            cmd.arg("--no-msg-redirect");
+        }
+        let mut agent = Managed::new(
+            "agent",
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting the agent")?,
+        );
+        agent.wait_for_line("agent ready", Duration::from_secs(60))?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    fn spawn(&mut self, pod: Pod, name: &str, args: &[&str], ready: &str) -> Result<()> {
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
+        let mut child = Managed::new(
+            format!("{} {name}", pod.name),
+            pod.spawn(
+                Command::new(&self.exe)
+                    .args(["--log-level", "warn"])
+                    .args(args)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null()),
+            )
+            .with_context(|| format!("starting {name} in {}", pod.name))?,
+        );
+        if !ready.is_empty() {
+            child.wait_for_line(ready, Duration::from_secs(30))?;
+        }
+        self.processes.push(child);
+        Ok(())
+    }
+
+    fn start_http(&mut self) -> Result<()> {
+        let app = self.app_addr().to_string();
+        self.spawn(
+            Pod::Server,
+            "app",
+            &[
+                "testapp",
+                "http-server",
+                "--listen",
+                &app,
+                "--name",
+                "bench",
+            ],
+            "listening",
+        )?;
+        if self.mode == Mode::Direct {
+            return Ok(());
+        }
+        for pod in [Pod::Client, Pod::Server] {
+            self.spawn(pod, "sidecar", &["proxy"], "")?;
+            self.wait_listening(pod, 15021)?;
+        }
+        self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
+        if self.mode.ebpf() {
+            self.wait_inbound_ready()?;
+        }
+        Ok(())
+    }
+
+    fn start_sink(&mut self) -> Result<()> {
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, SINK_PORT)).to_string();
+        self.spawn(
+            Pod::Client,
+            "sink",
+            &["testapp", "sink", "--listen", &listen],
+            "listening",
+        )?;
+        if self.mode == Mode::Direct {
+            return Ok(());
+        }
+        // Outbound only: the hop under test is app → 15001.
+        let spec = PodSpec {
+            include_inbound_ports: crate::pods::spec::Selection::List(Vec::new()),
+            ..PodSpec::default()
+        };
+        self.intercept(&[Pod::Client], &spec)
+    }
+
+    fn intercept(&mut self, pods: &[Pod], spec: &PodSpec) -> Result<()> {
+        for pod in pods {
+            let pod = match pod {
+                Pod::Client => &self.client,
+                Pod::Server => &self.server,
+            };
+            let netns = pod.open_netns()?;
+            match self.mode {
+                Mode::Direct => {}
+                Mode::Iptables => {
+                    let backend = iptables::resolve(&netns, iptables::BackendChoice::Auto);
+                    iptables::apply(&netns, spec, &iptables::Settings::default(), backend)?;
+                }
+                Mode::Ebpf | Mode::EbpfNoSkmsg => {
+                    let mut maps = Maps::open(&self.pins)?;
+                    Registry::lock(&self.pins, &mut maps)?.enable(
+                        &netns,
+                        &PodSource::Netns(pod.netns.clone()),
+                        spec,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_listening(&mut self, pod: Pod, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
+        while Instant::now() < deadline {
+            let up = pod.run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })?;
+            if up {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nothing listened on {port} in {} within 20s", pod.name)
+    }
+
+    fn wait_inbound_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let maps = Maps::open(&self.pins)?;
+            let ready = crate::pods::list(&self.pins, &maps)?
+                .iter()
+                .any(|p| p.name == self.server.netns && p.inbound_ready);
+            if ready {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the server sidecar's inbound listener was not registered within 20s")
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Pod {
+    Client,
+    Server,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.processes.clear();
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop(Duration::from_secs(20));
+        }
+        if self.pins.root().exists() {
+            let _ = crate::bpf::teardown(&self.pins);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! What happens to an accepted connection once its original destination is known: protocol
+//! detection (or the protocol the config declares for the port), then HTTP routing or TCP
+//! passthrough.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{
+    ProxyConfig,
+    config::Protocol as Declared,
+    detect::{self, Protocol},
+    http::{self, ConnCtx},
+    io::DownstreamIo,
+    metrics::{self, Direction, ProxyMetrics},
+    snapshot::ConfigSource,
+    tcp,
+};
+
+/// Everything the connection handlers share.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<ProxyConfig>,
+    pub source: ConfigSource,
+    pub metrics: ProxyMetrics,
+    /// Cancelled on SIGTERM: HTTP connections finish their requests and close.
+    pub drain: CancellationToken,
+}
+
+pub async fn dispatch(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    direction: Direction,
+    shared: &Shared,
+) {
+    let _ = stream.set_nodelay(true);
+    let snapshot = shared.source.snapshot();
+    let limits = snapshot.config.limits.clone();
+    let declared = match direction {
+        Direction::Outbound => snapshot
+            .listeners
+            .get(&orig_dst.port())
+            .map_or(Declared::Auto, |l| l.protocol),
+        Direction::Inbound => snapshot.config.inbound.protocol,
+    };
+    let detected = match declared {
+        Declared::Tcp => Ok((Protocol::Tcp, BytesMut::new())),
+        Declared::Auto => detect::detect(&mut stream, limits.protocol_detection_timeout.0).await,
+        Declared::Http => detect::detect(&mut stream, limits.header_read_timeout.0)
+            .await
+            // Declared HTTP: whatever arrives is parsed as HTTP/1 (garbage gets its 400).
+            .map(|(p, b)| {
+                (
+                    if p == Protocol::Tcp {
+                        Protocol::Http1
+                    } else {
+                        p
+                    },
+                    b,
+                )
+            }),
+    };
+    let (protocol, prefix) = match detected {
+        Ok(d) => d,
+        Err(err) => {
+            debug!(%err, "connection failed during protocol detection");
+            return;
+        }
+    };
+    shared.metrics.detected(
+        direction,
+        match protocol {
+            Protocol::Http1 => metrics::Protocol::Http1,
+            Protocol::Http2 => metrics::Protocol::Http2,
+            Protocol::Tcp => metrics::Protocol::Tcp,
+        },
+    );
+    let io = DownstreamIo::new(prefix, stream, shared.metrics.clone(), direction);
+    match protocol {
+        Protocol::Tcp => {
+            let (cluster, source) = match direction {
+                Direction::Outbound => (&snapshot.clusters.outbound_passthrough, None),
+                Direction::Inbound => (
+                    &snapshot.clusters.inbound_passthrough,
+                    Some(shared.config.passthrough_for(&orig_dst)),
+                ),
+            };
+            let timeout = cluster.connect_timeout;
+            drop(snapshot);
+            tcp::proxy(io, orig_dst, source, timeout, direction, &shared.metrics).await;
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            drop(snapshot);
+            let ctx = Arc::new(ConnCtx {
+                direction,
+                peer,
+                orig_dst,
+                source: shared.source.clone(),
+                metrics: shared.metrics.clone(),
+                active_requests: shared
+                    .metrics
+                    .active_requests
+                    .get_or_create(&metrics::DirectionLabels { direction })
+                    .clone(),
+            });
+            http::serve(io, protocol, ctx, &limits, shared.drain.clone()).await;
+        }
+    }
+}
