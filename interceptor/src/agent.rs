@@ -265,7 +265,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                 if woke {
                     // A proxy started listening: match it to its pod right away.
                     if let Err(err) = Registry::lock(&datapath.pins, &mut datapath.maps)
-                        .and_then(|mut r| r.resolve_listeners())
+                        .and_then(|mut r| r.resolve_listeners(true))
                     {
                         warn!(%err, "resolving inbound listeners");
                     }
@@ -357,7 +357,7 @@ async fn serve_health(
 fn reconcile(datapath: &mut Datapath) {
     let result = Registry::lock(&datapath.pins, &mut datapath.maps).and_then(|mut registry| {
         registry.collect_gone()?;
-        registry.resolve_listeners()
+        registry.resolve_listeners(false)
     });
     if let Err(err) = result {
         warn!(%err, "reconciling pods");

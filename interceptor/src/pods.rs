@@ -264,9 +264,14 @@ impl<'a> Registry<'a> {
         Ok(gone)
     }
 
-    /// Matches each inbound pod to its proxy's listener (see `listeners`).
-    pub fn resolve_listeners(&mut self) -> Result<(), Error> {
+    /// Matches inbound pods to their proxy's listener (see `listeners`). With `all` false,
+    /// only pods whose listener is unknown or gone are looked at: a recorded listener that is
+    /// still in `LISTENERS` is alive (the sockhash drops a socket when it closes), so a
+    /// periodic pass does not enter every pod's namespace. A new listener (`all` true, on the
+    /// datapath's listen event) re-checks every pod.
+    pub fn resolve_listeners(&mut self, all: bool) -> Result<(), Error> {
         let cfg = self.maps.global_config()?;
+        let live = self.maps.listener_cookies();
         for (id, info) in self.infos() {
             let inbound = self
                 .maps
@@ -274,6 +279,14 @@ impl<'a> Registry<'a> {
                 .get(&info.netns_cookie, 0)
                 .is_ok_and(|c| c.flags & POD_INBOUND != 0);
             if !inbound {
+                continue;
+            }
+            let alive = self
+                .maps
+                .pod_listener
+                .get(&id, 0)
+                .is_ok_and(|cookie| live.contains(&cookie));
+            if alive && !all {
                 continue;
             }
             let Some(path) = locate(&info) else { continue };

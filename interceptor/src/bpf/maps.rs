@@ -135,6 +135,11 @@ impl Maps {
     pub fn has_listener(&self, cookie: u64) -> bool {
         self.listeners.keys().any(|k| k.is_ok_and(|k| k == cookie))
     }
+
+    /// Cookies of every listener in `LISTENERS` (one map walk, for passes over many pods).
+    pub fn listener_cookies(&self) -> std::collections::HashSet<u64> {
+        self.listeners.keys().filter_map(Result::ok).collect()
+    }
 }
 
 /// An LPM key matching `pod_id` and the first `bits` of the 16-byte address.
