@@ -167,7 +167,7 @@ pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<ResponseB
     let start = Instant::now();
     ctx.active_requests.inc();
     let _active = ActiveGuard(ctx.active_requests.clone());
-    let snapshot = ctx.source.snapshot();
+    let snapshot = ctx.source.local_snapshot();
     let (response, cluster) = route_and_forward(req, ctx, &snapshot).await;
     ctx.record(&cluster, response.status().as_u16(), start.elapsed());
     response
@@ -232,9 +232,10 @@ async fn route_and_forward(
             "none".into(),
         );
     };
-    let action = route.action.clone();
-    let cluster = action.target.pick(balancer::random_f64()).clone();
-    let resp = forward(req, &cluster, action.timeout, &action.retry, ctx, limits).await;
+    // Borrowed from the snapshot this request holds: no shared reference counts touched.
+    let action = &route.action;
+    let cluster = action.target.pick(balancer::random_f64());
+    let resp = forward(req, cluster, action.timeout, &action.retry, ctx, limits).await;
     (resp, cluster.name.clone())
 }
 
