@@ -78,11 +78,14 @@ pub struct ConfigSource {
 
 static NEXT_SOURCE: AtomicU64 = AtomicU64::new(1);
 
+/// (source id, generation, snapshot) as one thread caches it.
+type LocalSnapshot = (u64, u64, Arc<Arc<Snapshot>>);
+
 thread_local! {
     /// This thread's view of the current snapshot: (source id, generation, snapshot). The
     /// outer `Arc` is only touched by this thread, so taking it per request does not bounce the
     /// shared snapshot's reference count between cores.
-    static LOCAL: RefCell<Option<(u64, u64, Arc<Arc<Snapshot>>)>> = const { RefCell::new(None) };
+    static LOCAL: RefCell<Option<LocalSnapshot>> = const { RefCell::new(None) };
 }
 
 /// What `/config_dump` shows about the source.
