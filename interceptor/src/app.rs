@@ -1,5 +1,9 @@
 //! The proxy's composition root: binds every listener, builds metrics and servers, and runs them
 //! until shutdown, then drains. `Bound` reports the bound addresses (tests bind port 0).
+//!
+//! Threads: this one (the control plane: accept, admin, metrics, health, reload, signals) and
+//! `workers` data-plane threads, each a current-thread runtime that owns the connections handed
+//! to it and its own upstream pools.
 
 use std::{
     future::Future,
@@ -320,9 +324,12 @@ impl Bound {
                 "drain timeout: closing the remaining connections"
             );
         }
-        // Workers finish within the drain deadline; wait for them (a little slack).
+        // Workers finish within their own drain deadline (a connection handed over just
+        // before the stop may start it late): wait for them, a little beyond it.
+        let deadline =
+            tokio::time::Instant::now() + self.config.drain_timeout + Duration::from_secs(1);
         for done in worker_done {
-            let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+            let _ = tokio::time::timeout_at(deadline, done).await;
         }
         endpoints_stop.cancel();
         for e in endpoints {

@@ -146,6 +146,11 @@ static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 impl Proxy {
     /// Starts the proxy with `yaml`; every connection's original destination is `orig_dst`.
     async fn start(yaml: &str, orig_dst: SocketAddr) -> Self {
+        Self::start_polling(yaml, orig_dst, Duration::from_millis(50)).await
+    }
+
+    /// Like `start`, checking the config file every `poll`.
+    async fn start_polling(yaml: &str, orig_dst: SocketAddr, poll: Duration) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "interceptor-proxy-test-{}-{}",
             std::process::id(),
@@ -163,7 +168,7 @@ impl Proxy {
             health: any,
             admin: any,
             config_file: Some(config_path.clone()),
-            config_poll: Duration::from_millis(50),
+            config_poll: poll,
             original_dst_override: Some(orig_dst),
             drain_timeout: Duration::from_secs(5),
             ..ProxyConfig::default()
@@ -1004,4 +1009,52 @@ async fn admin_dumps_the_effective_config_and_cluster_health() {
         "{stats}"
     );
     assert_eq!(get(proxy.admin, "admin", "/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_at_once() {
+    // Our own SIGHUP handler first: from then on the signal never takes the process down, even
+    // before the proxy's reload task has registered its handler.
+    let mut hup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("handler");
+    let a = Backend::start("a", Behaviour::Ok).await;
+    let b = Backend::start("b", Behaviour::Ok).await;
+    let config = |cluster: &str| {
+        format!(
+            "clusters: [{{name: a, endpoints: [\"{}\"]}}, {{name: b, endpoints: [\"{}\"]}}]\n\
+             outbound:\n  listeners:\n  - port: 9080\n    virtual_hosts:\n    - {{name: s, \
+             domains: [s], routes: [{{route: {{cluster: {cluster}}}}}]}}\n",
+            a.addr, b.addr
+        )
+    };
+    // The file is never polled during the test: only SIGHUP can bring the change in.
+    let proxy = Proxy::start_polling(
+        &config("a"),
+        "127.0.0.1:9080".parse().expect("addr"),
+        Duration::from_secs(3600),
+    )
+    .await;
+    let mut c = Client::connect(proxy.outbound).await;
+    assert!(c.get("s", "/").await.1.starts_with('a'));
+    std::fs::write(&proxy.config_path, config("b")).expect("rewrite");
+    // SAFETY: kill(2) on our own pid.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    let _ = tokio::time::timeout(Duration::from_secs(5), hup.recv()).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if c.get("s", "/").await.1.starts_with('b') {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("SIGHUP applied the new config");
+    // Same keep-alive connection before and after the reload.
+    assert_eq!(
+        proxy
+            .metric("interceptor_proxy_connections_total{direction=\"Outbound\"}")
+            .await,
+        1.0
+    );
 }

@@ -46,11 +46,18 @@ pub struct ProxyOptions {
     #[arg(long, default_value_t = 200_000)]
     requests: u64,
     /// Time limit of each measured run, seconds (a run stops at the budget or the limit).
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = 8.0)]
     seconds: f64,
+    /// Interleaved rounds (direct, interceptor, haproxy, again…); the table shows the median
+    /// of each metric, so a burst of load from another tenant skews one round, not the result.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Warm-up before each measured run, seconds.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     warmup_seconds: f64,
+    /// Requests of the one-connection latency run (per-request overhead without queueing).
+    #[arg(long, default_value_t = 20_000)]
+    latency_requests: u64,
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 2000)]
     idle_connections: usize,
@@ -173,7 +180,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / hz.max(1.0))
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Row {
     name: String,
     requests_per_second: f64,
@@ -197,7 +204,7 @@ struct Row {
 fn load(
     bin: &Path,
     target: SocketAddr,
-    opts: &ProxyOptions,
+    concurrency: usize,
     seconds: f64,
     requests: u64,
 ) -> Result<Value> {
@@ -206,11 +213,19 @@ fn load(
             .args(["--log-level", "warn", "testapp", "load", "--target"])
             .arg(target.to_string())
             .args(["--host", "reviews", "--path", "/"])
-            .args(["--concurrency", &opts.concurrency.to_string()])
+            .args(["--concurrency", &concurrency.to_string()])
             .args(["--requests", &requests.to_string()])
             .args(["--time-limit", &seconds.to_string()]),
     )?;
     serde_json::from_str(&out).context("parsing the load generator's JSON")
+}
+
+/// What one measured run sends.
+struct Run {
+    concurrency: usize,
+    requests: u64,
+    seconds: f64,
+    warmup_seconds: f64,
 }
 
 fn measure(
@@ -218,16 +233,21 @@ fn measure(
     bin: &Path,
     target: SocketAddr,
     proxy_pid: Option<u32>,
-    opts: &ProxyOptions,
+    run: &Run,
 ) -> Result<(Row, Value)> {
-    step(&format!("{name}: warm-up {}s", opts.warmup_seconds));
-    load(bin, target, opts, opts.warmup_seconds, u64::MAX / 4)?;
     step(&format!(
-        "{name}: {} requests or {}s, {} connections",
-        opts.requests, opts.seconds, opts.concurrency
+        "{name}: warm-up {}s, then {} requests or {}s on {} connections",
+        run.warmup_seconds, run.requests, run.seconds, run.concurrency
     ));
+    load(
+        bin,
+        target,
+        run.concurrency,
+        run.warmup_seconds,
+        u64::MAX / 4,
+    )?;
     let cpu_before = proxy_pid.map(cpu_seconds).transpose()?;
-    let r = load(bin, target, opts, opts.seconds, opts.requests)?;
+    let r = load(bin, target, run.concurrency, run.seconds, run.requests)?;
     let cpu_after = proxy_pid.map(cpu_seconds).transpose()?;
     let lat = &r["latency_us"];
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
@@ -257,6 +277,40 @@ fn measure(
         row.requests_per_second, row.p50_us, row.p99_us, row.errors
     );
     Ok((row, r))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Each metric's median over the rounds; errors are summed.
+fn median_row(rounds: &[Row]) -> Row {
+    let m = |f: fn(&Row) -> f64| median(rounds.iter().map(f).collect());
+    let cpu: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.proxy_cpu_us_per_request)
+        .collect();
+    Row {
+        name: rounds.first().map(|r| r.name.clone()).unwrap_or_default(),
+        requests_per_second: m(|r| r.requests_per_second),
+        p50_us: m(|r| r.p50_us),
+        p90_us: m(|r| r.p90_us),
+        p99_us: m(|r| r.p99_us),
+        p999_us: m(|r| r.p999_us),
+        mean_us: m(|r| r.mean_us),
+        ok: rounds.iter().map(|r| r.ok).sum(),
+        errors: rounds.iter().map(|r| r.errors).sum(),
+        non_2xx: rounds.iter().map(|r| r.non_2xx).sum(),
+        overhead_p50_us: None,
+        overhead_mean_us: None,
+        proxy_cpu_us_per_request: (!cpu.is_empty()).then(|| median(cpu)),
+        memory_per_idle_connection_bytes: None,
+    }
 }
 
 /// Opens `n` keep-alive connections through the proxy, one request each, keeps them idle and
@@ -392,12 +446,6 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
     )?;
     wait_listening(upstream, &mut upstream_proc)?;
 
-    let mut rows = Vec::new();
-    let mut raw = serde_json::Map::new();
-    let (direct, r) = measure("direct (no proxy)", &bin, upstream, None, opts)?;
-    raw.insert("direct".into(), r);
-    rows.push(direct);
-
     // interceptor as the outbound sidecar: the original destination is fixed (no interception
     // on the host), so the same routing path runs minus one getsockopt.
     let config_path = scratch.join("interceptor.yaml");
@@ -428,18 +476,9 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
             .stdout(Stdio::null()),
     )?;
     wait_listening(outbound, &mut icpt)?;
-    let (mut row, r) = measure("interceptor proxy", &bin, outbound, Some(icpt.pid()), opts)?;
-    raw.insert("interceptor".into(), r);
-    step("interceptor proxy: memory per idle connection");
-    row.memory_per_idle_connection_bytes = Some(memory_per_idle_connection(
-        outbound,
-        icpt.pid(),
-        opts.idle_connections,
-    )?);
-    rows.push(row);
-    drop(icpt);
 
     let mut haproxy_version = None;
+    let mut ha = None;
     if !opts.no_haproxy {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let cfg = scratch.join("haproxy.cfg");
@@ -447,30 +486,89 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
         haproxy_version = output(Command::new("haproxy").arg("-v"))
             .ok()
             .and_then(|v| v.lines().next().map(str::to_owned));
-        let mut ha = Proc::spawn(
+        let mut p = Proc::spawn(
             "haproxy",
             Command::new("haproxy")
                 .args(["-db", "-f"])
                 .arg(&cfg)
                 .stdout(Stdio::null()),
         )?;
-        wait_listening(listen, &mut ha)?;
-        let (mut row, r) = measure("haproxy", &bin, listen, Some(ha.pid()), opts)?;
-        raw.insert("haproxy".into(), r);
+        wait_listening(listen, &mut p)?;
+        ha = Some((p, listen));
+    }
+
+    let mut targets: Vec<(&str, SocketAddr, Option<u32>)> = vec![
+        ("direct (no proxy)", upstream, None),
+        ("interceptor proxy", outbound, Some(icpt.pid())),
+    ];
+    if let Some((p, addr)) = &ha {
+        targets.push(("haproxy", *addr, Some(p.pid())));
+    }
+    let loaded = Run {
+        concurrency: opts.concurrency,
+        requests: opts.requests,
+        seconds: opts.seconds,
+        warmup_seconds: opts.warmup_seconds,
+    };
+    let single = Run {
+        concurrency: 1,
+        requests: opts.latency_requests,
+        seconds: opts.seconds,
+        warmup_seconds: opts.warmup_seconds.min(0.5),
+    };
+    let mut rounds: Vec<Vec<Row>> = vec![Vec::new(); targets.len()];
+    let mut latency_rounds: Vec<Vec<Row>> = vec![Vec::new(); targets.len()];
+    let mut raw: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
+    for round in 1..=opts.rounds.max(1) {
+        for (i, (name, addr, pid)) in targets.iter().enumerate() {
+            let label = format!("round {round}: {name}");
+            let (row, r) = measure(&label, &bin, *addr, *pid, &loaded)?;
+            rounds[i].push(Row {
+                name: (*name).to_owned(),
+                ..row
+            });
+            raw[i].push(r);
+            let (row, r) = measure(&label, &bin, *addr, *pid, &single)?;
+            latency_rounds[i].push(Row {
+                name: (*name).to_owned(),
+                ..row
+            });
+            raw[i].push(r);
+        }
+    }
+    let mut rows: Vec<Row> = rounds.iter().map(|r| median_row(r)).collect();
+    let mut latency_rows: Vec<Row> = latency_rounds.iter().map(|r| median_row(r)).collect();
+
+    step("interceptor proxy: memory per idle connection");
+    rows[1].memory_per_idle_connection_bytes = Some(memory_per_idle_connection(
+        outbound,
+        icpt.pid(),
+        opts.idle_connections,
+    )?);
+    drop(icpt);
+    if let Some((p, addr)) = &ha {
         step("haproxy: memory per idle connection");
-        row.memory_per_idle_connection_bytes = Some(memory_per_idle_connection(
-            listen,
-            ha.pid(),
+        rows[2].memory_per_idle_connection_bytes = Some(memory_per_idle_connection(
+            *addr,
+            p.pid(),
             opts.idle_connections,
         )?);
-        rows.push(row);
     }
+    drop(ha);
     drop(upstream_proc);
+    let raw: serde_json::Map<String, Value> = targets
+        .iter()
+        .zip(raw)
+        .map(|((name, ..), runs)| ((*name).to_owned(), Value::Array(runs)))
+        .collect();
+    let all_rounds: Vec<&Row> = rounds.iter().flatten().collect();
 
-    let (base_p50, base_mean) = (rows[0].p50_us, rows[0].mean_us);
-    for row in rows.iter_mut().skip(1) {
-        row.overhead_p50_us = Some(row.p50_us - base_p50);
-        row.overhead_mean_us = Some(row.mean_us - base_mean);
+    for table in [&mut rows, &mut latency_rows] {
+        let (base_p50, base_mean) = (table[0].p50_us, table[0].mean_us);
+        for row in table.iter_mut().skip(1) {
+            row.overhead_p50_us = Some(row.p50_us - base_p50);
+            row.overhead_mean_us = Some(row.mean_us - base_mean);
+        }
     }
 
     let stamp = output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?
@@ -484,11 +582,21 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
         "machine": machine,
         "options": opts,
         "results": rows,
+        "latency_one_connection": latency_rows,
+        "rounds": all_rounds,
         "raw": raw,
     });
     let json_path = dir.join(format!("proxy-{stamp}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
-    let md = markdown(command_line, &stamp, &machine, opts, &rows);
+    let md = markdown(
+        command_line,
+        &stamp,
+        &machine,
+        opts,
+        &rows,
+        &latency_rows,
+        &rounds,
+    );
     let md_path = dir.join(format!("proxy-{stamp}.md"));
     std::fs::write(&md_path, &md)?;
     println!("\n{md}");
@@ -537,6 +645,8 @@ fn markdown(
     machine: &Machine,
     opts: &ProxyOptions,
     rows: &[Row],
+    latency_rows: &[Row],
+    rounds: &[Vec<Row>],
 ) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Proxy benchmark {stamp}\n");
@@ -545,7 +655,7 @@ fn markdown(
         md,
         "Machine: {} CPUs ({}), kernel {}{}. Load generator, proxy and upstream share the \
          machine; all traffic on 127.0.0.1. Keep-alive HTTP/1.1, {} connections, each run {} \
-         requests or {} s after {} s of warm-up.\n",
+         requests or {} s after {} s of warm-up; {} interleaved rounds, medians shown.\n",
         machine.cpus,
         machine.cpu_model,
         machine.kernel,
@@ -557,7 +667,8 @@ fn markdown(
         opts.concurrency,
         opts.requests,
         opts.seconds,
-        opts.warmup_seconds
+        opts.warmup_seconds,
+        opts.rounds
     );
     let _ = writeln!(
         md,
@@ -586,6 +697,51 @@ fn markdown(
                 .map_or("–".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
             r.errors + r.non_2xx
         );
+    }
+    let _ = writeln!(
+        md,
+        "\nPer-request overhead without queueing: one connection, {} requests per round.\n",
+        opts.latency_requests
+    );
+    let _ = writeln!(
+        md,
+        "| path | req/s | p50 µs | p90 µs | p99 µs | added p50 µs | added mean µs | proxy CPU µs/req |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in latency_rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            r.name,
+            r.requests_per_second,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            opt(r.overhead_p50_us, 1),
+            opt(r.overhead_mean_us, 1),
+            opt(r.proxy_cpu_us_per_request, 1),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery {}-connection round (req/s · p50 µs · proxy CPU µs/req):\n",
+        opts.concurrency
+    );
+    for path in rounds {
+        let runs: Vec<String> = path
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:.0} · {:.0} · {}",
+                    r.requests_per_second,
+                    r.p50_us,
+                    opt(r.proxy_cpu_us_per_request, 1)
+                )
+            })
+            .collect();
+        if let Some(first) = path.first() {
+            let _ = writeln!(md, "- {}: {}", first.name, runs.join(" | "));
+        }
     }
     md
 }

@@ -292,16 +292,15 @@ impl Cluster {
             }
             return;
         };
-        if !success {
-            self.stats.rq_error.fetch_add(1, Ordering::Relaxed);
+        if success {
+            // Only resets the failure streak: no clock, no scan.
+            endpoint.health.succeeded();
+            return;
         }
+        self.stats.rq_error.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let ejected = if success {
-            0
-        } else {
-            eps.iter().filter(|e| e.is_ejected(now)).count()
-        };
-        if endpoint.record(success, &self.outlier, ejected, eps.len(), now) {
+        let ejected = eps.iter().filter(|e| e.is_ejected(now)).count();
+        if endpoint.record(false, &self.outlier, ejected, eps.len(), now) {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(cluster = %self.name, endpoint = %endpoint.addr, "endpoint ejected by outlier detection");
         }

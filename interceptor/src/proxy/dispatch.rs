@@ -106,6 +106,7 @@ pub async fn dispatch(
                     .active_requests
                     .get_or_create(&metrics::DirectionLabels { direction })
                     .clone(),
+                last_series: std::sync::Mutex::new(None),
             });
             http::serve(io, protocol, ctx, &limits, shared.drain.clone()).await;
         }

@@ -52,6 +52,9 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 /// Envoy's attempt header: 1 on the first try, 2 on the first retry…
 pub const X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
+/// hyper's built-in header count limit (`max_headers` not set).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// What a request needs to know about its connection.
 pub struct ConnCtx {
     pub direction: Direction,
@@ -61,6 +64,41 @@ pub struct ConnCtx {
     pub metrics: ProxyMetrics,
     /// This direction's in-flight gauge, looked up once per connection.
     pub active_requests: prometheus_client::metrics::gauge::Gauge,
+    /// The last (cluster, code) series this connection recorded: a keep-alive connection
+    /// mostly repeats it, and the handles skip two label-hash lookups per request.
+    pub last_series: std::sync::Mutex<Option<Series>>,
+}
+
+pub struct Series {
+    cluster: String,
+    code: u16,
+    requests: prometheus_client::metrics::counter::Counter,
+    duration: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl ConnCtx {
+    fn record(&self, cluster: &str, code: u16, elapsed: Duration) {
+        let Ok(mut last) = self.last_series.lock() else {
+            self.metrics.request(self.direction, cluster, code, elapsed);
+            return;
+        };
+        let hit = last
+            .as_ref()
+            .is_some_and(|s| s.code == code && s.cluster == cluster);
+        if !hit {
+            let (requests, duration) = self.metrics.series(self.direction, cluster, code);
+            *last = Some(Series {
+                cluster: cluster.to_owned(),
+                code,
+                requests,
+                duration,
+            });
+        }
+        if let Some(s) = last.as_ref() {
+            s.requests.inc();
+            s.duration.observe(elapsed.as_secs_f64());
+        }
+    }
 }
 
 /// Serves HTTP on a detected connection until the client closes it or the drain asks it to
@@ -102,8 +140,12 @@ pub async fn serve<S>(
                 .header_read_timeout(limits.header_read_timeout.nonzero())
                 // hyper answers a head larger than this with 431 (its floor is 8 KiB).
                 .max_buf_size(head_bytes.max(8192))
-                .max_headers(limits.max_request_headers as usize)
                 .keep_alive(true);
+            // hyper's default is 100 on a stack array; an explicit limit costs a heap array per
+            // request, so only set one that differs.
+            if limits.max_request_headers as usize != HYPER_DEFAULT_MAX_HEADERS {
+                builder.max_headers(limits.max_request_headers as usize);
+            }
             let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -125,14 +167,9 @@ pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<ResponseB
     let start = Instant::now();
     ctx.active_requests.inc();
     let _active = ActiveGuard(ctx.active_requests.clone());
-    let snapshot = ctx.source.snapshot();
+    let snapshot = ctx.source.local_snapshot();
     let (response, cluster) = route_and_forward(req, ctx, &snapshot).await;
-    ctx.metrics.request(
-        ctx.direction,
-        &cluster,
-        response.status().as_u16(),
-        start.elapsed(),
-    );
+    ctx.record(&cluster, response.status().as_u16(), start.elapsed());
     response
 }
 
@@ -195,9 +232,10 @@ async fn route_and_forward(
             "none".into(),
         );
     };
-    let action = route.action.clone();
-    let cluster = action.target.pick(balancer::random_f64()).clone();
-    let resp = forward(req, &cluster, action.timeout, &action.retry, ctx, limits).await;
+    // Borrowed from the snapshot this request holds: no shared reference counts touched.
+    let action = &route.action;
+    let cluster = action.target.pick(balancer::random_f64());
+    let resp = forward(req, cluster, action.timeout, &action.retry, ctx, limits).await;
     (resp, cluster.name.clone())
 }
 

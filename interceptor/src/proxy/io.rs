@@ -52,6 +52,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for DownstreamIo<S> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Replayed: give the detection buffer back (idle connections stay small).
+                this.prefix = BytesMut::new();
+            }
             this.read += n as u64;
             return Poll::Ready(Ok(()));
         }

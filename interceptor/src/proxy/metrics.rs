@@ -213,6 +213,26 @@ impl ProxyMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// The handles of one request series (to record many requests without lookups).
+    pub fn series(&self, direction: Direction, cluster: &str, code: u16) -> (Counter, Histogram) {
+        let requests = self
+            .requests
+            .get_or_create(&RequestLabels {
+                direction,
+                cluster: cluster.to_owned(),
+                code,
+            })
+            .clone();
+        let duration = self
+            .duration
+            .get_or_create(&ClusterLabels {
+                direction,
+                cluster: cluster.to_owned(),
+            })
+            .clone();
+        (requests, duration)
+    }
+
     pub fn retry(&self, direction: Direction, cluster: &str) {
         self.retries
             .get_or_create(&ClusterLabels {

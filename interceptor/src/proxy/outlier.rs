@@ -44,6 +44,13 @@ impl Health {
         }
     }
 
+    /// A success ends a failure streak.
+    pub fn succeeded(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
     pub fn times_ejected(&self) -> u32 {
         self.state.lock().map(|s| s.times).unwrap_or(0)
     }

@@ -52,7 +52,15 @@ pub struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     bind: Option<(Ipv4Addr, Ipv6Addr)>,
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<IdleSet>,
+}
+
+#[derive(Debug)]
+struct IdleSet {
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    /// Expired connections to every address are dropped at most this often (on `put`), so
+    /// destinations never contacted again do not keep connections open.
+    last_sweep: Instant,
 }
 
 #[derive(Debug)]
@@ -71,7 +79,10 @@ impl Pool {
             connect_timeout,
             idle_timeout,
             bind,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdleSet {
+                by_addr: HashMap::new(),
+                last_sweep: Instant::now(),
+            }),
         })
     }
 
@@ -79,13 +90,13 @@ impl Pool {
     pub fn idle_connections(&self) -> usize {
         self.idle
             .lock()
-            .map(|m| m.values().map(Vec::len).sum())
+            .map(|m| m.by_addr.values().map(Vec::len).sum())
             .unwrap_or(0)
     }
 
     fn take(&self, addr: SocketAddr) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(&addr)?;
+        let list = idle.by_addr.get_mut(&addr)?;
         let now = Instant::now();
         while let Some(i) = list.pop() {
             if !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout {
@@ -100,11 +111,18 @@ impl Pool {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
-            let list = idle.entry(addr).or_default();
             let now = Instant::now();
-            list.retain(|i| {
-                !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout
-            });
+            let timeout = self.idle_timeout;
+            let live = |i: &Idle| !i.sender.is_closed() && now.duration_since(i.since) < timeout;
+            if now.duration_since(idle.last_sweep) >= timeout / 2 {
+                idle.by_addr.retain(|_, list| {
+                    list.retain(live);
+                    !list.is_empty()
+                });
+                idle.last_sweep = now;
+            }
+            let list = idle.by_addr.entry(addr).or_default();
+            list.retain(live);
             if list.len() < MAX_IDLE_PER_ENDPOINT {
                 list.push(Idle { sender, since: now });
             }
@@ -246,5 +264,75 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    async fn server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            "ok",
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get() -> Request<UpstreamBody> {
+        Request::get("/")
+            .header("host", "x")
+            .body(http_body_util::Either::Left(Full::new(Bytes::new())))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_body_is_read_and_not_before() {
+        let (addr, accepted) = server().await;
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        for _ in 0..3 {
+            let resp = pool.send(addr, get()).await.expect("response");
+            resp.into_body().collect().await.expect("body");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A response still being read holds its connection: a second request opens another.
+        let held = pool.send(addr, get()).await.expect("response");
+        let other = pool.send(addr, get()).await.expect("response");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 2);
+        drop((held, other));
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_swept() {
+        let (addr, _) = server().await;
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_millis(50), None);
+        let resp = pool.send(addr, get()).await.expect("response");
+        resp.into_body().collect().await.expect("body");
+        assert_eq!(pool.idle_connections(), 1);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Any later put sweeps every address.
+        let (other, _) = server().await;
+        let resp = pool.send(other, get()).await.expect("response");
+        resp.into_body().collect().await.expect("body");
+        assert_eq!(pool.idle_connections(), 1, "only the fresh one is kept");
     }
 }

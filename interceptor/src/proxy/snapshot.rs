@@ -2,7 +2,16 @@
 //! current snapshot (an `Arc` behind a watch channel) once; a reload publishes a new one without
 //! touching requests in flight, which finish on the snapshot they started with.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -60,6 +69,23 @@ pub struct ConfigSource {
     pub path: Option<PathBuf>,
     pub settings: Settings,
     pub current: watch::Sender<Arc<Snapshot>>,
+    /// The current generation, readable without the watch lock: the data path checks it per
+    /// request and only takes the lock when it changed.
+    generation: Arc<AtomicU64>,
+    /// Tells sources apart in the per-thread cache (tests run several proxies per process).
+    id: u64,
+}
+
+static NEXT_SOURCE: AtomicU64 = AtomicU64::new(1);
+
+/// (source id, generation, snapshot) as one thread caches it.
+type LocalSnapshot = (u64, u64, Arc<Arc<Snapshot>>);
+
+thread_local! {
+    /// This thread's view of the current snapshot: (source id, generation, snapshot). The
+    /// outer `Arc` is only touched by this thread, so taking it per request does not bounce the
+    /// shared snapshot's reference count between cores.
+    static LOCAL: RefCell<Option<LocalSnapshot>> = const { RefCell::new(None) };
 }
 
 /// What `/config_dump` shows about the source.
@@ -82,11 +108,31 @@ impl ConfigSource {
             path,
             settings,
             current,
+            generation: Arc::new(AtomicU64::new(1)),
+            id: NEXT_SOURCE.fetch_add(1, Ordering::Relaxed),
         })
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.borrow().clone()
+    }
+
+    /// The current snapshot for the data path, through this thread's cache.
+    pub fn local_snapshot(&self) -> Arc<Arc<Snapshot>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        LOCAL.with(|cell| {
+            let mut local = cell.borrow_mut();
+            if let Some((id, g, snap)) = local.as_ref()
+                && *id == self.id
+                && *g == generation
+            {
+                return snap.clone();
+            }
+            let snap = Arc::new(self.snapshot());
+            let generation = snap.generation;
+            *local = Some((self.id, generation, snap.clone()));
+            snap
+        })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
@@ -108,7 +154,9 @@ impl ConfigSource {
         }
         config.resolve(self.settings.connect_timeout);
         let next = Snapshot::build(config, old.generation + 1, Some(&old), &self.settings);
+        let generation = next.generation;
         self.current.send_replace(Arc::new(next));
+        self.generation.store(generation, Ordering::Release);
         Ok(true)
     }
 
