@@ -54,6 +54,12 @@ pub struct BenchArgs {
     /// Bytes per stream run.
     #[arg(long, default_value_t = 256 << 20)]
     pub stream_bytes: u64,
+    /// Skip the HTTP workloads.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Skip the app↔proxy stream.
+    #[arg(long)]
+    pub no_stream: bool,
     /// Where results go (JSON, Markdown, SVG).
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -134,7 +140,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                     report.http.push(run);
                 }
             }
-            if !args.stream_sizes.is_empty() {
+            if !args.no_stream && !args.stream_sizes.is_empty() {
                 let rig = Rig::new(mode, Workload::HopSink, "bench")?;
                 for &size in &args.stream_sizes {
                     let run = stream_run(&rig, args, size, round)?;
@@ -152,6 +158,9 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
 }
 
 fn http_workloads(args: &BenchArgs) -> Vec<(String, loadgen::Mode, usize)> {
+    if args.no_http {
+        return Vec::new();
+    }
     let mut w: Vec<(String, loadgen::Mode, usize)> = args
         .concurrency
         .iter()
