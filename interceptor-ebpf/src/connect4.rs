@@ -16,16 +16,8 @@ use crate::{
     connect::{current_pod, decide, settings, Verdict, AF_INET, SOCK_DGRAM, SOCK_STREAM},
     ctx,
     maps::{count, NETNS_PROBE},
+    sockaddr::SockaddrIn,
 };
-
-/// `struct sockaddr_in`.
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    port: u16,
-    addr: u32,
-    zero: [u8; 8],
-}
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_conn4(ctx: SockAddrContext) -> i32 {

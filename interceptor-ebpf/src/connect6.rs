@@ -13,17 +13,8 @@ use crate::{
     connect::{current_pod, decide, settings, Verdict, AF_INET6, SOCK_STREAM},
     ctx,
     maps::count,
+    sockaddr::SockaddrIn6,
 };
-
-/// `struct sockaddr_in6`.
-#[repr(C)]
-struct SockaddrIn6 {
-    family: u16,
-    port: u16,
-    flowinfo: u32,
-    addr: Addr,
-    scope_id: u32,
-}
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_conn6(ctx: SockAddrContext) -> i32 {

@@ -13,29 +13,13 @@ use crate::{
     connect::{AF_INET, AF_INET6},
     ctx,
     maps::{count, pod_of, PAGE_SIZE, TUPLE_ORIG},
+    sockaddr::{SockaddrIn, SockaddrIn6},
 };
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST` share the number.
 const SO_ORIGINAL_DST: i32 = 80;
-
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    port: u16,
-    addr: u32,
-    zero: [u8; 8],
-}
-
-#[repr(C)]
-struct SockaddrIn6 {
-    family: u16,
-    port: u16,
-    flowinfo: u32,
-    addr: Addr,
-    scope_id: u32,
-}
 
 #[cgroup_sockopt(getsockopt)]
 pub fn orig_dst(ctx: SockoptContext) -> i32 {

@@ -13,6 +13,7 @@ mod maps;
 mod policy;
 mod sk_lookup;
 mod sk_msg;
+mod sockaddr;
 mod sockops;
 
 #[cfg(not(test))]

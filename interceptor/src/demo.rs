@@ -3,10 +3,10 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -201,7 +201,7 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
             format!("{} sidecar", pod.name),
             pod.spawn(Command::new(&exe).args(["proxy"]).stdout(Stdio::null()))?,
         );
-        wait_listening(pod, 15021, &mut proxy)?;
+        pod.wait_listening(15021, Duration::from_secs(20), Some(&mut proxy))?;
         println!(
             "  {} pod: sidecar as UID 1337: outbound 127.0.0.1:15001, inbound :15006, metrics :15090",
             pod.name
@@ -225,7 +225,9 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
             );
         }
     }
-    wait_inbound_ready(&pins, &server.netns)?;
+    if !crate::pods::wait_inbound_ready(&pins, &server.netns, Duration::from_secs(10))? {
+        bail!("the server sidecar's inbound listener was not registered in 10s");
+    }
     println!("  server sidecar's 15006 listener registered for inbound steering");
 
     style.step(
@@ -326,48 +328,6 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
         args.requests
     );
     Ok(())
-}
-
-/// Waits until something listens on 127.0.0.1:`port` inside the pod.
-fn wait_listening(pod: &LabPod, port: u16, proc_: &mut Managed) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let up = pod.run(|| {
-            TcpStream::connect_timeout(
-                &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                Duration::from_millis(200),
-            )
-            .is_ok()
-        })?;
-        if up {
-            return Ok(());
-        }
-        if let Some(status) = proc_.stop_if_exited() {
-            bail!(
-                "{} exited ({status}) before listening on {port}",
-                proc_.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{} did not listen on {port} in 20s", proc_.name)
-}
-
-fn wait_inbound_ready(pins: &Pins, netns: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let maps = Maps::open(pins)?;
-        let ready = crate::pods::list(pins, &maps)?
-            .iter()
-            .any(|p| p.name == netns && p.inbound_ready);
-        if ready {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the server sidecar's inbound listener was not registered in 10s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One sample of the sidecar's Prometheus text, fetched from inside its pod.

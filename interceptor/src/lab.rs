@@ -292,6 +292,47 @@ impl LabPod {
         child
     }
 
+    /// Waits until something accepts connections on 127.0.0.1:`port` inside the pod, failing
+    /// early if `process` (the one expected to listen) exits.
+    pub fn wait_listening(
+        &self,
+        port: u16,
+        timeout: std::time::Duration,
+        mut process: Option<&mut Managed>,
+    ) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        while std::time::Instant::now() < deadline {
+            let up = self
+                .run(|| {
+                    std::net::TcpStream::connect_timeout(
+                        &addr,
+                        std::time::Duration::from_millis(200),
+                    )
+                    .is_ok()
+                })
+                .map_err(io::Error::other)?;
+            if up {
+                return Ok(());
+            }
+            if let Some(status) = process.as_mut().and_then(|p| p.stop_if_exited()) {
+                let name = process.as_ref().map_or("", |p| p.name.as_str());
+                return Err(io::Error::other(format!(
+                    "{name} exited ({status}) before listening on {port} in {}",
+                    self.name
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "nothing listened on {port} in {} within {timeout:?}",
+                self.name
+            ),
+        ))
+    }
+
     /// CPU time (user + system, µs) of the pod's cgroup: everything its processes ran.
     pub fn cpu_usec(&self) -> Option<u64> {
         let stat = fs::read_to_string(self.cgroup.as_ref()?.join("cpu.stat")).ok()?;

@@ -4,10 +4,10 @@
 //! when the rig is dropped, whatever happened.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -76,7 +76,7 @@ pub struct Rig {
 }
 
 impl Rig {
-    pub fn new(mode: Mode, workload: Workload, tag: &str) -> Result<Self> {
+    pub fn new(mode: Mode, workload: Workload, tag: &str, agent_args: &[String]) -> Result<Self> {
         let exe = std::env::current_exe().context("finding this binary")?;
         let mut lab = Lab::create(tag)?;
         let client = lab.add_pod("client")?;
@@ -93,7 +93,7 @@ impl Rig {
             _lab: lab,
         };
         if mode.ebpf() {
-            rig.start_agent()?;
+            rig.start_agent(agent_args)?;
         }
         match workload {
             Workload::Http => rig.start_http()?,
@@ -120,7 +120,7 @@ impl Rig {
         &self.exe
     }
 
-    fn start_agent(&mut self) -> Result<()> {
+    fn start_agent(&mut self, extra: &[String]) -> Result<()> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--pin-root").arg(self.pins.root()).args([
             "--log-level",
@@ -132,6 +132,7 @@ impl Rig {
         if self.mode == Mode::EbpfNoSkmsg {
             cmd.arg("--no-msg-redirect");
         }
+        cmd.args(extra);
         let mut agent = Managed::new(
             "agent",
             cmd.stdout(Stdio::piped())
@@ -187,11 +188,18 @@ impl Rig {
         }
         for pod in [Pod::Client, Pod::Server] {
             self.spawn(pod, "sidecar", &["proxy"], "")?;
-            self.wait_listening(pod, 15021)?;
+            let pod = match pod {
+                Pod::Client => &self.client,
+                Pod::Server => &self.server,
+            };
+            pod.wait_listening(15021, Duration::from_secs(20), None)?;
         }
         self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
-        if self.mode.ebpf() {
-            self.wait_inbound_ready()?;
+        let timeout = Duration::from_secs(20);
+        if self.mode.ebpf()
+            && !crate::pods::wait_inbound_ready(&self.pins, &self.server.netns, timeout)?
+        {
+            bail!("the server sidecar's inbound listener was not registered within 20s");
         }
         Ok(())
     }
@@ -239,43 +247,6 @@ impl Rig {
             }
         }
         Ok(())
-    }
-
-    fn wait_listening(&mut self, pod: Pod, port: u16) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let pod = match pod {
-            Pod::Client => &self.client,
-            Pod::Server => &self.server,
-        };
-        while Instant::now() < deadline {
-            let up = pod.run(|| {
-                TcpStream::connect_timeout(
-                    &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-            })?;
-            if up {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("nothing listened on {port} in {} within 20s", pod.name)
-    }
-
-    fn wait_inbound_ready(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let maps = Maps::open(&self.pins)?;
-            let ready = crate::pods::list(&self.pins, &maps)?
-                .iter()
-                .any(|p| p.name == self.server.netns && p.inbound_ready);
-            if ready {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the server sidecar's inbound listener was not registered within 20s")
     }
 }
 
