@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Bytes per stream run.
     #[arg(long, default_value_t = 256 << 20)]
     pub stream_bytes: u64,
+    /// Extra arguments for the agent of the eBPF modes (e.g. `--agent-arg=--stream-streak=32`),
+    /// to compare datapath settings.
+    #[arg(long, allow_hyphen_values = true)]
+    pub agent_arg: Vec<String>,
     /// Skip the HTTP workloads.
     #[arg(long)]
     pub no_http: bool,
@@ -120,7 +124,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                 started.elapsed().as_secs_f64()
             );
             if !workloads.is_empty() {
-                let rig = Rig::new(mode, Workload::Http, "bench")?;
+                let rig = Rig::new(mode, Workload::Http, "bench", &args.agent_arg)?;
                 warm_up(&rig)?;
                 for (name, load_mode, concurrency) in &workloads {
                     let run = http_run(&rig, args, name, *load_mode, *concurrency, round)?;
@@ -141,7 +145,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                 }
             }
             if !args.no_stream && !args.stream_sizes.is_empty() {
-                let rig = Rig::new(mode, Workload::HopSink, "bench")?;
+                let rig = Rig::new(mode, Workload::HopSink, "bench", &args.agent_arg)?;
                 for &size in &args.stream_sizes {
                     let run = stream_run(&rig, args, size, round)?;
                     eprintln!(
