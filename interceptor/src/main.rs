@@ -23,7 +23,15 @@ use interceptor_common::config::{CONFIG_MSG_REDIRECT, GlobalConfig};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The demo and the benchmark narrate on their own: routine info lines (theirs and their
+    // children's, which read INTERCEPTOR_LOG) would bury that, unless a level was asked for.
+    let narrated = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    if narrated && std::env::var_os("INTERCEPTOR_LOG").is_none() && cli.log_level == "info" {
+        cli.log_level = "warn".into();
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("INTERCEPTOR_LOG", "warn") };
+    }
     telemetry::init(&cli.log_level, cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
