@@ -86,6 +86,8 @@ pub struct AgentOptions {
     pub kube: Option<KubeOptions>,
     /// Where to serve `/healthz/ready`.
     pub health_addr: Option<SocketAddr>,
+    /// What `preflight` probed, recorded for `status` once the datapath runs.
+    pub features: Option<Features>,
 }
 
 /// Checks what the agent needs before touching anything; fixes what it safely can (bpffs).
@@ -213,6 +215,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     };
     let membership = Membership::join(&opts.pins)?;
     let mut datapath = Datapath::start(opts.pins.clone(), &opts.load)?;
+    if let Some(features) = &opts.features
+        && let Err(err) = features.record(&opts.pins)
+    {
+        debug!(%err, "could not record the kernel features for status");
+    }
 
     let logs = start_logs(&mut datapath);
     let mut events = open_events(&opts.pins);

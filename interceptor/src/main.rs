@@ -63,7 +63,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 (true, _) => return Err(interceptor::kube::Error::NoNodeName.into()),
             };
-            let (cgroup, _features) = agent::preflight(args.cgroup.as_deref())?;
+            let (cgroup, features) = agent::preflight(args.cgroup.as_deref())?;
             let mut config = GlobalConfig::istio_defaults();
             config.outbound_port = args.outbound_port.into();
             config.inbound_port = args.inbound_port.into();
@@ -82,6 +82,7 @@ fn run(cli: Cli) -> Result<()> {
                 reconcile_every: cli::secs(args.reconcile_seconds.max(0.05)),
                 kube,
                 health_addr: args.health_addr,
+                features: Some(features),
             };
             runtime()?.block_on(agent::run(opts, signal::shutdown()))?;
             Ok(())

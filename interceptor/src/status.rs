@@ -48,7 +48,7 @@ const PROGRAMS: &[&str] = &[
 
 impl Status {
     pub fn collect(pins: &Pins) -> Result<Self, crate::bpf::Error> {
-        let features = Features::probe();
+        let features = Features::of_instance(pins);
         let programs = PROGRAMS
             .iter()
             .map(|&name| {

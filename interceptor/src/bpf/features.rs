@@ -12,7 +12,7 @@ use aya::{
 use serde::Serialize;
 
 /// Everything probed, with the feature each datapath piece depends on.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Features {
     /// `uname -r`.
     pub kernel: String,
@@ -21,31 +21,31 @@ pub struct Features {
     /// Whether bpffs is mounted at /sys/fs/bpf.
     pub bpffs: bool,
     /// Program and map types and helpers by name: true = supported.
-    pub probes: BTreeMap<&'static str, bool>,
+    pub probes: BTreeMap<String, bool>,
     /// The variant of each datapath piece this kernel gets (what the matrix reports).
-    pub in_use: Vec<&'static str>,
+    pub in_use: Vec<String>,
 }
 
 impl Features {
     pub fn probe() -> Self {
         let mut probes = BTreeMap::new();
-        let mut program = |name, ty| {
-            probes.insert(name, is_program_supported(ty).unwrap_or(false));
+        let mut program = |name: &str, ty| {
+            probes.insert(name.to_owned(), is_program_supported(ty).unwrap_or(false));
         };
         program("prog_cgroup_sock_addr", ProgramType::CgroupSockAddr);
         program("prog_sock_ops", ProgramType::SockOps);
         program("prog_sk_msg", ProgramType::SkMsg);
         program("prog_cgroup_sockopt", ProgramType::CgroupSockopt);
         program("prog_sk_lookup", ProgramType::SkLookup);
-        let mut map = |name, ty| {
-            probes.insert(name, is_map_supported(ty).unwrap_or(false));
+        let mut map = |name: &str, ty| {
+            probes.insert(name.to_owned(), is_map_supported(ty).unwrap_or(false));
         };
         map("map_sockhash", MapType::SockHash);
         map("map_lpm_trie", MapType::LpmTrie);
         map("map_lru_hash", MapType::LruHash);
         map("map_ringbuf", MapType::RingBuf);
-        let mut helper = |name, ty, h| {
-            probes.insert(name, is_helper_supported(ty, h).unwrap_or(false));
+        let mut helper = |name: &str, ty, h| {
+            probes.insert(name.to_owned(), is_helper_supported(ty, h).unwrap_or(false));
         };
         helper(
             "helper_netns_cookie_sock_addr",
@@ -73,7 +73,7 @@ impl Features {
             BpfHelper::BPF_FUNC_sk_assign,
         );
         probes.insert(
-            "sockopt_netns_cookie",
+            "sockopt_netns_cookie".to_owned(),
             matches!(crate::netns::current_cookie(), Ok(Some(_))),
         );
         let mut features = Self {
@@ -83,8 +83,34 @@ impl Features {
             probes,
             in_use: Vec::new(),
         };
-        features.in_use = features.variants();
+        features.in_use = features.variants().into_iter().map(str::to_owned).collect();
         features
+    }
+
+    /// What the running agent of `pins` probed and chose (it records that at start), else a
+    /// fresh probe: `status` then reports the agent's view and costs no probe programs.
+    pub fn of_instance(pins: &crate::bpf::Pins) -> Self {
+        std::fs::read(Self::record_path(pins))
+            .ok()
+            .filter(|_| pins.is_live())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_else(Self::probe)
+    }
+
+    /// Records what this agent probed and chose, for `of_instance`.
+    pub fn record(&self, pins: &crate::bpf::Pins) -> std::io::Result<()> {
+        let path = Self::record_path(pins);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )
+    }
+
+    fn record_path(pins: &crate::bpf::Pins) -> std::path::PathBuf {
+        pins.run_dir().join("features.json")
     }
 
     /// Which variant of each piece runs here. Only choices the agent makes are listed: a
