@@ -93,10 +93,11 @@ fn main() -> Result<()> {
         // aya-ebpf uses #![feature(asm_experimental_arch)].
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
-        // BTF from debug info: lets aya and bpftool show typed maps.
+        // BTF from debug info: lets aya and bpftool show typed maps. Warnings are errors: the
+        // programs get no clippy run of their own, so rustc's lints are their gate.
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf",
+            "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf\x1f-D\x1fwarnings",
         );
 
     let status = cmd.status().with_context(|| {

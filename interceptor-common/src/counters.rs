@@ -40,8 +40,10 @@ counters! {
     ConnectSkippedNotIncluded = "connect_skipped_not_included",
     /// The pod captures no outbound traffic.
     ConnectSkippedOutboundOff = "connect_skipped_outbound_off",
-    /// Could not bind the pod address before redirecting (socket already bound).
-    ConnectBindFailed = "connect_bind_failed",
+    /// The app side could not be made unique on the node (no pod address of its family, or
+    /// the socket already bound to a port or to a loopback address): left alone rather than
+    /// risk its 4-tuple colliding with another pod's in the sockhash and original-dst maps.
+    ConnectSkippedSource = "connect_skipped_source",
     /// Proxy passthrough connection (from 127.0.0.6) marked for the sockhash.
     ConnectPassthrough = "connect_passthrough",
     /// Proxy calling its own pod: sent to the inbound port.

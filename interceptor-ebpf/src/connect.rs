@@ -7,7 +7,7 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use interceptor_common::{
-    addr::{is_loopback, Addr},
+    addr::{is_loopback, is_unspecified, Addr},
     config::GlobalConfig,
     counters::Counter,
     origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
@@ -28,8 +28,51 @@ pub(crate) const SOCK_DGRAM: u32 = 2;
 pub(crate) enum Verdict {
     /// Leave the connect alone.
     Pass,
-    /// Rewrite the destination to the proxy's port on loopback and bind the pod address.
-    ToProxy { port: u16 },
+    /// Rewrite the destination to the proxy's `port` on loopback, once the socket's source is
+    /// pod-unique (see [`redirect`]); `orig` is recorded for sockops and getsockopt, `counter`
+    /// counts it.
+    ToProxy {
+        port: u16,
+        orig: OrigDst,
+        counter: Counter,
+    },
+}
+
+/// Whether the connect's source makes the app↔proxy 4-tuple unique on the node, which the
+/// sockhash and `TUPLE_ORIG` keys rely on (loopback is per pod, so `127.0.0.1:P` is not).
+/// `bind_pod_address` binds the pod's address of the socket's family when nothing is bound
+/// yet and says whether it worked (false: the pod has none, or the socket already has a port,
+/// e.g. after `bind(0.0.0.0:0)`).
+#[inline(always)]
+pub(crate) fn pod_unique_source(src: &Addr, bind_pod_address: impl FnOnce() -> bool) -> bool {
+    if is_unspecified(src) {
+        bind_pod_address()
+    } else {
+        !is_loopback(src)
+    }
+}
+
+/// Finishes a `ToProxy` verdict: with a pod-unique source, records the original destination
+/// and says to rewrite; else (or when the record cannot be stored) the connect goes on
+/// untouched.
+#[inline(always)]
+pub(crate) fn redirect(
+    ctx: &SockAddrContext,
+    unique_source: bool,
+    orig: &OrigDst,
+    counter: Counter,
+) -> bool {
+    if !unique_source {
+        count(Counter::ConnectSkippedSource);
+        return false;
+    }
+    // Without a recorded original destination the proxy could not route the connection:
+    // leave it alone rather than break it.
+    if !remember(ctx, orig) {
+        return false;
+    }
+    count(counter);
+    true
 }
 
 /// An enabled pod, as seen from one of its sockets.
@@ -111,20 +154,17 @@ pub(crate) fn decide(
     if uid == pod.config.proxy_uid || gid == pod.config.proxy_gid {
         // Rules 2/5: the proxy calling its own pod goes through its inbound handler.
         if pod.config.flags & POD_INBOUND != 0 && is_pod_address(pod, dst) {
-            let orig = OrigDst {
-                ip: *dst,
-                port: port as u32,
-                pod_id: pod.config.pod_id,
-                kind: KIND_SELF_INBOUND,
-                flags: orig_flags(pod),
+            return Verdict::ToProxy {
+                port: cfg.inbound_port as u16,
+                orig: OrigDst {
+                    ip: *dst,
+                    port: port as u32,
+                    pod_id: pod.config.pod_id,
+                    kind: KIND_SELF_INBOUND,
+                    flags: orig_flags(pod),
+                },
+                counter: Counter::ConnectSelfInbound,
             };
-            if remember(ctx, &orig) {
-                count(Counter::ConnectSelfInbound);
-                return Verdict::ToProxy {
-                    port: cfg.inbound_port as u16,
-                };
-            }
-            return Verdict::Pass;
         }
         // Rules 4/7: the proxy's own upstream connections.
         count(Counter::ConnectSkippedProxy);
@@ -161,21 +201,16 @@ pub(crate) fn decide(
         }
     }
 
-    let orig = OrigDst {
-        ip: *dst,
-        port: port as u32,
-        pod_id: pod.config.pod_id,
-        kind: KIND_OUTBOUND,
-        flags: orig_flags(pod),
-    };
-    // Without a recorded original destination the proxy could not route the connection:
-    // leave it alone rather than break it.
-    if !remember(ctx, &orig) {
-        return Verdict::Pass;
-    }
-    count(Counter::ConnectRedirected);
     Verdict::ToProxy {
         port: cfg.outbound_port as u16,
+        orig: OrigDst {
+            ip: *dst,
+            port: port as u32,
+            pod_id: pod.config.pod_id,
+            kind: KIND_OUTBOUND,
+            flags: orig_flags(pod),
+        },
+        counter: Counter::ConnectRedirected,
     }
 }
 

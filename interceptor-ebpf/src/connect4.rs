@@ -7,13 +7,16 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use interceptor_common::{
-    addr::{is_unspecified, v4_mapped, LOCALHOST_V4},
+    addr::{v4_mapped, LOCALHOST_V4},
     counters::Counter,
     names::{NETNS_PROBE_IP4, NETNS_PROBE_PORT},
 };
 
 use crate::{
-    connect::{current_pod, decide, settings, Verdict, AF_INET, SOCK_DGRAM, SOCK_STREAM},
+    connect::{
+        current_pod, decide, pod_unique_source, redirect, settings, Verdict, AF_INET, SOCK_DGRAM,
+        SOCK_STREAM,
+    },
     ctx,
     maps::{count, NETNS_PROBE},
     sockaddr::SockaddrIn,
@@ -47,28 +50,37 @@ fn intercept(ctx: &SockAddrContext) {
     let src = ctx::sa_bound_src(ctx, false);
     let passthrough = v4_mapped(cfg.passthrough_ip4);
     let dst = v4_mapped(dst4);
-    if let Verdict::ToProxy { port } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port) {
-        // Bind the pod's own address first: it makes the app↔proxy 4-tuple unique on the node
-        // and is the source the app would have had (as with iptables REDIRECT).
-        if pod.config.ip4 != 0 && is_unspecified(&src) {
-            let mut sa = SockaddrIn {
-                family: AF_INET as u16,
-                port: 0,
-                addr: pod.config.ip4,
-                zero: [0; 8],
-            };
-            // SAFETY: bpf_bind on a connect4 context with a sockaddr_in on the stack.
-            let ret = unsafe {
-                bpf_bind(
-                    ctx.as_ptr().cast(),
-                    (&mut sa as *mut SockaddrIn).cast(),
-                    core::mem::size_of::<SockaddrIn>() as i32,
-                )
-            };
-            if ret != 0 {
-                count(Counter::ConnectBindFailed);
-            }
+    let Verdict::ToProxy {
+        port,
+        orig,
+        counter,
+    } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port)
+    else {
+        return;
+    };
+    // The pod's own address as the source: it makes the app↔proxy 4-tuple unique on the node
+    // and is the source the app would have had (as with iptables REDIRECT).
+    let unique = pod_unique_source(&src, || {
+        if pod.config.ip4 == 0 {
+            return false;
         }
+        let mut sa = SockaddrIn {
+            family: AF_INET as u16,
+            port: 0,
+            addr: pod.config.ip4,
+            zero: [0; 8],
+        };
+        // SAFETY: bpf_bind on a connect4 context with a sockaddr_in on the stack.
+        let ret = unsafe {
+            bpf_bind(
+                ctx.as_ptr().cast(),
+                (&mut sa as *mut SockaddrIn).cast(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            )
+        };
+        ret == 0
+    });
+    if redirect(ctx, unique, &orig, counter) {
         ctx::sa_set_user_ip4(ctx, LOCALHOST_V4);
         ctx::sa_set_user_port(ctx, port);
     }

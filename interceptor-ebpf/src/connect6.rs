@@ -4,15 +4,15 @@
 use aya_ebpf::{
     helpers::bpf_bind, macros::cgroup_sock_addr, programs::SockAddrContext, EbpfContext as _,
 };
-use interceptor_common::{
-    addr::{is_unspecified, is_v4_mapped, v4_mapped, Addr, LOCALHOST_V4, LOCALHOST_V6},
-    counters::Counter,
+use interceptor_common::addr::{
+    is_unspecified, is_v4_mapped, v4_mapped, LOCALHOST_V4, LOCALHOST_V6,
 };
 
 use crate::{
-    connect::{current_pod, decide, settings, Verdict, AF_INET6, SOCK_STREAM},
+    connect::{
+        current_pod, decide, pod_unique_source, redirect, settings, Verdict, AF_INET6, SOCK_STREAM,
+    },
     ctx,
-    maps::count,
     sockaddr::SockaddrIn6,
 };
 
@@ -42,38 +42,47 @@ fn intercept(ctx: &SockAddrContext) {
     } else {
         cfg.passthrough_ip6
     };
-    if let Verdict::ToProxy { port } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port) {
-        let (proxy, source) = if mapped {
-            (
-                v4_mapped(LOCALHOST_V4),
-                (pod.config.ip4 != 0).then(|| v4_mapped(pod.config.ip4)),
-            )
-        } else {
-            (
-                LOCALHOST_V6,
-                (!is_unspecified(&pod.config.ip6)).then_some(pod.config.ip6),
+    let Verdict::ToProxy {
+        port,
+        orig,
+        counter,
+    } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port)
+    else {
+        return;
+    };
+    let (proxy, source) = if mapped {
+        (
+            v4_mapped(LOCALHOST_V4),
+            (pod.config.ip4 != 0).then(|| v4_mapped(pod.config.ip4)),
+        )
+    } else {
+        (
+            LOCALHOST_V6,
+            (!is_unspecified(&pod.config.ip6)).then_some(pod.config.ip6),
+        )
+    };
+    let unique = pod_unique_source(&src, || {
+        let Some(source) = source else {
+            return false;
+        };
+        let mut sa = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: source,
+            scope_id: 0,
+        };
+        // SAFETY: bpf_bind on a connect6 context with a sockaddr_in6 on the stack.
+        let ret = unsafe {
+            bpf_bind(
+                ctx.as_ptr().cast(),
+                (&mut sa as *mut SockaddrIn6).cast(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
             )
         };
-        if let (Some(source), true) = (source, is_unspecified(&src)) {
-            let mut sa = SockaddrIn6 {
-                family: AF_INET6 as u16,
-                port: 0,
-                flowinfo: 0,
-                addr: source,
-                scope_id: 0,
-            };
-            // SAFETY: bpf_bind on a connect6 context with a sockaddr_in6 on the stack.
-            let ret = unsafe {
-                bpf_bind(
-                    ctx.as_ptr().cast(),
-                    (&mut sa as *mut SockaddrIn6).cast(),
-                    core::mem::size_of::<SockaddrIn6>() as i32,
-                )
-            };
-            if ret != 0 {
-                count(Counter::ConnectBindFailed);
-            }
-        }
+        ret == 0
+    });
+    if redirect(ctx, unique, &orig, counter) {
         ctx::sa_set_user_ip6(ctx, &proxy);
         ctx::sa_set_user_port(ctx, port);
     }

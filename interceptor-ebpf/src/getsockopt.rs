@@ -3,11 +3,7 @@
 //! Istio-style proxy works unmodified.
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
-use interceptor_common::{
-    addr::{is_v4_mapped, Addr},
-    counters::Counter,
-    sockmap::SockKey,
-};
+use interceptor_common::{addr::is_v4_mapped, counters::Counter, sockmap::SockKey};
 
 use crate::{
     connect::{AF_INET, AF_INET6},
