@@ -142,6 +142,14 @@ impl Netns {
         cmd.spawn()
     }
 
+    /// Whether this is the node's own network namespace (init's, or this process's): the one
+    /// namespace that must never be intercepted, since host traffic would go to a proxy.
+    pub fn is_node(&self) -> bool {
+        ["/proc/1/ns/net", "/proc/self/ns/net"]
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| self.same_as(m.dev(), m.ino())))
+    }
+
     /// Whether `other` is the same namespace.
     pub fn same_as(&self, dev: u64, ino: u64) -> bool {
         self.dev == dev && self.ino == ino

@@ -48,6 +48,12 @@ pub enum Error {
     NoCookie { path: PathBuf, reason: String },
     #[error("address {addr} already belongs to enabled pod {other}; disable it first")]
     AddressInUse { addr: IpAddr, other: String },
+    #[error(
+        "refusing to intercept {0}: it is the node's own network namespace, so every host \
+         connection would go to a proxy. Name a pod's namespace (--netns) or a process inside a \
+         pod (--pid)"
+    )]
+    NodeNetns(PathBuf),
     #[error("no enabled pod matches {0}; see `interceptor pod list`")]
     NotEnabled(String),
     #[error(
@@ -189,6 +195,9 @@ impl<'a> Registry<'a> {
         let name = display_name(source);
         if name.len() > POD_NAME_LEN {
             return Err(Error::NameTooLong(name));
+        }
+        if netns.is_node() {
+            return Err(Error::NodeNetns(netns.path().to_owned()));
         }
         let inbound = spec.inbound();
         if inbound && !bpf::attach::sk_lookup_available(self.pins) {

@@ -135,6 +135,9 @@ impl Registry<'_> {
         if name.len() > interceptor_common::pod::POD_NAME_LEN {
             return Err(Error::NameTooLong(name));
         }
+        if netns.is_node() {
+            return Err(Error::NodeNetns(netns.path().to_owned()));
+        }
         let id = match self.find_by_netns(netns)? {
             // Leaving the datapath: its entries go first.
             Some((id, info)) if info.mode == MODE_EBPF => {

@@ -77,3 +77,31 @@ fn iptables_legacy_save_of_a_large_ruleset_still_works() {
         300
     );
 }
+
+/// The node's own network namespace is never a pod: enabling it (by init's pid, or this
+/// process's, in either mode) is refused with a message, and nothing is written.
+#[test]
+fn the_node_namespace_cannot_be_enabled() {
+    let mut h = Harness::new("nodens");
+    h.start_agent(&[]);
+    let me = std::process::id().to_string();
+    for mode in ["ebpf", "iptables"] {
+        let args = ["pod", "enable", "--pid", &me, "--mode", mode];
+        let out = h.cli(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("node's own network namespace"),
+            "{args:?}: {err}"
+        );
+    }
+    // init's namespace is refused too (some sandboxes do not even let root open it).
+    assert!(!h.cli(&["pod", "enable", "--pid", "1"]).status.success());
+    assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 0);
+    // No Istio chain reached the host's nat table.
+    let save = std::process::Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    assert!(!String::from_utf8_lossy(&save.stdout).contains("ISTIO_"));
+}

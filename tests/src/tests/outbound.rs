@@ -122,7 +122,11 @@ fn a_socket_whose_source_cannot_be_made_unique_is_left_alone() {
         } else {
             assert_eq!(peer, echo.addr, "{source}: went direct");
             assert_eq!(after.since(&before, "connect_redirected"), 0, "{source}");
-            assert_eq!(after.since(&before, "connect_skipped_source"), 1, "{source}");
+            assert_eq!(
+                after.since(&before, "connect_skipped_source"),
+                1,
+                "{source}"
+            );
         }
     }
 }
