@@ -210,10 +210,7 @@ impl Lab {
             "via",
             &self.gateway().to_string(),
         ])?;
-        // Istio's IPv6 passthrough source (::6) lives on the pod's loopback.
-        ip(&[
-            "-n", &netns, "-6", "addr", "add", "::6/128", "dev", "lo", "nodad",
-        ])?;
+        // No ::6 on lo here: enabling the pod adds Istio's IPv6 passthrough source itself.
         let cgroup = match &self.cgroup {
             Some(dir) => {
                 let c = dir.join(short);

@@ -168,6 +168,34 @@ fn is_netns(file: &File) -> bool {
     }
 }
 
+/// Adds `addr`/128 to the calling thread's namespace's loopback, if it is not there yet (Istio's
+/// IPv6 passthrough source `::6` lives there; loopback addresses skip duplicate detection).
+pub fn ensure_loopback_v6(addr: std::net::Ipv6Addr) -> io::Result<()> {
+    let sock = std::net::UdpSocket::bind("[::1]:0")?;
+    // SAFETY: a NUL-terminated interface name.
+    let index = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let req = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: 128,
+        ifr6_ifindex: index as libc::c_int,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one in6_ifreq from a valid pointer.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Ok(()),
+        _ => Err(err),
+    }
+}
+
 /// `SO_NETNS_COOKIE` (Linux >= 5.14).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 

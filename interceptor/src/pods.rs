@@ -204,6 +204,8 @@ impl<'a> Registry<'a> {
             return Err(Error::InboundUnavailable);
         }
         let (cookie, addresses) = self.inspect(netns)?;
+        let cfg = self.maps.global_config()?;
+        ensure_passthrough_v6(netns, ip_of(cfg.passthrough_ip6), &addresses);
         let existing = self.find_by_netns(netns)?;
         let id = match existing {
             Some((id, info)) if info.mode == MODE_IPTABLES => {
@@ -216,7 +218,6 @@ impl<'a> Registry<'a> {
         };
         self.claim_addresses(cookie, &addresses)?;
 
-        let cfg = self.maps.global_config()?;
         let proxy_ports = [cfg.outbound_port as u16, cfg.inbound_port as u16];
         let config = pod_config(id, spec, &addresses);
         let info = pod_info(cookie, netns, source, &name, MODE_EBPF, 0);
@@ -606,6 +607,28 @@ fn remove_stale_cidrs(
         .collect();
     for key in stale {
         let _ = trie.remove(&key);
+    }
+}
+
+/// Puts the IPv6 passthrough source (Istio: `::6`) on the pod's loopback when the pod has IPv6,
+/// as istio-iptables does: the proxy's inbound hop to the app is bound to it. Without it IPv6
+/// inbound connections fail at the proxy (it never falls back to a source that would be
+/// captured again), so a failure is logged, not fatal.
+fn ensure_passthrough_v6(netns: &Netns, passthrough: IpAddr, addresses: &[IpAddr]) {
+    let IpAddr::V6(source) = passthrough else {
+        return;
+    };
+    if !addresses.iter().any(IpAddr::is_ipv6) {
+        return;
+    }
+    match netns.run(|| netns::ensure_loopback_v6(source)) {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => warn!(
+            netns = %netns.path().display(), %source, %err,
+            "cannot add the IPv6 passthrough source to the pod's loopback: IPv6 inbound \
+             connections will fail at its proxy"
+        ),
+        Err(err) => warn!(%err, "entering the pod to add the IPv6 passthrough source"),
     }
 }
 

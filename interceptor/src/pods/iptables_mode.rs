@@ -164,6 +164,7 @@ impl Registry<'_> {
             })?;
         let backend = iptables::resolve(netns, choice);
         let settings = self.iptables_settings()?;
+        super::ensure_passthrough_v6(netns, IpAddr::V6(settings.passthrough_v6), &addresses);
         iptables::apply(netns, spec, &settings, backend).map_err(iptables_err)?;
 
         let record = Record {

@@ -23,7 +23,6 @@ use tokio::{
     net::{TcpSocket, TcpStream},
     time::Instant,
 };
-use tracing::debug;
 
 use super::{
     balancer,
@@ -382,20 +381,27 @@ impl ClusterSet {
     }
 }
 
-/// Connects to `dst`, from `src` when given (port chosen at connect time). Falls back to the
-/// default source when `src` cannot be bound (e.g. `::6` not configured on lo).
+/// Connects to `dst`, from `src` when given (port chosen at connect time).
+///
+/// No fallback to the default source when `src` cannot be bound: the passthrough source is
+/// what keeps the hop to the app from being captured again, and from the pod's own address
+/// the proxy's connection would come straight back to its inbound listener, forever.
 pub async fn connect(src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
-    let new = || match dst {
+    let sock = match dst {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
-    };
-    let sock = new()?;
+    }?;
     if let Some(src) = src {
         let _ = socket::set_bind_address_no_port(&sock);
-        if let Err(err) = sock.bind(SocketAddr::new(src, 0)) {
-            debug!(%src, %err, "cannot bind the passthrough source; using the default");
-            return new()?.connect(dst).await;
-        }
+        sock.bind(SocketAddr::new(src, 0)).map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!(
+                    "cannot bind the passthrough source {src} ({err}): it must be on the pod's \
+                     loopback (the agent adds ::6 when it enables a pod with IPv6)"
+                ),
+            )
+        })?;
     }
     sock.connect(dst).await
 }
