@@ -81,38 +81,46 @@ pub struct Applied {
     pub rules: usize,
 }
 
-/// Applies the rules for `spec` in `netns`, both families (IPv6 only where the namespace has
-/// ip6tables' nat table). Fails without touching anything if Istio chains are already there.
+/// Applies the rules for `spec` in `netns`, both families. All or nothing: it fails without
+/// touching anything if Istio chains are already there (either family), and takes the IPv4
+/// rules back out if the IPv6 ones cannot be applied.
 pub fn apply(
     netns: &Netns,
     spec: &PodSpec,
     settings: &Settings,
     backend: Backend,
 ) -> Result<Applied, Error> {
-    let mut families = Vec::new();
-    let mut count = 0;
-    for family in [Family::V4, Family::V6] {
-        let set = RuleSet::new(spec, settings, family);
-        let existing = save(netns, backend, family)?;
-        if rules::has_istio_chains(&existing) {
+    let families = [Family::V4, Family::V6];
+    for family in families {
+        if rules::has_istio_chains(&save(netns, backend, family)?) {
             return Err(Error::AlreadyApplied {
                 netns: netns.path().to_owned(),
                 backend,
             });
         }
-        run(
+    }
+    let mut count = 0;
+    for family in families {
+        let set = RuleSet::new(spec, settings, family);
+        let restore = run(
             netns,
             backend.restore(family),
             &["--noflush"],
             Some(set.restore_script()),
-        )?;
+        );
+        if let Err(err) = restore {
+            if family != Family::V4 {
+                // Never half-applied: the IPv4 rules go again.
+                let _ = remove(netns, backend);
+            }
+            return Err(err);
+        }
         count += set.rule_count();
-        families.push(family);
     }
     info!(netns = %netns.path().display(), %backend, rules = count, "iptables interception applied");
     Ok(Applied {
         backend,
-        families,
+        families: families.to_vec(),
         rules: count,
     })
 }
