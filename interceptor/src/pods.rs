@@ -207,6 +207,11 @@ impl<'a> Registry<'a> {
         let cfg = self.maps.global_config()?;
         ensure_passthrough_v6(netns, ip_of(cfg.passthrough_ip6), &addresses);
         let existing = self.find_by_netns(netns)?;
+        // An update of a running pod must leave it as it was if it cannot be applied whole.
+        let previous = match &existing {
+            Some((id, info)) if info.mode == MODE_EBPF => Some(self.snapshot(*id, info)),
+            _ => None,
+        };
         let id = match existing {
             Some((id, info)) if info.mode == MODE_IPTABLES => {
                 // Switching modes: the pod's iptables rules go before the datapath takes over.
@@ -222,9 +227,17 @@ impl<'a> Registry<'a> {
         let config = pod_config(id, spec, &addresses);
         let info = pod_info(cookie, netns, source, &name, MODE_EBPF, 0);
         if let Err(err) = self.write(id, cookie, &config, &info, spec, &addresses, &proxy_ports) {
-            // Never leave a pod half-configured.
-            warn!(pod = %name, %err, "enabling failed; removing what was written");
-            let _ = self.remove(id, cookie);
+            // Never leave a pod half-configured: a new pod goes, an updated one is restored.
+            match previous {
+                Some(previous) => {
+                    warn!(pod = %name, %err, "updating failed; restoring the previous settings");
+                    self.restore(id, &previous);
+                }
+                None => {
+                    warn!(pod = %name, %err, "enabling failed; removing what was written");
+                    let _ = self.remove(id, cookie);
+                }
+            }
             return Err(err);
         }
         if inbound {
@@ -555,6 +568,105 @@ impl<'a> Registry<'a> {
         Ok(())
     }
 
+    /// Every datapath entry of an enabled (eBPF) pod, to put back if an update fails.
+    fn snapshot(&self, id: u32, info: &PodInfo) -> Entries {
+        let cookie = info.netns_cookie;
+        let mine = |k: &aya::maps::lpm_trie::Key<interceptor_common::pod::CidrKey>| {
+            u32::from_be(k.data().pod_id_be) == id
+        };
+        Entries {
+            info: *info,
+            config: self.maps.pod_config.get(&cookie, 0).ok(),
+            ips: self
+                .maps
+                .pod_ips
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, c)| *c == cookie)
+                .collect(),
+            ports: self
+                .maps
+                .pod_ports
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| k.pod_id == id)
+                .collect(),
+            excluded: self
+                .maps
+                .cidr_exclude
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| mine(k))
+                .collect(),
+            included: self
+                .maps
+                .cidr_include
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| mine(k))
+                .collect(),
+        }
+    }
+
+    /// Puts a pod's entries back as `snapshot` had them, dropping what a failed update added.
+    /// Best effort: every entry restored fitted before, and the update's extra ones go first.
+    fn restore(&mut self, id: u32, snapshot: &Entries) {
+        let cookie = snapshot.info.netns_cookie;
+        let ports: Vec<PortKey> = self
+            .maps
+            .pod_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_id == id && !snapshot.ports.iter().any(|(o, _)| o == k))
+            .collect();
+        for key in ports {
+            let _ = self.maps.pod_ports.remove(&key);
+        }
+        let ips: Vec<Addr> = self
+            .maps
+            .pod_ips
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(ip, c)| *c == cookie && !snapshot.ips.iter().any(|(o, _)| o == ip))
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in ips {
+            let _ = self.maps.pod_ips.remove(&ip);
+        }
+        let keep = |entries: &[(
+            aya::maps::lpm_trie::Key<interceptor_common::pod::CidrKey>,
+            u32,
+        )]| {
+            entries
+                .iter()
+                .map(|(k, _)| (k.data().ip, k.prefix_len() - 32))
+                .collect::<Vec<_>>()
+        };
+        remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &keep(&snapshot.excluded));
+        remove_stale_cidrs(&mut self.maps.cidr_include, id, &keep(&snapshot.included));
+        for (key, rule) in &snapshot.ports {
+            let _ = self.maps.pod_ports.insert(key, rule, 0);
+        }
+        for (key, value) in &snapshot.excluded {
+            let _ = self.maps.cidr_exclude.insert(key, value, 0);
+        }
+        for (key, value) in &snapshot.included {
+            let _ = self.maps.cidr_include.insert(key, value, 0);
+        }
+        for (ip, c) in &snapshot.ips {
+            let _ = self.maps.pod_ips.insert(ip, c, 0);
+        }
+        let _ = self.maps.pod_info.insert(id, snapshot.info, 0);
+        match &snapshot.config {
+            Some(config) => {
+                let _ = self.maps.pod_config.insert(cookie, config, 0);
+            }
+            None => {
+                let _ = self.maps.pod_config.remove(&cookie);
+            }
+        }
+    }
+
     /// Removes every entry of a pod: the switch first, then its rules and its netns link.
     fn remove(&mut self, id: u32, cookie: u64) -> Result<(), Error> {
         let _ = self.maps.pod_config.remove(&cookie);
@@ -587,6 +699,22 @@ impl<'a> Registry<'a> {
         let _ = self.maps.pod_info.remove(&id);
         Ok(())
     }
+}
+
+/// A pod's datapath entries (see `Registry::snapshot`).
+struct Entries {
+    info: PodInfo,
+    config: Option<PodConfig>,
+    ips: Vec<(Addr, u64)>,
+    ports: Vec<(PortKey, u32)>,
+    excluded: Vec<(
+        aya::maps::lpm_trie::Key<interceptor_common::pod::CidrKey>,
+        u32,
+    )>,
+    included: Vec<(
+        aya::maps::lpm_trie::Key<interceptor_common::pod::CidrKey>,
+        u32,
+    )>,
 }
 
 fn remove_stale_cidrs(

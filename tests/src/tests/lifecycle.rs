@@ -187,3 +187,53 @@ fn a_pod_whose_namespace_is_gone_is_removed() {
     assert_eq!(h.status()["pods"][0]["name"], keep.netns.as_str());
     assert!(!Path::new(&format!("/run/netns/{}", pod.netns)).exists());
 }
+
+/// An update that cannot be applied whole (here POD_PORTS overflows) leaves the running pod as
+/// it was, still intercepted with its previous settings, and says why.
+#[test]
+fn a_failed_update_keeps_the_pod_as_it_was() {
+    let mut h = Harness::new("update");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &["--exclude-outbound-ports", "5432"]);
+    let spec_before = h.status()["pods"][0]["spec"].clone();
+
+    // 66000 port entries, more than POD_PORTS holds (65536), in arguments below the
+    // kernel's 128 KiB per-argument limit.
+    let list = |ports: std::ops::RangeInclusive<u32>| {
+        ports.map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+    };
+    let (low, high) = (list(1..=22500), list(22501..=43500));
+    let out = h.cli(&[
+        "pod",
+        "enable",
+        "--netns",
+        &client.netns,
+        "--exclude-inbound-ports",
+        &low,
+        "--exclude-outbound-ports",
+        &low,
+        "--include-outbound-ports",
+        &high,
+    ]);
+    assert!(
+        !out.status.success(),
+        "an update past the map's size was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("POD_PORTS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pods = h.status()["pods"].clone();
+    assert_eq!(pods.as_array().expect("pods").len(), 1, "still enabled");
+    assert_eq!(pods[0]["spec"], spec_before, "previous settings restored");
+    let before = h.counters();
+    let stream = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(stream, b"kept").expect("echo"), b"kept");
+    assert_eq!(h.counters().since(&before, "connect_redirected"), 1);
+}
