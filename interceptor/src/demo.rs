@@ -153,7 +153,8 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
         total,
         "Agent: load the eBPF programs and attach them at the cgroup v2 root",
     );
-    let pin_root = format!("/sys/fs/bpf/interceptor-demo-{}", std::process::id());
+    // Named like the lab, so a crashed demo's pins are swept with its namespaces.
+    let pin_root = format!("/sys/fs/bpf/{}", lab.name);
     let pins = Pins::new(&pin_root);
     let mut agent = Managed::new(
         "agent",

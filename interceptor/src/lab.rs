@@ -392,10 +392,22 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes lab namespaces, cgroups and leases whose creating process is gone (a crashed run).
-/// Returns how many namespaces were removed.
+/// Removes lab namespaces, cgroups, leases and datapath instances (pin roots named after a lab,
+/// with their run directories) whose creating process is gone: a crashed run must not leave
+/// programs attached to the machine's cgroup root. Returns how many namespaces were removed.
 pub fn sweep_stale() -> usize {
     let mut removed = 0;
+    if let Ok(entries) = fs::read_dir(crate::bpf::features::BPFFS) {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name).is_some_and(|p| !alive(p)) {
+                let pins = crate::bpf::Pins::new(e.path());
+                if let Err(err) = crate::bpf::teardown(&pins) {
+                    warn!(%err, root = %e.path().display(), "removing a crashed run's pins");
+                }
+            }
+        }
+    }
     if let Ok(entries) = fs::read_dir(netns::NETNS_RUN_DIR) {
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();

@@ -237,3 +237,50 @@ fn a_failed_update_keeps_the_pod_as_it_was() {
     assert_eq!(echo_round_trip(stream, b"kept").expect("echo"), b"kept");
     assert_eq!(h.counters().since(&before, "connect_redirected"), 1);
 }
+
+/// A run that crashed (its agent killed, its process gone) leaves pins behind that keep
+/// programs attached to the cgroup root; the next run's sweep removes them.
+#[test]
+fn a_crashed_runs_datapath_is_swept() {
+    // The instance is named after an owner process we end when the "crash" is complete, so
+    // no other test's sweep can take it early.
+    let mut owner = std::process::Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .expect("spawn");
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/icpt-test-crash-{}-0", owner.id()));
+    let mut agent = std::process::Command::new(crate::binary())
+        .arg("--pin-root")
+        .arg(&root)
+        .args(["agent", "--reconcile-seconds", "0.2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent");
+    {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(agent.stdout.take().expect("stdout")).lines();
+        assert!(lines.any(|l| l.is_ok_and(|l| l.contains("agent ready"))));
+    }
+    let status = std::process::Command::new(crate::binary())
+        .arg("--pin-root")
+        .arg(&root)
+        .args(["status", "--json"])
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let id = status["programs"][0]["id"]
+        .as_u64()
+        .expect("connect4 loaded") as u32;
+    agent.kill().expect("SIGKILL");
+    agent.wait().expect("wait");
+    assert!(root.exists(), "a killed agent cannot unpin");
+    assert!(interceptor::bpf::links_of(id) > 0, "still attached");
+
+    owner.kill().expect("kill");
+    owner.wait().expect("wait");
+    interceptor::lab::sweep_stale();
+    assert!(!root.exists(), "{} not swept", root.display());
+    wait_until(Duration::from_secs(10), || {
+        interceptor::bpf::links_of(id) == 0
+    });
+}
