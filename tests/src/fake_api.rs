@@ -74,6 +74,8 @@ struct State {
     watches: u64,
     /// Lists served, per kind.
     lists: BTreeMap<&'static str, u64>,
+    /// The highest resourceVersion sent in a BOOKMARK, per kind.
+    bookmarked: BTreeMap<&'static str, u64>,
 }
 
 struct Shared {
@@ -196,6 +198,12 @@ impl FakeApi {
     pub fn lists(&self, kind: &str) -> u64 {
         let s = self.shared.state.lock().expect("lock");
         s.lists.get(kind).copied().unwrap_or(0)
+    }
+
+    /// The highest resourceVersion a BOOKMARK carried to a watch of `kind` ("Pod", …).
+    pub fn bookmarked(&self, kind: &str) -> u64 {
+        let s = self.shared.state.lock().expect("lock");
+        s.bookmarked.get(kind).copied().unwrap_or(0)
     }
 
     /// Watch connections served so far.
@@ -653,6 +661,9 @@ async fn watch_stream(
                 if tx.send(line(bookmark)).await.is_err() {
                     return;
                 }
+                let mut s = shared.state.lock().expect("lock");
+                let sent = s.bookmarked.entry(args.kind.name()).or_default();
+                *sent = (*sent).max(current);
             }
         }
     }

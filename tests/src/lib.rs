@@ -356,6 +356,23 @@ impl Counters {
     }
 }
 
+/// Waits until thread `tid` of this process sleeps in the kernel (state S in its stat), e.g.
+/// blocked in `read()`: a test about a wakeup must not act before the sleeper sleeps.
+pub fn wait_blocked(tid: i32) {
+    wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // The state follows the command, which is in parentheses and may hold spaces.
+                let (_, rest) = s.rsplit_once(')')?;
+                rest.split_whitespace().next().map(|st| st == "S")
+            })
+            .unwrap_or(false)
+    });
+    // It may still be on its way into the wait; a moment more puts it inside.
+    thread::sleep(Duration::from_millis(20));
+}
+
 /// Polls `f` until true; panics after `timeout`.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -604,7 +604,12 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
             &["app"],
         ),
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Both watches have been sent a bookmark carrying it (then a moment for the client to
+    // read it off the stream).
+    wait_until(Duration::from_secs(20), || {
+        env.api.bookmarked("Pod") >= marker && env.api.bookmarked("Namespace") >= marker
+    });
+    std::thread::sleep(Duration::from_millis(100));
 
     // The API server goes away for a while; `b` is deleted meanwhile. The agent keeps the
     // datapath running, reconnects with backoff, and converges.

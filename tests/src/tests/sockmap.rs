@@ -126,8 +126,9 @@ fn a_reader_woken_by_a_half_close_loses_no_data() {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         let mut writer = reader.try_clone().expect("clone");
+        let reader_tid = nix::unistd::gettid().as_raw();
         let other = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
+            crate::wait_blocked(reader_tid);
             writer.write_all(b"half-close")?;
             writer.shutdown(std::net::Shutdown::Write)
         });
@@ -162,8 +163,9 @@ fn no_sockmap_pods_keep_plain_tcp_semantics() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut writer = reader.try_clone().expect("clone");
+    let reader_tid = nix::unistd::gettid().as_raw();
     let other = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(100));
+        crate::wait_blocked(reader_tid);
         writer.write_all(b"plain")?;
         writer.shutdown(std::net::Shutdown::Write)
     });
