@@ -104,9 +104,6 @@ pub struct AgentArgs {
     /// This node's name: --kube watches the pods with spec.nodeName equal to it.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// Where the node's processes are (the host's /proc: the DaemonSet runs with hostPID).
-    #[arg(long, default_value = "/proc", hide = true)]
-    pub proc_root: PathBuf,
     /// Serve GET /healthz/ready here: 200 once the datapath is pinned and, with --kube, the
     /// first list of pods and namespaces is in; 503 before. (/healthz/live: 200 while running.)
     #[arg(long)]
@@ -439,6 +436,26 @@ pub enum LoadMode {
     ConnectionPerRequest,
 }
 
+/// Seconds from the command line as a Duration: negative and NaN are 0, anything past a year
+/// is a year (`from_secs_f64` would panic on `inf`, and deadlines far past that overflow).
 pub fn secs(v: f64) -> Duration {
-    Duration::from_secs_f64(v.max(0.0))
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
+    if v.is_nan() {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(v.clamp(0.0, YEAR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_never_panic() {
+        assert_eq!(secs(-1.0), Duration::ZERO);
+        assert_eq!(secs(f64::NAN), Duration::ZERO);
+        assert_eq!(secs(1.5), Duration::from_millis(1500));
+        assert_eq!(secs(f64::INFINITY), Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(secs(1e300), Duration::from_secs(365 * 24 * 3600));
+    }
 }

@@ -59,7 +59,9 @@ fn run(cli: Cli) -> Result<()> {
                 (true, Some(node_name)) if !node_name.is_empty() => Some(KubeOptions {
                     kubeconfig: args.kubeconfig.clone(),
                     node_name,
-                    proc_root: args.proc_root.clone(),
+                    // The host's: the DaemonSet runs with hostPID, and the registry's own
+                    // lookups (gone pods, listeners) read /proc too.
+                    proc_root: "/proc".into(),
                 }),
                 (true, _) => return Err(interceptor::kube::Error::NoNodeName.into()),
             };
