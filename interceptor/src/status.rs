@@ -117,16 +117,18 @@ impl Status {
         let _ = writeln!(out, "in use      {}", self.features.in_use.join(", "));
         let _ = writeln!(out, "\nprograms");
         for p in &self.programs {
+            let place = match p.name {
+                _ if p.id.is_none() => String::new(),
+                _ if p.linked => "attached at the cgroup root".into(),
+                names::prog::SK_MSG => "attached to the SOCKS sockhash".into(),
+                names::prog::SK_LOOKUP => format!("attached to {} pod namespace(s)", p.links),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  {:<16} {:<10} {}",
+                "  {:<16} {:<10} {place}",
                 p.name,
                 p.id.map_or_else(|| "-".into(), |id| format!("id {id}")),
-                if p.linked {
-                    "attached at cgroup root"
-                } else {
-                    ""
-                }
             );
         }
         let _ = writeln!(out, "\npods ({})", self.pods.len());
@@ -134,9 +136,10 @@ impl Status {
             let addrs: Vec<String> = pod.addresses.iter().map(ToString::to_string).collect();
             let _ = writeln!(
                 out,
-                "  {:>3}  {:<28} {:<32} out:{:<3} in:{}",
+                "  {:>3}  {:<28} {:<8} {:<32} out:{:<3} in:{}",
                 pod.id,
                 pod.name,
+                pod.mode,
                 addrs.join(","),
                 if pod.outbound { "on" } else { "off" },
                 match (pod.inbound, pod.inbound_ready) {
