@@ -115,9 +115,19 @@ impl Drop for Backend {
 }
 
 /// An address nothing listens on (connections are refused).
-fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+/// An address that refuses connections for as long as the returned socket lives: bound but never
+/// listening, so a test running in parallel cannot be handed the same port (a freed port can be).
+fn refused_addr() -> (SocketAddr, socket2::Socket) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+        .expect("bind");
+    let addr = s
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet address");
+    (addr, s)
 }
 
 // === the proxy under test ===
@@ -392,7 +402,7 @@ outbound:
 #[tokio::test]
 async fn connect_failure_is_retried_on_the_next_endpoint() {
     let live = Backend::start("live", Behaviour::Ok).await;
-    let dead = refused_addr();
+    let (dead, _dead_socket) = refused_addr();
     let yaml = format!(
         r#"
 clusters:
@@ -452,7 +462,7 @@ async fn cluster_json(proxy: &Proxy, name: &str) -> serde_json::Value {
 #[tokio::test]
 async fn an_endpoint_that_keeps_failing_is_ejected() {
     let live = Backend::start("live", Behaviour::Ok).await;
-    let dead = refused_addr();
+    let (dead, _dead_socket) = refused_addr();
     let yaml = format!(
         r#"
 clusters:
@@ -532,7 +542,7 @@ async fn previous_hosts_keeps_retries_off_the_failed_endpoint() {
 
 #[tokio::test]
 async fn upstream_down_is_503_after_the_retries() {
-    let dead = refused_addr();
+    let (dead, _dead_socket) = refused_addr();
     let yaml = format!(
         r#"
 clusters:
