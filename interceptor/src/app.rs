@@ -25,8 +25,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     http_server::{self, Handler, text},
     proxy::{
-        ProxyConfig, admin, config::ConfigError, dispatch::Shared, inbound, metrics::ProxyMetrics,
-        outbound, reload, snapshot::ConfigSource,
+        ProxyConfig, admin, config::ConfigError, dispatch::Shared, drain::Drain, inbound,
+        metrics::ProxyMetrics, outbound, reload, snapshot::ConfigSource,
     },
 };
 
@@ -158,12 +158,6 @@ impl Bound {
             health,
             admin: admin_listener,
         } = self.listeners;
-        let shared = Shared {
-            config: self.config.clone(),
-            source: self.source.clone(),
-            metrics: metrics.clone(),
-            drain: drain.clone(),
-        };
 
         // The data plane: `workers` threads, each with a current-thread runtime. This thread
         // accepts and hands connections out round robin; from then on a connection, its
@@ -175,7 +169,14 @@ impl Bound {
         for index in 0..workers {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
             let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
-            let (shared, conns) = (shared.clone(), conns.clone());
+            // Each worker has its own drain signal, set off by the shared token.
+            let shared = Arc::new(Shared {
+                config: self.config.clone(),
+                source: self.source.clone(),
+                metrics: metrics.clone(),
+                drain: Drain::new(),
+            });
+            let (conns, drain) = (conns.clone(), drain.clone());
             let drain_timeout = self.config.drain_timeout;
             let spawned = std::thread::Builder::new()
                 .name(format!("proxy-worker-{index}"))
@@ -191,6 +192,11 @@ impl Bound {
                             return;
                         }
                     };
+                    let worker_drain = shared.drain.clone();
+                    rt.spawn(async move {
+                        drain.cancelled().await;
+                        worker_drain.trigger();
+                    });
                     rt.block_on(worker(rx, shared, conns.clone()));
                     // In-flight connections get the drain deadline, then the runtime drops them.
                     rt.block_on(async {
@@ -368,7 +374,7 @@ impl Handoff {
 /// One data-plane worker: serves the connections handed to it until the acceptors stop.
 async fn worker(
     mut accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
-    shared: Shared,
+    shared: Arc<Shared>,
     conns: TaskTracker,
 ) {
     while let Some((stream, peer, kind)) = accepted.recv().await {

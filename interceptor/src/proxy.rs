@@ -7,7 +7,8 @@
 //!   ([`reload`]).
 //! - [`outbound`], [`inbound`]: the two capture listeners; [`dispatch`]: detection → HTTP or TCP.
 //! - [`detect`], [`io`]: first-bytes protocol detection and the replaying, counting stream.
-//! - [`http`]: serving and forwarding requests; [`route`]: virtual hosts and routes;
+//! - [`http`]: serving and forwarding requests ([`h1`]: HTTP/1 connections that hold no
+//!   buffers between requests; [`drain`]: the per-worker drain signal); [`route`]: virtual hosts and routes;
 //!   [`cluster`], [`balancer`], [`outlier`], [`pool`]: upstreams; [`retry`]: Envoy's retry
 //!   policy.
 //! - [`admin`] (15000), [`metrics`] (15090).
@@ -18,6 +19,8 @@ pub mod cluster;
 pub mod config;
 pub mod detect;
 pub mod dispatch;
+pub mod drain;
+pub mod h1;
 pub mod http;
 pub mod inbound;
 pub mod io;

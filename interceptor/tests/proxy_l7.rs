@@ -842,6 +842,149 @@ async fn malformed_and_oversized_requests_get_status_codes_and_the_proxy_stays_u
     );
 }
 
+/// One HTTP/1.1 response read off a raw connection: (status, headers lower-cased, body). Bytes
+/// past it (a pipelined next response) stay in `buf`.
+async fn read_response(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> (u16, Vec<(String, String)>, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert!(n > 0, "connection closed before a response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1.1 "))
+        .and_then(|l| l.get(..3))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("content-length");
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("a response body in time")
+            .expect("read");
+        assert!(n > 0, "connection closed inside a response body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+    buf.drain(..head_end + len);
+    (status, headers, body)
+}
+
+/// Between requests the proxy stops hyper and keeps only the socket; none of that may show:
+/// heads split across writes, pipelined requests (whole or with the next head cut short), bodies
+/// that arrive in pieces and pauses long enough to park all keep the one connection alive and
+/// every answer right.
+#[tokio::test]
+async fn keep_alive_survives_pauses_pipelining_and_requests_in_pieces() {
+    let app = Backend::start("app", Behaviour::Ok).await;
+    let proxy = Proxy::start("", app.addr).await;
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let mut buf = Vec::new();
+    let get = |n: usize| format!("GET /{n} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes();
+    let no_close = |headers: &[(String, String)]| {
+        !headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"))
+    };
+    // The first head in two writes, with a pause between them.
+    s.write_all(b"GET /1 HTTP/1.1\r\nHo").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: a\r\n\r\n").await.expect("write");
+    let (status, headers, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, body.as_str()), (200, "app got 0 bytes"));
+    assert!(no_close(&headers), "{headers:?}");
+    // A pause longer than the park delay, then the next request.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(&get(2)).await.expect("write");
+    let (status, headers, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(no_close(&headers), "{headers:?}");
+    // Two requests in one write.
+    s.write_all(&[get(3), get(4)].concat())
+        .await
+        .expect("write");
+    for _ in 0..2 {
+        let (status, headers, _) = read_response(&mut s, &mut buf).await;
+        assert_eq!(status, 200);
+        assert!(no_close(&headers), "{headers:?}");
+    }
+    // A request and the first half of the next one; the rest after a pause.
+    let next = get(6);
+    s.write_all(&[get(5), next[..12].to_vec()].concat())
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(&next[12..]).await.expect("write");
+    let (status, headers, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(no_close(&headers), "{headers:?}");
+    // A chunked body in pieces, with a pause inside it.
+    s.write_all(b"POST /7 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(b"6\r\n world\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, headers, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, body.as_str()), (200, "app got 11 bytes"));
+    assert!(no_close(&headers), "{headers:?}");
+    assert!(buf.is_empty(), "unexpected bytes: {buf:?}");
+    assert_eq!(app.hits(), 7);
+    assert_eq!(
+        proxy
+            .metric("interceptor_proxy_connections_total{direction=\"Outbound\"}")
+            .await,
+        1.0,
+        "every request on the one connection"
+    );
+}
+
+/// As with hyper's own timer: a keep-alive connection that sends no next head within
+/// `header_read_timeout` is closed (and one that does is served).
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_header_read_timeout() {
+    let app = Backend::start("app", Behaviour::Ok).await;
+    let proxy = Proxy::start("limits: {header_read_timeout: 300ms}\n", app.addr).await;
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s, &mut buf).await.0, 200);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection outlived the header read timeout"
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_is_routed() {
     let a = Backend::start("a", Behaviour::Ok).await;

@@ -17,7 +17,6 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{Either, Full, Limited};
-use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::{
     net::{TcpSocket, TcpStream},
@@ -27,13 +26,14 @@ use tokio::{
 use super::{
     balancer,
     config::{ClusterConfig, Config, Dur, LbPolicy, OutlierConfig},
+    h1::DownstreamBody,
     outlier::Health,
     pool::Pool,
 };
 use crate::socket;
 
 /// A request body on its way upstream: buffered (replayable, so retriable) or streaming.
-pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
+pub type UpstreamBody = Either<Full<Bytes>, Limited<DownstreamBody>>;
 
 /// Settings that come from the command line rather than the file.
 #[derive(Clone, Debug)]

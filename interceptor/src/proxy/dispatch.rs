@@ -6,13 +6,14 @@ use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
     ProxyConfig,
     config::Protocol as Declared,
     detect::{self, Protocol},
+    drain::Drain,
+    h1,
     http::{self, ConnCtx},
     io::DownstreamIo,
     metrics::{self, Direction, ProxyMetrics},
@@ -26,8 +27,8 @@ pub struct Shared {
     pub config: Arc<ProxyConfig>,
     pub source: ConfigSource,
     pub metrics: ProxyMetrics,
-    /// Cancelled on SIGTERM: HTTP connections finish their requests and close.
-    pub drain: CancellationToken,
+    /// This worker's drain signal (SIGTERM): HTTP connections finish their requests and close.
+    pub drain: Drain,
 }
 
 pub async fn dispatch(
@@ -91,7 +92,16 @@ pub async fn dispatch(
             };
             let timeout = cluster.connect_timeout;
             drop(snapshot);
-            tcp::proxy(io, orig_dst, source, timeout, direction, &shared.metrics).await;
+            // Boxed, like every branch but HTTP/1: an idle HTTP/1 connection's task stays small.
+            Box::pin(tcp::proxy(
+                io,
+                orig_dst,
+                source,
+                timeout,
+                direction,
+                &shared.metrics,
+            ))
+            .await;
         }
         Protocol::Http1 | Protocol::Http2 => {
             drop(snapshot);
@@ -108,7 +118,12 @@ pub async fn dispatch(
                     .clone(),
                 last_series: std::sync::Mutex::new(None),
             });
-            http::serve(io, protocol, ctx, &limits, shared.drain.clone()).await;
+            let drain = shared.drain.watch();
+            if protocol == Protocol::Http2 {
+                Box::pin(http::serve_h2(io, ctx, &limits, drain)).await;
+            } else {
+                h1::serve(io, ctx, &limits, drain).await;
+            }
         }
     }
 }

@@ -22,7 +22,7 @@ use http::{
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::{
     body::{Body, Incoming},
-    server::conn::{http1, http2},
+    server::conn::http2,
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,14 +30,14 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
     balancer,
     cluster::{Cluster, Endpoint, UpstreamBody},
     config::Limits,
-    detect,
+    drain::Watch,
+    h1::DownstreamBody,
     metrics::{ActiveGuard, Direction, ProxyMetrics},
     pool::{PooledBody, SendError},
     retry::{Outcome, RetryPolicy},
@@ -51,9 +51,6 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// Envoy's attempt header: 1 on the first try, 2 on the first retry…
 pub const X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
-
-/// hyper's built-in header count limit (`max_headers` not set).
-const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// What a request needs to know about its connection.
 pub struct ConnCtx {
@@ -101,60 +98,31 @@ impl ConnCtx {
     }
 }
 
-/// Serves HTTP on a detected connection until the client closes it or the drain asks it to
-/// finish (in-flight requests complete, keep-alive ends).
-pub async fn serve<S>(
-    io: S,
-    protocol: detect::Protocol,
-    ctx: Arc<ConnCtx>,
-    limits: &Limits,
-    drain: CancellationToken,
-) where
+/// Serves h2c on a detected connection until the client closes it or the drain asks it to
+/// finish (in-flight streams complete, then GOAWAY).
+pub async fn serve_h2<S>(io: S, ctx: Arc<ConnCtx>, limits: &Limits, drain: Watch)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+        async move {
+            let req = req.map(|body| DownstreamBody::new(body, None));
+            Ok::<_, Infallible>(handle(req, &ctx).await)
+        }
     });
     let head_bytes = (limits.max_request_headers_kb as usize).saturating_mul(1024);
-    let result = match protocol {
-        detect::Protocol::Http2 => {
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => res,
-                _ = drain.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
-        _ => {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout.nonzero())
-                // hyper answers a head larger than this with 431 (its floor is 8 KiB).
-                .max_buf_size(head_bytes.max(8192))
-                .keep_alive(true);
-            // hyper's default is 100 on a stack array; an explicit limit costs a heap array per
-            // request, so only set one that differs.
-            if limits.max_request_headers as usize != HYPER_DEFAULT_MAX_HEADERS {
-                builder.max_headers(limits.max_request_headers as usize);
-            }
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => res,
-                _ = drain.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = drain => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     };
     if let Err(err) = result {
@@ -163,7 +131,7 @@ pub async fn serve<S>(
 }
 
 /// One request, start to finish, with its metrics.
-pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<ResponseBody> {
+pub async fn handle(req: Request<DownstreamBody>, ctx: &ConnCtx) -> Response<ResponseBody> {
     let start = Instant::now();
     ctx.active_requests.inc();
     let _active = ActiveGuard(ctx.active_requests.clone());
@@ -182,7 +150,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 async fn route_and_forward(
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     ctx: &ConnCtx,
     snapshot: &Snapshot,
 ) -> (Response<ResponseBody>, String) {
@@ -242,7 +210,7 @@ async fn route_and_forward(
 /// A request body ready for attempts: replayable bytes, or a stream that can go once.
 enum RequestBody {
     Replay(Bytes),
-    Stream(Option<Limited<Incoming>>),
+    Stream(Option<Limited<DownstreamBody>>),
 }
 
 impl RequestBody {
@@ -259,7 +227,7 @@ impl RequestBody {
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     cluster: &Arc<Cluster>,
     timeout: Option<Duration>,
     retry: &RetryPolicy,

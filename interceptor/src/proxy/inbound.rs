@@ -2,7 +2,7 @@
 //! (the article's `ORIGINAL_DST` inbound cluster) from 127.0.0.6, as Istio does since 1.10:
 //! an app bound to its pod IP is reachable, one bound only to 127.0.0.1 stays private.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::warn;
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::socket;
 
-pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared) {
+pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
     let _active = metrics.open(Direction::Inbound);
     // With sk_lookup the accepted socket's local address is the original destination; the

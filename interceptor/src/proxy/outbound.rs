@@ -2,7 +2,7 @@
 //! `Host` when it is HTTP, byte for byte otherwise. The proxy's own upstream connections are made
 //! as the proxy UID, so they are not intercepted again.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::warn;
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::socket;
 
-pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Shared) {
+pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
     let _active = metrics.open(Direction::Outbound);
     let found = match shared.config.original_dst_override {
