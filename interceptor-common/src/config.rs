@@ -19,6 +19,12 @@ pub struct GlobalConfig {
     pub passthrough_ip6: Addr,
 }
 
+/// Istio's inbound passthrough source, `127.0.0.6`: the proxy connects to the app from it, so
+/// the datapath and iptables rules can tell the proxy's own hop from the app's traffic.
+pub const PASSTHROUGH_V4: [u8; 4] = [127, 0, 0, 6];
+/// IPv6 passthrough source, `::6`.
+pub const PASSTHROUGH_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+
 /// sk_msg redirect of the app↔proxy hop is on (off = the same interception over loopback TCP,
 /// which the benchmark uses to isolate what the sockmap saves).
 pub const CONFIG_MSG_REDIRECT: u32 = 1 << 0;
@@ -32,8 +38,18 @@ impl GlobalConfig {
             outbound_port: Self::DEFAULT_OUTBOUND_PORT as u32,
             inbound_port: Self::DEFAULT_INBOUND_PORT as u32,
             flags: CONFIG_MSG_REDIRECT,
-            passthrough_ip4: u32::from_be_bytes([127, 0, 0, 6]).to_be(),
-            passthrough_ip6: [0, 0, 0, 6u32.to_be()],
+            passthrough_ip4: u32::from_ne_bytes(PASSTHROUGH_V4),
+            passthrough_ip6: addr_words(PASSTHROUGH_V6),
         }
     }
+}
+
+/// 16 address bytes as the four network-order words of an [`Addr`].
+const fn addr_words(b: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
 }

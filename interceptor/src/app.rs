@@ -401,16 +401,9 @@ async fn accept(listener: TcpListener, kind: Kind, stop: CancellationToken, hand
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match stream.into_std() {
-                    Ok(stream) => handoff.send((stream, peer, kind)),
-                    Err(err) => warn!(%err, %peer, "cannot hand a connection to a worker"),
-                },
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(%err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+            (stream, peer) = crate::socket::accept_with_backoff(&listener) => match stream.into_std() {
+                Ok(stream) => handoff.send((stream, peer, kind)),
+                Err(err) => warn!(%err, %peer, "cannot hand a connection to a worker"),
             },
         }
     }

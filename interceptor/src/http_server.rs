@@ -1,21 +1,53 @@
-//! One small HTTP/1 server for the proxy's and agent's own endpoints (metrics, health), drained
-//! with everything else on shutdown.
+//! One small HTTP/1 server for the proxy's and agent's own endpoints (metrics, health, admin),
+//! drained with everything else on shutdown.
+//!
+//! These ports face the node (kubelet probes, Prometheus), so a slow or greedy client must not
+//! pin the process: request heads must arrive within a header timeout, a connection lives for a
+//! bounded time (then closes between requests), and only so many are served at once (more wait
+//! in the accept queue). See [`Limits`].
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use crate::socket::accept_with_backoff;
 
 pub type Body = Full<Bytes>;
 
 /// A request handler: plain function of the request head.
 pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Body> + Send + Sync>;
+
+/// What one client may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longest wait for a request head, including the idle time before it on a kept-alive
+    /// connection.
+    pub header_timeout: Duration,
+    /// A kept-alive connection is closed (between requests) after this long.
+    pub max_connection_age: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// How long an in-flight request may take to finish once the server stops.
+    pub drain_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(300),
+            max_connections: 64,
+            drain_grace: Duration::from_secs(5),
+        }
+    }
+}
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
@@ -25,36 +57,162 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-/// Serves `handler` on `listener` until `stop` is cancelled.
+/// Serves `handler` on `listener` until `stop` is cancelled, with the default [`Limits`].
 pub async fn serve(listener: TcpListener, handler: Handler, stop: CancellationToken) {
-    {
-        loop {
-            let (stream, peer): (_, SocketAddr) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(err) => {
-                        debug!(%err, "accept failed");
-                        continue;
-                    }
-                },
-            };
-            let handler = handler.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let resp = handler(&req);
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                let conn = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    res = conn.as_mut() => if let Err(err) = res { debug!(%peer, %err, "http connection") },
-                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-                }
+    serve_with(listener, handler, stop, Limits::default()).await
+}
+
+pub async fn serve_with(
+    listener: TcpListener,
+    handler: Handler,
+    stop: CancellationToken,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        // Wait for a free slot before accepting: excess clients queue in the kernel backlog
+        // instead of costing a task and buffers each.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = accept_with_backoff(&listener) => accepted,
+        };
+        let handler = handler.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req: Request<Incoming>| {
+                let resp = handler(&req);
+                async move { Ok::<_, Infallible>(resp) }
             });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let finished = tokio::select! {
+                res = conn.as_mut() => Some(res),
+                _ = stop.cancelled() => None,
+                _ = tokio::time::sleep(limits.max_connection_age) => None,
+            };
+            let result = match finished {
+                Some(res) => res,
+                // Let the request in flight (if any) complete, then close.
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(limits.drain_grace, conn)
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            };
+            if let Err(err) = result {
+                debug!(%peer, %err, "endpoint connection");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::*;
+
+    async fn server(limits: Limits) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let handler: Handler = Arc::new(|_| text(StatusCode::OK, "ok\n"));
+        tokio::spawn(serve_with(listener, handler, stop.clone(), limits));
+        (addr, stop)
+    }
+
+    /// Reads until the server closes; `None` if it is still open after `within`.
+    async fn closed_within(c: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+        let mut all = Vec::new();
+        tokio::time::timeout(within, c.read_to_end(&mut all))
+            .await
+            .ok()
+            .map(|_| all)
+    }
+
+    #[tokio::test]
+    async fn a_silent_or_slow_client_is_cut_off_after_the_header_timeout() {
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, stop) = server(limits).await;
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .expect("write");
+        for c in [&mut silent, &mut slow] {
+            let got = closed_within(c, Duration::from_secs(5)).await;
+            assert!(got.is_some(), "still open after 5 s");
         }
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_closes_after_its_maximum_age() {
+        let limits = Limits {
+            max_connection_age: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, stop) = server(limits).await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let got = closed_within(&mut c, Duration::from_secs(5))
+            .await
+            .expect("closed after its age");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_for_a_free_slot() {
+        let limits = Limits {
+            max_connections: 1,
+            header_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let (addr, stop) = server(limits).await;
+        let _holder = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let mut next = TcpStream::connect(addr).await.expect("connect");
+        next.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let got = closed_within(&mut next, Duration::from_secs(5))
+            .await
+            .expect("answered once the holder timed out");
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+        // Served only after the first connection's header timeout freed the one slot.
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+        stop.cancel();
     }
 }

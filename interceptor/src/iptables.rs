@@ -17,6 +17,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
+use interceptor_common::config::{PASSTHROUGH_V4, PASSTHROUGH_V6};
 use serde::Serialize;
 use tracing::{debug, info};
 
@@ -67,8 +68,8 @@ impl Default for Settings {
         Self {
             outbound_port: 15001,
             inbound_port: 15006,
-            passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
-            passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+            passthrough_v4: Ipv4Addr::from(PASSTHROUGH_V4),
+            passthrough_v6: Ipv6Addr::from(PASSTHROUGH_V6),
         }
     }
 }

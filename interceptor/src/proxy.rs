@@ -40,6 +40,7 @@ use std::{
     time::Duration,
 };
 
+use interceptor_common::config::{PASSTHROUGH_V4, PASSTHROUGH_V6};
 use serde::Serialize;
 
 /// Where the proxy listens and how it connects upstream.
@@ -91,8 +92,8 @@ impl Default for ProxyConfig {
             config_poll: Duration::from_secs(1),
             original_dst_override: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
-            passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+            passthrough_v4: Ipv4Addr::from(PASSTHROUGH_V4),
+            passthrough_v6: Ipv6Addr::from(PASSTHROUGH_V6),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
         }

@@ -62,3 +62,22 @@ pub fn set_bind_address_no_port(sock: &impl AsRawFd) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Accepts the next connection. Errors such as EMFILE or ENOBUFS are logged and retried after
+/// a pause instead of spinning; per-connection errors (ECONNABORTED) are retried at once.
+pub async fn accept_with_backoff(
+    listener: &tokio::net::TcpListener,
+) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(err) if err.kind() == io::ErrorKind::ConnectionAborted => {
+                tracing::debug!(%err, "accept: connection aborted before it was accepted");
+            }
+            Err(err) => {
+                tracing::warn!(%err, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -10,7 +10,10 @@ use std::{
     path::PathBuf,
 };
 
-use interceptor_common::pod::{MODE_EBPF, MODE_IPTABLES, PodInfo};
+use interceptor_common::{
+    config::PASSTHROUGH_V6,
+    pod::{MODE_EBPF, MODE_IPTABLES, PodInfo},
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -239,7 +242,7 @@ impl Registry<'_> {
         let cfg = self.maps.global_config()?;
         let v6 = match ip_of(cfg.passthrough_ip6) {
             IpAddr::V6(v6) => v6,
-            IpAddr::V4(_) => Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+            IpAddr::V4(_) => Ipv6Addr::from(PASSTHROUGH_V6),
         };
         Ok(Settings {
             outbound_port: cfg.outbound_port as u16,

@@ -17,6 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{Either, Full, Limited};
+use interceptor_common::config::{PASSTHROUGH_V4, PASSTHROUGH_V6};
 use serde::Serialize;
 use tokio::{
     net::{TcpSocket, TcpStream},
@@ -50,8 +51,8 @@ impl Default for Settings {
         Self {
             workers: 1,
             connect_timeout: Duration::from_secs(10),
-            passthrough_v4: Ipv4Addr::new(127, 0, 0, 6),
-            passthrough_v6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+            passthrough_v4: Ipv4Addr::from(PASSTHROUGH_V4),
+            passthrough_v6: Ipv6Addr::from(PASSTHROUGH_V6),
         }
     }
 }
@@ -89,6 +90,7 @@ pub struct Cluster {
     rr: AtomicUsize,
     pub outlier: OutlierConfig,
     pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
     /// One connection pool per data-plane worker: a request uses its own worker's pool, so the
     /// upstream connection task runs on the same thread as the downstream one.
     pools: Vec<Arc<Pool>>,
@@ -192,6 +194,7 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             outlier,
             connect_timeout,
+            idle_timeout: pool.idle_timeout,
             pools,
             stats: ClusterStats::default(),
             source,
@@ -268,6 +271,7 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             outlier: OutlierConfig::default(),
             connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::ZERO,
             pools: Vec::new(),
             stats: ClusterStats::default(),
             source: None,
@@ -348,28 +352,41 @@ impl ClusterSet {
         }
         let resolve = |d: Option<Dur>, default: Duration| d.map_or(default, |d| d.0);
         let out = &config.outbound.passthrough;
+        // A passthrough cluster is kept (with its pooled connections) only while its timeouts
+        // are unchanged: its pools were built with them.
+        let same = |c: &Arc<Cluster>, connect: Duration, idle: Duration| {
+            c.connect_timeout == connect && c.idle_timeout == idle
+        };
+        let (out_connect, out_idle) = (
+            resolve(out.connect_timeout, settings.connect_timeout),
+            resolve(out.idle_timeout, Duration::from_secs(90)),
+        );
         let outbound_passthrough = previous
             .map(|p| p.outbound_passthrough.clone())
-            .filter(|c| c.connect_timeout == resolve(out.connect_timeout, settings.connect_timeout))
+            .filter(|c| same(c, out_connect, out_idle))
             .unwrap_or_else(|| {
                 Arc::new(Cluster::original_dst(
                     settings.workers,
                     OUTBOUND_PASSTHROUGH,
-                    resolve(out.connect_timeout, settings.connect_timeout),
-                    resolve(out.idle_timeout, Duration::from_secs(90)),
+                    out_connect,
+                    out_idle,
                     None,
                 ))
             });
         let inb = &config.inbound.cluster;
+        let (in_connect, in_idle) = (
+            resolve(inb.connect_timeout, settings.connect_timeout),
+            resolve(inb.idle_timeout, Duration::from_secs(90)),
+        );
         let inbound_passthrough = previous
             .map(|p| p.inbound_passthrough.clone())
-            .filter(|c| c.connect_timeout == resolve(inb.connect_timeout, settings.connect_timeout))
+            .filter(|c| same(c, in_connect, in_idle))
             .unwrap_or_else(|| {
                 Arc::new(Cluster::original_dst(
                     settings.workers,
                     INBOUND_PASSTHROUGH,
-                    resolve(inb.connect_timeout, settings.connect_timeout),
-                    resolve(inb.idle_timeout, Duration::from_secs(90)),
+                    in_connect,
+                    in_idle,
                     Some((settings.passthrough_v4, settings.passthrough_v6)),
                 ))
             });
@@ -404,4 +421,49 @@ pub async fn connect(src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStre
         })?;
     }
     sock.connect(dst).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(yaml: &str, previous: Option<&ClusterSet>) -> ClusterSet {
+        let config = Config::parse("t.yaml", yaml).expect("valid config");
+        ClusterSet::build(&config, previous, &Settings::default())
+    }
+
+    #[test]
+    fn passthrough_clusters_survive_a_reload_only_with_the_same_timeouts() {
+        let first = build("", None);
+        let same = build("", Some(&first));
+        assert!(Arc::ptr_eq(
+            &first.outbound_passthrough,
+            &same.outbound_passthrough
+        ));
+        assert!(Arc::ptr_eq(
+            &first.inbound_passthrough,
+            &same.inbound_passthrough
+        ));
+
+        let idle = build(
+            "outbound: {passthrough: {idle_timeout: 5s}}\ninbound: {idle_timeout: 7s}",
+            Some(&same),
+        );
+        assert!(!Arc::ptr_eq(
+            &same.outbound_passthrough,
+            &idle.outbound_passthrough
+        ));
+        assert!(!Arc::ptr_eq(
+            &same.inbound_passthrough,
+            &idle.inbound_passthrough
+        ));
+        assert_eq!(
+            idle.outbound_passthrough.idle_timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            idle.inbound_passthrough.idle_timeout,
+            Duration::from_secs(7)
+        );
+    }
 }

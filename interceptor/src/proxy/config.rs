@@ -585,6 +585,9 @@ pub struct Dur(pub Duration);
 
 impl Dur {
     pub const ZERO: Dur = Dur(Duration::ZERO);
+    /// The longest duration accepted: a year is already "forever" for any timeout, and bigger
+    /// values would overflow deadlines computed as `Instant::now() + d`.
+    pub const MAX: Dur = Dur(Duration::from_secs(365 * 24 * 3600));
 
     pub const fn secs(s: u64) -> Self {
         Self(Duration::from_secs(s))
@@ -619,8 +622,10 @@ impl Dur {
             }
         };
         Duration::try_from_secs_f64(value * scale)
+            .ok()
+            .filter(|d| *d <= Self::MAX.0)
             .map(Dur)
-            .map_err(|_| format!("{s:?} is out of range"))
+            .ok_or_else(|| format!("{s:?} is out of range (at most 8760h, one year)"))
     }
 }
 
@@ -653,8 +658,14 @@ impl<'de> Deserialize<'de> for Dur {
         }
         match Raw::deserialize(d)? {
             Raw::Num(n) if n >= 0.0 => Duration::try_from_secs_f64(n)
+                .ok()
+                .filter(|d| *d <= Dur::MAX.0)
                 .map(Dur)
-                .map_err(serde::de::Error::custom),
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "{n} seconds is out of range (at most 31536000, one year)"
+                    ))
+                }),
             Raw::Num(n) => Err(serde::de::Error::custom(format!(
                 "{n} is negative; durations are >= 0"
             ))),
@@ -725,6 +736,22 @@ mod tests {
         assert!(Dur::parse("3 days").is_err());
         assert_eq!(Dur::millis(250).to_string(), "250ms");
         assert_eq!(Dur::secs(3).to_string(), "3s");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused_naming_where() {
+        assert_eq!(Dur::parse("8760h"), Ok(Dur::MAX));
+        assert!(Dur::parse("8761h").is_err());
+        for value in ["10000h", "1e300", "18446744073709551615"] {
+            let yaml = format!(
+                "clusters:\n  - name: a\n    endpoints: [127.0.0.1:1]\n    connect_timeout: {value}\n"
+            );
+            let err = Config::parse("f.yaml", &yaml).expect_err(value).to_string();
+            assert!(
+                err.contains("clusters[0]") && err.contains("one year"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
