@@ -63,21 +63,25 @@ pub fn set_bind_address_no_port(sock: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
-/// Accepts the next connection. Errors such as EMFILE or ENOBUFS are logged and retried after
-/// a pause instead of spinning; per-connection errors (ECONNABORTED) are retried at once.
+/// Accepts the next connection. Running out of descriptors or memory (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM) is logged and retried after a pause instead of spinning; errors that
+/// concern only the connection being accepted (ECONNABORTED, EPROTO, …) are retried at once.
 pub async fn accept_with_backoff(
     listener: &tokio::net::TcpListener,
 ) -> (TcpStream, std::net::SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
-            Err(err) if err.kind() == io::ErrorKind::ConnectionAborted => {
-                tracing::debug!(%err, "accept: connection aborted before it was accepted");
-            }
-            Err(err) => {
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) =>
+            {
                 tracing::warn!(%err, "accept failed; retrying in 50 ms");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+            Err(err) => tracing::debug!(%err, "accept: connection lost before it was accepted"),
         }
     }
 }

@@ -845,7 +845,7 @@ async fn malformed_and_oversized_requests_get_status_codes_and_the_proxy_stays_u
 /// One HTTP/1.1 response read off a raw connection: (status, headers lower-cased, body). Bytes
 /// past it (a pipelined next response) stay in `buf`.
 async fn read_response(
-    s: &mut TcpStream,
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut Vec<u8>,
 ) -> (u16, Vec<(String, String)>, String) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -983,6 +983,122 @@ async fn idle_keep_alive_connections_close_after_the_header_read_timeout() {
         "an idle connection outlived the header read timeout"
     );
     assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// Requests the proxy answers itself (here 404: no route) are exchanges too: a connection
+/// sending them more often than `header_read_timeout` is never cut.
+#[tokio::test]
+async fn locally_answered_requests_keep_the_connection_alive() {
+    let app = Backend::start("app", Behaviour::Ok).await;
+    let yaml = format!(
+        r#"
+limits: {{header_read_timeout: 500ms}}
+clusters: [{{name: app, endpoints: ["{}"]}}]
+outbound:
+  listeners:
+    - port: {}
+      virtual_hosts:
+        - {{name: a, domains: [a], routes: [{{match: {{prefix: /only}}, route: {{cluster: app}}}}]}}
+"#,
+        app.addr,
+        app.addr.port()
+    );
+    let proxy = Proxy::start(&yaml, app.addr).await;
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let mut buf = Vec::new();
+    // 12 requests 150 ms apart: 1.8 s, over three header timeouts.
+    for n in 0..12 {
+        s.write_all(format!("GET /nope/{n} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .expect("write: the connection was cut");
+        let (status, headers, _) = read_response(&mut s, &mut buf).await;
+        assert_eq!(status, 404, "request {n}");
+        assert!(
+            !headers
+                .iter()
+                .any(|(k, v)| k == "connection" && v == "close"),
+            "request {n}: {headers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(app.hits(), 0);
+}
+
+/// An upstream may answer before it has read the request body; the exchange ends when the
+/// body is done, on the upstream side's task. The connection must still notice, and close
+/// once it has been idle for `header_read_timeout`.
+#[tokio::test]
+async fn a_connection_whose_upload_outlived_its_response_still_times_out_when_idle() {
+    // An upstream that answers as soon as it has the head, pauses (the body backs up through
+    // the proxy into the client), then reads the body to the end.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up_addr = upstream.local_addr().expect("addr");
+    let body_read = Arc::new(Mutex::new(0usize));
+    let read_count = body_read.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = upstream.accept().await {
+            let read_count = read_count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 16384];
+                let end = loop {
+                    if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                *read_count.lock().expect("lock") += head.len() - end;
+                let _ = c
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                while let Ok(n) = c.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    *read_count.lock().expect("lock") += n;
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start("limits: {header_read_timeout: 500ms}\n", up_addr).await;
+    let s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    // More than the socket buffers on the way hold, so the last of it is read by the proxy
+    // only once the upstream drains: after the response went out.
+    const BODY: usize = 16 << 20;
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {BODY}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.expect("write head");
+        let piece = vec![b'x'; 1 << 20];
+        for _ in 0..BODY >> 20 {
+            wr.write_all(&piece).await.expect("write body");
+        }
+        wr
+    });
+    let mut buf = Vec::new();
+    let (status, _, body) = read_response(&mut rd, &mut buf).await;
+    assert_eq!((status, body.as_str()), (200, "early"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while *body_read.lock().expect("lock") < BODY && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        *body_read.lock().expect("lock"),
+        BODY,
+        "the whole body reached the upstream"
+    );
+    let _wr = writer.await.expect("writer");
+    // Now idle: closed after the header read timeout (generously bounded here).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection outlived the header read timeout"
+    );
 }
 
 #[tokio::test]

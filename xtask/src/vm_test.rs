@@ -63,6 +63,10 @@ pub struct KernelResult {
     pub passed: u32,
     pub failed: u32,
     pub skipped: u32,
+    /// Tests not run on this kernel because they do not depend on it (`HOST_ONLY`, or a
+    /// `--filter`): libtest's "filtered out".
+    #[serde(default)]
+    pub not_run: u32,
     pub seconds: f64,
     /// Datapath features the agent used on this kernel (from `interceptor status --json`).
     #[serde(default)]
@@ -422,6 +426,7 @@ echo $? > "$out/rc"
             passed: summary.passed,
             failed,
             skipped: summary.skipped,
+            not_run: summary.filtered_out,
             seconds: (seconds * 10.0).round() / 10.0,
             features,
         }
@@ -433,6 +438,7 @@ struct Summary {
     passed: u32,
     failed: u32,
     skipped: u32,
+    filtered_out: u32,
 }
 
 /// Counts libtest's per-test lines. A test that skips for a missing kernel feature prints
@@ -445,6 +451,15 @@ fn parse_log(log: &str) -> Summary {
         .filter(|l| l.contains("interceptor-e2e: skipped "))
         .count() as u32;
     for line in log.lines() {
+        // `test result: ok. 42 passed; 0 failed; 0 ignored; 0 measured; 13 filtered out; …`
+        if let Some(result) = line.strip_prefix("test result: ") {
+            s.filtered_out += result
+                .split(';')
+                .filter_map(|part| part.trim().strip_suffix(" filtered out"))
+                .filter_map(|n| n.trim().parse::<u32>().ok())
+                .sum::<u32>();
+            continue;
+        }
         let Some(rest) = line.strip_prefix("test ") else {
             continue;
         };
@@ -483,14 +498,14 @@ fn table(results: &[KernelResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<28} {:>6} {:>6} {:>7} {:>8}",
-        "kernel", "passed", "failed", "skipped", "seconds"
+        "{:<28} {:>6} {:>6} {:>7} {:>7} {:>8}",
+        "kernel", "passed", "failed", "skipped", "not run", "seconds"
     );
     for r in results {
         let _ = writeln!(
             out,
-            "{:<28} {:>6} {:>6} {:>7} {:>8.0}",
-            r.kernel, r.passed, r.failed, r.skipped, r.seconds
+            "{:<28} {:>6} {:>6} {:>7} {:>7} {:>8.0}",
+            r.kernel, r.passed, r.failed, r.skipped, r.not_run, r.seconds
         );
     }
     out
@@ -509,16 +524,17 @@ fn update_readme(path: &Path, results: &[KernelResult]) -> Result<()> {
         );
     };
     let mut table = String::from(
-        "| kernel | passed | failed | skipped | seconds | features in use |\n|---|---|---|---|---|---|\n",
+        "| kernel | passed | failed | skipped | host-only, not run | seconds | features in use |\n|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {} |",
             r.kernel,
             r.passed,
             r.failed,
             r.skipped,
+            r.not_run,
             r.seconds,
             r.features.join(", ")
         );
@@ -545,13 +561,14 @@ mod tests {
                    test b ... ok\n\
                    test c ... FAILED\n\
                    test d ... ignored\n\
-                   test result: FAILED. 2 passed; 1 failed; 1 ignored\n";
+                   test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 13 filtered out; finished in 1.00s\n";
         assert_eq!(
             parse_log(log),
             Summary {
                 passed: 1,
                 failed: 1,
-                skipped: 2
+                skipped: 2,
+                filtered_out: 13,
             }
         );
     }

@@ -18,7 +18,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -127,6 +127,10 @@ impl Conn {
         // that is parked as soon as each exchange ends.
         let mut hot = false;
         let mut last_end = start;
+        // Exchanges started (the service was called) that this loop has accounted for. An
+        // exchange answered by the proxy itself (404, 413, 503) can start and end inside one
+        // poll of hyper, never seen busy: this count still tells that it happened.
+        let mut seen_exchanges = 0;
         while let (Some(mut downstream), Some(svc)) = (next.take(), service.take()) {
             // Bytes handed back by the last hyper (part of a pipelined head) are read at once.
             if !downstream.has_unread() {
@@ -184,11 +188,20 @@ impl Conn {
                 if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                     return Poll::Ready(End::Done(result));
                 }
+                let started = self.flags.exchanges.load(Ordering::Relaxed);
                 if self.busy.open() > 0 {
                     waiting_head = false;
+                    seen_exchanges = started;
+                    // The exchange may end on another task (the upstream side finishing a
+                    // request body after the response went out), which wakes nobody here:
+                    // look again every `PARK_AFTER` until it has.
+                    while timer.as_mut().poll(cx).is_ready() {
+                        timer.as_mut().reset(Instant::now() + PARK_AFTER);
+                    }
                     return Poll::Pending;
                 }
-                if !waiting_head {
+                if !waiting_head || started != seen_exchanges {
+                    seen_exchanges = started;
                     // An exchange just ended.
                     waiting_head = true;
                     let now = Instant::now();
@@ -249,6 +262,7 @@ impl Conn {
         service_fn(move |req: Request<Incoming>| {
             let ctx = ctx.clone();
             flags.served.store(true, Ordering::Relaxed);
+            flags.exchanges.fetch_add(1, Ordering::Relaxed);
             let request_busy = busy.upgrade().map(Busy);
             let response_busy = busy.upgrade().map(Busy);
             async move {
@@ -318,6 +332,8 @@ struct IoFlags {
     read_any: AtomicBool,
     /// This run has called the service (a request head was complete).
     served: AtomicBool,
+    /// Times the service was called on this connection, across runs (never reset).
+    exchanges: AtomicU64,
     /// hyper is being stopped between requests: its shutdown of the IO must not reach the
     /// socket.
     parking: AtomicBool,

@@ -604,12 +604,13 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
             &["app"],
         ),
     );
-    // Both watches have been sent a bookmark carrying it (then a moment for the client to
-    // read it off the stream).
+    // Both watches have been sent a bookmark carrying it. "Sent" is the fake server's queue,
+    // not the agent's watcher: give the agent (another process, on a loaded CI machine) ample
+    // time to read and apply it — 100 ms once proved too short.
     wait_until(Duration::from_secs(20), || {
         env.api.bookmarked("Pod") >= marker && env.api.bookmarked("Namespace") >= marker
     });
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(1));
 
     // The API server goes away for a while; `b` is deleted meanwhile. The agent keeps the
     // datapath running, reconnects with backoff, and converges.
