@@ -623,9 +623,10 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
         env.api.watches() > watches,
         "watching again after the restart"
     );
-    for resource in ["pods", "namespaces"] {
-        let resumed_from: Vec<u64> = env
-            .api
+    // Each watch comes back on its own backoff schedule: wait (bounded) until both have
+    // re-watched from a version at least the bookmark's, then say which did not.
+    let resumed_from = |resource: &str| -> Vec<u64> {
+        env.api
             .requests()
             .iter()
             .filter(|r| {
@@ -635,10 +636,21 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
                 let v = r.split("resourceVersion=").nth(1)?;
                 v.split('&').next()?.parse().ok()
             })
-            .collect();
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline
+        && !["pods", "namespaces"]
+            .iter()
+            .all(|r| resumed_from(r).iter().any(|&rv| rv >= marker))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for resource in ["pods", "namespaces"] {
+        let resumed = resumed_from(resource);
         assert!(
-            resumed_from.iter().any(|&rv| rv >= marker),
-            "{resource} watch resumed from a bookmarked version (>= {marker}): {resumed_from:?}"
+            resumed.iter().any(|&rv| rv >= marker),
+            "{resource} watch resumed from a bookmarked version (>= {marker}): {resumed:?}"
         );
     }
     let (c, _) = meshed_pod(&mut h, &env, "c", &[(STATUS, "{}")], PROXY, true);
