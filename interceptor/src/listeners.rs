@@ -195,17 +195,8 @@ fn cookie_of(bytes: &[u8; 8]) -> u64 {
 /// A duplicate of the socket with this inode, taken from a process in the namespace.
 fn borrow_socket(netns: &Netns, inode: u32) -> io::Result<OwnedFd> {
     let target = format!("socket:[{inode}]");
-    for entry in fs::read_dir("/proc")?.filter_map(Result::ok) {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let in_pod = Netns::open(entry.path().join("ns/net"))
-            .is_ok_and(|ns| ns.same_as(netns.dev, netns.ino));
-        if !in_pod {
-            continue;
-        }
-        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+    for (pid, dir) in crate::netns::processes_in(netns.dev, netns.ino) {
+        let Ok(fds) = fs::read_dir(dir.join("fd")) else {
             continue;
         };
         for fd in fds.filter_map(Result::ok) {

@@ -293,17 +293,26 @@ pub fn pod_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
-/// Finds a live process in the namespace with this identity (for pods whose name no longer
-/// resolves). Scans /proc: only used on slow paths.
-pub fn find_by_identity(dev: u64, ino: u64) -> Option<PathBuf> {
-    let dir = std::fs::read_dir("/proc").ok()?;
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
+/// The processes (`/proc/PID` directories, with their pid) whose network namespace is the one
+/// with this identity. Scans /proc: only for slow paths.
+pub fn processes_in(dev: u64, ino: u64) -> impl Iterator<Item = (i32, PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, e.path()))
         })
-        .map(|e| e.path().join("ns/net"))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
+        .filter(move |(_, dir)| {
+            std::fs::metadata(dir.join("ns/net")).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+        })
+}
+
+/// Finds a live process in the namespace with this identity (for pods whose name no longer
+/// resolves): its `/proc/PID/ns/net`.
+pub fn find_by_identity(dev: u64, ino: u64) -> Option<PathBuf> {
+    processes_in(dev, ino)
+        .next()
+        .map(|(_, dir)| dir.join("ns/net"))
 }
