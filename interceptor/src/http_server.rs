@@ -3,17 +3,21 @@
 //!
 //! These ports face the node (kubelet probes, Prometheus), so a slow or greedy client must not
 //! pin the process: request heads must arrive within a header timeout, a connection lives for a
-//! bounded time (then closes between requests), and only so many are served at once (more wait
-//! in the accept queue). See [`Limits`].
+//! bounded time (then closes between requests), and only so many are served at once — a new
+//! client past that asks the oldest connection to close, so long-lived or idle connections can
+//! never lock a kubelet probe out. See [`Limits`].
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, TryAcquireError},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -32,7 +36,7 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// A kept-alive connection is closed (between requests) after this long.
     pub max_connection_age: Duration,
-    /// Connections served at once.
+    /// Connections served at once; one more evicts the oldest.
     pub max_connections: usize,
     /// How long an in-flight request may take to finish once the server stops.
     pub drain_grace: Duration,
@@ -69,24 +73,41 @@ pub async fn serve_with(
     limits: Limits,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // One token per live connection, oldest first; a connection's task cancels its own token
+    // when it ends, so a cancelled token is a finished (or evicted) connection.
+    let mut live: VecDeque<CancellationToken> = VecDeque::new();
     loop {
-        // Wait for a free slot before accepting: excess clients queue in the kernel backlog
-        // instead of costing a task and buffers each.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = accept_with_backoff(&listener) => accepted,
         };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                // Full: the oldest connection closes (at once when idle, after its request
+                // otherwise, within `drain_grace` at worst) and the new one takes its slot.
+                if let Some(oldest) = live.iter().find(|t| !t.is_cancelled()) {
+                    debug!(%peer, "endpoint connections at their limit; closing the oldest");
+                    oldest.cancel();
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
+        live.retain(|t| !t.is_cancelled());
+        let evict = CancellationToken::new();
+        live.push_back(evict.clone());
         let handler = handler.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _done = evict.clone().drop_guard();
             let service = service_fn(move |req: Request<Incoming>| {
                 let resp = handler(&req);
                 async move { Ok::<_, Infallible>(resp) }
@@ -100,6 +121,7 @@ pub async fn serve_with(
             let finished = tokio::select! {
                 res = conn.as_mut() => Some(res),
                 _ = stop.cancelled() => None,
+                _ = evict.cancelled() => None,
                 _ = tokio::time::sleep(limits.max_connection_age) => None,
             };
             let result = match finished {
@@ -189,29 +211,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_past_the_limit_wait_for_a_free_slot() {
+    async fn a_client_past_the_limit_closes_the_oldest_connection_instead_of_waiting() {
         let limits = Limits {
             max_connections: 1,
-            header_timeout: Duration::from_millis(500),
+            // Far beyond the test: only eviction can free the slot in time.
+            header_timeout: Duration::from_secs(60),
             ..Limits::default()
         };
         let (addr, stop) = server(limits).await;
-        let _holder = TcpStream::connect(addr).await.expect("connect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let started = Instant::now();
-        let mut next = TcpStream::connect(addr).await.expect("connect");
-        next.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        // An idle keep-alive connection holds the one slot.
+        let mut oldest = TcpStream::connect(addr).await.expect("connect");
+        oldest.write_all(request).await.expect("write");
+        let mut head = [0u8; 12];
+        oldest.read_exact(&mut head).await.expect("response");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        // A new client (a kubelet probe) is served at once, and the oldest is closed.
+        let mut probe = TcpStream::connect(addr).await.expect("connect");
+        probe
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .await
             .expect("write");
-        let got = closed_within(&mut next, Duration::from_secs(5))
+        let got = closed_within(&mut probe, Duration::from_secs(5))
             .await
-            .expect("answered once the holder timed out");
+            .expect("the probe was answered");
         assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
-        // Served only after the first connection's header timeout freed the one slot.
         assert!(
-            started.elapsed() >= Duration::from_millis(400),
-            "{:?}",
-            started.elapsed()
+            closed_within(&mut oldest, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "the oldest connection was closed"
         );
         stop.cancel();
     }
