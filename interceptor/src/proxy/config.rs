@@ -88,6 +88,9 @@ pub struct Limits {
     pub header_read_timeout: Dur,
     /// How long the proxy waits for a client's first bytes to tell HTTP from other protocols;
     /// then the connection is proxied as TCP (server-first protocols such as MySQL land here).
+    /// 0 = wait for the client however long it takes (current Istio's default; declare
+    /// server-first ports `protocol: tcp` then). Too short a wait turns a slow HTTP client into
+    /// TCP on a loaded node, silently bypassing its routes.
     pub protocol_detection_timeout: Dur,
 }
 
@@ -99,7 +102,7 @@ impl Default for Limits {
             max_request_body_bytes: 0,
             retry_buffer_bytes: 64 * 1024,
             header_read_timeout: Dur::secs(10),
-            protocol_detection_timeout: Dur::millis(100),
+            protocol_detection_timeout: Dur::secs(5),
         }
     }
 }

@@ -27,14 +27,15 @@ enum Verdict {
     NeedMore,
 }
 
-/// Reads until the protocol is known, the client stops sending (EOF or `timeout`), or the
-/// request line would be too long. Returns the protocol and every byte read.
+/// Reads until the protocol is known, the client stops sending (EOF or `timeout`; `None` waits
+/// for the client however long it takes, as Istio does by default), or the request line would
+/// be too long. Returns the protocol and every byte read.
 pub async fn detect<S: AsyncRead + Unpin>(
     stream: &mut S,
-    timeout: Duration,
+    timeout: Option<Duration>,
 ) -> std::io::Result<(Protocol, BytesMut)> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::sleep(timeout);
+    let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::ZERO));
     tokio::pin!(deadline);
     loop {
         if let Verdict::Is(p) = classify(&buf) {
@@ -50,7 +51,7 @@ pub async fn detect<S: AsyncRead + Unpin>(
                     return Ok((Protocol::Tcp, buf));
                 }
             }
-            _ = &mut deadline => return Ok((Protocol::Tcp, buf)),
+            _ = &mut deadline, if timeout.is_some() => return Ok((Protocol::Tcp, buf)),
         }
     }
 }
@@ -172,7 +173,7 @@ mod tests {
     async fn silent_clients_become_tcp_after_the_timeout() {
         let (client, mut server) = tokio::io::duplex(64);
         let detect = tokio::spawn(async move {
-            detect(&mut server, Duration::from_millis(100))
+            detect(&mut server, Some(Duration::from_millis(100)))
                 .await
                 .map(|(p, b)| (p, b.to_vec()))
         });
@@ -183,12 +184,33 @@ mod tests {
         drop(client);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn without_a_timeout_a_slow_client_is_still_recognised() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let detect = tokio::spawn(async move {
+            detect(&mut server, None)
+                .await
+                .map(|(p, b)| (p, b.to_vec()))
+        });
+        // An hour of (paused) silence, then a request.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!detect.is_finished(), "gave up without a timeout");
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let (p, _) = detect.await.expect("join").expect("io");
+        assert_eq!(p, Protocol::Http1);
+    }
+
     #[tokio::test]
     async fn bytes_read_are_returned_for_replay() {
         use tokio::io::AsyncWriteExt;
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET / HT").await.expect("write");
-        let detect = tokio::spawn(async move { detect(&mut server, Duration::from_secs(5)).await });
+        let detect =
+            tokio::spawn(async move { detect(&mut server, Some(Duration::from_secs(5))).await });
         client
             .write_all(b"TP/1.1\r\nHost: a\r\n\r\n")
             .await

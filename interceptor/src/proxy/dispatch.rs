@@ -50,8 +50,10 @@ pub async fn dispatch(
     };
     let detected = match declared {
         Declared::Tcp => Ok((Protocol::Tcp, BytesMut::new())),
-        Declared::Auto => detect::detect(&mut stream, limits.protocol_detection_timeout.0).await,
-        Declared::Http => detect::detect(&mut stream, limits.header_read_timeout.0)
+        Declared::Auto => {
+            detect::detect(&mut stream, limits.protocol_detection_timeout.nonzero()).await
+        }
+        Declared::Http => detect::detect(&mut stream, limits.header_read_timeout.nonzero())
             .await
             // Declared HTTP: whatever arrives is parsed as HTTP/1 (garbage gets its 400).
             .map(|(p, b)| {
