@@ -26,7 +26,7 @@ use tokio::{
 
 use super::{
     balancer,
-    config::{ClusterConfig, Config, Dur, LbPolicy, OutlierConfig},
+    config::{ClusterConfig, Config, DEFAULT_IDLE_TIMEOUT, Dur, LbPolicy, OutlierConfig},
     h1::DownstreamBody,
     outlier::Health,
     pool::Pool,
@@ -359,7 +359,7 @@ impl ClusterSet {
         };
         let (out_connect, out_idle) = (
             resolve(out.connect_timeout, settings.connect_timeout),
-            resolve(out.idle_timeout, Duration::from_secs(90)),
+            resolve(out.idle_timeout, DEFAULT_IDLE_TIMEOUT.0),
         );
         let outbound_passthrough = previous
             .map(|p| p.outbound_passthrough.clone())
@@ -376,7 +376,7 @@ impl ClusterSet {
         let inb = &config.inbound.cluster;
         let (in_connect, in_idle) = (
             resolve(inb.connect_timeout, settings.connect_timeout),
-            resolve(inb.idle_timeout, Duration::from_secs(90)),
+            resolve(inb.idle_timeout, DEFAULT_IDLE_TIMEOUT.0),
         );
         let inbound_passthrough = previous
             .map(|p| p.inbound_passthrough.clone())

@@ -300,8 +300,11 @@ fn default_connect_timeout() -> Dur {
     Dur::secs(10)
 }
 
+/// Pooled upstream connections close after this long idle, unless a cluster says otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::secs(90);
+
 fn default_idle_timeout() -> Dur {
-    Dur::secs(90)
+    DEFAULT_IDLE_TIMEOUT
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -550,7 +553,7 @@ impl Config {
     pub fn resolve(&mut self, connect_timeout: Duration) {
         for p in [&mut self.outbound.passthrough, &mut self.inbound.cluster] {
             p.connect_timeout.get_or_insert(Dur(connect_timeout));
-            p.idle_timeout.get_or_insert(Dur::secs(90));
+            p.idle_timeout.get_or_insert(DEFAULT_IDLE_TIMEOUT);
             p.timeout.get_or_insert(Dur::ZERO);
         }
     }
@@ -624,11 +627,16 @@ impl Dur {
                 return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)"));
             }
         };
-        Duration::try_from_secs_f64(value * scale)
+        Self::from_secs_f64(value * scale)
+            .ok_or_else(|| format!("{s:?} is out of range (at most 8760h, one year)"))
+    }
+
+    /// `secs` as a duration, if it is one and at most [`Dur::MAX`].
+    fn from_secs_f64(secs: f64) -> Option<Self> {
+        Duration::try_from_secs_f64(secs)
             .ok()
             .filter(|d| *d <= Self::MAX.0)
             .map(Dur)
-            .ok_or_else(|| format!("{s:?} is out of range (at most 8760h, one year)"))
     }
 }
 
@@ -660,15 +668,11 @@ impl<'de> Deserialize<'de> for Dur {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Num(n) if n >= 0.0 => Duration::try_from_secs_f64(n)
-                .ok()
-                .filter(|d| *d <= Dur::MAX.0)
-                .map(Dur)
-                .ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "{n} seconds is out of range (at most 31536000, one year)"
-                    ))
-                }),
+            Raw::Num(n) if n >= 0.0 => Dur::from_secs_f64(n).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{n} seconds is out of range (at most 31536000, one year)"
+                ))
+            }),
             Raw::Num(n) => Err(serde::de::Error::custom(format!(
                 "{n} is negative; durations are >= 0"
             ))),
