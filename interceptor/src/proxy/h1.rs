@@ -261,7 +261,6 @@ impl Conn {
         let busy = Arc::downgrade(&self.busy.0);
         service_fn(move |req: Request<Incoming>| {
             let ctx = ctx.clone();
-            flags.served.store(true, Ordering::Relaxed);
             flags.exchanges.fetch_add(1, Ordering::Relaxed);
             let request_busy = busy.upgrade().map(Busy);
             let response_busy = busy.upgrade().map(Busy);
@@ -330,10 +329,11 @@ struct IoFlags {
     flushed: AtomicBool,
     /// This run has read bytes.
     read_any: AtomicBool,
-    /// This run has called the service (a request head was complete).
-    served: AtomicBool,
-    /// Times the service was called on this connection, across runs (never reset).
+    /// Times the service was called (a request head was complete) on this connection, across
+    /// runs (never reset).
     exchanges: AtomicU64,
+    /// `exchanges` when this run started: the run has served a request once they differ.
+    exchanges_at_run_start: AtomicU64,
     /// hyper is being stopped between requests: its shutdown of the IO must not reach the
     /// socket.
     parking: AtomicBool,
@@ -341,15 +341,18 @@ struct IoFlags {
 
 impl IoFlags {
     fn reset(&self) {
-        for flag in [
-            &self.read_blocked,
-            &self.read_any,
-            &self.served,
-            &self.parking,
-        ] {
+        for flag in [&self.read_blocked, &self.read_any, &self.parking] {
             flag.store(false, Ordering::Relaxed);
         }
         self.flushed.store(true, Ordering::Relaxed);
+        self.exchanges_at_run_start
+            .store(self.exchanges.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// This run has called the service.
+    fn served(&self) -> bool {
+        self.exchanges.load(Ordering::Relaxed)
+            != self.exchanges_at_run_start.load(Ordering::Relaxed)
     }
 
     /// hyper waits for a request that has not started, with nothing left to write, and
@@ -359,7 +362,7 @@ impl IoFlags {
     /// otherwise say `connection: close`).
     fn idle(&self) -> bool {
         let get = |flag: &AtomicBool| flag.load(Ordering::Relaxed);
-        get(&self.read_blocked) && get(&self.flushed) && (get(&self.served) || !get(&self.read_any))
+        get(&self.read_blocked) && get(&self.flushed) && (self.served() || !get(&self.read_any))
     }
 }
 
