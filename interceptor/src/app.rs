@@ -26,7 +26,10 @@ use crate::{
     http_server::{self, Handler, text},
     proxy::{
         ProxyConfig, admin, config::ConfigError, dispatch::Shared, drain::Drain, inbound,
-        metrics::ProxyMetrics, outbound, reload, snapshot::ConfigSource,
+        metrics::ProxyMetrics,
+        orig_dst::{FromSocket, OrigDstAddr},
+        outbound, reload,
+        snapshot::ConfigSource,
     },
 };
 
@@ -58,6 +61,8 @@ pub struct Bound {
     pub admin: SocketAddr,
     /// The routing config (reloadable).
     pub source: ConfigSource,
+    /// Where captured connections were going; the socket's answer unless replaced.
+    orig_dst: Arc<dyn OrigDstAddr>,
     listeners: Listeners,
 }
 
@@ -125,6 +130,7 @@ impl Bound {
             admin: addr(&admin),
             config: Arc::new(config),
             source,
+            orig_dst: Arc::new(FromSocket),
             listeners: Listeners {
                 outbound,
                 outbound_v6,
@@ -134,6 +140,13 @@ impl Bound {
                 admin,
             },
         })
+    }
+
+    /// Answers original destinations with `orig_dst` instead of asking the socket: for
+    /// benchmarks and tests that run the proxy without interception.
+    pub fn with_orig_dst(mut self, orig_dst: Arc<dyn OrigDstAddr>) -> Self {
+        self.orig_dst = orig_dst;
+        self
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and gives open connections up to
@@ -173,6 +186,7 @@ impl Bound {
             let shared = Arc::new(Shared {
                 config: self.config.clone(),
                 source: self.source.clone(),
+                orig_dst: self.orig_dst.clone(),
                 metrics: metrics.clone(),
                 drain: Drain::new(),
             });

@@ -161,10 +161,6 @@ pub struct ProxyArgs {
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Treat every connection as redirected from this address instead of asking
-    /// SO_ORIGINAL_DST (benchmarks and tests without interception).
-    #[arg(long, hide = true)]
-    pub original_dst_override: Option<SocketAddr>,
     /// Run as this UID when started as root (the identity interception leaves alone).
     #[arg(long, default_value_t = 1337)]
     pub uid: u32,

@@ -122,7 +122,6 @@ fn run(cli: Cli) -> Result<()> {
                 admin: args.admin,
                 config_file: args.config.clone(),
                 config_poll: cli::secs(args.config_poll_seconds),
-                original_dst_override: args.original_dst_override,
                 workers: args
                     .workers
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),

@@ -25,6 +25,7 @@ pub mod http;
 pub mod inbound;
 pub mod io;
 pub mod metrics;
+pub mod orig_dst;
 pub mod outbound;
 pub mod outlier;
 pub mod pool;
@@ -63,9 +64,6 @@ pub struct ProxyConfig {
     /// How often the config file is checked for changes (SIGHUP reloads at once).
     #[serde(with = "humantime_secs")]
     pub config_poll: Duration,
-    /// Treat every connection as if it had been redirected from this destination (benchmarks
-    /// and tests without interception; never in a mesh).
-    pub original_dst_override: Option<SocketAddr>,
     /// Data-plane threads, each with its own event loop and upstream pools (thread per core,
     /// as Envoy's workers): a connection and its upstream requests never cross threads.
     pub workers: usize,
@@ -90,7 +88,6 @@ impl Default for ProxyConfig {
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)),
             config_file: None,
             config_poll: Duration::from_secs(1),
-            original_dst_override: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             passthrough_v4: Ipv4Addr::from(PASSTHROUGH_V4),
             passthrough_v6: Ipv6Addr::from(PASSTHROUGH_V6),

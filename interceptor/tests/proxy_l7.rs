@@ -1,5 +1,5 @@
 //! The L7 proxy on real loopback sockets, in-process (no root, no BPF): the original destination
-//! comes from `original_dst_override`, as if interception had redirected the connection.
+//! comes from a fixed `OrigDstAddr`, as if interception had redirected the connection.
 //! Everything binds port 0 on 127.0.0.1; every loop is bounded in count and time.
 
 use std::{
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use interceptor::{
     app::Bound,
     loadgen::{self, LoadSpec, Mode},
-    proxy::ProxyConfig,
+    proxy::{ProxyConfig, orig_dst::OrigDstAddr},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -27,6 +27,19 @@ use tokio::{
     sync::oneshot,
     task::JoinHandle,
 };
+
+/// Every connection was "redirected" from one destination: interception without the kernel.
+struct Fixed(SocketAddr);
+
+impl OrigDstAddr for Fixed {
+    fn outbound(&self, _: &TcpStream) -> std::io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+
+    fn inbound(&self, _: &TcpStream) -> std::io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
 
 // === backends ===
 
@@ -179,11 +192,12 @@ impl Proxy {
             admin: any,
             config_file: Some(config_path.clone()),
             config_poll: poll,
-            original_dst_override: Some(orig_dst),
             drain_timeout: Duration::from_secs(5),
             ..ProxyConfig::default()
         };
-        let bound = Bound::bind(config).expect("bind the proxy");
+        let bound = Bound::bind(config)
+            .expect("bind the proxy")
+            .with_orig_dst(Arc::new(Fixed(orig_dst)));
         let (outbound, inbound, metrics, admin) =
             (bound.outbound, bound.inbound, bound.metrics, bound.admin);
         let (stop, stopped) = oneshot::channel::<()>();

@@ -17,6 +17,7 @@ use super::{
     http::{self, ConnCtx},
     io::DownstreamIo,
     metrics::{self, Direction, ProxyMetrics},
+    orig_dst::OrigDstAddr,
     snapshot::ConfigSource,
     tcp,
 };
@@ -27,6 +28,8 @@ pub struct Shared {
     pub config: Arc<ProxyConfig>,
     pub source: ConfigSource,
     pub metrics: ProxyMetrics,
+    /// Where captured connections were going (the socket's answer, in a pod).
+    pub orig_dst: Arc<dyn OrigDstAddr>,
     /// This worker's drain signal (SIGTERM): HTTP connections finish their requests and close.
     pub drain: Drain,
 }

@@ -16,13 +16,7 @@ use crate::socket;
 pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
     let _active = metrics.open(Direction::Inbound);
-    // With sk_lookup the accepted socket's local address is the original destination; the
-    // getsockopt program answers SO_ORIGINAL_DST with it too (and iptables REDIRECT needs it).
-    let found = match shared.config.original_dst_override {
-        Some(addr) => Ok(addr),
-        None => socket::original_dst(&stream).or_else(|_| stream.local_addr()),
-    };
-    let orig = match found {
+    let orig = match shared.orig_dst.inbound(&stream) {
         Ok(orig) => socket::canonical(orig),
         Err(err) => {
             warn!(%peer, %err, "inbound connection without a local address; closing");

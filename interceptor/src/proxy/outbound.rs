@@ -11,16 +11,11 @@ use super::{
     dispatch::{Shared, dispatch},
     metrics::{Direction, Refusal},
 };
-use crate::socket;
 
 pub async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let metrics = &shared.metrics;
     let _active = metrics.open(Direction::Outbound);
-    let found = match shared.config.original_dst_override {
-        Some(addr) => Ok(addr),
-        None => socket::original_dst(&stream),
-    };
-    let orig = match found {
+    let orig = match shared.orig_dst.outbound(&stream) {
         Ok(orig) => orig,
         Err(err) => {
             warn!(
