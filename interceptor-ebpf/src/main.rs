@@ -3,6 +3,10 @@
 //! original destinations).
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed to BPF helpers as pointers to the stack; `&key` says so"
+)]
 
 mod connect;
 mod connect4;

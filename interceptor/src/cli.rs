@@ -1,4 +1,4 @@
-//! The command line: `interceptor agent | proxy | pod | status | iptables | demo`.
+//! The command line: `interceptor agent | proxy | pod | status | iptables`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -57,14 +57,6 @@ pub enum Command {
     /// Apply or remove the iptables interception istio-iptables writes (fallback and baseline).
     #[command(subcommand)]
     Iptables(IptablesCommand),
-    /// Build two pods on real network namespaces and show a request crossing both sidecars.
-    Demo(DemoArgs),
-    /// Compare interception modes (direct, iptables, ebpf, ebpf without sk_msg) on real pods:
-    /// requests/s, latency percentiles, CPU per request, app↔proxy stream throughput.
-    Bench(crate::bench::BenchArgs),
-    /// Small applications used by the demo, the tests and the benchmark.
-    #[command(subcommand, hide = true)]
-    Testapp(TestappCommand),
 }
 
 #[derive(Debug, Args)]
@@ -364,72 +356,6 @@ pub struct NetnsTarget {
     /// A process inside the namespace.
     #[arg(long)]
     pub pid: Option<u32>,
-}
-
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Requests the client pod sends.
-    #[arg(long, default_value_t = 5)]
-    pub requests: u32,
-    /// Machine-readable summary on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TestappCommand {
-    /// HTTP server answering who called it.
-    HttpServer {
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long, default_value = "app")]
-        name: String,
-    },
-    /// HTTP/1.1 load against one address (the benchmark's client); prints a JSON result.
-    Load(LoadArgs),
-    /// Reads and discards every connection's bytes.
-    Sink {
-        #[arg(long)]
-        listen: SocketAddr,
-    },
-    /// Writes a byte budget in fixed-size messages to an address; prints the result as JSON.
-    Stream {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 65536)]
-        message_size: usize,
-        #[arg(long, default_value_t = 256 << 20)]
-        bytes: u64,
-        /// Seconds.
-        #[arg(long, default_value_t = 10.0)]
-        time_limit: f64,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct LoadArgs {
-    #[arg(long)]
-    pub target: SocketAddr,
-    #[arg(long, default_value = "localhost")]
-    pub host: String,
-    #[arg(long, default_value = "/")]
-    pub path: String,
-    #[arg(long, default_value_t = 16)]
-    pub concurrency: usize,
-    /// Request budget (all connections together).
-    #[arg(long, default_value_t = 100_000)]
-    pub requests: u64,
-    /// Seconds; the run stops then even with requests left.
-    #[arg(long, default_value_t = 10.0)]
-    pub time_limit: f64,
-    #[arg(long, value_enum, default_value_t = LoadMode::KeepAlive)]
-    pub mode: LoadMode,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LoadMode {
-    KeepAlive,
-    ConnectionPerRequest,
 }
 
 /// Seconds from the command line as a Duration: negative and NaN are 0, anything past a year

@@ -103,7 +103,7 @@ pub fn apply(
     let mut count = 0;
     for family in families {
         let set = RuleSet::new(spec, settings, family);
-        let restore = run(
+        let restore = run_tool(
             netns,
             backend.restore(family),
             &["--noflush"],
@@ -135,7 +135,7 @@ pub fn remove(netns: &Netns, backend: Backend) -> Result<usize, Error> {
         let Some((script, count)) = rules::removal_script(&existing) else {
             continue;
         };
-        run(netns, backend.restore(family), &["--noflush"], Some(script))?;
+        run_tool(netns, backend.restore(family), &["--noflush"], Some(script))?;
         removed += count;
     }
     if removed > 0 {
@@ -168,7 +168,7 @@ pub fn resolve(netns: &Netns, choice: BackendChoice) -> Backend {
 
 /// The nat table of `netns` as `iptables-save` prints it.
 pub fn save(netns: &Netns, backend: Backend, family: Family) -> Result<String, Error> {
-    run(netns, backend.save(family), &["-t", "nat"], None)
+    run_tool(netns, backend.save(family), &["-t", "nat"], None)
 }
 
 /// Whether Istio chains are present in `netns` (either family).
@@ -187,7 +187,9 @@ pub fn is_applied(netns: &Netns, backend: Backend) -> Result<bool, Error> {
 /// races the first cgroup/getsockopt program being attached anywhere on the machine fails with
 /// EFAULT (`do_sock_getsockopt` reads the "BPF enabled" switch twice). iptables' table reads
 /// are getsockopts, and an agent attaching at that moment is exactly such a race.
-fn run(
+///
+/// `program` (an iptables tool) runs inside `netns` with `stdin` fed in; returns its stdout.
+pub fn run_tool(
     netns: &Netns,
     program: &str,
     args: &[&str],

@@ -5,21 +5,20 @@
 //! - [`pods`]: which pods are intercepted, and how (Istio's per-pod switches).
 //! - [`kube`]: the pod watcher: this node's pods from the Kubernetes API, Istio's annotations.
 //! - [`proxy`] + [`app`]: the sidecar proxy.
-//! - [`lab`], [`testapp`], [`demo`]: pods on network namespaces for the demo, tests, benchmark.
-//! - [`loadgen`]: the HTTP load generator of the benchmarks.
+//! - [`commands`]: what each subcommand does (`main.rs` only dispatches).
+//!
+//! Test scaffolding (pods on network namespaces, test apps, load generator, demo, benchmarks)
+//! lives in the `interceptor-lab` crate: none of it ships in this binary.
 
 pub mod agent;
 pub mod app;
-pub mod bench;
 pub mod bpf;
 pub mod cli;
-pub mod demo;
+pub mod commands;
 pub mod http_server;
 pub mod iptables;
 pub mod kube;
-pub mod lab;
 pub mod listeners;
-pub mod loadgen;
 pub mod netns;
 pub mod pods;
 pub mod privileges;
@@ -28,4 +27,3 @@ pub mod signal;
 pub mod socket;
 pub mod status;
 pub mod telemetry;
-pub mod testapp;

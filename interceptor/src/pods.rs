@@ -760,29 +760,6 @@ fn ensure_passthrough_v6(netns: &Netns, passthrough: IpAddr, addresses: &[IpAddr
     }
 }
 
-/// Waits until the pod enabled from network namespace `netns_name` can have inbound
-/// connections steered to its proxy (its listener is registered).
-pub fn wait_inbound_ready(
-    pins: &Pins,
-    netns_name: &str,
-    timeout: std::time::Duration,
-) -> Result<bool, Error> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let maps = Maps::open(pins)?;
-        if list(pins, &maps)?
-            .iter()
-            .any(|p| p.name == netns_name && p.inbound_ready)
-        {
-            return Ok(true);
-        }
-        if std::time::Instant::now() > deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 /// Every enabled pod.
 pub fn list(pins: &Pins, maps: &Maps) -> Result<Vec<PodEntry>, Error> {
     let mut ids: Vec<u32> = maps.pod_info.keys().filter_map(Result::ok).collect();

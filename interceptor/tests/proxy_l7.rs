@@ -16,10 +16,10 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use interceptor::{
-    app::Bound,
+use interceptor::{app::Bound, proxy::ProxyConfig};
+use interceptor_lab::{
+    fixed_dst::FixedDst,
     loadgen::{self, LoadSpec, Mode},
-    proxy::{ProxyConfig, orig_dst::OrigDstAddr},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -27,19 +27,6 @@ use tokio::{
     sync::oneshot,
     task::JoinHandle,
 };
-
-/// Every connection was "redirected" from one destination: interception without the kernel.
-struct Fixed(SocketAddr);
-
-impl OrigDstAddr for Fixed {
-    fn outbound(&self, _: &TcpStream) -> std::io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-
-    fn inbound(&self, _: &TcpStream) -> std::io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-}
 
 // === backends ===
 
@@ -197,7 +184,7 @@ impl Proxy {
         };
         let bound = Bound::bind(config)
             .expect("bind the proxy")
-            .with_orig_dst(Arc::new(Fixed(orig_dst)));
+            .with_orig_dst(Arc::new(FixedDst(orig_dst)));
         let (outbound, inbound, metrics, admin) =
             (bound.outbound, bound.inbound, bound.metrics, bound.admin);
         let (stop, stopped) = oneshot::channel::<()>();

@@ -9,7 +9,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use interceptor::lab::LabPod;
+use interceptor_lab::lab::LabPod;
 use serde_json::{Value, json};
 
 use crate::{Harness, fake_api::FakeApi};

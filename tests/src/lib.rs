@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor::lab::{Lab, LabPod, Managed};
+use interceptor_lab::lab::{Lab, LabPod, Managed};
 use serde_json::Value;
 
 pub mod fake_api;
@@ -40,21 +40,30 @@ pub fn require_root() {
 
 /// The interceptor binary under test: $INTERCEPTOR_BIN, or the one next to this test binary.
 pub fn binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("INTERCEPTOR_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("interceptor"))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p interceptor`) or set INTERCEPTOR_BIN",
-        bin.display()
-    );
-    bin
+    interceptor_lab::bins::product().expect("the interceptor binary")
+}
+
+/// The lab binary (test apps): $INTERCEPTOR_LAB_BIN, or the one next to this test binary.
+pub fn lab_binary() -> PathBuf {
+    interceptor_lab::bins::lab().expect("the interceptor-lab binary")
+}
+
+/// Runs an iptables tool (`iptables-nft-save`, `ip6tables-legacy`, …) inside the pod's network
+/// namespace with `stdin` fed in, and returns its stdout; panics with its error on failure.
+/// Every test goes through this, the product's runner: it retries the kernel's getsockopt EFAULT
+/// race (iptables reads tables with getsockopt, and parallel tests attach and detach
+/// cgroup/getsockopt programs all the time).
+pub fn iptables_tool(pod: &LabPod, tool: &str, args: &[&str], stdin: Option<String>) -> String {
+    let netns = interceptor::netns::Netns::by_name(&pod.netns).expect("the pod's netns");
+    interceptor::iptables::run_tool(&netns, tool, args, stdin)
+        .unwrap_or_else(|err| panic!("{tool} {}: {err}", args.join(" ")))
+}
+
+/// [`iptables_tool`] in the node's (this process's) network namespace.
+pub fn host_iptables_tool(tool: &str, args: &[&str]) -> String {
+    let netns = interceptor::netns::Netns::by_pid(std::process::id()).expect("this netns");
+    interceptor::iptables::run_tool(&netns, tool, args, None)
+        .unwrap_or_else(|err| panic!("{tool} {}: {err}", args.join(" ")))
 }
 
 /// One test's world: an instance of the datapath (pin root + agent) and a lab of pods.
@@ -74,7 +83,7 @@ pub struct Harness {
 impl Harness {
     pub fn new(tag: &str) -> Self {
         require_root();
-        interceptor::lab::sweep_stale();
+        interceptor_lab::lab::sweep_stale();
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let pin_root = PathBuf::from(format!(
             "/sys/fs/bpf/icpt-test-{tag}-{}-{seq}",
@@ -274,11 +283,11 @@ impl Harness {
         self.start_agent(&args);
     }
 
-    /// Starts `interceptor testapp http-server` in the pod on `listen`, answering as `name`.
+    /// Starts `interceptor-lab testapp http-server` in the pod on `listen`, answering as `name`.
     pub fn http_app(&mut self, pod: &LabPod, listen: SocketAddr, name: &str) {
         let child = pod
             .spawn(
-                Command::new(&self.bin)
+                Command::new(lab_binary())
                     .args(["testapp", "http-server", "--listen"])
                     .arg(listen.to_string())
                     .args(["--name", name])
@@ -306,7 +315,7 @@ impl Harness {
     pub fn proxy_metric(&self, pod: &LabPod, series: &str) -> f64 {
         let body = pod
             .run(|| {
-                interceptor::testapp::http_get(
+                interceptor_lab::testapp::http_get(
                     SocketAddr::from(([127, 0, 0, 1], 15090)),
                     "/stats/prometheus",
                     Duration::from_secs(5),

@@ -4,7 +4,7 @@
 //! `proxy`: keep-alive HTTP/1.1 requests/s and latency through the sidecar proxy vs direct to
 //! the upstream vs haproxy (Debian package, installed here) configured as the same sidecar:
 //! route by Host, add `x-request-id`, retry policy, pooled keep-alive upstream. One run of each,
-//! same machine, same load generator (`interceptor testapp load`, i.e. `interceptor::loadgen`).
+//! same machine, same load generator (`interceptor-lab testapp load`, i.e. `interceptor_lab::loadgen`).
 //! Also: proxy CPU per request, and memory per idle downstream connection.
 
 use std::{
@@ -426,8 +426,16 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
         }
     }
     step("building interceptor (release)");
-    exec(xtask::cargo().args(["build", "--release", "--package", "interceptor"]))?;
-    let bin = target_dir().join("release/interceptor");
+    exec(xtask::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "interceptor",
+        "--package",
+        "interceptor-lab",
+    ]))?;
+    // The lab binary: test apps, and the product's proxy with a fixed original destination.
+    let bin = target_dir().join("release/interceptor-lab");
     raise_nofile();
     let dir = workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -460,6 +468,8 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
                 "--log-level",
                 "warn",
                 "proxy",
+                "--fixed-dst",
+                "127.0.0.1:9080",
                 "--no-drop-privileges",
                 "--config",
             ])
@@ -472,7 +482,6 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
                 &listen(ports[2]),
             ])
             .args(["--health", &listen(ports[3]), "--admin", &listen(ports[4])])
-            .args(["--original-dst-override", "127.0.0.1:9080"])
             .stdout(Stdio::null()),
     )?;
     wait_listening(outbound, &mut icpt)?;

@@ -1,6 +1,6 @@
 //! `cargo xtask bench` / `cargo xtask bench datapath`: the interception modes side by side
 //! (direct, iptables, ebpf, ebpf without sk_msg) on real network-namespace pods, run by
-//! `interceptor bench` from a release build. Results land in `bench/results/datapath-*.{json,md,svg}`
+//! `interceptor-lab bench` from a release build. Results land in `bench/results/datapath-*.{json,md,svg}`
 //! and the Markdown table replaces the README's benchmark section.
 
 use std::{fs, path::Path, process::Command};
@@ -13,7 +13,7 @@ pub struct DatapathOptions {
     /// Leave README.md alone.
     #[arg(long)]
     no_readme: bool,
-    /// Passed to `interceptor bench` (e.g. `-- --rounds 5 --modes iptables,ebpf`).
+    /// Passed to `interceptor-lab bench` (e.g. `-- --rounds 5 --modes iptables,ebpf`).
     #[arg(last = true)]
     args: Vec<String>,
 }
@@ -29,10 +29,17 @@ pub fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
     }
     crate::setup::run(&crate::setup::Options::default())?;
     step("building interceptor (release)");
-    exec(xtask::cargo().args(["build", "--release", "--package", "interceptor"]))?;
+    exec(xtask::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "interceptor",
+        "--package",
+        "interceptor-lab",
+    ]))?;
     let root = workspace_root();
     let out = root.join("bench/results");
-    let bin = root.join("target/release/interceptor");
+    let bin = root.join("target/release/interceptor-lab");
     step(&format!(
         "{} bench (a few minutes; every run is bounded)",
         bin.display()
@@ -46,9 +53,12 @@ pub fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
             .env("INTERCEPTOR_BENCH_COMMAND", command_line)
             .current_dir(&root),
     )?;
-    let report = newest_report(&out).context("interceptor bench wrote no report")?;
+    let report = newest_report(&out).context("interceptor-lab bench wrote no report")?;
     if Some(&report) == before.as_ref() {
-        bail!("interceptor bench wrote no new report in {}", out.display());
+        bail!(
+            "interceptor-lab bench wrote no new report in {}",
+            out.display()
+        );
     }
     if !opts.no_readme {
         update_readme(&root.join("README.md"), &report)?;

@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: setup, a release build, and `interceptor demo`.
+//! `cargo xtask demo`: setup, a release build, and `interceptor-lab demo` (which runs the
+//! product binary, `interceptor`, as agent and sidecars).
 
 use anyhow::Result;
 use xtask::{exec, step, workspace_root};
@@ -13,8 +14,15 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     crate::setup::run(&crate::setup::Options::default())?;
     step("building interceptor (release)");
-    exec(xtask::cargo().args(["build", "--release", "--package", "interceptor"]))?;
-    let bin = workspace_root().join("target/release/interceptor");
+    exec(xtask::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "interceptor",
+        "--package",
+        "interceptor-lab",
+    ]))?;
+    let bin = workspace_root().join("target/release/interceptor-lab");
     step(&format!("{} demo", bin.display()));
     exec(std::process::Command::new(bin).args(["demo", "--requests", &opts.requests.to_string()]))
 }

@@ -5,6 +5,7 @@ mod bench_datapath;
 mod build_ebpf;
 mod demo;
 mod kernels;
+mod lint;
 mod setup;
 mod test;
 mod vm_test;
@@ -29,7 +30,10 @@ enum Command {
     BuildEbpf,
     /// Run every test: unit tests, then the end-to-end suite on this machine's kernel (root).
     Test(test::Options),
-    /// Build the release binary and run `interceptor demo`.
+    /// Formatting, clippy (host crates and the eBPF crate), and the deployment checked with real
+    /// Helm and the Kubernetes schemas.
+    Lint(lint::Options),
+    /// Build the release binary and run `interceptor-lab demo`.
     Demo(demo::Options),
     /// Run the end-to-end suite in virtme-ng guests on Debian's 5.10, 6.1 and 6.12 kernels,
     /// and on this machine's kernel (root).
@@ -43,6 +47,7 @@ fn main() -> Result<()> {
         Command::Setup(opts) => setup::run(&opts),
         Command::BuildEbpf => build_ebpf::run(),
         Command::Test(opts) => test::run(&opts),
+        Command::Lint(opts) => lint::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::VmTest(opts) => vm_test::run(&opts),
         Command::Bench(what) => {

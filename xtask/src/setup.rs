@@ -51,6 +51,10 @@ pub fn run(opts: &Options) -> Result<()> {
             "installed bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
         ));
     }
+    if !deploy_tools_ok() {
+        install_deploy_tools()?;
+        did.push(format!("installed {}", DEPLOY_TOOLS.join(" ")));
+    }
     if opts.vm {
         did.extend(setup_vm_tools()?);
     }
@@ -61,6 +65,38 @@ pub fn run(opts: &Options) -> Result<()> {
         eprintln!("setup: everything is in place");
     } else {
         eprintln!("setup: {}", did.join("; "));
+    }
+    Ok(())
+}
+
+/// PyPI packages for the deployment checks (deploy/check.py): Helm v4's library, to lint and
+/// render the chart with real Helm, and the Kubernetes schemas to validate what it renders.
+pub const DEPLOY_TOOLS: &[&str] = &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"];
+
+fn deploy_tools_ok() -> bool {
+    let imports = Command::new("python3")
+        .args(["-c", "import helm_python, kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    imports
+        && Command::new("kubernetes-validate")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+fn install_deploy_tools() -> Result<()> {
+    step(&format!("pip install {}", DEPLOY_TOOLS.join(" ")));
+    exec(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q"])
+            .args(DEPLOY_TOOLS),
+    )?;
+    if !deploy_tools_ok() {
+        bail!(
+            "{} installed but not usable: is python3's scripts directory on PATH?",
+            DEPLOY_TOOLS.join(" ")
+        );
     }
     Ok(())
 }

@@ -24,7 +24,13 @@ pub fn run(opts: &Options) -> Result<()> {
         crate::setup::run(&crate::setup::Options::default())?;
     }
     step("building interceptor and the test suites");
-    exec(xtask::cargo().args(["build", "--package", "interceptor"]))?;
+    exec(xtask::cargo().args([
+        "build",
+        "--package",
+        "interceptor",
+        "--package",
+        "interceptor-lab",
+    ]))?;
     let filter: Vec<&str> = opts.filter.as_deref().into_iter().collect();
     step("unit tests");
     exec(
@@ -35,15 +41,19 @@ pub fn run(opts: &Options) -> Result<()> {
                 "interceptor-common",
                 "--package",
                 "interceptor",
+                "--package",
+                "interceptor-lab",
             ])
             .args(["--package", "xtask", "--"])
             .args(&filter),
     )?;
     step("end-to-end tests on this kernel");
     let bin = workspace_root().join("target/debug/interceptor");
+    let lab = workspace_root().join("target/debug/interceptor-lab");
     exec(
         xtask::cargo()
             .env("INTERCEPTOR_BIN", &bin)
+            .env("INTERCEPTOR_LAB_BIN", &lab)
             .args(["test", "--package", "interceptor-e2e", "--"])
             .arg(format!("--test-threads={}", opts.threads))
             .args(&filter),

@@ -199,9 +199,11 @@ fn select(which: &str) -> Result<Vec<Target>> {
     Ok(targets)
 }
 
-/// The files every kernel runs: the interceptor binary and the end-to-end test executable.
+/// The files every kernel runs: the interceptor binary, the lab binary (test apps) and the
+/// end-to-end test executable.
 struct Suite {
     interceptor: PathBuf,
+    lab: PathBuf,
     tests: PathBuf,
 }
 
@@ -224,6 +226,7 @@ impl Suite {
         };
         Ok(Suite {
             interceptor: copy(&self.interceptor, "interceptor")?,
+            lab: copy(&self.lab, "interceptor-lab")?,
             tests: copy(&self.tests, "interceptor-e2e")?,
         })
     }
@@ -231,7 +234,13 @@ impl Suite {
 
 fn build_suite() -> Result<Suite> {
     step("building interceptor and the end-to-end test executable (once, on the host)");
-    exec(xtask::cargo().args(["build", "--package", "interceptor"]))?;
+    exec(xtask::cargo().args([
+        "build",
+        "--package",
+        "interceptor",
+        "--package",
+        "interceptor-lab",
+    ]))?;
     let json = output(xtask::cargo().args([
         "test",
         "--package",
@@ -247,6 +256,7 @@ fn build_suite() -> Result<Suite> {
         .context("cargo did not report the interceptor-e2e test executable")?;
     Ok(Suite {
         interceptor: workspace_root().join("target/debug/interceptor"),
+        lab: workspace_root().join("target/debug/interceptor-lab"),
         tests,
     })
 }
@@ -280,13 +290,14 @@ out={dir}
 uname -r > "$out/uname"
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 ulimit -l unlimited 2>/dev/null
-export INTERCEPTOR_BIN={bin} RUST_BACKTRACE=1 RUST_LOG=warn
+export INTERCEPTOR_BIN={bin} INTERCEPTOR_LAB_BIN={lab} RUST_BACKTRACE=1 RUST_LOG=warn
 "$INTERCEPTOR_BIN" status --json > "$out/status.json" 2>&1
 cd {root}
 {tests} --test-threads={threads} {filter} > "$out/log" 2>&1
 echo $? > "$out/rc"
 "#,
             bin = shell_quote(&self.suite.interceptor.display().to_string()),
+            lab = shell_quote(&self.suite.lab.display().to_string()),
             root = shell_quote(&workspace_root().display().to_string()),
             tests = shell_quote(&self.suite.tests.display().to_string()),
         )

@@ -5,10 +5,10 @@ use std::process::Command;
 #[test]
 fn demo_runs_and_every_request_crosses_both_sidecars() {
     crate::require_root();
-    let out = Command::new(crate::binary())
+    let out = Command::new(crate::lab_binary())
         .args(["demo", "--requests", "3", "--json"])
         .output()
-        .expect("interceptor demo");
+        .expect("interceptor-lab demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

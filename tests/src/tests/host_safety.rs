@@ -1,9 +1,9 @@
 //! The datapath must never break the host: getsockopt calls of every other program keep working
 //! (the getsockopt hook runs for all of them), including values larger than a page.
 
-use std::{net::TcpListener, os::fd::AsRawFd, process::Command};
+use std::{net::TcpListener, os::fd::AsRawFd};
 
-use crate::Harness;
+use crate::{Harness, host_iptables_tool, iptables_tool};
 
 #[test]
 fn getsockopt_with_a_buffer_larger_than_a_page_still_works() {
@@ -44,34 +44,8 @@ fn iptables_legacy_save_of_a_large_ruleset_still_works() {
         ));
     }
     rules.push_str("COMMIT\n");
-    let restore = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "iptables-legacy-restore"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write as _;
-            c.stdin.take().expect("stdin").write_all(rules.as_bytes())?;
-            c.wait()
-        })
-        .expect("iptables-legacy-restore");
-    assert!(restore.success());
-    let save = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pod.netns,
-            "iptables-legacy-save",
-            "-t",
-            "filter",
-        ])
-        .output()
-        .expect("iptables-legacy-save");
-    assert!(
-        save.status.success(),
-        "{}",
-        String::from_utf8_lossy(&save.stderr)
-    );
-    let text = String::from_utf8_lossy(&save.stdout);
+    iptables_tool(&pod, "iptables-legacy-restore", &[], Some(rules));
+    let text = iptables_tool(&pod, "iptables-legacy-save", &["-t", "filter"], None);
     assert_eq!(
         text.lines().filter(|l| l.starts_with("-A INPUT")).count(),
         300
@@ -99,9 +73,5 @@ fn the_node_namespace_cannot_be_enabled() {
     assert!(!h.cli(&["pod", "enable", "--pid", "1"]).status.success());
     assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 0);
     // No Istio chain reached the host's nat table.
-    let save = std::process::Command::new("iptables-save")
-        .args(["-t", "nat"])
-        .output()
-        .expect("iptables-save");
-    assert!(!String::from_utf8_lossy(&save.stdout).contains("ISTIO_"));
+    assert!(!host_iptables_tool("iptables-save", &["-t", "nat"]).contains("ISTIO_"));
 }

@@ -2,12 +2,9 @@
 //! backend — applied and removed exactly, and the same interception the eBPF tests prove
 //! (outbound through the sidecar, inbound from 127.0.0.6, exclusions, disable, agent stop).
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    process::Command,
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::{EchoServer, Harness, LabPod, connect_from, echo_round_trip, ip4};
+use crate::{EchoServer, Harness, LabPod, connect_from, echo_round_trip, ip4, iptables_tool};
 
 const OUTBOUND: &str = "interceptor_proxy_connections_total{direction=\"Outbound\"}";
 const INBOUND: &str = "interceptor_proxy_connections_total{direction=\"Inbound\"}";
@@ -20,16 +17,7 @@ fn nat_table(pod: &LabPod, backend: &str, v6: bool) -> String {
         "{}-{backend}-save",
         if v6 { "ip6tables" } else { "iptables" }
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, &tool, "-t", "nat"])
-        .output()
-        .expect("iptables-save");
-    assert!(
-        out.status.success(),
-        "{tool}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    iptables_tool(pod, &tool, &["-t", "nat"], None)
         .lines()
         .filter(|l| !l.starts_with('#'))
         .collect::<Vec<_>>()
@@ -45,9 +33,10 @@ fn rules_in(table: &str, chain_prefix: &str) -> usize {
 
 /// An unrelated rule an operator had in the pod before: it must survive apply and remove.
 fn add_foreign_rule(pod: &LabPod, backend: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, &format!("iptables-{backend}")])
-        .args([
+    iptables_tool(
+        pod,
+        &format!("iptables-{backend}"),
+        &[
             "-t",
             "nat",
             "-A",
@@ -58,13 +47,8 @@ fn add_foreign_rule(pod: &LabPod, backend: &str) {
             "9",
             "-j",
             "RETURN",
-        ])
-        .output()
-        .expect("iptables");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        None,
     );
 }
 

@@ -8,14 +8,12 @@ use std::{
     time::Duration,
 };
 
-use interceptor::{
-    kube::annotations::{
-        EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IP_RANGES, EXCLUDE_OUTBOUND_PORTS,
-        INCLUDE_INBOUND_PORTS, INCLUDE_OUTBOUND_IP_RANGES, INCLUDE_OUTBOUND_PORTS, INJECT,
-        INTERCEPTION_MODE, MODE, NAMESPACE_INJECTION, STATUS,
-    },
-    lab::LabPod,
+use interceptor::kube::annotations::{
+    EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IP_RANGES, EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS, INCLUDE_OUTBOUND_IP_RANGES, INCLUDE_OUTBOUND_PORTS, INJECT,
+    INTERCEPTION_MODE, MODE, NAMESPACE_INJECTION, STATUS,
 };
+use interceptor_lab::lab::LabPod;
 use serde_json::Value;
 
 use crate::{
@@ -107,6 +105,31 @@ fn meshed_pod(
     (pod, uid)
 }
 
+/// How most of these tests start: a harness, the fake API server with the default namespace,
+/// and a server pod with an echo server on its address, port 9000.
+struct World {
+    h: Harness,
+    env: KubeEnv,
+    server: LabPod,
+    echo: EchoServer,
+}
+
+impl World {
+    fn new(tag: &str) -> Self {
+        let mut h = Harness::new(tag);
+        let env = KubeEnv::new(&h);
+        env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
+        let server = h.pod("server");
+        let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+        Self {
+            h,
+            env,
+            server,
+            echo,
+        }
+    }
+}
+
 fn warnings(env: &KubeEnv, pod: &str, reason: &str) -> Vec<Value> {
     env.api
         .events()
@@ -117,11 +140,12 @@ fn warnings(env: &KubeEnv, pod: &str, reason: &str) -> Vec<Value> {
 
 #[test]
 fn api_pods_are_intercepted_before_and_after_agent_start_and_released_on_delete() {
-    let mut h = Harness::new("kpods");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("kpods");
     // Meshed before the agent starts.
     let (client, _) = meshed_pod(&mut h, &env, "client", &[(STATUS, "{}")], PROXY, true);
     // Not meshed: never touched.
@@ -199,7 +223,7 @@ fn not_ready_until_the_first_list_then_ready() {
     h.keep_running(&pod);
     h.sidecar(&pod);
     let ready = || {
-        interceptor::testapp::http_get(health, "/healthz/ready", Duration::from_secs(2))
+        interceptor_lab::testapp::http_get(health, "/healthz/ready", Duration::from_secs(2))
             .map(|r| r.status)
             .ok()
     };
@@ -215,7 +239,7 @@ fn not_ready_until_the_first_list_then_ready() {
     ]);
     let pod_watch_errors = || {
         let metrics =
-            interceptor::testapp::http_get(health, "/metrics", Duration::from_secs(2)).ok()?;
+            interceptor_lab::testapp::http_get(health, "/metrics", Duration::from_secs(2)).ok()?;
         String::from_utf8_lossy(&metrics.body)
             .lines()
             .find_map(|l| {
@@ -241,7 +265,7 @@ fn not_ready_until_the_first_list_then_ready() {
     assert_eq!(ready(), Some(200));
     // Ready means the first list is applied: the pod is intercepted already.
     assert!(entry(&h, "app").is_some());
-    let metrics = interceptor::testapp::http_get(health, "/metrics", Duration::from_secs(2))
+    let metrics = interceptor_lab::testapp::http_get(health, "/metrics", Duration::from_secs(2))
         .expect("metrics");
     let text = String::from_utf8_lossy(&metrics.body);
     for line in [
@@ -266,7 +290,7 @@ fn pods_in_the_nodes_network_namespace_are_never_intercepted() {
     let cgroup = kubelet_cgroup(&base, &uid, Driver::Systemd)
         .cgroup
         .expect("cgroup");
-    let sleeper = interceptor::lab::Managed::new(
+    let sleeper = interceptor_lab::lab::Managed::new(
         "host process",
         std::process::Command::new("sleep")
             .arg("3600")
@@ -429,11 +453,12 @@ fn inbound_annotations_apply_live() {
 
 #[test]
 fn modes_and_injection_policy_decide_interception() {
-    let mut h = Harness::new("kmode");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("kmode");
     let (pod, _) = meshed_pod(&mut h, &env, "app", &[(STATUS, "{}")], PROXY, true);
     h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
     wait_entry(&h, "app", |_| true);
@@ -514,11 +539,12 @@ fn modes_and_injection_policy_decide_interception() {
 
 #[test]
 fn bad_values_post_an_event_and_leave_the_pod_unintercepted() {
-    let mut h = Harness::new("kbad");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("kbad");
     let (pod, _) = meshed_pod(&mut h, &env, "app", &[(STATUS, "{}")], PROXY, true);
     h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
     wait_entry(&h, "app", |_| true);
@@ -563,11 +589,12 @@ fn bad_values_post_an_event_and_leave_the_pod_unintercepted() {
 
 #[test]
 fn relists_after_watch_expiry_and_api_restarts_converge() {
-    let mut h = Harness::new("krelist");
-    let mut env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        mut env,
+        server,
+        echo,
+    } = World::new("krelist");
     let (a, _) = meshed_pod(&mut h, &env, "a", &[(STATUS, "{}")], PROXY, true);
     let (b, _) = meshed_pod(&mut h, &env, "b", &[(STATUS, "{}")], PROXY, true);
     h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
@@ -660,11 +687,12 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
 
 #[test]
 fn agent_restart_collects_pods_deleted_meanwhile_and_takes_over_reused_ips() {
-    let mut h = Harness::new("krestart");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("krestart");
     let (stays, _) = meshed_pod(&mut h, &env, "stays", &[(STATUS, "{}")], PROXY, true);
     let (goes, _) = meshed_pod(&mut h, &env, "goes", &[(STATUS, "{}")], PROXY, true);
     h.start_kube_agent(&env.kubeconfig, &env.node, &["--keep-pinned"]);
@@ -679,9 +707,9 @@ fn agent_restart_collects_pods_deleted_meanwhile_and_takes_over_reused_ips() {
     let reused = goes.ip;
     env.api.delete(Kind::Pod, NS, "goes");
     h.stop_processes_of(&goes);
-    interceptor::lab::ip(&["netns", "del", &goes.netns]).expect("netns del");
+    interceptor_lab::lab::ip(&["netns", "del", &goes.netns]).expect("netns del");
     let fresh = h.pod("fresh");
-    interceptor::lab::ip(&[
+    interceptor_lab::lab::ip(&[
         "-n",
         &fresh.netns,
         "addr",
@@ -727,11 +755,12 @@ fn agent_restart_collects_pods_deleted_meanwhile_and_takes_over_reused_ips() {
 
 #[test]
 fn sandbox_restart_and_pods_found_only_by_ip() {
-    let mut h = Harness::new("ksandbox");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("ksandbox");
     let (first, uid) = meshed_pod(&mut h, &env, "web", &[(STATUS, "{}")], PROXY, true);
     // A pod whose cgroup path does not carry its UID: found by its IP in exactly one netns.
     let by_ip = h.pod("byip");
@@ -756,7 +785,7 @@ fn sandbox_restart_and_pods_found_only_by_ip() {
 
     // The sandbox dies and kubelet makes a new one: same pod UID, new network namespace, new IP.
     h.stop_processes_of(&first);
-    interceptor::lab::ip(&["netns", "del", &first.netns]).expect("netns del");
+    interceptor_lab::lab::ip(&["netns", "del", &first.netns]).expect("netns del");
     let second = h.pod("web2");
     let second = kubelet_cgroup(&second, &uid, Driver::Cgroupfs);
     h.keep_running(&second);
@@ -791,11 +820,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn many_pods_are_all_intercepted_and_reported() {
     const PODS: usize = 40;
-    let mut h = Harness::new("kscale");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("kscale");
     let mut pods = Vec::new();
     for i in 0..PODS {
         let sidecar = i == 0;
@@ -851,11 +881,12 @@ fn many_pods_are_all_intercepted_and_reported() {
 
 #[test]
 fn a_new_pod_takes_over_an_ip_whose_old_pod_is_deleted_but_lingers() {
-    let mut h = Harness::new("kreuse");
-    let env = KubeEnv::new(&h);
-    env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
-    let server = h.pod("server");
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("kreuse");
     let (old, _) = meshed_pod(&mut h, &env, "old", &[(STATUS, "{}")], PROXY, true);
     h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
     wait_entry(&h, "old", |_| true);
@@ -865,7 +896,7 @@ fn a_new_pod_takes_over_an_ip_whose_old_pod_is_deleted_but_lingers() {
     let reused = old.ip;
     let uid = new_uid();
     let new = kubelet_cgroup(&h.pod("new"), &uid, Driver::Systemd);
-    interceptor::lab::ip(&[
+    interceptor_lab::lab::ip(&[
         "-n",
         &new.netns,
         "addr",

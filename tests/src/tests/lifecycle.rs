@@ -180,7 +180,7 @@ fn a_pod_whose_namespace_is_gone_is_removed() {
     h.enable(&pod, &["--include-inbound-ports", ""]);
     h.enable(&keep, &["--include-inbound-ports", ""]);
     assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 2);
-    interceptor::lab::ip(&["netns", "del", &pod.netns]).expect("netns del");
+    interceptor_lab::lab::ip(&["netns", "del", &pod.netns]).expect("netns del");
     wait_until(Duration::from_secs(10), || {
         h.status()["pods"].as_array().is_some_and(|p| p.len() == 1)
     });
@@ -278,7 +278,7 @@ fn a_crashed_runs_datapath_is_swept() {
 
     owner.kill().expect("kill");
     owner.wait().expect("wait");
-    interceptor::lab::sweep_stale();
+    interceptor_lab::lab::sweep_stale();
     assert!(!root.exists(), "{} not swept", root.display());
     wait_until(Duration::from_secs(10), || {
         interceptor::bpf::links_of(id) == 0

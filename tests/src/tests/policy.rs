@@ -132,7 +132,7 @@ fn the_sidecars_own_ports_are_never_captured_inbound() {
     for (port, path) in [(15090, "/stats/prometheus"), (15021, "/healthz/ready")] {
         let resp = client
             .run(|| {
-                interceptor::testapp::http_get(
+                interceptor_lab::testapp::http_get(
                     SocketAddr::new(ip4(&server), port),
                     path,
                     std::time::Duration::from_secs(5),

@@ -5,11 +5,11 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use interceptor::testapp::{HttpResponse, http_get_host};
+use interceptor_lab::testapp::{HttpResponse, http_get_host};
 
 use crate::{Harness, ip4};
 
-fn get(pod: &interceptor::lab::LabPod, addr: SocketAddr, host: &str) -> HttpResponse {
+fn get(pod: &interceptor_lab::lab::LabPod, addr: SocketAddr, host: &str) -> HttpResponse {
     pod.run(|| http_get_host(addr, host, "/", Duration::from_secs(10)))
         .expect("netns")
         .unwrap_or_else(|e| panic!("GET http://{host}/ via {addr}: {e}"))

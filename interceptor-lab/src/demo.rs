@@ -12,13 +12,27 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use crate::{
+use interceptor::{
     bpf::{Maps, Pins, features::Features},
-    cli::DemoArgs,
-    lab::{self, Lab, LabPod, Managed},
     pods::{PodSource, Registry, spec::PodSpec},
+};
+
+use crate::{
+    bins,
+    lab::{self, Lab, LabPod, Managed},
     testapp,
 };
+
+/// `interceptor-lab demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Requests the client pod sends.
+    #[arg(long, default_value_t = 5)]
+    pub requests: u32,
+    /// Machine-readable summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
 const APP_PORT: u16 = 8080;
 
@@ -101,7 +115,8 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
     }
     let style = Style { color };
     let total = 6;
-    let exe = std::env::current_exe().context("finding the interceptor binary")?;
+    let exe = bins::product()?;
+    let lab_exe = bins::lab()?;
     let swept = lab::sweep_stale();
     if swept > 0 {
         println!("(removed {swept} namespaces left by an earlier crashed run)");
@@ -182,7 +197,7 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
     let mut app = Managed::new(
         "server app",
         server.spawn(
-            Command::new(&exe)
+            Command::new(&lab_exe)
                 .args([
                     "testapp",
                     "http-server",
@@ -226,7 +241,7 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
             );
         }
     }
-    if !crate::pods::wait_inbound_ready(&pins, &server.netns, Duration::from_secs(10))? {
+    if !crate::lab::wait_inbound_ready(&pins, &server.netns, Duration::from_secs(10))? {
         bail!("the server sidecar's inbound listener was not registered in 10s");
     }
     println!("  server sidecar's 15006 listener registered for inbound steering");

@@ -13,11 +13,15 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use crate::{
+use interceptor::{
     bpf::{Maps, Pins},
     iptables,
-    lab::{Lab, LabPod, Managed},
     pods::{PodSource, Registry, spec::PodSpec},
+};
+
+use crate::{
+    bins,
+    lab::{Lab, LabPod, Managed},
 };
 
 /// How the pods' traffic reaches their sidecars.
@@ -67,7 +71,9 @@ pub struct Rig {
     pub mode: Mode,
     pub client: LabPod,
     pub server: LabPod,
+    /// The product binary (agent, proxy) and this lab's (test apps).
     exe: PathBuf,
+    lab_exe: PathBuf,
     // Dropped in reverse order of creation: processes, then the agent, then the pods.
     processes: Vec<Managed>,
     agent: Option<Managed>,
@@ -77,7 +83,8 @@ pub struct Rig {
 
 impl Rig {
     pub fn new(mode: Mode, workload: Workload, tag: &str, agent_args: &[String]) -> Result<Self> {
-        let exe = std::env::current_exe().context("finding this binary")?;
+        let exe = bins::product()?;
+        let lab_exe = bins::lab()?;
         let mut lab = Lab::create(tag)?;
         let client = lab.add_pod("client")?;
         let server = lab.add_pod("server")?;
@@ -87,6 +94,7 @@ impl Rig {
             client,
             server,
             exe,
+            lab_exe,
             processes: Vec::new(),
             agent: None,
             pins,
@@ -116,8 +124,9 @@ impl Rig {
         }
     }
 
-    pub fn exe(&self) -> &PathBuf {
-        &self.exe
+    /// The lab binary, which runs the test apps (`testapp …`).
+    pub fn lab_exe(&self) -> &PathBuf {
+        &self.lab_exe
     }
 
     fn start_agent(&mut self, extra: &[String]) -> Result<()> {
@@ -150,10 +159,16 @@ impl Rig {
             Pod::Client => &self.client,
             Pod::Server => &self.server,
         };
+        // Test apps come from the lab binary, the sidecar from the product.
+        let exe = if args.first() == Some(&"testapp") {
+            &self.lab_exe
+        } else {
+            &self.exe
+        };
         let mut child = Managed::new(
             format!("{} {name}", pod.name),
             pod.spawn(
-                Command::new(&self.exe)
+                Command::new(exe)
                     .args(["--log-level", "warn"])
                     .args(args)
                     .stdout(Stdio::piped())
@@ -197,7 +212,7 @@ impl Rig {
         self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
         let timeout = Duration::from_secs(20);
         if self.mode.ebpf()
-            && !crate::pods::wait_inbound_ready(&self.pins, &self.server.netns, timeout)?
+            && !crate::lab::wait_inbound_ready(&self.pins, &self.server.netns, timeout)?
         {
             bail!("the server sidecar's inbound listener was not registered within 20s");
         }
@@ -217,7 +232,7 @@ impl Rig {
         }
         // Outbound only: the hop under test is app → 15001.
         let spec = PodSpec {
-            include_inbound_ports: crate::pods::spec::Selection::List(Vec::new()),
+            include_inbound_ports: interceptor::pods::spec::Selection::List(Vec::new()),
             ..PodSpec::default()
         };
         self.intercept(&[Pod::Client], &spec)
@@ -263,7 +278,7 @@ impl Drop for Rig {
             agent.stop(Duration::from_secs(20));
         }
         if self.pins.root().exists() {
-            let _ = crate::bpf::teardown(&self.pins);
+            let _ = interceptor::bpf::teardown(&self.pins);
         }
     }
 }

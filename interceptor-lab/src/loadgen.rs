@@ -7,7 +7,7 @@
 //! ```no_run
 //! # async fn f() {
 //! use std::time::Duration;
-//! use interceptor::loadgen::{LoadSpec, Mode, run};
+//! use interceptor_lab::loadgen::{LoadSpec, Mode, run};
 //! let result = run(LoadSpec::new(
 //!     "127.0.0.1:8080".parse().unwrap(), "reviews", "/", 16, 100_000,
 //!     Duration::from_secs(10), Mode::KeepAlive,
@@ -34,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// One connection per worker, reused for every request.

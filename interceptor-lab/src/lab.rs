@@ -18,8 +18,8 @@ use std::{
 
 use tracing::{debug, warn};
 
-use crate::{
-    bpf::features::cgroup2_mount,
+use interceptor::{
+    bpf::{Maps, Pins, features::cgroup2_mount},
     netns::{self, Netns},
 };
 
@@ -397,12 +397,12 @@ fn alive(pid: u32) -> bool {
 /// programs attached to the machine's cgroup root. Returns how many namespaces were removed.
 pub fn sweep_stale() -> usize {
     let mut removed = 0;
-    if let Ok(entries) = fs::read_dir(crate::bpf::features::BPFFS) {
+    if let Ok(entries) = fs::read_dir(interceptor::bpf::features::BPFFS) {
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
             if owner_pid(&name).is_some_and(|p| !alive(p)) {
-                let pins = crate::bpf::Pins::new(e.path());
-                if let Err(err) = crate::bpf::teardown(&pins) {
+                let pins = interceptor::bpf::Pins::new(e.path());
+                if let Err(err) = interceptor::bpf::teardown(&pins) {
                     warn!(%err, root = %e.path().display(), "removing a crashed run's pins");
                 }
             }
@@ -451,6 +451,29 @@ fn owner_pid(name: &str) -> Option<u32> {
             w[1].parse::<u32>().ok()?;
             Some(pid)
         })
+}
+
+/// Waits until the pod enabled from network namespace `netns_name` can have inbound
+/// connections steered to its proxy (its listener is registered).
+pub fn wait_inbound_ready(
+    pins: &Pins,
+    netns_name: &str,
+    timeout: std::time::Duration,
+) -> Result<bool, interceptor::pods::Error> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let maps = Maps::open(pins)?;
+        if interceptor::pods::list(pins, &maps)?
+            .iter()
+            .any(|p| p.name == netns_name && p.inbound_ready)
+        {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[cfg(test)]

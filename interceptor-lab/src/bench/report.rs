@@ -93,7 +93,7 @@ impl Report {
             command: std::env::var("INTERCEPTOR_BENCH_COMMAND")
                 .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
             started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            kernel: crate::bpf::features::kernel_release(),
+            kernel: interceptor::bpf::features::kernel_release(),
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
             rounds: args.rounds,
             seconds: 0.0,

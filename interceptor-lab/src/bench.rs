@@ -309,12 +309,12 @@ fn stream_run(rig: &Rig, args: &BenchArgs, size: usize, round: u32) -> Result<St
     })
 }
 
-/// Runs `interceptor ARGS` inside `pod` (network namespace and cgroup) and returns its stdout;
+/// Runs `interceptor-lab ARGS` inside `pod` (network namespace and cgroup) and returns its stdout;
 /// killed after `limit`.
 fn run_in_pod(rig: &Rig, pod: &LabPod, args: &[&str], limit: Duration) -> Result<String> {
     let mut child = pod
         .spawn(
-            Command::new(rig.exe())
+            Command::new(rig.lab_exe())
                 .args(["--log-level", "warn"])
                 .args(args)
                 .stdin(Stdio::null())
