@@ -6,6 +6,8 @@
 //! Names carry the creating process id: `sweep_stale` removes what a crashed run left behind,
 //! and parallel runs never collide.
 
+#![allow(unsafe_code, reason = "setns and cgroup moves between fork and exec")]
+
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write as _},

@@ -2,6 +2,8 @@
 //! benchmarks run inside pods, and the sidecar with a fixed original destination (for the proxy
 //! benchmark). Not shipped: the product binary is `interceptor`.
 
+#![allow(unsafe_code, reason = "set_var before any thread exists")]
+
 use std::{io::IsTerminal as _, net::SocketAddr, process::ExitCode, sync::Arc};
 
 use anyhow::{Context as _, Result};

@@ -2,6 +2,11 @@
 //! listeners, pods that went away), and on exit removes what it attached unless asked to keep it
 //! pinned or another agent still uses it.
 
+#![allow(
+    unsafe_code,
+    reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting and flock on the instance lock"
+)]
+
 use std::{
     fs::{self, File, OpenOptions},
     future::Future,

@@ -8,6 +8,11 @@
 //! takes a duplicate of its file descriptor from the owning process (`pidfd_getfd`, Linux >= 5.6)
 //! and inserts it itself. Works with any proxy that listens on the Istio port.
 
+#![allow(
+    unsafe_code,
+    reason = "pidfd_open + pidfd_getfd to inspect a pod's listening socket"
+)]
+
 use std::{
     fs, io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},

@@ -4,6 +4,11 @@
 //! `setns` changes only the calling thread, so work inside a namespace runs on a thread of its
 //! own; never `ip netns exec`, which remounts /sys and hides the cgroup and bpffs mounts.
 
+#![allow(
+    unsafe_code,
+    reason = "setns in a pre_exec hook, NS_GET_NSTYPE and the SIOCSIFADDR ioctl for ::6 on lo"
+)]
+
 use std::{
     fs::File,
     io,

@@ -1,5 +1,10 @@
 //! Socket options the proxy needs beyond tokio: the original destination and source binding.
 
+#![allow(
+    unsafe_code,
+    reason = "IP_BIND_ADDRESS_NO_PORT, which socket2 does not wrap"
+)]
+
 use std::{
     io,
     net::{IpAddr, SocketAddr},

@@ -1309,7 +1309,7 @@ async fn sighup_reloads_the_config_at_once() {
     assert!(c.get("s", "/").await.1.starts_with('a'));
     std::fs::write(&proxy.config_path, config("b")).expect("rewrite");
     // SAFETY: kill(2) on our own pid.
-    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).expect("raise SIGHUP");
     let _ = tokio::time::timeout(Duration::from_secs(5), hup.recv()).await;
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {

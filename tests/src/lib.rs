@@ -6,6 +6,8 @@
 //! run in parallel and never touch a real agent. They need root and panic without it: a skip
 //! would pass silently.
 
+#![allow(unsafe_code, reason = "poll(2) on a child's pipe with a timeout")]
+
 use std::{
     io::{Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},

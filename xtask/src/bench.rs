@@ -7,6 +7,11 @@
 //! same machine, same load generator (`interceptor-lab testapp load`, i.e. `interceptor_lab::loadgen`).
 //! Also: proxy CPU per request, and memory per idle downstream connection.
 
+#![allow(
+    unsafe_code,
+    reason = "kill, getrlimit/setrlimit and sysconf for the benchmark's processes"
+)]
+
 use std::{
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},

@@ -1,5 +1,7 @@
 //! Helpers shared by the xtask commands.
 
+#![allow(unsafe_code, reason = "geteuid")]
+
 use std::{
     path::{Path, PathBuf},
     process::Command,

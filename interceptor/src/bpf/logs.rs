@@ -1,5 +1,10 @@
 //! The programs' own log records (aya-log) in the agent's tracing output.
 
+#![allow(
+    unsafe_code,
+    reason = "registering aya-log's ring buffer descriptor with tokio"
+)]
+
 use std::os::fd::AsRawFd;
 
 use aya_log::EbpfLogger;

@@ -2,6 +2,8 @@
 //! with a bpf_link but has no `TryFrom<CgroupSockoptLink> for FdLink`, so the link could not be
 //! pinned and would detach when the agent exits. Everything else goes through aya.
 
+#![allow(unsafe_code, reason = "the bpf(2) commands aya 0.14 does not expose")]
+
 use std::{
     ffi::CString,
     io,

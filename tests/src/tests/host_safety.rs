@@ -1,6 +1,11 @@
 //! The datapath must never break the host: getsockopt calls of every other program keep working
 //! (the getsockopt hook runs for all of them), including values larger than a page.
 
+#![allow(
+    unsafe_code,
+    reason = "a raw getsockopt with a buffer larger than a page: the case under test"
+)]
+
 use std::{net::TcpListener, os::fd::AsRawFd};
 
 use crate::{Harness, host_iptables_tool, iptables_tool};
