@@ -34,7 +34,11 @@ use tracing::{debug, info, warn};
 use crate::{
     bpf::{self, Datapath, LoadOptions, Pins, features::Features},
     http_server,
-    kube::{KubeOptions, PodController, metrics::KubeMetrics},
+    kube::{
+        KubeOptions, PodController,
+        metrics::KubeMetrics,
+        owner::{self, Verdict},
+    },
     pods::Registry,
 };
 
@@ -218,6 +222,17 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         Some(k) => Some(crate::kube::client(k).await?),
         None => None,
     };
+    // Kept to ask, at stop time, whether the stop is an uninstall.
+    let owner_check = match (&client, &opts.kube) {
+        (
+            Some(c),
+            Some(KubeOptions {
+                daemonset: Some(ds),
+                ..
+            }),
+        ) => Some((c.clone(), ds.clone())),
+        _ => None,
+    };
     let membership = Membership::join(&opts.pins)?;
     let mut datapath = Datapath::start(opts.pins.clone(), &opts.load)?;
     if let Some(features) = &opts.features
@@ -294,22 +309,67 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     }
     let pins = datapath.pins.clone();
     drop(datapath);
-    if opts.keep_pinned {
-        info!(root = %pins.root().display(), "keeping the datapath pinned (--keep-pinned)");
+    let keep = match (opts.keep_pinned, &opts.kube) {
+        (true, _) => Some("--keep-pinned".to_owned()),
+        (false, None) => None,
+        (false, Some(_)) => match owner_check {
+            None => Some(
+                "Kubernetes mode without --daemonset: a stop is never an uninstall \
+                 (`interceptor uninstall` removes the datapath)"
+                    .to_owned(),
+            ),
+            Some((client, ds)) => match owner::check(client, &ds, OWNER_CHECK_TIMEOUT).await {
+                Verdict::Present => Some(format!(
+                    "DaemonSet {ds} still exists: this stop is a restart or rollout"
+                )),
+                Verdict::Unknown(err) => Some(format!(
+                    "could not ask the API about DaemonSet {ds} ({err}); keeping the pods \
+                     intercepted (`interceptor uninstall` removes the datapath)"
+                )),
+                Verdict::Uninstalling(why) => {
+                    info!(daemonset = %ds, "{why}: uninstalling from this node");
+                    None
+                }
+            },
+        },
+    };
+    if let Some(why) = keep {
+        info!(root = %pins.root().display(), "keeping the datapath pinned and attached: {why}");
     } else if membership.last_one() {
-        let mut maps = bpf::Maps::open(&pins)?;
-        match Registry::lock(&pins, &mut maps).and_then(|mut r| r.remove_all_iptables()) {
-            Ok(0) => {}
-            Ok(n) => info!(pods = n, "removed the iptables rules of iptables-mode pods"),
-            Err(err) => warn!(%err, "removing iptables-mode pods' rules"),
-        }
-        drop(maps);
-        bpf::teardown(&pins)?;
+        uninstall(&pins)?;
     } else {
         info!("another agent still uses the datapath; leaving it attached");
     }
     drop(membership);
     Ok(())
+}
+
+/// How long a stopping agent waits for the API's answer about its DaemonSet.
+const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Removes everything the datapath put on this node: the iptables chains of iptables-mode pods,
+/// then every program, link and map (pins and sk_lookup links included). Returns how many
+/// iptables-mode pods had rules removed.
+pub fn uninstall(pins: &Pins) -> Result<usize, Error> {
+    let mut removed = 0;
+    if pins.root().exists() {
+        match bpf::Maps::open(pins) {
+            Ok(mut maps) => {
+                match Registry::lock(pins, &mut maps).and_then(|mut r| r.remove_all_iptables()) {
+                    Ok(n) => {
+                        removed = n;
+                        if n > 0 {
+                            info!(pods = n, "removed the iptables rules of iptables-mode pods");
+                        }
+                    }
+                    Err(err) => warn!(%err, "removing iptables-mode pods' rules"),
+                }
+            }
+            Err(err) => warn!(%err, "pinned maps unreadable; removing the pins anyway"),
+        }
+    }
+    bpf::teardown(pins)?;
+    Ok(removed)
 }
 
 /// One pass of the Kubernetes controller. It stats /proc and enters namespaces: blocking work,

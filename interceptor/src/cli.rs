@@ -57,6 +57,12 @@ pub enum Command {
     /// Apply or remove the iptables interception istio-iptables writes (fallback and baseline).
     #[command(subcommand)]
     Iptables(IptablesCommand),
+    /// Remove everything interceptor put on this node: programs, links, pins, the sk_lookup
+    /// links of pods, and the iptables chains of iptables-mode pods. Stop the agent first.
+    Uninstall {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +80,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_msg_redirect: bool,
     /// Leave programs attached and maps pinned on exit: interception goes on without an agent.
+    /// (Always so with --kube: there a stop is not an uninstall, see --daemonset.)
     #[arg(long)]
     pub keep_pinned: bool,
     /// Replace pinned state written by an incompatible version instead of refusing to start.
@@ -93,6 +100,12 @@ pub struct AgentArgs {
     /// ~/.kube/config).
     #[arg(long, requires = "kube")]
     pub kubeconfig: Option<PathBuf>,
+    /// The DaemonSet running this agent (NAMESPACE/NAME; the chart sets it). With --kube a stop
+    /// keeps the datapath working for the next agent — a rollout, `kubectl delete pod`, an OOM
+    /// kill — unless this DaemonSet is gone or being deleted: then the stop is an uninstall and
+    /// removes everything (programs, pins, iptables-mode rules).
+    #[arg(long, env = "INTERCEPTOR_DAEMONSET", requires = "kube")]
+    pub daemonset: Option<crate::kube::owner::DaemonSetRef>,
     /// This node's name: --kube watches the pods with spec.nodeName equal to it.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

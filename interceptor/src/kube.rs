@@ -13,6 +13,7 @@
 pub mod annotations;
 pub mod events;
 pub mod metrics;
+pub mod owner;
 pub mod resolve;
 pub mod watch;
 
@@ -75,6 +76,9 @@ pub struct KubeOptions {
     pub node_name: String,
     /// Where the node's processes are (`/proc` with `hostPID: true`).
     pub proc_root: PathBuf,
+    /// The DaemonSet running this agent: a stop uninstalls only when it is gone or being
+    /// deleted (see `owner`). None: every stop keeps the datapath.
+    pub daemonset: Option<owner::DaemonSetRef>,
 }
 
 /// Builds the API client from a kubeconfig or the in-cluster service account.

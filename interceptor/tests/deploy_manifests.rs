@@ -15,7 +15,7 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{Namespace, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -73,6 +73,8 @@ struct Objects {
     service_accounts: Vec<ServiceAccount>,
     roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    ns_roles: Vec<Role>,
+    ns_bindings: Vec<RoleBinding>,
     daemonsets: Vec<DaemonSet>,
 }
 
@@ -87,6 +89,10 @@ fn parse(yaml: &str) -> Objects {
             }
             (Some("rbac.authorization.k8s.io/v1"), Some("ClusterRoleBinding")) => {
                 out.bindings.push(strict(&doc))
+            }
+            (Some("rbac.authorization.k8s.io/v1"), Some("Role")) => out.ns_roles.push(strict(&doc)),
+            (Some("rbac.authorization.k8s.io/v1"), Some("RoleBinding")) => {
+                out.ns_bindings.push(strict(&doc))
             }
             (Some("apps/v1"), Some("DaemonSet")) => out.daemonsets.push(strict(&doc)),
             other => panic!("unexpected object {other:?} in the manifests"),
@@ -128,6 +134,33 @@ fn check(objects: &Objects) {
 
     assert_eq!(objects.daemonsets.len(), 1);
     let ds = &objects.daemonsets[0];
+
+    // In its own namespace: get its own DaemonSet, by name, and nothing else (the stop-time
+    // "is this an uninstall?" question).
+    assert_eq!(objects.ns_roles.len(), 1);
+    assert_eq!(objects.ns_bindings.len(), 1);
+    let role = &objects.ns_roles[0];
+    assert_eq!(role.metadata.namespace, ds.metadata.namespace);
+    let rules = role.rules.as_ref().expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].api_groups.as_deref(),
+        Some(&["apps".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["daemonsets".to_owned()][..])
+    );
+    assert_eq!(rules[0].verbs, vec!["get".to_owned()]);
+    assert_eq!(
+        rules[0].resource_names.as_deref(),
+        Some(std::slice::from_ref(
+            ds.metadata.name.as_ref().expect("name")
+        ))
+    );
+    let ns_binding = &objects.ns_bindings[0];
+    assert_eq!(ns_binding.role_ref.kind, "Role");
+    assert_eq!(Some(&ns_binding.role_ref.name), role.metadata.name.as_ref());
     let sa = &objects.service_accounts[0];
     let binding = &objects.bindings[0];
     assert_eq!(binding.role_ref.kind, "ClusterRole");
@@ -226,6 +259,21 @@ fn check(objects: &Objects) {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.as_str());
     assert_eq!(node_name, Some("spec.nodeName"));
+    // The agent knows its DaemonSet, so a stop uninstalls only when the DaemonSet goes.
+    let daemonset = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "INTERCEPTOR_DAEMONSET")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        daemonset,
+        Some(format!(
+            "{}/{}",
+            ds.metadata.namespace.as_deref().unwrap_or_default(),
+            ds.metadata.name.as_deref().unwrap_or_default()
+        ))
+    );
 
     let sc = agent.security_context.as_ref().expect("securityContext");
     assert_ne!(

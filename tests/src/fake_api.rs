@@ -36,6 +36,8 @@ const BOOKMARK_EVERY: Duration = Duration::from_millis(500);
 pub enum Kind {
     Pod,
     Namespace,
+    /// apps/v1: only GET of one object (the agent asks whether its own DaemonSet still exists).
+    DaemonSet,
 }
 
 impl Kind {
@@ -43,6 +45,14 @@ impl Kind {
         match self {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::DaemonSet => "DaemonSet",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Pod | Kind::Namespace => "v1",
+            Kind::DaemonSet => "apps/v1",
         }
     }
 }
@@ -238,7 +248,7 @@ impl Changes<'_> {
             meta["creationTimestamp"] = json!("2024-01-01T00:00:00Z");
         }
         object["kind"] = json!(kind.name());
-        object["apiVersion"] = json!("v1");
+        object["apiVersion"] = json!(kind.api_version());
         let key = key_of(kind, &object);
         let type_ = if s.objects.contains_key(&key) {
             "MODIFIED"
@@ -460,6 +470,24 @@ async fn handle(
         (Method::GET, ["api", "v1", "pods"]) => list_or_watch(Kind::Pod, &q, shared, stop).await,
         (Method::GET, ["api", "v1", "namespaces"]) => {
             list_or_watch(Kind::Namespace, &q, shared, stop).await
+        }
+        (Method::GET, ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
+            let key = (Kind::DaemonSet, (*ns).to_owned(), (*name).to_owned());
+            let found = shared
+                .state
+                .lock()
+                .expect("lock")
+                .objects
+                .get(&key)
+                .cloned();
+            match found {
+                Some(ds) => json_response(StatusCode::OK, &ds),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("daemonsets.apps \"{name}\" not found"),
+                ),
+            }
         }
         (Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
             let ns = (*ns).to_owned();

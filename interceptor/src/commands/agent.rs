@@ -21,6 +21,7 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
             // The host's: the DaemonSet runs with hostPID, and the registry's own
             // lookups (gone pods, listeners) read /proc too.
             proc_root: "/proc".into(),
+            daemonset: args.daemonset.clone(),
         }),
         (true, _) => return Err(crate::kube::Error::NoNodeName.into()),
     };

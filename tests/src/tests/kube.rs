@@ -29,6 +29,10 @@ use crate::{
 const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(30);
 const PROXY: &[&str] = &["app", "istio-proxy"];
+/// The DaemonSet the agents of these tests say they run in (`--daemonset`).
+const DS_NS: &str = "interceptor-system";
+const DS_NAME: &str = "interceptor";
+const DAEMONSET: &[&str] = &["--daemonset", "interceptor-system/interceptor"];
 
 fn entry(h: &Harness, name: &str) -> Option<Value> {
     h.status()["pods"]
@@ -169,7 +173,11 @@ fn api_pods_are_intercepted_before_and_after_agent_start_and_released_on_delete(
         ),
     );
 
-    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    env.api.apply(
+        Kind::DaemonSet,
+        serde_json::json!({"metadata": {"namespace": DS_NS, "name": DS_NAME}}),
+    );
+    h.start_kube_agent(&env.kubeconfig, &env.node, DAEMONSET);
     // Ready means listed and applied: the pod is there without waiting.
     let e = entry(&h, "client").expect("intercepted at ready");
     assert_eq!(e["source"], "kubernetes");
@@ -203,10 +211,62 @@ fn api_pods_are_intercepted_before_and_after_agent_start_and_released_on_delete(
     through_sidecar(&late, &echo);
     assert_eq!(kube_entries(&h), vec![format!("{NS}/late")]);
 
-    // Uninstall (the DaemonSet's pod gets SIGTERM): nothing stays on the node.
+    // A stop that is not an uninstall (a rollout, `kubectl delete pod`, an OOM kill): the
+    // DaemonSet still exists, so the datapath stays and the pods stay intercepted.
+    assert!(h.stop_agent(), "agent exits cleanly");
+    assert!(h.pin_root.exists(), "a restart keeps the datapath");
+    through_sidecar(&late, &echo);
+    // The next agent adopts it and carries on.
+    h.start_kube_agent(&env.kubeconfig, &env.node, DAEMONSET);
+    through_sidecar(&late, &echo);
+    assert_eq!(kube_entries(&h), vec![format!("{NS}/late")]);
+
+    // Uninstall (`kubectl delete daemonset` with foreground cascade: the DaemonSet is marked
+    // for deletion while its pods get SIGTERM): nothing stays on the node.
+    env.api.update(Kind::DaemonSet, DS_NS, DS_NAME, |ds| {
+        ds["metadata"]["deletionTimestamp"] = serde_json::json!("2024-01-02T00:00:00Z");
+    });
     assert!(h.stop_agent(), "agent exits cleanly");
     assert!(!h.pin_root.exists(), "pins removed");
     direct(&late, &echo);
+}
+
+/// `helm uninstall` / `kubectl delete daemonset` in background cascade: the DaemonSet is gone
+/// when its pods get SIGTERM, and the agent removes everything. Without --daemonset, a stop in
+/// Kubernetes mode never uninstalls.
+#[test]
+fn a_deleted_daemonset_uninstalls_and_a_stop_without_one_keeps_the_datapath() {
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("kuninst");
+    let (pod, _) = meshed_pod(&mut h, &env, "app", &[(STATUS, "{}")], PROXY, true);
+    h.start_kube_agent(&env.kubeconfig, &env.node, &[]);
+    wait_entry(&h, "app", |_| true);
+    through_sidecar(&pod, &echo);
+    assert!(h.stop_agent(), "agent exits cleanly");
+    assert!(
+        h.pin_root.exists(),
+        "no --daemonset: a stop keeps the datapath"
+    );
+    through_sidecar(&pod, &echo);
+
+    // The DaemonSet was never there (deleted before its pod stopped): uninstall.
+    h.start_kube_agent(&env.kubeconfig, &env.node, DAEMONSET);
+    wait_entry(&h, "app", |_| true);
+    assert!(h.stop_agent(), "agent exits cleanly");
+    assert!(!h.pin_root.exists(), "pins removed");
+    direct(&pod, &echo);
+    assert!(
+        env.api
+            .requests()
+            .iter()
+            .any(|r| r == &format!("GET /apis/apps/v1/namespaces/{DS_NS}/daemonsets/{DS_NAME}")),
+        "the stopping agent asked for its DaemonSet: {:?}",
+        env.api.requests()
+    );
 }
 
 #[test]

@@ -125,6 +125,66 @@ fn a_second_agent_adopts_the_pinned_datapath() {
     assert!(!h.pin_root.exists());
 }
 
+/// `interceptor uninstall`: what a DaemonSet's deletion does, by hand on a node. It refuses
+/// while an agent runs (that agent would re-attach), then removes programs, links, pins and the
+/// chains of iptables-mode pods; afterwards nothing is intercepted.
+#[test]
+fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
+    let mut h = Harness::new("uninst");
+    let ebpf_pod = h.pod("ebpfpod");
+    let ipt_pod = h.pod("iptpod");
+    let server = h.pod("server");
+    h.start_agent(&["--keep-pinned"]);
+    h.sidecar(&ebpf_pod);
+    h.sidecar(&ipt_pod);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&ebpf_pod, &[]);
+    h.enable(&ipt_pod, &["--mode", "iptables"]);
+    assert!(
+        crate::iptables_tool(&ipt_pod, "iptables-save", &["-t", "nat"], None).contains("ISTIO_")
+    );
+
+    let refused = h.cli(&["uninstall"]);
+    assert!(
+        !refused.status.success(),
+        "uninstall ran beside a live agent"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("stop them first"), "{err}");
+    assert!(h.pin_root.exists());
+
+    assert!(h.stop_agent());
+    assert!(h.pin_root.exists(), "--keep-pinned kept the datapath");
+    let out = h.cli(&["uninstall", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["removed"], true);
+    assert_eq!(report["iptables_pods"], 1);
+    assert!(!h.pin_root.exists(), "pins removed");
+    assert!(
+        !crate::iptables_tool(&ipt_pod, "iptables-save", &["-t", "nat"], None).contains("ISTIO_"),
+        "the iptables-mode pod's chains are gone"
+    );
+    for pod in [&ebpf_pod, &ipt_pod] {
+        let s = connect_from(pod, echo.addr).expect("connect");
+        assert_eq!(
+            s.peer_addr().expect("peer"),
+            echo.addr,
+            "{} goes direct",
+            pod.name
+        );
+        assert_eq!(echo_round_trip(s, b"bye").expect("echo"), b"bye");
+    }
+    // Idempotent: a second run finds nothing and says so.
+    let again = h.cli(&["uninstall"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
+}
+
 #[test]
 fn keep_pinned_leaves_interception_running_without_an_agent() {
     let mut h = Harness::new("keep");
