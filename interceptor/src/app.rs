@@ -25,7 +25,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     http_server::{self, Handler, text},
     proxy::{
-        ProxyConfig, admin, config::ConfigError, dispatch::Shared, drain::Drain, inbound,
+        ProxyConfig, admin,
+        config::ConfigError,
+        dispatch::Shared,
+        drain::Drain,
+        inbound,
         metrics::ProxyMetrics,
         orig_dst::{FromSocket, OrigDstAddr},
         outbound, reload,

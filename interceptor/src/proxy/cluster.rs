@@ -187,7 +187,9 @@ impl Cluster {
         pool: PoolSettings,
         source: Option<ClusterConfig>,
     ) -> Self {
-        let protocol = source.as_ref().map_or(UpstreamProtocol::Auto, |c| c.protocol);
+        let protocol = source
+            .as_ref()
+            .map_or(UpstreamProtocol::Auto, |c| c.protocol);
         let connect_timeout = pool.connect_timeout;
         let pools = (0..pool.workers.max(1))
             .map(|_| Pool::new(connect_timeout, pool.idle_timeout, pool.bind))

@@ -287,7 +287,11 @@ pub struct PortConfig {
 
 impl PortConfig {
     pub fn declared(&self) -> Protocol {
-        declared(self.protocol, self.name.as_deref(), self.app_protocol.as_deref())
+        declared(
+            self.protocol,
+            self.name.as_deref(),
+            self.app_protocol.as_deref(),
+        )
     }
 }
 
@@ -328,7 +332,11 @@ pub struct ListenerConfig {
 
 impl ListenerConfig {
     pub fn declared(&self) -> Protocol {
-        declared(self.protocol, self.name.as_deref(), self.app_protocol.as_deref())
+        declared(
+            self.protocol,
+            self.name.as_deref(),
+            self.app_protocol.as_deref(),
+        )
     }
 }
 

@@ -289,9 +289,7 @@ impl Conn {
                 let req = req.map(|body| DownstreamBody::new(body, request_busy));
                 let mut resp = handle(req, &ctx).await;
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(on) = resp
-                        .extensions_mut()
-                        .remove::<hyper::upgrade::OnUpgrade>()
+                    && let Some(on) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
                     && let Ok(mut slot) = upgrade.lock()
                 {
                     *slot = Some(on);

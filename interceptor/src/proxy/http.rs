@@ -225,7 +225,8 @@ fn observe_grpc_status(response: &mut Response<ResponseBody>, ctx: &ConnCtx, clu
         return;
     }
     if let Either::Left(body) = response.body_mut() {
-        let (metrics, direction, cluster) = (ctx.metrics.clone(), ctx.direction, cluster.to_owned());
+        let (metrics, direction, cluster) =
+            (ctx.metrics.clone(), ctx.direction, cluster.to_owned());
         body.on_trailers(Box::new(move |trailers: Option<&HeaderMap>| {
             let code = trailers
                 .and_then(|t| t.get(&GRPC_STATUS))
@@ -253,7 +254,9 @@ fn ambiguous_host<B>(req: &Request<B>) -> Option<&'static str> {
     }
     if req.version() == Version::HTTP_2
         && let (Some(host), Some(authority)) = (first, req.uri().authority())
-        && !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes())
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
     {
         return Some("Host header disagrees with :authority\n");
     }
@@ -279,7 +282,11 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<String> {
     let value = req.headers().get(header::UPGRADE)?.to_str().ok()?;
     let first = value.split(',').next()?.trim();
     // `websocket`…: the protocol name without its version.
-    let name = first.split('/').next().unwrap_or(first).to_ascii_lowercase();
+    let name = first
+        .split('/')
+        .next()
+        .unwrap_or(first)
+        .to_ascii_lowercase();
     // An h2c upgrade is only an offer: dropped, the request goes on as HTTP/1.1 (as Envoy).
     (!name.is_empty() && name != "h2c").then_some(name)
 }

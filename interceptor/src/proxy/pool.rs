@@ -325,6 +325,9 @@ impl Pool {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
+            // One stream until the peer's SETTINGS say how many it takes (h2 holds the others
+            // back until then), so a burst on a new connection is never refused.
+            .initial_max_send_streams(1)
             .max_header_list_size(settings.max_header_list_size)
             .keep_alive_interval(settings.keepalive_interval)
             .keep_alive_timeout(settings.keepalive_timeout);
@@ -334,11 +337,12 @@ impl Pool {
             .map_err(|source| SendError::Request { addr, source })?;
         let state = Arc::new(H2State {
             streams: AtomicUsize::new(0),
-            peer_max_streams: AtomicUsize::new(conn.current_max_send_streams()),
+            peer_max_streams: AtomicUsize::new(usize::MAX),
             idle_since: Mutex::new(Instant::now()),
         });
         let idle_timeout = self.idle_timeout;
         let watched = state.clone();
+        let (settled_tx, mut settled) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             // Runs the connection until the upstream closes it, or until no stream has been
             // open for the idle timeout (dropping it closes the socket; the pool sees it
@@ -355,9 +359,15 @@ impl Pool {
                 // can change it at any time).
                 let run = std::future::poll_fn(|cx| {
                     let polled = conn.as_mut().poll(cx);
-                    watched
-                        .peer_max_streams
-                        .store(conn.current_max_send_streams(), Ordering::Release);
+                    // Still 1: the peer's first SETTINGS have not arrived (a peer that
+                    // allows exactly one stream looks the same and is simply held to it).
+                    let peer = conn.current_max_send_streams();
+                    if peer != 1 {
+                        watched.peer_max_streams.store(peer, Ordering::Release);
+                        if !*settled_tx.borrow() {
+                            settled_tx.send_replace(true);
+                        }
+                    }
                     polled
                 });
                 tokio::select! {
@@ -366,6 +376,13 @@ impl Pool {
                 }
             }
         });
+        // The peer's SETTINGS come within a round trip: until then its stream limit is
+        // unknown, and requests waiting to share this connection would all pile onto it.
+        let _ = tokio::time::timeout(
+            self.connect_timeout.min(Duration::from_secs(1)),
+            settled.wait_for(|s| *s),
+        )
+        .await;
         if let Ok(mut all) = self.h2.lock() {
             all.entry(addr).or_default().push(H2Conn { sender, state });
         }
@@ -399,10 +416,11 @@ impl Pool {
                                 m.remove(&addr);
                             }
                             opened?;
-                            self.take_h2(addr, settings).ok_or_else(|| SendError::Connect {
-                                addr,
-                                source: io::Error::other("the new HTTP/2 connection closed"),
-                            })?
+                            self.take_h2(addr, settings)
+                                .ok_or_else(|| SendError::Connect {
+                                    addr,
+                                    source: io::Error::other("the new HTTP/2 connection closed"),
+                                })?
                         }
                     };
                     drop(opening);

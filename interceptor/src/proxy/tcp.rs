@@ -241,7 +241,10 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, data, "byte-exact after the client's half-close");
-        server.write_all(b"reply after half-close").await.expect("reply");
+        server
+            .write_all(b"reply after half-close")
+            .await
+            .expect("reply");
         server.shutdown().await.expect("close");
         let back = writer.await.expect("join");
         assert_eq!(back, b"reply after half-close");
