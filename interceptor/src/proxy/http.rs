@@ -119,8 +119,11 @@ where
 {
     let busy = Busy::default();
     let tokens = busy.weak();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let starts = started.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
+        starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (request_busy, response_busy) = (tokens.token(), tokens.token());
         async move {
             let req = req.map(|body| DownstreamBody::new(body, request_busy));
@@ -142,11 +145,19 @@ where
     tokio::pin!(conn);
     let first_wait = limits.header_read_timeout.nonzero();
     let idle_wait = limits.idle_timeout.nonzero();
+    let period = match (first_wait, idle_wait) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(Duration::from_secs(3600)),
+    };
     let mut served = false;
+    let mut seen = 0;
     let mut idle_since = Instant::now();
-    let timer = tokio::time::sleep(first_wait.or(idle_wait).unwrap_or(Duration::MAX / 4));
+    let timer = tokio::time::sleep(period);
     tokio::pin!(timer);
     let mut closing = false;
+    // After an idle GOAWAY, how long the client gets to finish the close (answer the PING
+    // that confirms it) before the socket is simply closed: a silent client never answers.
+    let mut hard_close: Option<Instant> = None;
     let result = std::future::poll_fn(|cx| {
         if !closing && drain.poll_drain(cx).is_ready() {
             closing = true;
@@ -155,33 +166,45 @@ where
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
             return Poll::Ready(res);
         }
-        // Streams end on other polls without waking this one: the timer looks again.
+        if let Some(at) = hard_close {
+            if Instant::now() >= at {
+                debug!("client did not finish the close; dropping the connection");
+                return Poll::Ready(Ok(()));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                timer.as_mut().reset(at);
+                let _ = timer.as_mut().poll(cx);
+            }
+            return Poll::Pending;
+        }
+        // Streams start and end on their own tasks, without waking this one: the timer looks
+        // every `period`, so a connection closes between one and two timeouts after its last
+        // stream.
         while !closing && timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if busy.open() > 0 {
-                served = true;
+            let started_now = started.load(std::sync::atomic::Ordering::Relaxed);
+            if started_now != seen || busy.open() > 0 {
+                seen = started_now;
+                served |= started_now > 0;
                 idle_since = now;
             }
             let wait = if served { idle_wait } else { first_wait };
-            let Some(wait) = wait else {
-                timer.as_mut().reset(now + Duration::from_secs(3600));
-                continue;
-            };
-            if busy.open() == 0 && now.duration_since(idle_since) >= wait {
+            if let Some(wait) = wait
+                && now.duration_since(idle_since) >= wait
+            {
                 debug!(?wait, served, "http/2 connection idle; closing");
                 closing = true;
                 conn.as_mut().graceful_shutdown();
                 if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                     return Poll::Ready(res);
                 }
+                let at = now + wait.min(Duration::from_secs(10));
+                hard_close = Some(at);
+                timer.as_mut().reset(at);
+                let _ = timer.as_mut().poll(cx);
                 break;
             }
-            let next = if busy.open() > 0 {
-                now + wait
-            } else {
-                idle_since + wait
-            };
-            timer.as_mut().reset(next);
+            timer.as_mut().reset(now + period);
         }
         Poll::Pending
     })
@@ -502,6 +525,8 @@ async fn forward(
         version,
         upgrade: call.upgrade.is_some(),
         h2: &h2,
+        h2_fallback: call.cluster.protocol == UpstreamProtocol::Auto
+            && call.declared == UpstreamProtocol::Auto,
     };
     let attempts = attempts(&mut parts, body, cluster, retry, ctx, &how);
     match timeout {
@@ -521,6 +546,9 @@ struct Attempts<'a> {
     version: Version,
     upgrade: bool,
     h2: &'a H2Settings,
+    /// HTTP/2 was chosen only because the client spoke it (`auto`): an endpoint that does not
+    /// speak h2c gets HTTP/1.1 instead.
+    h2_fallback: bool,
 }
 
 async fn attempts(
@@ -561,7 +589,8 @@ async fn attempts(
             if how.upgrade {
                 pool.send_upgrade(endpoint.addr, request).await
             } else if how.version == Version::HTTP_2 {
-                pool.send_h2(endpoint.addr, request, how.h2).await
+                pool.send_h2(endpoint.addr, request, how.h2, how.h2_fallback)
+                    .await
             } else {
                 pool.send(endpoint.addr, request).await
             }
@@ -668,7 +697,7 @@ fn upstream_request(
 }
 
 fn classify_error(err: &SendError) -> Outcome {
-    if matches!(err, SendError::Connect { .. }) {
+    if matches!(err, SendError::Connect { .. } | SendError::NotHttp2 { .. }) {
         return Outcome::ConnectFailure;
     }
     let mut source: Option<&(dyn StdError + 'static)> = err.source();

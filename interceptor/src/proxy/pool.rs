@@ -52,6 +52,11 @@ pub enum SendError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{addr} does not speak HTTP/2 (h2c prior knowledge): it closed the connection before \
+         its SETTINGS; declare the port or cluster `http1`, or serve h2c there"
+    )]
+    NotHttp2 { addr: SocketAddr },
     #[error("request to {addr}: {source}")]
     Request {
         addr: SocketAddr,
@@ -92,6 +97,9 @@ pub struct Pool {
     /// One h2 connection is being opened per endpoint at a time, so a burst of first requests
     /// shares it instead of opening one connection each.
     h2_opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// Endpoints found not to speak h2c, and when: `auto` requests go to them as HTTP/1.1
+    /// (for an idle timeout, then h2c is tried again).
+    h1_only: Mutex<HashMap<SocketAddr, Instant>>,
 }
 
 #[derive(Debug)]
@@ -166,6 +174,7 @@ impl Pool {
             }),
             h2: Mutex::new(HashMap::new()),
             h2_opening: Mutex::new(HashMap::new()),
+            h1_only: Mutex::new(HashMap::new()),
         })
     }
 
@@ -294,6 +303,20 @@ impl Pool {
         ))
     }
 
+    fn is_h1_only(&self, addr: SocketAddr) -> bool {
+        let Ok(mut m) = self.h1_only.lock() else {
+            return false;
+        };
+        match m.get(&addr) {
+            Some(since) if since.elapsed() < self.idle_timeout => true,
+            Some(_) => {
+                m.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// A stream on an open h2 connection to `addr` with room for one more, if there is one.
     fn take_h2(
         &self,
@@ -383,6 +406,9 @@ impl Pool {
             settled.wait_for(|s| *s),
         )
         .await;
+        if sender.is_closed() {
+            return Err(SendError::NotHttp2 { addr });
+        }
         if let Ok(mut all) = self.h2.lock() {
             all.entry(addr).or_default().push(H2Conn { sender, state });
         }
@@ -391,12 +417,19 @@ impl Pool {
 
     /// Sends `req` (absolute URI: its authority becomes `:authority`) to `addr` as a stream on
     /// a shared h2 connection.
+    ///
+    /// With `fallback` (h2 only because the client spoke it), an endpoint that turns out not
+    /// to speak h2c gets the request as HTTP/1.1 instead — it was never sent.
     pub async fn send_h2(
         self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<UpstreamBody>,
         settings: &H2Settings,
+        fallback: bool,
     ) -> Result<Response<PooledBody>, SendError> {
+        if fallback && self.is_h1_only(addr) {
+            return self.send(addr, as_http1(req)).await;
+        }
         // Twice at most: a connection found closing hands the request back unsent.
         for _ in 0..2 {
             let (mut sender, guard) = match self.take_h2(addr, settings) {
@@ -415,7 +448,17 @@ impl Pool {
                             if let Ok(mut m) = self.h2_opening.lock() {
                                 m.remove(&addr);
                             }
-                            opened?;
+                            match opened {
+                                Err(SendError::NotHttp2 { .. }) if fallback => {
+                                    tracing::debug!(%addr, "no h2c there; HTTP/1.1 instead");
+                                    if let Ok(mut m) = self.h1_only.lock() {
+                                        m.insert(addr, Instant::now());
+                                    }
+                                    drop(opening);
+                                    return self.send(addr, as_http1(req)).await;
+                                }
+                                other => other?,
+                            }
                             self.take_h2(addr, settings)
                                 .ok_or_else(|| SendError::Connect {
                                     addr,
@@ -508,6 +551,25 @@ impl Pool {
         pooled.release_if_done();
         Response::from_parts(head, pooled)
     }
+}
+
+/// An h2-shaped request (absolute URI) as HTTP/1.1: origin-form target, the authority as
+/// `Host`.
+fn as_http1(req: Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(http::header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+    parts.version = http::Version::HTTP_11;
+    Request::from_parts(parts, body)
 }
 
 /// A response body that returns its connection to the pool (HTTP/1.1) or ends its stream's
