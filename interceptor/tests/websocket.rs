@@ -27,16 +27,13 @@ async fn ws_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                     return;
                 };
+                // Pings and closes are answered by tungstenite itself; reading on flushes a
+                // close's answer and then ends the stream.
                 while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(msg).await.is_err() {
-                                return;
-                            }
-                        }
-                        // tungstenite answers a close itself; reading on flushes that answer
-                        // and then ends the stream.
-                        _ => {}
+                    if matches!(msg, Message::Text(_) | Message::Binary(_))
+                        && ws.send(msg).await.is_err()
+                    {
+                        return;
                     }
                 }
             });
