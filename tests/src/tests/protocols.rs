@@ -253,6 +253,7 @@ fn through_both_sidecars(tag: &str, mode: &[&str]) {
         rt.spawn(serve_grpc(grpc_listener, peers.clone())),
         rt.spawn(serve_ws(ws_listener)),
     ];
+    let _runtime = rt.enter();
     let (c1, c2, c3) = (
         dial(&client, grpc_addr),
         dial(&client, ws_addr),
