@@ -245,6 +245,12 @@ impl Bound {
                 kind,
                 stop.clone(),
                 handoff.clone(),
+                Admission {
+                    open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+                    source: self.source.clone(),
+                    metrics: metrics.clone(),
+                    last_log: None,
+                },
             )));
         }
         drop(handoff);
@@ -368,8 +374,64 @@ enum Kind {
     Inbound,
 }
 
-/// An accepted connection on its way to a worker.
-type Accepted = (std::net::TcpStream, SocketAddr, Kind);
+/// An accepted connection on its way to a worker, with its place in the listener's count.
+type Accepted = (std::net::TcpStream, SocketAddr, Kind, Slot);
+
+/// One open connection of a listener, counted until dropped.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A listener's cap on open connections (`limits.max_connections_per_listener`).
+struct Admission {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    source: ConfigSource,
+    metrics: ProxyMetrics,
+    last_log: Option<tokio::time::Instant>,
+}
+
+impl Admission {
+    /// A slot for a new connection, or `None` (counted, logged at most once a second) when
+    /// the listener is full.
+    fn admit(&mut self, kind: Kind, peer: SocketAddr) -> Option<Slot> {
+        let cap = self
+            .source
+            .snapshot()
+            .config
+            .limits
+            .max_connections_per_listener as usize;
+        let open = self.open.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(self.open.clone());
+        if cap == 0 || open < cap {
+            return Some(slot);
+        }
+        let direction = match kind {
+            Kind::Outbound => crate::proxy::metrics::Direction::Outbound,
+            Kind::Inbound => crate::proxy::metrics::Direction::Inbound,
+        };
+        self.metrics
+            .listener_overflow
+            .get_or_create(&crate::proxy::metrics::DirectionLabels { direction })
+            .inc();
+        let now = tokio::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_log = Some(now);
+            warn!(
+                %peer, open, cap, ?direction,
+                "listener at max_connections_per_listener: closing new connections until some \
+                 end (raise limits.max_connections_per_listener if this load is expected)"
+            );
+        }
+        None
+    }
+}
 
 struct Handoff {
     workers: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
@@ -395,7 +457,7 @@ async fn worker(
     shared: Arc<Shared>,
     conns: TaskTracker,
 ) {
-    while let Some((stream, peer, kind)) = accepted.recv().await {
+    while let Some((stream, peer, kind, slot)) = accepted.recv().await {
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(err) => {
@@ -406,23 +468,43 @@ async fn worker(
         let shared = shared.clone();
         match kind {
             Kind::Outbound => conns.spawn(
-                outbound::handle(stream, peer, shared).instrument(info_span!("outbound", %peer)),
+                async move {
+                    outbound::handle(stream, peer, shared).await;
+                    drop(slot);
+                }
+                .instrument(info_span!("outbound", %peer)),
             ),
             Kind::Inbound => conns.spawn(
-                inbound::handle(stream, peer, shared).instrument(info_span!("inbound", %peer)),
+                async move {
+                    inbound::handle(stream, peer, shared).await;
+                    drop(slot);
+                }
+                .instrument(info_span!("inbound", %peer)),
             ),
         };
     }
 }
 
-async fn accept(listener: TcpListener, kind: Kind, stop: CancellationToken, handoff: Arc<Handoff>) {
+async fn accept(
+    listener: TcpListener,
+    kind: Kind,
+    stop: CancellationToken,
+    handoff: Arc<Handoff>,
+    mut admission: Admission,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            (stream, peer) = crate::socket::accept_with_backoff(&listener) => match stream.into_std() {
-                Ok(stream) => handoff.send((stream, peer, kind)),
-                Err(err) => warn!(%err, %peer, "cannot hand a connection to a worker"),
-            },
+            (stream, peer) = crate::socket::accept_with_backoff(&listener) => {
+                let Some(slot) = admission.admit(kind, peer) else {
+                    drop(stream);
+                    continue;
+                };
+                match stream.into_std() {
+                    Ok(stream) => handoff.send((stream, peer, kind, slot)),
+                    Err(err) => warn!(%err, %peer, "cannot hand a connection to a worker"),
+                }
+            }
         }
     }
 }

@@ -11,5 +11,6 @@ mod kube;
 mod lifecycle;
 mod outbound;
 mod policy;
+mod protocols;
 mod proxy_l7;
 mod sockmap;

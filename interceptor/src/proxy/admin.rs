@@ -105,6 +105,9 @@ pub fn clusters_json(source: &ConfigSource) -> Value {
                 json!({
                     "name": c.name,
                     "type": c.kind_name(),
+                    "protocol": c.protocol,
+                    "cx_idle_http1": c.idle_connections(),
+                    "cx_open_http2": c.h2_connections(),
                     "stats": {
                         "rq_total": s.rq_total.load(Ordering::Relaxed),
                         "rq_error": s.rq_error.load(Ordering::Relaxed),

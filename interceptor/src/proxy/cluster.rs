@@ -26,7 +26,9 @@ use tokio::{
 
 use super::{
     balancer,
-    config::{ClusterConfig, Config, DEFAULT_IDLE_TIMEOUT, Dur, LbPolicy, OutlierConfig},
+    config::{
+        ClusterConfig, Config, DEFAULT_IDLE_TIMEOUT, Dur, LbPolicy, OutlierConfig, UpstreamProtocol,
+    },
     h1::DownstreamBody,
     outlier::Health,
     pool::Pool,
@@ -91,6 +93,8 @@ pub struct Cluster {
     pub outlier: OutlierConfig,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The upstream protocol (`auto`: the port's declared one, else the downstream's).
+    pub protocol: UpstreamProtocol,
     /// One connection pool per data-plane worker: a request uses its own worker's pool, so the
     /// upstream connection task runs on the same thread as the downstream one.
     pools: Vec<Arc<Pool>>,
@@ -183,6 +187,9 @@ impl Cluster {
         pool: PoolSettings,
         source: Option<ClusterConfig>,
     ) -> Self {
+        let protocol = source
+            .as_ref()
+            .map_or(UpstreamProtocol::Auto, |c| c.protocol);
         let connect_timeout = pool.connect_timeout;
         let pools = (0..pool.workers.max(1))
             .map(|_| Pool::new(connect_timeout, pool.idle_timeout, pool.bind))
@@ -195,6 +202,7 @@ impl Cluster {
             outlier,
             connect_timeout,
             idle_timeout: pool.idle_timeout,
+            protocol,
             pools,
             stats: ClusterStats::default(),
             source,
@@ -213,6 +221,11 @@ impl Cluster {
     /// Idle upstream connections over every worker's pool.
     pub fn idle_connections(&self) -> usize {
         self.pools.iter().map(|p| p.idle_connections()).sum()
+    }
+
+    /// Open upstream HTTP/2 connections over every worker's pool.
+    pub fn h2_connections(&self) -> usize {
+        self.pools.iter().map(|p| p.h2_connections()).sum()
     }
 
     pub fn from_config(c: &ClusterConfig, workers: usize) -> Self {
@@ -272,6 +285,7 @@ impl Cluster {
             outlier: OutlierConfig::default(),
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::ZERO,
+            protocol: UpstreamProtocol::Auto,
             pools: Vec::new(),
             stats: ClusterStats::default(),
             source: None,

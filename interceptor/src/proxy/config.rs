@@ -92,6 +92,30 @@ pub struct Limits {
     /// server-first ports `protocol: tcp` then). Too short a wait turns a slow HTTP client into
     /// TCP on a loaded node, silently bypassing its routes.
     pub protocol_detection_timeout: Dur,
+    /// A downstream HTTP/2 connection with no open stream for this long is closed with a
+    /// GOAWAY (Envoy's HTTP `idle_timeout`, 1 h in Istio); this also ends a client that sends
+    /// the preface and then nothing. 0 = never.
+    pub idle_timeout: Dur,
+    /// A TCP-proxied connection with no bytes either way for this long is closed (Istio's
+    /// default: 1 h); listeners and inbound ports can set their own. 0 = never.
+    pub tcp_idle_timeout: Dur,
+    /// HTTP/2 (both sides): a PING every this often, and the connection is closed when one is
+    /// not answered within `h2_keepalive_timeout`. 0 = no pings.
+    pub h2_keepalive_interval: Dur,
+    pub h2_keepalive_timeout: Dur,
+    /// Streams one downstream HTTP/2 client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub h2_max_concurrent_streams: u32,
+    /// Streams a client may open and reset before the proxy accepts them, and streams the
+    /// proxy may reset for a client's protocol errors, before the connection is closed with
+    /// ENHANCE_YOUR_CALM (the HTTP/2 "rapid reset" attack class).
+    pub h2_max_pending_accept_reset_streams: u32,
+    pub h2_max_local_error_reset_streams: u32,
+    /// Upstream HTTP/2: at most this many requests on one connection at once (and never more
+    /// than the peer's SETTINGS_MAX_CONCURRENT_STREAMS); a new connection is opened beyond.
+    pub h2_max_requests_per_connection: u32,
+    /// Connections open at once on each capture listener; more are closed at accept (counted
+    /// and logged). 0 = no cap.
+    pub max_connections_per_listener: u32,
 }
 
 impl Default for Limits {
@@ -103,6 +127,15 @@ impl Default for Limits {
             retry_buffer_bytes: 64 * 1024,
             header_read_timeout: Dur::secs(10),
             protocol_detection_timeout: Dur::secs(5),
+            idle_timeout: Dur::secs(3600),
+            tcp_idle_timeout: Dur::secs(3600),
+            h2_keepalive_interval: Dur::secs(60),
+            h2_keepalive_timeout: Dur::secs(20),
+            h2_max_concurrent_streams: 1024,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 100,
+            h2_max_requests_per_connection: 100,
+            max_connections_per_listener: 65536,
         }
     }
 }
@@ -135,18 +168,143 @@ pub struct Passthrough {
 pub struct Inbound {
     #[serde(flatten)]
     pub cluster: Passthrough,
-    /// `auto` (detect), `http` or `tcp`.
+    /// The protocol of every port not listed in `ports`: `auto` (detect; an h2c request goes
+    /// to the app as h2c, an HTTP/1.1 one as HTTP/1.1) or one of Istio's protocol names.
     pub protocol: Protocol,
+    /// The pod's ports that declare a protocol, as a Service port does (`name` prefix or
+    /// `app_protocol`).
+    pub ports: Vec<PortConfig>,
 }
 
+impl Inbound {
+    /// The declared protocol of an inbound port.
+    pub fn protocol_of(&self, port: u16) -> Protocol {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map_or(self.protocol, PortConfig::declared)
+    }
+
+    /// The TCP idle timeout of an inbound port, if it sets one.
+    pub fn idle_timeout_of(&self, port: u16) -> Option<Dur> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .and_then(|p| p.tcp_idle_timeout)
+    }
+}
+
+/// What a port speaks, named as Istio names it (a Service port's `name` prefix or its
+/// `appProtocol`): this decides detection and the upstream protocol.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
-    /// Sniff the first bytes: HTTP/1.x and h2c prior knowledge are routed, the rest is TCP.
+    /// Sniff the first bytes: HTTP/1.x and h2c prior knowledge are routed (upstream in the
+    /// protocol the client spoke, Envoy's USE_DOWNSTREAM_PROTOCOL), the rest is TCP.
     #[default]
     Auto,
+    /// HTTP/1.1 upstream (an h2c client's requests are sent as HTTP/1.1).
     Http,
+    /// h2c prior knowledge upstream, whatever the client spoke.
+    Http2,
+    #[serde(rename = "h2c")]
+    H2c,
+    Grpc,
+    #[serde(rename = "grpc-web")]
+    GrpcWeb,
     Tcp,
+}
+
+/// Upstream protocol of a cluster.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// The protocol the downstream request came in (Envoy's USE_DOWNSTREAM_PROTOCOL), unless
+    /// the port declares one.
+    #[default]
+    Auto,
+    Http1,
+    /// h2c prior knowledge.
+    Http2,
+}
+
+impl Protocol {
+    /// Istio's protocol selection by a Service port name (`grpc-api`, `http2`, `tcp-db`) or
+    /// an `appProtocol` value; anything else is detected.
+    pub fn from_istio_name(name: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        // `grpc-web` before the `grpc` prefix it contains.
+        if name == "grpc-web" || name.starts_with("grpc-web-") {
+            return Self::GrpcWeb;
+        }
+        let prefix = name.split('-').next().unwrap_or_default();
+        match prefix {
+            "grpc" => Self::Grpc,
+            "http2" => Self::Http2,
+            "h2c" => Self::H2c,
+            "http" => Self::Http,
+            // Istio's TCP-like names: proxied as bytes.
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => Self::Tcp,
+            _ => Self::Auto,
+        }
+    }
+
+    /// Whether requests on this port are HTTP (parsed, routed) whatever detection says.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            Self::Http | Self::Http2 | Self::H2c | Self::Grpc | Self::GrpcWeb
+        )
+    }
+
+    /// The upstream protocol this port declares, if any.
+    pub fn upstream(self) -> UpstreamProtocol {
+        match self {
+            Self::Http => UpstreamProtocol::Http1,
+            Self::Http2 | Self::H2c | Self::Grpc | Self::GrpcWeb => UpstreamProtocol::Http2,
+            Self::Auto | Self::Tcp => UpstreamProtocol::Auto,
+        }
+    }
+}
+
+/// A port's declared protocol: `protocol` if set, else Istio's `app_protocol`, else the
+/// port `name`'s prefix, else detection.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub port: u16,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// A TCP connection with no bytes either way for this long is closed (default
+    /// `limits.tcp_idle_timeout`).
+    #[serde(default)]
+    pub tcp_idle_timeout: Option<Dur>,
+}
+
+impl PortConfig {
+    pub fn declared(&self) -> Protocol {
+        declared(
+            self.protocol,
+            self.name.as_deref(),
+            self.app_protocol.as_deref(),
+        )
+    }
+}
+
+fn declared(protocol: Protocol, name: Option<&str>, app_protocol: Option<&str>) -> Protocol {
+    if protocol != Protocol::Auto {
+        return protocol;
+    }
+    if let Some(p) = app_protocol.map(Protocol::from_istio_name)
+        && p != Protocol::Auto
+    {
+        return p;
+    }
+    name.map_or(Protocol::Auto, Protocol::from_istio_name)
 }
 
 /// Outbound traffic to one destination port (Istio's `0.0.0.0_9080` listener + route `9080`).
@@ -154,10 +312,32 @@ pub enum Protocol {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub port: u16,
+    /// `auto` (detect) or one of Istio's protocol names (`http`, `http2`, `h2c`, `grpc`,
+    /// `grpc-web`, `tcp`).
     #[serde(default)]
     pub protocol: Protocol,
+    /// The Service port name (Istio: its prefix declares the protocol, e.g. `grpc-api`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The Service port's `appProtocol` (wins over the name).
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+    /// TCP connections to this port idle this long are closed (default
+    /// `limits.tcp_idle_timeout`).
+    #[serde(default)]
+    pub tcp_idle_timeout: Option<Dur>,
     #[serde(default)]
     pub virtual_hosts: Vec<VirtualHostConfig>,
+}
+
+impl ListenerConfig {
+    pub fn declared(&self) -> Protocol {
+        declared(
+            self.protocol,
+            self.name.as_deref(),
+            self.app_protocol.as_deref(),
+        )
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -230,6 +410,14 @@ pub struct RouteAction {
     pub timeout: Dur,
     #[serde(default)]
     pub retry_policy: RetryPolicyConfig,
+    /// HTTP/1.1 `Upgrade` protocols this route lets through (Envoy's `upgrade_configs`; Istio
+    /// allows `websocket` everywhere). Others get 403.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".into()]
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -294,6 +482,10 @@ pub struct ClusterConfig {
     pub idle_timeout: Dur,
     #[serde(default)]
     pub outlier_detection: OutlierConfig,
+    /// `http1`, `http2` (h2c prior knowledge) or `auto` (the port's declared protocol, else the
+    /// downstream's).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
 }
 
 fn default_connect_timeout() -> Dur {

@@ -49,14 +49,27 @@ pub async fn dispatch(
             .listeners
             .get(&orig_dst.port())
             .map_or(Declared::Auto, |l| l.protocol),
-        Direction::Inbound => snapshot.config.inbound.protocol,
+        Direction::Inbound => snapshot.config.inbound.protocol_of(orig_dst.port()),
     };
+    let tcp_idle = match direction {
+        Direction::Outbound => snapshot
+            .config
+            .outbound
+            .listeners
+            .iter()
+            .find(|l| l.port == orig_dst.port())
+            .and_then(|l| l.tcp_idle_timeout),
+        Direction::Inbound => snapshot.config.inbound.idle_timeout_of(orig_dst.port()),
+    }
+    .unwrap_or(limits.tcp_idle_timeout)
+    .nonzero();
     let detected = match declared {
         Declared::Tcp => Ok((Protocol::Tcp, BytesMut::new())),
         Declared::Auto => {
             detect::detect(&mut stream, limits.protocol_detection_timeout.nonzero()).await
         }
-        Declared::Http => detect::detect(&mut stream, limits.header_read_timeout.nonzero())
+        // Declared HTTP of any kind (Istio's http, http2, grpc…).
+        _ => detect::detect(&mut stream, limits.header_read_timeout.nonzero())
             .await
             // Declared HTTP: whatever arrives is parsed as HTTP/1 (garbage gets its 400).
             .map(|(p, b)| {
@@ -102,7 +115,10 @@ pub async fn dispatch(
                 io,
                 orig_dst,
                 source,
-                timeout,
+                tcp::Timeouts {
+                    connect: timeout,
+                    idle: tcp_idle,
+                },
                 direction,
                 &shared.metrics,
             ))
@@ -116,6 +132,7 @@ pub async fn dispatch(
                 orig_dst,
                 source: shared.source.clone(),
                 metrics: shared.metrics.clone(),
+                declared,
                 active_requests: shared
                     .metrics
                     .active_requests

@@ -7,6 +7,10 @@
 //! once, without a word on the wire), the socket is taken back and the connection waits for its
 //! next bytes with no buffer at all. The next request gets a fresh hyper connection.
 //!
+//! An HTTP/1.1 `Upgrade` (WebSocket) the upstream accepts with 101 ends hyper's run: the socket
+//! is taken back (with any bytes hyper had read past the request) and joined to the upstream's
+//! upgraded connection as a byte stream, both directions, half-close respected.
+//!
 //! The header read timeout is kept here rather than in hyper (which allocates a timer per
 //! request head): one timer per connection, armed from the end of an exchange until the next
 //! head is complete, covering the idle wait exactly as hyper's did.
@@ -25,7 +29,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     server::conn::http1,
@@ -44,6 +48,7 @@ use super::{
     drain::Watch,
     http::{ConnCtx, ResponseBody, handle},
     io::DownstreamIo,
+    tcp,
 };
 
 /// hyper's built-in header count limit (`max_headers` not set).
@@ -76,6 +81,7 @@ pub async fn serve(io: DownstreamIo<TcpStream>, ctx: Arc<ConnCtx>, limits: &Limi
         drain,
         busy: Busy::default(),
         flags: Arc::new(IoFlags::default()),
+        upgrade: Arc::new(std::sync::Mutex::new(None)),
     }
     .run(io)
     .await;
@@ -106,6 +112,8 @@ struct Conn {
     drain: Watch,
     busy: Busy,
     flags: Arc<IoFlags>,
+    /// The upstream's side of an upgrade the upstream accepted (101), for the join.
+    upgrade: Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>>,
 }
 
 impl Conn {
@@ -226,6 +234,17 @@ impl Conn {
                 Poll::Pending
             })
             .await;
+            let upgraded = self.upgrade.lock().ok().and_then(|mut u| u.take());
+            if let (Some(upstream), End::Parked | End::Done(Ok(()))) = (upgraded, &end) {
+                // The 101 went out: the rest of this connection is the upgraded protocol.
+                let parts = Pin::into_inner(conn).into_parts();
+                let mut downstream = parts.io.into_inner().io;
+                if !parts.read_buf.is_empty() {
+                    downstream.unread(parts.read_buf);
+                }
+                join_upgraded(downstream, upstream).await;
+                return;
+            }
             match end {
                 End::Parked => {
                     let parts = Pin::into_inner(conn).into_parts();
@@ -257,22 +276,49 @@ impl Conn {
     + 'static {
         let ctx = self.ctx.clone();
         let flags = self.flags.clone();
+        let upgrade = self.upgrade.clone();
         // Weak: only the exchange's parts may count.
         let busy = Arc::downgrade(&self.busy.0);
         service_fn(move |req: Request<Incoming>| {
             let ctx = ctx.clone();
+            let upgrade = upgrade.clone();
             flags.exchanges.fetch_add(1, Ordering::Relaxed);
             let request_busy = busy.upgrade().map(Busy);
             let response_busy = busy.upgrade().map(Busy);
             async move {
                 let req = req.map(|body| DownstreamBody::new(body, request_busy));
-                let resp = handle(req, &ctx).await;
+                let mut resp = handle(req, &ctx).await;
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(on) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
+                    && let Ok(mut slot) = upgrade.lock()
+                {
+                    *slot = Some(on);
+                }
                 Ok(resp.map(|body| TrackedBody {
                     inner: body,
                     _busy: response_busy,
                 }))
             }
         })
+    }
+}
+
+/// Joins an upgraded downstream connection to the upstream's, until both directions end.
+async fn join_upgraded(
+    mut downstream: DownstreamIo<TcpStream>,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let upgraded = match upstream.await {
+        Ok(u) => u,
+        Err(err) => {
+            debug!(%err, "the upstream's upgraded connection is gone");
+            return;
+        }
+    };
+    let mut upstream = TokioIo::new(upgraded);
+    match tcp::forward(&mut downstream, &mut upstream).await {
+        Ok((sent, received)) => debug!(sent, received, "upgraded connection closed"),
+        Err(err) => debug!(%err, "upgraded connection ended with an error"),
     }
 }
 
@@ -314,8 +360,24 @@ where
 pub struct Busy(Arc<()>);
 
 impl Busy {
-    fn open(&self) -> usize {
+    /// Parts of an exchange still in progress.
+    pub fn open(&self) -> usize {
         Arc::strong_count(&self.0) - 1
+    }
+
+    /// Makes the markers parts of an exchange hold (weak: only they count).
+    pub fn weak(&self) -> BusyTokens {
+        BusyTokens(Arc::downgrade(&self.0))
+    }
+}
+
+/// Hands out the markers of one `Busy`.
+#[derive(Clone)]
+pub struct BusyTokens(std::sync::Weak<()>);
+
+impl BusyTokens {
+    pub fn token(&self) -> Option<Busy> {
+        self.0.upgrade().map(Busy)
     }
 }
 
@@ -480,6 +542,12 @@ impl Body for DownstreamBody {
 pub struct TrackedBody {
     inner: ResponseBody,
     _busy: Option<Busy>,
+}
+
+impl TrackedBody {
+    pub fn new(inner: ResponseBody, busy: Option<Busy>) -> Self {
+        Self { inner, _busy: busy }
+    }
 }
 
 impl Body for TrackedBody {

@@ -9,8 +9,10 @@
 use std::{
     convert::Infallible,
     error::Error as StdError,
+    future::Future,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
+    task::Poll,
     time::Duration,
 };
 
@@ -34,12 +36,12 @@ use tracing::debug;
 
 use super::{
     balancer,
-    cluster::{Cluster, Endpoint, UpstreamBody},
-    config::Limits,
+    cluster::{Cluster, Endpoint, INBOUND_PASSTHROUGH, UpstreamBody},
+    config::{Limits, Protocol as Declared, UpstreamProtocol},
     drain::Watch,
-    h1::DownstreamBody,
+    h1::{Busy, DownstreamBody, TrackedBody},
     metrics::{ActiveGuard, Direction, ProxyMetrics},
-    pool::{PooledBody, SendError},
+    pool::{H2Settings, PooledBody, SendError},
     retry::{Outcome, RetryPolicy},
     snapshot::{ConfigSource, Snapshot},
 };
@@ -49,6 +51,12 @@ pub type ResponseBody = Either<PooledBody, Full<Bytes>>;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The caller's certificate as an mTLS proxy saw it. Nothing here terminates mTLS, so a
+/// client-supplied one is a forgery: removed (Envoy's SANITIZE).
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// Envoy's attempt header: 1 on the first try, 2 on the first retry…
 pub const X_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
@@ -59,6 +67,8 @@ pub struct ConnCtx {
     pub orig_dst: SocketAddr,
     pub source: ConfigSource,
     pub metrics: ProxyMetrics,
+    /// The protocol the config declares for this connection's port (`auto` if none).
+    pub declared: Declared,
     /// This direction's in-flight gauge, looked up once per connection.
     pub active_requests: prometheus_client::metrics::gauge::Gauge,
     /// The last (cluster, code) series this connection recorded: a keep-alive connection
@@ -98,33 +108,107 @@ impl ConnCtx {
     }
 }
 
-/// Serves h2c on a detected connection until the client closes it or the drain asks it to
-/// finish (in-flight streams complete, then GOAWAY).
-pub async fn serve_h2<S>(io: S, ctx: Arc<ConnCtx>, limits: &Limits, drain: Watch)
+/// Serves h2c on a detected connection until the client closes it, the drain asks it to finish
+/// (in-flight streams complete, then GOAWAY), or it has no open stream for too long: the header
+/// read timeout before its first request (a client that sends the preface and then nothing),
+/// `idle_timeout` after. The HTTP/2 limits (streams, resets, keep-alive pings) come from the
+/// config.
+pub async fn serve_h2<S>(io: S, ctx: Arc<ConnCtx>, limits: &Limits, mut drain: Watch)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let busy = Busy::default();
+    let tokens = busy.weak();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let starts = started.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
+        starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (request_busy, response_busy) = (tokens.token(), tokens.token());
         async move {
-            let req = req.map(|body| DownstreamBody::new(body, None));
-            Ok::<_, Infallible>(handle(req, &ctx).await)
+            let req = req.map(|body| DownstreamBody::new(body, request_busy));
+            let resp = handle(req, &ctx).await;
+            Ok::<_, Infallible>(resp.map(|body| TrackedBody::new(body, response_busy)))
         }
     });
     let head_bytes = (limits.max_request_headers_kb as usize).saturating_mul(1024);
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.h2_max_concurrent_streams.max(1))
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams as usize)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams as usize)
+        .keep_alive_interval(limits.h2_keepalive_interval.nonzero())
+        .keep_alive_timeout(limits.h2_keepalive_timeout.0);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        res = conn.as_mut() => res,
-        _ = drain => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+    let first_wait = limits.header_read_timeout.nonzero();
+    let idle_wait = limits.idle_timeout.nonzero();
+    let period = match (first_wait, idle_wait) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(Duration::from_secs(3600)),
     };
+    let mut served = false;
+    let mut seen = 0;
+    let mut idle_since = Instant::now();
+    let timer = tokio::time::sleep(period);
+    tokio::pin!(timer);
+    let mut closing = false;
+    // After an idle GOAWAY, how long the client gets to finish the close (answer the PING
+    // that confirms it) before the socket is simply closed: a silent client never answers.
+    let mut hard_close: Option<Instant> = None;
+    let result = std::future::poll_fn(|cx| {
+        if !closing && drain.poll_drain(cx).is_ready() {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+            return Poll::Ready(res);
+        }
+        if let Some(at) = hard_close {
+            if Instant::now() >= at {
+                debug!("client did not finish the close; dropping the connection");
+                return Poll::Ready(Ok(()));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                timer.as_mut().reset(at);
+                let _ = timer.as_mut().poll(cx);
+            }
+            return Poll::Pending;
+        }
+        // Streams start and end on their own tasks, without waking this one: the timer looks
+        // every `period`, so a connection closes between one and two timeouts after its last
+        // stream.
+        while !closing && timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let started_now = started.load(std::sync::atomic::Ordering::Relaxed);
+            if started_now != seen || busy.open() > 0 {
+                seen = started_now;
+                served |= started_now > 0;
+                idle_since = now;
+            }
+            let wait = if served { idle_wait } else { first_wait };
+            if let Some(wait) = wait
+                && now.duration_since(idle_since) >= wait
+            {
+                debug!(?wait, served, "http/2 connection idle; closing");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(res);
+                }
+                let at = now + wait.min(Duration::from_secs(10));
+                hard_close = Some(at);
+                timer.as_mut().reset(at);
+                let _ = timer.as_mut().poll(cx);
+                break;
+            }
+            timer.as_mut().reset(now + period);
+        }
+        Poll::Pending
+    })
+    .await;
     if let Err(err) = result {
         debug!(%err, "http connection ended with an error");
     }
@@ -136,9 +220,43 @@ pub async fn handle(req: Request<DownstreamBody>, ctx: &ConnCtx) -> Response<Res
     ctx.active_requests.inc();
     let _active = ActiveGuard(ctx.active_requests.clone());
     let snapshot = ctx.source.local_snapshot();
-    let (response, cluster) = route_and_forward(req, ctx, &snapshot).await;
+    let grpc = is_grpc(req.headers());
+    let (mut response, cluster) = route_and_forward(req, ctx, &snapshot).await;
+    if grpc {
+        if let Some(LocalReply(message)) = response.extensions().get::<LocalReply>() {
+            response = grpc_reply(response.status(), message);
+        }
+        observe_grpc_status(&mut response, ctx, &cluster);
+    }
     ctx.record(&cluster, response.status().as_u16(), start.elapsed());
     response
+}
+
+/// A gRPC request (`application/grpc`, `application/grpc+proto`, `application/grpc-web…`).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Counts the gRPC status of a response: from its head (trailers-only answers, the proxy's
+/// own) or, when it streams, from its trailers.
+fn observe_grpc_status(response: &mut Response<ResponseBody>, ctx: &ConnCtx, cluster: &str) {
+    if let Some(code) = response.headers().get(&GRPC_STATUS) {
+        ctx.metrics
+            .grpc(ctx.direction, cluster, code.to_str().unwrap_or("invalid"));
+        return;
+    }
+    if let Either::Left(body) = response.body_mut() {
+        let (metrics, direction, cluster) =
+            (ctx.metrics.clone(), ctx.direction, cluster.to_owned());
+        body.on_trailers(Box::new(move |trailers: Option<&HeaderMap>| {
+            let code = trailers
+                .and_then(|t| t.get(&GRPC_STATUS))
+                .map_or("none", |v| v.to_str().unwrap_or("invalid"));
+            metrics.grpc(direction, &cluster, code);
+        }));
+    }
 }
 
 /// The `Host` a request is for: the header, or the authority of an absolute / h2 URI.
@@ -149,24 +267,92 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
+/// A request whose host is ambiguous is refused (400) rather than routed by one reading and
+/// served by another: two `Host` headers, or an h2 `Host` that disagrees with `:authority`.
+fn ambiguous_host<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some("duplicate Host header\n");
+    }
+    if req.version() == Version::HTTP_2
+        && let (Some(host), Some(authority)) = (first, req.uri().authority())
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Some("Host header disagrees with :authority\n");
+    }
+    None
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`),
+/// lower case.
+fn upgrade_of<B>(req: &Request<B>) -> Option<String> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    let value = req.headers().get(header::UPGRADE)?.to_str().ok()?;
+    let first = value.split(',').next()?.trim();
+    // `websocket`…: the protocol name without its version.
+    let name = first
+        .split('/')
+        .next()
+        .unwrap_or(first)
+        .to_ascii_lowercase();
+    // An h2c upgrade is only an offer: dropped, the request goes on as HTTP/1.1 (as Envoy).
+    (!name.is_empty() && name != "h2c").then_some(name)
+}
+
+/// What `forward` needs to know besides the request.
+struct Call<'a> {
+    cluster: &'a Arc<Cluster>,
+    timeout: Option<Duration>,
+    retry: &'a RetryPolicy,
+    /// The port's declared upstream protocol (`auto` = the downstream's).
+    declared: UpstreamProtocol,
+    upgrade: Option<String>,
+}
+
 async fn route_and_forward(
     req: Request<DownstreamBody>,
     ctx: &ConnCtx,
     snapshot: &Snapshot,
 ) -> (Response<ResponseBody>, String) {
     let limits = &snapshot.config.limits;
+    if let Some(why) = ambiguous_host(&req) {
+        return (local_reply(StatusCode::BAD_REQUEST, why), "none".into());
+    }
+    let upgrade = upgrade_of(&req);
     if ctx.direction == Direction::Inbound {
         let cluster = &snapshot.clusters.inbound_passthrough;
-        let name = format!("inbound|{}||", ctx.orig_dst.port());
-        let resp = forward(
-            req,
+        let port = ctx.orig_dst.port();
+        let declared_port = snapshot.config.inbound.ports.iter().any(|p| p.port == port);
+        let call = Call {
             cluster,
-            snapshot.inbound_timeout,
-            &RetryPolicy::none(),
-            ctx,
-            limits,
-        )
-        .await;
+            timeout: snapshot.inbound_timeout,
+            retry: &RetryPolicy::none(),
+            declared: ctx.declared.upstream(),
+            upgrade,
+        };
+        let resp = forward(req, &call, ctx, limits).await;
+        // A series per port the app serves (or the config declares); a port scan's refused
+        // connections all count under the passthrough cluster.
+        let name = if declared_port || resp.extensions().get::<LocalReply>().is_none() {
+            format!("inbound|{port}||")
+        } else {
+            INBOUND_PASSTHROUGH.to_owned()
+        };
         return (resp, name);
     }
     let host = request_host(&req).unwrap_or_default().to_owned();
@@ -177,15 +363,14 @@ async fn route_and_forward(
     let Some(vhost) = vhost else {
         // No virtual host claims this Host: the original destination (Istio's ALLOW_ANY).
         let cluster = &snapshot.clusters.outbound_passthrough;
-        let resp = forward(
-            req,
+        let call = Call {
             cluster,
-            snapshot.outbound_passthrough_timeout,
-            &RetryPolicy::none(),
-            ctx,
-            limits,
-        )
-        .await;
+            timeout: snapshot.outbound_passthrough_timeout,
+            retry: &RetryPolicy::none(),
+            declared: ctx.declared.upstream(),
+            upgrade,
+        };
+        let resp = forward(req, &call, ctx, limits).await;
         return (resp, cluster.name.clone());
     };
     let path = req
@@ -202,8 +387,24 @@ async fn route_and_forward(
     };
     // Borrowed from the snapshot this request holds: no shared reference counts touched.
     let action = &route.action;
+    if let Some(proto) = &upgrade
+        && !action.upgrades.iter().any(|u| u == proto)
+    {
+        debug!(host, path, upgrade = %proto, "upgrade not allowed on this route");
+        return (
+            local_reply(StatusCode::FORBIDDEN, "upgrade not allowed on this route\n"),
+            "none".into(),
+        );
+    }
     let cluster = action.target.pick(balancer::random_f64());
-    let resp = forward(req, cluster, action.timeout, &action.retry, ctx, limits).await;
+    let call = Call {
+        cluster,
+        timeout: action.timeout,
+        retry: &action.retry,
+        declared: ctx.declared.upstream(),
+        upgrade,
+    };
+    let resp = forward(req, &call, ctx, limits).await;
     (resp, cluster.name.clone())
 }
 
@@ -226,16 +427,64 @@ impl RequestBody {
     }
 }
 
+/// `grpc-timeout` (RFC: up to 8 digits and a unit, H M S m u n) as a duration.
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
+    if !(2..=9).contains(&v.len()) || !v.is_ascii() {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The protocol of the upstream request: the cluster's, else the port's declared one, else
+/// the downstream's (an upgrade is always HTTP/1.1).
+fn upstream_version(call: &Call<'_>, downstream: Version) -> Version {
+    if call.upgrade.is_some() {
+        return Version::HTTP_11;
+    }
+    let chosen = match call.cluster.protocol {
+        UpstreamProtocol::Auto => call.declared,
+        p => p,
+    };
+    match chosen {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+        UpstreamProtocol::Auto if downstream == Version::HTTP_2 => Version::HTTP_2,
+        UpstreamProtocol::Auto => Version::HTTP_11,
+    }
+}
+
 async fn forward(
     req: Request<DownstreamBody>,
-    cluster: &Arc<Cluster>,
-    timeout: Option<Duration>,
-    retry: &RetryPolicy,
+    call: &Call<'_>,
     ctx: &ConnCtx,
     limits: &Limits,
 ) -> Response<ResponseBody> {
+    let cluster = call.cluster;
+    let version = upstream_version(call, req.version());
     let (mut parts, body) = req.into_parts();
+    let upgrade = call
+        .upgrade
+        .as_ref()
+        .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
     prepare_request_headers(&mut parts.headers, &parts.uri, ctx);
+    if let Some(value) = upgrade {
+        // The hop-by-hop pair the upstream needs to see to upgrade.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, value);
+    }
     let declared = content_length(&parts.headers);
     let max_body = limits.max_request_body_bytes;
     if max_body > 0 && declared.is_some_and(|n| n > max_body) {
@@ -246,6 +495,7 @@ async fn forward(
     } else {
         usize::MAX
     };
+    let retry = call.retry;
     let body = if body.is_end_stream() {
         RequestBody::Replay(Bytes::new())
     } else if retry.num_retries > 0 && declared.is_some_and(|n| n <= limits.retry_buffer_bytes) {
@@ -260,7 +510,25 @@ async fn forward(
     } else {
         RequestBody::Stream(Some(Limited::new(body, stream_limit)))
     };
-    let attempts = attempts(&mut parts, body, cluster, retry, ctx);
+    // A gRPC deadline caps the route's timeout (past it the client has given up anyway).
+    let timeout = match (call.timeout, grpc_timeout(&parts.headers)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let h2 = H2Settings {
+        max_requests_per_connection: limits.h2_max_requests_per_connection as usize,
+        keepalive_interval: limits.h2_keepalive_interval.nonzero(),
+        keepalive_timeout: limits.h2_keepalive_timeout.0,
+        max_header_list_size: limits.max_request_headers_kb.saturating_mul(1024),
+    };
+    let how = Attempts {
+        version,
+        upgrade: call.upgrade.is_some(),
+        h2: &h2,
+        h2_fallback: call.cluster.protocol == UpstreamProtocol::Auto
+            && call.declared == UpstreamProtocol::Auto,
+    };
+    let attempts = attempts(&mut parts, body, cluster, retry, ctx, &how);
     match timeout {
         None => attempts.await,
         Some(t) => match tokio::time::timeout(t, attempts).await {
@@ -273,12 +541,23 @@ async fn forward(
     }
 }
 
+/// How each attempt is sent.
+struct Attempts<'a> {
+    version: Version,
+    upgrade: bool,
+    h2: &'a H2Settings,
+    /// HTTP/2 was chosen only because the client spoke it (`auto`): an endpoint that does not
+    /// speak h2c gets HTTP/1.1 instead.
+    h2_fallback: bool,
+}
+
 async fn attempts(
     parts: &mut http::request::Parts,
     mut body: RequestBody,
     cluster: &Arc<Cluster>,
     retry: &RetryPolicy,
     ctx: &ConnCtx,
+    how: &Attempts<'_>,
 ) -> Response<ResponseBody> {
     let Some(pool) = cluster.pool() else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
@@ -295,17 +574,27 @@ async fn attempts(
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream reset\n");
         };
         // The last possible attempt takes the headers instead of copying them.
-        let last = !body.replayable() || attempt > retry.num_retries;
-        let request = match upstream_request(parts, &endpoint, attempt, attempt_body, last) {
-            Ok(r) => r,
-            Err(err) => {
-                debug!(%err, "cannot build the upstream request");
-                return local_reply(StatusCode::BAD_REQUEST, "bad request\n");
-            }
-        };
+        let last = !body.replayable() || attempt > retry.num_retries || how.upgrade;
+        let request =
+            match upstream_request(parts, &endpoint, attempt, attempt_body, last, how.version) {
+                Ok(r) => r,
+                Err(err) => {
+                    debug!(%err, "cannot build the upstream request");
+                    return local_reply(StatusCode::BAD_REQUEST, "bad request\n");
+                }
+            };
         cluster.stats.rq_total.fetch_add(1, Ordering::Relaxed);
         let in_flight = endpoint.start();
-        let sent = pool.send(endpoint.addr, request);
+        let sent = async {
+            if how.upgrade {
+                pool.send_upgrade(endpoint.addr, request).await
+            } else if how.version == Version::HTTP_2 {
+                pool.send_h2(endpoint.addr, request, how.h2, how.h2_fallback)
+                    .await
+            } else {
+                pool.send(endpoint.addr, request).await
+            }
+        };
         let result = match retry.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r.map_err(Some),
@@ -319,7 +608,7 @@ async fn attempts(
                 status: resp.status().as_u16(),
                 grpc: resp
                     .headers()
-                    .get("grpc-status")
+                    .get(&GRPC_STATUS)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok()),
             },
@@ -333,7 +622,7 @@ async fn attempts(
                 .fetch_add(1, Ordering::Relaxed);
         }
         cluster.record(&endpoint, !outcome.is_endpoint_failure());
-        if body.replayable() && retry.should_retry(attempt, outcome) {
+        if body.replayable() && !how.upgrade && retry.should_retry(attempt, outcome) {
             debug!(cluster = %cluster.name, endpoint = %endpoint.addr, attempt, ?outcome, "retrying");
             cluster.stats.rq_retry.fetch_add(1, Ordering::Relaxed);
             ctx.metrics.retry(ctx.direction, &cluster.name);
@@ -344,7 +633,12 @@ async fn attempts(
         return match result {
             Ok(resp) => {
                 let (mut head, incoming) = resp.into_parts();
-                strip_hop_by_hop(&mut head.headers);
+                if how.upgrade && head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    // The client needs `Connection: upgrade` and `Upgrade` to switch too.
+                    strip_hop_by_hop_except_upgrade(&mut head.headers);
+                } else {
+                    strip_hop_by_hop(&mut head.headers);
+                }
                 Response::from_parts(head, Either::Left(incoming))
             }
             Err(None) => local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
@@ -359,35 +653,51 @@ fn upstream_request(
     attempt: u32,
     body: UpstreamBody,
     take_headers: bool,
+    version: Version,
 ) -> Result<Request<UpstreamBody>, http::Error> {
-    // HTTP/1.1 upstream: origin-form target, the client's Host kept.
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let mut req = Request::builder()
-        .method(parts.method.clone())
-        .uri(Uri::from(path))
-        .version(Version::HTTP_11)
-        .body(body)?;
-    *req.headers_mut() = if take_headers {
+    let mut headers = if take_headers {
         std::mem::take(&mut parts.headers)
     } else {
         parts.headers.clone()
     };
-    if !req.headers().contains_key(HOST)
-        && let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str())
-    {
-        req.headers_mut().insert(HOST, v);
-    }
+    let uri = if version == Version::HTTP_2 {
+        // h2: the host travels as `:authority` (and `:scheme` must be there).
+        let authority = headers
+            .remove(HOST)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| endpoint.authority.clone());
+        Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path)
+            .build()?
+    } else {
+        // HTTP/1.1 upstream: origin-form target, the client's Host kept.
+        if !headers.contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str())
+        {
+            headers.insert(HOST, v);
+        }
+        Uri::from(path)
+    };
+    let mut req = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .version(version)
+        .body(body)?;
+    *req.headers_mut() = headers;
     req.headers_mut()
         .insert(X_ATTEMPT_COUNT, HeaderValue::from(attempt));
     Ok(req)
 }
 
 fn classify_error(err: &SendError) -> Outcome {
-    if matches!(err, SendError::Connect { .. }) {
+    if matches!(err, SendError::Connect { .. } | SendError::NotHttp2 { .. }) {
         return Outcome::ConnectFailure;
     }
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
@@ -436,13 +746,60 @@ fn failure_reply(
     )
 }
 
+/// Marks a response the proxy made itself (with its message), so a gRPC request gets it in
+/// gRPC's shape and metrics can tell it from the app's.
+#[derive(Clone, Debug)]
+pub struct LocalReply(pub Bytes);
+
 pub fn local_reply(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
-    let mut resp = Response::new(Either::Right(Full::new(body.into())));
+    let body = body.into();
+    let mut resp = Response::new(Either::Right(Full::new(body.clone())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp.extensions_mut().insert(LocalReply(body));
+    resp
+}
+
+/// The gRPC status for a reply the proxy makes (as Envoy maps them): no upstream → 14
+/// UNAVAILABLE, timeout → 4 DEADLINE_EXCEEDED, a limit → 8 RESOURCE_EXHAUSTED.
+fn grpc_code(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        504 => 4,
+        413 | 429 | 431 => 8,
+        404 => 12,
+        403 => 7,
+        401 => 16,
+        400 => 13,
+        _ => 14,
+    }
+}
+
+/// A gRPC "trailers-only" answer: HTTP 200, `application/grpc`, the status in the head.
+fn grpc_reply(status: StatusCode, message: &[u8]) -> Response<ResponseBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(GRPC_STATUS, HeaderValue::from(grpc_code(status)));
+    // grpc-message is percent-encoded (gRPC's HTTP/2 spec).
+    let mut encoded = String::new();
+    for b in message.trim_ascii() {
+        if (0x20..0x7f).contains(b) && *b != b'%' {
+            encoded.push(char::from(*b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        headers.insert(GRPC_MESSAGE, v);
+    }
+    resp.extensions_mut()
+        .insert(LocalReply(Bytes::copy_from_slice(message)));
     resp
 }
 
@@ -461,6 +818,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::PROXY_AUTHENTICATE
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
+}
+
+/// Like `strip_hop_by_hop`, keeping the `Connection: upgrade` + `Upgrade` pair of a 101.
+fn strip_hop_by_hop_except_upgrade(headers: &mut HeaderMap) {
+    let upgrade = headers.remove(header::UPGRADE);
+    strip_hop_by_hop(headers);
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
 }
 
 /// Headers a proxy must not forward (RFC 9110 §7.6.1), plus those the `Connection` header names.
@@ -493,7 +860,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx) {
+    // `TE: trailers` is end to end in effect (gRPC servers require it over h2): kept.
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(headers);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(X_FORWARDED_CLIENT_CERT);
     // h2 requests carry the host in :authority; HTTP/1.1 upstream needs a Host header.
     if !headers.contains_key(HOST)
         && let Some(authority) = uri.authority()

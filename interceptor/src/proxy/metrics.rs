@@ -63,6 +63,14 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+/// A gRPC call's labels: its `grpc-status` (`none` when the response carried none).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub direction: Direction,
+    pub cluster: String,
+    pub grpc_status: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
     pub direction: Direction,
@@ -106,6 +114,8 @@ pub struct ProxyMetrics {
     pub refused: Family<RefusalLabels, Counter>,
     pub detected: Family<ProtocolLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
+    pub grpc: Family<GrpcLabels, Counter>,
+    pub listener_overflow: Family<DirectionLabels, Counter>,
     pub duration: Family<ClusterLabels, Histogram, fn() -> Histogram>,
     pub retries: Family<ClusterLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
@@ -121,6 +131,8 @@ impl Default for ProxyMetrics {
             refused: Family::default(),
             detected: Family::default(),
             requests: Family::default(),
+            grpc: Family::default(),
+            listener_overflow: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             retries: Family::default(),
             reloads: Family::default(),
@@ -162,6 +174,16 @@ impl ProxyMetrics {
             "requests",
             "HTTP requests answered, by direction, cluster and response code",
             m.requests.clone(),
+        );
+        r.register(
+            "grpc_requests",
+            "gRPC calls answered, by direction, cluster and grpc-status",
+            m.grpc.clone(),
+        );
+        r.register(
+            "listener_overflow",
+            "Connections closed at accept because the listener had max_connections_per_listener open",
+            m.listener_overflow.clone(),
         );
         r.register_with_unit(
             "request_duration",
@@ -231,6 +253,22 @@ impl ProxyMetrics {
             })
             .clone();
         (requests, duration)
+    }
+
+    /// Records a gRPC call's status (a known code, `none` or `invalid`: bounded).
+    pub fn grpc(&self, direction: Direction, cluster: &str, status: &str) {
+        let status = match status.parse::<u8>() {
+            Ok(code) if code <= 16 => status,
+            _ if status == "none" => "none",
+            _ => "invalid",
+        };
+        self.grpc
+            .get_or_create(&GrpcLabels {
+                direction,
+                cluster: cluster.to_owned(),
+                grpc_status: status.to_owned(),
+            })
+            .inc();
     }
 
     pub fn retry(&self, direction: Direction, cluster: &str) {

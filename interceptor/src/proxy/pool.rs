@@ -1,18 +1,28 @@
-//! Upstream HTTP/1.1 connections with keep-alive: per endpoint, idle connections are reused
+//! Upstream connections. HTTP/1.1 with keep-alive: per endpoint, idle connections are reused
 //! newest first; a connection goes back to the pool when its response body has been read to the
-//! end (a body dropped early closes it: its framing is unknown). One pool per data-plane worker,
-//! so the pool lock is never contended and a connection's task runs on its user's thread.
+//! end (a body dropped early closes it: its framing is unknown). HTTP/2 (h2c prior knowledge):
+//! per endpoint, requests share a connection as streams, up to the peer's
+//! SETTINGS_MAX_CONCURRENT_STREAMS and our own cap; beyond that a new connection is opened. An h2
+//! connection with no stream for the idle timeout is closed. One pool per data-plane worker, so
+//! the pool lock is never contended and a connection's task runs on its user's thread.
 //!
 //! A pooled connection the upstream closed while idle is detected before use (`ready` fails, or
 //! hyper hands the request back unsent) and the next one — or a new one — is tried: such a request
 //! was never sent, so this is not a retry.
+//!
+//! An HTTP/1.1 `Upgrade` request gets a connection of its own that never returns to the pool: once
+//! the upstream answers 101 it carries the upgraded protocol.
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -21,10 +31,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1::{self, SendRequest},
+    client::conn::{
+        http1::{self, SendRequest},
+        http2,
+    },
 };
-use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, time::Instant};
 
 use super::cluster::{UpstreamBody, connect};
 
@@ -39,6 +52,11 @@ pub enum SendError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{addr} does not speak HTTP/2 (h2c prior knowledge): it closed the connection before \
+         its SETTINGS; declare the port or cluster `http1`, or serve h2c there"
+    )]
+    NotHttp2 { addr: SocketAddr },
     #[error("request to {addr}: {source}")]
     Request {
         addr: SocketAddr,
@@ -47,12 +65,83 @@ pub enum SendError {
     },
 }
 
+/// How upstream HTTP/2 connections behave (from the config's limits, read per request so a
+/// reload applies to new connections).
+#[derive(Clone, Copy, Debug)]
+pub struct H2Settings {
+    /// Streams at once on one connection (also capped by the peer's setting).
+    pub max_requests_per_connection: usize,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    pub max_header_list_size: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        Self {
+            max_requests_per_connection: 100,
+            keepalive_interval: None,
+            keepalive_timeout: Duration::from_secs(20),
+            max_header_list_size: 60 * 1024,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     bind: Option<(Ipv4Addr, Ipv6Addr)>,
     idle: Mutex<IdleSet>,
+    h2: Mutex<HashMap<SocketAddr, Vec<H2Conn>>>,
+    /// One h2 connection is being opened per endpoint at a time, so a burst of first requests
+    /// shares it instead of opening one connection each.
+    h2_opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// Endpoints found not to speak h2c, and when: `auto` requests go to them as HTTP/1.1
+    /// (for an idle timeout, then h2c is tried again).
+    h1_only: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    state: Arc<H2State>,
+}
+
+/// What the pool and the connection's task share about one h2 connection.
+#[derive(Debug)]
+struct H2State {
+    streams: AtomicUsize,
+    /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS as the connection last saw it.
+    peer_max_streams: AtomicUsize,
+    /// When the last stream ended (or the connection opened).
+    idle_since: Mutex<Instant>,
+}
+
+impl H2State {
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.streams.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.idle_since
+            .lock()
+            .ok()
+            .map(|since| now.saturating_duration_since(*since))
+    }
+}
+
+/// One stream on an h2 connection, counted until dropped.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<H2State>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut since) = self.0.idle_since.lock()
+        {
+            *since = Instant::now();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -83,7 +172,23 @@ impl Pool {
                 by_addr: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
+            h2: Mutex::new(HashMap::new()),
+            h2_opening: Mutex::new(HashMap::new()),
+            h1_only: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Open upstream HTTP/2 connections (all endpoints).
+    pub fn h2_connections(&self) -> usize {
+        self.h2
+            .lock()
+            .map(|m| {
+                m.values()
+                    .flatten()
+                    .filter(|c| !c.sender.is_closed())
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Idle connections held now (all endpoints).
@@ -129,7 +234,7 @@ impl Pool {
         }
     }
 
-    async fn open(&self, addr: SocketAddr) -> Result<SendRequest<UpstreamBody>, SendError> {
+    async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, SendError> {
         let source = self.bind.map(|(v4, v6)| match addr {
             SocketAddr::V4(_) => IpAddr::V4(v4),
             SocketAddr::V6(_) => IpAddr::V6(v6),
@@ -148,6 +253,11 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn open(&self, addr: SocketAddr) -> Result<SendRequest<UpstreamBody>, SendError> {
+        let stream = self.dial(addr).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -157,6 +267,235 @@ impl Pool {
             let _ = conn.await;
         });
         Ok(sender)
+    }
+
+    /// Sends an HTTP/1.1 `Upgrade` request on a connection of its own. A 101 response carries
+    /// the upgraded connection (`hyper::upgrade::on`); the connection is never pooled.
+    pub async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let stream = self.dial(addr).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| SendError::Request { addr, source })?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender
+            .ready()
+            .await
+            .map_err(|source| SendError::Request { addr, source })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| SendError::Request { addr, source })?;
+        let (head, body) = resp.into_parts();
+        Ok(Response::from_parts(
+            head,
+            PooledBody {
+                body,
+                release: None,
+                trailers: None,
+            },
+        ))
+    }
+
+    fn is_h1_only(&self, addr: SocketAddr) -> bool {
+        let Ok(mut m) = self.h1_only.lock() else {
+            return false;
+        };
+        match m.get(&addr) {
+            Some(since) if since.elapsed() < self.idle_timeout => true,
+            Some(_) => {
+                m.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A stream on an open h2 connection to `addr` with room for one more, if there is one.
+    fn take_h2(
+        &self,
+        addr: SocketAddr,
+        settings: &H2Settings,
+    ) -> Option<(http2::SendRequest<UpstreamBody>, StreamGuard)> {
+        let mut all = self.h2.lock().ok()?;
+        let list = all.get_mut(&addr)?;
+        list.retain(|c| !c.sender.is_closed());
+        let cap = settings.max_requests_per_connection.max(1);
+        for c in list.iter() {
+            let limit = cap.min(c.state.peer_max_streams.load(Ordering::Acquire));
+            let state = &c.state;
+            let taken = state
+                .streams
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok();
+            if taken {
+                return Some((c.sender.clone(), StreamGuard(state.clone())));
+            }
+        }
+        None
+    }
+
+    async fn open_h2(&self, addr: SocketAddr, settings: &H2Settings) -> Result<(), SendError> {
+        let stream = self.dial(addr).await?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            // One stream until the peer's SETTINGS say how many it takes (h2 holds the others
+            // back until then), so a burst on a new connection is never refused.
+            .initial_max_send_streams(1)
+            .max_header_list_size(settings.max_header_list_size)
+            .keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout);
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| SendError::Request { addr, source })?;
+        let state = Arc::new(H2State {
+            streams: AtomicUsize::new(0),
+            peer_max_streams: AtomicUsize::new(usize::MAX),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        let idle_timeout = self.idle_timeout;
+        let watched = state.clone();
+        let (settled_tx, mut settled) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            // Runs the connection until the upstream closes it, or until no stream has been
+            // open for the idle timeout (dropping it closes the socket; the pool sees it
+            // closed).
+            tokio::pin!(conn);
+            loop {
+                let now = Instant::now();
+                let wait = match watched.idle_for(now) {
+                    Some(idle) if idle >= idle_timeout => return,
+                    Some(idle) => idle_timeout - idle,
+                    None => idle_timeout,
+                };
+                // Each poll also publishes the peer's current stream limit (a SETTINGS frame
+                // can change it at any time).
+                let run = std::future::poll_fn(|cx| {
+                    let polled = conn.as_mut().poll(cx);
+                    // Still 1: the peer's first SETTINGS have not arrived (a peer that
+                    // allows exactly one stream looks the same and is simply held to it).
+                    let peer = conn.current_max_send_streams();
+                    if peer != 1 {
+                        watched.peer_max_streams.store(peer, Ordering::Release);
+                        if !*settled_tx.borrow() {
+                            settled_tx.send_replace(true);
+                        }
+                    }
+                    polled
+                });
+                tokio::select! {
+                    _ = run => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        });
+        // The peer's SETTINGS come within a round trip: until then its stream limit is
+        // unknown, and requests waiting to share this connection would all pile onto it.
+        let _ = tokio::time::timeout(
+            self.connect_timeout.min(Duration::from_secs(1)),
+            settled.wait_for(|s| *s),
+        )
+        .await;
+        if sender.is_closed() {
+            return Err(SendError::NotHttp2 { addr });
+        }
+        if let Ok(mut all) = self.h2.lock() {
+            all.entry(addr).or_default().push(H2Conn { sender, state });
+        }
+        Ok(())
+    }
+
+    /// Sends `req` (absolute URI: its authority becomes `:authority`) to `addr` as a stream on
+    /// a shared h2 connection.
+    ///
+    /// With `fallback` (h2 only because the client spoke it), an endpoint that turns out not
+    /// to speak h2c gets the request as HTTP/1.1 instead — it was never sent.
+    pub async fn send_h2(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut req: Request<UpstreamBody>,
+        settings: &H2Settings,
+        fallback: bool,
+    ) -> Result<Response<PooledBody>, SendError> {
+        if fallback && self.is_h1_only(addr) {
+            return self.send(addr, as_http1(req)).await;
+        }
+        // Twice at most: a connection found closing hands the request back unsent.
+        for _ in 0..2 {
+            let (mut sender, guard) = match self.take_h2(addr, settings) {
+                Some(taken) => taken,
+                None => {
+                    let lock = self
+                        .h2_opening
+                        .lock()
+                        .map(|mut m| m.entry(addr).or_default().clone())
+                        .unwrap_or_default();
+                    let opening = lock.lock().await;
+                    let taken = match self.take_h2(addr, settings) {
+                        Some(taken) => taken,
+                        None => {
+                            let opened = self.open_h2(addr, settings).await;
+                            if let Ok(mut m) = self.h2_opening.lock() {
+                                m.remove(&addr);
+                            }
+                            match opened {
+                                Err(SendError::NotHttp2 { .. }) if fallback => {
+                                    tracing::debug!(%addr, "no h2c there; HTTP/1.1 instead");
+                                    if let Ok(mut m) = self.h1_only.lock() {
+                                        m.insert(addr, Instant::now());
+                                    }
+                                    drop(opening);
+                                    return self.send(addr, as_http1(req)).await;
+                                }
+                                other => other?,
+                            }
+                            self.take_h2(addr, settings)
+                                .ok_or_else(|| SendError::Connect {
+                                    addr,
+                                    source: io::Error::other("the new HTTP/2 connection closed"),
+                                })?
+                        }
+                    };
+                    drop(opening);
+                    taken
+                }
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (head, body) = resp.into_parts();
+                    let mut pooled = PooledBody {
+                        body,
+                        release: Some(Release::Stream(guard)),
+                        trailers: None,
+                    };
+                    pooled.release_if_done();
+                    return Ok(Response::from_parts(head, pooled));
+                }
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => {
+                        return Err(SendError::Request {
+                            addr,
+                            source: err.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        Err(SendError::Connect {
+            addr,
+            source: io::Error::other("every HTTP/2 connection tried was closing"),
+        })
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `addr` over an idle or new connection.
@@ -206,17 +545,57 @@ impl Pool {
         let (head, body) = resp.into_parts();
         let mut pooled = PooledBody {
             body,
-            release: Some((self.clone(), sender, addr)),
+            release: Some(Release::Connection(self.clone(), sender, addr)),
+            trailers: None,
         };
         pooled.release_if_done();
         Response::from_parts(head, pooled)
     }
 }
 
-/// A response body that returns its connection to the pool once read to the end.
+/// An h2-shaped request (absolute URI) as HTTP/1.1: origin-form target, the authority as
+/// `Host`.
+fn as_http1(req: Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(http::header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+    parts.version = http::Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
+/// A response body that returns its connection to the pool (HTTP/1.1) or ends its stream's
+/// count (HTTP/2) once read to the end.
 pub struct PooledBody {
     body: Incoming,
-    release: Option<(Arc<Pool>, SendRequest<UpstreamBody>, SocketAddr)>,
+    release: Option<Release>,
+    /// Told the trailers (or `None`) when the body ends.
+    trailers: Option<TrailersHook>,
+}
+
+/// Called once at the end of a response body with its trailers, if any.
+pub type TrailersHook = Box<dyn FnOnce(Option<&http::HeaderMap>) + Send + Sync>;
+
+enum Release {
+    Connection(Arc<Pool>, SendRequest<UpstreamBody>, SocketAddr),
+    Stream(StreamGuard),
+}
+
+impl Release {
+    fn done(self) {
+        match self {
+            Release::Connection(pool, sender, addr) => pool.put(addr, sender),
+            Release::Stream(guard) => drop(guard),
+        }
+    }
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -226,11 +605,20 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
+    /// Calls `hook` with the trailers when the body ends (with `None` if it has none).
+    pub fn on_trailers(&mut self, hook: TrailersHook) {
+        if self.body.is_end_stream() {
+            hook(None);
+        } else {
+            self.trailers = Some(hook);
+        }
+    }
+
     fn release_if_done(&mut self) {
         if self.body.is_end_stream()
-            && let Some((pool, sender, addr)) = self.release.take()
+            && let Some(release) = self.release.take()
         {
-            pool.put(addr, sender);
+            release.done();
         }
     }
 }
@@ -245,10 +633,19 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(trailers) = frame.trailers_ref()
+            && let Some(hook) = this.trailers.take()
+        {
+            hook(Some(trailers));
+        }
         match &polled {
             Poll::Ready(None) => {
-                if let Some((pool, sender, addr)) = this.release.take() {
-                    pool.put(addr, sender);
+                if let Some(hook) = this.trailers.take() {
+                    hook(None);
+                }
+                if let Some(release) = this.release.take() {
+                    release.done();
                 }
             }
             Poll::Ready(Some(Ok(_))) => this.release_if_done(),

@@ -57,6 +57,8 @@ pub struct RouteAction {
     pub target: Target,
     pub timeout: Option<Duration>,
     pub retry: RetryPolicy,
+    /// `Upgrade` protocols allowed (lower case).
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -140,7 +142,7 @@ impl Listener {
     ) -> Self {
         let mut compiled = Self {
             port: listener.port,
-            protocol: listener.protocol,
+            protocol: listener.declared(),
             exact: HashMap::new(),
             suffixes: Vec::new(),
             prefixes: Vec::new(),
@@ -295,6 +297,7 @@ impl Route {
                 target,
                 timeout: a.timeout.nonzero(),
                 retry: RetryPolicy::from_config(&a.retry_policy),
+                upgrades: a.upgrades.iter().map(|u| u.to_ascii_lowercase()).collect(),
             }),
         }
     }

@@ -1,0 +1,589 @@
+//! gRPC through the proxy, with tonic as both the client and the server (no protoc here: the
+//! messages are raw bytes through a hand-written `tonic::codec::Codec`, which is all tonic's
+//! framing, status and metadata handling needs). The server is tonic's `server::Grpc` on hyper's
+//! HTTP/2 server; the client is tonic's `client::Grpc` on hyper's HTTP/2 client connection to the
+//! proxy (h2c prior knowledge, as a meshed app's gRPC client speaks).
+
+mod support;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, BufMut, Bytes};
+use futures::stream;
+use http::{Request, Response, StatusCode, uri::PathAndQuery};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{Proxy, refused_addr};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::{
+    Code, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    metadata::MetadataValue,
+};
+
+// === a bytes codec ===
+
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type MessageStream = Pin<Box<dyn futures::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+// === the server: tonic's server::Grpc on hyper's h2 server ===
+
+/// Unary: echoes; `status:N:why` answers with that status (and `x-detail` metadata), `sleep:MS`
+/// answers after that long.
+#[derive(Clone)]
+struct Unary;
+
+impl tower_service::Service<tonic::Request<Bytes>> for Unary {
+    type Response = tonic::Response<Bytes>;
+    type Error = Status;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        Box::pin(async move {
+            let msg = req.into_inner();
+            if let Some(rest) = msg.strip_prefix(b"status:") {
+                let text = String::from_utf8_lossy(rest).into_owned();
+                let (code, why) = text.split_once(':').unwrap_or((&text, ""));
+                let mut status =
+                    Status::new(Code::from_i32(code.parse().unwrap_or(2)), why.to_owned());
+                status
+                    .metadata_mut()
+                    .insert("x-detail", MetadataValue::from_static("from-the-server"));
+                return Err(status);
+            }
+            if let Some(ms) = msg.strip_prefix(b"sleep:") {
+                let ms: u64 = String::from_utf8_lossy(ms).parse().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let mut resp = tonic::Response::new(msg);
+            resp.metadata_mut()
+                .insert("x-served-by", MetadataValue::from_static("tonic"));
+            Ok(resp)
+        })
+    }
+}
+
+/// Server streaming: the request says how many messages (`N`), each 1 KiB.
+#[derive(Clone)]
+struct Fanout;
+
+impl tower_service::Service<tonic::Request<Bytes>> for Fanout {
+    type Response = tonic::Response<MessageStream>;
+    type Error = Status;
+    type Future = BoxFuture<Result<tonic::Response<MessageStream>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        Box::pin(async move {
+            let n: usize = String::from_utf8_lossy(req.get_ref()).parse().unwrap_or(0);
+            let s: MessageStream = Box::pin(stream::iter(
+                (0..n).map(|i| Ok(Bytes::from(vec![(i % 256) as u8; 1024]))),
+            ));
+            Ok(tonic::Response::new(s))
+        })
+    }
+}
+
+/// Client streaming: answers with the total bytes received, as text.
+#[derive(Clone)]
+struct Sum;
+
+impl tower_service::Service<tonic::Request<tonic::Streaming<Bytes>>> for Sum {
+    type Response = tonic::Response<Bytes>;
+    type Error = Status;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        Box::pin(async move {
+            let mut s = req.into_inner();
+            let mut total = 0usize;
+            while let Some(m) = s.message().await? {
+                total += m.len();
+            }
+            Ok(tonic::Response::new(Bytes::from(total.to_string())))
+        })
+    }
+}
+
+/// Bidi: echoes every message as it arrives.
+#[derive(Clone)]
+struct Echo;
+
+impl tower_service::Service<tonic::Request<tonic::Streaming<Bytes>>> for Echo {
+    type Response = tonic::Response<MessageStream>;
+    type Error = Status;
+    type Future = BoxFuture<Result<tonic::Response<MessageStream>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        Box::pin(async move {
+            let s: MessageStream = Box::pin(req.into_inner());
+            Ok(tonic::Response::new(s))
+        })
+    }
+}
+
+struct GrpcServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn grpc<C: Codec>(codec: C) -> tonic::server::Grpc<C> {
+    tonic::server::Grpc::new(codec)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// A gRPC server; `max_streams` is its SETTINGS_MAX_CONCURRENT_STREAMS.
+async fn grpc_server(max_streams: Option<u32>) -> GrpcServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let resp = match req.uri().path() {
+                        "/test.Echo/Unary" => grpc(Raw).unary(Unary, req).await,
+                        "/test.Echo/Fanout" => grpc(Raw).server_streaming(Fanout, req).await,
+                        "/test.Echo/Sum" => grpc(Raw).client_streaming(Sum, req).await,
+                        "/test.Echo/Echo" => grpc(Raw).streaming(Echo, req).await,
+                        _ => Status::unimplemented("no such method").into_http(),
+                    };
+                    Ok::<_, Infallible>(resp)
+                });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.max_concurrent_streams(max_streams);
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    GrpcServer {
+        addr,
+        accepted,
+        task,
+    }
+}
+
+// === the client: tonic's client::Grpc on hyper's h2 client ===
+
+#[derive(Clone)]
+struct H2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower_service::Service<Request<tonic::body::Body>> for H2 {
+    type Response = Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = BoxFuture<Result<Response<Incoming>, hyper::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
+        let fut = self.0.send_request(req);
+        Box::pin(fut)
+    }
+}
+
+async fn client(addr: SocketAddr) -> tonic::client::Grpc<H2> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    tonic::client::Grpc::with_origin(
+        H2(sender),
+        http::Uri::from_static("http://echo.test.svc:50051"),
+    )
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE)
+}
+
+async fn unary(
+    c: &mut tonic::client::Grpc<H2>,
+    msg: impl Into<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    unary_with(c, tonic::Request::new(msg.into())).await
+}
+
+async fn unary_with(
+    c: &mut tonic::client::Grpc<H2>,
+    req: tonic::Request<Bytes>,
+) -> Result<tonic::Response<Bytes>, Status> {
+    c.ready()
+        .await
+        .map_err(|e| Status::unknown(e.to_string()))?;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        c.unary(req, PathAndQuery::from_static("/test.Echo/Unary"), Raw),
+    )
+    .await
+    .expect("unary call in time")
+}
+
+// === tests ===
+
+/// The issue's first row: no config at all, gRPC through the outbound passthrough and the
+/// inbound listener; all four RPC kinds, and a message past tonic's 4 MiB default.
+#[tokio::test]
+async fn every_rpc_kind_passes_both_listeners_with_no_config() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start("", server.addr).await;
+    for (which, addr) in [("outbound", proxy.outbound), ("inbound", proxy.inbound)] {
+        let mut c = client(addr).await;
+        // Unary, 1 B and 5 MiB.
+        let resp = unary(&mut c, Bytes::from_static(b"x")).await.expect(which);
+        assert_eq!(resp.metadata().get("x-served-by").expect("header"), "tonic");
+        assert_eq!(resp.into_inner(), Bytes::from_static(b"x"));
+        let big = Bytes::from(
+            (0..5 * 1024 * 1024)
+                .map(|i| (i % 253) as u8)
+                .collect::<Vec<_>>(),
+        );
+        let resp = unary(&mut c, big.clone()).await.expect(which);
+        assert_eq!(resp.into_inner(), big, "{which}: 5 MiB message intact");
+
+        // Server streaming: 200 × 1 KiB.
+        c.ready().await.expect("ready");
+        let resp = c
+            .server_streaming(
+                tonic::Request::new(Bytes::from_static(b"200")),
+                PathAndQuery::from_static("/test.Echo/Fanout"),
+                Raw,
+            )
+            .await
+            .expect("server streaming");
+        let mut s = resp.into_inner();
+        let mut n = 0;
+        while let Some(m) = s.message().await.expect("message") {
+            assert_eq!(m.len(), 1024);
+            n += 1;
+        }
+        assert_eq!(n, 200, "{which}: every streamed message");
+
+        // Client streaming: 100 messages of 10 KiB.
+        c.ready().await.expect("ready");
+        let msgs = stream::iter((0..100).map(|_| Bytes::from(vec![7u8; 10 * 1024])));
+        let resp = c
+            .client_streaming(
+                tonic::Request::new(msgs),
+                PathAndQuery::from_static("/test.Echo/Sum"),
+                Raw,
+            )
+            .await
+            .expect("client streaming");
+        assert_eq!(
+            resp.into_inner(),
+            Bytes::from((100 * 10 * 1024).to_string())
+        );
+
+        // Bidi: each message is answered before the next is sent (nothing is buffered whole).
+        c.ready().await.expect("ready");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let outgoing = tokio_stream_from(rx);
+        let resp = c.streaming(
+            tonic::Request::new(outgoing),
+            PathAndQuery::from_static("/test.Echo/Echo"),
+            Raw,
+        );
+        tx.send(Bytes::from_static(b"ping 0")).await.expect("send");
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("bidi head in time (the first message was not held back)")
+            .expect("bidi");
+        let mut incoming = resp.into_inner();
+        for i in 0..20 {
+            let got = tokio::time::timeout(Duration::from_secs(10), incoming.message())
+                .await
+                .expect("echo in time")
+                .expect("message")
+                .expect("not the end");
+            assert_eq!(got, Bytes::from(format!("ping {i}")));
+            tx.send(Bytes::from(format!("ping {}", i + 1)))
+                .await
+                .expect("send");
+        }
+        drop(tx);
+        let _ = incoming.message().await;
+    }
+    assert!(
+        proxy
+            .metric("interceptor_proxy_grpc_requests_total{direction=\"Outbound\",cluster=\"PassthroughCluster\",grpc_status=\"0\"}")
+            .await
+            >= 5.0,
+        "{}",
+        proxy.prometheus().await
+    );
+    proxy.assert_no_open_connections().await;
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn status_message_and_trailing_metadata_pass_end_to_end() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start("", server.addr).await;
+    let mut c = client(proxy.outbound).await;
+    let status = unary(&mut c, Bytes::from_static(b"status:5:no such thing"))
+        .await
+        .expect_err("NOT_FOUND");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(status.message(), "no such thing");
+    assert_eq!(
+        status.metadata().get("x-detail").expect("trailer"),
+        "from-the-server"
+    );
+    assert!(
+        proxy
+            .metric("interceptor_proxy_grpc_requests_total{direction=\"Outbound\",cluster=\"PassthroughCluster\",grpc_status=\"5\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn upstream_down_is_unavailable_not_an_http_503() {
+    let (down, _hold) = refused_addr();
+    let proxy = Proxy::start("", down).await;
+    let mut c = client(proxy.outbound).await;
+    let status = unary(&mut c, Bytes::from_static(b"x"))
+        .await
+        .expect_err("UNAVAILABLE");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("connection failure"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn grpc_timeout_caps_the_route_timeout_and_answers_deadline_exceeded() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start("", server.addr).await;
+    let mut c = client(proxy.outbound).await;
+    let mut req = tonic::Request::new(Bytes::from_static(b"sleep:10000"));
+    req.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = unary_with(&mut c, req)
+        .await
+        .expect_err("DEADLINE_EXCEEDED");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the proxy waited {:?} for a 300 ms deadline",
+        started.elapsed()
+    );
+}
+
+/// 16 concurrent calls on one client connection share one upstream connection; with a peer
+/// that allows 2 streams, more connections are opened and every call still succeeds.
+#[tokio::test]
+async fn upstream_h2_is_multiplexed_within_the_peers_stream_limit() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start("", server.addr).await;
+    let c = client(proxy.outbound).await;
+    let calls = (0..16).map(|_| {
+        let mut c = c.clone();
+        async move { unary(&mut c, Bytes::from_static(b"sleep:300")).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        r.expect("call");
+    }
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "16 streams, one upstream connection"
+    );
+
+    let narrow = grpc_server(Some(2)).await;
+    proxy.orig_dst.set(narrow.addr);
+    let c = client(proxy.outbound).await;
+    // A burst on a cold connection: held back until the peer's SETTINGS, never refused.
+    let calls = (0..8).map(|_| {
+        let mut c = c.clone();
+        async move { unary(&mut c, Bytes::from_static(b"sleep:500")).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        r.expect("call");
+    }
+    let opened = narrow.accepted.load(Ordering::SeqCst);
+    assert!(
+        opened >= 3,
+        "a peer allowing 2 streams got {opened} connection(s) for 8 concurrent calls: \
+         they queued behind its limit instead of opening connections"
+    );
+}
+
+#[tokio::test]
+async fn declared_grpc_port_sends_http1_clients_upstream_as_h2() {
+    // An h2c-only upstream (hyper's HTTP/2 server, plain HTTP) behind a port the config names
+    // as Istio would (`grpc-…` / `http2`): an HTTP/1.1 client still gets through.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body = format!("h2 upstream saw {:?} {}", req.version(), req.uri());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    for listener in [
+        format!("{{port: {}, name: http2-web}}", addr.port()),
+        format!("{{port: {}, app_protocol: grpc}}", addr.port()),
+    ] {
+        let proxy = Proxy::start(&format!("outbound: {{listeners: [{listener}]}}"), addr).await;
+        let body = support::http1_get(proxy.outbound, "/hello").await;
+        assert!(
+            body.starts_with("h2 upstream saw HTTP/2.0"),
+            "{listener}: {body}"
+        );
+        assert!(body.contains("/hello"), "{body}");
+    }
+    // Without a declaration an HTTP/1.1 client is sent as HTTP/1.1 (auto), which an h2c-only
+    // server cannot answer: a 503, not a hang.
+    let proxy = Proxy::start("", addr).await;
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(
+            Request::get("/")
+                .header("host", "x")
+                .body(Empty::<Bytes>::new())
+                .expect("req"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // And an h2c client reaches it with no config at all (hyper's h2 client).
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            Request::get("http://web.test/h2")
+                .body(Empty::<Bytes>::new())
+                .expect("req"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(body.starts_with(b"h2 upstream saw HTTP/2.0"), "{body:?}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn grpc_requests_are_counted_by_status_under_bounded_labels() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start("", server.addr).await;
+    let mut c = client(proxy.outbound).await;
+    for code in [0, 3, 14] {
+        let msg = if code == 0 {
+            Bytes::from_static(b"ok")
+        } else {
+            Bytes::from(format!("status:{code}:x"))
+        };
+        let _ = unary(&mut c, msg).await;
+    }
+    let text = proxy.prometheus().await;
+    for code in ["0", "3", "14"] {
+        assert!(
+            text.contains(&format!("grpc_status=\"{code}\"")),
+            "status {code} not counted:\n{text}"
+        );
+    }
+}
