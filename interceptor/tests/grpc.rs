@@ -4,6 +4,7 @@
 //! HTTP/2 server; the client is tonic's `client::Grpc` on hyper's HTTP/2 client connection to the
 //! proxy (h2c prior knowledge, as a meshed app's gRPC client speaks).
 
+#[path = "support/proxy.rs"]
 mod support;
 
 use std::{

@@ -2,6 +2,7 @@
 //! clear answer or close it gets. Peers: raw bytes on a socket, the h2 crate's client (the one
 //! hyper uses), hyper's clients.
 
+#[path = "support/proxy.rs"]
 mod support;
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};

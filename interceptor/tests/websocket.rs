@@ -1,6 +1,7 @@
 //! WebSocket (HTTP/1.1 `Upgrade`) through the proxy, with tokio-tungstenite as the client and
 //! the server: routed like any request, joined as a byte stream after 101, both directions.
 
+#[path = "support/proxy.rs"]
 mod support;
 
 use std::{net::SocketAddr, time::Duration};
