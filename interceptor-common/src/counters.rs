@@ -40,15 +40,21 @@ counters! {
     ConnectSkippedNotIncluded = "connect_skipped_not_included",
     /// The pod captures no outbound traffic.
     ConnectSkippedOutboundOff = "connect_skipped_outbound_off",
-    /// The app side could not be made unique on the node (no pod address of its family, or
-    /// the socket already bound to a port or to a loopback address): left alone rather than
-    /// risk its 4-tuple colliding with another pod's in the sockhash and original-dst maps.
+    /// Fail-open pod: a connect that could not be sent through the proxy went direct (see
+    /// `connect_refused_source` for why it could not).
     ConnectSkippedSource = "connect_skipped_source",
+    /// Fail-closed pod (the default): a connect that could not be sent through the proxy was
+    /// refused (EPERM). On kernels < 5.15 (no network-namespace cookie in sockops, sk_msg and
+    /// getsockopt) the app side must be bound to its pod's address to stay unique on the node:
+    /// a socket already bound to a port or to loopback, or a pod without an address of that
+    /// family, cannot be.
+    ConnectRefusedSource = "connect_refused_source",
     /// Proxy passthrough connection (from 127.0.0.6) marked for the sockhash.
     ConnectPassthrough = "connect_passthrough",
     /// Proxy calling its own pod: sent to the inbound port.
     ConnectSelfInbound = "connect_self_inbound",
-    /// Could not record the original destination (map full): connect left alone.
+    /// Could not record the original destination (map full): connect refused, or left alone in
+    /// a fail-open pod.
     ConnectMapFull = "connect_map_full",
     /// Socket of an intercepted connection added to the sockhash.
     SockhashInsert = "sockhash_insert",

@@ -14,6 +14,9 @@ pub const POD_INBOUND_ALL_PORTS: u32 = 1 << 3;
 /// block in read() while another thread writes to or half-closes the same socket (see README,
 /// "Known kernel behaviour").
 pub const POD_NO_SOCKMAP: u32 = 1 << 4;
+/// Fail open: a connect the datapath cannot send through the proxy goes direct instead of
+/// being refused. Off by default (fail closed), as Istio never lets such a connection through.
+pub const POD_FAIL_OPEN: u32 = 1 << 5;
 
 /// Value of `POD_CONFIG`, keyed by the pod's network-namespace cookie (`u64`).
 #[repr(C)]

@@ -11,11 +11,11 @@ use interceptor_common::{
     config::GlobalConfig,
     counters::Counter,
     origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
-    pod::{PodConfig, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
+    pod::{PodConfig, POD_FAIL_OPEN, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
 };
 
 use crate::{
-    maps::{config, count, pod_of, COOKIE_ORIG, POD_CONFIG},
+    maps::{config, count, pod_of, COOKIE_ORIG, NETNS_KEYS, POD_CONFIG},
     policy::{self, Outbound},
 };
 
@@ -38,41 +38,63 @@ pub(crate) enum Verdict {
     },
 }
 
-/// Whether the connect's source makes the app↔proxy 4-tuple unique on the node, which the
-/// sockhash and `TUPLE_ORIG` keys rely on (loopback is per pod, so `127.0.0.1:P` is not).
-/// `bind_pod_address` binds the pod's address of the socket's family when nothing is bound
-/// yet and says whether it worked (false: the pod has none, or the socket already has a port,
-/// e.g. after `bind(0.0.0.0:0)`).
+/// Whether the app↔proxy 4-tuple will be unique on the node, which the sockhash and
+/// `TUPLE_ORIG` keys rely on. Where the kernel puts the network-namespace cookie in those keys
+/// (>= 5.15) it always is, whatever the socket was bound to. Elsewhere the source must be
+/// pod-unique (loopback is per pod, so `127.0.0.1:P` is not). `bind_pod_address` binds the
+/// pod's address of the socket's family when nothing is bound yet and says whether it worked
+/// (false: the pod has none, or the socket already has a port, e.g. after `bind(0.0.0.0:0)`);
+/// it is tried in any case, so the app's source is the one iptables REDIRECT would leave.
 #[inline(always)]
-pub(crate) fn pod_unique_source(src: &Addr, bind_pod_address: impl FnOnce() -> bool) -> bool {
+pub(crate) fn unique_source(src: &Addr, bind_pod_address: impl FnOnce() -> bool) -> bool {
     if is_unspecified(src) {
-        bind_pod_address()
+        bind_pod_address() || netns_keyed()
     } else {
-        !is_loopback(src)
+        !is_loopback(src) || netns_keyed()
     }
 }
 
-/// Finishes a `ToProxy` verdict: with a pod-unique source, records the original destination
-/// and says to rewrite; else (or when the record cannot be stored) the connect goes on
-/// untouched.
+#[inline(always)]
+fn netns_keyed() -> bool {
+    NETNS_KEYS.load() != 0
+}
+
+/// What the program does with the connect in the end.
+pub(crate) enum Outcome {
+    /// Rewrite the destination to the proxy.
+    Redirect,
+    /// Let it go where it asked.
+    Pass,
+    /// Refuse it (the connect fails with EPERM): it could not go through the proxy and the pod
+    /// fails closed.
+    Refuse,
+}
+
+/// Finishes a `ToProxy` verdict: with a unique source, records the original destination and
+/// says to rewrite. A connect that cannot be redirected (no unique source, or no room to
+/// record its destination) is refused, or goes direct in a fail-open pod: never silently.
 #[inline(always)]
 pub(crate) fn redirect(
     ctx: &SockAddrContext,
+    pod: &Pod,
     unique_source: bool,
     orig: &OrigDst,
     counter: Counter,
-) -> bool {
-    if !unique_source {
+) -> Outcome {
+    // Without a recorded original destination the proxy could not route the connection.
+    if unique_source && remember(ctx, orig) {
+        count(counter);
+        return Outcome::Redirect;
+    }
+    if pod.config.flags & POD_FAIL_OPEN != 0 {
         count(Counter::ConnectSkippedSource);
-        return false;
+        Outcome::Pass
+    } else {
+        if !unique_source {
+            count(Counter::ConnectRefusedSource);
+        }
+        Outcome::Refuse
     }
-    // Without a recorded original destination the proxy could not route the connection:
-    // leave it alone rather than break it.
-    if !remember(ctx, orig) {
-        return false;
-    }
-    count(counter);
-    true
 }
 
 /// An enabled pod, as seen from one of its sockets.

@@ -2,9 +2,10 @@
 //! restarted agent, `interceptor pod ...` and `interceptor status` see the same state.
 
 use aya_ebpf::{
+    helpers::bpf_get_netns_cookie,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
-    Global,
+    EbpfContext, Global,
 };
 use interceptor_common::{
     config::GlobalConfig,
@@ -93,6 +94,23 @@ pub(crate) static EVENTS: RingBuf = RingBuf::pinned(size::EVENTS_BYTES, 0);
 /// values larger than a page (see getsockopt.rs).
 #[no_mangle]
 pub(crate) static PAGE_SIZE: Global<u32> = Global::new(4096);
+
+/// 1 when the kernel lets sockops, sk_msg and getsockopt read the network-namespace cookie
+/// (>= 5.15), set by the loader from a helper probe. A read-only global: the verifier sees the
+/// constant and skips the helper call on kernels that lack it.
+#[no_mangle]
+pub(crate) static NETNS_KEYS: Global<u32> = Global::new(0);
+
+/// The network-namespace cookie that goes into `SockKey`s: the socket's, or 0 on kernels that
+/// cannot tell it to every program that builds the key.
+#[inline(always)]
+pub(crate) fn netns_key<C: EbpfContext>(ctx: &C) -> u64 {
+    if NETNS_KEYS.load() == 0 {
+        return 0;
+    }
+    // SAFETY: the program's own context; only reached where the probe found the helper.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
 
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {

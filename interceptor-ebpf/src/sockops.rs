@@ -23,7 +23,9 @@ use interceptor_common::{
 
 use crate::{
     ctx,
-    maps::{config, count, COOKIE_ORIG, EVENTS, LISTENERS, MSG_FALLBACK, SOCKS, TUPLE_ORIG},
+    maps::{
+        config, count, netns_key, COOKIE_ORIG, EVENTS, LISTENERS, MSG_FALLBACK, SOCKS, TUPLE_ORIG,
+    },
 };
 
 /// `TCP_CLOSE` from include/net/tcp_states.h.
@@ -50,6 +52,7 @@ fn own_tuple(ctx: &SockOpsContext) -> Option<SockKey> {
         remote_ip,
         local_port,
         remote_port,
+        netns: netns_key(ctx),
     })
 }
 

@@ -269,6 +269,11 @@ pub struct Switches {
     /// read() while another thread writes to or half-closes the same socket; see README).
     #[arg(long)]
     pub no_sockmap: bool,
+    /// Let a connect the datapath cannot send through the proxy go direct instead of refusing
+    /// it (the default refuses: nothing bypasses the sidecar silently; see the
+    /// `connect_refused_source` counter in `interceptor status`).
+    #[arg(long)]
+    pub fail_open: bool,
     /// UID of the pod's proxy (its connections are never captured).
     #[arg(long, default_value_t = 1337)]
     pub proxy_uid: u32,
@@ -305,6 +310,7 @@ impl Switches {
             )?,
             outbound: !self.no_outbound,
             sockmap: !self.no_sockmap,
+            fail_open: self.fail_open,
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
         })

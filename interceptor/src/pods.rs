@@ -16,9 +16,9 @@ use interceptor_common::{
     names::size,
     pod::{
         BACKEND_LEGACY, BACKEND_NFT, DIR_INBOUND, DIR_OUTBOUND, MODE_EBPF, MODE_IPTABLES,
-        POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN, POD_NO_SOCKMAP, POD_OUTBOUND,
-        POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE, PodConfig, PodInfo, PortKey,
-        SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+        POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN, POD_NO_SOCKMAP,
+        POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE, PodConfig, PodInfo,
+        PortKey, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
     },
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -850,6 +850,7 @@ fn read_spec(maps: &Maps, id: u32, config: Option<&PodConfig>) -> PodSpec {
         },
         outbound: flags & POD_OUTBOUND != 0,
         sockmap: flags & POD_NO_SOCKMAP == 0,
+        fail_open: flags & POD_FAIL_OPEN != 0,
         proxy_uid: config.map_or(0, |c| c.proxy_uid),
         proxy_gid: config.map_or(0, |c| c.proxy_gid),
         ..PodSpec::default()
@@ -986,6 +987,9 @@ fn pod_config(id: u32, spec: &PodSpec, addresses: &[IpAddr]) -> PodConfig {
     }
     if !spec.sockmap {
         flags |= POD_NO_SOCKMAP;
+    }
+    if spec.fail_open {
+        flags |= POD_FAIL_OPEN;
     }
     let ip4 = addresses.iter().find_map(|a| match a {
         IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),

@@ -25,6 +25,9 @@ pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOu
 pub const MODE: &str = "interceptor.dev/mode";
 /// Ours: `off` keeps the pod's app↔proxy hop on loopback TCP (see README, sockmap reads).
 pub const SOCKMAP: &str = "interceptor.dev/sockmap";
+/// Ours: `open` lets a connect the datapath cannot send through the proxy go direct; `closed`
+/// (the default) refuses it, as Istio never lets such a connection bypass the sidecar.
+pub const FAILURE_POLICY: &str = "interceptor.dev/failurePolicy";
 /// Namespace label: `enabled` or `disabled`.
 pub const NAMESPACE_INJECTION: &str = "istio-injection";
 /// Namespace label: revision-based injection.
@@ -344,6 +347,19 @@ fn pod_spec(
                     SOCKMAP,
                     v.to_owned(),
                     "expected on or off (true or false)".into(),
+                ));
+            }
+        };
+    }
+    if let Some(v) = get(FAILURE_POLICY) {
+        spec.fail_open = match v.trim().to_ascii_lowercase().as_str() {
+            "open" => true,
+            "closed" => false,
+            _ => {
+                return Err((
+                    FAILURE_POLICY,
+                    v.to_owned(),
+                    "expected closed (refuse what cannot go through the proxy) or open".into(),
                 ));
             }
         };

@@ -116,6 +116,9 @@ pub struct PodSpec {
     pub outbound: bool,
     /// Move the app↔proxy bytes with sk_msg (default) or keep them on loopback TCP.
     pub sockmap: bool,
+    /// A connect the datapath cannot send through the proxy goes direct (true) or is refused
+    /// (false, the default: Istio never lets such a connection bypass the sidecar).
+    pub fail_open: bool,
     /// The proxy's identity: its connections are never captured.
     pub proxy_uid: u32,
     pub proxy_gid: u32,
@@ -132,6 +135,7 @@ impl Default for PodSpec {
             exclude_outbound_cidrs: Vec::new(),
             outbound: true,
             sockmap: true,
+            fail_open: false,
             proxy_uid: 1337,
             proxy_gid: 1337,
         }

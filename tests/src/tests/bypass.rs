@@ -1,0 +1,268 @@
+//! Ways around the sidecar (issue 13). Each test gets a connection of an enabled pod past its
+//! sidecar the way real clients do, and checks where the connection really arrived: the peer
+//! the app's socket is connected to, the peer the server saw, and the datapath's counters.
+
+use std::{
+    io::ErrorKind,
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use interceptor::lab::LabPod;
+use socket2::{Domain, Socket, Type};
+
+use crate::{EchoServer, Harness, echo_round_trip, ip4};
+
+const OUTBOUND: &str = "interceptor_proxy_connections_total{direction=\"Outbound\"}";
+
+/// Whether this kernel puts the network-namespace cookie into the tuple keys (>= 5.15): then a
+/// socket bound before connect is redirected; below, only one bound to its pod's address is,
+/// and the others are refused (the pod fails closed by default).
+fn netns_keys(h: &Harness) -> bool {
+    let status = h.status();
+    [
+        "helper_netns_cookie_sock_ops",
+        "helper_netns_cookie_sk_msg",
+        "helper_netns_cookie_sockopt",
+    ]
+    .iter()
+    .all(|p| status["features"]["probes"][p] == true)
+}
+
+/// bind(`source`) then connect(`dst`) from inside `pod`, as `curl --local-port`, Java's
+/// `Socket(host, port, localAddr, localPort)` and Go's `Dialer.LocalAddr` do.
+fn bind_then_connect(
+    pod: &LabPod,
+    source: SocketAddr,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    pod.run(|| {
+        let s = Socket::new(Domain::for_address(source), Type::STREAM, None)?;
+        if source.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.bind(&source.into())?;
+        s.connect_timeout(&dst.into(), Duration::from_secs(5))?;
+        Ok(TcpStream::from(s))
+    })
+    .expect("netns")
+}
+
+/// Every bound source goes through the sidecar (or, where the kernel cannot key the
+/// connection by its pod, is refused: never direct).
+fn bound_sockets_reach_the_sidecar(tag: &str, v6: bool) {
+    let mut h = Harness::new(tag);
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let (server_ip, client_ip, any, proxy) = if v6 {
+        (
+            IpAddr::V6(server.ip6),
+            IpAddr::V6(client.ip6),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, 15001)),
+        )
+    } else {
+        (
+            ip4(&server),
+            ip4(&client),
+            IpAddr::from([0, 0, 0, 0]),
+            SocketAddr::from(([127, 0, 0, 1], 15001)),
+        )
+    };
+    let echo = EchoServer::start(&server, SocketAddr::new(server_ip, 9000));
+    h.enable(&client, &[]);
+    let keyed = netns_keys(&h);
+    let fixed_port = if v6 { 40124 } else { 40123 };
+    let mut through_sidecar = 0;
+    for source in [
+        SocketAddr::new(any, 0),
+        SocketAddr::new(any, fixed_port),
+        SocketAddr::new(client_ip, 0),
+    ] {
+        let expect_redirect = keyed || source.ip() == client_ip;
+        let before = h.counters();
+        let seen_before = echo.seen().len();
+        match bind_then_connect(&client, source, echo.addr) {
+            Ok(stream) => {
+                let peer = stream.peer_addr().expect("peer");
+                assert_eq!(peer, proxy, "bound to {source}: did not go to the sidecar");
+                assert_eq!(echo_round_trip(stream, b"bound").expect("echo"), b"bound");
+                through_sidecar += 1;
+                let after = h.counters();
+                assert_eq!(after.since(&before, "connect_redirected"), 1, "{source}");
+                assert_eq!(after.since(&before, "orig_dst_answered"), 1, "{source}");
+                assert!(expect_redirect, "{source}: redirected without netns keys");
+                // The sidecar reached the destination the app asked for.
+                let seen = echo.seen();
+                assert_eq!(seen.len(), seen_before + 1, "{source}");
+                assert_eq!(seen[seen_before].peer.ip(), client_ip, "{source}");
+            }
+            Err(err) => {
+                assert!(!expect_redirect, "bound to {source}: connect failed: {err}");
+                assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{source}: {err}");
+                let after = h.counters();
+                assert_eq!(
+                    after.since(&before, "connect_refused_source"),
+                    1,
+                    "{source}"
+                );
+                assert_eq!(
+                    echo.seen().len(),
+                    seen_before,
+                    "{source}: reached the server"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        h.proxy_metric(&client, OUTBOUND),
+        f64::from(through_sidecar)
+    );
+}
+
+#[test]
+fn ipv4_sockets_bound_before_connect_go_through_the_sidecar() {
+    bound_sockets_reach_the_sidecar("bind4", false);
+}
+
+#[test]
+fn ipv6_sockets_bound_before_connect_go_through_the_sidecar() {
+    bound_sockets_reach_the_sidecar("bind6", true);
+}
+
+/// Two replicas on one node binding the same source port: their app↔proxy tuples
+/// (127.0.0.1:P → 127.0.0.1:15001) are equal, so only the network namespace tells their
+/// original destinations (and sockhash entries) apart.
+#[test]
+fn two_pods_bound_to_the_same_port_keep_their_own_destinations() {
+    let mut h = Harness::new("samebind");
+    let a = h.pod("a");
+    let b = h.pod("b");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&a);
+    h.sidecar(&b);
+    let echo_a = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9001));
+    let echo_b = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9002));
+    h.enable(&a, &[]);
+    h.enable(&b, &[]);
+    let source = SocketAddr::from(([0, 0, 0, 0], 40200));
+    let first = bind_then_connect(&a, source, echo_a.addr);
+    let second = bind_then_connect(&b, source, echo_b.addr);
+    if !netns_keys(&h) {
+        for r in [first, second] {
+            let err = r.expect_err("refused without netns keys");
+            assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+        }
+        assert!(echo_a.seen().is_empty() && echo_b.seen().is_empty());
+        return;
+    }
+    // Both open at once, then both used.
+    let (first, second) = (first.expect("a connects"), second.expect("b connects"));
+    for s in [&first, &second] {
+        assert_eq!(
+            s.peer_addr().expect("peer"),
+            SocketAddr::from(([127, 0, 0, 1], 15001))
+        );
+        assert_eq!(s.local_addr().expect("local").port(), 40200);
+    }
+    let data_a = vec![b'a'; 100_000];
+    let data_b = vec![b'b'; 100_000];
+    assert!(echo_round_trip(first, &data_a).expect("echo a") == data_a);
+    assert!(echo_round_trip(second, &data_b).expect("echo b") == data_b);
+    let (seen_a, seen_b) = (echo_a.seen(), echo_b.seen());
+    assert_eq!(seen_a.len(), 1, "{seen_a:?}");
+    assert_eq!(seen_b.len(), 1, "{seen_b:?}");
+    assert_eq!(seen_a[0].peer.ip(), ip4(&a));
+    assert_eq!(seen_b[0].peer.ip(), ip4(&b));
+}
+
+/// Real clients that bind first: curl `--local-port` and Python's `socket.bind` + `connect`.
+#[test]
+fn curl_and_python_binding_first_go_through_the_sidecar() {
+    let mut h = Harness::new("bindclients");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let app = SocketAddr::new(ip4(&server), 8080);
+    h.http_app(&server, app, "bound-target");
+    h.enable(&client, &[]);
+    let keyed = netns_keys(&h);
+    let run = |cmd: &mut Command| {
+        let out = client
+            .spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
+            .expect("spawn")
+            .wait_with_output()
+            .expect("wait");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let before = h.counters();
+    let (ok, stdout, stderr) = run(Command::new("curl").args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--local-port",
+        "40300-40310",
+        "-w",
+        "\npeer=%{remote_ip}:%{remote_port}",
+        &format!("http://{app}/"),
+    ]));
+    let after = h.counters();
+    if keyed {
+        assert!(ok, "curl failed: {stderr}");
+        // curl reports its socket's peer address (getpeername): the sidecar on loopback, not
+        // the server (its port curl takes from the URL).
+        assert!(stdout.contains("peer=127.0.0.1:"), "{stdout}");
+        // The server was called by the sidecar, not from curl's bound port.
+        assert!(!stdout.contains(":4030"), "{stdout}");
+        assert!(stdout.contains("bound-target"), "{stdout}");
+        assert_eq!(after.since(&before, "connect_redirected"), 1);
+        assert_eq!(after.since(&before, "orig_dst_answered"), 1);
+    } else {
+        assert!(!ok, "curl reached the server around the sidecar: {stdout}");
+        assert!(after.since(&before, "connect_refused_source") >= 1);
+    }
+
+    let before = h.counters();
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.bind(('0.0.0.0', 0))\n\
+         s.connect(('{}', {}))\n\
+         s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         body = b''\n\
+         while True:\n\
+         \x20   chunk = s.recv(65536)\n\
+         \x20   if not chunk:\n\
+         \x20       break\n\
+         \x20   body += chunk\n\
+         print('peer=%s:%d' % s.getpeername())\n\
+         print(body.decode(errors='replace'))\n",
+        app.ip(),
+        app.port()
+    );
+    let (ok, stdout, stderr) = run(Command::new("python3").args(["-c", &script]));
+    let after = h.counters();
+    if keyed {
+        assert!(ok, "python failed: {stderr}");
+        assert!(stdout.contains("peer=127.0.0.1:15001"), "{stdout}");
+        assert!(stdout.contains("bound-target"), "{stdout}");
+        assert_eq!(after.since(&before, "connect_redirected"), 1);
+    } else {
+        assert!(
+            !ok && stderr.contains("PermissionError"),
+            "{stdout} {stderr}"
+        );
+        assert_eq!(after.since(&before, "connect_refused_source"), 1);
+    }
+}
