@@ -173,7 +173,11 @@ pub(crate) fn decide(
     // sock_addr programs run in process context, so the caller's credentials are meaningful.
     let uid_gid = bpf_get_current_uid_gid();
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    if uid == pod.config.proxy_uid || gid == pod.config.proxy_gid {
+    // Never root: exempting UID 0 would let every root process of the pod bypass the proxy (a
+    // root proxy is exempted by its GID); the agent refuses 0, this holds whatever the map says.
+    let proxy_uid = pod.config.proxy_uid != 0 && uid == pod.config.proxy_uid;
+    let proxy_gid = pod.config.proxy_gid != 0 && gid == pod.config.proxy_gid;
+    if proxy_uid || proxy_gid {
         // Rules 2/5: the proxy calling its own pod goes through its inbound handler.
         if pod.config.flags & POD_INBOUND != 0 && is_pod_address(pod, dst) {
             return Verdict::ToProxy {

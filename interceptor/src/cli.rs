@@ -274,15 +274,18 @@ pub struct Switches {
     /// `connect_refused_source` counter in `interceptor status`).
     #[arg(long)]
     pub fail_open: bool,
-    /// UID of the pod's proxy (its connections are never captured).
+    /// UID of the pod's proxy (its connections are never captured). Never 0.
     #[arg(long, default_value_t = 1337)]
     pub proxy_uid: u32,
+    /// GID of the pod's proxy (its connections are never captured). Never 0: a proxy running
+    /// as root (Istio's TPROXY mode) is exempted by this group alone.
     #[arg(long, default_value_t = 1337)]
     pub proxy_gid: u32,
 }
 
 impl Switches {
     pub fn spec(&self) -> Result<PodSpec, SpecError> {
+        spec::check_proxy_identity(self.proxy_uid, self.proxy_gid)?;
         Ok(PodSpec {
             include_inbound_ports: spec::parse_port_selection(
                 "--include-inbound-ports",

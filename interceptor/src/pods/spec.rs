@@ -19,6 +19,28 @@ pub enum SpecError {
     Star { field: &'static str },
     #[error("{field} takes a list of ports, not \"*\"")]
     StarNotAllowed { field: &'static str },
+    #[error(
+        "{field} 0 refused: exempting root would let every root process of the pod bypass the \
+         sidecar; a proxy running as root is exempted by its group (e.g. --proxy-gid 1337, as \
+         Istio's TPROXY mode runs it)"
+    )]
+    RootIdentity { field: &'static str },
+}
+
+/// The proxy identity to exempt, as istio-iptables' `--uid-owner` / `--gid-owner` rules do:
+/// never UID 0 or GID 0.
+pub fn check_proxy_identity(uid: u32, gid: u32) -> Result<(), SpecError> {
+    if uid == 0 {
+        return Err(SpecError::RootIdentity {
+            field: "--proxy-uid",
+        });
+    }
+    if gid == 0 {
+        return Err(SpecError::RootIdentity {
+            field: "--proxy-gid",
+        });
+    }
+    Ok(())
 }
 
 /// `*` or an explicit list (possibly empty).

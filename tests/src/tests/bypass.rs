@@ -266,3 +266,38 @@ fn curl_and_python_binding_first_go_through_the_sidecar() {
         assert_eq!(after.since(&before, "connect_refused_source"), 1);
     }
 }
+
+/// Istio's TPROXY mode runs the proxy as root with group 1337. Exempting the proxy's UID there
+/// would exempt every root process of the app: the proxy is exempted by its group alone, and
+/// asking to exempt UID or GID 0 is refused.
+#[test]
+fn root_processes_of_a_pod_with_a_root_proxy_are_still_intercepted() {
+    let mut h = Harness::new("rootproxy");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    for flag in ["--proxy-uid", "--proxy-gid"] {
+        let out = h.cli(&["pod", "enable", "--netns", &client.netns, flag, "0"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} 0 accepted");
+        assert!(stderr.contains(&format!("{flag} 0 refused")), "{stderr}");
+    }
+    // The sidecar as Istio's TPROXY injection runs it: UID 0, GID 1337.
+    h.sidecar_with(&client, &["--uid", "0", "--gid", "1337"]);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    let before = h.counters();
+    // This test runs as root (UID 0, GID 0): an app's root process.
+    let stream = crate::connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(
+        stream.peer_addr().expect("peer"),
+        SocketAddr::from(([127, 0, 0, 1], 15001))
+    );
+    assert_eq!(echo_round_trip(stream, b"root").expect("echo"), b"root");
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+    // The root sidecar's own upstream connect was recognised by its group: no loop.
+    assert_eq!(after.since(&before, "connect_skipped_proxy"), 1);
+    assert_eq!(echo.seen().len(), 1);
+    assert_eq!(echo.seen()[0].peer.ip(), ip4(&client));
+}
