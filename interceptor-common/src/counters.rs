@@ -19,6 +19,13 @@ macro_rules! counters {
                     $(Counter::$variant => $name,)+
                 }
             }
+
+            /// What the counter counts (its doc comment), for `interceptor status`.
+            pub const fn meaning(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!($($doc),*),)+
+                }
+            }
         }
     };
 }

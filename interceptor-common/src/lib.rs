@@ -62,7 +62,7 @@ mod layout_tests {
         assert_eq!(size_of::<OrigDst>(), 16 + 4 * 4);
         assert_eq!(size_of::<PodConfig>(), 5 * 4 + 16);
         assert_eq!(size_of::<PortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<CidrKey>(), 4 + 16);
+        assert_eq!(size_of::<CidrKey>(), 4 + 4 + 16);
         assert_eq!(size_of::<GlobalConfig>(), 4 * 4 + 16);
         assert_eq!(size_of::<Event>(), 4 + 4 + 8);
         assert_eq!(

@@ -50,7 +50,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let pins = Pins::new(&cli.pin_root);
+    let pins = Pins::checked(&cli.pin_root)?;
     match cli.command {
         Command::Agent(args) => {
             // Checked before anything is loaded: a misconfigured DaemonSet fails fast.

@@ -15,10 +15,10 @@ use interceptor_common::{
     addr::{Addr, v4_mapped},
     names::size,
     pod::{
-        BACKEND_LEGACY, BACKEND_NFT, DIR_INBOUND, DIR_OUTBOUND, MODE_EBPF, MODE_IPTABLES,
-        POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN, POD_NO_SOCKMAP,
-        POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE, PodConfig, PodInfo,
-        PortKey, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+        BACKEND_LEGACY, BACKEND_NFT, CIDR_V4, CIDR_V6, DIR_INBOUND, DIR_OUTBOUND, MODE_EBPF,
+        MODE_IPTABLES, POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN,
+        POD_NO_SOCKMAP, POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
+        PodConfig, PodInfo, PortKey, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
     },
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -506,22 +506,22 @@ impl<'a> Registry<'a> {
                 .insert(key, rule, 0)
                 .map_err(map_err("POD_PORTS"))?;
         }
-        let excluded: Vec<(Addr, u32)> =
+        let excluded: Vec<(u32, Addr, u32)> =
             spec.exclude_outbound_cidrs.iter().map(cidr_entry).collect();
-        let included: Vec<(Addr, u32)> = match &spec.include_outbound_cidrs {
+        let included: Vec<(u32, Addr, u32)> = match &spec.include_outbound_cidrs {
             Selection::All => Vec::new(),
             Selection::List(list) => list.iter().map(cidr_entry).collect(),
         };
-        for (ip, bits) in &excluded {
+        for (family, ip, bits) in &excluded {
             self.maps
                 .cidr_exclude
-                .insert(&cidr_key(id, *ip, *bits), 1, 0)
+                .insert(&cidr_key(id, *family, *ip, *bits), 1, 0)
                 .map_err(map_err("CIDR_EXCLUDE"))?;
         }
-        for (ip, bits) in &included {
+        for (family, ip, bits) in &included {
             self.maps
                 .cidr_include
-                .insert(&cidr_key(id, *ip, *bits), 1, 0)
+                .insert(&cidr_key(id, *family, *ip, *bits), 1, 0)
                 .map_err(map_err("CIDR_INCLUDE"))?;
         }
         for ip in addresses {
@@ -541,7 +541,7 @@ impl<'a> Registry<'a> {
             .map_err(map_err("POD_CONFIG"))?;
 
         // Drop what an earlier spec of this pod had and this one does not.
-        let keep: Vec<PortKey> = ports.iter().map(|(k, _)| *k).collect();
+        let keep: std::collections::HashSet<PortKey> = ports.iter().map(|(k, _)| *k).collect();
         let stale: Vec<PortKey> = self
             .maps
             .pod_ports
@@ -639,7 +639,7 @@ impl<'a> Registry<'a> {
         )]| {
             entries
                 .iter()
-                .map(|(k, _)| (k.data().ip, k.prefix_len() - 32))
+                .map(|(k, _)| (k.data().family, k.data().ip, k.prefix_len() - 64))
                 .collect::<Vec<_>>()
         };
         remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &keep(&snapshot.excluded));
@@ -720,17 +720,26 @@ struct Entries {
 fn remove_stale_cidrs(
     trie: &mut aya::maps::LpmTrie<aya::maps::MapData, interceptor_common::pod::CidrKey, u32>,
     id: u32,
-    keep: &[(Addr, u32)],
+    keep: &[(u32, Addr, u32)],
 ) {
+    // A set, so a pod with many ranges costs one pass over the trie, not keys × ranges.
+    let keep: std::collections::HashSet<(u32, Addr, u32)> = keep
+        .iter()
+        .map(|&(family, ip, bits)| {
+            (
+                family,
+                ip,
+                interceptor_common::pod::CidrKey::prefix_len(bits),
+            )
+        })
+        .collect();
     let stale: Vec<_> = trie
         .keys()
         .filter_map(Result::ok)
         .filter(|k| {
             let data = k.data();
             u32::from_be(data.pod_id_be) == id
-                && !keep
-                    .iter()
-                    .any(|(ip, bits)| data.ip == *ip && k.prefix_len() == 32 + bits)
+                && !keep.contains(&(data.family, data.ip, k.prefix_len()))
         })
         .collect();
     for key in stale {
@@ -876,7 +885,7 @@ fn read_spec(maps: &Maps, id: u32, config: Option<&PodConfig>) -> PodSpec {
             .keys()
             .filter_map(Result::ok)
             .filter(|k| u32::from_be(k.data().pod_id_be) == id)
-            .map(|k| cidr_of(k.data().ip, k.prefix_len() - 32))
+            .map(|k| cidr_of(k.data().family, k.data().ip, k.prefix_len() - 64))
             .collect();
         out.sort_by_key(|c| (c.addr, c.prefix));
         out
@@ -1017,8 +1026,12 @@ fn port_key(pod_id: u32, port: u16, direction: u16) -> PortKey {
     }
 }
 
-fn cidr_entry(c: &Cidr) -> (Addr, u32) {
-    (addr(c.addr), c.mapped_bits())
+fn cidr_entry(c: &Cidr) -> (u32, Addr, u32) {
+    let family = match c.addr {
+        IpAddr::V4(_) => CIDR_V4,
+        IpAddr::V6(_) => CIDR_V6,
+    };
+    (family, addr(c.addr), c.mapped_bits())
 }
 
 /// An address as the maps store it: four network-order words, IPv4 mapped.
@@ -1047,11 +1060,16 @@ pub fn ip_of(a: Addr) -> IpAddr {
     }
 }
 
-fn cidr_of(a: Addr, mapped_bits: u32) -> Cidr {
+fn cidr_of(family: u32, a: Addr, mapped_bits: u32) -> Cidr {
     match ip_of(a) {
-        IpAddr::V4(v4) => Cidr {
+        IpAddr::V4(v4) if family == CIDR_V4 => Cidr {
             addr: IpAddr::V4(v4),
             prefix: mapped_bits.saturating_sub(96) as u8,
+        },
+        // An IPv6 range inside ::ffff:0:0/96 stays an IPv6 range.
+        IpAddr::V4(v4) => Cidr {
+            addr: IpAddr::V6(v4.to_ipv6_mapped()),
+            prefix: mapped_bits as u8,
         },
         ip => Cidr {
             addr: ip,
@@ -1104,11 +1122,16 @@ mod tests {
 
     #[test]
     fn cidr_round_trip() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        let (a, bits) = cidr_entry(&c);
-        assert_eq!(cidr_of(a, bits), c);
-        let c: Cidr = "fd00::/8".parse().unwrap();
-        let (a, bits) = cidr_entry(&c);
-        assert_eq!(cidr_of(a, bits), c);
+        for c in [
+            "10.1.0.0/16",
+            "fd00::/8",
+            "::/0",
+            "::ffff:10.0.0.0/104",
+            "0.0.0.0/0",
+        ] {
+            let c: Cidr = c.parse().unwrap();
+            let (family, a, bits) = cidr_entry(&c);
+            assert_eq!(cidr_of(family, a, bits), c);
+        }
     }
 }

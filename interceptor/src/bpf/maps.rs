@@ -142,12 +142,14 @@ impl Maps {
     }
 }
 
-/// An LPM key matching `pod_id` and the first `bits` of the 16-byte address.
-pub(crate) fn cidr_key(pod_id: u32, ip: Addr, bits: u32) -> LpmKey<CidrKey> {
+/// An LPM key matching `pod_id`, the `family` (`CIDR_V4`/`CIDR_V6`) and the first `bits` of
+/// the 16-byte address.
+pub(crate) fn cidr_key(pod_id: u32, family: u32, ip: Addr, bits: u32) -> LpmKey<CidrKey> {
     LpmKey::new(
         CidrKey::prefix_len(bits),
         CidrKey {
             pod_id_be: pod_id.to_be(),
+            family,
             ip,
         },
     )

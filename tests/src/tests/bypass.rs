@@ -301,3 +301,54 @@ fn root_processes_of_a_pod_with_a_root_proxy_are_still_intercepted() {
     assert_eq!(echo.seen().len(), 1);
     assert_eq!(echo.seen()[0].peer.ip(), ip4(&client));
 }
+
+/// `excludeOutboundIPRanges: "::/0"` excludes IPv6 destinations only: the datapath stores IPv4
+/// IPv4-mapped, inside `::/0`, but istio-iptables gives IPv6 ranges to ip6tables alone.
+#[test]
+fn an_ipv6_range_covering_mapped_addresses_does_not_exclude_ipv4() {
+    let mut h = Harness::new("v6cidr");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let echo4 = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let echo6 = EchoServer::start(&server, SocketAddr::new(IpAddr::V6(server.ip6), 9000));
+    h.enable(&client, &["--exclude-outbound-cidrs", "::/0"]);
+    let before = h.counters();
+    let s = crate::connect_from(&client, echo4.addr).expect("connect v4");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        SocketAddr::from(([127, 0, 0, 1], 15001)),
+        "IPv4 excluded by an IPv6 range"
+    );
+    assert_eq!(echo_round_trip(s, b"v4").expect("echo"), b"v4");
+    let s = crate::connect_from(&client, echo6.addr).expect("connect v6");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        echo6.addr,
+        "IPv6 not excluded"
+    );
+    assert_eq!(echo_round_trip(s, b"v6").expect("echo"), b"v6");
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+    assert_eq!(after.since(&before, "connect_skipped_cidr"), 1);
+    // What `pod list` shows is what was asked.
+    let out = h.cli(&["pod", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("pod list JSON");
+    let excluded = &list[0]["spec"]["exclude_outbound_cidrs"];
+    assert_eq!(excluded, &serde_json::json!([{"addr": "::", "prefix": 0}]));
+}
+
+/// `--pin-root` set to the bpffs mount itself: uninstall would remove every other program's
+/// pins. Refused before anything is loaded.
+#[test]
+fn the_bpffs_mount_itself_is_refused_as_pin_root() {
+    crate::require_root();
+    let out = Command::new(crate::binary())
+        .args(["--pin-root", "/sys/fs/bpf", "status", "--json"])
+        .output()
+        .expect("running interceptor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(stderr.contains("bpffs mount itself"), "{stderr}");
+}
