@@ -56,6 +56,10 @@ counters! {
     /// a socket already bound to a port or to loopback, or a pod without an address of that
     /// family, cannot be.
     ConnectRefusedSource = "connect_refused_source",
+    /// Fail-open pod whose proxy is not listening (nothing on its loopback capture port, as the
+    /// kernel sees it at connect time): the connect went direct. A fail-closed pod's connect
+    /// is sent to the port anyway and refused there (ECONNREFUSED), as with iptables.
+    ConnectNoProxyDirect = "connect_no_proxy_direct",
     /// Proxy passthrough connection (from 127.0.0.6) marked for the sockhash.
     ConnectPassthrough = "connect_passthrough",
     /// Proxy calling its own pod: sent to the inbound port.
@@ -91,8 +95,11 @@ counters! {
     InboundSkippedLocal = "inbound_skipped_local",
     /// No proxy listener known for the pod: refused, as Istio's REDIRECT to a closed port is.
     InboundNoListener = "inbound_no_listener",
-    /// `bpf_sk_assign` failed: refused.
+    /// `bpf_sk_assign` failed (the listener closed): refused.
     InboundAssignFailed = "inbound_assign_failed",
+    /// Fail-open pod without a live proxy listener: the inbound connection went to the app
+    /// directly instead of being refused.
+    InboundNoProxyDirect = "inbound_no_proxy_direct",
     /// Network-namespace cookie recorded for the agent's probe.
     NetnsProbe = "netns_probe",
 }

@@ -2,12 +2,19 @@
 //! connect.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use interceptor_common::{
-    addr::{is_loopback, is_unspecified, Addr},
+    addr::{is_loopback, is_unspecified, Addr, LOCALHOST_V4, LOCALHOST_V6},
     config::GlobalConfig,
     counters::Counter,
     origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
@@ -95,6 +102,51 @@ pub(crate) fn redirect(
         }
         Outcome::Refuse
     }
+}
+
+/// Whether a fail-open pod's connect must go direct because nothing listens on the proxy's
+/// loopback `port` in the socket's network namespace right now (decided here, from the
+/// listener's presence, not from what the agent believes). A fail-closed pod is never asked:
+/// its connect goes to the port and is refused there, as iptables REDIRECT to a closed port.
+#[inline(always)]
+pub(crate) fn proxy_absent_open(ctx: &SockAddrContext, pod: &Pod, v6: bool, port: u16) -> bool {
+    if pod.config.flags & POD_FAIL_OPEN == 0 || proxy_listening(ctx, v6, port) {
+        return false;
+    }
+    count(Counter::ConnectNoProxyDirect);
+    true
+}
+
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    // SAFETY: a plain-data union, all zeroes is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v6 {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr: LOCALHOST_V6,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: LOCALHOST_V4,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    // SAFETY: sock_addr programs may look up sockets (>= 5.2); the tuple lives on the stack;
+    // u64::MAX is BPF_F_CURRENT_NETNS (the socket's own namespace).
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, u64::MAX, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
 }
 
 /// An enabled pod, as seen from one of its sockets.

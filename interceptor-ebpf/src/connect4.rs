@@ -14,8 +14,8 @@ use interceptor_common::{
 
 use crate::{
     connect::{
-        current_pod, decide, redirect, settings, unique_source, Outcome, Verdict, AF_INET,
-        SOCK_DGRAM, SOCK_STREAM,
+        current_pod, decide, proxy_absent_open, redirect, settings, unique_source, Outcome,
+        Verdict, AF_INET, SOCK_DGRAM, SOCK_STREAM,
     },
     ctx,
     maps::{count, NETNS_PROBE},
@@ -60,6 +60,9 @@ fn intercept(ctx: &SockAddrContext) -> Outcome {
     else {
         return Outcome::Pass;
     };
+    if proxy_absent_open(ctx, &pod, false, port) {
+        return Outcome::Pass;
+    }
     // The pod's own address as the source: the source the app would have had (as with
     // iptables REDIRECT), and what keeps the 4-tuple unique on kernels < 5.15.
     let unique = unique_source(&src, || {

@@ -10,8 +10,8 @@ use interceptor_common::addr::{
 
 use crate::{
     connect::{
-        current_pod, decide, redirect, settings, unique_source, Outcome, Verdict, AF_INET6,
-        SOCK_STREAM,
+        current_pod, decide, proxy_absent_open, redirect, settings, unique_source, Outcome,
+        Verdict, AF_INET6, SOCK_STREAM,
     },
     ctx,
     sockaddr::SockaddrIn6,
@@ -53,6 +53,9 @@ fn intercept(ctx: &SockAddrContext) -> Outcome {
     else {
         return Outcome::Pass;
     };
+    if proxy_absent_open(ctx, &pod, !mapped, port) {
+        return Outcome::Pass;
+    }
     let (proxy, source) = if mapped {
         (
             v4_mapped(LOCALHOST_V4),

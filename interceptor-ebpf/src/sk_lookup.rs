@@ -3,7 +3,11 @@
 //! address is then the original destination, and no iptables rule is involved.
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use interceptor_common::{addr::is_loopback, counters::Counter, pod::POD_INBOUND};
+use interceptor_common::{
+    addr::is_loopback,
+    counters::Counter,
+    pod::{PodConfig, POD_FAIL_OPEN, POD_INBOUND},
+};
 
 use crate::{
     ctx,
@@ -50,18 +54,26 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     // SAFETY: copied out at once.
     let Some(cookie) = (unsafe { POD_LISTENER.get(&pod.pod_id) }).copied() else {
         // No proxy listening: refuse, as a REDIRECT to a closed port would, rather than let the
-        // connection bypass the proxy.
-        count(Counter::InboundNoListener);
-        return sk_action::SK_DROP;
+        // connection bypass the proxy; unless the pod fails open.
+        return no_proxy(&pod, Counter::InboundNoListener);
     };
     match LISTENERS.redirect_sk_lookup(ctx, cookie, 0) {
         Ok(()) => {
             count(Counter::InboundAssigned);
             sk_action::SK_PASS
         }
-        Err(_) => {
-            count(Counter::InboundAssignFailed);
-            sk_action::SK_DROP
-        }
+        // The listener is gone (closed sockets leave LISTENERS by themselves).
+        Err(_) => no_proxy(&pod, Counter::InboundAssignFailed),
+    }
+}
+
+#[inline(always)]
+fn no_proxy(pod: &PodConfig, refused: Counter) -> u32 {
+    if pod.flags & POD_FAIL_OPEN != 0 {
+        count(Counter::InboundNoProxyDirect);
+        sk_action::SK_PASS
+    } else {
+        count(refused);
+        sk_action::SK_DROP
     }
 }

@@ -352,3 +352,104 @@ fn the_bpffs_mount_itself_is_refused_as_pin_root() {
     assert!(!out.status.success(), "accepted: {stderr}");
     assert!(stderr.contains("bpffs mount itself"), "{stderr}");
 }
+
+/// An enabled pod whose proxy is not listening: refused by default (as Istio's REDIRECT to a
+/// closed port), direct when the pod asks for fail-open; decided in the kernel from the
+/// listener's presence, in both directions, and again once the proxy is back.
+#[test]
+fn proxy_absent_fails_closed_by_default_and_open_when_asked() {
+    let mut h = Harness::new("noproxy");
+    let closed = h.pod("closed");
+    let open = h.pod("open");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let app_closed = EchoServer::start(&closed, SocketAddr::new(ip4(&closed), 8080));
+    let app_open = EchoServer::start(&open, SocketAddr::new(ip4(&open), 8080));
+    h.enable(&closed, &[]);
+    h.enable(&open, &["--fail-open"]);
+    let before = h.counters();
+
+    // Outbound, no sidecar in either pod.
+    let err = crate::connect_from(&closed, echo.addr).expect_err("closed pod went direct");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    let s = crate::connect_from(&open, echo.addr).expect("open pod goes direct");
+    assert_eq!(s.peer_addr().expect("peer"), echo.addr);
+    assert_eq!(echo_round_trip(s, b"direct").expect("echo"), b"direct");
+    let seen = echo.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].peer.ip(), ip4(&open));
+
+    // Inbound, from the (unmeshed) server pod.
+    assert!(crate::connect_from(&server, app_closed.addr).is_err());
+    assert!(app_closed.seen().is_empty(), "reached the closed pod's app");
+    let s = crate::connect_from(&server, app_open.addr).expect("open pod's app reachable");
+    assert_eq!(echo_round_trip(s, b"in").expect("echo"), b"in");
+    assert_eq!(app_open.seen().len(), 1);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_no_proxy_direct"), 1);
+    assert_eq!(after.since(&before, "inbound_no_proxy_direct"), 1);
+    assert!(after.since(&before, "inbound_no_listener") >= 1);
+
+    // The proxy comes up: the open pod's connections go through it again.
+    h.sidecar(&open);
+    let s = crate::connect_from(&open, echo.addr).expect("connect");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        SocketAddr::from(([127, 0, 0, 1], 15001))
+    );
+    assert_eq!(echo_round_trip(s, b"back").expect("echo"), b"back");
+}
+
+/// A fail-closed pod's proxy restarting while the app keeps connecting: every connection
+/// either goes through a sidecar or fails; none reaches the server directly.
+#[test]
+fn a_restarting_proxy_never_lets_a_connection_bypass_it() {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::Instant,
+    };
+
+    let mut h = Harness::new("restart");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, client, dst) = (stop.clone(), client.clone(), echo.addr);
+        std::thread::spawn(move || {
+            let (mut via_sidecar, mut failed, mut direct) = (0u32, 0u32, 0u32);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Bounded in count and time.
+            for _ in 0..5000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                match crate::connect_from(&client, dst) {
+                    Ok(s) if s.peer_addr().ok() == Some(dst) => direct += 1,
+                    Ok(_) => via_sidecar += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (via_sidecar, failed, direct)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    h.stop_processes_of(&client);
+    std::thread::sleep(Duration::from_millis(500));
+    h.sidecar(&client);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (via_sidecar, failed, direct) = load.join().expect("load thread");
+    assert_eq!(direct, 0, "{direct} connections bypassed the sidecar");
+    assert!(
+        via_sidecar > 0 && failed > 0,
+        "{via_sidecar} via sidecar, {failed} refused"
+    );
+}
