@@ -75,6 +75,9 @@ counters! {
     SockhashRemove = "sockhash_remove",
     /// A listener on the inbound port was put in the listener map.
     ListenerInsert = "listener_insert",
+    /// A listener on the inbound port outside any enabled, inbound-capturing pod: not put in
+    /// the listener map, agent not woken (kernels >= 5.15, which tell the namespace here).
+    ListenerSkippedNotPod = "listener_skipped_not_pod",
     /// Message moved into the peer socket by `bpf_msg_redirect_hash`.
     MsgRedirected = "msg_redirected",
     /// Peer socket missing from the sockhash: that direction falls back to TCP for good.

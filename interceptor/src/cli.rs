@@ -166,7 +166,8 @@ pub struct ProxyArgs {
     pub uid: u32,
     #[arg(long, default_value_t = 1337)]
     pub gid: u32,
-    /// Keep running as the starting user.
+    /// Keep running as the starting user, and skip the check that the proxy runs as an
+    /// identity interception exempts (for a proxy run outside interception, e.g. benchmarks).
     #[arg(long)]
     pub no_drop_privileges: bool,
     /// Upstream connect timeout, seconds.

@@ -453,3 +453,91 @@ fn a_restarting_proxy_never_lets_a_connection_bypass_it() {
         "{via_sidecar} via sidecar, {failed} refused"
     );
 }
+
+/// A sidecar that interception would not exempt (here root with group 0: never exempt) refuses
+/// to start instead of capturing its own upstream connections.
+#[test]
+fn a_proxy_that_would_not_be_exempt_refuses_to_start() {
+    let mut h = Harness::new("notexempt");
+    let client = h.pod("client");
+    let mut child = client
+        .spawn(
+            Command::new(&h.bin)
+                .args(["proxy", "--uid", "0", "--gid", "0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a proxy running as root with group 0 started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(stderr.contains("would be captured again"), "{stderr}");
+    // The identity the pod is enabled with starts.
+    h.sidecar_with(&client, &["--uid", "1337", "--gid", "1337"]);
+}
+
+/// A pod that is not meshed opens more listeners on the inbound port than the node-wide
+/// listener map holds, and cycles listen/close, while a meshed server's proxy restarts: the
+/// meshed pod's inbound keeps working and the flood never enters the map.
+#[test]
+fn a_listener_flood_in_another_pod_does_not_break_inbound() {
+    use std::os::fd::OwnedFd;
+
+    let mut h = Harness::new("lflood");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    let noisy = h.pod("noisy");
+    h.start_agent(&[]);
+    h.sidecar(&server);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    let before = h.counters();
+    // 4200 listeners held open (the map holds 4096), then 1000 listen/close cycles.
+    let held: Vec<OwnedFd> = noisy
+        .run(|| {
+            let limit = 8192;
+            // SAFETY: plain setrlimit on this thread's process.
+            let rl = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) }, 0);
+            let listen = || -> std::io::Result<OwnedFd> {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                s.set_reuse_port(true)?;
+                s.bind(&SocketAddr::from(([0, 0, 0, 0], 15006)).into())?;
+                s.listen(1)?;
+                Ok(s.into())
+            };
+            let held: Vec<OwnedFd> = (0..4200).map(|_| listen().expect("listen")).collect();
+            for _ in 0..1000 {
+                drop(listen().expect("listen"));
+            }
+            held
+        })
+        .expect("netns");
+    let flooded = h.counters();
+    // The meshed server's proxy restarts after the flood.
+    h.stop_processes_of(&server);
+    h.sidecar(&server);
+    h.wait_inbound_ready(&server);
+    let s = crate::connect_from(&client, echo.addr).expect("inbound connect");
+    assert_eq!(echo_round_trip(s, b"in").expect("echo"), b"in");
+    let after = h.counters();
+    assert!(after.since(&before, "inbound_assigned") >= 1);
+    if netns_keys(&h) {
+        assert_eq!(flooded.since(&before, "listener_skipped_not_pod"), 5200);
+        assert_eq!(flooded.since(&before, "listener_insert"), 0);
+    }
+    drop(held);
+}
