@@ -105,6 +105,9 @@ counters! {
     InboundNoProxyDirect = "inbound_no_proxy_direct",
     /// Network-namespace cookie recorded for the agent's probe.
     NetnsProbe = "netns_probe",
+    /// A pod refused because its lists exceed its share of a node-wide map (written by user
+    /// space: the offending pod gets the error, other pods keep their room).
+    PodQuotaExceeded = "pod_quota_exceeded",
 }
 
 impl Counter {

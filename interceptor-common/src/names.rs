@@ -67,6 +67,11 @@ pub mod size {
     pub const SOCKETS: u32 = 131072;
     pub const PROBES: u32 = 1024;
     pub const EVENTS_BYTES: u32 = 64 * 1024;
+    /// What one pod may use of `CIDR_EXCLUDE` and of `CIDR_INCLUDE` (each): one pod's long
+    /// list must not leave later pods without room (they would run unintercepted).
+    pub const PER_POD_CIDRS: u32 = CIDRS / 64;
+    /// What one pod may use of `POD_PORTS` (all four lists and the always-excluded ports).
+    pub const PER_POD_PORTS: u32 = POD_PORTS / 64;
 }
 
 /// A UDP `connect()` to this address lets the agent learn a network namespace's cookie on

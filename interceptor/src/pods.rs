@@ -61,6 +61,16 @@ pub enum Error {
          with --include-inbound-ports \"\" (outbound only), or use --mode iptables"
     )]
     InboundUnavailable,
+    #[error(
+        "the pod asks for {count} {what}, more than the {limit} one pod may use of the \
+         node-wide map (so that no pod can leave others without room); shorten the list, e.g. \
+         merge ranges into wider CIDRs"
+    )]
+    Quota {
+        what: &'static str,
+        count: usize,
+        limit: u32,
+    },
     #[error("the pod table is full ({0} pods); disable pods that are gone")]
     Full(u32),
     #[error("pod name {0:?} is longer than {POD_NAME_LEN} bytes")]
@@ -198,6 +208,11 @@ impl<'a> Registry<'a> {
         }
         if netns.is_node() {
             return Err(Error::NodeNetns(netns.path().to_owned()));
+        }
+        if let Err(err) = check_quota(spec) {
+            self.maps
+                .bump(interceptor_common::counters::Counter::PodQuotaExceeded);
+            return Err(err);
         }
         let inbound = spec.inbound();
         if inbound && !bpf::attach::sk_lookup_available(self.pins) {
@@ -1024,6 +1039,43 @@ fn port_key(pod_id: u32, port: u16, direction: u16) -> PortKey {
         port,
         direction,
     }
+}
+
+/// A pod's share of the node-wide maps (see `names::size::PER_POD_*`).
+fn check_quota(spec: &PodSpec) -> Result<(), Error> {
+    let cidrs = |what, count: usize| {
+        if count > size::PER_POD_CIDRS as usize {
+            return Err(Error::Quota {
+                what,
+                count,
+                limit: size::PER_POD_CIDRS,
+            });
+        }
+        Ok(())
+    };
+    cidrs(
+        "excluded outbound ranges",
+        spec.exclude_outbound_cidrs.len(),
+    )?;
+    if let Selection::List(list) = &spec.include_outbound_cidrs {
+        cidrs("included outbound ranges", list.len())?;
+    }
+    let mut ports = spec.exclude_inbound_ports.len()
+        + spec.include_outbound_ports.len()
+        + spec.exclude_outbound_ports.len();
+    if let Selection::List(list) = &spec.include_inbound_ports {
+        ports += list.len();
+    }
+    // Room for the ports every pod excludes (proxy ports, 15090, 15021, 15020, 22).
+    let limit = size::PER_POD_PORTS - 8;
+    if ports > limit as usize {
+        return Err(Error::Quota {
+            what: "port rules",
+            count: ports,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 fn cidr_entry(c: &Cidr) -> (u32, Addr, u32) {

@@ -126,6 +126,20 @@ impl Maps {
         Ok(out)
     }
 
+    /// Adds one to a counter only user space writes (its per-CPU slots are summed anyway).
+    pub fn bump(&mut self, counter: Counter) {
+        let Ok(values) = self.counters.get(&counter.index(), 0) else {
+            return;
+        };
+        let mut values: Vec<u64> = values.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first += 1;
+        }
+        if let Ok(values) = aya::maps::PerCpuValues::try_from(values) {
+            let _ = self.counters.set(counter.index(), values, 0);
+        }
+    }
+
     /// Live entries of the app↔proxy sockhash.
     pub fn sockhash_entries(&self) -> usize {
         self.socks.keys().filter(Result::is_ok).count()

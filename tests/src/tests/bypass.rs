@@ -541,3 +541,44 @@ fn a_listener_flood_in_another_pod_does_not_break_inbound() {
     }
     drop(held);
 }
+
+/// One pod asking for more excluded ranges than its share of the node-wide trie is refused,
+/// with the reason; the next pod still gets its room and is intercepted.
+#[test]
+fn a_pod_over_its_share_of_a_node_wide_map_is_refused_alone() {
+    let mut h = Harness::new("quota");
+    let greedy = h.pod("greedy");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    let ranges: Vec<String> = (0..300)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    let ranges = ranges.join(",");
+    let before = h.counters();
+    let out = h.cli(&[
+        "pod",
+        "enable",
+        "--netns",
+        &greedy.netns,
+        "--exclude-outbound-cidrs",
+        &ranges,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted");
+    assert!(stderr.contains("300 excluded outbound ranges"), "{stderr}");
+    assert_eq!(h.counters().since(&before, "pod_quota_exceeded"), 1);
+    // The pod was not left half-enabled, and the next one is intercepted.
+    let list = h.cli(&["pod", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("pod list JSON");
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    let s = crate::connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(
+        s.peer_addr().expect("peer"),
+        SocketAddr::from(([127, 0, 0, 1], 15001))
+    );
+    assert_eq!(echo_round_trip(s, b"q").expect("echo"), b"q");
+}
