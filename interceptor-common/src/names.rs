@@ -11,6 +11,7 @@ pub mod map {
     pub const CIDR_INCLUDE: &str = "CIDR_INCLUDE";
     pub const POD_INFO: &str = "POD_INFO";
     pub const POD_LISTENER: &str = "POD_LISTENER";
+    pub const POD_LISTENER6: &str = "POD_LISTENER6";
     pub const LISTENERS: &str = "LISTENERS";
     pub const COOKIE_ORIG: &str = "COOKIE_ORIG";
     pub const TUPLE_ORIG: &str = "TUPLE_ORIG";
@@ -31,6 +32,7 @@ pub mod map {
         CIDR_INCLUDE,
         POD_INFO,
         POD_LISTENER,
+        POD_LISTENER6,
         LISTENERS,
         COOKIE_ORIG,
         TUPLE_ORIG,

@@ -54,6 +54,12 @@ pub(crate) static POD_INFO: HashMap<u32, PodInfo> = HashMap::pinned(size::PODS, 
 #[map]
 pub(crate) static POD_LISTENER: HashMap<u32, u64> = HashMap::pinned(size::PODS, 0);
 
+/// Pod id → socket cookie of its proxy's IPv6 inbound listener, when it has one of its own
+/// (Envoy listens on `0.0.0.0:15006` and `[::]:15006` with IPV6_V6ONLY): IPv6 connections go
+/// there, IPv4 ones to `POD_LISTENER`.
+#[map]
+pub(crate) static POD_LISTENER6: HashMap<u32, u64> = HashMap::pinned(size::PODS, 0);
+
 /// Listening sockets on the inbound port, by socket cookie (inserted by sockops at listen()).
 #[map]
 pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::PODS, 0);

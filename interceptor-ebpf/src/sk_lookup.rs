@@ -10,8 +10,9 @@ use interceptor_common::{
 };
 
 use crate::{
+    connect::AF_INET6,
     ctx,
-    maps::{config, count, pod_of, LISTENERS, POD_CONFIG, POD_LISTENER},
+    maps::{config, count, pod_of, LISTENERS, POD_CONFIG, POD_LISTENER, POD_LISTENER6},
     policy,
 };
 
@@ -24,7 +25,7 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn steer(ctx: &SkLookupContext) -> u32 {
-    let (_family, protocol, local, local_port, remote) = ctx::lookup_tuple(ctx);
+    let (family, protocol, local, local_port, remote) = ctx::lookup_tuple(ctx);
     if protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
@@ -51,8 +52,14 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         count(Counter::InboundSkippedPort);
         return sk_action::SK_PASS;
     }
+    // One listener per address family: an IPv6 SYN handed to an IPv4 socket is dropped.
+    let listener = if family == AF_INET6 {
+        &POD_LISTENER6
+    } else {
+        &POD_LISTENER
+    };
     // SAFETY: copied out at once.
-    let Some(cookie) = (unsafe { POD_LISTENER.get(&pod.pod_id) }).copied() else {
+    let Some(cookie) = (unsafe { listener.get(&pod.pod_id) }).copied() else {
         // No proxy listening: refuse, as a REDIRECT to a closed port would, rather than let the
         // connection bypass the proxy; unless the pod fails open.
         return no_proxy(&pod, Counter::InboundNoListener);

@@ -63,10 +63,11 @@ pub enum Error {
     InboundUnavailable,
     #[error(
         "the pod asks for {count} {what}, more than the {limit} one pod may use of the \
-         node-wide map (so that no pod can leave others without room); shorten the list, e.g. \
-         merge ranges into wider CIDRs"
+         node-wide map {map} (so that no pod can leave others without room); shorten the list, \
+         e.g. merge ranges into wider CIDRs"
     )]
     Quota {
+        map: &'static str,
         what: &'static str,
         count: usize,
         limit: u32,
@@ -323,7 +324,12 @@ impl<'a> Registry<'a> {
                 .maps
                 .pod_listener
                 .get(&id, 0)
-                .is_ok_and(|cookie| live.contains(&cookie));
+                .is_ok_and(|cookie| live.contains(&cookie))
+                && self
+                    .maps
+                    .pod_listener6
+                    .get(&id, 0)
+                    .map_or(true, |cookie| live.contains(&cookie));
             if alive && !all {
                 continue;
             }
@@ -709,6 +715,7 @@ impl<'a> Registry<'a> {
         remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &[]);
         remove_stale_cidrs(&mut self.maps.cidr_include, id, &[]);
         let _ = self.maps.pod_listener.remove(&id);
+        let _ = self.maps.pod_listener6.remove(&id);
         bpf::attach::detach_pod(self.pins, id)?;
         iptables_mode::forget(self.pins, id);
         let _ = self.maps.pod_info.remove(&id);
@@ -1043,9 +1050,10 @@ fn port_key(pod_id: u32, port: u16, direction: u16) -> PortKey {
 
 /// A pod's share of the node-wide maps (see `names::size::PER_POD_*`).
 fn check_quota(spec: &PodSpec) -> Result<(), Error> {
-    let cidrs = |what, count: usize| {
+    let cidrs = |map, what, count: usize| {
         if count > size::PER_POD_CIDRS as usize {
             return Err(Error::Quota {
+                map,
                 what,
                 count,
                 limit: size::PER_POD_CIDRS,
@@ -1054,11 +1062,12 @@ fn check_quota(spec: &PodSpec) -> Result<(), Error> {
         Ok(())
     };
     cidrs(
+        "CIDR_EXCLUDE",
         "excluded outbound ranges",
         spec.exclude_outbound_cidrs.len(),
     )?;
     if let Selection::List(list) = &spec.include_outbound_cidrs {
-        cidrs("included outbound ranges", list.len())?;
+        cidrs("CIDR_INCLUDE", "included outbound ranges", list.len())?;
     }
     let mut ports = spec.exclude_inbound_ports.len()
         + spec.include_outbound_ports.len()
@@ -1070,6 +1079,7 @@ fn check_quota(spec: &PodSpec) -> Result<(), Error> {
     let limit = size::PER_POD_PORTS - 8;
     if ports > limit as usize {
         return Err(Error::Quota {
+            map: "POD_PORTS",
             what: "port rules",
             count: ports,
             limit,

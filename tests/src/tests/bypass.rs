@@ -582,3 +582,53 @@ fn a_pod_over_its_share_of_a_node_wide_map_is_refused_alone() {
     );
     assert_eq!(echo_round_trip(s, b"q").expect("echo"), b"q");
 }
+
+/// Envoy's inbound layout: `0.0.0.0:15006` and `[::]:15006` with IPV6_V6ONLY, two sockets.
+/// Each family's connections must reach the socket of that family (an IPv6 SYN handed to the
+/// IPv4 socket is dropped).
+#[test]
+fn a_proxy_with_one_inbound_listener_per_family_gets_both() {
+    use std::{io::Read, io::Write, net::TcpListener, thread};
+
+    let mut h = Harness::new("dualls");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    h.enable(&server, &[]);
+    let (l4, l6): (TcpListener, TcpListener) = server
+        .run(|| {
+            let l4 = TcpListener::bind("0.0.0.0:15006").expect("bind v4");
+            let s = Socket::new(Domain::IPV6, Type::STREAM, None).expect("socket");
+            s.set_only_v6(true).expect("v6only");
+            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 15006)).into())
+                .expect("bind v6");
+            s.listen(16).expect("listen");
+            (l4, TcpListener::from(s))
+        })
+        .expect("netns");
+    // Each socket answers with its family and the original destination (its local address).
+    let serve = |l: TcpListener, tag: &'static str| {
+        thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let _ = s.write_all(format!("{tag} {local}").as_bytes());
+            }
+        })
+    };
+    let (t4, t6) = (serve(l4, "v4"), serve(l6, "v6"));
+    h.wait_inbound_ready(&server);
+    let ask = |dst: SocketAddr| {
+        let mut s = crate::connect_from(&client, dst).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("reply");
+        reply
+    };
+    let to4 = SocketAddr::new(ip4(&server), 9000);
+    let to6 = SocketAddr::new(IpAddr::V6(server.ip6), 9000);
+    assert_eq!(ask(to4), format!("v4 {to4}"));
+    assert_eq!(ask(to6), format!("v6 {to6}"));
+    t4.join().expect("v4 listener");
+    t6.join().expect("v6 listener");
+}
