@@ -536,7 +536,8 @@ fn a_listener_flood_in_another_pod_does_not_break_inbound() {
     let after = h.counters();
     assert!(after.since(&before, "inbound_assigned") >= 1);
     if netns_keys(&h) {
-        assert_eq!(flooded.since(&before, "listener_skipped_not_pod"), 5200);
+        // At least: other tests' datapaths share the node, and count what they see too.
+        assert!(flooded.since(&before, "listener_skipped_not_pod") >= 5200);
         assert_eq!(flooded.since(&before, "listener_insert"), 0);
     }
     drop(held);
