@@ -19,6 +19,13 @@ macro_rules! counters {
                     $(Counter::$variant => $name,)+
                 }
             }
+
+            /// What the counter counts (its doc comment), for `interceptor status`.
+            pub const fn meaning(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!($($doc),*),)+
+                }
+            }
         }
     };
 }
@@ -40,15 +47,25 @@ counters! {
     ConnectSkippedNotIncluded = "connect_skipped_not_included",
     /// The pod captures no outbound traffic.
     ConnectSkippedOutboundOff = "connect_skipped_outbound_off",
-    /// The app side could not be made unique on the node (no pod address of its family, or
-    /// the socket already bound to a port or to a loopback address): left alone rather than
-    /// risk its 4-tuple colliding with another pod's in the sockhash and original-dst maps.
+    /// Fail-open pod: a connect that could not be sent through the proxy went direct (see
+    /// `connect_refused_source` for why it could not).
     ConnectSkippedSource = "connect_skipped_source",
+    /// Fail-closed pod (the default): a connect that could not be sent through the proxy was
+    /// refused (EPERM). On kernels < 5.15 (no network-namespace cookie in sockops, sk_msg and
+    /// getsockopt) the app side must be bound to its pod's address to stay unique on the node:
+    /// a socket already bound to a port or to loopback, or a pod without an address of that
+    /// family, cannot be.
+    ConnectRefusedSource = "connect_refused_source",
+    /// Fail-open pod whose proxy is not listening (nothing on its loopback capture port, as the
+    /// kernel sees it at connect time): the connect went direct. A fail-closed pod's connect
+    /// is sent to the port anyway and refused there (ECONNREFUSED), as with iptables.
+    ConnectNoProxyDirect = "connect_no_proxy_direct",
     /// Proxy passthrough connection (from 127.0.0.6) marked for the sockhash.
     ConnectPassthrough = "connect_passthrough",
     /// Proxy calling its own pod: sent to the inbound port.
     ConnectSelfInbound = "connect_self_inbound",
-    /// Could not record the original destination (map full): connect left alone.
+    /// Could not record the original destination (map full): connect refused, or left alone in
+    /// a fail-open pod.
     ConnectMapFull = "connect_map_full",
     /// Socket of an intercepted connection added to the sockhash.
     SockhashInsert = "sockhash_insert",
@@ -58,6 +75,9 @@ counters! {
     SockhashRemove = "sockhash_remove",
     /// A listener on the inbound port was put in the listener map.
     ListenerInsert = "listener_insert",
+    /// A listener on the inbound port outside any enabled, inbound-capturing pod: not put in
+    /// the listener map, agent not woken (kernels >= 5.15, which tell the namespace here).
+    ListenerSkippedNotPod = "listener_skipped_not_pod",
     /// Message moved into the peer socket by `bpf_msg_redirect_hash`.
     MsgRedirected = "msg_redirected",
     /// Peer socket missing from the sockhash: that direction falls back to TCP for good.
@@ -78,10 +98,16 @@ counters! {
     InboundSkippedLocal = "inbound_skipped_local",
     /// No proxy listener known for the pod: refused, as Istio's REDIRECT to a closed port is.
     InboundNoListener = "inbound_no_listener",
-    /// `bpf_sk_assign` failed: refused.
+    /// `bpf_sk_assign` failed (the listener closed): refused.
     InboundAssignFailed = "inbound_assign_failed",
+    /// Fail-open pod without a live proxy listener: the inbound connection went to the app
+    /// directly instead of being refused.
+    InboundNoProxyDirect = "inbound_no_proxy_direct",
     /// Network-namespace cookie recorded for the agent's probe.
     NetnsProbe = "netns_probe",
+    /// A pod refused because its lists exceed its share of a node-wide map (written by user
+    /// space: the offending pod gets the error, other pods keep their room).
+    PodQuotaExceeded = "pod_quota_exceeded",
 }
 
 impl Counter {

@@ -19,7 +19,7 @@ pub mod sockmap;
 
 /// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
 /// state written with another ABI instead of misreading it.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -58,11 +58,11 @@ mod layout_tests {
     // The sizes are the sum of the field sizes: no implicit padding anywhere.
     #[test]
     fn no_padding() {
-        assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4);
+        assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4 + 8);
         assert_eq!(size_of::<OrigDst>(), 16 + 4 * 4);
         assert_eq!(size_of::<PodConfig>(), 5 * 4 + 16);
         assert_eq!(size_of::<PortKey>(), 4 + 2 + 2);
-        assert_eq!(size_of::<CidrKey>(), 4 + 16);
+        assert_eq!(size_of::<CidrKey>(), 4 + 4 + 16);
         assert_eq!(size_of::<GlobalConfig>(), 4 * 4 + 16);
         assert_eq!(size_of::<Event>(), 4 + 4 + 8);
         assert_eq!(

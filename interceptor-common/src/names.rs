@@ -11,6 +11,7 @@ pub mod map {
     pub const CIDR_INCLUDE: &str = "CIDR_INCLUDE";
     pub const POD_INFO: &str = "POD_INFO";
     pub const POD_LISTENER: &str = "POD_LISTENER";
+    pub const POD_LISTENER6: &str = "POD_LISTENER6";
     pub const LISTENERS: &str = "LISTENERS";
     pub const COOKIE_ORIG: &str = "COOKIE_ORIG";
     pub const TUPLE_ORIG: &str = "TUPLE_ORIG";
@@ -31,6 +32,7 @@ pub mod map {
         CIDR_INCLUDE,
         POD_INFO,
         POD_LISTENER,
+        POD_LISTENER6,
         LISTENERS,
         COOKIE_ORIG,
         TUPLE_ORIG,
@@ -67,6 +69,11 @@ pub mod size {
     pub const SOCKETS: u32 = 131072;
     pub const PROBES: u32 = 1024;
     pub const EVENTS_BYTES: u32 = 64 * 1024;
+    /// What one pod may use of `CIDR_EXCLUDE` and of `CIDR_INCLUDE` (each): one pod's long
+    /// list must not leave later pods without room (they would run unintercepted).
+    pub const PER_POD_CIDRS: u32 = CIDRS / 64;
+    /// What one pod may use of `POD_PORTS` (all four lists and the always-excluded ports).
+    pub const PER_POD_PORTS: u32 = POD_PORTS / 64;
 }
 
 /// A UDP `connect()` to this address lets the agent learn a network namespace's cookie on

@@ -14,6 +14,9 @@ pub const POD_INBOUND_ALL_PORTS: u32 = 1 << 3;
 /// block in read() while another thread writes to or half-closes the same socket (see README,
 /// "Known kernel behaviour").
 pub const POD_NO_SOCKMAP: u32 = 1 << 4;
+/// Fail open: a connect the datapath cannot send through the proxy goes direct instead of
+/// being refused. Off by default (fail closed), as Istio never lets such a connection through.
+pub const POD_FAIL_OPEN: u32 = 1 << 5;
 
 /// Value of `POD_CONFIG`, keyed by the pod's network-namespace cookie (`u64`).
 #[repr(C)]
@@ -55,21 +58,32 @@ pub struct PortKey {
 }
 
 /// Data part of the `CIDR_EXCLUDE` / `CIDR_INCLUDE` LPM-trie keys. The trie matches bytes from
-/// the first, so `pod_id` comes first and is always matched whole (prefix = 32 + address bits).
+/// the first, so `pod_id` and `family` come first and are always matched whole (prefix =
+/// 64 + address bits).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CidrKey {
     /// Big-endian, so the LPM byte order and the numeric order agree.
     pub pod_id_be: u32,
+    /// `CIDR_V4` or `CIDR_V6`: the family of the range, and of the destination looked up. It
+    /// keeps an IPv6 range that covers `::ffff:0:0/96` (e.g. `::/0`) from applying to IPv4
+    /// destinations, which are stored IPv4-mapped (istio-iptables gives IPv6 ranges to
+    /// ip6tables only).
+    pub family: u32,
     /// Network byte order words; IPv4-mapped for IPv4 (prefix then counts 96 + v4 bits).
     pub ip: Addr,
 }
 
+/// `CidrKey::family` of IPv4 ranges and destinations (IPv4-mapped included).
+pub const CIDR_V4: u32 = 4;
+/// `CidrKey::family` of IPv6 ranges and destinations.
+pub const CIDR_V6: u32 = 6;
+
 impl CidrKey {
-    /// Prefix length of a key that matches `pod_id` exactly and the first `addr_bits` bits of
-    /// the 128-bit address.
+    /// Prefix length of a key that matches `pod_id` and `family` exactly and the first
+    /// `addr_bits` bits of the 128-bit address.
     pub const fn prefix_len(addr_bits: u32) -> u32 {
-        32 + addr_bits
+        64 + addr_bits
     }
 }
 

@@ -4,9 +4,11 @@ use crate::addr::Addr;
 
 /// A socket's 4-tuple, from that socket's point of view.
 ///
-/// Unique on the node: the app side of a redirected connection is bound to its pod's own
-/// address (connect4 binds it), and pod addresses are unique on a node; the passthrough side
-/// goes to a pod address. That is why no network-namespace id is needed in the key.
+/// Unique on the node with `netns`: both ends of an intercepted connection live in one pod's
+/// network namespace, so the cookie tells apart two pods whose loopback tuples are equal (an app
+/// that bound `0.0.0.0:P` before connecting reaches the proxy from `127.0.0.1:P`). On kernels
+/// whose sockops, sk_msg and getsockopt programs cannot read the cookie (< 5.15) `netns` is 0
+/// and connect4/6 keep the tuple unique instead, by binding the pod's address as the source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -18,6 +20,8 @@ pub struct SockKey {
     pub local_port: u32,
     /// Host byte order (converted from the network-order `remote_port` of sock_ops/sk_msg).
     pub remote_port: u32,
+    /// Network-namespace cookie of the socket, or 0 where the kernel cannot tell (see above).
+    pub netns: u64,
 }
 
 impl SockKey {
@@ -29,6 +33,7 @@ impl SockKey {
             remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            netns: self.netns,
         }
     }
 }

@@ -2,20 +2,27 @@
 //! connect.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use interceptor_common::{
-    addr::{is_loopback, is_unspecified, Addr},
+    addr::{is_loopback, is_unspecified, Addr, LOCALHOST_V4, LOCALHOST_V6},
     config::GlobalConfig,
     counters::Counter,
     origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
-    pod::{PodConfig, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
+    pod::{PodConfig, POD_FAIL_OPEN, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
 };
 
 use crate::{
-    maps::{config, count, pod_of, COOKIE_ORIG, POD_CONFIG},
+    maps::{config, count, pod_of, COOKIE_ORIG, NETNS_KEYS, POD_CONFIG},
     policy::{self, Outbound},
 };
 
@@ -38,40 +45,107 @@ pub(crate) enum Verdict {
     },
 }
 
-/// Whether the connect's source makes the app↔proxy 4-tuple unique on the node, which the
-/// sockhash and `TUPLE_ORIG` keys rely on (loopback is per pod, so `127.0.0.1:P` is not).
-/// `bind_pod_address` binds the pod's address of the socket's family when nothing is bound
-/// yet and says whether it worked (false: the pod has none, or the socket already has a port,
-/// e.g. after `bind(0.0.0.0:0)`).
+/// Whether the app↔proxy 4-tuple will be unique on the node, which the sockhash and
+/// `TUPLE_ORIG` keys rely on. Where the kernel puts the network-namespace cookie in those keys
+/// (>= 5.15) it always is, whatever the socket was bound to. Elsewhere the source must be
+/// pod-unique (loopback is per pod, so `127.0.0.1:P` is not). `bind_pod_address` binds the
+/// pod's address of the socket's family when nothing is bound yet and says whether it worked
+/// (false: the pod has none, or the socket already has a port, e.g. after `bind(0.0.0.0:0)`);
+/// it is tried in any case, so the app's source is the one iptables REDIRECT would leave.
 #[inline(always)]
-pub(crate) fn pod_unique_source(src: &Addr, bind_pod_address: impl FnOnce() -> bool) -> bool {
+pub(crate) fn unique_source(src: &Addr, bind_pod_address: impl FnOnce() -> bool) -> bool {
     if is_unspecified(src) {
-        bind_pod_address()
+        bind_pod_address() || netns_keyed()
     } else {
-        !is_loopback(src)
+        !is_loopback(src) || netns_keyed()
     }
 }
 
-/// Finishes a `ToProxy` verdict: with a pod-unique source, records the original destination
-/// and says to rewrite; else (or when the record cannot be stored) the connect goes on
-/// untouched.
+#[inline(always)]
+fn netns_keyed() -> bool {
+    NETNS_KEYS.load() != 0
+}
+
+/// What the program does with the connect in the end.
+pub(crate) enum Outcome {
+    /// Rewrite the destination to the proxy.
+    Redirect,
+    /// Let it go where it asked.
+    Pass,
+    /// Refuse it (the connect fails with EPERM): it could not go through the proxy and the pod
+    /// fails closed.
+    Refuse,
+}
+
+/// Finishes a `ToProxy` verdict: with a unique source, records the original destination and
+/// says to rewrite. A connect that cannot be redirected (no unique source, or no room to
+/// record its destination) is refused, or goes direct in a fail-open pod: never silently.
 #[inline(always)]
 pub(crate) fn redirect(
     ctx: &SockAddrContext,
+    pod: &Pod,
     unique_source: bool,
     orig: &OrigDst,
     counter: Counter,
-) -> bool {
-    if !unique_source {
+) -> Outcome {
+    // Without a recorded original destination the proxy could not route the connection.
+    if unique_source && remember(ctx, orig) {
+        count(counter);
+        return Outcome::Redirect;
+    }
+    if pod.config.flags & POD_FAIL_OPEN != 0 {
         count(Counter::ConnectSkippedSource);
+        Outcome::Pass
+    } else {
+        if !unique_source {
+            count(Counter::ConnectRefusedSource);
+        }
+        Outcome::Refuse
+    }
+}
+
+/// Whether a fail-open pod's connect must go direct because nothing listens on the proxy's
+/// loopback `port` in the socket's network namespace right now (decided here, from the
+/// listener's presence, not from what the agent believes). A fail-closed pod is never asked:
+/// its connect goes to the port and is refused there, as iptables REDIRECT to a closed port.
+#[inline(always)]
+pub(crate) fn proxy_absent_open(ctx: &SockAddrContext, pod: &Pod, v6: bool, port: u16) -> bool {
+    if pod.config.flags & POD_FAIL_OPEN == 0 || proxy_listening(ctx, v6, port) {
         return false;
     }
-    // Without a recorded original destination the proxy could not route the connection:
-    // leave it alone rather than break it.
-    if !remember(ctx, orig) {
+    count(Counter::ConnectNoProxyDirect);
+    true
+}
+
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    // SAFETY: a plain-data union, all zeroes is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v6 {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr: LOCALHOST_V6,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: LOCALHOST_V4,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    // SAFETY: sock_addr programs may look up sockets (>= 5.2); the tuple lives on the stack;
+    // u64::MAX is BPF_F_CURRENT_NETNS (the socket's own namespace).
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, u64::MAX, 0) };
+    if sk.is_null() {
         return false;
     }
-    count(counter);
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
     true
 }
 
@@ -151,7 +225,11 @@ pub(crate) fn decide(
     // sock_addr programs run in process context, so the caller's credentials are meaningful.
     let uid_gid = bpf_get_current_uid_gid();
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    if uid == pod.config.proxy_uid || gid == pod.config.proxy_gid {
+    // Never root: exempting UID 0 would let every root process of the pod bypass the proxy (a
+    // root proxy is exempted by its GID); the agent refuses 0, this holds whatever the map says.
+    let proxy_uid = pod.config.proxy_uid != 0 && uid == pod.config.proxy_uid;
+    let proxy_gid = pod.config.proxy_gid != 0 && gid == pod.config.proxy_gid;
+    if proxy_uid || proxy_gid {
         // Rules 2/5: the proxy calling its own pod goes through its inbound handler.
         if pod.config.flags & POD_INBOUND != 0 && is_pod_address(pod, dst) {
             return Verdict::ToProxy {

@@ -14,8 +14,8 @@ use interceptor_common::{
 
 use crate::{
     connect::{
-        current_pod, decide, pod_unique_source, redirect, settings, Verdict, AF_INET, SOCK_DGRAM,
-        SOCK_STREAM,
+        current_pod, decide, proxy_absent_open, redirect, settings, unique_source, Outcome,
+        Verdict, AF_INET, SOCK_DGRAM, SOCK_STREAM,
     },
     ctx,
     maps::{count, NETNS_PROBE},
@@ -24,28 +24,30 @@ use crate::{
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_conn4(ctx: SockAddrContext) -> i32 {
-    intercept(&ctx);
-    // Always let the connect proceed: interception only ever changes where it goes.
-    1
+    // 0 refuses the connect (EPERM): only for a connect that must not bypass the proxy.
+    match intercept(&ctx) {
+        Outcome::Refuse => 0,
+        Outcome::Redirect | Outcome::Pass => 1,
+    }
 }
 
 #[inline(always)]
-fn intercept(ctx: &SockAddrContext) {
+fn intercept(ctx: &SockAddrContext) -> Outcome {
     let kind = ctx::sa_type(ctx);
     let dst4 = ctx::sa_user_ip4(ctx);
     let port = ctx::sa_user_port(ctx);
     if kind == SOCK_DGRAM {
         record_netns_probe(ctx, dst4, port);
-        return;
+        return Outcome::Pass;
     }
     if kind != SOCK_STREAM {
-        return;
+        return Outcome::Pass;
     }
     let Some(pod) = current_pod(ctx) else {
-        return;
+        return Outcome::Pass;
     };
     let Some(cfg) = settings() else {
-        return;
+        return Outcome::Pass;
     };
     let src = ctx::sa_bound_src(ctx, false);
     let passthrough = v4_mapped(cfg.passthrough_ip4);
@@ -56,11 +58,14 @@ fn intercept(ctx: &SockAddrContext) {
         counter,
     } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port)
     else {
-        return;
+        return Outcome::Pass;
     };
-    // The pod's own address as the source: it makes the app↔proxy 4-tuple unique on the node
-    // and is the source the app would have had (as with iptables REDIRECT).
-    let unique = pod_unique_source(&src, || {
+    if proxy_absent_open(ctx, &pod, false, port) {
+        return Outcome::Pass;
+    }
+    // The pod's own address as the source: the source the app would have had (as with
+    // iptables REDIRECT), and what keeps the 4-tuple unique on kernels < 5.15.
+    let unique = unique_source(&src, || {
         if pod.config.ip4 == 0 {
             return false;
         }
@@ -80,10 +85,12 @@ fn intercept(ctx: &SockAddrContext) {
         };
         ret == 0
     });
-    if redirect(ctx, unique, &orig, counter) {
+    let outcome = redirect(ctx, &pod, unique, &orig, counter);
+    if let Outcome::Redirect = outcome {
         ctx::sa_set_user_ip4(ctx, LOCALHOST_V4);
         ctx::sa_set_user_port(ctx, port);
     }
+    outcome
 }
 
 /// The agent's UDP "connect" to the probe address: remember this socket's network namespace.

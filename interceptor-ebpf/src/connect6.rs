@@ -10,7 +10,8 @@ use interceptor_common::addr::{
 
 use crate::{
     connect::{
-        current_pod, decide, pod_unique_source, redirect, settings, Verdict, AF_INET6, SOCK_STREAM,
+        current_pod, decide, proxy_absent_open, redirect, settings, unique_source, Outcome,
+        Verdict, AF_INET6, SOCK_STREAM,
     },
     ctx,
     sockaddr::SockaddrIn6,
@@ -18,20 +19,22 @@ use crate::{
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_conn6(ctx: SockAddrContext) -> i32 {
-    intercept(&ctx);
-    1
+    match intercept(&ctx) {
+        Outcome::Refuse => 0,
+        Outcome::Redirect | Outcome::Pass => 1,
+    }
 }
 
 #[inline(always)]
-fn intercept(ctx: &SockAddrContext) {
+fn intercept(ctx: &SockAddrContext) -> Outcome {
     if ctx::sa_type(ctx) != SOCK_STREAM {
-        return;
+        return Outcome::Pass;
     }
     let Some(pod) = current_pod(ctx) else {
-        return;
+        return Outcome::Pass;
     };
     let Some(cfg) = settings() else {
-        return;
+        return Outcome::Pass;
     };
     let dst = ctx::sa_user_ip6(ctx);
     let port = ctx::sa_user_port(ctx);
@@ -48,8 +51,11 @@ fn intercept(ctx: &SockAddrContext) {
         counter,
     } = decide(ctx, &pod, &cfg, &src, &passthrough, &dst, port)
     else {
-        return;
+        return Outcome::Pass;
     };
+    if proxy_absent_open(ctx, &pod, !mapped, port) {
+        return Outcome::Pass;
+    }
     let (proxy, source) = if mapped {
         (
             v4_mapped(LOCALHOST_V4),
@@ -61,7 +67,7 @@ fn intercept(ctx: &SockAddrContext) {
             (!is_unspecified(&pod.config.ip6)).then_some(pod.config.ip6),
         )
     };
-    let unique = pod_unique_source(&src, || {
+    let unique = unique_source(&src, || {
         let Some(source) = source else {
             return false;
         };
@@ -82,8 +88,10 @@ fn intercept(ctx: &SockAddrContext) {
         };
         ret == 0
     });
-    if redirect(ctx, unique, &orig, counter) {
+    let outcome = redirect(ctx, &pod, unique, &orig, counter);
+    if let Outcome::Redirect = outcome {
         ctx::sa_set_user_ip6(ctx, &proxy);
         ctx::sa_set_user_port(ctx, port);
     }
+    outcome
 }

@@ -8,7 +8,7 @@ use interceptor_common::{addr::is_v4_mapped, counters::Counter, sockmap::SockKey
 use crate::{
     connect::{AF_INET, AF_INET6},
     ctx,
-    maps::{count, pod_of, PAGE_SIZE, TUPLE_ORIG},
+    maps::{count, netns_key, pod_of, PAGE_SIZE, TUPLE_ORIG},
     sockaddr::{SockaddrIn, SockaddrIn6},
 };
 
@@ -47,6 +47,7 @@ fn answer(ctx: &SockoptContext, v6: bool) {
         remote_ip,
         local_port,
         remote_port,
+        netns: netns_key(ctx),
     };
     // A connection connect4/6 redirected: its recorded destination.
     // SAFETY: copied out at once.

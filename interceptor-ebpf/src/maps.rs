@@ -2,9 +2,10 @@
 //! restarted agent, `interceptor pod ...` and `interceptor status` see the same state.
 
 use aya_ebpf::{
+    helpers::bpf_get_netns_cookie,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
-    Global,
+    EbpfContext, Global,
 };
 use interceptor_common::{
     config::GlobalConfig,
@@ -53,6 +54,12 @@ pub(crate) static POD_INFO: HashMap<u32, PodInfo> = HashMap::pinned(size::PODS, 
 #[map]
 pub(crate) static POD_LISTENER: HashMap<u32, u64> = HashMap::pinned(size::PODS, 0);
 
+/// Pod id → socket cookie of its proxy's IPv6 inbound listener, when it has one of its own
+/// (Envoy listens on `0.0.0.0:15006` and `[::]:15006` with IPV6_V6ONLY): IPv6 connections go
+/// there, IPv4 ones to `POD_LISTENER`.
+#[map]
+pub(crate) static POD_LISTENER6: HashMap<u32, u64> = HashMap::pinned(size::PODS, 0);
+
 /// Listening sockets on the inbound port, by socket cookie (inserted by sockops at listen()).
 #[map]
 pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::PODS, 0);
@@ -93,6 +100,23 @@ pub(crate) static EVENTS: RingBuf = RingBuf::pinned(size::EVENTS_BYTES, 0);
 /// values larger than a page (see getsockopt.rs).
 #[no_mangle]
 pub(crate) static PAGE_SIZE: Global<u32> = Global::new(4096);
+
+/// 1 when the kernel lets sockops, sk_msg and getsockopt read the network-namespace cookie
+/// (>= 5.15), set by the loader from a helper probe. A read-only global: the verifier sees the
+/// constant and skips the helper call on kernels that lack it.
+#[no_mangle]
+pub(crate) static NETNS_KEYS: Global<u32> = Global::new(0);
+
+/// The network-namespace cookie that goes into `SockKey`s: the socket's, or 0 on kernels that
+/// cannot tell it to every program that builds the key.
+#[inline(always)]
+pub(crate) fn netns_key<C: EbpfContext>(ctx: &C) -> u64 {
+    if NETNS_KEYS.load() == 0 {
+        return 0;
+    }
+    // SAFETY: the program's own context; only reached where the probe found the helper.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
 
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {

@@ -2,10 +2,10 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use interceptor_common::{
-    addr::Addr,
+    addr::{is_v4_mapped, Addr},
     pod::{
-        CidrKey, PodConfig, PortKey, DIR_INBOUND, DIR_OUTBOUND, POD_INBOUND_ALL_PORTS,
-        POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
+        CidrKey, PodConfig, PortKey, CIDR_V4, CIDR_V6, DIR_INBOUND, DIR_OUTBOUND,
+        POD_INBOUND_ALL_PORTS, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
     },
 };
 
@@ -32,11 +32,13 @@ fn port_rule(pod_id: u32, port: u16, direction: u16) -> u32 {
 
 #[inline(always)]
 fn cidr_key(pod_id: u32, ip: &Addr) -> Key<CidrKey> {
-    // The trie stores IPv4 as IPv4-mapped too: look up all 128 bits, the stored prefix decides.
+    // The trie stores IPv4 as IPv4-mapped too: look up all 128 bits of the destination's
+    // family, the stored prefix decides.
     Key::new(
         CidrKey::prefix_len(128),
         CidrKey {
             pod_id_be: pod_id.to_be(),
+            family: if is_v4_mapped(ip) { CIDR_V4 } else { CIDR_V6 },
             ip: *ip,
         },
     )

@@ -3,11 +3,16 @@
 //! address is then the original destination, and no iptables rule is involved.
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use interceptor_common::{addr::is_loopback, counters::Counter, pod::POD_INBOUND};
+use interceptor_common::{
+    addr::is_loopback,
+    counters::Counter,
+    pod::{PodConfig, POD_FAIL_OPEN, POD_INBOUND},
+};
 
 use crate::{
+    connect::AF_INET6,
     ctx,
-    maps::{config, count, pod_of, LISTENERS, POD_CONFIG, POD_LISTENER},
+    maps::{config, count, pod_of, LISTENERS, POD_CONFIG, POD_LISTENER, POD_LISTENER6},
     policy,
 };
 
@@ -20,7 +25,7 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn steer(ctx: &SkLookupContext) -> u32 {
-    let (_family, protocol, local, local_port, remote) = ctx::lookup_tuple(ctx);
+    let (family, protocol, local, local_port, remote) = ctx::lookup_tuple(ctx);
     if protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
@@ -47,21 +52,35 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         count(Counter::InboundSkippedPort);
         return sk_action::SK_PASS;
     }
+    // One listener per address family: an IPv6 SYN handed to an IPv4 socket is dropped.
+    let listener = if family == AF_INET6 {
+        &POD_LISTENER6
+    } else {
+        &POD_LISTENER
+    };
     // SAFETY: copied out at once.
-    let Some(cookie) = (unsafe { POD_LISTENER.get(&pod.pod_id) }).copied() else {
+    let Some(cookie) = (unsafe { listener.get(&pod.pod_id) }).copied() else {
         // No proxy listening: refuse, as a REDIRECT to a closed port would, rather than let the
-        // connection bypass the proxy.
-        count(Counter::InboundNoListener);
-        return sk_action::SK_DROP;
+        // connection bypass the proxy; unless the pod fails open.
+        return no_proxy(&pod, Counter::InboundNoListener);
     };
     match LISTENERS.redirect_sk_lookup(ctx, cookie, 0) {
         Ok(()) => {
             count(Counter::InboundAssigned);
             sk_action::SK_PASS
         }
-        Err(_) => {
-            count(Counter::InboundAssignFailed);
-            sk_action::SK_DROP
-        }
+        // The listener is gone (closed sockets leave LISTENERS by themselves).
+        Err(_) => no_proxy(&pod, Counter::InboundAssignFailed),
+    }
+}
+
+#[inline(always)]
+fn no_proxy(pod: &PodConfig, refused: Counter) -> u32 {
+    if pod.flags & POD_FAIL_OPEN != 0 {
+        count(Counter::InboundNoProxyDirect);
+        sk_action::SK_PASS
+    } else {
+        count(refused);
+        sk_action::SK_DROP
     }
 }

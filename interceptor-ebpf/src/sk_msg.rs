@@ -11,7 +11,7 @@ use interceptor_common::{config::CONFIG_MSG_REDIRECT, counters::Counter, sockmap
 
 use crate::{
     ctx,
-    maps::{config, count, MSG_FALLBACK, SOCKS},
+    maps::{config, count, netns_key, MSG_FALLBACK, SOCKS},
 };
 
 #[sk_msg]
@@ -33,6 +33,7 @@ fn redirect(ctx: &SkMsgContext) {
         remote_ip,
         local_port,
         remote_port,
+        netns: netns_key(ctx),
     };
     // Once a direction sent over TCP, redirected bytes could overtake bytes still in flight:
     // the receiver reads its redirect queue first. Stay on TCP for good.

@@ -18,12 +18,16 @@ use interceptor_common::{
     counters::Counter,
     event::{Event, EVENT_LISTENER},
     origdst::ORIG_NO_SOCKMAP,
+    pod::POD_INBOUND,
     sockmap::SockKey,
 };
 
 use crate::{
     ctx,
-    maps::{config, count, COOKIE_ORIG, EVENTS, LISTENERS, MSG_FALLBACK, SOCKS, TUPLE_ORIG},
+    maps::{
+        config, count, netns_key, COOKIE_ORIG, EVENTS, LISTENERS, MSG_FALLBACK, POD_CONFIG, SOCKS,
+        TUPLE_ORIG,
+    },
 };
 
 /// `TCP_CLOSE` from include/net/tcp_states.h.
@@ -50,6 +54,7 @@ fn own_tuple(ctx: &SockOpsContext) -> Option<SockKey> {
         remote_ip,
         local_port,
         remote_port,
+        netns: netns_key(ctx),
     })
 }
 
@@ -142,6 +147,21 @@ fn on_listen(ctx: &SockOpsContext) {
     let port = ctx::ops_local_port(ctx);
     if port != cfg.inbound_port {
         return;
+    }
+    // Only an enabled, inbound-capturing pod's proxy belongs in the node-wide LISTENERS map
+    // and deserves waking the agent: a flood of listeners elsewhere must neither fill it nor
+    // cost the agent work. Kernels < 5.15 cannot tell the namespace here; there the agent
+    // still only registers listeners of enabled pods (and inserts them itself if missing).
+    let netns = netns_key(ctx);
+    if netns != 0 {
+        // SAFETY: copied out at once.
+        match unsafe { POD_CONFIG.get(&netns) }.copied() {
+            Some(pod) if pod.flags & POD_INBOUND != 0 => {}
+            _ => {
+                count(Counter::ListenerSkippedNotPod);
+                return;
+            }
+        }
     }
     // SAFETY: bpf_get_socket_cookie on a sock_ops context.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -171,7 +171,8 @@ pub struct ProxyArgs {
     pub uid: u32,
     #[arg(long, default_value_t = 1337)]
     pub gid: u32,
-    /// Keep running as the starting user.
+    /// Keep running as the starting user, and skip the check that the proxy runs as an
+    /// identity interception exempts (for a proxy run outside interception, e.g. benchmarks).
     #[arg(long)]
     pub no_drop_privileges: bool,
     /// Upstream connect timeout, seconds.
@@ -274,15 +275,23 @@ pub struct Switches {
     /// read() while another thread writes to or half-closes the same socket; see README).
     #[arg(long)]
     pub no_sockmap: bool,
-    /// UID of the pod's proxy (its connections are never captured).
+    /// Let a connect the datapath cannot send through the proxy go direct instead of refusing
+    /// it (the default refuses: nothing bypasses the sidecar silently; see the
+    /// `connect_refused_source` counter in `interceptor status`).
+    #[arg(long)]
+    pub fail_open: bool,
+    /// UID of the pod's proxy (its connections are never captured). Never 0.
     #[arg(long, default_value_t = 1337)]
     pub proxy_uid: u32,
+    /// GID of the pod's proxy (its connections are never captured). Never 0: a proxy running
+    /// as root (Istio's TPROXY mode) is exempted by this group alone.
     #[arg(long, default_value_t = 1337)]
     pub proxy_gid: u32,
 }
 
 impl Switches {
     pub fn spec(&self) -> Result<PodSpec, SpecError> {
+        spec::check_proxy_identity(self.proxy_uid, self.proxy_gid)?;
         Ok(PodSpec {
             include_inbound_ports: spec::parse_port_selection(
                 "--include-inbound-ports",
@@ -310,6 +319,7 @@ impl Switches {
             )?,
             outbound: !self.no_outbound,
             sockmap: !self.no_sockmap,
+            fail_open: self.fail_open,
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
         })

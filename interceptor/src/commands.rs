@@ -16,7 +16,7 @@ use crate::{
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    let pins = Pins::new(&cli.pin_root);
+    let pins = Pins::checked(&cli.pin_root)?;
     match cli.command {
         Command::Agent(args) => agent::run(pins, args),
         Command::Proxy(args) => proxy::run(args),

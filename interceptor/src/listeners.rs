@@ -66,9 +66,15 @@ pub enum Error {
 pub struct Listener {
     pub cookie: u64,
     pub inode: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
 }
 
-/// Finds the pod's listener on `port` and records it for `steer_inbound`. Returns its cookie.
+/// Finds the pod's listeners on `port` and records them for `steer_inbound`, one per address
+/// family: IPv4 connections go to an IPv4 listener (else to an IPv6 one, which takes IPv4 when
+/// it is dual-stack), IPv6 connections to an IPv6 listener. A proxy with separate sockets
+/// (Envoy: `0.0.0.0:15006` and `[::]:15006` v6only) gets each family on its own socket.
+/// Returns the IPv4 one's cookie.
 pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result<u64, Error> {
     let found = netns
         .run(|| listening_on(port))?
@@ -76,18 +82,43 @@ pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result
             netns: netns.path().display().to_string(),
             source,
         })?;
-    let Some(listener) = found.first().copied() else {
+    let v4 = found.iter().find(|l| l.family == AF_INET).copied();
+    let v6 = found.iter().find(|l| l.family == AF_INET6).copied();
+    let Some(first) = v4.or(v6) else {
         // The proxy is gone: forget the old socket so nothing is steered to a stale cookie.
         let _ = maps.pod_listener.remove(&pod_id);
+        let _ = maps.pod_listener6.remove(&pod_id);
         return Err(Error::NoListener {
             port,
             netns: netns.path().display().to_string(),
         });
     };
-    if maps.pod_listener.get(&pod_id, 0).ok() == Some(listener.cookie)
-        && maps.has_listener(listener.cookie)
-    {
-        return Ok(listener.cookie);
+    register(maps, pod_id, netns, port, first, false)?;
+    match v6 {
+        Some(v6) => register(maps, pod_id, netns, port, v6, true)?,
+        None => {
+            let _ = maps.pod_listener6.remove(&pod_id);
+        }
+    }
+    Ok(first.cookie)
+}
+
+/// Records one listener under the pod (`POD_LISTENER`, or `POD_LISTENER6` for `v6`).
+fn register(
+    maps: &mut Maps,
+    pod_id: u32,
+    netns: &Netns,
+    port: u16,
+    listener: Listener,
+    v6: bool,
+) -> Result<(), Error> {
+    let (map, name) = if v6 {
+        (&maps.pod_listener6, "POD_LISTENER6")
+    } else {
+        (&maps.pod_listener, "POD_LISTENER")
+    };
+    if map.get(&pod_id, 0).ok() == Some(listener.cookie) && maps.has_listener(listener.cookie) {
+        return Ok(());
     }
     if !maps.has_listener(listener.cookie) {
         let fd = borrow_socket(netns, listener.inode).map_err(|source| Error::Adopt {
@@ -106,19 +137,21 @@ pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result
             "adopted a listener that predates the datapath"
         );
     }
-    maps.pod_listener
-        .insert(pod_id, listener.cookie, 0)
-        .map_err(|source| Error::Map {
-            map: "POD_LISTENER",
-            source,
-        })?;
+    let map = if v6 {
+        &mut maps.pod_listener6
+    } else {
+        &mut maps.pod_listener
+    };
+    map.insert(pod_id, listener.cookie, 0)
+        .map_err(|source| Error::Map { map: name, source })?;
     info!(
         pod_id,
         port,
+        v6,
         cookie = listener.cookie,
         "inbound listener registered"
     );
-    Ok(listener.cookie)
+    Ok(())
 }
 
 /// Listening TCP sockets (IPv4 and IPv6) on `port` in the calling thread's namespace.
@@ -155,6 +188,7 @@ pub fn listening_on(port: u16) -> io::Result<Vec<Listener>> {
                 out.push(Listener {
                     cookie: cookie_of(&id.cookie),
                     inode,
+                    family,
                 });
             }
         })?;

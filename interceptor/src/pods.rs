@@ -15,10 +15,10 @@ use interceptor_common::{
     addr::{Addr, v4_mapped},
     names::size,
     pod::{
-        BACKEND_LEGACY, BACKEND_NFT, DIR_INBOUND, DIR_OUTBOUND, MODE_EBPF, MODE_IPTABLES,
-        POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN, POD_NO_SOCKMAP, POD_OUTBOUND,
-        POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE, PodConfig, PodInfo, PortKey,
-        SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+        BACKEND_LEGACY, BACKEND_NFT, CIDR_V4, CIDR_V6, DIR_INBOUND, DIR_OUTBOUND, MODE_EBPF,
+        MODE_IPTABLES, POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NAME_LEN,
+        POD_NO_SOCKMAP, POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
+        PodConfig, PodInfo, PortKey, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
     },
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -61,6 +61,17 @@ pub enum Error {
          with --include-inbound-ports \"\" (outbound only), or use --mode iptables"
     )]
     InboundUnavailable,
+    #[error(
+        "the pod asks for {count} {what}, more than the {limit} one pod may use of the \
+         node-wide map {map} (so that no pod can leave others without room); shorten the list, \
+         e.g. merge ranges into wider CIDRs"
+    )]
+    Quota {
+        map: &'static str,
+        what: &'static str,
+        count: usize,
+        limit: u32,
+    },
     #[error("the pod table is full ({0} pods); disable pods that are gone")]
     Full(u32),
     #[error("pod name {0:?} is longer than {POD_NAME_LEN} bytes")]
@@ -199,6 +210,11 @@ impl<'a> Registry<'a> {
         if netns.is_node() {
             return Err(Error::NodeNetns(netns.path().to_owned()));
         }
+        if let Err(err) = check_quota(spec) {
+            self.maps
+                .bump(interceptor_common::counters::Counter::PodQuotaExceeded);
+            return Err(err);
+        }
         let inbound = spec.inbound();
         if inbound && !bpf::attach::sk_lookup_available(self.pins) {
             return Err(Error::InboundUnavailable);
@@ -308,7 +324,12 @@ impl<'a> Registry<'a> {
                 .maps
                 .pod_listener
                 .get(&id, 0)
-                .is_ok_and(|cookie| live.contains(&cookie));
+                .is_ok_and(|cookie| live.contains(&cookie))
+                && self
+                    .maps
+                    .pod_listener6
+                    .get(&id, 0)
+                    .map_or(true, |cookie| live.contains(&cookie));
             if alive && !all {
                 continue;
             }
@@ -506,22 +527,22 @@ impl<'a> Registry<'a> {
                 .insert(key, rule, 0)
                 .map_err(map_err("POD_PORTS"))?;
         }
-        let excluded: Vec<(Addr, u32)> =
+        let excluded: Vec<(u32, Addr, u32)> =
             spec.exclude_outbound_cidrs.iter().map(cidr_entry).collect();
-        let included: Vec<(Addr, u32)> = match &spec.include_outbound_cidrs {
+        let included: Vec<(u32, Addr, u32)> = match &spec.include_outbound_cidrs {
             Selection::All => Vec::new(),
             Selection::List(list) => list.iter().map(cidr_entry).collect(),
         };
-        for (ip, bits) in &excluded {
+        for (family, ip, bits) in &excluded {
             self.maps
                 .cidr_exclude
-                .insert(&cidr_key(id, *ip, *bits), 1, 0)
+                .insert(&cidr_key(id, *family, *ip, *bits), 1, 0)
                 .map_err(map_err("CIDR_EXCLUDE"))?;
         }
-        for (ip, bits) in &included {
+        for (family, ip, bits) in &included {
             self.maps
                 .cidr_include
-                .insert(&cidr_key(id, *ip, *bits), 1, 0)
+                .insert(&cidr_key(id, *family, *ip, *bits), 1, 0)
                 .map_err(map_err("CIDR_INCLUDE"))?;
         }
         for ip in addresses {
@@ -541,7 +562,7 @@ impl<'a> Registry<'a> {
             .map_err(map_err("POD_CONFIG"))?;
 
         // Drop what an earlier spec of this pod had and this one does not.
-        let keep: Vec<PortKey> = ports.iter().map(|(k, _)| *k).collect();
+        let keep: std::collections::HashSet<PortKey> = ports.iter().map(|(k, _)| *k).collect();
         let stale: Vec<PortKey> = self
             .maps
             .pod_ports
@@ -639,7 +660,7 @@ impl<'a> Registry<'a> {
         )]| {
             entries
                 .iter()
-                .map(|(k, _)| (k.data().ip, k.prefix_len() - 32))
+                .map(|(k, _)| (k.data().family, k.data().ip, k.prefix_len() - 64))
                 .collect::<Vec<_>>()
         };
         remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &keep(&snapshot.excluded));
@@ -694,6 +715,7 @@ impl<'a> Registry<'a> {
         remove_stale_cidrs(&mut self.maps.cidr_exclude, id, &[]);
         remove_stale_cidrs(&mut self.maps.cidr_include, id, &[]);
         let _ = self.maps.pod_listener.remove(&id);
+        let _ = self.maps.pod_listener6.remove(&id);
         bpf::attach::detach_pod(self.pins, id)?;
         iptables_mode::forget(self.pins, id);
         let _ = self.maps.pod_info.remove(&id);
@@ -720,17 +742,26 @@ struct Entries {
 fn remove_stale_cidrs(
     trie: &mut aya::maps::LpmTrie<aya::maps::MapData, interceptor_common::pod::CidrKey, u32>,
     id: u32,
-    keep: &[(Addr, u32)],
+    keep: &[(u32, Addr, u32)],
 ) {
+    // A set, so a pod with many ranges costs one pass over the trie, not keys × ranges.
+    let keep: std::collections::HashSet<(u32, Addr, u32)> = keep
+        .iter()
+        .map(|&(family, ip, bits)| {
+            (
+                family,
+                ip,
+                interceptor_common::pod::CidrKey::prefix_len(bits),
+            )
+        })
+        .collect();
     let stale: Vec<_> = trie
         .keys()
         .filter_map(Result::ok)
         .filter(|k| {
             let data = k.data();
             u32::from_be(data.pod_id_be) == id
-                && !keep
-                    .iter()
-                    .any(|(ip, bits)| data.ip == *ip && k.prefix_len() == 32 + bits)
+                && !keep.contains(&(data.family, data.ip, k.prefix_len()))
         })
         .collect();
     for key in stale {
@@ -827,6 +858,7 @@ fn read_spec(maps: &Maps, id: u32, config: Option<&PodConfig>) -> PodSpec {
         },
         outbound: flags & POD_OUTBOUND != 0,
         sockmap: flags & POD_NO_SOCKMAP == 0,
+        fail_open: flags & POD_FAIL_OPEN != 0,
         proxy_uid: config.map_or(0, |c| c.proxy_uid),
         proxy_gid: config.map_or(0, |c| c.proxy_gid),
         ..PodSpec::default()
@@ -852,7 +884,7 @@ fn read_spec(maps: &Maps, id: u32, config: Option<&PodConfig>) -> PodSpec {
             .keys()
             .filter_map(Result::ok)
             .filter(|k| u32::from_be(k.data().pod_id_be) == id)
-            .map(|k| cidr_of(k.data().ip, k.prefix_len() - 32))
+            .map(|k| cidr_of(k.data().family, k.data().ip, k.prefix_len() - 64))
             .collect();
         out.sort_by_key(|c| (c.addr, c.prefix));
         out
@@ -964,6 +996,9 @@ fn pod_config(id: u32, spec: &PodSpec, addresses: &[IpAddr]) -> PodConfig {
     if !spec.sockmap {
         flags |= POD_NO_SOCKMAP;
     }
+    if spec.fail_open {
+        flags |= POD_FAIL_OPEN;
+    }
     let ip4 = addresses.iter().find_map(|a| match a {
         IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
         IpAddr::V6(_) => None,
@@ -990,8 +1025,52 @@ fn port_key(pod_id: u32, port: u16, direction: u16) -> PortKey {
     }
 }
 
-fn cidr_entry(c: &Cidr) -> (Addr, u32) {
-    (addr(c.addr), c.mapped_bits())
+/// A pod's share of the node-wide maps (see `names::size::PER_POD_*`).
+fn check_quota(spec: &PodSpec) -> Result<(), Error> {
+    let cidrs = |map, what, count: usize| {
+        if count > size::PER_POD_CIDRS as usize {
+            return Err(Error::Quota {
+                map,
+                what,
+                count,
+                limit: size::PER_POD_CIDRS,
+            });
+        }
+        Ok(())
+    };
+    cidrs(
+        "CIDR_EXCLUDE",
+        "excluded outbound ranges",
+        spec.exclude_outbound_cidrs.len(),
+    )?;
+    if let Selection::List(list) = &spec.include_outbound_cidrs {
+        cidrs("CIDR_INCLUDE", "included outbound ranges", list.len())?;
+    }
+    let mut ports = spec.exclude_inbound_ports.len()
+        + spec.include_outbound_ports.len()
+        + spec.exclude_outbound_ports.len();
+    if let Selection::List(list) = &spec.include_inbound_ports {
+        ports += list.len();
+    }
+    // Room for the ports every pod excludes (proxy ports, 15090, 15021, 15020, 22).
+    let limit = size::PER_POD_PORTS - 8;
+    if ports > limit as usize {
+        return Err(Error::Quota {
+            map: "POD_PORTS",
+            what: "port rules",
+            count: ports,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn cidr_entry(c: &Cidr) -> (u32, Addr, u32) {
+    let family = match c.addr {
+        IpAddr::V4(_) => CIDR_V4,
+        IpAddr::V6(_) => CIDR_V6,
+    };
+    (family, addr(c.addr), c.mapped_bits())
 }
 
 /// An address as the maps store it: four network-order words, IPv4 mapped.
@@ -1020,11 +1099,16 @@ pub fn ip_of(a: Addr) -> IpAddr {
     }
 }
 
-fn cidr_of(a: Addr, mapped_bits: u32) -> Cidr {
+fn cidr_of(family: u32, a: Addr, mapped_bits: u32) -> Cidr {
     match ip_of(a) {
-        IpAddr::V4(v4) => Cidr {
+        IpAddr::V4(v4) if family == CIDR_V4 => Cidr {
             addr: IpAddr::V4(v4),
             prefix: mapped_bits.saturating_sub(96) as u8,
+        },
+        // An IPv6 range inside ::ffff:0:0/96 stays an IPv6 range.
+        IpAddr::V4(v4) => Cidr {
+            addr: IpAddr::V6(v4.to_ipv6_mapped()),
+            prefix: mapped_bits as u8,
         },
         ip => Cidr {
             addr: ip,
@@ -1077,11 +1161,16 @@ mod tests {
 
     #[test]
     fn cidr_round_trip() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        let (a, bits) = cidr_entry(&c);
-        assert_eq!(cidr_of(a, bits), c);
-        let c: Cidr = "fd00::/8".parse().unwrap();
-        let (a, bits) = cidr_entry(&c);
-        assert_eq!(cidr_of(a, bits), c);
+        for c in [
+            "10.1.0.0/16",
+            "fd00::/8",
+            "::/0",
+            "::ffff:10.0.0.0/104",
+            "0.0.0.0/0",
+        ] {
+            let c: Cidr = c.parse().unwrap();
+            let (family, a, bits) = cidr_entry(&c);
+            assert_eq!(cidr_of(family, a, bits), c);
+        }
     }
 }

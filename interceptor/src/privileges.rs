@@ -25,3 +25,33 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<bool, Error> {
     setresuid(u, u, u).map_err(err)?;
     Ok(true)
 }
+
+/// The proxy's running identity is not one interception leaves alone.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the proxy runs as UID {euid} / GID {egid}, but interception exempts only UID {uid} / GID \
+     {gid} (never 0): its own upstream connections would be captured again, a loop. Start it \
+     as root so it drops to --uid/--gid, run it as that identity, or enable the pod with its \
+     real identity (pod enable --proxy-uid/--proxy-gid)"
+)]
+pub struct NotExempt {
+    euid: u32,
+    egid: u32,
+    uid: u32,
+    gid: u32,
+}
+
+/// Checks that the calling process is exempt from interception as the pod's proxy identity
+/// `uid`/`gid`: the same rule connect4/6 apply (a match on a non-zero UID or GID).
+pub fn check_exempt(uid: u32, gid: u32) -> Result<(), NotExempt> {
+    let (euid, egid) = (geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    if (euid != 0 && euid == uid) || (egid != 0 && egid == gid) {
+        return Ok(());
+    }
+    Err(NotExempt {
+        euid,
+        egid,
+        uid,
+        gid,
+    })
+}

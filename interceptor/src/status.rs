@@ -153,7 +153,7 @@ impl Status {
         let _ = writeln!(out, "\ncounters");
         for (name, value) in &self.counters {
             if *value > 0 {
-                let _ = writeln!(out, "  {name:<32} {value}");
+                let _ = writeln!(out, "  {name:<32} {value:>10}  {}", meaning(name));
             }
         }
         if self.counters.values().all(|v| *v == 0) {
@@ -161,6 +161,15 @@ impl Status {
         }
         out
     }
+}
+
+/// A counter's meaning, on one line (its doc comment in `interceptor_common::counters`).
+fn meaning(name: &str) -> String {
+    interceptor_common::counters::Counter::ALL
+        .iter()
+        .find(|c| c.name() == name)
+        .map(|c| c.meaning().split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn program_id(pins: &Pins, name: &str) -> Option<u32> {

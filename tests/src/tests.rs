@@ -1,5 +1,6 @@
 //! The suite, one module per area of the datapath.
 
+mod bypass;
 mod cli;
 mod demo;
 mod host_safety;

@@ -127,9 +127,11 @@ impl Datapath {
             .flatten()
             .map_or(4096, |v| v as u32);
         let level = opts.bpf_log_level as u8;
+        let netns_keys = u32::from(super::features::Features::probe().netns_keys());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps_dir())
             .override_global("PAGE_SIZE", &page_size, true)
+            .override_global("NETNS_KEYS", &netns_keys, true)
             .override_global(aya_log::LEVEL, &level, false)
             .load(OBJECT)
             .map_err(Error::Load)?;

@@ -52,6 +52,9 @@ impl Features {
             ProgramType::CgroupSockAddr,
             BpfHelper::BPF_FUNC_get_netns_cookie,
         );
+        for (name, ty) in NETNS_KEY_PROGRAMS {
+            helper(name, ty, BpfHelper::BPF_FUNC_get_netns_cookie);
+        }
         helper(
             "helper_bind_sock_addr",
             ProgramType::CgroupSockAddr,
@@ -127,6 +130,11 @@ impl Features {
         } else {
             "netns cookie: connect4 probe"
         });
+        v.push(if self.netns_keys() {
+            "tuple keys: 4-tuple + netns cookie (bound sockets redirected)"
+        } else {
+            "tuple keys: 4-tuple, pod-unique source (bound sockets refused / fail-open)"
+        });
         if !self.has("map_ringbuf") {
             v.push("no bpf log/events (no ringbuf)");
         }
@@ -135,6 +143,13 @@ impl Features {
             v.push("memlock rlimit raised");
         }
         v
+    }
+
+    /// Whether every program that builds a sockhash / original-destination key can read the
+    /// network-namespace cookie (Linux >= 5.15): then a connect is redirected whatever its
+    /// socket was bound to; else only with a pod-unique source (see `connect_refused_source`).
+    pub fn netns_keys(&self) -> bool {
+        NETNS_KEY_PROGRAMS.iter().all(|(name, _)| self.has(name))
     }
 
     pub fn has(&self, probe: &str) -> bool {
@@ -163,6 +178,13 @@ impl Features {
         .collect()
     }
 }
+
+/// The programs that put the network-namespace cookie into their keys when all of them can.
+const NETNS_KEY_PROGRAMS: [(&str, ProgramType); 3] = [
+    ("helper_netns_cookie_sock_ops", ProgramType::SockOps),
+    ("helper_netns_cookie_sk_msg", ProgramType::SkMsg),
+    ("helper_netns_cookie_sockopt", ProgramType::CgroupSockopt),
+];
 
 /// Whether a `uname -r` release is older than `(major, minor)`; unknown formats are not.
 pub fn kernel_below(release: &str, (major, minor): (u32, u32)) -> bool {

@@ -29,6 +29,7 @@ pub struct Maps {
     pub cidr_include: LpmTrie<MapData, CidrKey, u32>,
     pub pod_info: HashMap<MapData, u32, PodInfo>,
     pub pod_listener: HashMap<MapData, u32, u64>,
+    pub pod_listener6: HashMap<MapData, u32, u64>,
     pub listeners: SockHash<MapData, u64>,
     pub socks: SockHash<MapData, SockKey>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -62,6 +63,7 @@ impl Maps {
             cidr_include: open_pinned(pins, map::CIDR_INCLUDE)?,
             pod_info: open_pinned(pins, map::POD_INFO)?,
             pod_listener: open_pinned(pins, map::POD_LISTENER)?,
+            pod_listener6: open_pinned(pins, map::POD_LISTENER6)?,
             listeners: open_pinned(pins, map::LISTENERS)?,
             socks: open_pinned(pins, map::SOCKS)?,
             counters: open_pinned(pins, map::COUNTERS)?,
@@ -126,6 +128,20 @@ impl Maps {
         Ok(out)
     }
 
+    /// Adds one to a counter only user space writes (its per-CPU slots are summed anyway).
+    pub fn bump(&mut self, counter: Counter) {
+        let Ok(values) = self.counters.get(&counter.index(), 0) else {
+            return;
+        };
+        let mut values: Vec<u64> = values.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first += 1;
+        }
+        if let Ok(values) = aya::maps::PerCpuValues::try_from(values) {
+            let _ = self.counters.set(counter.index(), values, 0);
+        }
+    }
+
     /// Live entries of the app↔proxy sockhash.
     pub fn sockhash_entries(&self) -> usize {
         self.socks.keys().filter(Result::is_ok).count()
@@ -142,12 +158,14 @@ impl Maps {
     }
 }
 
-/// An LPM key matching `pod_id` and the first `bits` of the 16-byte address.
-pub(crate) fn cidr_key(pod_id: u32, ip: Addr, bits: u32) -> LpmKey<CidrKey> {
+/// An LPM key matching `pod_id`, the `family` (`CIDR_V4`/`CIDR_V6`) and the first `bits` of
+/// the 16-byte address.
+pub(crate) fn cidr_key(pod_id: u32, family: u32, ip: Addr, bits: u32) -> LpmKey<CidrKey> {
     LpmKey::new(
         CidrKey::prefix_len(bits),
         CidrKey {
             pod_id_be: pod_id.to_be(),
+            family,
             ip,
         },
     )

@@ -20,9 +20,51 @@ pub struct Pins {
     root: PathBuf,
 }
 
+/// A pin root that would make teardown remove state this instance does not own.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--pin-root {}: {why}; use a directory of its own inside bpffs, e.g. {DEFAULT_ROOT}",
+    root.display()
+)]
+pub struct PinRootError {
+    root: PathBuf,
+    why: &'static str,
+}
+
 impl Pins {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
+    }
+
+    /// `new`, refusing a root that is a bpffs mount itself (or `/`): uninstall removes the
+    /// whole root, which would take every other program's pins with it.
+    pub fn checked(root: impl Into<PathBuf>) -> Result<Self, PinRootError> {
+        let root = root.into();
+        let resolved = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+        let err = |why| PinRootError {
+            root: root.clone(),
+            why,
+        };
+        if resolved.parent().is_none() {
+            return Err(err("the filesystem root"));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let bpffs = mounts
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (point, fstype) = (f.nth(1)?, f.next()?);
+                (fstype == "bpf").then(|| PathBuf::from(point))
+            })
+            .chain([PathBuf::from("/sys/fs/bpf")]);
+        for point in bpffs {
+            if resolved == point {
+                return Err(err(
+                    "that is a bpffs mount itself, shared with every other BPF program",
+                ));
+            }
+        }
+        Ok(Self::new(root))
     }
 
     pub fn root(&self) -> &Path {
@@ -94,5 +136,20 @@ impl Pins {
 impl Default for Pins {
     fn default() -> Self {
         Self::new(DEFAULT_ROOT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_the_bpffs_mount_and_the_filesystem_root() {
+        for root in ["/sys/fs/bpf", "/sys/fs/bpf/", "/sys/fs/bpf/.", "/"] {
+            let err = Pins::checked(root).expect_err(root).to_string();
+            assert!(err.contains(DEFAULT_ROOT), "{err}");
+        }
+        assert!(Pins::checked(DEFAULT_ROOT).is_ok());
+        assert!(Pins::checked("/sys/fs/bpf/icpt-test-x").is_ok());
     }
 }

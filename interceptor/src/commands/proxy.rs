@@ -54,6 +54,11 @@ pub fn run_with(args: ProxyArgs, orig_dst: Option<Arc<dyn OrigDstAddr>>) -> Resu
             "running as the proxy identity"
         );
     }
+    // A proxy that interception does not exempt would capture its own upstream
+    // connections. --no-drop-privileges is for a proxy run outside interception.
+    if !args.no_drop_privileges {
+        privileges::check_exempt(args.uid, args.gid)?;
+    }
     // The control plane (admin, metrics, reload, signals) is light: one thread. The
     // data plane runs on its own worker threads (see `app.rs`).
     let rt = tokio::runtime::Builder::new_current_thread()

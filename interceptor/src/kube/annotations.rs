@@ -25,6 +25,9 @@ pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOu
 pub const MODE: &str = "interceptor.dev/mode";
 /// Ours: `off` keeps the pod's app↔proxy hop on loopback TCP (see README, sockmap reads).
 pub const SOCKMAP: &str = "interceptor.dev/sockmap";
+/// Ours: `open` lets a connect the datapath cannot send through the proxy go direct; `closed`
+/// (the default) refuses it, as Istio never lets such a connection bypass the sidecar.
+pub const FAILURE_POLICY: &str = "interceptor.dev/failurePolicy";
 /// Namespace label: `enabled` or `disabled`.
 pub const NAMESPACE_INJECTION: &str = "istio-injection";
 /// Namespace label: revision-based injection.
@@ -190,9 +193,15 @@ fn sidecar_evidence(pod: &Pod, annotations: &BTreeMap<String, String>) -> Option
         .then_some(Because::ProxyPort)
 }
 
+/// Where the proxy identity comes from, named in the event when it cannot be used.
+pub const PROXY_SECURITY_CONTEXT: &str = "istio-proxy securityContext runAsUser/runAsGroup";
+
 /// The proxy's UID/GID: the `istio-proxy` container's `runAsUser`/`runAsGroup` (OpenShift and
-/// other platforms pick their own), else Istio's 1337.
-fn proxy_identity(pod: &Pod) -> (u32, u32) {
+/// other platforms pick their own), else Istio's 1337. Never root: a root proxy (Istio's
+/// TPROXY mode: `runAsUser: 0`, `runAsGroup: 1337`) is exempted by its group, and its UID slot
+/// keeps 1337 as istio-iptables' `--uid-owner 1337`; one running as UID 0 *and* GID 0 cannot
+/// be told from the app's root processes, so the pod is refused rather than left open.
+fn proxy_identity(pod: &Pod) -> Result<(u32, u32), (&'static str, String, String)> {
     let ctx = containers(pod)
         .find(|c| c.name == PROXY_CONTAINER)
         .and_then(|c| c.security_context.as_ref());
@@ -200,10 +209,22 @@ fn proxy_identity(pod: &Pod) -> (u32, u32) {
         v.and_then(|v| u32::try_from(v).ok())
             .unwrap_or(DEFAULT_PROXY_ID)
     };
-    (
+    let (uid, gid) = (
         id(ctx.and_then(|c| c.run_as_user)),
         id(ctx.and_then(|c| c.run_as_group)),
-    )
+    );
+    match (uid, gid) {
+        (0, 0) => Err((
+            PROXY_SECURITY_CONTEXT,
+            "0/0".to_owned(),
+            "the proxy runs as root with group 0: exempting it would let every root process \
+             of the pod bypass the sidecar; run it with runAsGroup: 1337 (Istio's default)"
+                .to_owned(),
+        )),
+        (0, gid) => Ok((DEFAULT_PROXY_ID, gid)),
+        (uid, 0) => Ok((uid, DEFAULT_PROXY_ID)),
+        ids => Ok(ids),
+    }
 }
 
 fn parse_mode(value: &str) -> Result<Option<Mode>, String> {
@@ -348,7 +369,20 @@ fn pod_spec(
             }
         };
     }
-    (spec.proxy_uid, spec.proxy_gid) = proxy_identity(pod);
+    if let Some(v) = get(FAILURE_POLICY) {
+        spec.fail_open = match v.trim().to_ascii_lowercase().as_str() {
+            "open" => true,
+            "closed" => false,
+            _ => {
+                return Err((
+                    FAILURE_POLICY,
+                    v.to_owned(),
+                    "expected closed (refuse what cannot go through the proxy) or open".into(),
+                ));
+            }
+        };
+    }
+    (spec.proxy_uid, spec.proxy_gid) = proxy_identity(pod)?;
     Ok(spec)
 }
 
@@ -673,5 +707,35 @@ mod tests {
         let p = pod(&[(STATUS, "{}")], &["app"]);
         let (_, spec, _) = intercepted(&decide(&p, None)).expect("intercepted");
         assert_eq!((spec.proxy_uid, spec.proxy_gid), (1337, 1337));
+    }
+
+    fn proxy_running_as(uid: Option<i64>, gid: Option<i64>) -> Decision {
+        let mut p = pod(&[], &["app", PROXY_CONTAINER]);
+        p.spec.as_mut().unwrap().containers[1].security_context =
+            Some(k8s_openapi::api::core::v1::SecurityContext {
+                run_as_user: uid,
+                run_as_group: gid,
+                ..Default::default()
+            });
+        decide(&p, None)
+    }
+
+    #[test]
+    fn root_is_never_the_exempt_identity() {
+        // Istio's TPROXY injection: the proxy is root, exempted by its group alone.
+        let (_, spec, _) = intercepted(&proxy_running_as(Some(0), Some(1337))).expect("tproxy");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (1337, 1337));
+        let (_, spec, _) = intercepted(&proxy_running_as(Some(0), None)).expect("root");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (1337, 1337));
+        let (_, spec, _) = intercepted(&proxy_running_as(Some(2000), Some(0))).expect("gid 0");
+        assert_eq!((spec.proxy_uid, spec.proxy_gid), (2000, 1337));
+        // Root and group 0: nothing tells the proxy from the app's root processes.
+        assert!(matches!(
+            proxy_running_as(Some(0), Some(0)),
+            Decision::Invalid {
+                annotation: PROXY_SECURITY_CONTEXT,
+                ..
+            }
+        ));
     }
 }

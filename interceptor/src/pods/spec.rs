@@ -19,6 +19,28 @@ pub enum SpecError {
     Star { field: &'static str },
     #[error("{field} takes a list of ports, not \"*\"")]
     StarNotAllowed { field: &'static str },
+    #[error(
+        "{field} 0 refused: exempting root would let every root process of the pod bypass the \
+         sidecar; a proxy running as root is exempted by its group (e.g. --proxy-gid 1337, as \
+         Istio's TPROXY mode runs it)"
+    )]
+    RootIdentity { field: &'static str },
+}
+
+/// The proxy identity to exempt, as istio-iptables' `--uid-owner` / `--gid-owner` rules do:
+/// never UID 0 or GID 0.
+pub fn check_proxy_identity(uid: u32, gid: u32) -> Result<(), SpecError> {
+    if uid == 0 {
+        return Err(SpecError::RootIdentity {
+            field: "--proxy-uid",
+        });
+    }
+    if gid == 0 {
+        return Err(SpecError::RootIdentity {
+            field: "--proxy-gid",
+        });
+    }
+    Ok(())
 }
 
 /// `*` or an explicit list (possibly empty).
@@ -116,6 +138,9 @@ pub struct PodSpec {
     pub outbound: bool,
     /// Move the app↔proxy bytes with sk_msg (default) or keep them on loopback TCP.
     pub sockmap: bool,
+    /// A connect the datapath cannot send through the proxy goes direct (true) or is refused
+    /// (false, the default: Istio never lets such a connection bypass the sidecar).
+    pub fail_open: bool,
     /// The proxy's identity: its connections are never captured.
     pub proxy_uid: u32,
     pub proxy_gid: u32,
@@ -132,6 +157,7 @@ impl Default for PodSpec {
             exclude_outbound_cidrs: Vec::new(),
             outbound: true,
             sockmap: true,
+            fail_open: false,
             proxy_uid: 1337,
             proxy_gid: 1337,
         }

@@ -81,52 +81,5 @@ fn loopback_and_own_address_stay_inside_the_pod() {
     assert_eq!(after.since(&before, "connect_skipped_pod_local"), 1);
 }
 
-/// The app side's 4-tuple keys the sockhash and the original-destination map, so it must be
-/// unique on the node: the pod's address is bound as its source. A socket that already has a
-/// port (`bind(0.0.0.0:0)`) cannot get one; it is left alone rather than redirected with a
-/// tuple another pod could share. A socket bound to its pod address is fine.
-#[test]
-fn a_socket_whose_source_cannot_be_made_unique_is_left_alone() {
-    use socket2::{Domain, Socket, Type};
-
-    let mut h = Harness::new("prebound");
-    let client = h.pod("client");
-    let server = h.pod("server");
-    h.start_agent(&[]);
-    h.sidecar(&client);
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
-    h.enable(&client, &[]);
-    let connect_bound_to = |source: SocketAddr| {
-        client
-            .run(|| {
-                let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-                s.bind(&source.into())?;
-                s.connect_timeout(&echo.addr.into(), std::time::Duration::from_secs(5))?;
-                Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
-            })
-            .expect("netns")
-            .expect("connect")
-    };
-    for (source, redirected) in [
-        (SocketAddr::from(([0, 0, 0, 0], 0)), false),
-        (SocketAddr::new(ip4(&client), 0), true),
-    ] {
-        let before = h.counters();
-        let stream = connect_bound_to(source);
-        let peer = stream.peer_addr().expect("peer");
-        assert_eq!(echo_round_trip(stream, b"bound").expect("echo"), b"bound");
-        let after = h.counters();
-        if redirected {
-            assert_eq!(peer, SocketAddr::from(([127, 0, 0, 1], 15001)), "{source}");
-            assert_eq!(after.since(&before, "connect_redirected"), 1, "{source}");
-        } else {
-            assert_eq!(peer, echo.addr, "{source}: went direct");
-            assert_eq!(after.since(&before, "connect_redirected"), 0, "{source}");
-            assert_eq!(
-                after.since(&before, "connect_skipped_source"),
-                1,
-                "{source}"
-            );
-        }
-    }
-}
+// Sockets bound before connect (`bind(0.0.0.0:0)`, a fixed port, the pod address, `::`) are
+// covered in `bypass.rs`: they go through the sidecar too.
