@@ -175,6 +175,28 @@ pub struct ProxyArgs {
     /// How long open connections get to finish on SIGTERM, seconds.
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout: f64,
+    /// The DNS proxy, UDP and TCP, where DNS capture sends a pod's port-53 traffic ("none" to
+    /// skip). Names of the config's `dns` section are answered, the rest forwarded.
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    pub dns: String,
+    /// The DNS proxy's IPv6 address ("none" to skip; skipped anyway without IPv6).
+    #[arg(long, default_value = "[::1]:15053")]
+    pub dns_v6: String,
+    /// Where the DNS proxy finds the nameservers for UDP queries (TCP ones go to the
+    /// connection's original destination).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+}
+
+/// An optional address flag: "none" or "" = off.
+pub fn optional_addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value {
+        "none" | "" => Ok(None),
+        s => s
+            .parse()
+            .map(Some)
+            .map_err(|err| anyhow::anyhow!("{flag} {s:?}: {err} (an IP:port, or none)")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

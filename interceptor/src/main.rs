@@ -127,6 +127,11 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 connect_timeout: cli::secs(args.connect_timeout),
                 drain_timeout: cli::secs(args.drain_timeout),
+                dns: interceptor::proxy::dns::DnsSettings {
+                    listen: cli::optional_addr("--dns", &args.dns)?,
+                    listen_v6: cli::optional_addr("--dns-v6", &args.dns_v6)?,
+                    resolv_conf: args.dns_resolv_conf.clone(),
+                },
                 ..ProxyConfig::default()
             };
             // Fail before dropping privileges, with the file's line and field.
