@@ -186,6 +186,9 @@ pub struct ProxyArgs {
     /// connection's original destination).
     #[arg(long, default_value = "/etc/resolv.conf")]
     pub dns_resolv_conf: PathBuf,
+    /// Nameserver (IP:port) to forward to instead of resolv.conf's; repeat for more.
+    #[arg(long)]
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 /// An optional address flag: "none" or "" = off.

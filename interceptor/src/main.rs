@@ -131,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
                     listen: cli::optional_addr("--dns", &args.dns)?,
                     listen_v6: cli::optional_addr("--dns-v6", &args.dns_v6)?,
                     resolv_conf: args.dns_resolv_conf.clone(),
+                    upstreams: args.dns_upstream.clone(),
                 },
                 ..ProxyConfig::default()
             };

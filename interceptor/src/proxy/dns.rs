@@ -64,6 +64,8 @@ pub struct DnsSettings {
     pub listen_v6: Option<SocketAddr>,
     /// Nameservers for UDP queries (and TCP ones without an original destination).
     pub resolv_conf: PathBuf,
+    /// Nameservers to use instead of resolv.conf's (any port); empty = resolv.conf.
+    pub upstreams: Vec<SocketAddr>,
 }
 
 impl Default for DnsSettings {
@@ -73,6 +75,7 @@ impl Default for DnsSettings {
             listen: None,
             listen_v6: None,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            upstreams: Vec::new(),
         }
     }
 }
@@ -145,6 +148,7 @@ pub struct DnsProxy {
     table: Mutex<(u64, Arc<Table>)>,
     cache: Mutex<Cache>,
     resolv_conf: PathBuf,
+    fixed_upstreams: Vec<SocketAddr>,
     /// Our own listeners: never an upstream (that would loop).
     own: Vec<SocketAddr>,
     metrics: DnsMetrics,
@@ -171,6 +175,7 @@ impl DnsProxy {
             table: Mutex::new((u64::MAX, Arc::new(Table::default()))),
             cache: Mutex::new(Cache::new()),
             resolv_conf: settings.resolv_conf.clone(),
+            fixed_upstreams: settings.upstreams.clone(),
             own,
             metrics,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -189,8 +194,9 @@ impl DnsProxy {
         guard.1.clone()
     }
 
-    /// The resolvers to ask: the original destination for TCP, else resolv.conf's (read per
-    /// query, so an edited file applies at once; it is small and in the page cache).
+    /// The resolvers to ask: the original destination for TCP, else `--dns-upstream` or
+    /// resolv.conf's (read per query, so an edited file applies at once; it is small and in
+    /// the page cache).
     fn upstreams(&self, transport: Transport) -> Vec<SocketAddr> {
         let is_own = |a: &SocketAddr| {
             self.own
@@ -202,8 +208,12 @@ impl DnsProxy {
         {
             return vec![dst];
         }
-        let text = std::fs::read_to_string(&self.resolv_conf).unwrap_or_default();
-        let mut servers = forward::parse_resolv_conf(&text);
+        let mut servers = if self.fixed_upstreams.is_empty() {
+            let text = std::fs::read_to_string(&self.resolv_conf).unwrap_or_default();
+            forward::parse_resolv_conf(&text)
+        } else {
+            self.fixed_upstreams.clone()
+        };
         servers.retain(|s| !is_own(s));
         servers
     }
