@@ -299,6 +299,16 @@ pub struct Switches {
     pub proxy_uid: u32,
     #[arg(long, default_value_t = 1337)]
     pub proxy_gid: u32,
+    /// Capture the pod's DNS (UDP and TCP port 53 to its resolv.conf nameservers) to the
+    /// proxy's 15053, as Istio's ISTIO_META_DNS_CAPTURE.
+    #[arg(long)]
+    pub dns_capture: bool,
+    /// With --dns-capture: every port-53 destination, not only the nameservers.
+    #[arg(long, requires = "dns_capture")]
+    pub dns_capture_all: bool,
+    /// With --dns-capture: the nameservers to capture (default: the pod's resolv.conf).
+    #[arg(long, value_delimiter = ',', requires = "dns_capture")]
+    pub dns_servers: Vec<std::net::IpAddr>,
 }
 
 impl Switches {
@@ -332,6 +342,11 @@ impl Switches {
             sockmap: !self.no_sockmap,
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
+            dns: crate::pods::spec::DnsCapture {
+                enabled: self.dns_capture,
+                capture_all: self.dns_capture_all,
+                nameservers: self.dns_servers.clone(),
+            },
         })
     }
 }

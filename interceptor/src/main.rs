@@ -198,7 +198,13 @@ fn pod(pins: &Pins, cmd: PodCommand) -> Result<()> {
     let mut maps = Maps::open(pins)?;
     match cmd {
         PodCommand::Enable(args) => {
-            let spec = args.switches.spec()?;
+            let mut spec = args.switches.spec()?;
+            spec.dns
+                .fill_nameservers(&pods::spec::pod_resolv_conf(
+                    args.target.netns.as_deref(),
+                    args.target.pid,
+                ))
+                .map_err(anyhow::Error::msg)?;
             let mode = match args.mode {
                 ModeArg::Ebpf => Mode::Ebpf,
                 ModeArg::Iptables => Mode::Iptables(args.backend),
@@ -293,7 +299,13 @@ fn netns_of(target: &NetnsTarget) -> Result<Netns> {
 fn iptables_command(cmd: IptablesCommand) -> Result<()> {
     match cmd {
         IptablesCommand::Apply(args) => {
-            let spec = args.switches.spec()?;
+            let mut spec = args.switches.spec()?;
+            spec.dns
+                .fill_nameservers(&pods::spec::pod_resolv_conf(
+                    args.target.netns.as_deref(),
+                    args.target.pid,
+                ))
+                .map_err(anyhow::Error::msg)?;
             let settings = iptables::Settings {
                 outbound_port: args.outbound_port,
                 inbound_port: args.inbound_port,
