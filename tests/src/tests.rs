@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod dns;
 mod host_safety;
 mod inbound;
 mod iptables;
