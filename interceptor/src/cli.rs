@@ -101,6 +101,10 @@ pub struct AgentArgs {
     /// ~/.kube/config).
     #[arg(long, requires = "kube")]
     pub kubeconfig: Option<PathBuf>,
+    /// With --kube: capture every meshed pod's DNS to its proxy's 15053 (meshConfig's
+    /// `proxyMetadata.ISTIO_META_DNS_CAPTURE: "true"`); a pod's `proxy.istio.io/config` wins.
+    #[arg(long, requires = "kube")]
+    pub dns_capture: bool,
     /// This node's name: --kube watches the pods with spec.nodeName equal to it.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -62,6 +62,7 @@ fn run(cli: Cli) -> Result<()> {
                     // The host's: the DaemonSet runs with hostPID, and the registry's own
                     // lookups (gone pods, listeners) read /proc too.
                     proc_root: "/proc".into(),
+                    dns_capture: args.dns_capture,
                 }),
                 (true, _) => return Err(interceptor::kube::Error::NoNodeName.into()),
             };
@@ -262,18 +263,19 @@ fn pod(pins: &Pins, cmd: PodCommand) -> Result<()> {
                 println!("no pods enabled");
             } else {
                 println!(
-                    "{:>3}  {:<28} {:<9} {:<34} {:<4} IN",
-                    "ID", "NAME", "MODE", "ADDRESSES", "OUT"
+                    "{:>3}  {:<28} {:<9} {:<34} {:<4} {:<4} IN",
+                    "ID", "NAME", "MODE", "ADDRESSES", "OUT", "DNS"
                 );
                 for p in pods {
                     let addrs: Vec<String> = p.addresses.iter().map(ToString::to_string).collect();
                     println!(
-                        "{:>3}  {:<28} {:<9} {:<34} {:<4} {}",
+                        "{:>3}  {:<28} {:<9} {:<34} {:<4} {:<4} {}",
                         p.id,
                         p.name,
                         p.mode,
                         addrs.join(","),
                         if p.outbound { "on" } else { "off" },
+                        p.spec.dns.label(),
                         match (p.inbound, p.inbound_ready) {
                             (false, _) => "off",
                             (true, true) => "on",

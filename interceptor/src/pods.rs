@@ -61,6 +61,11 @@ pub enum Error {
          with --include-inbound-ports \"\" (outbound only), or use --mode iptables"
     )]
     InboundUnavailable,
+    #[error(
+        "DNS capture is not in the eBPF datapath yet: enable the pod with --mode iptables (or \
+         auto, which picks iptables for it), or without --dns-capture"
+    )]
+    DnsCaptureNeedsIptables,
     #[error("the pod table is full ({0} pods); disable pods that are gone")]
     Full(u32),
     #[error("pod name {0:?} is longer than {POD_NAME_LEN} bytes")]

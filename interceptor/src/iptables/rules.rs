@@ -54,6 +54,9 @@ impl RuleSet {
         let mut r = Vec::new();
         let mut add = |chain: &str, rule: String| r.push(format!("-A {chain} {rule}"));
         let dns = spec.dns.enabled;
+        // No known nameserver: every port-53 destination, as istio-cni does when it cannot
+        // read the pod's resolv.conf.
+        let capture_all = spec.dns.capture_all || spec.dns.nameservers.is_empty();
         // The nameservers of this family (capture-all: none needed).
         let nameservers: Vec<String> = spec
             .dns
@@ -140,7 +143,7 @@ impl RuleSet {
         // DNS over TCP to the nameservers (or anywhere) → the DNS proxy.
         if dns {
             let to = format!("-j REDIRECT --to-ports {DNS_CAPTURE_PORT}");
-            if spec.dns.capture_all {
+            if capture_all {
                 add(OUTPUT, format!("-p tcp -m tcp --dport 53 {to}"));
             } else {
                 for ns in &nameservers {
@@ -180,7 +183,7 @@ impl RuleSet {
         }
         let mut raw = Vec::new();
         if dns {
-            dns_udp_rules(spec, &nameservers, &mut r, &mut raw);
+            dns_udp_rules(spec, capture_all, &nameservers, &mut r, &mut raw);
         }
         Self {
             family,
@@ -253,6 +256,7 @@ impl RuleSet {
 /// so without zones one could be taken for the other's reply and un-NATed wrongly.
 fn dns_udp_rules(
     spec: &PodSpec,
+    capture_all: bool,
     nameservers: &[String],
     nat: &mut Vec<String>,
     raw: &mut Vec<String>,
@@ -264,7 +268,7 @@ fn dns_udp_rules(
         ));
     }
     let to = format!("-j REDIRECT --to-ports {DNS_CAPTURE_PORT}");
-    if spec.dns.capture_all {
+    if capture_all {
         nat.push(format!("-A OUTPUT -p udp -m udp --dport 53 {to}"));
     } else {
         for ns in nameservers {
@@ -280,7 +284,7 @@ fn dns_udp_rules(
             "-A OUTPUT -p udp -m udp --sport {DNS_CAPTURE_PORT} -m owner --{owner}-owner {id} -j CT --zone 2"
         ));
     }
-    if spec.dns.capture_all {
+    if capture_all {
         // The app's queries: zone 2; the resolver's replies: zone 1.
         raw.push("-A OUTPUT -p udp -m udp --dport 53 -j CT --zone 2".into());
         raw.push("-A PREROUTING -p udp -m udp --sport 53 -j CT --zone 1".into());

@@ -137,6 +137,18 @@ pub struct DnsCapture {
 }
 
 impl DnsCapture {
+    /// For `pod list` and `status`: off, on (the nameservers) or all.
+    pub fn label(&self) -> &'static str {
+        match (
+            self.enabled,
+            self.capture_all || self.nameservers.is_empty(),
+        ) {
+            (false, _) => "off",
+            (true, false) => "on",
+            (true, true) => "all",
+        }
+    }
+
     /// Without explicit nameservers (and without capture-all), the ones of the pod's
     /// resolv.conf at `path`, as istio-iptables reads them in the pod.
     pub fn fill_nameservers(&mut self, path: &std::path::Path) -> Result<(), String> {
