@@ -133,7 +133,13 @@ dns:
 
 #[test]
 fn dns_capture_in_iptables_mode_answers_mesh_names_and_forwards_the_rest() {
-    let mut h = Harness::new("dnsipt");
+    for backend in ["nft", "legacy"] {
+        iptables_mode(backend);
+    }
+}
+
+fn iptables_mode(backend: &str) {
+    let mut h = Harness::new(&format!("dns{backend}"));
     let client = h.pod("client");
     let resolver = h.pod("dns");
     let bystander = h.pod("other");
@@ -166,7 +172,7 @@ fn dns_capture_in_iptables_mode_answers_mesh_names_and_forwards_the_rest() {
         "--netns",
         &client.netns,
         "--backend",
-        "nft",
+        backend,
         "--dns-capture",
         "--dns-servers",
         &format!("{r4},{r6}"),
@@ -247,6 +253,7 @@ fn dns_capture_in_iptables_mode_answers_mesh_names_and_forwards_the_rest() {
         String::from_utf8_lossy(&out.stderr)
     );
     for table in ["nat", "raw"] {
+        // (Per backend: the rules must have gone from the one they were written with.)
         let save = Command::new("ip")
             .args([
                 "netns",
