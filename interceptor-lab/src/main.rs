@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         fixed_dst: SocketAddr,
         #[command(flatten)]
-        args: ProxyArgs,
+        args: Box<ProxyArgs>,
     },
 }
 
@@ -150,7 +150,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Testapp(cmd) => testapp_command(cmd),
         Command::Proxy { fixed_dst, args } => {
-            interceptor::commands::proxy::run_with(args, Some(Arc::new(FixedDst(fixed_dst))))
+            interceptor::commands::proxy::run_with(*args, Some(Arc::new(FixedDst(fixed_dst))))
         }
     }
 }

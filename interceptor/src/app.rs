@@ -28,9 +28,10 @@ use crate::{
         ProxyConfig, admin,
         config::ConfigError,
         dispatch::Shared,
+        dns,
         drain::Drain,
         inbound,
-        metrics::ProxyMetrics,
+        metrics::{DnsMetrics, ProxyMetrics},
         orig_dst::{FromSocket, OrigDstAddr},
         outbound, reload,
         snapshot::ConfigSource,
@@ -63,6 +64,8 @@ pub struct Bound {
     pub metrics: SocketAddr,
     pub health: SocketAddr,
     pub admin: SocketAddr,
+    /// The DNS proxy's addresses (UDP and TCP on each), if it runs.
+    pub dns: Vec<SocketAddr>,
     /// The routing config (reloadable).
     pub source: ConfigSource,
     /// Where captured connections were going; the socket's answer unless replaced.
@@ -77,6 +80,7 @@ struct Listeners {
     metrics: TcpListener,
     health: TcpListener,
     admin: TcpListener,
+    dns: Option<dns::Listeners>,
 }
 
 fn listen(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
@@ -124,6 +128,11 @@ impl Bound {
         let metrics = listen(config.metrics, "the metrics endpoint")?;
         let health = listen(config.health, "the health endpoint")?;
         let admin = listen(config.admin, "the admin endpoint")?;
+        let dns = dns::bind(&config.dns).map_err(|(addr, source)| BindError {
+            what: "the DNS proxy",
+            addr,
+            source,
+        })?;
         let addr = |l: &TcpListener| l.local_addr().unwrap_or(config.outbound);
         Ok(Self {
             outbound: addr(&outbound),
@@ -132,6 +141,7 @@ impl Bound {
             metrics: addr(&metrics),
             health: addr(&health),
             admin: addr(&admin),
+            dns: dns.as_ref().map(|d| d.addrs.clone()).unwrap_or_default(),
             config: Arc::new(config),
             source,
             orig_dst: Arc::new(FromSocket),
@@ -142,6 +152,7 @@ impl Bound {
                 metrics,
                 health,
                 admin,
+                dns,
             },
         })
     }
@@ -162,6 +173,7 @@ impl Bound {
     /// Like `run`, with metrics registered in `registry` (tests read it).
     pub async fn run_with(self, shutdown: impl Future<Output = ()>, mut registry: Registry) {
         let metrics = ProxyMetrics::new(&mut registry);
+        let dns_metrics = DnsMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let stop = CancellationToken::new();
         let drain = CancellationToken::new();
@@ -174,6 +186,7 @@ impl Bound {
             metrics: metrics_listener,
             health,
             admin: admin_listener,
+            dns: dns_listeners,
         } = self.listeners;
 
         // The data plane: `workers` threads, each with a current-thread runtime. This thread
@@ -254,6 +267,15 @@ impl Bound {
             )));
         }
         drop(handoff);
+        let dns_server = dns_listeners.map(|listeners| {
+            let proxy = Arc::new(dns::DnsProxy::new(
+                self.source.clone(),
+                &self.config.dns,
+                self.dns.clone(),
+                dns_metrics,
+            ));
+            tokio::spawn(proxy.serve(listeners, self.orig_dst.clone(), stop.clone()))
+        });
         let reloader = tokio::spawn(reload::watch(
             self.source.clone(),
             metrics.clone(),
@@ -327,6 +349,7 @@ impl Bound {
             metrics = %self.metrics,
             health = %self.health,
             admin = %self.admin,
+            dns = ?self.dns,
             config = ?self.config.config_file,
             "proxy ready"
         );
@@ -338,6 +361,9 @@ impl Bound {
             let _ = l.await;
         }
         let _ = reloader.await;
+        if let Some(dns) = dns_server {
+            let _ = dns.await;
+        }
         // HTTP connections finish their in-flight requests and close; TCP ones get the deadline.
         drain.cancel();
         conns.close();

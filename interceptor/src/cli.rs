@@ -106,6 +106,10 @@ pub struct AgentArgs {
     /// removes everything (programs, pins, iptables-mode rules).
     #[arg(long, env = "INTERCEPTOR_DAEMONSET", requires = "kube")]
     pub daemonset: Option<crate::kube::owner::DaemonSetRef>,
+    /// With --kube: capture every meshed pod's DNS to its proxy's 15053 (meshConfig's
+    /// `proxyMetadata.ISTIO_META_DNS_CAPTURE: "true"`); a pod's `proxy.istio.io/config` wins.
+    #[arg(long, requires = "kube")]
+    pub dns_capture: bool,
     /// This node's name: --kube watches the pods with spec.nodeName equal to it.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -181,6 +185,31 @@ pub struct ProxyArgs {
     /// How long open connections get to finish on SIGTERM, seconds.
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout: f64,
+    /// The DNS proxy, UDP and TCP, where DNS capture sends a pod's port-53 traffic ("none" to
+    /// skip). Names of the config's `dns` section are answered, the rest forwarded.
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    pub dns: String,
+    /// The DNS proxy's IPv6 address ("none" to skip; skipped anyway without IPv6).
+    #[arg(long, default_value = "[::1]:15053")]
+    pub dns_v6: String,
+    /// Where the DNS proxy finds the nameservers for UDP queries (TCP ones go to the
+    /// connection's original destination).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+    /// Nameserver (IP:port) to forward to instead of resolv.conf's; repeat for more.
+    #[arg(long)]
+    pub dns_upstream: Vec<SocketAddr>,
+}
+
+/// An optional address flag: "none" or "" = off.
+pub fn optional_addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value {
+        "none" | "" => Ok(None),
+        s => s
+            .parse()
+            .map(Some)
+            .map_err(|err| anyhow::anyhow!("{flag} {s:?}: {err} (an IP:port, or none)")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,6 +316,16 @@ pub struct Switches {
     /// as root (Istio's TPROXY mode) is exempted by this group alone.
     #[arg(long, default_value_t = 1337)]
     pub proxy_gid: u32,
+    /// Capture the pod's DNS (UDP and TCP port 53 to its resolv.conf nameservers) to the
+    /// proxy's 15053, as Istio's ISTIO_META_DNS_CAPTURE.
+    #[arg(long)]
+    pub dns_capture: bool,
+    /// With --dns-capture: every port-53 destination, not only the nameservers.
+    #[arg(long, requires = "dns_capture")]
+    pub dns_capture_all: bool,
+    /// With --dns-capture: the nameservers to capture (default: the pod's resolv.conf).
+    #[arg(long, value_delimiter = ',', requires = "dns_capture")]
+    pub dns_servers: Vec<std::net::IpAddr>,
 }
 
 impl Switches {
@@ -322,6 +361,11 @@ impl Switches {
             fail_open: self.fail_open,
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
+            dns: crate::pods::spec::DnsCapture {
+                enabled: self.dns_capture,
+                capture_all: self.dns_capture_all,
+                nameservers: self.dns_servers.clone(),
+            },
         })
     }
 }

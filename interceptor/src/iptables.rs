@@ -131,6 +131,13 @@ pub fn apply(
 pub fn remove(netns: &Netns, backend: Backend) -> Result<usize, Error> {
     let mut removed = 0;
     for family in [Family::V4, Family::V6] {
+        // DNS capture's conntrack zones live in the raw table's built-in chains. A raw table
+        // that cannot be read (no iptable_raw) holds none of ours: apply could not write it.
+        let raw = run_tool(netns, backend.save(family), &["-t", "raw"], None).unwrap_or_default();
+        if let Some((script, count)) = rules::raw_removal_script(&raw) {
+            run_tool(netns, backend.restore(family), &["--noflush"], Some(script))?;
+            removed += count;
+        }
         let existing = save(netns, backend, family)?;
         let Some((script, count)) = rules::removal_script(&existing) else {
             continue;

@@ -79,6 +79,9 @@ pub struct KubeOptions {
     /// The DaemonSet running this agent: a stop uninstalls only when it is gone or being
     /// deleted (see `owner`). None: every stop keeps the datapath.
     pub daemonset: Option<owner::DaemonSetRef>,
+    /// Mesh-wide DNS capture (meshConfig's `proxyMetadata.ISTIO_META_DNS_CAPTURE`); a pod's
+    /// `proxy.istio.io/config` says otherwise for itself.
+    pub dns_capture: bool,
 }
 
 /// Builds the API client from a kubeconfig or the in-cluster service account.
@@ -156,6 +159,7 @@ pub struct PodController {
     events: EventSink,
     node: String,
     proc_root: PathBuf,
+    dns_capture: bool,
     pods: HashMap<String, PodState>,
     metrics: KubeMetrics,
     _events_task: JoinHandle<()>,
@@ -174,6 +178,7 @@ impl PodController {
             events,
             node: opts.node_name.clone(),
             proc_root: opts.proc_root.clone(),
+            dns_capture: opts.dns_capture,
             pods: HashMap::new(),
             metrics,
             _events_task: task,
@@ -218,7 +223,11 @@ impl PodController {
                 continue;
             }
             let name = registry_name(&namespace, &pod.name_any());
-            let decision = annotations::decide(pod, self.watch.namespace(&namespace).as_deref());
+            let decision = annotations::decide_with(
+                pod,
+                self.watch.namespace(&namespace).as_deref(),
+                self.dns_capture,
+            );
             decided.push((pod, uid, name, decision));
         }
         let wanted: HashSet<&str> = decided
@@ -412,11 +421,22 @@ impl Ctx<'_> {
             pid: located.pid,
         };
         let registry_mode = match mode {
+            // DNS capture is istio-iptables' rules for now: auto picks iptables for it.
+            Mode::Ebpf if spec.dns.enabled => pods::Mode::Auto(BackendChoice::Auto),
             Mode::Ebpf => pods::Mode::Ebpf,
             // The backend the pod's namespace already uses, as istio-iptables would.
             Mode::Iptables => pods::Mode::Iptables(BackendChoice::Auto),
         };
-        match registry.enable_with(&located.netns, &source, spec, registry_mode) {
+        // The nameservers of the pod's own resolv.conf; unreadable → every port-53
+        // destination, as istio-cni does.
+        let mut effective = spec.clone();
+        if let Err(err) = effective
+            .dns
+            .fill_nameservers(&pods::spec::pod_resolv_conf(None, Some(located.pid)))
+        {
+            debug!(pod = %state.name, %err, "DNS capture of every port-53 destination");
+        }
+        match registry.enable_with(&located.netns, &source, &effective, registry_mode) {
             Ok(entry) => {
                 info!(
                     pod = %state.name,

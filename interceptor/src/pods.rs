@@ -72,6 +72,11 @@ pub enum Error {
         count: usize,
         limit: u32,
     },
+    #[error(
+        "DNS capture is not in the eBPF datapath yet: enable the pod with --mode iptables (or \
+         auto, which picks iptables for it), or without --dns-capture"
+    )]
+    DnsCaptureNeedsIptables,
     #[error("the pod table is full ({0} pods); disable pods that are gone")]
     Full(u32),
     #[error("pod name {0:?} is longer than {POD_NAME_LEN} bytes")]

@@ -11,7 +11,7 @@
 //!   buffers between requests; [`drain`]: the per-worker drain signal); [`route`]: virtual hosts and routes;
 //!   [`cluster`], [`balancer`], [`outlier`], [`pool`]: upstreams; [`retry`]: Envoy's retry
 //!   policy.
-//! - [`admin`] (15000), [`metrics`] (15090).
+//! - [`admin`] (15000), [`metrics`] (15090), [`dns`]: the DNS proxy (15053).
 
 pub mod admin;
 pub mod balancer;
@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod detect;
 pub mod dispatch;
+pub mod dns;
 pub mod drain;
 pub mod h1;
 pub mod http;
@@ -75,6 +76,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_secs")]
     pub drain_timeout: Duration,
+    /// The DNS proxy (15053); off unless `listen` is set.
+    pub dns: dns::DnsSettings,
 }
 
 impl Default for ProxyConfig {
@@ -93,6 +96,7 @@ impl Default for ProxyConfig {
             passthrough_v6: Ipv6Addr::from(PASSTHROUGH_V6),
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            dns: dns::DnsSettings::default(),
         }
     }
 }

@@ -136,12 +136,13 @@ impl Status {
             let addrs: Vec<String> = pod.addresses.iter().map(ToString::to_string).collect();
             let _ = writeln!(
                 out,
-                "  {:>3}  {:<28} {:<8} {:<32} out:{:<3} in:{}",
+                "  {:>3}  {:<28} {:<8} {:<32} out:{:<3} dns:{:<3} in:{}",
                 pod.id,
                 pod.name,
                 pod.mode,
                 addrs.join(","),
                 if pod.outbound { "on" } else { "off" },
+                pod.spec.dns.label(),
                 match (pod.inbound, pod.inbound_ready) {
                     (false, _) => "off",
                     (true, true) => "on (proxy listening)",

@@ -3,6 +3,7 @@
 mod bypass;
 mod cli;
 mod demo;
+mod dns;
 mod host_safety;
 mod inbound;
 mod iptables;

@@ -19,6 +19,9 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    // The DNS tests' peers: dnsmasq as the pods' resolver, dig as a client.
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 /// The bpf-linker version verified with LLVM 22 (newer ones may drop the llvm-22 feature).

@@ -22,6 +22,7 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
             // lookups (gone pods, listeners) read /proc too.
             proc_root: "/proc".into(),
             daemonset: args.daemonset.clone(),
+            dns_capture: args.dns_capture,
         }),
         (true, _) => return Err(crate::kube::Error::NoNodeName.into()),
     };

@@ -19,7 +19,13 @@ fn netns_of(target: &NetnsTarget) -> Result<Netns> {
 pub fn run(cmd: IptablesCommand) -> Result<()> {
     match cmd {
         IptablesCommand::Apply(args) => {
-            let spec = args.switches.spec()?;
+            let mut spec = args.switches.spec()?;
+            spec.dns
+                .fill_nameservers(&crate::pods::spec::pod_resolv_conf(
+                    args.target.netns.as_deref(),
+                    args.target.pid,
+                ))
+                .map_err(anyhow::Error::msg)?;
             let settings = iptables::Settings {
                 outbound_port: args.outbound_port,
                 inbound_port: args.inbound_port,

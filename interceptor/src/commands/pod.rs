@@ -16,7 +16,13 @@ pub fn run(pins: &Pins, cmd: PodCommand) -> Result<()> {
     let mut maps = Maps::open(pins)?;
     match cmd {
         PodCommand::Enable(args) => {
-            let spec = args.switches.spec()?;
+            let mut spec = args.switches.spec()?;
+            spec.dns
+                .fill_nameservers(&pods::spec::pod_resolv_conf(
+                    args.target.netns.as_deref(),
+                    args.target.pid,
+                ))
+                .map_err(anyhow::Error::msg)?;
             let mode = match args.mode {
                 ModeArg::Ebpf => Mode::Ebpf,
                 ModeArg::Iptables => Mode::Iptables(args.backend),
@@ -74,18 +80,19 @@ pub fn run(pins: &Pins, cmd: PodCommand) -> Result<()> {
                 println!("no pods enabled");
             } else {
                 println!(
-                    "{:>3}  {:<28} {:<9} {:<34} {:<4} IN",
-                    "ID", "NAME", "MODE", "ADDRESSES", "OUT"
+                    "{:>3}  {:<28} {:<9} {:<34} {:<4} {:<4} IN",
+                    "ID", "NAME", "MODE", "ADDRESSES", "OUT", "DNS"
                 );
                 for p in pods {
                     let addrs: Vec<String> = p.addresses.iter().map(ToString::to_string).collect();
                     println!(
-                        "{:>3}  {:<28} {:<9} {:<34} {:<4} {}",
+                        "{:>3}  {:<28} {:<9} {:<34} {:<4} {:<4} {}",
                         p.id,
                         p.name,
                         p.mode,
                         addrs.join(","),
                         if p.outbound { "on" } else { "off" },
+                        p.spec.dns.label(),
                         match (p.inbound, p.inbound_ready) {
                             (false, _) => "off",
                             (true, true) => "on",

@@ -94,6 +94,12 @@ pub fn config(args: &ProxyArgs) -> Result<ProxyConfig> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         connect_timeout: cli::secs(args.connect_timeout),
         drain_timeout: cli::secs(args.drain_timeout),
+        dns: crate::proxy::dns::DnsSettings {
+            listen: cli::optional_addr("--dns", &args.dns)?,
+            listen_v6: cli::optional_addr("--dns-v6", &args.dns_v6)?,
+            resolv_conf: args.dns_resolv_conf.clone(),
+            upstreams: args.dns_upstream.clone(),
+        },
         ..ProxyConfig::default()
     })
 }

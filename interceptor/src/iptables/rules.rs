@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::IpAddr};
 use serde::Serialize;
 
 use super::Settings;
-use crate::pods::spec::{PodSpec, Selection};
+use crate::pods::spec::{DNS_CAPTURE_PORT, PodSpec, Selection};
 
 pub const INBOUND: &str = "ISTIO_INBOUND";
 pub const IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
@@ -44,6 +44,8 @@ pub struct RuleSet {
     family: Family,
     /// `-A CHAIN ...` lines.
     rules: Vec<String>,
+    /// raw-table lines (DNS capture's conntrack zones).
+    raw: Vec<String>,
 }
 
 impl RuleSet {
@@ -51,6 +53,28 @@ impl RuleSet {
     pub fn new(spec: &PodSpec, settings: &Settings, family: Family) -> Self {
         let mut r = Vec::new();
         let mut add = |chain: &str, rule: String| r.push(format!("-A {chain} {rule}"));
+        let dns = spec.dns.enabled;
+        // No known nameserver: every port-53 destination, as istio-cni does when it cannot
+        // read the pod's resolv.conf.
+        let capture_all = spec.dns.capture_all || spec.dns.nameservers.is_empty();
+        // The nameservers of this family (capture-all: none needed).
+        let nameservers: Vec<String> = spec
+            .dns
+            .nameservers
+            .iter()
+            .filter(|ip| family.matches(**ip))
+            .map(|ip| match family {
+                Family::V4 => format!("{ip}/32"),
+                Family::V6 => format!("{ip}/128"),
+            })
+            .collect();
+        // With DNS capture, istio-iptables keeps TCP 53 out of the two loopback rules, so a
+        // query to a resolver on localhost still reaches the DNS rule below.
+        let not_dns = if dns {
+            " -p tcp -m tcp ! --dport 53"
+        } else {
+            ""
+        };
         let inbound = spec.inbound();
         let proxy_ports = [settings.outbound_port, settings.inbound_port];
 
@@ -103,16 +127,29 @@ impl RuleSet {
             if inbound {
                 add(
                     OUTPUT,
-                    format!("! -d {lo} -o lo -m owner --{owner}-owner {id} -j {IN_REDIRECT}"),
+                    format!(
+                        "! -d {lo} -o lo{not_dns} -m owner --{owner}-owner {id} -j {IN_REDIRECT}"
+                    ),
                 );
             }
             // 3/6: the app talking to itself over lo stays local.
             add(
                 OUTPUT,
-                format!("-o lo -m owner ! --{owner}-owner {id} -j RETURN"),
+                format!("-o lo{not_dns} -m owner ! --{owner}-owner {id} -j RETURN"),
             );
             // 4/7: the proxy's own upstream connections.
             add(OUTPUT, format!("-m owner --{owner}-owner {id} -j RETURN"));
+        }
+        // DNS over TCP to the nameservers (or anywhere) → the DNS proxy.
+        if dns {
+            let to = format!("-j REDIRECT --to-ports {DNS_CAPTURE_PORT}");
+            if capture_all {
+                add(OUTPUT, format!("-p tcp -m tcp --dport 53 {to}"));
+            } else {
+                for ns in &nameservers {
+                    add(OUTPUT, format!("-d {ns} -p tcp -m tcp --dport 53 {to}"));
+                }
+            }
         }
         // 8: loopback.
         add(OUTPUT, format!("-d {lo} -j RETURN"));
@@ -144,7 +181,15 @@ impl RuleSet {
                 }
             }
         }
-        Self { family, rules: r }
+        let mut raw = Vec::new();
+        if dns {
+            dns_udp_rules(spec, capture_all, &nameservers, &mut r, &mut raw);
+        }
+        Self {
+            family,
+            rules: r,
+            raw,
+        }
     }
 
     pub fn family(&self) -> Family {
@@ -152,7 +197,7 @@ impl RuleSet {
     }
 
     pub fn rule_count(&self) -> usize {
-        self.rules.len()
+        self.rules.len() + self.raw.len()
     }
 
     /// `iptables-restore --noflush` input: declares (and so empties) our chains, appends rules.
@@ -165,7 +210,19 @@ impl RuleSet {
             let _ = writeln!(s, "{rule}");
         }
         s.push_str("COMMIT\n");
+        self.push_raw(&mut s);
         s
+    }
+
+    fn push_raw(&self, s: &mut String) {
+        if self.raw.is_empty() {
+            return;
+        }
+        s.push_str("*raw\n");
+        for rule in &self.raw {
+            let _ = writeln!(s, "{rule}");
+        }
+        s.push_str("COMMIT\n");
     }
 
     /// What `iptables-save -t nat` shows for these rules (for `--dry-run`).
@@ -188,8 +245,100 @@ impl RuleSet {
             let _ = writeln!(s, "{rule}");
         }
         s.push_str("COMMIT\n");
+        self.push_raw(&mut s);
         s
     }
+}
+
+/// istio-iptables' UDP DNS rules: in nat OUTPUT the proxy's own queries return, the app's to
+/// the nameservers (or all) go to the DNS proxy; in raw, conntrack zones keep the two UDP
+/// flows (app ↔ proxy, proxy ↔ resolver) apart — they share the resolver's address and port,
+/// so without zones one could be taken for the other's reply and un-NATed wrongly.
+fn dns_udp_rules(
+    spec: &PodSpec,
+    capture_all: bool,
+    nameservers: &[String],
+    nat: &mut Vec<String>,
+    raw: &mut Vec<String>,
+) {
+    let ids = [("uid", spec.proxy_uid), ("gid", spec.proxy_gid)];
+    for (owner, id) in ids {
+        nat.push(format!(
+            "-A OUTPUT -p udp -m udp --dport 53 -m owner --{owner}-owner {id} -j RETURN"
+        ));
+    }
+    let to = format!("-j REDIRECT --to-ports {DNS_CAPTURE_PORT}");
+    if capture_all {
+        nat.push(format!("-A OUTPUT -p udp -m udp --dport 53 {to}"));
+    } else {
+        for ns in nameservers {
+            nat.push(format!("-A OUTPUT -d {ns} -p udp -m udp --dport 53 {to}"));
+        }
+    }
+    for (owner, id) in ids {
+        // The proxy's queries to the resolver: zone 1; its replies to the app: zone 2.
+        raw.push(format!(
+            "-A OUTPUT -p udp -m udp --dport 53 -m owner --{owner}-owner {id} -j CT --zone 1"
+        ));
+        raw.push(format!(
+            "-A OUTPUT -p udp -m udp --sport {DNS_CAPTURE_PORT} -m owner --{owner}-owner {id} -j CT --zone 2"
+        ));
+    }
+    if capture_all {
+        // The app's queries: zone 2; the resolver's replies: zone 1.
+        raw.push("-A OUTPUT -p udp -m udp --dport 53 -j CT --zone 2".into());
+        raw.push("-A PREROUTING -p udp -m udp --sport 53 -j CT --zone 1".into());
+    } else {
+        for ns in nameservers {
+            raw.push(format!(
+                "-A OUTPUT -d {ns} -p udp -m udp --dport 53 -j CT --zone 2"
+            ));
+            raw.push(format!(
+                "-A PREROUTING -s {ns} -p udp -m udp --sport 53 -j CT --zone 1"
+            ));
+        }
+    }
+}
+
+/// Whether a rule (as iptables-save prints it, without `-A CHAIN`) is one of istio-iptables'
+/// DNS rules in a built-in chain: nat OUTPUT's UDP 53 returns and redirect, raw's zones.
+fn is_dns_rule(table: &str, chain: &str, rule: &str) -> bool {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let has = |seq: &[&str]| words.windows(seq.len()).any(|w| w == seq);
+    let udp = has(&["-p", "udp"]);
+    let to_proxy = format!("{DNS_CAPTURE_PORT}");
+    match (table, chain) {
+        ("nat", "OUTPUT") => {
+            udp && has(&["--dport", "53"])
+                && (has(&["-j", "REDIRECT", "--to-ports", &to_proxy])
+                    || (has(&["-j", "RETURN"])
+                        && (words.contains(&"--uid-owner") || words.contains(&"--gid-owner"))))
+        }
+        ("raw", "OUTPUT") => {
+            udp && (has(&["--dport", "53"]) || has(&["--sport", &to_proxy]))
+                && (has(&["-j", "CT", "--zone", "1"]) || has(&["-j", "CT", "--zone", "2"]))
+        }
+        ("raw", "PREROUTING") => {
+            udp && has(&["--sport", "53"]) && has(&["-j", "CT", "--zone", "1"])
+        }
+        _ => false,
+    }
+}
+
+/// The `iptables-restore --noflush` script that deletes istio-iptables' DNS rules from the raw
+/// table `save` (`iptables-save -t raw`) shows, and how many; None when there are none.
+pub fn raw_removal_script(save: &str) -> Option<(String, usize)> {
+    let mut script = String::from("*raw\n");
+    let mut count = 0;
+    for rule in save.lines().filter_map(|l| l.strip_prefix("-A ")) {
+        let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
+        if is_dns_rule("raw", chain, rest) {
+            let _ = writeln!(script, "-D {rule}");
+            count += 1;
+        }
+    }
+    script.push_str("COMMIT\n");
+    (count > 0).then_some((script, count))
 }
 
 /// Whether an `iptables-save -t nat` output has any of our chains.
@@ -232,7 +381,9 @@ pub fn removal_script(save: &str) -> Option<(String, usize)> {
             .unwrap_or_default();
         if CHAINS.contains(&chain) {
             count += 1;
-        } else if CHAINS.contains(&target) {
+        } else if CHAINS.contains(&target)
+            || is_dns_rule("nat", chain, rule.split_once(' ').map_or("", |(_, r)| r))
+        {
             // A jump from a built-in (or anyone's) chain into ours: delete that exact rule.
             let _ = writeln!(script, "-D {rule}");
             count += 1;
@@ -362,5 +513,138 @@ mod tests {
             "absent chains are not touched"
         );
         assert!(removal_script("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n").is_none());
+    }
+
+    fn dns_spec(capture_all: bool) -> PodSpec {
+        PodSpec {
+            dns: crate::pods::spec::DnsCapture {
+                enabled: true,
+                capture_all,
+                nameservers: vec![
+                    "10.96.0.10".parse().expect("ip"),
+                    "fd00::a".parse().expect("ip"),
+                ],
+            },
+            ..PodSpec::default()
+        }
+    }
+
+    #[test]
+    fn dns_capture_is_istio_iptables_rule_set() {
+        let set = RuleSet::new(&dns_spec(false), &Settings::default(), Family::V4);
+        let output: Vec<&str> = set
+            .rules
+            .iter()
+            .map(String::as_str)
+            .filter(|r| r.starts_with("-A ISTIO_OUTPUT") || r.starts_with("-A OUTPUT"))
+            .collect();
+        assert_eq!(
+            output,
+            [
+                "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
+                "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN",
+                "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 53 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+                "-A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN",
+                "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 53 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+                "-A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --gid-owner 1337 -j RETURN",
+                "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+                "-A ISTIO_OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
+                "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+                "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+                "-A OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j RETURN",
+                "-A OUTPUT -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j RETURN",
+                "-A OUTPUT -d 10.96.0.10/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+            ]
+        );
+        assert_eq!(
+            set.raw,
+            [
+                "-A OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1",
+                "-A OUTPUT -p udp -m udp --sport 15053 -m owner --uid-owner 1337 -j CT --zone 2",
+                "-A OUTPUT -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j CT --zone 1",
+                "-A OUTPUT -p udp -m udp --sport 15053 -m owner --gid-owner 1337 -j CT --zone 2",
+                "-A OUTPUT -d 10.96.0.10/32 -p udp -m udp --dport 53 -j CT --zone 2",
+                "-A PREROUTING -s 10.96.0.10/32 -p udp -m udp --sport 53 -j CT --zone 1",
+            ]
+        );
+        assert!(set.restore_script().contains("*raw\n"));
+        // ip6tables gets the IPv6 nameserver only.
+        let v6 = RuleSet::new(&dns_spec(false), &Settings::default(), Family::V6);
+        assert!(v6.rules.iter().any(|r| r
+            == "-A OUTPUT -d fd00::a/128 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053"));
+        assert!(
+            !v6.rules
+                .iter()
+                .chain(&v6.raw)
+                .any(|r| r.contains("10.96.0.10"))
+        );
+        // Capture-all: no destination on the redirects and zones.
+        let all = RuleSet::new(&dns_spec(true), &Settings::default(), Family::V4);
+        assert!(
+            all.rules
+                .iter()
+                .any(|r| r == "-A OUTPUT -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053")
+        );
+        assert!(
+            all.rules
+                .iter()
+                .any(|r| r
+                    == "-A ISTIO_OUTPUT -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053")
+        );
+        assert!(
+            all.raw
+                .iter()
+                .any(|r| r == "-A PREROUTING -p udp -m udp --sport 53 -j CT --zone 1")
+        );
+        // Off: none of it.
+        let off = RuleSet::new(&PodSpec::default(), &Settings::default(), Family::V4);
+        assert!(off.raw.is_empty() && !off.restore_script().contains("53"));
+    }
+
+    #[test]
+    fn dns_removal_takes_exactly_the_dns_rules() {
+        let set = RuleSet::new(&dns_spec(false), &Settings::default(), Family::V4);
+        // What iptables-save prints after apply, plus rules of others that look alike.
+        let mut nat = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+        for c in CHAINS {
+            nat.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        nat.push_str("-A OUTPUT -p udp -m udp --dport 53 -j DNAT --to-destination 10.0.0.1\n");
+        nat.push_str("-A OUTPUT -p udp -m udp --dport 5353 -m owner --uid-owner 1337 -j RETURN\n");
+        for r in &set.rules {
+            nat.push_str(r);
+            nat.push('\n');
+        }
+        nat.push_str("COMMIT\n");
+        let (script, count) = removal_script(&nat).expect("ours");
+        assert_eq!(count, set.rules.len());
+        assert!(script.contains(
+            "-D OUTPUT -d 10.96.0.10/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053\n"
+        ));
+        assert!(
+            script.contains(
+                "-D OUTPUT -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j RETURN\n"
+            )
+        );
+        assert!(
+            !script.contains("DNAT") && !script.contains("5353"),
+            "{script}"
+        );
+        let mut raw = String::from("*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+        raw.push_str("-A OUTPUT -p udp -m udp --dport 123 -j CT --zone 1\n");
+        raw.push_str("-A PREROUTING -p tcp -m tcp --sport 53 -j CT --zone 1\n");
+        for r in &set.raw {
+            raw.push_str(r);
+            raw.push('\n');
+        }
+        raw.push_str("COMMIT\n");
+        let (script, count) = raw_removal_script(&raw).expect("ours");
+        assert_eq!(count, set.raw.len(), "{script}");
+        assert!(
+            !script.contains("123") && !script.contains("-p tcp"),
+            "{script}"
+        );
+        assert!(raw_removal_script("*raw\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n").is_none());
     }
 }

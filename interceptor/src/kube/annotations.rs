@@ -21,6 +21,9 @@ pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutbou
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
 pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+/// Istio: the pod's ProxyConfig overrides (YAML); `proxyMetadata.ISTIO_META_DNS_CAPTURE`
+/// turns DNS capture on.
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Ours: `ebpf`, `iptables` or `off`; wins over everything Istio's metadata says.
 pub const MODE: &str = "interceptor.dev/mode";
 /// Ours: `off` keeps the pod's app↔proxy hop on loopback TCP (see README, sockmap reads).
@@ -238,6 +241,11 @@ fn parse_mode(value: &str) -> Result<Option<Mode>, String> {
 
 /// Decides what to do with `pod`, given its namespace (None while the namespace is unknown).
 pub fn decide(pod: &Pod, namespace: Option<&Namespace>) -> Decision {
+    decide_with(pod, namespace, false)
+}
+
+/// [`decide`], with the mesh-wide DNS capture default (`agent --dns-capture`).
+pub fn decide_with(pod: &Pod, namespace: Option<&Namespace>, mesh_dns_capture: bool) -> Decision {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let spec = pod.spec.as_ref();
@@ -305,7 +313,7 @@ pub fn decide(pod: &Pod, namespace: Option<&Namespace>) -> Decision {
         }
     };
 
-    match pod_spec(pod, annotations) {
+    match pod_spec(pod, annotations, mesh_dns_capture) {
         Ok(spec) => Decision::Intercept {
             mode,
             spec: Box::new(spec),
@@ -320,6 +328,7 @@ pub fn decide(pod: &Pod, namespace: Option<&Namespace>) -> Decision {
 fn pod_spec(
     pod: &Pod,
     annotations: &BTreeMap<String, String>,
+    mesh_dns_capture: bool,
 ) -> Result<PodSpec, (&'static str, String, String)> {
     let get = |k: &str| annotations.get(k).map(String::as_str);
     let bad = |annotation: &'static str| {
@@ -382,8 +391,38 @@ fn pod_spec(
             }
         };
     }
+    spec.dns.enabled = mesh_dns_capture;
+    if let Some(v) = get(PROXY_CONFIG)
+        && let Some(on) = dns_capture(v).map_err(|e| (PROXY_CONFIG, v.to_owned(), e))?
+    {
+        spec.dns.enabled = on;
+    }
     (spec.proxy_uid, spec.proxy_gid) = proxy_identity(pod)?;
     Ok(spec)
+}
+
+/// `proxyMetadata.ISTIO_META_DNS_CAPTURE` of a `proxy.istio.io/config` value (Istio reads it
+/// as a Go bool); None when the pod does not say.
+fn dns_capture(proxy_config: &str) -> Result<Option<bool>, String> {
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(proxy_config)
+        .map_err(|e| format!("not a YAML ProxyConfig: {e}"))?;
+    let value = doc
+        .get("proxyMetadata")
+        .and_then(|m| m.get("ISTIO_META_DNS_CAPTURE"));
+    let text = match value {
+        None | Some(serde_yaml_ng::Value::Null) => return Ok(None),
+        Some(serde_yaml_ng::Value::Bool(b)) => return Ok(Some(*b)),
+        Some(serde_yaml_ng::Value::String(s)) => s.trim().to_ascii_lowercase(),
+        Some(other) => format!("{other:?}"),
+    };
+    match text.as_str() {
+        "true" | "1" | "t" => Ok(Some(true)),
+        "false" | "0" | "f" => Ok(Some(false)),
+        "" => Ok(None),
+        _ => Err(format!(
+            "proxyMetadata.ISTIO_META_DNS_CAPTURE: {text:?} is not true or false"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -737,5 +776,53 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn dns_capture_comes_from_proxy_metadata() {
+        let spec_of = |config: &str| {
+            let p = pod(&[(STATUS, "{}"), (PROXY_CONFIG, config)], &["istio-proxy"]);
+            match decide(&p, None) {
+                Decision::Intercept { spec, .. } => Ok(spec.dns.enabled),
+                Decision::Invalid {
+                    annotation, error, ..
+                } => Err((annotation, error)),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            spec_of("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+            Ok(true)
+        );
+        assert_eq!(
+            spec_of("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"false\"\n"),
+            Ok(false)
+        );
+        assert_eq!(
+            spec_of("proxyMetadata:\n  ISTIO_META_DNS_AUTO_ALLOCATE: \"true\"\n"),
+            Ok(false)
+        );
+        assert_eq!(
+            spec_of("holdApplicationUntilProxyStarts: true\n"),
+            Ok(false)
+        );
+        let err = spec_of("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"yes please\"\n")
+            .expect_err("bad bool");
+        assert_eq!(err.0, PROXY_CONFIG);
+        assert!(err.1.contains("ISTIO_META_DNS_CAPTURE"), "{}", err.1);
+        assert!(spec_of("proxyMetadata: [").is_err());
+        // The mesh-wide default, and a pod turning it off for itself.
+        let mesh = |annotations: &[(&str, &str)]| {
+            let p = pod(&[&[(STATUS, "{}")], annotations].concat(), &["istio-proxy"]);
+            match decide_with(&p, None, true) {
+                Decision::Intercept { spec, .. } => spec.dns.enabled,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(mesh(&[]));
+        assert!(!mesh(&[(
+            PROXY_CONFIG,
+            "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"false\"\n"
+        )]));
     }
 }

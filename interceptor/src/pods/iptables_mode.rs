@@ -111,10 +111,17 @@ impl Registry<'_> {
         mode: Mode,
     ) -> Result<PodEntry, Error> {
         match mode {
+            Mode::Ebpf if spec.dns.enabled => Err(Error::DnsCaptureNeedsIptables),
             Mode::Ebpf => self.enable(netns, source, spec),
             Mode::Iptables(backend) => self.enable_iptables(netns, source, spec, backend),
             Mode::Auto(backend) => {
-                if spec.inbound() && !sk_lookup_available(self.pins) {
+                if spec.dns.enabled {
+                    info!(
+                        pod = %display_name(source),
+                        "DNS capture asked: intercepting with iptables (istio-iptables' DNS rules)"
+                    );
+                    self.enable_iptables(netns, source, spec, backend)
+                } else if spec.inbound() && !sk_lookup_available(self.pins) {
                     info!(
                         pod = %display_name(source),
                         "no sk_lookup on this kernel (< 5.9): intercepting with iptables"

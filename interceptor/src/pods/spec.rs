@@ -144,7 +144,81 @@ pub struct PodSpec {
     /// The proxy's identity: its connections are never captured.
     pub proxy_uid: u32,
     pub proxy_gid: u32,
+    /// DNS capture to the proxy's 15053 (Istio's `ISTIO_META_DNS_CAPTURE`); off by default.
+    #[serde(default)]
+    pub dns: DnsCapture,
 }
+
+/// DNS capture, with Istio's `DNS_CAPTURE` / `CAPTURE_ALL_DNS` semantics: UDP and TCP port 53
+/// to the pod's resolv.conf nameservers (or to any address with `capture_all`) go to the
+/// proxy's DNS port; the proxy's own queries (UID/GID) never.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsCapture {
+    pub enabled: bool,
+    /// Every port-53 destination, not only the nameservers.
+    pub capture_all: bool,
+    /// The pod's resolv.conf nameservers: the destinations captured unless `capture_all`.
+    pub nameservers: Vec<IpAddr>,
+}
+
+impl DnsCapture {
+    /// For `pod list` and `status`: off, on (the nameservers) or all.
+    pub fn label(&self) -> &'static str {
+        match (
+            self.enabled,
+            self.capture_all || self.nameservers.is_empty(),
+        ) {
+            (false, _) => "off",
+            (true, false) => "on",
+            (true, true) => "all",
+        }
+    }
+
+    /// Without explicit nameservers (and without capture-all), the ones of the pod's
+    /// resolv.conf at `path`, as istio-iptables reads them in the pod.
+    pub fn fill_nameservers(&mut self, path: &std::path::Path) -> Result<(), String> {
+        if !self.enabled || self.capture_all || !self.nameservers.is_empty() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            format!(
+                "--dns-capture: reading {}: {err}; name the resolvers with --dns-servers, or \
+                 use --dns-capture-all",
+                path.display()
+            )
+        })?;
+        self.nameservers = crate::proxy::dns::forward::parse_resolv_conf(&text)
+            .iter()
+            .map(|a| a.ip())
+            .collect();
+        if self.nameservers.is_empty() {
+            return Err(format!(
+                "--dns-capture: no nameserver in {}; name the resolvers with --dns-servers, or \
+                 use --dns-capture-all",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The resolv.conf a pod's processes see: its root's (`--pid`), or `ip netns`' per-namespace
+/// file (`/etc/netns/NAME/resolv.conf`, bind-mounted by `ip netns exec`), else the host's.
+pub fn pod_resolv_conf(netns: Option<&str>, pid: Option<u32>) -> std::path::PathBuf {
+    if let Some(pid) = pid {
+        return format!("/proc/{pid}/root/etc/resolv.conf").into();
+    }
+    if let Some(name) = netns {
+        let per_ns = std::path::PathBuf::from(format!("/etc/netns/{name}/resolv.conf"));
+        if per_ns.exists() {
+            return per_ns;
+        }
+    }
+    "/etc/resolv.conf".into()
+}
+
+/// The proxy's DNS port (Istio's agent: 15053).
+pub const DNS_CAPTURE_PORT: u16 = 15053;
 
 impl Default for PodSpec {
     fn default() -> Self {
@@ -160,6 +234,7 @@ impl Default for PodSpec {
             fail_open: false,
             proxy_uid: 1337,
             proxy_gid: 1337,
+            dns: DnsCapture::default(),
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct Config {
     pub outbound: Outbound,
     pub inbound: Inbound,
     pub clusters: Vec<ClusterConfig>,
+    /// The DNS proxy (15053): names answered locally, cache and upstream limits.
+    pub dns: DnsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -531,6 +533,48 @@ impl Default for OutlierConfig {
     }
 }
 
+/// What the DNS proxy answers itself (Istio's name table: services and ServiceEntry hosts) and
+/// how it forwards the rest.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Kubernetes services (`reviews.default` or the FQDN): answered under every name Istio
+    /// generates — `reviews` (same namespace only), `reviews.default`, `reviews.default.svc`,
+    /// …, the FQDN.
+    pub services: Vec<DnsHost>,
+    /// Other host names (ServiceEntry hosts such as `api.example.com`), answered as written.
+    pub hosts: Vec<DnsHost>,
+    /// TTL of the locally answered records.
+    pub ttl: Dur,
+    /// Most forwarded answers kept; 0 = no cache.
+    pub cache_entries: u32,
+    /// A cached answer is kept for its smallest TTL, at most this long.
+    pub max_cache_ttl: Dur,
+    /// Time to get an upstream answer (all nameservers together); then SERVFAIL.
+    pub upstream_timeout: Dur,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            services: Vec::new(),
+            hosts: Vec::new(),
+            ttl: Dur::secs(30),
+            cache_entries: 4096,
+            max_cache_ttl: Dur::secs(300),
+            upstream_timeout: Dur::secs(4),
+        }
+    }
+}
+
+/// A name and the addresses it resolves to (A for IPv4, AAAA for IPv6).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsHost {
+    pub name: String,
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
 // === impl Config ===
 
 impl Config {
@@ -596,6 +640,7 @@ impl Config {
                 ));
             }
         }
+        self.dns.validate().map_err(|(f, m)| invalid(f, m))?;
         let mut ports = HashSet::new();
         for (l, listener) in self.outbound.listeners.iter().enumerate() {
             let lf = format!("outbound.listeners[{l}]");
@@ -753,6 +798,43 @@ impl Config {
     /// Every cluster by name.
     pub fn cluster_map(&self) -> BTreeMap<&str, &ClusterConfig> {
         self.clusters.iter().map(|c| (c.name.as_str(), c)).collect()
+    }
+}
+
+impl DnsConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        for (list, hosts) in [("services", &self.services), ("hosts", &self.hosts)] {
+            for (i, host) in hosts.iter().enumerate() {
+                let field = format!("dns.{list}[{i}]");
+                let name = host.name.trim_end_matches('.');
+                let labels_ok = !name.is_empty()
+                    && name.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    });
+                if !labels_ok || name.len() > 253 {
+                    return Err((
+                        format!("{field}.name"),
+                        format!("{:?} is not a DNS name (e.g. reviews.default)", host.name),
+                    ));
+                }
+                if host.addresses.is_empty() {
+                    return Err((
+                        format!("{field}.addresses"),
+                        format!("{:?} needs at least one address", host.name),
+                    ));
+                }
+            }
+        }
+        if self.ttl.0.is_zero() {
+            return Err(("dns.ttl".into(), "must be more than 0".into()));
+        }
+        if self.upstream_timeout.0.is_zero() {
+            return Err(("dns.upstream_timeout".into(), "must be more than 0".into()));
+        }
+        Ok(())
     }
 }
 

@@ -323,3 +323,58 @@ impl Drop for ActiveGuard {
         self.0.dec();
     }
 }
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum DnsTransport {
+    Udp,
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum DnsResult {
+    /// A name of the mesh, answered by the proxy.
+    Local,
+    /// Asked upstream and answered.
+    Forwarded,
+    /// Answered from the cache of forwarded answers.
+    Cached,
+    /// Upstream failed or timed out: SERVFAIL.
+    Failed,
+    /// Not a DNS query (FORMERR, or dropped without a header).
+    Malformed,
+    /// Dropped: too many queries in flight.
+    Dropped,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub transport: DnsTransport,
+    pub result: DnsResult,
+}
+
+/// The DNS proxy's metrics (`interceptor_proxy_dns_queries_total{transport, result}`).
+#[derive(Clone, Default)]
+pub struct DnsMetrics {
+    pub queries: Family<DnsLabels, Counter>,
+}
+
+impl DnsMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry
+            .sub_registry_with_prefix("interceptor_proxy_dns")
+            .register(
+                "queries",
+                "DNS queries, by transport and result (local, forwarded, cached, failed, \
+                 malformed, dropped)",
+                m.queries.clone(),
+            );
+        m
+    }
+
+    pub fn query(&self, transport: DnsTransport, result: DnsResult) {
+        self.queries
+            .get_or_create(&DnsLabels { transport, result })
+            .inc();
+    }
+}
