@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
+use super::peers::{self, App, Sidecar};
 use crate::{
     bpf::{Maps, Pins},
     iptables,
@@ -53,9 +54,14 @@ impl Mode {
 
 /// What the rig runs in its pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Workload {
-    /// The HTTP app in the server pod, sidecars in both pods.
-    Http,
+pub enum Workload<'a> {
+    /// The HTTP app in the server pod, sidecars in both pods; the app serves `/bytes/N` for
+    /// each of `sizes`.
+    Http {
+        app: App,
+        sidecar: Sidecar,
+        sizes: &'a [usize],
+    },
     /// A sink on the client pod's 15001 in place of its sidecar: isolates the app↔proxy hop.
     HopSink,
 }
@@ -72,16 +78,37 @@ pub struct Rig {
     processes: Vec<Managed>,
     agent: Option<Managed>,
     pins: Pins,
+    /// Configs of the third-party peers; removed on drop.
+    scratch: PathBuf,
     _lab: Lab,
 }
 
 impl Rig {
-    pub fn new(mode: Mode, workload: Workload, tag: &str, agent_args: &[String]) -> Result<Self> {
+    pub fn new(
+        mode: Mode,
+        workload: Workload<'_>,
+        tag: &str,
+        agent_args: &[String],
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("finding this binary")?;
+        Self::with_exe(exe, mode, workload, tag, agent_args)
+    }
+
+    /// As `new`, with `exe` as the `interceptor` binary (tests run from another binary).
+    pub fn with_exe(
+        exe: PathBuf,
+        mode: Mode,
+        workload: Workload<'_>,
+        tag: &str,
+        agent_args: &[String],
+    ) -> Result<Self> {
         let mut lab = Lab::create(tag)?;
         let client = lab.add_pod("client")?;
         let server = lab.add_pod("server")?;
         let pins = Pins::new(format!("/sys/fs/bpf/{}", lab.name));
+        let scratch = std::env::temp_dir().join(&lab.name);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
         let mut rig = Self {
             mode,
             client,
@@ -90,13 +117,18 @@ impl Rig {
             processes: Vec::new(),
             agent: None,
             pins,
+            scratch,
             _lab: lab,
         };
         if mode.ebpf() {
             rig.start_agent(agent_args)?;
         }
         match workload {
-            Workload::Http => rig.start_http()?,
+            Workload::Http {
+                app,
+                sidecar,
+                sizes,
+            } => rig.start_http(app, sidecar, sizes)?,
             Workload::HopSink => rig.start_sink()?,
         }
         Ok(rig)
@@ -114,6 +146,28 @@ impl Rig {
             Mode::Direct => SocketAddr::from((Ipv4Addr::LOCALHOST, SINK_PORT)),
             _ => SocketAddr::from((self.server.ip, 9)),
         }
+    }
+
+    /// Every datapath counter by name (eBPF modes).
+    pub fn counters(&self) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+        Ok(Maps::open(&self.pins)?.counters()?)
+    }
+
+    /// The non-zero `msg_*` and `sockhash_*` datapath counters, for the run log (what the
+    /// sk_msg program decided during this rig's runs).
+    pub fn counter_summary(&self) -> String {
+        let counters = match Maps::open(&self.pins).and_then(|m| m.counters()) {
+            Ok(c) => c,
+            Err(err) => return format!("unreadable ({err})"),
+        };
+        counters
+            .iter()
+            .filter(|(name, v)| {
+                **v > 0 && (name.starts_with("msg_") || name.starts_with("sockhash"))
+            })
+            .map(|(name, v)| format!("{name}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     pub fn exe(&self) -> &PathBuf {
@@ -146,20 +200,27 @@ impl Rig {
     }
 
     fn spawn(&mut self, pod: Pod, name: &str, args: &[&str], ready: &str) -> Result<()> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["--log-level", "warn"]).args(args);
+        self.spawn_command(pod, name, &mut cmd, ready)
+    }
+
+    /// Starts `cmd` in `pod`; waits for `ready` on its stdout unless empty.
+    fn spawn_command(
+        &mut self,
+        pod: Pod,
+        name: &str,
+        cmd: &mut Command,
+        ready: &str,
+    ) -> Result<()> {
         let pod = match pod {
             Pod::Client => &self.client,
             Pod::Server => &self.server,
         };
         let mut child = Managed::new(
             format!("{} {name}", pod.name),
-            pod.spawn(
-                Command::new(&self.exe)
-                    .args(["--log-level", "warn"])
-                    .args(args)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null()),
-            )
-            .with_context(|| format!("starting {name} in {}", pod.name))?,
+            pod.spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::null()))
+                .with_context(|| format!("starting {name} in {}", pod.name))?,
         );
         if !ready.is_empty() {
             child.wait_for_line(ready, Duration::from_secs(30))?;
@@ -168,31 +229,35 @@ impl Rig {
         Ok(())
     }
 
-    fn start_http(&mut self) -> Result<()> {
-        let app = self.app_addr().to_string();
-        self.spawn(
-            Pod::Server,
-            "app",
-            &[
-                "testapp",
-                "http-server",
-                "--listen",
-                &app,
-                "--name",
-                "bench",
-            ],
-            "listening",
-        )?;
+    fn start_http(&mut self, app: App, sidecar: Sidecar, sizes: &[usize]) -> Result<()> {
+        let listen = self.app_addr();
+        match app {
+            App::Testapp => self.spawn(
+                Pod::Server,
+                "app",
+                &[
+                    "testapp",
+                    "http-server",
+                    "--listen",
+                    &listen.to_string(),
+                    "--name",
+                    "bench",
+                ],
+                "listening",
+            )?,
+            App::Nginx => {
+                let conf = peers::nginx_config(&self.scratch.join("nginx"), listen, sizes)?;
+                let mut cmd = Command::new("nginx");
+                cmd.arg("-c").arg(&conf).args(["-g", "daemon off;"]);
+                self.spawn_command(Pod::Server, "nginx", &mut cmd, "")?;
+                self.wait_tcp(Pod::Server, listen)?;
+            }
+        }
         if self.mode == Mode::Direct {
             return Ok(());
         }
         for pod in [Pod::Client, Pod::Server] {
-            self.spawn(pod, "sidecar", &["proxy"], "")?;
-            let pod = match pod {
-                Pod::Client => &self.client,
-                Pod::Server => &self.server,
-            };
-            pod.wait_listening(15021, Duration::from_secs(20), None)?;
+            self.start_sidecar(pod, sidecar)?;
         }
         self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
         let timeout = Duration::from_secs(20);
@@ -202,6 +267,69 @@ impl Rig {
             bail!("the server sidecar's inbound listener was not registered within 20s");
         }
         Ok(())
+    }
+
+    fn start_sidecar(&mut self, pod: Pod, sidecar: Sidecar) -> Result<()> {
+        let ready_port = match sidecar {
+            Sidecar::Interceptor => {
+                self.spawn(pod, "sidecar", &["proxy"], "")?;
+                15021
+            }
+            Sidecar::Haproxy => {
+                let dir = self.scratch.join(format!("haproxy-{}", pod.name()));
+                std::fs::create_dir_all(&dir)?;
+                let cfg = peers::haproxy_config(&dir, 15001, 15006)?;
+                let mut cmd = Command::new("haproxy");
+                cmd.arg("-db").arg("-f").arg(&cfg);
+                self.spawn_command(pod, "haproxy", &mut cmd, "")?;
+                15001
+            }
+            Sidecar::Asyncio => {
+                let script = peers::asyncio_script(&self.scratch)?;
+                // setpriv, not Command::uid: the pod's setns must run before the UID drop.
+                let id = peers::PROXY_ID.to_string();
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    "--reuid",
+                    &id,
+                    "--regid",
+                    &id,
+                    "--clear-groups",
+                    peers::PYTHON,
+                    "-u",
+                ])
+                .arg(&script);
+                self.spawn_command(pod, "asyncio proxy", &mut cmd, "asyncio proxy listening")?;
+                15001
+            }
+        };
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
+        pod.wait_listening(ready_port, Duration::from_secs(20), None)?;
+        Ok(())
+    }
+
+    /// Waits until `addr` accepts connections from inside `pod`.
+    fn wait_tcp(&self, pod: Pod, addr: SocketAddr) -> Result<()> {
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = pod.run(|| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })?;
+            if up {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("nothing listened on {addr} in {} within 20s", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn start_sink(&mut self) -> Result<()> {
@@ -256,6 +384,15 @@ enum Pod {
     Server,
 }
 
+impl Pod {
+    fn name(self) -> &'static str {
+        match self {
+            Pod::Client => "client",
+            Pod::Server => "server",
+        }
+    }
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         self.processes.clear();
@@ -265,5 +402,6 @@ impl Drop for Rig {
         if self.pins.root().exists() {
             let _ = crate::bpf::teardown(&self.pins);
         }
+        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
