@@ -12,4 +12,5 @@ mod lifecycle;
 mod outbound;
 mod policy;
 mod proxy_l7;
+mod sidecars;
 mod sockmap;
