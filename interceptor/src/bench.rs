@@ -433,8 +433,13 @@ fn parse_wrk(text: &str) -> Result<LoadOutcome> {
             _ => {}
         }
     }
-    if out.requests_per_second == 0.0 && out.responses == 0 {
+    if !text.contains("Requests/sec:") {
         bail!("no `Requests/sec` line");
+    }
+    if out.responses == 0 {
+        // Not one response in the whole run: a stall is a result, not a reason to stop.
+        out.errors += 1;
+        out.error_kinds.insert("no response in the run".into(), 1);
     }
     out.ok = out.responses.saturating_sub(out.errors);
     Ok(out)
@@ -529,4 +534,41 @@ fn cpu_usec(pods: &[&LabPod]) -> Result<u64> {
         })?;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wrk;
+
+    #[test]
+    fn wrk_report_is_read_with_units() {
+        let text = "Running 3s test @ http://198.18.0.3:8080/bytes/64
+  1 threads and 1 connections
+  Latency Distribution
+     50%  250.00us
+     75%  300.00us
+     90%  1.20ms
+     99%   44.10ms
+  11000 requests in 3.00s, 2.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec:   3666.67
+Transfer/sec:    682.00KB
+";
+        let out = parse_wrk(text).expect("parsed");
+        assert_eq!(out.responses, 11000);
+        assert_eq!(out.errors, 3);
+        assert_eq!(out.ok, 10997);
+        assert!((out.requests_per_second - 3666.67).abs() < 1e-9);
+        assert!((out.latency_us.p50 - 250.0).abs() < 1e-9);
+        assert!((out.latency_us.p90 - 1200.0).abs() < 1e-9);
+        assert!((out.latency_us.p99 - 44_100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_run_without_one_response_is_a_result_with_an_error() {
+        let text = "  0 requests in 3.01s, 233.00B read\nRequests/sec:      0.00\n";
+        let out = parse_wrk(text).expect("parsed");
+        assert_eq!((out.responses, out.ok, out.errors), (0, 0, 1));
+        assert!(parse_wrk("wrk: command failed").is_err());
+    }
 }
