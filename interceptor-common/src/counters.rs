@@ -82,6 +82,9 @@ counters! {
     MsgRedirected = "msg_redirected",
     /// Peer socket missing from the sockhash: that direction falls back to TCP for good.
     MsgRedirectFailed = "msg_redirect_failed",
+    /// A direction fell back to TCP, so its reverse direction was moved to TCP too (a
+    /// half-redirected connection is slower than plain TCP; redirect → TCP is order-safe).
+    MsgFallbackReverse = "msg_fallback_reverse",
     /// Message sent over TCP on a direction that fell back (keeps bytes in order).
     MsgFallbackPass = "msg_fallback_pass",
     /// sk_msg redirect switched off in `CONFIG`: message sent over TCP.

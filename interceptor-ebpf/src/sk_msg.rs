@@ -46,8 +46,16 @@ fn redirect(ctx: &SkMsgContext) {
     if SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
         count(Counter::MsgRedirected);
     } else {
-        // The peer is not in the sockhash (yet): this message takes TCP, and so must the rest.
+        // The peer is not in the sockhash (yet): typically the app wrote before the peer's
+        // end of the handshake was processed. This message takes TCP, and so must the rest.
         let _ = MSG_FALLBACK.insert(&key, &1, 0);
         count(Counter::MsgRedirectFailed);
+        // Half TCP, half redirect is slower than either (measured: every TCP segment is
+        // acknowledged by a bare ACK, never piggybacked, and both stacks run per request), so
+        // the reverse direction leaves the redirect too. That one is order-safe: its reader
+        // drains the redirect queue before it reads TCP bytes.
+        if MSG_FALLBACK.insert(&peer, &1, 0).is_ok() {
+            count(Counter::MsgFallbackReverse);
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! interleaved, round after round, since these machines are noisy; CPU comes from the pods'
 //! cgroups (`cpu.stat`), so it includes the app, the sidecars and the kernel work done for them.
 
+pub mod peers;
 mod report;
 mod rig;
 
@@ -22,6 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
+    peers::{App, Sidecar},
     report::Report,
     rig::{Mode, Rig, Workload},
 };
@@ -36,6 +38,18 @@ pub struct BenchArgs {
     /// Rounds (every mode once per round); min/median/max are over rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    /// Server apps of the HTTP workloads (each with each sidecar).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [App::Testapp])]
+    pub apps: Vec<App>,
+    /// Sidecar proxies of the HTTP workloads (the same one in both pods).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Sidecar::Interceptor])]
+    pub sidecars: Vec<Sidecar>,
+    /// Response sizes of the HTTP workloads, bytes (`GET /bytes/N`).
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize])]
+    pub response_sizes: Vec<usize>,
+    /// Load generator of the HTTP workloads.
+    #[arg(long, value_enum, default_value_t = LoadGenerator::Testapp)]
+    pub load_generator: LoadGenerator,
     /// Keep-alive concurrency levels.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64])]
     pub concurrency: Vec<usize>,
@@ -70,6 +84,15 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Who sends the HTTP requests from the client pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadGenerator {
+    /// This binary's load generator (hyper).
+    Testapp,
+    /// wrk from Debian, as users measure (its p99.9 is reported as its p99).
+    Wrk,
 }
 
 /// One HTTP run of one mode.
@@ -115,6 +138,11 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
     let workloads = http_workloads(args);
     let total = args.rounds as usize * args.modes.len();
     let mut step = 0;
+    let combos: Vec<(App, Sidecar)> = args
+        .apps
+        .iter()
+        .flat_map(|&app| args.sidecars.iter().map(move |&sidecar| (app, sidecar)))
+        .collect();
     for round in 1..=args.rounds {
         for &mode in &args.modes {
             step += 1;
@@ -123,25 +151,46 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                 mode.name(),
                 started.elapsed().as_secs_f64()
             );
-            if !workloads.is_empty() {
-                let rig = Rig::new(mode, Workload::Http, "bench", &args.agent_arg)?;
-                warm_up(&rig)?;
-                for (name, load_mode, concurrency) in &workloads {
-                    let run = http_run(&rig, args, name, *load_mode, *concurrency, round)?;
-                    eprintln!(
-                        "    {:<22} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:.3} CPU-s/10k{}",
-                        run.workload,
-                        run.requests_per_second,
-                        run.p50_us,
-                        run.p99_us,
-                        run.cpu_seconds_per_10k,
-                        if run.errors > 0 {
-                            format!("  ({} errors)", run.errors)
-                        } else {
-                            String::new()
-                        }
-                    );
-                    report.http.push(run);
+            for &(app, sidecar) in if workloads.is_empty() {
+                &[][..]
+            } else {
+                &combos[..]
+            } {
+                let topology = Workload::Http {
+                    app,
+                    sidecar,
+                    sizes: &args.response_sizes,
+                };
+                let rig = Rig::new(mode, topology, "bench", &args.agent_arg)?;
+                warm_up(&rig, args.response_sizes.first().copied().unwrap_or(64))?;
+                for &size in &args.response_sizes {
+                    for (name, load_mode, concurrency) in &workloads {
+                        let name = format!(
+                            "{}+{} {} {name}",
+                            app.name(),
+                            sidecar.name(),
+                            report::human_size(size)
+                        );
+                        let run =
+                            http_run(&rig, args, &name, size, *load_mode, *concurrency, round)?;
+                        eprintln!(
+                            "    {:<44} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:.3} CPU-s/10k{}",
+                            run.workload,
+                            run.requests_per_second,
+                            run.p50_us,
+                            run.p99_us,
+                            run.cpu_seconds_per_10k,
+                            if run.errors > 0 {
+                                format!("  ({} errors)", run.errors)
+                            } else {
+                                String::new()
+                            }
+                        );
+                        report.http.push(run);
+                    }
+                }
+                if mode == Mode::Ebpf {
+                    eprintln!("    counters: {}", rig.counter_summary());
                 }
             }
             if !args.no_stream && !args.stream_sizes.is_empty() {
@@ -181,8 +230,16 @@ fn http_workloads(args: &BenchArgs) -> Vec<(String, loadgen::Mode, usize)> {
 }
 
 /// Opens connections, fills caches and pools before anything is measured.
-fn warm_up(rig: &Rig) -> Result<()> {
-    let result = load(rig, loadgen::Mode::KeepAlive, 16, 2_000, 10.0)?;
+fn warm_up(rig: &Rig, size: usize) -> Result<()> {
+    let result = load(
+        rig,
+        LoadGenerator::Testapp,
+        size,
+        loadgen::Mode::KeepAlive,
+        16,
+        2_000,
+        10.0,
+    )?;
     if result.ok == 0 {
         bail!(
             "{}: no request succeeded during warm-up ({:?}); the topology is broken",
@@ -197,12 +254,21 @@ fn http_run(
     rig: &Rig,
     args: &BenchArgs,
     name: &str,
+    size: usize,
     mode: loadgen::Mode,
     concurrency: usize,
     round: u32,
 ) -> Result<HttpRun> {
     let cpu_before = cpu_usec(&[&rig.client, &rig.server])?;
-    let result = load(rig, mode, concurrency, args.requests, args.run_seconds)?;
+    let result = load(
+        rig,
+        args.load_generator,
+        size,
+        mode,
+        concurrency,
+        args.requests,
+        args.run_seconds,
+    )?;
     let cpu = (cpu_usec(&[&rig.client, &rig.server])? - cpu_before) as f64 / 1e6;
     Ok(HttpRun {
         mode: rig.mode,
@@ -247,11 +313,16 @@ struct Latency {
 /// Runs the load generator as a process in the client pod (its CPU counts with the pod's).
 fn load(
     rig: &Rig,
+    generator: LoadGenerator,
+    size: usize,
     mode: loadgen::Mode,
     concurrency: usize,
     requests: u64,
     seconds: f64,
 ) -> Result<LoadOutcome> {
+    if generator == LoadGenerator::Wrk {
+        return wrk(rig, size, mode, concurrency, seconds);
+    }
     let out = run_in_pod(
         rig,
         &rig.client,
@@ -260,6 +331,8 @@ fn load(
             "load",
             "--target",
             &rig.app_addr().to_string(),
+            "--path",
+            &format!("/bytes/{size}"),
             "--concurrency",
             &concurrency.to_string(),
             "--requests",
@@ -275,6 +348,101 @@ fn load(
         Duration::from_secs_f64(seconds + 30.0),
     )?;
     serde_json::from_str(&out).context("reading the load generator's result")
+}
+
+/// wrk in the client pod; its text report parsed into a `LoadOutcome`.
+fn wrk(
+    rig: &Rig,
+    size: usize,
+    mode: loadgen::Mode,
+    concurrency: usize,
+    seconds: f64,
+) -> Result<LoadOutcome> {
+    let threads = concurrency.clamp(1, 2).to_string();
+    let url = format!("http://{}/bytes/{size}", rig.app_addr());
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t", &threads, "-c", &concurrency.max(1).to_string()])
+        .args(["-d", &format!("{}s", seconds.ceil().max(1.0))])
+        .args(["--timeout", "10s", "--latency"]);
+    if mode == loadgen::Mode::ConnectionPerRequest {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(&url);
+    let out = run_command_in_pod(
+        &rig.client,
+        &mut cmd,
+        Duration::from_secs_f64(seconds + 30.0),
+    )?;
+    parse_wrk(&out).with_context(|| format!("reading wrk's report:\n{out}"))
+}
+
+/// The numbers of wrk's `--latency` report.
+fn parse_wrk(text: &str) -> Result<LoadOutcome> {
+    let mut out = LoadOutcome {
+        responses: 0,
+        ok: 0,
+        errors: 0,
+        error_kinds: Default::default(),
+        requests_per_second: 0.0,
+        latency_us: Latency {
+            p50: 0.0,
+            p90: 0.0,
+            p99: 0.0,
+            p999: 0.0,
+        },
+    };
+    let duration_us = |v: &str| -> Option<f64> {
+        let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1e3)
+        } else if let Some(n) = v.strip_suffix("m") {
+            (n, 60e6)
+        } else if let Some(n) = v.strip_suffix('s') {
+            (n, 1e6)
+        } else {
+            return None;
+        };
+        num.parse::<f64>().ok().map(|n| n * mult)
+    };
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => out.latency_us.p50 = duration_us(v).unwrap_or(0.0),
+            ["90%", v] => out.latency_us.p90 = duration_us(v).unwrap_or(0.0),
+            ["99%", v] => {
+                out.latency_us.p99 = duration_us(v).unwrap_or(0.0);
+                out.latency_us.p999 = out.latency_us.p99;
+            }
+            [n, "requests", "in", ..] => out.responses = n.parse().unwrap_or(0),
+            ["Requests/sec:", v] => out.requests_per_second = v.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => {
+                let n: u64 = n.parse().unwrap_or(0);
+                out.errors += n;
+                out.error_kinds.insert("status".into(), n);
+            }
+            ["Socket", "errors:", rest @ ..] => {
+                for pair in rest.chunks(2) {
+                    if let [kind, n] = pair {
+                        let n: u64 = n.trim_end_matches(',').parse().unwrap_or(0);
+                        out.errors += n;
+                        out.error_kinds.insert(kind.to_string(), n);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !text.contains("Requests/sec:") {
+        bail!("no `Requests/sec` line");
+    }
+    if out.responses == 0 {
+        // Not one response in the whole run: a stall is a result, not a reason to stop.
+        out.errors += 1;
+        out.error_kinds.insert("no response in the run".into(), 1);
+    }
+    out.ok = out.responses.saturating_sub(out.errors);
+    Ok(out)
 }
 
 fn stream_run(rig: &Rig, args: &BenchArgs, size: usize, round: u32) -> Result<StreamRun> {
@@ -312,12 +480,20 @@ fn stream_run(rig: &Rig, args: &BenchArgs, size: usize, round: u32) -> Result<St
 /// Runs `interceptor-lab ARGS` inside `pod` (network namespace and cgroup) and returns its stdout;
 /// killed after `limit`.
 fn run_in_pod(rig: &Rig, pod: &LabPod, args: &[&str], limit: Duration) -> Result<String> {
+    let mut cmd = Command::new(rig.lab_exe());
+    cmd.args(["--log-level", "warn"]).args(args);
+    run_command_in_pod(pod, &mut cmd, limit)
+}
+
+/// Runs `cmd` inside `pod` and returns its stdout; killed after `limit`.
+fn run_command_in_pod(pod: &LabPod, cmd: &mut Command, limit: Duration) -> Result<String> {
+    let args: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let mut child = pod
         .spawn(
-            Command::new(rig.lab_exe())
-                .args(["--log-level", "warn"])
-                .args(args)
-                .stdin(Stdio::null())
+            cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         )
@@ -358,4 +534,41 @@ fn cpu_usec(pods: &[&LabPod]) -> Result<u64> {
         })?;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wrk;
+
+    #[test]
+    fn wrk_report_is_read_with_units() {
+        let text = "Running 3s test @ http://198.18.0.3:8080/bytes/64
+  1 threads and 1 connections
+  Latency Distribution
+     50%  250.00us
+     75%  300.00us
+     90%  1.20ms
+     99%   44.10ms
+  11000 requests in 3.00s, 2.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec:   3666.67
+Transfer/sec:    682.00KB
+";
+        let out = parse_wrk(text).expect("parsed");
+        assert_eq!(out.responses, 11000);
+        assert_eq!(out.errors, 3);
+        assert_eq!(out.ok, 10997);
+        assert!((out.requests_per_second - 3666.67).abs() < 1e-9);
+        assert!((out.latency_us.p50 - 250.0).abs() < 1e-9);
+        assert!((out.latency_us.p90 - 1200.0).abs() < 1e-9);
+        assert!((out.latency_us.p99 - 44_100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_run_without_one_response_is_a_result_with_an_error() {
+        let text = "  0 requests in 3.01s, 233.00B read\nRequests/sec:      0.00\n";
+        let out = parse_wrk(text).expect("parsed");
+        assert_eq!((out.responses, out.ok, out.errors), (0, 0, 1));
+        assert!(parse_wrk("wrk: command failed").is_err());
+    }
 }

@@ -15,4 +15,5 @@ mod outbound;
 mod policy;
 mod protocols;
 mod proxy_l7;
+mod sidecars;
 mod sockmap;

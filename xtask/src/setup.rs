@@ -22,6 +22,12 @@ pub const PACKAGES: &[&str] = &[
     // The DNS tests' peers: dnsmasq as the pods' resolver, dig as a client.
     "dnsmasq-base",
     "bind9-dnsutils",
+    // Third-party peers of the datapath matrix (bench and end-to-end tests): nginx with
+    // sendfile as the app, haproxy and a Python asyncio proxy as sidecars, wrk as the client.
+    "nginx-light",
+    "haproxy",
+    "python3",
+    "wrk",
 ];
 
 /// The bpf-linker version verified with LLVM 22 (newer ones may drop the llvm-22 feature).

@@ -398,7 +398,7 @@ fn short(v: f64) -> String {
     }
 }
 
-fn human_size(bytes: usize) -> String {
+pub(super) fn human_size(bytes: usize) -> String {
     if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {

@@ -19,6 +19,7 @@ use interceptor::{
     pods::{PodSource, Registry, spec::PodSpec},
 };
 
+use super::peers::{self, App, Sidecar};
 use crate::{
     bins,
     lab::{Lab, LabPod, Managed},
@@ -57,9 +58,14 @@ impl Mode {
 
 /// What the rig runs in its pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Workload {
-    /// The HTTP app in the server pod, sidecars in both pods.
-    Http,
+pub enum Workload<'a> {
+    /// The HTTP app in the server pod, sidecars in both pods; the app serves `/bytes/N` for
+    /// each of `sizes`.
+    Http {
+        app: App,
+        sidecar: Sidecar,
+        sizes: &'a [usize],
+    },
     /// A sink on the client pod's 15001 in place of its sidecar: isolates the app↔proxy hop.
     HopSink,
 }
@@ -78,17 +84,37 @@ pub struct Rig {
     processes: Vec<Managed>,
     agent: Option<Managed>,
     pins: Pins,
+    /// Configs of the third-party peers; removed on drop.
+    scratch: PathBuf,
     _lab: Lab,
 }
 
 impl Rig {
-    pub fn new(mode: Mode, workload: Workload, tag: &str, agent_args: &[String]) -> Result<Self> {
-        let exe = bins::product()?;
+    pub fn new(
+        mode: Mode,
+        workload: Workload<'_>,
+        tag: &str,
+        agent_args: &[String],
+    ) -> Result<Self> {
+        Self::with_exe(bins::product()?, mode, workload, tag, agent_args)
+    }
+
+    /// As `new`, with `exe` as the `interceptor` binary (tests run from another binary).
+    pub fn with_exe(
+        exe: PathBuf,
+        mode: Mode,
+        workload: Workload<'_>,
+        tag: &str,
+        agent_args: &[String],
+    ) -> Result<Self> {
         let lab_exe = bins::lab()?;
         let mut lab = Lab::create(tag)?;
         let client = lab.add_pod("client")?;
         let server = lab.add_pod("server")?;
         let pins = Pins::new(format!("/sys/fs/bpf/{}", lab.name));
+        let scratch = std::env::temp_dir().join(&lab.name);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
         let mut rig = Self {
             mode,
             client,
@@ -98,13 +124,18 @@ impl Rig {
             processes: Vec::new(),
             agent: None,
             pins,
+            scratch,
             _lab: lab,
         };
         if mode.ebpf() {
             rig.start_agent(agent_args)?;
         }
         match workload {
-            Workload::Http => rig.start_http()?,
+            Workload::Http {
+                app,
+                sidecar,
+                sizes,
+            } => rig.start_http(app, sidecar, sizes)?,
             Workload::HopSink => rig.start_sink()?,
         }
         Ok(rig)
@@ -127,6 +158,32 @@ impl Rig {
     /// The lab binary, which runs the test apps (`testapp …`).
     pub fn lab_exe(&self) -> &PathBuf {
         &self.lab_exe
+    }
+
+    /// Every datapath counter by name (eBPF modes).
+    pub fn counters(&self) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+        Ok(Maps::open(&self.pins)?.counters()?)
+    }
+
+    /// The non-zero `msg_*` and `sockhash_*` datapath counters, for the run log (what the
+    /// sk_msg program decided during this rig's runs).
+    pub fn counter_summary(&self) -> String {
+        let counters = match Maps::open(&self.pins).and_then(|m| m.counters()) {
+            Ok(c) => c,
+            Err(err) => return format!("unreadable ({err})"),
+        };
+        counters
+            .iter()
+            .filter(|(name, v)| {
+                **v > 0 && (name.starts_with("msg_") || name.starts_with("sockhash"))
+            })
+            .map(|(name, v)| format!("{name}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    pub fn exe(&self) -> &PathBuf {
+        &self.exe
     }
 
     fn start_agent(&mut self, extra: &[String]) -> Result<()> {
@@ -155,26 +212,33 @@ impl Rig {
     }
 
     fn spawn(&mut self, pod: Pod, name: &str, args: &[&str], ready: &str) -> Result<()> {
-        let pod = match pod {
-            Pod::Client => &self.client,
-            Pod::Server => &self.server,
-        };
         // Test apps come from the lab binary, the sidecar from the product.
         let exe = if args.first() == Some(&"testapp") {
             &self.lab_exe
         } else {
             &self.exe
         };
+        let mut cmd = Command::new(exe);
+        cmd.args(["--log-level", "warn"]).args(args);
+        self.spawn_command(pod, name, &mut cmd, ready)
+    }
+
+    /// Starts `cmd` in `pod`; waits for `ready` on its stdout unless empty.
+    fn spawn_command(
+        &mut self,
+        pod: Pod,
+        name: &str,
+        cmd: &mut Command,
+        ready: &str,
+    ) -> Result<()> {
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
         let mut child = Managed::new(
             format!("{} {name}", pod.name),
-            pod.spawn(
-                Command::new(exe)
-                    .args(["--log-level", "warn"])
-                    .args(args)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null()),
-            )
-            .with_context(|| format!("starting {name} in {}", pod.name))?,
+            pod.spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::null()))
+                .with_context(|| format!("starting {name} in {}", pod.name))?,
         );
         if !ready.is_empty() {
             child.wait_for_line(ready, Duration::from_secs(30))?;
@@ -183,31 +247,35 @@ impl Rig {
         Ok(())
     }
 
-    fn start_http(&mut self) -> Result<()> {
-        let app = self.app_addr().to_string();
-        self.spawn(
-            Pod::Server,
-            "app",
-            &[
-                "testapp",
-                "http-server",
-                "--listen",
-                &app,
-                "--name",
-                "bench",
-            ],
-            "listening",
-        )?;
+    fn start_http(&mut self, app: App, sidecar: Sidecar, sizes: &[usize]) -> Result<()> {
+        let listen = self.app_addr();
+        match app {
+            App::Testapp => self.spawn(
+                Pod::Server,
+                "app",
+                &[
+                    "testapp",
+                    "http-server",
+                    "--listen",
+                    &listen.to_string(),
+                    "--name",
+                    "bench",
+                ],
+                "listening",
+            )?,
+            App::Nginx => {
+                let conf = peers::nginx_config(&self.scratch.join("nginx"), listen, sizes)?;
+                let mut cmd = Command::new("nginx");
+                cmd.arg("-c").arg(&conf).args(["-g", "daemon off;"]);
+                self.spawn_command(Pod::Server, "nginx", &mut cmd, "")?;
+                self.wait_tcp(Pod::Server, listen)?;
+            }
+        }
         if self.mode == Mode::Direct {
             return Ok(());
         }
         for pod in [Pod::Client, Pod::Server] {
-            self.spawn(pod, "sidecar", &["proxy"], "")?;
-            let pod = match pod {
-                Pod::Client => &self.client,
-                Pod::Server => &self.server,
-            };
-            pod.wait_listening(15021, Duration::from_secs(20), None)?;
+            self.start_sidecar(pod, sidecar)?;
         }
         self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
         let timeout = Duration::from_secs(20);
@@ -217,6 +285,69 @@ impl Rig {
             bail!("the server sidecar's inbound listener was not registered within 20s");
         }
         Ok(())
+    }
+
+    fn start_sidecar(&mut self, pod: Pod, sidecar: Sidecar) -> Result<()> {
+        let ready_port = match sidecar {
+            Sidecar::Interceptor => {
+                self.spawn(pod, "sidecar", &["proxy"], "")?;
+                15021
+            }
+            Sidecar::Haproxy => {
+                let dir = self.scratch.join(format!("haproxy-{}", pod.name()));
+                std::fs::create_dir_all(&dir)?;
+                let cfg = peers::haproxy_config(&dir, 15001, 15006)?;
+                let mut cmd = Command::new("haproxy");
+                cmd.arg("-db").arg("-f").arg(&cfg);
+                self.spawn_command(pod, "haproxy", &mut cmd, "")?;
+                15001
+            }
+            Sidecar::Asyncio => {
+                let script = peers::asyncio_script(&self.scratch)?;
+                // setpriv, not Command::uid: the pod's setns must run before the UID drop.
+                let id = peers::PROXY_ID.to_string();
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    "--reuid",
+                    &id,
+                    "--regid",
+                    &id,
+                    "--clear-groups",
+                    peers::PYTHON,
+                    "-u",
+                ])
+                .arg(&script);
+                self.spawn_command(pod, "asyncio proxy", &mut cmd, "asyncio proxy listening")?;
+                15001
+            }
+        };
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
+        pod.wait_listening(ready_port, Duration::from_secs(20), None)?;
+        Ok(())
+    }
+
+    /// Waits until `addr` accepts connections from inside `pod`.
+    fn wait_tcp(&self, pod: Pod, addr: SocketAddr) -> Result<()> {
+        let pod = match pod {
+            Pod::Client => &self.client,
+            Pod::Server => &self.server,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = pod.run(|| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })?;
+            if up {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("nothing listened on {addr} in {} within 20s", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn start_sink(&mut self) -> Result<()> {
@@ -271,6 +402,15 @@ enum Pod {
     Server,
 }
 
+impl Pod {
+    fn name(self) -> &'static str {
+        match self {
+            Pod::Client => "client",
+            Pod::Server => "server",
+        }
+    }
+}
+
 impl Drop for Rig {
     fn drop(&mut self) {
         self.processes.clear();
@@ -280,5 +420,6 @@ impl Drop for Rig {
         if self.pins.root().exists() {
             let _ = interceptor::bpf::teardown(&self.pins);
         }
+        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
