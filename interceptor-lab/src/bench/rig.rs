@@ -223,6 +223,12 @@ impl Rig {
         self.spawn_command(pod, name, &mut cmd, ready)
     }
 
+    /// Where the stderr of process `name` in pod `pod_name` goes.
+    fn stderr_path(&self, pod_name: &str, name: &str) -> PathBuf {
+        self.scratch
+            .join(format!("{pod_name}-{name}.stderr").replace(' ', "-"))
+    }
+
     /// Starts `cmd` in `pod`; waits for `ready` on its stdout unless empty.
     fn spawn_command(
         &mut self,
@@ -235,9 +241,13 @@ impl Rig {
             Pod::Client => &self.client,
             Pod::Server => &self.server,
         };
+        // Its stderr goes to a file in the scratch directory: a process that dies or never
+        // listens can then say why (see `start_sidecar`).
+        let stderr = std::fs::File::create(self.stderr_path(&pod.name, name))
+            .with_context(|| format!("creating the stderr file of {name}"))?;
         let mut child = Managed::new(
             format!("{} {name}", pod.name),
-            pod.spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::null()))
+            pod.spawn(cmd.stdout(Stdio::piped()).stderr(stderr))
                 .with_context(|| format!("starting {name} in {}", pod.name))?,
         );
         if !ready.is_empty() {
@@ -321,11 +331,27 @@ impl Rig {
                 15001
             }
         };
-        let pod = match pod {
+        let lab_pod = match pod {
             Pod::Client => &self.client,
             Pod::Server => &self.server,
         };
-        pod.wait_listening(ready_port, Duration::from_secs(20), None)?;
+        // The sidecar just started is the last process; an early exit is reported as such.
+        let waited = lab_pod.wait_listening(
+            ready_port,
+            Duration::from_secs(30),
+            self.processes.last_mut(),
+        );
+        if let Err(err) = waited {
+            let name = self.processes.last().map_or("", |p| p.name.as_str());
+            let short = name.split_once(' ').map_or(name, |(_, n)| n);
+            let stderr =
+                std::fs::read_to_string(self.stderr_path(&lab_pod.name, short)).unwrap_or_default();
+            let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
+            bail!(
+                "{err}; its stderr (last lines): {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            );
+        }
         Ok(())
     }
 
