@@ -10,11 +10,13 @@
 //! - [`demo`]: two pods, sidecars in both, a request crossing both, narrated.
 //! - [`bins`]: where the product binary and this lab's binary are.
 //! - [`fixed_dst`]: an original-destination answer for running the proxy without interception.
+//! - [`grpc_codec`]: a bytes codec for tonic, the gRPC peer of the proxy tests.
 
 pub mod bench;
 pub mod bins;
 pub mod demo;
 pub mod fixed_dst;
+pub mod grpc_codec;
 pub mod lab;
 pub mod loadgen;
 pub mod testapp;

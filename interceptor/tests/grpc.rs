@@ -20,58 +20,16 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use futures::stream;
 use http::{Request, Response, StatusCode, uri::PathAndQuery};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use interceptor_lab::grpc_codec::Raw;
 use support::{Proxy, refused_addr};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::{
-    Code, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    metadata::MetadataValue,
-};
-
-// === a bytes codec ===
-
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
+use tonic::{Code, Status, metadata::MetadataValue};
 
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
@@ -201,7 +159,7 @@ impl Drop for GrpcServer {
     }
 }
 
-fn grpc<C: Codec>(codec: C) -> tonic::server::Grpc<C> {
+fn grpc<C: tonic::codec::Codec>(codec: C) -> tonic::server::Grpc<C> {
     tonic::server::Grpc::new(codec)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE)

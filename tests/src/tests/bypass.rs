@@ -497,6 +497,18 @@ fn a_listener_flood_in_another_pod_does_not_break_inbound() {
     let server = h.pod("server");
     let noisy = h.pod("noisy");
     h.start_agent(&[]);
+    // Telling a listener's pod apart in sockops needs the netns cookie there (Linux >= 5.15);
+    // below that the flood can still fill the node-wide map (README: "Nothing bypasses").
+    if !netns_keys(&h) {
+        // Straight to fd 2: libtest captures eprintln!, and `cargo xtask vm-test` counts this line.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "interceptor-e2e: skipped a_listener_flood_in_another_pod_does_not_break_inbound: \
+             netns cookie in sockops (Linux >= 5.15)"
+        );
+        return;
+    }
     h.sidecar(&server);
     let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
     h.enable(&server, &[]);
