@@ -478,7 +478,8 @@ fn parse_log(log: &str) -> Summary {
             s.passed += 1;
         } else if rest.ends_with(" ... FAILED") {
             s.failed += 1;
-        } else if rest.ends_with(" ... ignored") {
+        } else if rest.ends_with(" ... ignored") || rest.contains(" ... ignored, ") {
+            // `#[ignore = "reason"]` prints `... ignored, reason`.
             s.skipped += 1;
         }
     }
@@ -572,13 +573,14 @@ mod tests {
                    test b ... ok\n\
                    test c ... FAILED\n\
                    test d ... ignored\n\
-                   test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 13 filtered out; finished in 1.00s\n";
+                   test e ... ignored, a known bug (issue 15)\n\
+                   test result: FAILED. 2 passed; 1 failed; 2 ignored; 0 measured; 13 filtered out; finished in 1.00s\n";
         assert_eq!(
             parse_log(log),
             Summary {
                 passed: 1,
                 failed: 1,
-                skipped: 2,
+                skipped: 3,
                 filtered_out: 13,
             }
         );
