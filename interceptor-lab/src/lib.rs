@@ -11,6 +11,7 @@
 //! - [`bins`]: where the product binary and this lab's binary are.
 //! - [`fixed_dst`]: an original-destination answer for running the proxy without interception.
 //! - [`grpc_codec`]: a bytes codec for tonic, the gRPC peer of the proxy tests.
+//! - [`loopback_proxy`]: settings to run the sidecar proxy in-process on loopback in a test.
 
 pub mod bench;
 pub mod bins;
@@ -19,4 +20,5 @@ pub mod fixed_dst;
 pub mod grpc_codec;
 pub mod lab;
 pub mod loadgen;
+pub mod loopback_proxy;
 pub mod testapp;

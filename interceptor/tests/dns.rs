@@ -191,34 +191,19 @@ struct Proxy {
     dir: std::path::PathBuf,
 }
 
-static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 impl Proxy {
     async fn start(yaml: &str, upstreams: Vec<SocketAddr>, orig_dst: Arc<dyn OrigDstAddr>) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "interceptor-dns-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let config_path = dir.join("proxy.yaml");
-        std::fs::write(&config_path, yaml).expect("write config");
+        let (config, config_path) = interceptor_lab::loopback_proxy::config("dns", yaml);
+        let dir = config_path.parent().expect("config dir").to_owned();
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         let config = ProxyConfig {
-            outbound: any,
-            outbound_v6: None,
-            inbound: any,
-            metrics: any,
-            health: any,
-            admin: any,
-            config_file: Some(config_path),
             dns: DnsSettings {
                 listen: Some(any),
                 listen_v6: Some("[::1]:0".parse().expect("addr")),
                 upstreams,
                 ..DnsSettings::default()
             },
-            ..ProxyConfig::default()
+            ..config
         };
         let bound = Bound::bind(config)
             .expect("bind the proxy")

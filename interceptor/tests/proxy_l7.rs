@@ -151,8 +151,6 @@ impl Drop for TempDir {
     }
 }
 
-static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 impl Proxy {
     /// Starts the proxy with `yaml`; every connection's original destination is `orig_dst`.
     async fn start(yaml: &str, orig_dst: SocketAddr) -> Self {
@@ -161,26 +159,11 @@ impl Proxy {
 
     /// Like `start`, checking the config file every `poll`.
     async fn start_polling(yaml: &str, orig_dst: SocketAddr, poll: Duration) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "interceptor-proxy-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let config_path = dir.join("proxy.yaml");
-        std::fs::write(&config_path, yaml).expect("write config");
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (config, config_path) = interceptor_lab::loopback_proxy::config("proxy", yaml);
         let config = ProxyConfig {
-            outbound: any,
-            outbound_v6: None,
-            inbound: any,
-            metrics: any,
-            health: any,
-            admin: any,
-            config_file: Some(config_path.clone()),
             config_poll: poll,
             drain_timeout: Duration::from_secs(5),
-            ..ProxyConfig::default()
+            ..config
         };
         let bound = Bound::bind(config)
             .expect("bind the proxy")
@@ -196,10 +179,10 @@ impl Proxy {
             inbound,
             metrics,
             admin,
+            _dir: TempDir(config_path.parent().expect("config dir").to_owned()),
             config_path,
             stop: Some(stop),
             task: Some(task),
-            _dir: TempDir(dir),
         }
     }
 

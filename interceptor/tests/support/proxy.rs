@@ -52,32 +52,16 @@ pub struct Proxy {
     dir: PathBuf,
 }
 
-static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 impl Proxy {
     /// Starts the proxy with the config `yaml`; connections "were going to" `orig_dst`.
     pub async fn start(yaml: &str, orig_dst: SocketAddr) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "interceptor-protocols-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let config_path = dir.join("proxy.yaml");
-        std::fs::write(&config_path, yaml).expect("write config");
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (config, config_path) = interceptor_lab::loopback_proxy::config("protocols", yaml);
+        let dir = config_path.parent().expect("config dir").to_owned();
         let config = ProxyConfig {
-            outbound: any,
-            outbound_v6: None,
-            inbound: any,
-            metrics: any,
-            health: any,
-            admin: any,
-            config_file: Some(config_path),
             config_poll: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(2),
             workers: 1,
-            ..ProxyConfig::default()
+            ..config
         };
         let orig = OrigDst(Arc::new(Mutex::new(orig_dst)));
         let bound = Bound::bind(config)
