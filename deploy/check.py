@@ -41,7 +41,8 @@ def lint() -> None:
 
 
 def validate(files, version: str) -> None:
-    cmd = ["kubernetes-validate", "--strict", "-k", version, *files]
+    # As a module: pip's console script may not be on PATH (pyenv shims need a rehash).
+    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, *files]
     done = subprocess.run(cmd, capture_output=True, text=True)
     print(done.stdout, end="")
     if done.returncode != 0:
