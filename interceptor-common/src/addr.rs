@@ -46,9 +46,55 @@ pub const LOCALHOST_V4: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
 /// `::1` as four network-order words.
 pub const LOCALHOST_V6: Addr = [0, 0, 0, 1u32.to_be()];
 
+/// An address as the maps store it: four network-order words, IPv4 mapped. The user-space half
+/// of the codec; the programs read the same words from `bpf_sock_addr` and `bpf_sock_ops`.
+pub fn from_ip(ip: core::net::IpAddr) -> Addr {
+    let o = match ip {
+        core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
+}
+
+/// The inverse of [`from_ip`] (an IPv4-mapped address reads back as IPv4).
+pub fn to_ip(a: Addr) -> core::net::IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = core::net::Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => core::net::IpAddr::V4(v4),
+        None => core::net::IpAddr::V6(v6),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_round_trip() {
+        for s in [
+            "198.18.0.7",
+            "fd00:198:18::7",
+            "::1",
+            "127.0.0.6",
+            "::ffff:0:1",
+        ] {
+            let ip: core::net::IpAddr = s.parse().unwrap();
+            let back = to_ip(from_ip(ip));
+            // ::ffff:0.0.0.1 is IPv4-mapped: it reads back as its IPv4 form.
+            assert_eq!(back.to_canonical(), ip.to_canonical(), "{s}");
+        }
+        let v4: core::net::Ipv4Addr = "198.18.0.7".parse().unwrap();
+        assert_eq!(
+            from_ip(core::net::IpAddr::V4(v4)),
+            v4_mapped(u32::from_be_bytes(v4.octets()).to_be())
+        );
+    }
 
     #[test]
     fn mapped_round_trip() {

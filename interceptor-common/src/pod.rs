@@ -85,6 +85,39 @@ impl CidrKey {
     pub const fn prefix_len(addr_bits: u32) -> u32 {
         64 + addr_bits
     }
+
+    /// The key of pod `pod_id`'s range `ip/prefix` (prefix in the address's own family), with
+    /// the LPM prefix length that matches it.
+    pub fn range(pod_id: u32, ip: core::net::IpAddr, prefix: u8) -> (Self, u32) {
+        let (family, bits) = match ip {
+            core::net::IpAddr::V4(_) => (CIDR_V4, 96 + u32::from(prefix)),
+            core::net::IpAddr::V6(_) => (CIDR_V6, u32::from(prefix)),
+        };
+        let key = Self {
+            pod_id_be: pod_id.to_be(),
+            family,
+            ip: crate::addr::from_ip(ip),
+        };
+        (key, Self::prefix_len(bits))
+    }
+
+    /// The pod id.
+    pub const fn pod_id(&self) -> u32 {
+        u32::from_be(self.pod_id_be)
+    }
+
+    /// The inverse of [`CidrKey::range`]: the range `(ip, prefix)` of a key and its LPM prefix
+    /// length. An IPv6 range inside `::ffff:0:0/96` stays IPv6.
+    pub fn to_range(&self, prefix_len: u32) -> (core::net::IpAddr, u8) {
+        let bits = prefix_len.saturating_sub(64);
+        match crate::addr::to_ip(self.ip) {
+            core::net::IpAddr::V4(v4) if self.family == CIDR_V4 => {
+                (core::net::IpAddr::V4(v4), bits.saturating_sub(96) as u8)
+            }
+            core::net::IpAddr::V4(v4) => (core::net::IpAddr::V6(v4.to_ipv6_mapped()), bits as u8),
+            ip => (ip, bits as u8),
+        }
+    }
 }
 
 /// Bytes of `PodInfo::name`.
@@ -122,4 +155,25 @@ pub struct PodInfo {
     pub backend: u32,
     /// NUL-padded UTF-8: the netns name, `pid:N`, or `namespace/name` for Kubernetes pods.
     pub name: [u8; POD_NAME_LEN],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_range_round_trip() {
+        for (ip, prefix) in [
+            ("10.1.0.0", 16),
+            ("fd00::", 8),
+            ("::", 0),
+            ("::ffff:10.0.0.0", 104),
+            ("0.0.0.0", 0),
+        ] {
+            let ip: core::net::IpAddr = ip.parse().unwrap();
+            let (key, len) = CidrKey::range(7, ip, prefix);
+            assert_eq!(key.pod_id(), 7);
+            assert_eq!(key.to_range(len), (ip, prefix), "{ip}/{prefix}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use interceptor::{
     bpf::{Maps, Pins, features::Features},
-    pods::{PodSource, Registry, spec::PodSpec},
+    registry::{PodSource, Registry, spec::PodSpec},
 };
 
 use crate::{

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use interceptor::{
     bpf::{Maps, Pins, features::cgroup2_mount},
-    netns::{self, Netns},
+    discovery::netns::{self, Netns},
 };
 
 /// Every lab object's name starts with this.
@@ -461,11 +461,11 @@ pub fn wait_inbound_ready(
     pins: &Pins,
     netns_name: &str,
     timeout: std::time::Duration,
-) -> Result<bool, interceptor::pods::Error> {
+) -> Result<bool, interceptor::registry::Error> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let maps = Maps::open(pins)?;
-        if interceptor::pods::list(pins, &maps)?
+        if interceptor::registry::list(pins, &maps)?
             .iter()
             .any(|p| p.name == netns_name && p.inbound_ready)
         {

@@ -1,11 +1,17 @@
 //! `interceptor agent`: loads (or adopts) the datapath, keeps the per-pod state right (inbound
 //! listeners, pods that went away), and on exit removes what it attached unless asked to keep it
 //! pinned or another agent still uses it.
+//!
+//! - [`health`]: readiness and the agent's HTTP endpoints (probes, metrics).
+//! - [`events`]: the datapath's ring buffer (listen events wake a pass) and its log records.
 
 #![allow(
     unsafe_code,
     reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting and flock on the instance lock"
 )]
+
+mod events;
+mod health;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -13,33 +19,24 @@ use std::{
     net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
-use interceptor_common::{event::Event, names};
 use nix::fcntl::{Flock, FlockArg};
-use prometheus_client::{encoding::text::encode, registry::Registry as MetricsRegistry};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::Notify,
-};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{self, Datapath, LoadOptions, Pins, features::Features},
-    http_server,
     kube::{
         KubeOptions, PodController,
         metrics::KubeMetrics,
         owner::{self, Verdict},
     },
-    pods::Registry,
+    registry::Registry,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +62,7 @@ pub enum Error {
     #[error(transparent)]
     Bpf(#[from] bpf::Error),
     #[error(transparent)]
-    Pods(#[from] crate::pods::Error),
+    Pods(#[from] crate::registry::Error),
     #[error(transparent)]
     Kube(#[from] crate::kube::Error),
     #[error("binding the health endpoint {addr}: {source}")]
@@ -210,12 +207,12 @@ pub fn running_agents(pins: &Pins) -> Vec<u32> {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let ready = Arc::new(AtomicBool::new(false));
-    let stop_health = CancellationToken::new();
     let mut registry = MetricsRegistry::with_prefix("interceptor_agent");
+    let ready = health::Readiness::new(&mut registry);
+    let stop_health = CancellationToken::new();
     let kube_metrics = KubeMetrics::new(&mut registry);
     if let Some(addr) = opts.health_addr {
-        serve_health(addr, ready.clone(), Arc::new(registry), stop_health.clone()).await?;
+        health::serve(addr, ready.clone(), Arc::new(registry), stop_health.clone()).await?;
     }
     // Before touching the datapath: a bad kubeconfig fails the start, not the first pass.
     let client = match &opts.kube {
@@ -241,8 +238,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         debug!(%err, "could not record the kernel features for status");
     }
 
-    let logs = start_logs(&mut datapath);
-    let mut events = open_events(&opts.pins);
+    let logs = events::start_logs(&mut datapath);
+    let mut event_ring = events::open_events(&opts.pins);
     let mut controller = match (client, &opts.kube) {
         (Some(client), Some(k)) => {
             info!(node = %k.node_name, "watching this node's pods in the Kubernetes API");
@@ -259,11 +256,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     tokio::pin!(shutdown);
     loop {
         // Ready once pinned and, with --kube, once the first complete list has been applied.
-        if !ready.load(Ordering::Relaxed) && controller.as_ref().is_none_or(|c| c.watch.synced()) {
+        if !ready.get() && controller.as_ref().is_none_or(|c| c.watch.synced()) {
             if let Some(c) = controller.as_mut() {
                 kube_pass(c, &mut datapath);
             }
-            ready.store(true, Ordering::Relaxed);
+            ready.set(true);
             info!(
                 root = %opts.pins.root().display(),
                 attached = ?datapath.attached,
@@ -288,7 +285,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                     kube_pass(c, &mut datapath);
                 }
             }
-            woke = next_event(&mut events) => {
+            woke = events::next_event(&mut event_ring) => {
                 if woke {
                     // A proxy started listening: match it to its pod right away.
                     if let Err(err) = Registry::lock(&datapath.pins, &mut datapath.maps)
@@ -300,7 +297,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             }
         }
     }
-    ready.store(false, Ordering::Relaxed);
+    ready.set(false);
     stop_health.cancel();
     drop(controller);
 
@@ -385,47 +382,6 @@ async fn notified(notify: Option<&Notify>) {
     }
 }
 
-/// `/healthz/ready` (200 when ready, else 503), `/healthz/live`, and Prometheus `/metrics`
-/// (also `/stats/prometheus`), bound before anything else so a port conflict fails the start.
-async fn serve_health(
-    addr: SocketAddr,
-    ready: Arc<AtomicBool>,
-    registry: Arc<MetricsRegistry>,
-    stop: CancellationToken,
-) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Health { addr, source })?;
-    let handler: http_server::Handler = Arc::new(move |req| match req.uri().path() {
-        "/healthz/ready" if ready.load(Ordering::Relaxed) => {
-            http_server::text(http::StatusCode::OK, "ready\n")
-        }
-        "/healthz/ready" => http_server::text(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: datapath or first Kubernetes list pending\n",
-        ),
-        "/healthz/live" => http_server::text(http::StatusCode::OK, "live\n"),
-        "/metrics" | "/stats/prometheus" => {
-            let mut out = String::new();
-            let ready = u8::from(ready.load(Ordering::Relaxed));
-            out.push_str("# HELP interceptor_agent_ready Whether the agent is ready.\n");
-            out.push_str("# TYPE interceptor_agent_ready gauge\n");
-            out.push_str(&format!("interceptor_agent_ready {ready}\n"));
-            match encode(&mut out, &registry) {
-                Ok(()) => http_server::text(http::StatusCode::OK, out),
-                Err(_) => http_server::text(
-                    http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding metrics failed\n",
-                ),
-            }
-        }
-        _ => http_server::text(http::StatusCode::NOT_FOUND, "not found\n"),
-    });
-    info!(%addr, "serving /healthz/ready");
-    tokio::spawn(http_server::serve(listener, handler, stop));
-    Ok(())
-}
-
 fn reconcile(datapath: &mut Datapath) {
     let result = Registry::lock(&datapath.pins, &mut datapath.maps).and_then(|mut registry| {
         registry.collect_gone()?;
@@ -434,64 +390,4 @@ fn reconcile(datapath: &mut Datapath) {
     if let Err(err) = result {
         warn!(%err, "reconciling pods");
     }
-}
-
-/// aya-log: the programs' log records become tracing events.
-fn start_logs(datapath: &mut Datapath) -> Option<tokio::task::JoinHandle<()>> {
-    let logger = match datapath.ebpf_mut() {
-        Some(ebpf) => aya_log::EbpfLogger::init(ebpf),
-        None => {
-            let path = datapath.pins.prog(names::prog::SOCKOPS);
-            match aya::programs::SockOps::from_pin(&path).and_then(|p| p.info()) {
-                Ok(info) => aya_log::EbpfLogger::init_from_id(info.id()),
-                Err(err) => {
-                    debug!(%err, "no pinned program to read logs from");
-                    return None;
-                }
-            }
-        }
-    };
-    match logger {
-        Ok(logger) => Some(tokio::spawn(bpf::logs::forward(logger))),
-        Err(err) => {
-            debug!(%err, "eBPF logs unavailable");
-            None
-        }
-    }
-}
-
-struct Events(RingBuf<MapData>);
-
-impl AsRawFd for Events {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-fn open_events(pins: &Pins) -> Option<AsyncFd<Events>> {
-    let ring: RingBuf<MapData> = bpf::maps::open_pinned(pins, names::map::EVENTS)
-        .inspect_err(|err| debug!(%err, "no event ring buffer; polling only"))
-        .ok()?;
-    // SAFETY: Events owns the ring buffer's descriptor for as long as the AsyncFd lives.
-    unsafe { AsyncFd::register_with_interest(Events(ring), Interest::READABLE) }.ok()
-}
-
-/// Waits for datapath events; true when at least one listener event arrived. Never resolves
-/// without an event buffer.
-async fn next_event(events: &mut Option<AsyncFd<Events>>) -> bool {
-    let Some(fd) = events else {
-        return std::future::pending().await;
-    };
-    let Ok(mut guard) = fd.readable_mut().await else {
-        return std::future::pending().await;
-    };
-    let mut woke = false;
-    let ring = &mut guard.get_inner_mut().0;
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<Event>() {
-            woke = true;
-        }
-    }
-    guard.clear_ready();
-    woke
 }

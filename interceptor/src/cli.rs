@@ -7,7 +7,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     bpf::pins::DEFAULT_ROOT,
     iptables::BackendChoice,
-    pods::spec::{self, PodSpec, SpecError},
+    registry::{
+        Mode,
+        spec::{self, PodSpec, SpecError, Switch},
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -260,20 +263,13 @@ pub struct PodEnableArgs {
     pub switches: Switches,
     /// How to intercept: ebpf (the in-kernel datapath), iptables (istio-iptables' rules in the
     /// pod's namespace), or auto (ebpf when this kernel can do all the pod asks, else iptables).
-    #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
-    pub mode: ModeArg,
+    #[arg(long, value_enum, default_value_t = Mode::Ebpf)]
+    pub mode: Mode,
     /// iptables backend for --mode iptables: auto, nft or legacy.
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    Ebpf,
-    Iptables,
-    Auto,
 }
 
 /// Istio's per-pod interception switches, shared by `pod enable` and `iptables apply`.
@@ -331,42 +327,54 @@ pub struct Switches {
 impl Switches {
     pub fn spec(&self) -> Result<PodSpec, SpecError> {
         spec::check_proxy_identity(self.proxy_uid, self.proxy_gid)?;
-        Ok(PodSpec {
-            include_inbound_ports: spec::parse_port_selection(
-                "--include-inbound-ports",
-                &self.include_inbound_ports,
-            )?,
-            exclude_inbound_ports: spec::parse_ports(
-                "--exclude-inbound-ports",
-                &self.exclude_inbound_ports,
-            )?,
-            include_outbound_ports: spec::parse_ports(
-                "--include-outbound-ports",
-                &self.include_outbound_ports,
-            )?,
-            exclude_outbound_ports: spec::parse_ports(
-                "--exclude-outbound-ports",
-                &self.exclude_outbound_ports,
-            )?,
-            include_outbound_cidrs: spec::parse_cidr_selection(
-                "--include-outbound-cidrs",
-                &self.include_outbound_cidrs,
-            )?,
-            exclude_outbound_cidrs: spec::parse_cidrs(
-                "--exclude-outbound-cidrs",
-                &self.exclude_outbound_cidrs,
-            )?,
+        let mut spec = PodSpec {
             outbound: !self.no_outbound,
             sockmap: !self.no_sockmap,
             fail_open: self.fail_open,
             proxy_uid: self.proxy_uid,
             proxy_gid: self.proxy_gid,
-            dns: crate::pods::spec::DnsCapture {
+            dns: spec::DnsCapture {
                 enabled: self.dns_capture,
                 capture_all: self.dns_capture_all,
                 nameservers: self.dns_servers.clone(),
             },
-        })
+            ..PodSpec::default()
+        };
+        for (switch, flag, value) in [
+            (
+                Switch::IncludeInboundPorts,
+                "--include-inbound-ports",
+                &self.include_inbound_ports,
+            ),
+            (
+                Switch::ExcludeInboundPorts,
+                "--exclude-inbound-ports",
+                &self.exclude_inbound_ports,
+            ),
+            (
+                Switch::IncludeOutboundPorts,
+                "--include-outbound-ports",
+                &self.include_outbound_ports,
+            ),
+            (
+                Switch::ExcludeOutboundPorts,
+                "--exclude-outbound-ports",
+                &self.exclude_outbound_ports,
+            ),
+            (
+                Switch::IncludeOutboundCidrs,
+                "--include-outbound-cidrs",
+                &self.include_outbound_cidrs,
+            ),
+            (
+                Switch::ExcludeOutboundCidrs,
+                "--exclude-outbound-cidrs",
+                &self.exclude_outbound_cidrs,
+            ),
+        ] {
+            spec.set(switch, flag, value)?;
+        }
+        Ok(spec)
     }
 }
 

@@ -53,6 +53,27 @@ impl Default for Limits {
     }
 }
 
+/// The registry in the OpenMetrics text format (what Prometheus negotiates), or 500.
+pub fn openmetrics(registry: &prometheus_client::registry::Registry) -> Response<Body> {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, registry) {
+        Ok(()) => {
+            let mut resp = text(StatusCode::OK, out);
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n",
+        ),
+    }
+}
+
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)

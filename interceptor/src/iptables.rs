@@ -25,7 +25,7 @@ pub use self::{
     backend::{Backend, BackendChoice},
     rules::{Family, RuleSet},
 };
-use crate::{netns::Netns, pods::spec::PodSpec};
+use crate::{discovery::netns::Netns, registry::spec::PodSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,7 +50,7 @@ pub enum Error {
     )]
     AlreadyApplied { netns: PathBuf, backend: Backend },
     #[error(transparent)]
-    Netns(#[from] crate::netns::Error),
+    Netns(#[from] crate::discovery::netns::Error),
 }
 
 /// Everything the rules need besides the pod's switches.

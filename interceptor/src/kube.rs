@@ -3,7 +3,6 @@
 //!
 //! - [`watch`]: this node's pods and all namespaces, watched and reflected into stores.
 //! - [`annotations`]: pod + namespace metadata → a [`Decision`].
-//! - [`resolve`]: pod UID (or IP) → its processes and network namespace on this node.
 //! - [`events`]: Kubernetes Events on pods that cannot be intercepted as asked.
 //!
 //! [`PodController::reconcile`] compares the latest complete snapshot with what is applied and
@@ -14,7 +13,6 @@ pub mod annotations;
 pub mod events;
 pub mod metrics;
 pub mod owner;
-pub mod resolve;
 pub mod watch;
 
 use std::{
@@ -33,16 +31,16 @@ use tokio::{task::JoinHandle, time::Instant};
 use tracing::{debug, info, warn};
 
 use self::{
-    annotations::{Decision, Mode, SkipReason},
+    annotations::{Decision, SkipReason},
     events::{EventSink, reason},
     metrics::{KubeMetrics, PodState as MetricState},
-    resolve::{NsId, ProcIndex},
     watch::Watch,
 };
 use crate::{
     bpf::{Maps, Pins},
+    discovery::procfs::{self, NsId, ProcIndex},
     iptables::BackendChoice,
-    pods::{self, PodRef, PodSource, Registry, spec::PodSpec},
+    registry::{self, Mode, PodRef, PodSource, Registry, spec::PodSpec},
 };
 use interceptor_common::pod::SOURCE_KUBERNETES;
 
@@ -370,7 +368,7 @@ fn entries(registry: &Registry<'_>) -> Vec<Entry> {
         .into_iter()
         .map(|(id, info)| Entry {
             id,
-            name: pods::pod_name(&info),
+            name: registry::pod_name(&info),
             kubernetes: info.source == SOURCE_KUBERNETES,
         })
         .collect()
@@ -400,7 +398,7 @@ impl Ctx<'_> {
             && applied.mode == mode
             && applied.spec == *spec
             && entry(applied.id).is_some()
-            && resolve::still_in(self.proc_root, applied.pid, applied.netns)
+            && procfs::still_in(self.proc_root, applied.pid, applied.netns)
         {
             return false;
         }
@@ -422,21 +420,26 @@ impl Ctx<'_> {
         };
         let registry_mode = match mode {
             // DNS capture is istio-iptables' rules for now: auto picks iptables for it.
-            Mode::Ebpf if spec.dns.enabled => pods::Mode::Auto(BackendChoice::Auto),
-            Mode::Ebpf => pods::Mode::Ebpf,
-            // The backend the pod's namespace already uses, as istio-iptables would.
-            Mode::Iptables => pods::Mode::Iptables(BackendChoice::Auto),
+            Mode::Ebpf if spec.dns.enabled => Mode::Auto,
+            mode => mode,
         };
         // The nameservers of the pod's own resolv.conf; unreadable → every port-53
         // destination, as istio-cni does.
         let mut effective = spec.clone();
         if let Err(err) = effective
             .dns
-            .fill_nameservers(&pods::spec::pod_resolv_conf(None, Some(located.pid)))
+            .fill_nameservers(&registry::spec::pod_resolv_conf(None, Some(located.pid)))
         {
             debug!(pod = %state.name, %err, "DNS capture of every port-53 destination");
         }
-        match registry.enable_with(&located.netns, &source, &effective, registry_mode) {
+        // The backend the pod's namespace already uses, as istio-iptables would.
+        match registry.enable_with(
+            &located.netns,
+            &source,
+            &effective,
+            registry_mode,
+            BackendChoice::Auto,
+        ) {
             Ok(entry) => {
                 info!(
                     pod = %state.name,
@@ -482,7 +485,7 @@ impl Ctx<'_> {
         &self,
         state: &mut PodState,
         index: &mut Option<ProcIndex>,
-    ) -> Option<resolve::Located> {
+    ) -> Option<procfs::Located> {
         let version = self.pod.resource_version();
         if let Some(at) = state.retry_at
             && Instant::now() < at
@@ -495,7 +498,7 @@ impl Ctx<'_> {
             Ok(located) => Some(located),
             Err(err) => {
                 // Not running yet is the normal state of a starting pod: no event for that.
-                if matches!(err, resolve::Error::NotRunning { .. }) {
+                if matches!(err, procfs::Error::NotRunning { .. }) {
                     debug!(pod = %state.name, %err, "pod not found on this node yet");
                 } else {
                     let problem = format!("cannot find the pod on this node: {err}");

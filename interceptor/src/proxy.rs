@@ -3,6 +3,7 @@
 //! works the same under eBPF and iptables interception. HTTP/1.1 and h2c are routed (`route`,
 //! `cluster`, `retry`), everything else is passed through as TCP (`tcp`).
 //!
+//! - [`runtime`]: the composition root: binds every listener, runs the workers, drains.
 //! - [`config`]: the YAML file; [`snapshot`]: one compiled generation of it, swapped on reload
 //!   ([`reload`]).
 //! - [`outbound`], [`inbound`]: the two capture listeners; [`dispatch`]: detection → HTTP or TCP.
@@ -33,6 +34,7 @@ pub mod pool;
 pub mod reload;
 pub mod retry;
 pub mod route;
+pub mod runtime;
 pub mod snapshot;
 pub mod tcp;
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     agent,
     bpf::{Maps, Pins, features::Features},
-    pods::{self, PodEntry},
+    registry::{self, PodEntry},
 };
 
 #[derive(Debug, Serialize)]
@@ -63,7 +63,7 @@ impl Status {
             .collect();
         let (pods, sockhash_entries, counters) = if pins.map(names::map::POD_INFO).exists() {
             let maps = Maps::open(pins)?;
-            let pods = pods::list(pins, &maps).unwrap_or_default();
+            let pods = registry::list(pins, &maps).unwrap_or_default();
             (pods, maps.sockhash_entries(), maps.counters()?)
         } else {
             (Vec::new(), 0, BTreeMap::new())

@@ -16,7 +16,7 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
 };
 use interceptor::{
-    app::Bound,
+    proxy::runtime::Bound,
     proxy::{ProxyConfig, dns::DnsSettings, orig_dst::OrigDstAddr},
 };
 use tokio::{

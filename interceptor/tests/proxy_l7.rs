@@ -16,7 +16,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use interceptor::{app::Bound, proxy::ProxyConfig};
+use interceptor::proxy::{ProxyConfig, runtime::Bound};
 use interceptor_lab::{
     fixed_dst::FixedDst,
     loadgen::{self, LoadSpec, Mode},

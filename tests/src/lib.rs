@@ -56,14 +56,15 @@ pub fn lab_binary() -> PathBuf {
 /// race (iptables reads tables with getsockopt, and parallel tests attach and detach
 /// cgroup/getsockopt programs all the time).
 pub fn iptables_tool(pod: &LabPod, tool: &str, args: &[&str], stdin: Option<String>) -> String {
-    let netns = interceptor::netns::Netns::by_name(&pod.netns).expect("the pod's netns");
+    let netns = interceptor::discovery::netns::Netns::by_name(&pod.netns).expect("the pod's netns");
     interceptor::iptables::run_tool(&netns, tool, args, stdin)
         .unwrap_or_else(|err| panic!("{tool} {}: {err}", args.join(" ")))
 }
 
 /// [`iptables_tool`] in the node's (this process's) network namespace.
 pub fn host_iptables_tool(tool: &str, args: &[&str]) -> String {
-    let netns = interceptor::netns::Netns::by_pid(std::process::id()).expect("this netns");
+    let netns =
+        interceptor::discovery::netns::Netns::by_pid(std::process::id()).expect("this netns");
     interceptor::iptables::run_tool(&netns, tool, args, None)
         .unwrap_or_else(|err| panic!("{tool} {}: {err}", args.join(" ")))
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use interceptor::{
     bpf::{Maps, Pins},
     iptables,
-    pods::{PodSource, Registry, spec::PodSpec},
+    registry::{PodSource, Registry, spec::PodSpec},
 };
 
 use super::peers::{self, App, Sidecar};
@@ -389,7 +389,7 @@ impl Rig {
         }
         // Outbound only: the hop under test is app → 15001.
         let spec = PodSpec {
-            include_inbound_ports: interceptor::pods::spec::Selection::List(Vec::new()),
+            include_inbound_ports: interceptor::registry::spec::Selection::List(Vec::new()),
             ..PodSpec::default()
         };
         self.intercept(&[Pod::Client], &spec)

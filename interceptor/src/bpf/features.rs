@@ -77,7 +77,7 @@ impl Features {
         );
         probes.insert(
             "sockopt_netns_cookie".to_owned(),
-            matches!(crate::netns::current_cookie(), Ok(Some(_))),
+            matches!(crate::discovery::netns::current_cookie(), Ok(Some(_))),
         );
         let mut features = Self {
             kernel: kernel_release(),

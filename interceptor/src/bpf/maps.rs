@@ -1,14 +1,20 @@
-//! Typed handles to the pinned maps, for the agent and for every CLI command that talks to a
-//! running datapath (`pod`, `status`).
+//! The pinned maps, for the agent and for every CLI command that talks to a running datapath
+//! (`pod`, `status`). Callers get operations in user-space types (pod ids, `IpAddr`, ranges,
+//! port rules); the key layouts (`CidrKey`'s LPM prefix, IPv4-mapped addresses) stay here and in
+//! `interceptor-common`.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+    os::fd::AsRawFd,
+};
 
 use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key as LpmKey,
 };
 use interceptor_common::{
     ABI_VERSION,
-    addr::Addr,
+    addr::{self, Addr},
     config::GlobalConfig,
     counters::Counter,
     names::map,
@@ -20,20 +26,63 @@ use super::{Error, Pins};
 
 /// Every map user space reads or writes (the ring buffers are opened by their consumers).
 pub struct Maps {
-    pub config: Array<MapData, GlobalConfig>,
-    pub abi: Array<MapData, u32>,
-    pub pod_config: HashMap<MapData, u64, PodConfig>,
-    pub pod_ips: HashMap<MapData, Addr, u64>,
-    pub pod_ports: HashMap<MapData, PortKey, u32>,
-    pub cidr_exclude: LpmTrie<MapData, CidrKey, u32>,
-    pub cidr_include: LpmTrie<MapData, CidrKey, u32>,
-    pub pod_info: HashMap<MapData, u32, PodInfo>,
-    pub pod_listener: HashMap<MapData, u32, u64>,
-    pub pod_listener6: HashMap<MapData, u32, u64>,
-    pub listeners: SockHash<MapData, u64>,
-    pub socks: SockHash<MapData, SockKey>,
-    pub counters: PerCpuArray<MapData, u64>,
-    pub netns_probe: HashMap<MapData, u64, u64>,
+    config: Array<MapData, GlobalConfig>,
+    abi: Array<MapData, u32>,
+    pod_config: HashMap<MapData, u64, PodConfig>,
+    pod_ips: HashMap<MapData, Addr, u64>,
+    pod_ports: HashMap<MapData, PortKey, u32>,
+    cidr_exclude: LpmTrie<MapData, CidrKey, u32>,
+    cidr_include: LpmTrie<MapData, CidrKey, u32>,
+    pod_info: HashMap<MapData, u32, PodInfo>,
+    pod_listener: HashMap<MapData, u32, u64>,
+    pod_listener6: HashMap<MapData, u32, u64>,
+    listeners: SockHash<MapData, u64>,
+    socks: SockHash<MapData, SockKey>,
+    counters: PerCpuArray<MapData, u64>,
+    netns_probe: HashMap<MapData, u64, u64>,
+}
+
+/// A range as the per-pod CIDR maps hold it: address and prefix in the address's own family.
+pub type Range = (IpAddr, u8);
+
+/// One port rule of a pod (`POD_PORTS`): `direction` is `DIR_INBOUND`/`DIR_OUTBOUND`, `rule`
+/// `PORT_INCLUDE`/`PORT_EXCLUDE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    pub port: u16,
+    pub direction: u16,
+    pub rule: u32,
+}
+
+/// A pod's rows in the node-wide maps besides its config and identity: what an update replaces
+/// and a failed update puts back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodRows {
+    pub ports: Vec<PortRule>,
+    pub excluded: Vec<Range>,
+    pub included: Vec<Range>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A pod write that did not fit: which map refused it.
+#[derive(Debug, thiserror::Error)]
+#[error("writing map {map}: {source} (map full?)")]
+pub struct WriteError {
+    pub map: &'static str,
+    #[source]
+    pub source: MapError,
+}
+
+fn write_err(map: &'static str) -> impl Fn(MapError) -> WriteError {
+    move |source| WriteError { map, source }
+}
+
+/// Which inbound listener map: `POD_LISTENER` (IPv4, or a dual-stack socket) or
+/// `POD_LISTENER6` (a separate IPv6 socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerFamily {
+    V4,
+    V6,
 }
 
 /// Opens one pinned map as its typed handle.
@@ -158,15 +207,261 @@ impl Maps {
     }
 }
 
-/// An LPM key matching `pod_id`, the `family` (`CIDR_V4`/`CIDR_V6`) and the first `bits` of
-/// the 16-byte address.
-pub(crate) fn cidr_key(pod_id: u32, family: u32, ip: Addr, bits: u32) -> LpmKey<CidrKey> {
-    LpmKey::new(
-        CidrKey::prefix_len(bits),
-        CidrKey {
-            pod_id_be: pod_id.to_be(),
-            family,
-            ip,
-        },
-    )
+/// Pods: identity records, configs, addresses.
+impl Maps {
+    /// Every enabled pod's id and identity record (one map walk).
+    pub fn pod_infos(&self) -> Vec<(u32, PodInfo)> {
+        self.pod_info.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn pod_info(&self, id: u32) -> Option<PodInfo> {
+        self.pod_info.get(&id, 0).ok()
+    }
+
+    /// Ids in use.
+    pub fn pod_ids(&self) -> BTreeSet<u32> {
+        self.pod_info.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn put_pod_info(&mut self, id: u32, info: PodInfo) -> Result<(), WriteError> {
+        self.pod_info
+            .insert(id, info, 0)
+            .map_err(write_err(map::POD_INFO))
+    }
+
+    pub fn remove_pod_info(&mut self, id: u32) {
+        let _ = self.pod_info.remove(&id);
+    }
+
+    /// The datapath config of the pod whose network namespace has this cookie.
+    pub fn pod_config(&self, netns_cookie: u64) -> Option<PodConfig> {
+        self.pod_config.get(&netns_cookie, 0).ok()
+    }
+
+    /// The netns cookie of the pod that owns `ip`.
+    pub fn address_owner(&self, ip: IpAddr) -> Option<u64> {
+        self.pod_ips.get(&addr::from_ip(ip), 0).ok()
+    }
+
+    pub fn forget_address(&mut self, ip: IpAddr) {
+        let _ = self.pod_ips.remove(&addr::from_ip(ip));
+    }
+
+    /// The cookie connect4 recorded for a probe socket (kernels without `SO_NETNS_COOKIE`),
+    /// taken out of the map.
+    pub fn take_netns_probe(&mut self, socket_cookie: u64) -> Option<u64> {
+        let found = self.netns_probe.get(&socket_cookie, 0).ok();
+        let _ = self.netns_probe.remove(&socket_cookie);
+        found
+    }
+
+    /// The pod's rows as the maps hold them (sorted, so they compare).
+    pub fn pod_rows(&self, id: u32, netns_cookie: u64) -> PodRows {
+        let mut rows = PodRows {
+            ports: self
+                .pod_ports
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| k.pod_id == id)
+                .map(|(k, rule)| PortRule {
+                    port: k.port,
+                    direction: k.direction,
+                    rule,
+                })
+                .collect(),
+            excluded: ranges_of(&self.cidr_exclude, id),
+            included: ranges_of(&self.cidr_include, id),
+            addresses: self
+                .pod_ips
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, c)| *c == netns_cookie)
+                .map(|(a, _)| addr::to_ip(a))
+                .collect(),
+        };
+        rows.ports
+            .sort_unstable_by_key(|r| (r.direction, r.port, r.rule));
+        rows.addresses.sort_unstable();
+        rows
+    }
+
+    /// Makes the pod's entries these: rows first, then the identity record, then the config
+    /// that switches interception on; then what an earlier version had and this one does not
+    /// goes. Never less intercepted in between than before or after.
+    pub fn write_pod(
+        &mut self,
+        id: u32,
+        info: &PodInfo,
+        config: &PodConfig,
+        rows: &PodRows,
+    ) -> Result<(), WriteError> {
+        let cookie = info.netns_cookie;
+        self.insert_rows(id, cookie, rows)?;
+        self.put_pod_info(id, *info)?;
+        self.pod_config
+            .insert(cookie, *config, 0)
+            .map_err(write_err(map::POD_CONFIG))?;
+        self.drop_rows_except(id, cookie, rows);
+        Ok(())
+    }
+
+    /// Puts a pod back as it was (`config` None: it had none), dropping what a failed update
+    /// added first so every restored entry fits as it did. Best effort.
+    pub fn restore_pod(
+        &mut self,
+        id: u32,
+        info: &PodInfo,
+        config: Option<&PodConfig>,
+        rows: &PodRows,
+    ) {
+        let cookie = info.netns_cookie;
+        self.drop_rows_except(id, cookie, rows);
+        let _ = self.insert_rows(id, cookie, rows);
+        let _ = self.put_pod_info(id, *info);
+        match config {
+            Some(config) => {
+                let _ = self.pod_config.insert(cookie, config, 0);
+            }
+            None => {
+                let _ = self.pod_config.remove(&cookie);
+            }
+        }
+    }
+
+    /// Removes a pod's datapath entries: the switch first, then its rows and listeners. The
+    /// identity record stays until [`Maps::remove_pod_info`] (it names what else to clean).
+    pub fn remove_pod_entries(&mut self, id: u32, netns_cookie: u64) {
+        let _ = self.pod_config.remove(&netns_cookie);
+        self.drop_rows_except(id, netns_cookie, &PodRows::default());
+        let _ = self.pod_listener.remove(&id);
+        let _ = self.pod_listener6.remove(&id);
+    }
+
+    fn insert_rows(&mut self, id: u32, cookie: u64, rows: &PodRows) -> Result<(), WriteError> {
+        for r in &rows.ports {
+            self.pod_ports
+                .insert(port_key(id, r), r.rule, 0)
+                .map_err(write_err(map::POD_PORTS))?;
+        }
+        for (trie, ranges, name) in [
+            (&mut self.cidr_exclude, &rows.excluded, map::CIDR_EXCLUDE),
+            (&mut self.cidr_include, &rows.included, map::CIDR_INCLUDE),
+        ] {
+            for &(ip, prefix) in ranges {
+                let (key, len) = CidrKey::range(id, ip, prefix);
+                trie.insert(&LpmKey::new(len, key), 1, 0)
+                    .map_err(write_err(name))?;
+            }
+        }
+        for ip in &rows.addresses {
+            self.pod_ips
+                .insert(addr::from_ip(*ip), cookie, 0)
+                .map_err(write_err(map::POD_IPS))?;
+        }
+        Ok(())
+    }
+
+    fn drop_rows_except(&mut self, id: u32, cookie: u64, keep: &PodRows) {
+        let ports: HashSet<PortKey> = keep.ports.iter().map(|r| port_key(id, r)).collect();
+        let stale: Vec<PortKey> = self
+            .pod_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod_id == id && !ports.contains(k))
+            .collect();
+        for key in stale {
+            let _ = self.pod_ports.remove(&key);
+        }
+        drop_ranges_except(&mut self.cidr_exclude, id, &keep.excluded);
+        drop_ranges_except(&mut self.cidr_include, id, &keep.included);
+        let addresses: HashSet<Addr> = keep.addresses.iter().map(|a| addr::from_ip(*a)).collect();
+        let stale: Vec<Addr> = self
+            .pod_ips
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(a, c)| *c == cookie && !addresses.contains(a))
+            .map(|(a, _)| a)
+            .collect();
+        for a in stale {
+            let _ = self.pod_ips.remove(&a);
+        }
+    }
+}
+
+/// Inbound listeners: the node-wide `LISTENERS` sockhash and each pod's recorded cookies.
+impl Maps {
+    /// The cookie recorded as the pod's listener of this family.
+    pub fn pod_listener(&self, id: u32, family: ListenerFamily) -> Option<u64> {
+        self.listener_map(family).get(&id, 0).ok()
+    }
+
+    pub fn set_pod_listener(
+        &mut self,
+        id: u32,
+        family: ListenerFamily,
+        cookie: u64,
+    ) -> Result<(), WriteError> {
+        let name = match family {
+            ListenerFamily::V4 => map::POD_LISTENER,
+            ListenerFamily::V6 => map::POD_LISTENER6,
+        };
+        let map = match family {
+            ListenerFamily::V4 => &mut self.pod_listener,
+            ListenerFamily::V6 => &mut self.pod_listener6,
+        };
+        map.insert(id, cookie, 0).map_err(write_err(name))
+    }
+
+    pub fn forget_pod_listener(&mut self, id: u32, family: ListenerFamily) {
+        let _ = match family {
+            ListenerFamily::V4 => self.pod_listener.remove(&id),
+            ListenerFamily::V6 => self.pod_listener6.remove(&id),
+        };
+    }
+
+    /// Puts a listening socket (one the agent borrowed from its process) into `LISTENERS`.
+    pub fn add_listener(&mut self, cookie: u64, socket: &impl AsRawFd) -> Result<(), WriteError> {
+        self.listeners
+            .insert(cookie, socket.as_raw_fd(), 0)
+            .map_err(write_err(map::LISTENERS))
+    }
+
+    fn listener_map(&self, family: ListenerFamily) -> &HashMap<MapData, u32, u64> {
+        match family {
+            ListenerFamily::V4 => &self.pod_listener,
+            ListenerFamily::V6 => &self.pod_listener6,
+        }
+    }
+}
+
+fn port_key(pod_id: u32, rule: &PortRule) -> PortKey {
+    PortKey {
+        pod_id,
+        port: rule.port,
+        direction: rule.direction,
+    }
+}
+
+fn ranges_of(trie: &LpmTrie<MapData, CidrKey, u32>, id: u32) -> Vec<Range> {
+    let mut out: Vec<Range> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.data().pod_id() == id)
+        .map(|k| k.data().to_range(k.prefix_len()))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+fn drop_ranges_except(trie: &mut LpmTrie<MapData, CidrKey, u32>, id: u32, keep: &[Range]) {
+    // A set, so a pod with many ranges costs one pass over the trie, not keys × ranges.
+    let keep: HashSet<Range> = keep.iter().copied().collect();
+    let stale: Vec<_> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.data().pod_id() == id && !keep.contains(&k.data().to_range(k.prefix_len())))
+        .collect();
+    for key in stale {
+        let _ = trie.remove(&key);
+    }
 }

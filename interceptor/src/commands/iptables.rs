@@ -4,8 +4,8 @@ use anyhow::{Result, bail};
 
 use crate::{
     cli::{IptablesCommand, NetnsTarget},
+    discovery::netns::Netns,
     iptables,
-    netns::Netns,
 };
 
 fn netns_of(target: &NetnsTarget) -> Result<Netns> {
@@ -21,7 +21,7 @@ pub fn run(cmd: IptablesCommand) -> Result<()> {
         IptablesCommand::Apply(args) => {
             let mut spec = args.switches.spec()?;
             spec.dns
-                .fill_nameservers(&crate::pods::spec::pod_resolv_conf(
+                .fill_nameservers(&crate::registry::spec::pod_resolv_conf(
                     args.target.netns.as_deref(),
                     args.target.pid,
                 ))

@@ -4,9 +4,9 @@ use anyhow::{Result, bail};
 
 use crate::{
     bpf::{Maps, Pins},
-    cli::{ModeArg, PodCommand},
-    netns::Netns,
-    pods::{self, Mode, PodRef, PodSource, Registry},
+    cli::PodCommand,
+    discovery::netns::Netns,
+    registry::{self, PodRef, PodSource, Registry},
 };
 
 pub fn run(pins: &Pins, cmd: PodCommand) -> Result<()> {
@@ -18,23 +18,23 @@ pub fn run(pins: &Pins, cmd: PodCommand) -> Result<()> {
         PodCommand::Enable(args) => {
             let mut spec = args.switches.spec()?;
             spec.dns
-                .fill_nameservers(&pods::spec::pod_resolv_conf(
+                .fill_nameservers(&registry::spec::pod_resolv_conf(
                     args.target.netns.as_deref(),
                     args.target.pid,
                 ))
                 .map_err(anyhow::Error::msg)?;
-            let mode = match args.mode {
-                ModeArg::Ebpf => Mode::Ebpf,
-                ModeArg::Iptables => Mode::Iptables(args.backend),
-                ModeArg::Auto => Mode::Auto(args.backend),
-            };
             let (netns, source) = match (&args.target.netns, args.target.pid) {
                 (Some(name), _) => (Netns::by_name(name)?, PodSource::Netns(name.clone())),
                 (None, Some(pid)) => (Netns::by_pid(pid)?, PodSource::Pid(pid)),
                 (None, None) => bail!("name the pod with --netns or --pid"),
             };
-            let entry =
-                Registry::lock(pins, &mut maps)?.enable_with(&netns, &source, &spec, mode)?;
+            let entry = Registry::lock(pins, &mut maps)?.enable_with(
+                &netns,
+                &source,
+                &spec,
+                args.mode,
+                args.backend,
+            )?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entry)?);
             } else {
@@ -73,7 +73,7 @@ pub fn run(pins: &Pins, cmd: PodCommand) -> Result<()> {
             println!("disabled pod {} (id {})", entry.name, entry.id);
         }
         PodCommand::List { json } => {
-            let pods = pods::list(pins, &maps)?;
+            let pods = registry::list(pins, &maps)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pods)?);
             } else if pods.is_empty() {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 
 use crate::{
-    app::Bound,
     cli::{self, ProxyArgs},
     privileges,
+    proxy::runtime::Bound,
     proxy::{ProxyConfig, orig_dst::OrigDstAddr},
     signal,
 };

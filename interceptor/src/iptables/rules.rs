@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::IpAddr};
 use serde::Serialize;
 
 use super::Settings;
-use crate::pods::spec::{DNS_CAPTURE_PORT, PodSpec, Selection};
+use crate::registry::spec::{DNS_CAPTURE_PORT, PodSpec, Selection};
 
 pub const INBOUND: &str = "ISTIO_INBOUND";
 pub const IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
@@ -402,7 +402,7 @@ pub fn removal_script(save: &str) -> Option<(String, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pods::spec;
+    use crate::registry::spec;
 
     fn rules(spec: &PodSpec) -> Vec<String> {
         RuleSet::new(spec, &Settings::default(), Family::V4).rules
@@ -517,7 +517,7 @@ mod tests {
 
     fn dns_spec(capture_all: bool) -> PodSpec {
         PodSpec {
-            dns: crate::pods::spec::DnsCapture {
+            dns: crate::registry::spec::DnsCapture {
                 enabled: true,
                 capture_all,
                 nameservers: vec![

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use serde::Serialize;
 
-use crate::pods::spec::{self, PodSpec, SpecError};
+use crate::registry::{
+    Mode,
+    spec::{PodSpec, SpecError, Switch},
+};
 
 /// Istio: whether the injector should add a sidecar (label preferred, annotation accepted).
 pub const INJECT: &str = "sidecar.istio.io/inject";
@@ -41,14 +44,6 @@ pub const PROXY_CONTAINER: &str = "istio-proxy";
 pub const PROXY_OUTBOUND_PORT: i32 = 15001;
 /// Istio's default proxy identity.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
-
-/// How an intercepted pod is intercepted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Ebpf,
-    Iptables,
-}
 
 /// Why a pod is intercepted (logged, so an operator can tell which rule matched).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -232,10 +227,11 @@ fn proxy_identity(pod: &Pod) -> Result<(u32, u32), (&'static str, String, String
 
 fn parse_mode(value: &str) -> Result<Option<Mode>, String> {
     match value.trim().to_ascii_lowercase().as_str() {
-        "ebpf" => Ok(Some(Mode::Ebpf)),
-        "iptables" => Ok(Some(Mode::Iptables)),
         "off" => Ok(None),
-        _ => Err("expected one of ebpf, iptables, off".into()),
+        other => other
+            .parse()
+            .map(Some)
+            .map_err(|e: String| format!("{e}, off")),
     }
 }
 
@@ -341,55 +337,19 @@ fn pod_spec(
         }
     };
     let mut spec = PodSpec::default();
-    if let Some(v) = get(INCLUDE_INBOUND_PORTS) {
-        spec.include_inbound_ports = spec::parse_port_selection(INCLUDE_INBOUND_PORTS, v)
-            .map_err(bad(INCLUDE_INBOUND_PORTS))?;
-    }
-    if let Some(v) = get(EXCLUDE_INBOUND_PORTS) {
-        spec.exclude_inbound_ports =
-            spec::parse_ports(EXCLUDE_INBOUND_PORTS, v).map_err(bad(EXCLUDE_INBOUND_PORTS))?;
-    }
-    if let Some(v) = get(INCLUDE_OUTBOUND_PORTS) {
-        spec.include_outbound_ports =
-            spec::parse_ports(INCLUDE_OUTBOUND_PORTS, v).map_err(bad(INCLUDE_OUTBOUND_PORTS))?;
-    }
-    if let Some(v) = get(EXCLUDE_OUTBOUND_PORTS) {
-        spec.exclude_outbound_ports =
-            spec::parse_ports(EXCLUDE_OUTBOUND_PORTS, v).map_err(bad(EXCLUDE_OUTBOUND_PORTS))?;
-    }
-    if let Some(v) = get(INCLUDE_OUTBOUND_IP_RANGES) {
-        spec.include_outbound_cidrs = spec::parse_cidr_selection(INCLUDE_OUTBOUND_IP_RANGES, v)
-            .map_err(bad(INCLUDE_OUTBOUND_IP_RANGES))?;
-    }
-    if let Some(v) = get(EXCLUDE_OUTBOUND_IP_RANGES) {
-        spec.exclude_outbound_cidrs = spec::parse_cidrs(EXCLUDE_OUTBOUND_IP_RANGES, v)
-            .map_err(bad(EXCLUDE_OUTBOUND_IP_RANGES))?;
-    }
-    if let Some(v) = get(SOCKMAP) {
-        spec.sockmap = match v.trim().to_ascii_lowercase().as_str() {
-            "on" | "true" => true,
-            "off" | "false" => false,
-            _ => {
-                return Err((
-                    SOCKMAP,
-                    v.to_owned(),
-                    "expected on or off (true or false)".into(),
-                ));
-            }
-        };
-    }
-    if let Some(v) = get(FAILURE_POLICY) {
-        spec.fail_open = match v.trim().to_ascii_lowercase().as_str() {
-            "open" => true,
-            "closed" => false,
-            _ => {
-                return Err((
-                    FAILURE_POLICY,
-                    v.to_owned(),
-                    "expected closed (refuse what cannot go through the proxy) or open".into(),
-                ));
-            }
-        };
+    for (switch, annotation) in [
+        (Switch::IncludeInboundPorts, INCLUDE_INBOUND_PORTS),
+        (Switch::ExcludeInboundPorts, EXCLUDE_INBOUND_PORTS),
+        (Switch::IncludeOutboundPorts, INCLUDE_OUTBOUND_PORTS),
+        (Switch::ExcludeOutboundPorts, EXCLUDE_OUTBOUND_PORTS),
+        (Switch::IncludeOutboundCidrs, INCLUDE_OUTBOUND_IP_RANGES),
+        (Switch::ExcludeOutboundCidrs, EXCLUDE_OUTBOUND_IP_RANGES),
+        (Switch::Sockmap, SOCKMAP),
+        (Switch::FailurePolicy, FAILURE_POLICY),
+    ] {
+        if let Some(v) = get(annotation) {
+            spec.set(switch, annotation, v).map_err(bad(annotation))?;
+        }
     }
     spec.dns.enabled = mesh_dns_capture;
     if let Some(v) = get(PROXY_CONFIG)
@@ -431,7 +391,7 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
-    use crate::pods::spec::Selection;
+    use crate::registry::spec::Selection;
 
     fn pod(annotations: &[(&str, &str)], containers: &[&str]) -> Pod {
         Pod {

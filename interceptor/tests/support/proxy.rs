@@ -16,7 +16,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use interceptor::{
-    app::Bound,
+    proxy::runtime::Bound,
     proxy::{ProxyConfig, orig_dst::OrigDstAddr},
 };
 use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};

@@ -261,9 +261,10 @@ fn through_both_sidecars(tag: &str, mode: &[&str]) {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
         // WebSocket: text, 1 MiB binary, close.
-        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{ws_addr}/"), dial(&client, ws_addr))
-            .await
-            .expect("websocket handshake");
+        let (mut ws, resp) =
+            tokio_tungstenite::client_async(format!("ws://{ws_addr}/"), dial(&client, ws_addr))
+                .await
+                .expect("websocket handshake");
         assert_eq!(resp.status(), 101);
         ws.send(Message::text("hello")).await.expect("send");
         assert_eq!(

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::{encoding::text::encode, registry::Registry};
+use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -285,24 +285,7 @@ impl Bound {
         let prometheus: Handler = {
             let registry = registry.clone();
             Arc::new(move |req| match req.uri().path() {
-                "/stats/prometheus" | "/metrics" => {
-                    let mut out = String::new();
-                    match encode(&mut out, &registry) {
-                        Ok(()) => {
-                            let mut resp = text(http::StatusCode::OK, out);
-                            resp.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static(
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                ),
-                            );
-                            resp
-                        }
-                        Err(_) => {
-                            text(http::StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n")
-                        }
-                    }
-                }
+                "/stats/prometheus" | "/metrics" => http_server::openmetrics(&registry),
                 _ => text(http::StatusCode::NOT_FOUND, "try /stats/prometheus\n"),
             })
         };

@@ -29,7 +29,13 @@ use netlink_packet_sock_diag::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use tracing::{debug, info};
 
-use crate::{bpf::Maps, netns::Netns};
+use crate::{
+    bpf::{
+        Maps,
+        maps::{ListenerFamily, WriteError},
+    },
+    discovery::netns::Netns,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,7 +46,7 @@ pub enum Error {
         source: io::Error,
     },
     #[error(transparent)]
-    Netns(#[from] crate::netns::Error),
+    Netns(#[from] crate::discovery::netns::Error),
     #[error("no socket listens on port {port} in {netns}: is the proxy running?")]
     NoListener { port: u16, netns: String },
     #[error(
@@ -53,12 +59,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("updating {map}: {source}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error(transparent)]
+    Map(#[from] WriteError),
 }
 
 /// A listening TCP socket as sock_diag reports it.
@@ -86,8 +88,8 @@ pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result
     let v6 = found.iter().find(|l| l.family == AF_INET6).copied();
     let Some(first) = v4.or(v6) else {
         // The proxy is gone: forget the old socket so nothing is steered to a stale cookie.
-        let _ = maps.pod_listener.remove(&pod_id);
-        let _ = maps.pod_listener6.remove(&pod_id);
+        maps.forget_pod_listener(pod_id, ListenerFamily::V4);
+        maps.forget_pod_listener(pod_id, ListenerFamily::V6);
         return Err(Error::NoListener {
             port,
             netns: netns.path().display().to_string(),
@@ -96,9 +98,7 @@ pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result
     register(maps, pod_id, netns, port, first, false)?;
     match v6 {
         Some(v6) => register(maps, pod_id, netns, port, v6, true)?,
-        None => {
-            let _ = maps.pod_listener6.remove(&pod_id);
-        }
+        None => maps.forget_pod_listener(pod_id, ListenerFamily::V6),
     }
     Ok(first.cookie)
 }
@@ -112,12 +112,14 @@ fn register(
     listener: Listener,
     v6: bool,
 ) -> Result<(), Error> {
-    let (map, name) = if v6 {
-        (&maps.pod_listener6, "POD_LISTENER6")
+    let family = if v6 {
+        ListenerFamily::V6
     } else {
-        (&maps.pod_listener, "POD_LISTENER")
+        ListenerFamily::V4
     };
-    if map.get(&pod_id, 0).ok() == Some(listener.cookie) && maps.has_listener(listener.cookie) {
+    if maps.pod_listener(pod_id, family) == Some(listener.cookie)
+        && maps.has_listener(listener.cookie)
+    {
         return Ok(());
     }
     if !maps.has_listener(listener.cookie) {
@@ -126,24 +128,13 @@ fn register(
             inode: listener.inode,
             source,
         })?;
-        maps.listeners
-            .insert(listener.cookie, fd.as_raw_fd(), 0)
-            .map_err(|source| Error::Map {
-                map: "LISTENERS",
-                source,
-            })?;
+        maps.add_listener(listener.cookie, &fd)?;
         debug!(
             cookie = listener.cookie,
             "adopted a listener that predates the datapath"
         );
     }
-    let map = if v6 {
-        &mut maps.pod_listener6
-    } else {
-        &mut maps.pod_listener
-    };
-    map.insert(pod_id, listener.cookie, 0)
-        .map_err(|source| Error::Map { map: name, source })?;
+    maps.set_pod_listener(pod_id, family, listener.cookie)?;
     info!(
         pod_id,
         port,
@@ -234,7 +225,7 @@ fn cookie_of(bytes: &[u8; 8]) -> u64 {
 /// A duplicate of the socket with this inode, taken from a process in the namespace.
 fn borrow_socket(netns: &Netns, inode: u32) -> io::Result<OwnedFd> {
     let target = format!("socket:[{inode}]");
-    for (pid, dir) in crate::netns::processes_in(netns.dev, netns.ino) {
+    for (pid, dir) in crate::discovery::netns::processes_in(netns.dev, netns.ino) {
         let Ok(fds) = fs::read_dir(dir.join("fd")) else {
             continue;
         };
@@ -294,7 +285,10 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let found = listening_on(port).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(found[0].cookie, crate::netns::socket_cookie(&l).unwrap());
+        assert_eq!(
+            found[0].cookie,
+            crate::discovery::netns::socket_cookie(&l).unwrap()
+        );
         assert!(listening_on(port).unwrap().iter().all(|f| f.inode != 0));
     }
 }

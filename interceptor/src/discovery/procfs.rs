@@ -16,7 +16,7 @@ use std::{
 
 use tracing::debug;
 
-use crate::netns::{self, Netns};
+use crate::discovery::netns::{self, Netns};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

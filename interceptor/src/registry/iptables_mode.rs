@@ -18,26 +18,15 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{
-    Error, PodEntry, PodSource, Registry, backend_code, backend_of, display_name, ip_of, locate,
-    pod_info, pod_name, source_name,
+    Error, PodEntry, PodSource, Registry, backend_code, backend_of, display_name, locate, pod_info,
+    pod_name, source_name,
 };
 use crate::{
-    bpf::{Pins, attach::sk_lookup_available},
+    bpf::Pins,
+    discovery::netns::{self, Netns},
     iptables::{self, Backend, BackendChoice, Settings},
-    netns::{self, Netns},
-    pods::spec::PodSpec,
+    registry::spec::PodSpec,
 };
-
-/// How a pod is intercepted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// The in-kernel datapath.
-    Ebpf,
-    /// istio-iptables' rules in the pod's namespace.
-    Iptables(BackendChoice),
-    /// The datapath when this kernel can do everything the pod asks, else iptables.
-    Auto(BackendChoice),
-}
 
 /// What was applied to an iptables-mode pod.
 #[derive(Debug, Serialize, Deserialize)]
@@ -102,39 +91,7 @@ pub(super) fn entry(pins: &Pins, id: u32, info: &PodInfo) -> Result<PodEntry, Er
 }
 
 impl Registry<'_> {
-    /// Enables a pod in the given mode (see [`Mode`]).
-    pub fn enable_with(
-        &mut self,
-        netns: &Netns,
-        source: &PodSource,
-        spec: &PodSpec,
-        mode: Mode,
-    ) -> Result<PodEntry, Error> {
-        match mode {
-            Mode::Ebpf if spec.dns.enabled => Err(Error::DnsCaptureNeedsIptables),
-            Mode::Ebpf => self.enable(netns, source, spec),
-            Mode::Iptables(backend) => self.enable_iptables(netns, source, spec, backend),
-            Mode::Auto(backend) => {
-                if spec.dns.enabled {
-                    info!(
-                        pod = %display_name(source),
-                        "DNS capture asked: intercepting with iptables (istio-iptables' DNS rules)"
-                    );
-                    self.enable_iptables(netns, source, spec, backend)
-                } else if spec.inbound() && !sk_lookup_available(self.pins) {
-                    info!(
-                        pod = %display_name(source),
-                        "no sk_lookup on this kernel (< 5.9): intercepting with iptables"
-                    );
-                    self.enable_iptables(netns, source, spec, backend)
-                } else {
-                    self.enable(netns, source, spec)
-                }
-            }
-        }
-    }
-
-    fn enable_iptables(
+    pub(super) fn enable_iptables(
         &mut self,
         netns: &Netns,
         source: &PodSource,
@@ -192,12 +149,11 @@ impl Registry<'_> {
         );
         let stored = save(self.pins, id, &record).and_then(|()| {
             self.maps
-                .pod_info
-                .insert(id, info, 0)
-                .map_err(|source| Error::MapWrite {
-                    map: "POD_INFO",
+                .put_pod_info(id, info)
+                .map_err(|e| Error::MapWrite {
+                    map: e.map,
                     pod: name.clone(),
-                    source,
+                    source: e.source,
                 })
         });
         if let Err(err) = stored {
@@ -226,7 +182,7 @@ impl Registry<'_> {
             })?;
         }
         forget(self.pins, id);
-        let _ = self.maps.pod_info.remove(&id);
+        self.maps.remove_pod_info(id);
         Ok(())
     }
 
@@ -247,7 +203,7 @@ impl Registry<'_> {
 
     fn iptables_settings(&self) -> Result<Settings, Error> {
         let cfg = self.maps.global_config()?;
-        let v6 = match ip_of(cfg.passthrough_ip6) {
+        let v6 = match interceptor_common::addr::to_ip(cfg.passthrough_ip6) {
             IpAddr::V6(v6) => v6,
             IpAddr::V4(_) => Ipv6Addr::from(PASSTHROUGH_V6),
         };

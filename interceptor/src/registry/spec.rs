@@ -25,6 +25,91 @@ pub enum SpecError {
          Istio's TPROXY mode runs it)"
     )]
     RootIdentity { field: &'static str },
+    #[error("{field}: {value:?}: expected {expected}")]
+    Choice {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// Istio's per-pod capture switches. The CLI (`pod enable`, `iptables apply`) and the pod
+/// annotations (`traffic.sidecar.istio.io/*`, `interceptor.dev/*`) both set a [`PodSpec`]
+/// through [`PodSpec::set`], so a value means the same wherever it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Switch {
+    /// `*` or ports; an empty list turns inbound capture off.
+    IncludeInboundPorts,
+    ExcludeInboundPorts,
+    IncludeOutboundPorts,
+    ExcludeOutboundPorts,
+    /// `*` or CIDRs.
+    IncludeOutboundCidrs,
+    ExcludeOutboundCidrs,
+    /// `on`/`off` (`true`/`false`).
+    Sockmap,
+    /// `closed`/`open`.
+    FailurePolicy,
+}
+
+impl PodSpec {
+    /// Sets one switch from its text; `field` is how the caller names it (flag or annotation)
+    /// in errors.
+    pub fn set(
+        &mut self,
+        switch: Switch,
+        field: &'static str,
+        value: &str,
+    ) -> Result<(), SpecError> {
+        let choice = |expected: &'static str, options: &[(&str, bool)]| {
+            let v = value.trim().to_ascii_lowercase();
+            options
+                .iter()
+                .find(|(name, _)| *name == v)
+                .map(|&(_, on)| on)
+                .ok_or_else(|| SpecError::Choice {
+                    field,
+                    value: value.to_owned(),
+                    expected,
+                })
+        };
+        match switch {
+            Switch::IncludeInboundPorts => {
+                self.include_inbound_ports = parse_port_selection(field, value)?;
+            }
+            Switch::ExcludeInboundPorts => self.exclude_inbound_ports = parse_ports(field, value)?,
+            Switch::IncludeOutboundPorts => {
+                self.include_outbound_ports = parse_ports(field, value)?;
+            }
+            Switch::ExcludeOutboundPorts => {
+                self.exclude_outbound_ports = parse_ports(field, value)?;
+            }
+            Switch::IncludeOutboundCidrs => {
+                self.include_outbound_cidrs = parse_cidr_selection(field, value)?;
+            }
+            Switch::ExcludeOutboundCidrs => {
+                self.exclude_outbound_cidrs = parse_cidrs(field, value)?;
+            }
+            Switch::Sockmap => {
+                self.sockmap = choice(
+                    "on or off (true or false)",
+                    &[
+                        ("on", true),
+                        ("true", true),
+                        ("off", false),
+                        ("false", false),
+                    ],
+                )?;
+            }
+            Switch::FailurePolicy => {
+                self.fail_open = choice(
+                    "closed (refuse what cannot go through the proxy) or open",
+                    &[("open", true), ("closed", false)],
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The proxy identity to exempt, as istio-iptables' `--uid-owner` / `--gid-owner` rules do:

@@ -1,0 +1,638 @@
+//! The registry of enabled pods: enable, disable, list, collect the dead. All state lives in the
+//! pinned maps (so any process sees it and an agent restart loses nothing); a lock file
+//! serialises writers (agents and `interceptor pod` commands).
+
+mod datapath;
+mod iptables_mode;
+mod mode;
+pub mod spec;
+
+use std::{
+    fs::{self, File, OpenOptions},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use interceptor_common::{
+    addr,
+    names::size,
+    pod::{
+        BACKEND_LEGACY, BACKEND_NFT, MODE_EBPF, MODE_IPTABLES, POD_INBOUND, POD_NAME_LEN,
+        POD_OUTBOUND, PodInfo, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+    },
+};
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+pub use self::mode::Mode;
+use self::spec::PodSpec;
+use crate::{
+    bpf::{self, Maps, Pins, maps::ListenerFamily},
+    discovery::{
+        listeners,
+        netns::{self, Netns},
+    },
+    iptables::{self, Backend},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bpf(#[from] bpf::Error),
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error(
+        "cannot read the network-namespace cookie of {path}: {reason}. On kernels without \
+         SO_NETNS_COOKIE (< 5.14) the running agent's connect4 program answers instead: start \
+         `interceptor agent` first"
+    )]
+    NoCookie { path: PathBuf, reason: String },
+    #[error("address {addr} already belongs to enabled pod {other}; disable it first")]
+    AddressInUse { addr: IpAddr, other: String },
+    #[error(
+        "refusing to intercept {0}: it is the node's own network namespace, so every host \
+         connection would go to a proxy. Name a pod's namespace (--netns) or a process inside a \
+         pod (--pid)"
+    )]
+    NodeNetns(PathBuf),
+    #[error("no enabled pod matches {0}; see `interceptor pod list`")]
+    NotEnabled(String),
+    #[error(
+        "inbound capture needs sk_lookup (Linux >= 5.9), which this kernel lacks: enable the pod \
+         with --include-inbound-ports \"\" (outbound only), or use --mode iptables"
+    )]
+    InboundUnavailable,
+    #[error(
+        "the pod asks for {count} {what}, more than the {limit} one pod may use of the \
+         node-wide map {map} (so that no pod can leave others without room); shorten the list, \
+         e.g. merge ranges into wider CIDRs"
+    )]
+    Quota {
+        map: &'static str,
+        what: &'static str,
+        count: usize,
+        limit: u32,
+    },
+    #[error(
+        "DNS capture is not in the eBPF datapath yet: enable the pod with --mode iptables (or \
+         auto, which picks iptables for it), or without --dns-capture"
+    )]
+    DnsCaptureNeedsIptables,
+    #[error("the pod table is full ({0} pods); disable pods that are gone")]
+    Full(u32),
+    #[error("pod name {0:?} is longer than {POD_NAME_LEN} bytes")]
+    NameTooLong(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("iptables mode for pod {pod}: {source}")]
+    Iptables {
+        pod: String,
+        #[source]
+        source: iptables::Error,
+    },
+    #[error("the state of iptables-mode pod {pod} ({path}) is unreadable: {reason}")]
+    Record {
+        pod: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("writing map {map} for pod {pod}: {source} (map full?)")]
+    MapWrite {
+        map: &'static str,
+        pod: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How a pod was named when it was enabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSource {
+    /// `ip netns add NAME`.
+    Netns(String),
+    /// A process in the pod.
+    Pid(u32),
+    /// A Kubernetes pod (`namespace/name`), found through one of its processes.
+    Kubernetes { name: String, pid: u32 },
+}
+
+/// Which pod a `disable` means.
+#[derive(Clone, Debug)]
+pub enum PodRef {
+    Netns(String),
+    Pid(u32),
+    Id(u32),
+    Name(String),
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodRef::Netns(n) => write!(f, "netns {n}"),
+            PodRef::Pid(p) => write!(f, "pid {p}"),
+            PodRef::Id(i) => write!(f, "pod id {i}"),
+            PodRef::Name(n) => write!(f, "pod {n}"),
+        }
+    }
+}
+
+/// One enabled pod, as `pod list` and `status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodEntry {
+    pub id: u32,
+    pub name: String,
+    pub source: &'static str,
+    /// `ebpf` or `iptables`.
+    pub mode: &'static str,
+    /// The iptables backend of an iptables-mode pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    pub netns_cookie: u64,
+    pub addresses: Vec<IpAddr>,
+    pub outbound: bool,
+    pub inbound: bool,
+    /// Socket cookie of the proxy's inbound listener, once resolved.
+    pub inbound_listener: Option<u64>,
+    /// Whether inbound connections can be handed to the proxy right now.
+    pub inbound_ready: bool,
+    pub spec: PodSpec,
+}
+
+/// Exclusive access to the pod tables.
+pub struct Registry<'a> {
+    pins: &'a Pins,
+    maps: &'a mut Maps,
+    _lock: Flock<File>,
+}
+
+impl<'a> Registry<'a> {
+    /// Takes the writers' lock (waits for other writers).
+    pub fn lock(pins: &'a Pins, maps: &'a mut Maps) -> Result<Self, Error> {
+        let dir = pins.run_dir();
+        fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join("pods.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                what: "opening",
+                path: path.clone(),
+                source,
+            })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| Error::Io {
+            what: "locking",
+            path,
+            source: e.into(),
+        })?;
+        Ok(Self {
+            pins,
+            maps,
+            _lock: lock,
+        })
+    }
+
+    /// Starts (or updates) interception of the pod whose network namespace is `netns`.
+    pub fn enable(
+        &mut self,
+        netns: &Netns,
+        source: &PodSource,
+        spec: &PodSpec,
+    ) -> Result<PodEntry, Error> {
+        let name = display_name(source);
+        if name.len() > POD_NAME_LEN {
+            return Err(Error::NameTooLong(name));
+        }
+        if netns.is_node() {
+            return Err(Error::NodeNetns(netns.path().to_owned()));
+        }
+        if let Err(err) = datapath::check_quota(spec) {
+            self.maps
+                .bump(interceptor_common::counters::Counter::PodQuotaExceeded);
+            return Err(err);
+        }
+        let inbound = spec.inbound();
+        if inbound && !bpf::attach::sk_lookup_available(self.pins) {
+            return Err(Error::InboundUnavailable);
+        }
+        let (cookie, addresses) = self.inspect(netns)?;
+        let cfg = self.maps.global_config()?;
+        ensure_passthrough_v6(netns, addr::to_ip(cfg.passthrough_ip6), &addresses);
+        let existing = self.find_by_netns(netns)?;
+        // An update of a running pod must leave it as it was if it cannot be applied whole.
+        let previous = match &existing {
+            Some((id, info)) if info.mode == MODE_EBPF => Some((
+                *info,
+                self.maps.pod_config(info.netns_cookie),
+                self.maps.pod_rows(*id, info.netns_cookie),
+            )),
+            _ => None,
+        };
+        let id = match existing {
+            Some((id, info)) if info.mode == MODE_IPTABLES => {
+                // Switching modes: the pod's iptables rules go before the datapath takes over.
+                self.disable_iptables(id, &info, Some(netns))?;
+                id
+            }
+            Some((id, _)) => id,
+            None => self.free_id()?,
+        };
+        self.claim_addresses(cookie, &addresses)?;
+
+        let proxy_ports = [cfg.outbound_port as u16, cfg.inbound_port as u16];
+        let config = datapath::pod_config(id, spec, &addresses);
+        let rows = datapath::pod_rows(spec, &addresses, &proxy_ports);
+        let info = pod_info(cookie, netns, source, &name, MODE_EBPF, 0);
+        if let Err(source) = self.maps.write_pod(id, &info, &config, &rows) {
+            let err = Error::MapWrite {
+                map: source.map,
+                pod: name.clone(),
+                source: source.source,
+            };
+            // Never leave a pod half-configured: a new pod goes, an updated one is restored.
+            match previous {
+                Some((info, config, rows)) => {
+                    warn!(pod = %name, %err, "updating failed; restoring the previous settings");
+                    self.maps.restore_pod(id, &info, config.as_ref(), &rows);
+                }
+                None => {
+                    warn!(pod = %name, %err, "enabling failed; removing what was written");
+                    let _ = self.remove(id, cookie);
+                }
+            }
+            return Err(err);
+        }
+        if inbound {
+            let already = self.pins.pod_sk_lookup(id).exists();
+            if !already && let Err(err) = bpf::attach::attach_sk_lookup(self.pins, id, netns.file())
+            {
+                let _ = self.remove(id, cookie);
+                return Err(err.into());
+            }
+            if let Err(err) = listeners::resolve(self.maps, id, netns, cfg.inbound_port as u16) {
+                debug!(pod = %name, %err, "inbound listener not resolved yet");
+            }
+        } else {
+            bpf::attach::detach_pod(self.pins, id)?;
+        }
+        info!(pod = %name, id, ?addresses, inbound, outbound = spec.outbound, "pod enabled");
+        self.entry(id)
+    }
+
+    /// Stops interception of a pod and removes everything it had in the maps.
+    pub fn disable(&mut self, pod: &PodRef) -> Result<PodEntry, Error> {
+        let (id, info) = self
+            .find(pod)?
+            .ok_or_else(|| Error::NotEnabled(pod.to_string()))?;
+        let entry = self.entry(id)?;
+        if info.mode == MODE_IPTABLES {
+            let netns = locate(&info).and_then(|p| Netns::open(p).ok());
+            self.disable_iptables(id, &info, netns.as_ref())?;
+        } else {
+            self.remove(id, info.netns_cookie)?;
+        }
+        info!(pod = %entry.name, id, "pod disabled");
+        Ok(entry)
+    }
+
+    /// Disables every pod whose network namespace no longer exists. Returns what was removed.
+    pub fn collect_gone(&mut self) -> Result<Vec<PodEntry>, Error> {
+        let mut gone = Vec::new();
+        for (id, info) in self.infos() {
+            if locate(&info).is_none() {
+                let entry = self.entry(id)?;
+                self.remove(id, info.netns_cookie)?;
+                info!(pod = %entry.name, id, "pod's network namespace is gone; disabled");
+                gone.push(entry);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Matches inbound pods to their proxy's listener (see `listeners`). With `all` false,
+    /// only pods whose listener is unknown or gone are looked at: a recorded listener that is
+    /// still in `LISTENERS` is alive (the sockhash drops a socket when it closes), so a
+    /// periodic pass does not enter every pod's namespace. A new listener (`all` true, on the
+    /// datapath's listen event) re-checks every pod.
+    pub fn resolve_listeners(&mut self, all: bool) -> Result<(), Error> {
+        let cfg = self.maps.global_config()?;
+        let live = self.maps.listener_cookies();
+        for (id, info) in self.infos() {
+            let inbound = self
+                .maps
+                .pod_config(info.netns_cookie)
+                .is_some_and(|c| c.flags & POD_INBOUND != 0);
+            if !inbound {
+                continue;
+            }
+            let alive = self
+                .maps
+                .pod_listener(id, ListenerFamily::V4)
+                .is_some_and(|cookie| live.contains(&cookie))
+                && self
+                    .maps
+                    .pod_listener(id, ListenerFamily::V6)
+                    .is_none_or(|cookie| live.contains(&cookie));
+            if alive && !all {
+                continue;
+            }
+            let Some(path) = locate(&info) else { continue };
+            let Ok(netns) = Netns::open(&path) else {
+                continue;
+            };
+            if let Err(err) = listeners::resolve(self.maps, id, &netns, cfg.inbound_port as u16) {
+                debug!(pod = %pod_name(&info), %err, "inbound listener not resolved");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<PodEntry>, Error> {
+        list(self.pins, self.maps)
+    }
+
+    fn entry(&self, id: u32) -> Result<PodEntry, Error> {
+        entry(self.pins, self.maps, id)
+    }
+
+    /// Every enabled pod's id and identity record (cheap: one map walk, no rules read).
+    pub fn infos(&self) -> Vec<(u32, PodInfo)> {
+        self.maps.pod_infos()
+    }
+
+    /// The namespace's cookie and addresses, read from inside it.
+    fn inspect(&mut self, netns: &Netns) -> Result<(u64, Vec<IpAddr>), Error> {
+        let (cookie, probe, addresses) = netns.run(|| {
+            let cookie = netns::current_cookie();
+            // Without SO_NETNS_COOKIE, ask connect4 (it records the cookie of a probe socket).
+            let probe = match &cookie {
+                Ok(Some(_)) => None,
+                _ => Some(netns::probe_socket_cookie()),
+            };
+            (cookie, probe, netns::pod_addresses())
+        })?;
+        let cookie = match (cookie, probe) {
+            (Ok(Some(cookie)), _) => cookie,
+            (first, Some(Ok(sock_cookie))) => {
+                self.maps
+                    .take_netns_probe(sock_cookie)
+                    .ok_or_else(|| Error::NoCookie {
+                        path: netns.path().to_owned(),
+                        reason: match first {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "the connect4 probe recorded nothing".into(),
+                        },
+                    })?
+            }
+            (first, probe) => {
+                return Err(Error::NoCookie {
+                    path: netns.path().to_owned(),
+                    reason: format!(
+                        "SO_NETNS_COOKIE: {}; probe: {}",
+                        first.map_or_else(|e| e.to_string(), |_| "unsupported".into()),
+                        probe.map_or_else(
+                            || "-".into(),
+                            |r| r.err().map_or_else(String::new, |e| e.to_string())
+                        )
+                    ),
+                });
+            }
+        };
+        let addresses = addresses.map_err(|source| Error::Io {
+            what: "listing addresses in",
+            path: netns.path().to_owned(),
+            source,
+        })?;
+        if addresses.is_empty() {
+            warn!(netns = %netns.path().display(), "the pod has no address yet: inbound capture \
+                  and source binding need one; enable it again once it has");
+        }
+        Ok((cookie, addresses))
+    }
+
+    fn find_by_netns(&self, netns: &Netns) -> Result<Option<(u32, PodInfo)>, Error> {
+        Ok(self
+            .infos()
+            .into_iter()
+            .find(|(_, i)| netns.same_as(i.netns_dev, i.netns_ino)))
+    }
+
+    fn find(&self, pod: &PodRef) -> Result<Option<(u32, PodInfo)>, Error> {
+        match pod {
+            PodRef::Id(id) => Ok(self.maps.pod_info(*id).map(|i| (*id, i))),
+            PodRef::Name(name) => Ok(self.infos().into_iter().find(|(_, i)| &pod_name(i) == name)),
+            PodRef::Netns(name) => match Netns::by_name(name) {
+                Ok(ns) => self.find_by_netns(&ns),
+                // The namespace is gone: find the pod by the name it was enabled with.
+                Err(_) => Ok(self
+                    .infos()
+                    .into_iter()
+                    .find(|(_, i)| i.source == SOURCE_NETNS && pod_name(i) == *name)),
+            },
+            PodRef::Pid(pid) => match Netns::by_pid(*pid) {
+                Ok(ns) => self.find_by_netns(&ns),
+                Err(_) => Ok(self
+                    .infos()
+                    .into_iter()
+                    .find(|(_, i)| i.source == SOURCE_PID && i.pid == *pid)),
+            },
+        }
+    }
+
+    fn free_id(&self) -> Result<u32, Error> {
+        let used = self.maps.pod_ids();
+        (1..=size::PODS)
+            .find(|id| !used.contains(id))
+            .ok_or(Error::Full(size::PODS))
+    }
+
+    /// Fails if another live pod owns one of these addresses; takes them over from dead pods
+    /// (IP reuse after a pod went away without being disabled).
+    fn claim_addresses(&mut self, cookie: u64, addresses: &[IpAddr]) -> Result<(), Error> {
+        for ip in addresses {
+            let Some(owner) = self.maps.address_owner(*ip) else {
+                continue;
+            };
+            if owner == cookie {
+                continue;
+            }
+            let other = self
+                .infos()
+                .into_iter()
+                .find(|(_, i)| i.netns_cookie == owner);
+            match other {
+                Some((id, info)) if locate(&info).is_none() => {
+                    info!(pod = %pod_name(&info), %ip, "address reused: removing the gone pod");
+                    self.remove(id, owner)?;
+                }
+                Some((_, info)) => {
+                    return Err(Error::AddressInUse {
+                        addr: *ip,
+                        other: pod_name(&info),
+                    });
+                }
+                None => self.maps.forget_address(*ip),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of a pod: the switch first, then its rules and its netns link.
+    fn remove(&mut self, id: u32, cookie: u64) -> Result<(), Error> {
+        self.maps.remove_pod_entries(id, cookie);
+        bpf::attach::detach_pod(self.pins, id)?;
+        iptables_mode::forget(self.pins, id);
+        self.maps.remove_pod_info(id);
+        Ok(())
+    }
+}
+
+/// Puts the IPv6 passthrough source (Istio: `::6`) on the pod's loopback when the pod has IPv6,
+/// as istio-iptables does: the proxy's inbound hop to the app is bound to it. Without it IPv6
+/// inbound connections fail at the proxy (it never falls back to a source that would be
+/// captured again), so a failure is logged, not fatal.
+fn ensure_passthrough_v6(netns: &Netns, passthrough: IpAddr, addresses: &[IpAddr]) {
+    let IpAddr::V6(source) = passthrough else {
+        return;
+    };
+    if !addresses.iter().any(IpAddr::is_ipv6) {
+        return;
+    }
+    match netns.run(|| netns::ensure_loopback_v6(source)) {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => warn!(
+            netns = %netns.path().display(), %source, %err,
+            "cannot add the IPv6 passthrough source to the pod's loopback: IPv6 inbound \
+             connections will fail at its proxy"
+        ),
+        Err(err) => warn!(%err, "entering the pod to add the IPv6 passthrough source"),
+    }
+}
+
+/// Every enabled pod.
+pub fn list(pins: &Pins, maps: &Maps) -> Result<Vec<PodEntry>, Error> {
+    maps.pod_ids()
+        .into_iter()
+        .map(|id| entry(pins, maps, id))
+        .collect()
+}
+
+fn source_name(info: &PodInfo) -> &'static str {
+    match info.source {
+        SOURCE_NETNS => "netns",
+        SOURCE_PID => "pid",
+        SOURCE_KUBERNETES => "kubernetes",
+        _ => "unknown",
+    }
+}
+
+fn entry(pins: &Pins, maps: &Maps, id: u32) -> Result<PodEntry, Error> {
+    let info = maps
+        .pod_info(id)
+        .ok_or_else(|| Error::NotEnabled(format!("pod id {id}")))?;
+    if info.mode == MODE_IPTABLES {
+        return iptables_mode::entry(pins, id, &info);
+    }
+    let config = maps.pod_config(info.netns_cookie);
+    let rows = maps.pod_rows(id, info.netns_cookie);
+    let listener = maps.pod_listener(id, ListenerFamily::V4);
+    let inbound = config.is_some_and(|c| c.flags & POD_INBOUND != 0);
+    Ok(PodEntry {
+        id,
+        name: pod_name(&info),
+        source: source_name(&info),
+        mode: "ebpf",
+        backend: None,
+        netns_cookie: info.netns_cookie,
+        addresses: rows.addresses.clone(),
+        outbound: config.is_some_and(|c| c.flags & POD_OUTBOUND != 0),
+        inbound,
+        inbound_listener: listener,
+        inbound_ready: inbound && listener.is_some_and(|c| maps.has_listener(c)),
+        spec: datapath::read_spec(config.as_ref(), &rows),
+    })
+}
+
+/// A path to the pod's network namespace if it still exists.
+pub fn locate(info: &PodInfo) -> Option<PathBuf> {
+    let same =
+        |p: &PathBuf| Netns::open(p).is_ok_and(|ns| ns.same_as(info.netns_dev, info.netns_ino));
+    let primary = match info.source {
+        SOURCE_NETNS => Some(PathBuf::from(netns::NETNS_RUN_DIR).join(pod_name(info))),
+        SOURCE_PID | SOURCE_KUBERNETES => Some(PathBuf::from(format!("/proc/{}/ns/net", info.pid))),
+        _ => None,
+    };
+    primary
+        .filter(same)
+        .or_else(|| netns::find_by_identity(info.netns_dev, info.netns_ino))
+}
+
+fn display_name(source: &PodSource) -> String {
+    match source {
+        PodSource::Netns(n) => n.clone(),
+        PodSource::Pid(p) => format!("pid:{p}"),
+        PodSource::Kubernetes { name, .. } => name.clone(),
+    }
+}
+
+pub fn pod_name(info: &PodInfo) -> String {
+    let end = info
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.name.len());
+    String::from_utf8_lossy(&info.name[..end]).into_owned()
+}
+
+fn pod_info(
+    cookie: u64,
+    netns: &Netns,
+    source: &PodSource,
+    name: &str,
+    mode: u32,
+    backend: u32,
+) -> PodInfo {
+    let mut bytes = [0u8; POD_NAME_LEN];
+    bytes[..name.len()].copy_from_slice(name.as_bytes());
+    let (kind, pid) = match source {
+        PodSource::Netns(_) => (SOURCE_NETNS, 0),
+        PodSource::Pid(p) => (SOURCE_PID, *p),
+        PodSource::Kubernetes { pid, .. } => (SOURCE_KUBERNETES, *pid),
+    };
+    PodInfo {
+        netns_cookie: cookie,
+        netns_ino: netns.ino,
+        netns_dev: netns.dev,
+        source: kind,
+        pid,
+        mode,
+        backend,
+        name: bytes,
+    }
+}
+
+fn backend_code(backend: Backend) -> u32 {
+    match backend {
+        Backend::Nft => BACKEND_NFT,
+        Backend::Legacy => BACKEND_LEGACY,
+    }
+}
+
+fn backend_of(code: u32) -> Backend {
+    if code == BACKEND_LEGACY {
+        Backend::Legacy
+    } else {
+        Backend::Nft
+    }
+}

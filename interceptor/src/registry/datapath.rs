@@ -1,0 +1,253 @@
+//! A pod's spec as the datapath's rows and back: the per-pod config flags, the port rules, the
+//! ranges and addresses ([`bpf::maps::PodRows`]), the read-back that `pod list` shows (what the
+//! datapath really does), and each pod's share of the node-wide maps.
+
+use std::net::IpAddr;
+
+use interceptor_common::{
+    addr,
+    names::size,
+    pod::{
+        DIR_INBOUND, DIR_OUTBOUND, POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS,
+        POD_NO_SOCKMAP, POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
+        PodConfig,
+    },
+};
+
+use super::{
+    Error,
+    spec::{Cidr, PodSpec, Selection},
+};
+use crate::bpf::maps::{PodRows, PortRule, Range};
+
+/// The pod's `POD_CONFIG` value: the switches and its first address of each family.
+pub(super) fn pod_config(id: u32, spec: &PodSpec, addresses: &[IpAddr]) -> PodConfig {
+    let mut flags = 0;
+    for (on, flag) in [
+        (spec.outbound, POD_OUTBOUND),
+        (spec.inbound(), POD_INBOUND),
+        (
+            spec.include_inbound_ports == Selection::All,
+            POD_INBOUND_ALL_PORTS,
+        ),
+        (
+            spec.include_outbound_cidrs == Selection::All,
+            POD_OUTBOUND_ALL_CIDRS,
+        ),
+        (!spec.sockmap, POD_NO_SOCKMAP),
+        (spec.fail_open, POD_FAIL_OPEN),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
+    let ip4 = addresses.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(_) => None,
+    });
+    let ip6 = addresses
+        .iter()
+        .find(|a| a.is_ipv6())
+        .map(|a| addr::from_ip(*a));
+    PodConfig {
+        pod_id: id,
+        flags,
+        proxy_uid: spec.proxy_uid,
+        proxy_gid: spec.proxy_gid,
+        ip4: ip4.unwrap_or(0),
+        ip6: ip6.unwrap_or([0; 4]),
+    }
+}
+
+/// The pod's rows: inbound exclusions (the user's, the always-excluded ports, the proxy's own),
+/// inbound inclusions, outbound port rules (an exclusion wins), ranges and addresses.
+pub(super) fn pod_rows(spec: &PodSpec, addresses: &[IpAddr], proxy_ports: &[u16]) -> PodRows {
+    let rule = |port, direction, rule| PortRule {
+        port,
+        direction,
+        rule,
+    };
+    let inbound_excluded = spec.effective_inbound_exclusions(proxy_ports);
+    let mut ports: Vec<PortRule> = inbound_excluded
+        .iter()
+        .map(|&p| rule(p, DIR_INBOUND, PORT_EXCLUDE))
+        .collect();
+    if let Selection::List(list) = &spec.include_inbound_ports {
+        ports.extend(
+            list.iter()
+                .filter(|p| !inbound_excluded.contains(p))
+                .map(|&p| rule(p, DIR_INBOUND, PORT_INCLUDE)),
+        );
+    }
+    ports.extend(
+        spec.exclude_outbound_ports
+            .iter()
+            .map(|&p| rule(p, DIR_OUTBOUND, PORT_EXCLUDE)),
+    );
+    ports.extend(
+        spec.include_outbound_ports
+            .iter()
+            .filter(|p| !spec.exclude_outbound_ports.contains(p))
+            .map(|&p| rule(p, DIR_OUTBOUND, PORT_INCLUDE)),
+    );
+    let range = |c: &Cidr| -> Range { (c.addr, c.prefix) };
+    PodRows {
+        ports,
+        excluded: spec.exclude_outbound_cidrs.iter().map(range).collect(),
+        included: match &spec.include_outbound_cidrs {
+            Selection::All => Vec::new(),
+            Selection::List(list) => list.iter().map(range).collect(),
+        },
+        addresses: addresses.to_vec(),
+    }
+}
+
+/// The spec as the maps hold it (what the datapath really does).
+pub(super) fn read_spec(config: Option<&PodConfig>, rows: &PodRows) -> PodSpec {
+    let flags = config.map_or(0, |c| c.flags);
+    let mut spec = PodSpec {
+        include_inbound_ports: if flags & POD_INBOUND_ALL_PORTS != 0 {
+            Selection::All
+        } else {
+            Selection::List(Vec::new())
+        },
+        include_outbound_cidrs: if flags & POD_OUTBOUND_ALL_CIDRS != 0 {
+            Selection::All
+        } else {
+            Selection::List(rows.included.iter().map(cidr).collect())
+        },
+        exclude_outbound_cidrs: rows.excluded.iter().map(cidr).collect(),
+        outbound: flags & POD_OUTBOUND != 0,
+        sockmap: flags & POD_NO_SOCKMAP == 0,
+        fail_open: flags & POD_FAIL_OPEN != 0,
+        proxy_uid: config.map_or(0, |c| c.proxy_uid),
+        proxy_gid: config.map_or(0, |c| c.proxy_gid),
+        ..PodSpec::default()
+    };
+    for r in &rows.ports {
+        let list = match (r.direction, r.rule) {
+            (DIR_INBOUND, PORT_EXCLUDE) => &mut spec.exclude_inbound_ports,
+            (DIR_INBOUND, PORT_INCLUDE) => match &mut spec.include_inbound_ports {
+                Selection::List(l) => l,
+                Selection::All => continue,
+            },
+            (DIR_OUTBOUND, PORT_EXCLUDE) => &mut spec.exclude_outbound_ports,
+            (DIR_OUTBOUND, PORT_INCLUDE) => &mut spec.include_outbound_ports,
+            _ => continue,
+        };
+        list.push(r.port);
+    }
+    for list in [
+        &mut spec.exclude_inbound_ports,
+        &mut spec.exclude_outbound_ports,
+        &mut spec.include_outbound_ports,
+    ] {
+        list.sort_unstable();
+    }
+    if let Selection::List(l) = &mut spec.include_inbound_ports {
+        l.sort_unstable();
+    }
+    spec
+}
+
+fn cidr(&(addr, prefix): &Range) -> Cidr {
+    Cidr { addr, prefix }
+}
+
+/// A pod's share of the node-wide maps (see `names::size::PER_POD_*`).
+pub(super) fn check_quota(spec: &PodSpec) -> Result<(), Error> {
+    let cidrs = |map, what, count: usize| {
+        if count > size::PER_POD_CIDRS as usize {
+            return Err(Error::Quota {
+                map,
+                what,
+                count,
+                limit: size::PER_POD_CIDRS,
+            });
+        }
+        Ok(())
+    };
+    cidrs(
+        "CIDR_EXCLUDE",
+        "excluded outbound ranges",
+        spec.exclude_outbound_cidrs.len(),
+    )?;
+    if let Selection::List(list) = &spec.include_outbound_cidrs {
+        cidrs("CIDR_INCLUDE", "included outbound ranges", list.len())?;
+    }
+    let mut ports = spec.exclude_inbound_ports.len()
+        + spec.include_outbound_ports.len()
+        + spec.exclude_outbound_ports.len();
+    if let Selection::List(list) = &spec.include_inbound_ports {
+        ports += list.len();
+    }
+    // Room for the ports every pod excludes (proxy ports, 15090, 15021, 15020, 22).
+    let limit = size::PER_POD_PORTS - 8;
+    if ports > limit as usize {
+        return Err(Error::Quota {
+            map: "POD_PORTS",
+            what: "port rules",
+            count: ports,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_flags_follow_spec() {
+        let addrs: Vec<IpAddr> = vec![
+            "198.18.0.7".parse().unwrap(),
+            "fd00:198:18::7".parse().unwrap(),
+        ];
+        let c = pod_config(3, &PodSpec::default(), &addrs);
+        assert_eq!(c.pod_id, 3);
+        assert_eq!(
+            c.flags,
+            POD_OUTBOUND | POD_INBOUND | POD_INBOUND_ALL_PORTS | POD_OUTBOUND_ALL_CIDRS
+        );
+        assert_eq!(c.ip4, u32::from_ne_bytes([198, 18, 0, 7]));
+        assert_eq!(addr::to_ip(c.ip6), addrs[1]);
+        let spec = PodSpec {
+            include_inbound_ports: Selection::List(vec![]),
+            include_outbound_cidrs: Selection::List(vec!["10.0.0.0/8".parse().unwrap()]),
+            ..PodSpec::default()
+        };
+        assert_eq!(pod_config(1, &spec, &[]).flags, POD_OUTBOUND);
+    }
+
+    #[test]
+    fn spec_survives_rows_and_back() {
+        let spec = PodSpec {
+            include_inbound_ports: Selection::List(vec![8080, 9090]),
+            exclude_inbound_ports: vec![8081],
+            include_outbound_ports: vec![443],
+            exclude_outbound_ports: vec![5432],
+            include_outbound_cidrs: Selection::List(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "fd00::/8".parse().unwrap(),
+            ]),
+            exclude_outbound_cidrs: vec!["::ffff:10.0.0.0/104".parse().unwrap()],
+            sockmap: false,
+            fail_open: true,
+            ..PodSpec::default()
+        };
+        let proxy = [15001, 15006];
+        let rows = pod_rows(&spec, &[], &proxy);
+        let back = read_spec(Some(&pod_config(1, &spec, &[])), &rows);
+        // Read back, the inbound exclusions include the ones every pod gets.
+        assert_eq!(
+            back.exclude_inbound_ports,
+            spec.effective_inbound_exclusions(&proxy)
+        );
+        let back = PodSpec {
+            exclude_inbound_ports: spec.exclude_inbound_ports.clone(),
+            ..back
+        };
+        assert_eq!(back, spec);
+    }
+}
