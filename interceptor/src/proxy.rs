@@ -140,7 +140,7 @@ mod humantime_secs {
 
     use serde::Serializer;
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}s", d.as_secs_f64()))
     }
 }

@@ -28,13 +28,13 @@ use xtask::{exec, is_root, output, step, workspace_root};
 
 /// `cargo xtask bench [datapath|proxy]`: the datapath comparison when nothing is named.
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(subcommand)]
     what: Option<Bench>,
 }
 
 #[derive(clap::Subcommand)]
-pub enum Bench {
+pub(crate) enum Bench {
     /// Interception modes side by side on real pods: direct, iptables, ebpf, ebpf without
     /// sk_msg (the default).
     Datapath(crate::bench_datapath::DatapathOptions),
@@ -43,7 +43,7 @@ pub enum Bench {
 }
 
 #[derive(clap::Args, Clone, Serialize)]
-pub struct ProxyOptions {
+pub(crate) struct ProxyOptions {
     /// Concurrent keep-alive connections of the load generator.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -71,7 +71,7 @@ pub struct ProxyOptions {
     no_haproxy: bool,
 }
 
-pub fn run(args: &BenchArgs, command_line: &str) -> Result<()> {
+pub(crate) fn run(args: &BenchArgs, command_line: &str) -> Result<()> {
     match &args.what {
         None => crate::bench_datapath::run(&Default::default(), command_line),
         Some(Bench::Datapath(opts)) => crate::bench_datapath::run(opts, command_line),

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use xtask::{exec, is_root, step, workspace_root};
 
 #[derive(clap::Args, Clone, Default)]
-pub struct DatapathOptions {
+pub(crate) struct DatapathOptions {
     /// Leave README.md alone.
     #[arg(long)]
     no_readme: bool,
@@ -21,7 +21,7 @@ pub struct DatapathOptions {
 const README_START: &str = "<!-- bench-datapath:start -->";
 const README_END: &str = "<!-- bench-datapath:end -->";
 
-pub fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
+pub(crate) fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
     if !is_root() {
         bail!(
             "the benchmark builds pods (network namespaces, cgroups) and loads eBPF: run as root"

@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::Result;
 use xtask::{exec, output, step, workspace_root};
 
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     crate::setup::run(&crate::setup::Options::default())?;
     step("building interceptor (its build script compiles interceptor-ebpf)");
     exec(xtask::cargo().args(["build", "--package", "interceptor"]))?;

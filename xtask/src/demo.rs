@@ -5,13 +5,13 @@ use anyhow::Result;
 use xtask::{exec, step, workspace_root};
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Requests the client pod sends.
     #[arg(long, default_value_t = 5)]
     requests: u32,
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+pub(crate) fn run(opts: &Options) -> Result<()> {
     crate::setup::run(&crate::setup::Options::default())?;
     step("building interceptor (release)");
     exec(xtask::cargo().args([

@@ -13,10 +13,10 @@ use anyhow::{Context as _, Result, bail};
 use xtask::{exec, output, step};
 
 /// The kernel series of the matrix: what real nodes run (Debian 11 and 12, and the 6.12 LTS).
-pub const SERIES: &[&str] = &["5.10", "6.1", "6.12"];
+pub(crate) const SERIES: &[&str] = &["5.10", "6.1", "6.12"];
 
 /// A kernel unpacked in the cache.
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// Its root: `boot/vmlinuz-<release>` and `lib/modules/<release>`.
     pub root: PathBuf,
     /// `uname -r`.
@@ -24,7 +24,7 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    pub fn vmlinuz(&self) -> PathBuf {
+    pub(crate) fn vmlinuz(&self) -> PathBuf {
         self.root
             .join("boot")
             .join(format!("vmlinuz-{}", self.release))
@@ -43,7 +43,7 @@ fn distribution(series: &str) -> Result<(&'static str, regex_lite::Regex)> {
 }
 
 /// Fetches (or finds in the cache) the newest cloud kernel of `series`.
-pub fn fetch(series: &str, cache: &Path) -> Result<Kernel> {
+pub(crate) fn fetch(series: &str, cache: &Path) -> Result<Kernel> {
     let ready = cache.join(format!("{series}.ready"));
     if let Ok(release) = fs::read_to_string(&ready) {
         let kernel = Kernel {

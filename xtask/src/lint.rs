@@ -17,13 +17,13 @@ const HOST_CRATES: &[&str] = &[
 ];
 
 #[derive(clap::Args, Default)]
-pub struct Options {
+pub(crate) struct Options {
     /// Skip the deployment checks (Helm lint/render, Kubernetes schema validation).
     #[arg(long)]
     no_deploy: bool,
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+pub(crate) fn run(opts: &Options) -> Result<()> {
     step("cargo fmt --check");
     exec(xtask::cargo().args(["fmt", "--all", "--", "--check"]))?;
 

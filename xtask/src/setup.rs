@@ -10,7 +10,7 @@ use xtask::{exec, is_root, output, step};
 /// Debian packages for building and testing: Debian's rustc-web with the prebuilt `core` for
 /// the BPF targets, LLVM 22 for bpf-linker, and the network tools the tests and the iptables
 /// mode use.
-pub const PACKAGES: &[&str] = &[
+pub(crate) const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
@@ -34,13 +34,13 @@ pub const PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 #[derive(clap::Args, Default)]
-pub struct Options {
+pub(crate) struct Options {
     /// Also install what `cargo xtask vm-test` needs.
     #[arg(long)]
     pub vm: bool,
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+pub(crate) fn run(opts: &Options) -> Result<()> {
     if !is_root() {
         bail!("setup installs Debian packages and mounts bpffs: run it as root");
     }
@@ -80,7 +80,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
 /// PyPI packages for the deployment checks (deploy/check.py): Helm v4's library, to lint and
 /// render the chart with real Helm, and the Kubernetes schemas to validate what it renders.
-pub const DEPLOY_TOOLS: &[&str] = &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"];
+pub(crate) const DEPLOY_TOOLS: &[&str] = &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"];
 
 fn deploy_tools_ok() -> bool {
     // Imported as modules (deploy/check.py runs `python3 -m kubernetes_validate`), so no
@@ -108,7 +108,7 @@ fn install_deploy_tools() -> Result<()> {
 }
 
 /// Extra packages for the virtme-ng kernel matrix (VMTEST.md).
-pub const VM_PACKAGES: &[&str] = &[
+pub(crate) const VM_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "kmod",
@@ -154,7 +154,7 @@ fn setup_vm_tools() -> Result<Vec<String>> {
 }
 
 /// `vng`, from python3's scripts directory (pip installs it there), else from PATH.
-pub fn vng_path() -> std::path::PathBuf {
+pub(crate) fn vng_path() -> std::path::PathBuf {
     let scripts = Command::new("python3")
         .args([
             "-c",
@@ -189,7 +189,7 @@ fn version_output(program: &Path, version: &str) -> bool {
         })
 }
 
-pub fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
+pub(crate) fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     for pkg in packages {
         let out = Command::new("dpkg-query")
@@ -204,7 +204,7 @@ pub fn missing_packages(packages: &[&str]) -> Result<Vec<String>> {
     Ok(missing)
 }
 
-pub fn install_packages(missing: &[String]) -> Result<()> {
+pub(crate) fn install_packages(missing: &[String]) -> Result<()> {
     step(&format!("apt-get install {}", missing.join(" ")));
     exec(Command::new("apt-get").args(["update", "-q"]))?;
     exec(

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use xtask::{exec, is_root, step, workspace_root};
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Only run tests whose name contains this.
     filter: Option<String>,
     /// Parallel test threads for the end-to-end suite (each test has its own agent and pods).
@@ -16,7 +16,7 @@ pub struct Options {
     no_setup: bool,
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+pub(crate) fn run(opts: &Options) -> Result<()> {
     if !is_root() {
         bail!("the end-to-end tests load eBPF programs and create network namespaces: run as root");
     }

@@ -23,7 +23,7 @@ use xtask::{exec, is_root, output, render, step, workspace_root};
 use crate::kernels::{self, Kernel};
 
 #[derive(clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Which kernels: 5.10, 6.1, 6.12, host, or all (the three guests and the host).
     #[arg(long, default_value = "all")]
     kernel: String,
@@ -57,7 +57,7 @@ const GUEST_TEST_THREADS: u32 = 3;
 
 /// One kernel's outcome: the list `target/vm-test/results.json` holds.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct KernelResult {
+pub(crate) struct KernelResult {
     /// `uname -r` as the suite saw it.
     pub kernel: String,
     pub passed: u32,
@@ -73,7 +73,7 @@ pub struct KernelResult {
     pub features: Vec<String>,
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+pub(crate) fn run(opts: &Options) -> Result<()> {
     if !is_root() {
         bail!("vm-test boots kernels and runs the suite as root inside them: run it as root");
     }

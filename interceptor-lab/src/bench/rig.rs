@@ -70,7 +70,7 @@ pub enum Workload<'a> {
     HopSink,
 }
 
-pub const APP_PORT: u16 = 8080;
+pub(super) const APP_PORT: u16 = 8080;
 const SINK_PORT: u16 = 15001;
 
 pub struct Rig {

@@ -14,7 +14,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_attach_type`: BPF_CGROUP_GETSOCKOPT.
-pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+pub(super) const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// The `link_create` member of `union bpf_attr`, zero-padded (the kernel wants unused bytes 0).
 #[repr(C)]
@@ -47,7 +47,7 @@ fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<i64> {
 }
 
 /// `BPF_LINK_CREATE` of a cgroup program: returns the link's descriptor.
-pub fn link_create(
+pub(super) fn link_create(
     prog: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
     attach_type: u32,
@@ -70,7 +70,7 @@ pub fn link_create(
 }
 
 /// `BPF_OBJ_PIN`: pins a bpf object (here a link) at `path` on bpffs.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

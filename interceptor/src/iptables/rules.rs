@@ -8,12 +8,12 @@ use serde::Serialize;
 use super::Settings;
 use crate::registry::spec::{DNS_CAPTURE_PORT, PodSpec, Selection};
 
-pub const INBOUND: &str = "ISTIO_INBOUND";
-pub const IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
-pub const OUTPUT: &str = "ISTIO_OUTPUT";
-pub const REDIRECT: &str = "ISTIO_REDIRECT";
+pub(super) const INBOUND: &str = "ISTIO_INBOUND";
+pub(super) const IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
+pub(super) const OUTPUT: &str = "ISTIO_OUTPUT";
+pub(super) const REDIRECT: &str = "ISTIO_REDIRECT";
 /// Every chain we create, in creation order.
-pub const CHAINS: [&str; 4] = [INBOUND, IN_REDIRECT, OUTPUT, REDIRECT];
+pub(super) const CHAINS: [&str; 4] = [INBOUND, IN_REDIRECT, OUTPUT, REDIRECT];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -327,7 +327,7 @@ fn is_dns_rule(table: &str, chain: &str, rule: &str) -> bool {
 
 /// The `iptables-restore --noflush` script that deletes istio-iptables' DNS rules from the raw
 /// table `save` (`iptables-save -t raw`) shows, and how many; None when there are none.
-pub fn raw_removal_script(save: &str) -> Option<(String, usize)> {
+pub(super) fn raw_removal_script(save: &str) -> Option<(String, usize)> {
     let mut script = String::from("*raw\n");
     let mut count = 0;
     for rule in save.lines().filter_map(|l| l.strip_prefix("-A ")) {
@@ -342,7 +342,7 @@ pub fn raw_removal_script(save: &str) -> Option<(String, usize)> {
 }
 
 /// Whether an `iptables-save -t nat` output has any of our chains.
-pub fn has_istio_chains(save: &str) -> bool {
+pub(super) fn has_istio_chains(save: &str) -> bool {
     save.lines().any(|l| {
         l.strip_prefix(':')
             .and_then(|rest| rest.split_whitespace().next())
@@ -352,7 +352,7 @@ pub fn has_istio_chains(save: &str) -> bool {
 
 /// The `iptables-restore --noflush` script that removes our jumps and chains from a namespace
 /// whose nat table `save` shows, and how many rules it removes; None when nothing is ours.
-pub fn removal_script(save: &str) -> Option<(String, usize)> {
+pub(super) fn removal_script(save: &str) -> Option<(String, usize)> {
     let present: Vec<&str> = CHAINS
         .iter()
         .copied()

@@ -23,10 +23,10 @@ use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
 
 /// Every connection was "redirected" from the destination set last.
 #[derive(Clone)]
-pub struct OrigDst(pub Arc<Mutex<SocketAddr>>);
+pub(crate) struct OrigDst(pub Arc<Mutex<SocketAddr>>);
 
 impl OrigDst {
-    pub fn set(&self, addr: SocketAddr) {
+    pub(crate) fn set(&self, addr: SocketAddr) {
         *self.0.lock().expect("lock") = addr;
     }
 }
@@ -41,7 +41,7 @@ impl OrigDstAddr for OrigDst {
     }
 }
 
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub metrics: SocketAddr,
@@ -54,7 +54,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the proxy with the config `yaml`; connections "were going to" `orig_dst`.
-    pub async fn start(yaml: &str, orig_dst: SocketAddr) -> Self {
+    pub(crate) async fn start(yaml: &str, orig_dst: SocketAddr) -> Self {
         let (config, config_path) = interceptor_lab::loopback_proxy::config("protocols", yaml);
         let dir = config_path.parent().expect("config dir").to_owned();
         let config = ProxyConfig {
@@ -85,7 +85,7 @@ impl Proxy {
         }
     }
 
-    pub async fn shutdown(&mut self) {
+    pub(crate) async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -94,12 +94,12 @@ impl Proxy {
         }
     }
 
-    pub async fn prometheus(&self) -> String {
+    pub(crate) async fn prometheus(&self) -> String {
         http1_get(self.metrics, "/stats/prometheus").await
     }
 
     /// A sample's value (the line starting with `series`), 0 when absent.
-    pub async fn metric(&self, series: &str) -> f64 {
+    pub(crate) async fn metric(&self, series: &str) -> f64 {
         self.prometheus()
             .await
             .lines()
@@ -108,7 +108,7 @@ impl Proxy {
     }
 
     /// Waits (bounded) until the open-connection gauges are back to 0.
-    pub async fn assert_no_open_connections(&self) {
+    pub(crate) async fn assert_no_open_connections(&self) {
         let mut last = String::new();
         for _ in 0..100 {
             let text = self.prometheus().await;
@@ -126,7 +126,7 @@ impl Proxy {
         panic!("connections still open after 5 s:\n{last}");
     }
 
-    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+    pub(crate) async fn admin_json(&self, path: &str) -> serde_json::Value {
         serde_json::from_str(&http1_get(self.admin, path).await).expect("admin JSON")
     }
 }
@@ -141,7 +141,7 @@ impl Drop for Proxy {
 }
 
 /// GET over a fresh HTTP/1.1 connection; the body as text.
-pub async fn http1_get(addr: SocketAddr, path: &str) -> String {
+pub(crate) async fn http1_get(addr: SocketAddr, path: &str) -> String {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -160,7 +160,7 @@ pub async fn http1_get(addr: SocketAddr, path: &str) -> String {
 }
 
 /// An address that refuses connections while the socket lives (bound, never listening).
-pub fn refused_addr() -> (SocketAddr, socket2::Socket) {
+pub(crate) fn refused_addr() -> (SocketAddr, socket2::Socket) {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     s.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
