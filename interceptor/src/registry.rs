@@ -422,10 +422,12 @@ impl<'a> Registry<'a> {
     }
 
     fn find_by_netns(&self, netns: &Netns) -> Result<Option<(u32, PodInfo)>, Error> {
-        Ok(self
-            .infos()
-            .into_iter()
-            .find(|(_, i)| netns.same_as(i.netns_dev, i.netns_ino)))
+        // Asked once: the inode number alone can be a dead pod's, reused (see `Netns::is`).
+        let cookie = netns.cookie();
+        Ok(self.infos().into_iter().find(|(_, i)| {
+            netns.same_as(i.netns_dev, i.netns_ino)
+                && (i.netns_cookie == 0 || cookie.is_none_or(|c| c == i.netns_cookie))
+        }))
     }
 
     fn find(&self, pod: &PodRef) -> Result<Option<(u32, PodInfo)>, Error> {
@@ -566,8 +568,9 @@ fn entry(pins: &Pins, maps: &Maps, id: u32) -> Result<PodEntry, Error> {
 
 /// A path to the pod's network namespace if it still exists.
 pub fn locate(info: &PodInfo) -> Option<PathBuf> {
-    let same =
-        |p: &PathBuf| Netns::open(p).is_ok_and(|ns| ns.same_as(info.netns_dev, info.netns_ino));
+    let same = |p: &PathBuf| {
+        Netns::open(p).is_ok_and(|ns| ns.is(info.netns_dev, info.netns_ino, info.netns_cookie))
+    };
     let primary = match info.source {
         SOURCE_NETNS => Some(PathBuf::from(netns::NETNS_RUN_DIR).join(pod_name(info))),
         SOURCE_PID | SOURCE_KUBERNETES => Some(PathBuf::from(format!("/proc/{}/ns/net", info.pid))),
@@ -575,7 +578,7 @@ pub fn locate(info: &PodInfo) -> Option<PathBuf> {
     };
     primary
         .filter(same)
-        .or_else(|| netns::find_by_identity(info.netns_dev, info.netns_ino))
+        .or_else(|| netns::find_by_identity(info.netns_dev, info.netns_ino, info.netns_cookie))
 }
 
 fn display_name(source: &PodSource) -> String {

@@ -159,6 +159,19 @@ impl Netns {
     pub fn same_as(&self, dev: u64, ino: u64) -> bool {
         self.dev == dev && self.ino == ino
     }
+
+    /// The namespace's cookie (`SO_NETNS_COOKIE`, Linux >= 5.14), None where the kernel cannot
+    /// say. Unlike the nsfs inode number, a cookie is never reused.
+    pub fn cookie(&self) -> Option<u64> {
+        self.run(current_cookie).ok()?.ok().flatten()
+    }
+
+    /// Whether this is the namespace recorded as (`dev`, `ino`, `cookie`): nsfs hands a dead
+    /// namespace's inode number to the next one created, so where both a recorded cookie
+    /// (non-zero) and the kernel's are known, they must agree too.
+    pub fn is(&self, dev: u64, ino: u64, cookie: u64) -> bool {
+        self.same_as(dev, ino) && (cookie == 0 || self.cookie().is_none_or(|c| c == cookie))
+    }
 }
 
 fn is_netns(file: &File) -> bool {
@@ -315,9 +328,11 @@ pub fn processes_in(dev: u64, ino: u64) -> impl Iterator<Item = (i32, PathBuf)> 
 }
 
 /// Finds a live process in the namespace with this identity (for pods whose name no longer
-/// resolves): its `/proc/PID/ns/net`.
-pub fn find_by_identity(dev: u64, ino: u64) -> Option<PathBuf> {
-    processes_in(dev, ino)
-        .next()
-        .map(|(_, dir)| dir.join("ns/net"))
+/// resolves): its `/proc/PID/ns/net`. A namespace with the same inode number but another cookie
+/// is a newcomer that inherited the number, not this one.
+pub fn find_by_identity(dev: u64, ino: u64, cookie: u64) -> Option<PathBuf> {
+    let path = processes_in(dev, ino).next()?.1.join("ns/net");
+    Netns::open(&path)
+        .is_ok_and(|ns| ns.is(dev, ino, cookie))
+        .then_some(path)
 }

@@ -139,8 +139,10 @@ impl Registry<'_> {
             backend,
             addresses,
         };
+        // The cookie (where the kernel tells it) keeps a reused inode number from passing for
+        // this pod once it is gone.
         let info = pod_info(
-            0,
+            netns.cookie().unwrap_or(0),
             netns,
             source,
             &name,

@@ -248,6 +248,102 @@ fn a_pod_whose_namespace_is_gone_is_removed() {
     assert!(!Path::new(&format!("/run/netns/{}", pod.netns)).exists());
 }
 
+/// nsfs hands a dead namespace's inode number to the next namespace created (the lowest free
+/// number), so a pod recorded by (device, inode) alone is "found" again in a newcomer: it is
+/// never collected, and the newcomer would be treated as its update. The netns cookie (never
+/// reused) tells them apart.
+#[test]
+fn a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod() {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut h = Harness::new("inoreuse");
+    let pod = h.pod("dead");
+    h.start_agent(&[]);
+    h.enable(&pod, &["--include-inbound-ports", ""]);
+    let cookie_known = h.status()["features"]["in_use"]
+        .as_array()
+        .is_some_and(|f| {
+            f.iter()
+                .any(|s| s.as_str().is_some_and(|s| s.contains("SO_NETNS_COOKIE")))
+        });
+    let ino = |name: &str| {
+        std::fs::metadata(format!("/run/netns/{name}"))
+            .map(|m| m.ino())
+            .ok()
+    };
+    let old = ino(&pod.netns).expect("pod netns");
+    interceptor_lab::lab::ip(&["netns", "del", &pod.netns]).expect("netns del");
+    // The number comes free once the kernel's deferred namespace cleanup has run. Parallel
+    // tests create namespaces too and may take it first: bounded tries, each failed
+    // candidate given back.
+    let mut made = Vec::new();
+    let mut reused = None;
+    for i in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        let name = format!("{}-n{i}", pod.netns);
+        interceptor_lab::lab::ip(&["netns", "add", &name]).expect("netns add");
+        if ino(&name) == Some(old) {
+            made.push(name.clone());
+            reused = Some(name);
+            break;
+        }
+        let _ = interceptor_lab::lab::ip(&["netns", "del", &name]);
+    }
+    let cleanup = |made: &[String]| {
+        for name in made {
+            let _ = interceptor_lab::lab::ip(&["netns", "del", name]);
+        }
+    };
+    let Some(newcomer) = reused else {
+        cleanup(&made);
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "interceptor-e2e: skipped a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod: \
+             no namespace got the freed inode number (parallel tests took it)"
+        );
+        return;
+    };
+    if !cookie_known {
+        cleanup(&made);
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "interceptor-e2e: skipped a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod: \
+             SO_NETNS_COOKIE (Linux >= 5.14)"
+        );
+        return;
+    }
+    // A process in the newcomer: what a /proc scan for the dead pod's (dev, inode) finds.
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &newcomer, "sleep", "30"])
+        .spawn()
+        .expect("sleep in the new namespace");
+    wait_until(Duration::from_secs(5), || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| m.ino() == old)
+                    && std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+            })
+    });
+    // The agent's pass collects the dead pod instead of finding it in the newcomer.
+    let collected = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        h.status()["pods"].as_array().is_some_and(|p| p.is_empty())
+    });
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    cleanup(&made);
+    assert!(
+        collected,
+        "the dead pod is still listed: {}",
+        h.status()["pods"]
+    );
+}
+
 /// An update that cannot be applied whole (here POD_PORTS overflows) leaves the running pod as
 /// it was, still intercepted with its previous settings, and says why.
 #[test]
