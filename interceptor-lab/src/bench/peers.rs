@@ -124,11 +124,16 @@ defaults
     timeout server 120s
 frontend outbound
     bind 127.0.0.1:{outbound_port}
+    # A connection made to the sidecar itself (a readiness probe, a port scan) has no other
+    # original destination: `server 0.0.0.0:0` would dial this port again, and each accept
+    # dials again, until maxconn, and every later connection of the pod waits behind them.
+    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}
     default_backend original_dst
 backend original_dst
     server s 0.0.0.0:0
 frontend inbound
     bind 0.0.0.0:{inbound_port}
+    tcp-request connection reject if {{ dst_port {outbound_port} }} || {{ dst_port {inbound_port} }}
     default_backend inbound_passthrough
 backend inbound_passthrough
     source 127.0.0.6
