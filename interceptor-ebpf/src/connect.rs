@@ -1,20 +1,9 @@
 //! What connect4 and connect6 share: which pod a socket belongs to and what to do with its
 //! connect.
 
-use aya_ebpf::{
-    bindings::{
-        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-    },
-    helpers::{
-        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
-        bpf_sk_release,
-    },
-    programs::SockAddrContext,
-    EbpfContext as _,
-};
+use aya_ebpf::{helpers::bpf_get_current_uid_gid, programs::SockAddrContext};
 use interceptor_common::{
-    addr::{is_loopback, is_unspecified, Addr, LOCALHOST_V4, LOCALHOST_V6},
+    addr::{is_loopback, is_unspecified, Addr},
     config::GlobalConfig,
     counters::Counter,
     origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
@@ -22,7 +11,8 @@ use interceptor_common::{
 };
 
 use crate::{
-    maps::{config, count, pod_of, COOKIE_ORIG, NETNS_KEYS, POD_CONFIG},
+    ctx,
+    maps::{self, config, count, pod_of, COOKIE_ORIG, NETNS_KEYS},
     policy::{self, Outbound},
 };
 
@@ -110,42 +100,10 @@ pub(crate) fn redirect(
 /// its connect goes to the port and is refused there, as iptables REDIRECT to a closed port.
 #[inline(always)]
 pub(crate) fn proxy_absent_open(ctx: &SockAddrContext, pod: &Pod, v6: bool, port: u16) -> bool {
-    if pod.config.flags & POD_FAIL_OPEN == 0 || proxy_listening(ctx, v6, port) {
+    if pod.config.flags & POD_FAIL_OPEN == 0 || ctx::tcp_listener_on_loopback(ctx, v6, port) {
         return false;
     }
     count(Counter::ConnectNoProxyDirect);
-    true
-}
-
-#[inline(always)]
-fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
-    // SAFETY: a plain-data union, all zeroes is valid.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if v6 {
-        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: [0; 4],
-            daddr: LOCALHOST_V6,
-            sport: 0,
-            dport: port.to_be(),
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
-    } else {
-        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: 0,
-            daddr: LOCALHOST_V4,
-            sport: 0,
-            dport: port.to_be(),
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
-    };
-    // SAFETY: sock_addr programs may look up sockets (>= 5.2); the tuple lives on the stack;
-    // u64::MAX is BPF_F_CURRENT_NETNS (the socket's own namespace).
-    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, u64::MAX, 0) };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: a socket the lookup returned, released once.
-    unsafe { bpf_sk_release(sk.cast()) };
     true
 }
 
@@ -159,10 +117,9 @@ pub(crate) struct Pod {
 /// The pod the calling socket lives in (by network namespace), if it is enabled.
 #[inline(always)]
 pub(crate) fn current_pod(ctx: &SockAddrContext) -> Option<Pod> {
-    // SAFETY: bpf_get_netns_cookie takes the program context (sock_addr: kernel >= 5.7).
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let config = unsafe { POD_CONFIG.get(&netns) }.copied()?;
+    // sock_addr programs have the helper from 5.7, the oldest kernel the loader accepts.
+    let netns = ctx::netns_cookie(ctx);
+    let config = maps::pod_config(netns)?;
     Some(Pod { netns, config })
 }
 
@@ -183,8 +140,7 @@ fn orig_flags(pod: &Pod) -> u32 {
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> bool {
-    // SAFETY: bpf_get_socket_cookie on a sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = ctx::socket_cookie(ctx);
     if COOKIE_ORIG.insert(&cookie, orig, 0).is_err() {
         count(Counter::ConnectMapFull);
         return false;

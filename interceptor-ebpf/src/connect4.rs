@@ -1,11 +1,6 @@
 //! `cgroup/connect4` at the cgroup v2 root: an enabled pod's IPv4 TCP connects go to its proxy.
 
-use aya_ebpf::{
-    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-    EbpfContext as _,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use interceptor_common::{
     addr::{v4_mapped, LOCALHOST_V4},
     counters::Counter,
@@ -75,15 +70,7 @@ fn intercept(ctx: &SockAddrContext) -> Outcome {
             addr: pod.config.ip4,
             zero: [0; 8],
         };
-        // SAFETY: bpf_bind on a connect4 context with a sockaddr_in on the stack.
-        let ret = unsafe {
-            bpf_bind(
-                ctx.as_ptr().cast(),
-                (&mut sa as *mut SockaddrIn).cast(),
-                core::mem::size_of::<SockaddrIn>() as i32,
-            )
-        };
-        ret == 0
+        ctx::bind(ctx, &mut sa) == 0
     });
     let outcome = redirect(ctx, &pod, unique, &orig, counter);
     if let Outcome::Redirect = outcome {
@@ -99,13 +86,7 @@ fn record_netns_probe(ctx: &SockAddrContext, dst4: u32, port: u16) {
     if dst4 != u32::from_ne_bytes(NETNS_PROBE_IP4) || port != NETNS_PROBE_PORT {
         return;
     }
-    // SAFETY: both helpers take the sock_addr context.
-    let (cookie, netns) = unsafe {
-        (
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            bpf_get_netns_cookie(ctx.as_ptr()),
-        )
-    };
+    let (cookie, netns) = (ctx::socket_cookie(ctx), ctx::netns_cookie(ctx));
     if NETNS_PROBE.insert(&cookie, &netns, 0).is_ok() {
         count(Counter::NetnsProbe);
     }

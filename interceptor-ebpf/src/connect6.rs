@@ -1,9 +1,7 @@
 //! `cgroup/connect6`: the same for IPv6 sockets, including dual-stack sockets connecting to an
 //! IPv4-mapped address (those are redirected to `::ffff:127.0.0.1` and bound to the pod's IPv4).
 
-use aya_ebpf::{
-    helpers::bpf_bind, macros::cgroup_sock_addr, programs::SockAddrContext, EbpfContext as _,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use interceptor_common::addr::{
     is_unspecified, is_v4_mapped, v4_mapped, LOCALHOST_V4, LOCALHOST_V6,
 };
@@ -78,15 +76,7 @@ fn intercept(ctx: &SockAddrContext) -> Outcome {
             addr: source,
             scope_id: 0,
         };
-        // SAFETY: bpf_bind on a connect6 context with a sockaddr_in6 on the stack.
-        let ret = unsafe {
-            bpf_bind(
-                ctx.as_ptr().cast(),
-                (&mut sa as *mut SockaddrIn6).cast(),
-                core::mem::size_of::<SockaddrIn6>() as i32,
-            )
-        };
-        ret == 0
+        ctx::bind(ctx, &mut sa) == 0
     });
     let outcome = redirect(ctx, &pod, unique, &orig, counter);
     if let Outcome::Redirect = outcome {

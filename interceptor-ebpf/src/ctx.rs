@@ -1,11 +1,12 @@
-//! The only raw context access of the family: tiny accessors, one `unsafe` each.
+//! The only raw context access of the family: tiny accessors, one `unsafe` each, and the
+//! helper calls that take the context or raw pointers.
 //!
 //! The sock_addr, sockopt, sk_msg and sk_lookup contexts are raw pointers in aya-ebpf. Fields
 //! are copied one by one (the verifier checks every context access for offset and size), and
 //! context writes are volatile: LLVM would otherwise merge two adjacent `u32` stores into one
 //! 8-byte store, which the verifier rejects ("invalid bpf_context access off=32 size=8").
 
-use aya_ebpf::{bindings::bpf_sock_ops, programs::SockOpsContext};
+use aya_ebpf::{bindings::bpf_sock_ops, programs::SockOpsContext, EbpfContext as _};
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, bpf_sockopt, sk_msg_md},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockoptContext},
@@ -302,4 +303,89 @@ pub(crate) fn ops_tuple(ctx: &SockOpsContext) -> Option<(Addr, Addr, u32, u32)> 
             u32::from_be(ld!(o, remote_port)),
         ))
     }
+}
+
+// === helpers taking the program context ===
+
+/// The socket's cookie (`bpf_get_socket_cookie`; sock_addr, sock_ops and sk_msg contexts).
+#[inline(always)]
+pub(crate) fn socket_cookie<C: aya_ebpf::EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the program's own context, valid for its whole run.
+    unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The socket's network-namespace cookie. Callers make sure the program type has the helper
+/// (sock_addr >= 5.7; sock_ops, sk_msg, sockopt >= 5.15).
+#[inline(always)]
+pub(crate) fn netns_cookie<C: aya_ebpf::EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the program's own context, valid for its whole run.
+    unsafe { aya_ebpf::helpers::bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// `bpf_bind` of the connecting socket to `sa` (a `sockaddr_in`/`sockaddr_in6` on the stack).
+#[inline(always)]
+pub(crate) fn bind<T>(ctx: &SockAddrContext, sa: &mut T) -> i64 {
+    // SAFETY: a connect4/6 context and a sockaddr of exactly `size_of::<T>()` bytes.
+    unsafe {
+        aya_ebpf::helpers::bpf_bind(
+            ctx.as_ptr().cast(),
+            (sa as *mut T).cast(),
+            core::mem::size_of::<T>() as i32,
+        ) as i64
+    }
+}
+
+/// Whether a TCP socket in the caller's namespace listens on `[::1]:port` (v6) or
+/// `127.0.0.1:port`.
+#[inline(always)]
+pub(crate) fn tcp_listener_on_loopback(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    use aya_ebpf::bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    };
+    // SAFETY: a plain-data union, all zeroes is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v6 {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr: interceptor_common::addr::LOCALHOST_V6,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: interceptor_common::addr::LOCALHOST_V4,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    // SAFETY: sock_addr programs may look up sockets (>= 5.2); the tuple lives on the stack;
+    // u64::MAX is BPF_F_CURRENT_NETNS (the socket's own namespace).
+    let sk = unsafe {
+        aya_ebpf::helpers::bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, u64::MAX, 0)
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { aya_ebpf::helpers::bpf_sk_release(sk.cast()) };
+    true
+}
+
+/// Writes `value` at the start of getsockopt's option buffer if it fits there.
+#[inline(always)]
+pub(crate) fn so_write<T>(ctx: &SockoptContext, value: T) -> bool {
+    let (start, end) = so_optval(ctx);
+    let len = core::mem::size_of::<T>();
+    // SAFETY: only compared, never dereferenced, before the bounds check below passes.
+    if start.is_null() || unsafe { start.add(len) } > end {
+        return false;
+    }
+    // SAFETY: `[start, start + len)` lies inside `[optval, optval_end)`, checked above; the
+    // kernel's option buffer is allocated, so aligned for the sockaddr structs written here.
+    unsafe { core::ptr::write(start.cast::<T>(), value) };
+    true
 }

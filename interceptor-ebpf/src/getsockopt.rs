@@ -8,7 +8,7 @@ use interceptor_common::{addr::is_v4_mapped, counters::Counter, sockmap::SockKey
 use crate::{
     connect::{AF_INET, AF_INET6},
     ctx,
-    maps::{count, netns_key, pod_of, PAGE_SIZE, TUPLE_ORIG},
+    maps::{self, count, netns_key, pod_of, PAGE_SIZE},
     sockaddr::{SockaddrIn, SockaddrIn6},
 };
 
@@ -50,8 +50,7 @@ fn answer(ctx: &SockoptContext, v6: bool) {
         netns: netns_key(ctx),
     };
     // A connection connect4/6 redirected: its recorded destination.
-    // SAFETY: copied out at once.
-    let (ip, port, counter) = if let Some(orig) = unsafe { TUPLE_ORIG.get(&key) }.copied() {
+    let (ip, port, counter) = if let Some(orig) = maps::tuple_orig(&key) {
         (orig.ip, orig.port, Counter::OrigDstAnswered)
     // A connection to a pod address (steered here by sk_lookup): like conntrack for a
     // connection without NAT, the original destination is the local address itself.
@@ -60,48 +59,41 @@ fn answer(ctx: &SockoptContext, v6: bool) {
     } else {
         return;
     };
-    let (start, end) = ctx::so_optval(ctx);
-    let mapped = is_v4_mapped(&ip);
-    if !v6 {
-        if !mapped {
+    let len = if v6 {
+        let sa = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: (port as u16).to_be(),
+            flowinfo: 0,
+            addr: ip,
+            scope_id: 0,
+        };
+        if !ctx::so_write(ctx, sa) {
             return;
         }
-        let len = core::mem::size_of::<SockaddrIn>();
-        // SAFETY: bounds-checked against optval_end before any write.
-        if start.is_null() || unsafe { start.add(len) } > end {
-            return;
-        }
-        let sa = start as *mut SockaddrIn;
-        // SAFETY: inside [optval, optval_end), checked above.
-        unsafe {
-            (*sa).family = AF_INET as u16;
-            (*sa).port = (port as u16).to_be();
-            (*sa).addr = ip[3];
-            (*sa).zero = [0; 8];
-        }
-        finish(ctx, len as i32);
+        core::mem::size_of::<SockaddrIn6>()
     } else {
-        let len = core::mem::size_of::<SockaddrIn6>();
-        // SAFETY: bounds-checked against optval_end before any write.
-        if start.is_null() || unsafe { start.add(len) } > end {
+        // An IPv4 socket asked for IPv4: an IPv6 destination has no answer here.
+        if !is_v4_mapped(&ip) {
             return;
         }
-        let sa = start as *mut SockaddrIn6;
-        // SAFETY: inside [optval, optval_end), checked above.
-        unsafe {
-            (*sa).family = AF_INET6 as u16;
-            (*sa).port = (port as u16).to_be();
-            (*sa).flowinfo = 0;
-            (*sa).addr = ip;
-            (*sa).scope_id = 0;
+        let sa = SockaddrIn {
+            family: AF_INET as u16,
+            port: (port as u16).to_be(),
+            addr: ip[3],
+            zero: [0; 8],
+        };
+        if !ctx::so_write(ctx, sa) {
+            return;
         }
-        finish(ctx, len as i32);
-    }
+        core::mem::size_of::<SockaddrIn>()
+    };
+    finish(ctx, len);
     count(counter);
 }
 
+/// Tells the kernel the answer's length and that the call succeeded.
 #[inline(always)]
-fn finish(ctx: &SockoptContext, len: i32) {
-    ctx::so_set_optlen(ctx, len);
+fn finish(ctx: &SockoptContext, len: usize) {
+    ctx::so_set_optlen(ctx, len as i32);
     ctx::so_set_retval(ctx, 0);
 }

@@ -3,6 +3,9 @@
 //! original destinations).
 #![no_std]
 #![no_main]
+// Raw context access, helper calls and map value pointers live behind the accessors of `ctx`
+// and `maps`; the programs themselves are safe code.
+#![deny(unsafe_code)]
 #![allow(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values are passed to BPF helpers as pointers to the stack; `&key` says so"
@@ -11,8 +14,10 @@
 mod connect;
 mod connect4;
 mod connect6;
+#[allow(unsafe_code, reason = "the raw context accessors and helper calls")]
 mod ctx;
 mod getsockopt;
+#[allow(unsafe_code, reason = "map definitions and typed map reads")]
 mod maps;
 mod policy;
 mod sk_lookup;
@@ -27,6 +32,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+#[allow(
+    unsafe_code,
+    reason = "the loader finds the license by section and symbol name"
+)]
 #[link_section = "license"]
 #[no_mangle]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -2,9 +2,10 @@
 //! restarted agent, `interceptor pod ...` and `interceptor status` see the same state.
 
 use aya_ebpf::{
-    helpers::bpf_get_netns_cookie,
+    bindings::BPF_ANY,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::SockOpsContext,
     EbpfContext, Global,
 };
 use interceptor_common::{
@@ -114,8 +115,8 @@ pub(crate) fn netns_key<C: EbpfContext>(ctx: &C) -> u64 {
     if NETNS_KEYS.load() == 0 {
         return 0;
     }
-    // SAFETY: the program's own context; only reached where the probe found the helper.
-    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    // Only reached where the probe found the helper.
+    crate::ctx::netns_cookie(ctx)
 }
 
 #[inline(always)]
@@ -141,4 +142,72 @@ pub(crate) fn pod_of(addr: &[u32; 4]) -> u64 {
 #[inline(always)]
 pub(crate) fn config() -> Option<&'static GlobalConfig> {
     CONFIG.get(0)
+}
+
+// Typed reads: map values are copied out at once, so no reference into a map outlives the
+// lookup (another CPU may update or delete the entry under it).
+
+/// The enabled pod with this network-namespace cookie.
+#[inline(always)]
+pub(crate) fn pod_config(netns: u64) -> Option<PodConfig> {
+    // SAFETY: copied out at once.
+    unsafe { POD_CONFIG.get(&netns) }.copied()
+}
+
+/// Socket cookie of the pod's proxy inbound listener for this family.
+#[inline(always)]
+pub(crate) fn pod_listener(pod_id: u32, v6: bool) -> Option<u64> {
+    let map = if v6 { &POD_LISTENER6 } else { &POD_LISTENER };
+    // SAFETY: copied out at once.
+    unsafe { map.get(&pod_id) }.copied()
+}
+
+/// A `POD_PORTS` rule (`PORT_INCLUDE`/`PORT_EXCLUDE`), 0 when there is none.
+#[inline(always)]
+pub(crate) fn port_rule(key: &PortKey) -> u32 {
+    // SAFETY: copied out at once.
+    unsafe { POD_PORTS.get(key) }.copied().unwrap_or(0)
+}
+
+/// The original destination recorded for the proxy-side socket with this 4-tuple.
+#[inline(always)]
+pub(crate) fn tuple_orig(key: &SockKey) -> Option<OrigDst> {
+    // SAFETY: copied out at once.
+    unsafe { TUPLE_ORIG.get(key) }.copied()
+}
+
+/// Only the flags of `tuple_orig`: one volatile load instead of a copy of the whole value
+/// (what sockops can afford in its instruction budget).
+#[inline(always)]
+pub(crate) fn tuple_orig_flags(key: &SockKey) -> Option<u32> {
+    let orig = TUPLE_ORIG.get_ptr(key)?;
+    // SAFETY: a valid map value pointer for this program run.
+    Some(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*orig).flags)) })
+}
+
+/// Takes the original destination connect4/6 recorded under this socket cookie.
+#[inline(always)]
+pub(crate) fn take_cookie_orig(cookie: u64) -> Option<OrigDst> {
+    // SAFETY: copied out at once.
+    let orig = unsafe { COOKIE_ORIG.get(&cookie) }.copied()?;
+    let _ = COOKIE_ORIG.remove(&cookie);
+    Some(orig)
+}
+
+/// Whether this direction fell back to TCP for good.
+#[inline(always)]
+pub(crate) fn fell_back(key: &SockKey) -> bool {
+    MSG_FALLBACK.get_ptr(key).is_some()
+}
+
+/// Adds the sock_ops callback's socket to `map` under `key`.
+#[inline(always)]
+pub(crate) fn add_socket<K>(
+    map: &SockHash<K>,
+    key: &mut K,
+    ctx: &SockOpsContext,
+) -> Result<(), i32> {
+    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
+    let ops = unsafe { &mut *ctx.ops };
+    map.update(key, ops, BPF_ANY as u64)
 }

@@ -9,7 +9,7 @@ use interceptor_common::{
     },
 };
 
-use crate::maps::{CIDR_EXCLUDE, CIDR_INCLUDE, POD_PORTS};
+use crate::maps::{self, CIDR_EXCLUDE, CIDR_INCLUDE};
 
 /// Why an outbound connection is or is not captured.
 pub(crate) enum Outbound {
@@ -26,8 +26,7 @@ fn port_rule(pod_id: u32, port: u16, direction: u16) -> u32 {
         port,
         direction,
     };
-    // SAFETY: plain u32 value; the reference is dropped before the map can change under it.
-    unsafe { POD_PORTS.get(&key) }.copied().unwrap_or(0)
+    maps::port_rule(&key)
 }
 
 #[inline(always)]

@@ -12,7 +12,7 @@ use interceptor_common::{
 use crate::{
     connect::AF_INET6,
     ctx,
-    maps::{config, count, pod_of, LISTENERS, POD_CONFIG, POD_LISTENER, POD_LISTENER6},
+    maps::{self, config, count, pod_of, LISTENERS},
     policy,
 };
 
@@ -44,8 +44,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         count(Counter::InboundSkippedLocal);
         return sk_action::SK_PASS;
     }
-    // SAFETY: copied out at once.
-    let Some(pod) = (unsafe { POD_CONFIG.get(&netns) }).copied() else {
+    let Some(pod) = maps::pod_config(netns) else {
         return sk_action::SK_PASS;
     };
     if pod.flags & POD_INBOUND == 0 || !policy::inbound_captures(&pod, local_port as u16) {
@@ -53,13 +52,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     // One listener per address family: an IPv6 SYN handed to an IPv4 socket is dropped.
-    let listener = if family == AF_INET6 {
-        &POD_LISTENER6
-    } else {
-        &POD_LISTENER
-    };
-    // SAFETY: copied out at once.
-    let Some(cookie) = (unsafe { listener.get(&pod.pod_id) }).copied() else {
+    let Some(cookie) = maps::pod_listener(pod.pod_id, family == AF_INET6) else {
         // No proxy listening: refuse, as a REDIRECT to a closed port would, rather than let the
         // connection bypass the proxy; unless the pod fails open.
         return no_proxy(&pod, Counter::InboundNoListener);

@@ -11,7 +11,7 @@ use interceptor_common::{config::CONFIG_MSG_REDIRECT, counters::Counter, sockmap
 
 use crate::{
     ctx,
-    maps::{config, count, netns_key, MSG_FALLBACK, SOCKS},
+    maps::{self, config, count, netns_key, MSG_FALLBACK, SOCKS},
 };
 
 #[sk_msg]
@@ -37,8 +37,7 @@ fn redirect(ctx: &SkMsgContext) {
     };
     // Once a direction sent over TCP, redirected bytes could overtake bytes still in flight:
     // the receiver reads its redirect queue first. Stay on TCP for good.
-    // SAFETY: only tested for presence.
-    if unsafe { MSG_FALLBACK.get(&key) }.is_some() {
+    if maps::fell_back(&key) {
         count(Counter::MsgFallbackPass);
         return;
     }

@@ -4,13 +4,11 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
-    helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
-    EbpfContext as _,
 };
 use aya_log_ebpf::warn;
 use interceptor_common::{
@@ -24,10 +22,7 @@ use interceptor_common::{
 
 use crate::{
     ctx,
-    maps::{
-        config, count, netns_key, COOKIE_ORIG, EVENTS, LISTENERS, MSG_FALLBACK, POD_CONFIG, SOCKS,
-        TUPLE_ORIG,
-    },
+    maps::{self, config, count, netns_key, EVENTS, LISTENERS, MSG_FALLBACK, SOCKS, TUPLE_ORIG},
 };
 
 /// `TCP_CLOSE` from include/net/tcp_states.h.
@@ -65,9 +60,7 @@ fn redirect_enabled() -> bool {
 
 #[inline(always)]
 fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey) {
-    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
-    let ops = unsafe { &mut *ctx.ops };
-    match SOCKS.update(key, ops, BPF_ANY as u64) {
+    match maps::add_socket(&SOCKS, key, ctx) {
         Ok(()) => count(Counter::SockhashInsert),
         Err(err) => {
             count(Counter::SockhashInsertFailed);
@@ -82,13 +75,9 @@ fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey) {
 /// the 4-tuple the proxy's accepted socket will have, and add the app socket.
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
-    // SAFETY: bpf_get_socket_cookie on a sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = maps::take_cookie_orig(ctx::socket_cookie(ctx)) else {
         return;
     };
-    let _ = COOKIE_ORIG.remove(&cookie);
     let Some(mut key) = own_tuple(ctx) else {
         return;
     };
@@ -111,10 +100,8 @@ fn on_passive_established(ctx: &SockOpsContext) {
     let Some(mut key) = own_tuple(ctx) else {
         return;
     };
-    let flags = match TUPLE_ORIG.get_ptr(&key) {
-        // SAFETY: a valid map value pointer for this program run.
-        Some(orig) => unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*orig).flags)) },
-        None => return,
+    let Some(flags) = maps::tuple_orig_flags(&key) else {
+        return;
     };
     if redirect_enabled() && flags & ORIG_NO_SOCKMAP == 0 {
         add_to_sockhash(ctx, &mut key);
@@ -154,8 +141,7 @@ fn on_listen(ctx: &SockOpsContext) {
     // still only registers listeners of enabled pods (and inserts them itself if missing).
     let netns = netns_key(ctx);
     if netns != 0 {
-        // SAFETY: copied out at once.
-        match unsafe { POD_CONFIG.get(&netns) }.copied() {
+        match maps::pod_config(netns) {
             Some(pod) if pod.flags & POD_INBOUND != 0 => {}
             _ => {
                 count(Counter::ListenerSkippedNotPod);
@@ -163,11 +149,8 @@ fn on_listen(ctx: &SockOpsContext) {
             }
         }
     }
-    // SAFETY: bpf_get_socket_cookie on a sock_ops context.
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
-    let ops = unsafe { &mut *ctx.ops };
-    if LISTENERS.update(&mut cookie, ops, BPF_ANY as u64).is_ok() {
+    let mut cookie = ctx::socket_cookie(ctx);
+    if maps::add_socket(&LISTENERS, &mut cookie, ctx).is_ok() {
         count(Counter::ListenerInsert);
     }
     let event = Event {
