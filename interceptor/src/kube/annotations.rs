@@ -785,4 +785,71 @@ mod tests {
             "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"false\"\n"
         )]));
     }
+
+    /// Hostile input: any annotation values (and keys) on a pod the agent would intercept give
+    /// a decision, never a panic; a refused value names its annotation.
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const KEYS: [&str; 13] = [
+            INJECT,
+            STATUS,
+            INTERCEPTION_MODE,
+            INCLUDE_INBOUND_PORTS,
+            EXCLUDE_INBOUND_PORTS,
+            INCLUDE_OUTBOUND_PORTS,
+            EXCLUDE_OUTBOUND_PORTS,
+            INCLUDE_OUTBOUND_IP_RANGES,
+            EXCLUDE_OUTBOUND_IP_RANGES,
+            PROXY_CONFIG,
+            MODE,
+            SOCKMAP,
+            FAILURE_POLICY,
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("true".to_owned()),
+                Just("off".to_owned()),
+                Just("*".to_owned()),
+                Just("TPROXY".to_owned()),
+                "[0-9, ]{0,20}",
+                "[0-9a-f:./, ]{0,40}",
+                "proxyMetadata:\\n  ISTIO_META_DNS_CAPTURE: \"[a-zA-Z]{0,6}\"",
+                "[{}\\[\\]:\\n -~]{0,40}",
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_annotations_give_a_decision(
+                pairs in prop::collection::vec((0..KEYS.len() + 1, value()), 0..8),
+                extra_key in "[ -~]{0,20}",
+                dns in any::<bool>(),
+            ) {
+                let mut annotations: Vec<(String, String)> = pairs
+                    .into_iter()
+                    .map(|(k, v)| (KEYS.get(k).map_or(extra_key.clone(), |k| (*k).to_owned()), v))
+                    .collect();
+                // Injected, so the values are really read.
+                annotations.push((STATUS.to_owned(), "{}".to_owned()));
+                let refs: Vec<(&str, &str)> =
+                    annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let p = pod(&refs, &["app", PROXY_CONTAINER]);
+                match decide_with(&p, Some(&ns(&[(NAMESPACE_INJECTION, "enabled")])), dns) {
+                    Decision::Invalid { annotation, error, .. } => {
+                        prop_assert!(annotations.iter().any(|(k, _)| k == annotation), "{annotation}");
+                        prop_assert!(!error.is_empty());
+                    }
+                    Decision::Intercept { spec, .. } => {
+                        prop_assert!(spec.proxy_uid != 0 || spec.proxy_gid != 0);
+                    }
+                    Decision::Skip { .. } => {}
+                }
+            }
+        }
+    }
 }

@@ -1127,4 +1127,72 @@ outbound:
             dir.display()
         );
     }
+
+    /// Hostile input: any config text is a config or an error naming where it came from,
+    /// never a panic — raw text, and YAML of the right shape with wrong values.
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                Just("-1".to_owned()),
+                Just("1e400".to_owned()),
+                Just("~".to_owned()),
+                Just("\"\"".to_owned()),
+                "[0-9]{1,6}(ms|s|m|h|d|us|ns|x)?",
+                "\"[ -~]{0,16}\"",
+                "[a-z0-9.:/*-]{0,16}",
+            ]
+        }
+
+        fn document() -> impl Strategy<Value = String> {
+            (
+                scalar(),
+                scalar(),
+                scalar(),
+                scalar(),
+                scalar(),
+                scalar(),
+                scalar(),
+            )
+                .prop_map(|(a, b, c, d, e, f, g)| {
+                    // The shape of examples/proxy/grpc.yaml, every value hostile.
+                    [
+                        "clusters:".to_owned(),
+                        format!("  - name: {a}"),
+                        format!("    endpoints: [{b}]"),
+                        format!("    protocol: {d}"),
+                        format!("    lb_policy: {e}"),
+                        format!("    connect_timeout: {c}"),
+                        "outbound:".to_owned(),
+                        "  listeners:".to_owned(),
+                        format!("    - port: {g}"),
+                        format!("      name: {e}"),
+                        "      virtual_hosts:".to_owned(),
+                        format!("        - name: {a}"),
+                        format!("          services: [{e}]"),
+                        "          routes:".to_owned(),
+                        format!("            - match: {{prefix: {e}}}"),
+                        format!(
+                            "              route: {{cluster: {a}, timeout: {f}, \
+                             retry_policy: {{retry_on: {d}, num_retries: {g}}}}}"
+                        ),
+                    ]
+                    .join("\n")
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_a_config_or_an_error(text in prop_oneof![any::<String>(), document(), "[-:{}\\[\\],\\n a-z0-9]{0,200}"]) {
+                if let Err(e) = Config::parse("hostile.yaml", &text) {
+                    prop_assert!(e.to_string().contains("hostile.yaml"), "{e}");
+                }
+            }
+        }
+    }
 }

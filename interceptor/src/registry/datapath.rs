@@ -250,4 +250,86 @@ mod tests {
         };
         assert_eq!(back, spec);
     }
+
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn ports() -> impl Strategy<Value = Vec<u16>> {
+            prop::collection::btree_set(1u16.., 0..6).prop_map(|s| s.into_iter().collect())
+        }
+
+        fn cidrs() -> impl Strategy<Value = Vec<Cidr>> {
+            let v4 = (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, p)| format!("{}/{p}", std::net::Ipv4Addr::from(a)));
+            let v6 = (any::<u128>(), 0u8..=128)
+                .prop_map(|(a, p)| format!("{}/{p}", std::net::Ipv6Addr::from(a)));
+            prop::collection::vec(prop_oneof![v4, v6], 0..5).prop_map(|v| {
+                crate::registry::spec::parse_cidrs("ranges", &v.join(","))
+                    .expect("generated ranges parse")
+            })
+        }
+
+        fn specs() -> impl Strategy<Value = PodSpec> {
+            (
+                prop_oneof![Just(None), ports().prop_map(Some)],
+                ports(),
+                ports(),
+                ports(),
+                prop_oneof![Just(None), cidrs().prop_map(Some)],
+                cidrs(),
+                any::<(bool, bool, bool)>(),
+            )
+                .prop_map(
+                    |(ii, ei, io, eo, ic, ec, (outbound, sockmap, fail_open))| PodSpec {
+                        include_inbound_ports: ii.map_or(Selection::All, Selection::List),
+                        exclude_inbound_ports: ei,
+                        include_outbound_ports: io,
+                        exclude_outbound_ports: eo,
+                        include_outbound_cidrs: ic.map_or(Selection::All, Selection::List),
+                        exclude_outbound_cidrs: ec,
+                        outbound,
+                        sockmap,
+                        fail_open,
+                        ..PodSpec::default()
+                    },
+                )
+        }
+
+        proptest! {
+            /// What `pod list` reads back from the rows is what was asked, for any spec the
+            /// parsers accept (the bug this found: ranges with host bits collapsed in the trie).
+            #[test]
+            fn any_spec_survives_rows_and_back(spec in specs()) {
+                let proxy = [15001, 15006];
+                let rows = pod_rows(&spec, &[], &proxy);
+                let back = read_spec(Some(&pod_config(1, &spec, &[])), &rows);
+                let mut want = spec.clone();
+                want.exclude_inbound_ports = spec.effective_inbound_exclusions(&proxy);
+                if !spec.outbound {
+                    // Outbound off: no outbound rows are written, so none read back.
+                    want.include_outbound_ports = back.include_outbound_ports.clone();
+                    want.exclude_outbound_ports = back.exclude_outbound_ports.clone();
+                    want.include_outbound_cidrs = back.include_outbound_cidrs.clone();
+                    want.exclude_outbound_cidrs = back.exclude_outbound_cidrs.clone();
+                }
+                if !spec.inbound() {
+                    want.exclude_inbound_ports = back.exclude_inbound_ports.clone();
+                }
+                let mut back = back;
+                sort(&mut back);
+                sort(&mut want);
+                prop_assert_eq!(back, want);
+            }
+        }
+
+        fn sort(spec: &mut PodSpec) {
+            let key = |c: &Cidr| (c.addr, c.prefix);
+            spec.exclude_outbound_cidrs.sort_by_key(key);
+            if let Selection::List(l) = &mut spec.include_outbound_cidrs {
+                l.sort_by_key(key);
+            }
+        }
+    }
 }

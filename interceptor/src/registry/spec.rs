@@ -194,6 +194,19 @@ impl FromStr for Cidr {
         if prefix > max {
             return Err(());
         }
+        // The network, as iptables reads `10.1.2.3/8`: the LPM trie keys ranges by their
+        // prefix bits only, so `10.1.2.3/8` and `10.0.0.0/8` are one entry there and must be
+        // one here (else the stale-row diff removes what it just wrote).
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
         Ok(Self { addr, prefix })
     }
 }
@@ -504,5 +517,103 @@ mod tests {
             }
             .inbound()
         );
+    }
+
+    /// Hostile input: whatever text an annotation or flag carries, the parsers answer with a
+    /// value or an error naming the field, never a panic; what they accept is normalized.
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Text shaped like the lists users write, with the mistakes they make.
+        fn list_text() -> impl Strategy<Value = String> {
+            let item = prop_oneof![
+                any::<u16>().prop_map(|p| p.to_string()),
+                any::<u32>().prop_map(|p| p.to_string()),
+                (any::<[u8; 4]>(), 0u8..40)
+                    .prop_map(|(a, p)| format!("{}.{}.{}.{}/{p}", a[0], a[1], a[2], a[3])),
+                (any::<u128>(), 0u8..140)
+                    .prop_map(|(a, p)| format!("{}/{p}", std::net::Ipv6Addr::from(a))),
+                Just("*".to_owned()),
+                Just(String::new()),
+                "[ -~]{0,12}",
+                "\\PC{0,6}",
+            ];
+            prop::collection::vec(item, 0..8)
+                .prop_flat_map(|items| {
+                    let n = items.len();
+                    (
+                        Just(items),
+                        prop::collection::vec(
+                            prop_oneof![Just(","), Just(", "), Just(" ,"), Just(",,")],
+                            n,
+                        ),
+                    )
+                })
+                .prop_map(|(items, seps)| {
+                    items
+                        .iter()
+                        .zip(seps)
+                        .map(|(i, s)| format!("{i}{s}"))
+                        .collect()
+                })
+        }
+
+        const SWITCHES: [Switch; 8] = [
+            Switch::IncludeInboundPorts,
+            Switch::ExcludeInboundPorts,
+            Switch::IncludeOutboundPorts,
+            Switch::ExcludeOutboundPorts,
+            Switch::IncludeOutboundCidrs,
+            Switch::ExcludeOutboundCidrs,
+            Switch::Sockmap,
+            Switch::FailurePolicy,
+        ];
+
+        proptest! {
+            #[test]
+            fn every_switch_answers_any_text(which in 0..SWITCHES.len(), value in prop_oneof![list_text(), any::<String>()]) {
+                let mut spec = PodSpec::default();
+                let before = spec.clone();
+                match spec.set(SWITCHES[which], "field", &value) {
+                    Ok(()) => {
+                        for p in spec.exclude_inbound_ports.iter().chain(&spec.include_outbound_ports).chain(&spec.exclude_outbound_ports) {
+                            prop_assert_ne!(*p, 0);
+                        }
+                    }
+                    Err(e) => {
+                        // A refused value leaves the spec as it was and says which field.
+                        prop_assert_eq!(&spec, &before);
+                        prop_assert!(e.to_string().contains("field"), "{e}");
+                    }
+                }
+            }
+
+            #[test]
+            fn accepted_ranges_are_networks_that_survive_printing(value in list_text()) {
+                if let Ok(cidrs) = parse_cidrs("field", &value) {
+                    for c in &cidrs {
+                        let again: Cidr = c.to_string().parse().expect("a printed range parses");
+                        prop_assert_eq!(again, *c);
+                        // No host bits: the range contains its own address and is its network.
+                        prop_assert!(c.contains(c.addr));
+                        let masked: Cidr = format!("{}/{}", c.addr, c.prefix).parse().unwrap();
+                        prop_assert_eq!(masked.addr, c.addr);
+                    }
+                    let mut unique = cidrs.clone();
+                    unique.dedup();
+                    prop_assert_eq!(unique.len(), cidrs.len());
+                }
+            }
+
+            #[test]
+            fn a_range_with_host_bits_is_its_network(a in any::<u32>(), p in 0u8..=32, b in any::<u128>(), q in 0u8..=128) {
+                let v4: Cidr = format!("{}/{p}", std::net::Ipv4Addr::from(a)).parse().unwrap();
+                prop_assert!(v4.contains(std::net::Ipv4Addr::from(a).into()));
+                let v6: Cidr = format!("{}/{q}", std::net::Ipv6Addr::from(b)).parse().unwrap();
+                prop_assert!(v6.contains(std::net::Ipv6Addr::from(b).into()));
+            }
+        }
     }
 }
