@@ -249,6 +249,11 @@ pub(crate) fn decide(
         return Verdict::Pass;
     }
 
+    // DNS capture (TCP 53): before the loopback rule, as istio-iptables orders it, so a
+    // resolver on localhost is captured too.
+    if let Some(verdict) = crate::dns::tcp_verdict(pod, cfg, dst, port) {
+        return verdict;
+    }
     if pod.config.flags & POD_OUTBOUND == 0 {
         count(Counter::ConnectSkippedOutboundOff);
         return Verdict::Pass;

@@ -303,3 +303,12 @@ pub(crate) fn ops_tuple(ctx: &SockOpsContext) -> Option<(Addr, Addr, u32, u32)> 
         ))
     }
 }
+
+// === sock_addr helpers (DNS capture) ===
+
+/// The socket's cookie: what keys `DNS_ORIG` from a query's sendmsg to its reply's recvmsg.
+#[inline(always)]
+pub(crate) fn sa_socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: bpf_get_socket_cookie takes a sock_addr context (every sock_addr hook).
+    unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(aya_ebpf::EbpfContext::as_ptr(ctx)) }
+}
