@@ -420,11 +420,11 @@ impl DnsReport {
             let delta = if row.path == Route::Direct {
                 "—".to_owned()
             } else {
-                format!("{:+.1} µs", row.p50_us - direct)
+                format!("{:+.2} µs", row.p50_us - direct)
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.1} | {:.1} | {delta} | {} |",
+                "| {} | {} | {:.0} | {:.2} | {:.1} | {delta} | {} |",
                 row.kind.name(),
                 row.path.name(),
                 row.qps,
