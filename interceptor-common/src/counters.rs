@@ -118,6 +118,10 @@ counters! {
     DnsConnectRedirected = "dns_connect_redirected",
     /// TCP connect to port 53 of a captured resolver sent to the proxy's DNS port.
     DnsTcpRedirected = "dns_tcp_redirected",
+    /// TCP connect to port 53 sent to the proxy's DNS port without a recorded destination (a
+    /// source that is not pod-unique on kernels < 5.15): the DNS proxy forwards it to the
+    /// pod's resolv.conf nameservers instead of the address the app asked.
+    DnsTcpUnrecorded = "dns_tcp_unrecorded",
     /// The proxy's own DNS query or connect (UID/GID): left alone.
     DnsSkippedProxy = "dns_skipped_proxy",
     /// Port 53 to an address that is not one of the pod's nameservers (without capture-all):

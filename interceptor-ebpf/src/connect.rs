@@ -17,7 +17,9 @@ use interceptor_common::{
     addr::{is_loopback, is_unspecified, Addr, LOCALHOST_V4, LOCALHOST_V6},
     config::GlobalConfig,
     counters::Counter,
-    origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
+    origdst::{
+        OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_DNS, ORIG_NO_SOCKMAP,
+    },
     pod::{PodConfig, POD_FAIL_OPEN, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
 };
 
@@ -91,6 +93,12 @@ pub(crate) fn redirect(
     // Without a recorded original destination the proxy could not route the connection.
     if unique_source && remember(ctx, orig) {
         count(counter);
+        return Outcome::Redirect;
+    }
+    // DNS over TCP is answered without it (see ORIG_DNS); unrecorded, it never enters the
+    // sockhash either, so a non-unique 4-tuple cannot be confused with another pod's.
+    if orig.flags & ORIG_DNS != 0 {
+        count(Counter::DnsTcpUnrecorded);
         return Outcome::Redirect;
     }
     if pod.config.flags & POD_FAIL_OPEN != 0 {

@@ -10,7 +10,7 @@ use interceptor_common::{
     config::GlobalConfig,
     counters::Counter,
     dns::{DnsOrig, DNS_PORT},
-    origdst::{OrigDst, KIND_OUTBOUND, ORIG_NO_SOCKMAP},
+    origdst::{OrigDst, KIND_OUTBOUND, ORIG_DNS, ORIG_NO_SOCKMAP},
     pod::{POD_DNS_CAPTURE, POD_DNS_CAPTURE_ALL, POD_NO_SOCKMAP},
 };
 
@@ -66,11 +66,12 @@ pub(crate) fn tcp_verdict(pod: &Pod, cfg: &GlobalConfig, dst: &Addr, port: u16) 
             port: u32::from(port),
             pod_id: pod.config.pod_id,
             kind: KIND_OUTBOUND,
-            flags: if pod.config.flags & POD_NO_SOCKMAP != 0 {
-                ORIG_NO_SOCKMAP
-            } else {
-                0
-            },
+            flags: ORIG_DNS
+                | if pod.config.flags & POD_NO_SOCKMAP != 0 {
+                    ORIG_NO_SOCKMAP
+                } else {
+                    0
+                },
         },
         counter: Counter::DnsTcpRedirected,
     })
