@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod forward;
+pub mod sockets;
 pub mod table;
 
 use std::{
@@ -153,6 +154,8 @@ pub struct DnsProxy {
     own: Vec<SocketAddr>,
     metrics: DnsMetrics,
     in_flight: Arc<Semaphore>,
+    /// Upstream UDP sockets kept between forwarded queries.
+    sockets: forward::Sockets,
 }
 
 /// What [`DnsProxy::answer_now`] made of a query.
@@ -195,6 +198,7 @@ impl DnsProxy {
             own,
             metrics,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            sockets: forward::Sockets::default(),
         }
     }
 
@@ -319,7 +323,7 @@ impl DnsProxy {
         } = p;
         let dns = self.source.snapshot().config.dns.clone();
         let upstreams = self.upstreams(transport);
-        match forward::forward(query, &upstreams, dns.upstream_timeout.0).await {
+        match forward::forward(query, &upstreams, dns.upstream_timeout.0, &self.sockets).await {
             Ok(raw) => {
                 let parsed = Message::from_vec(&raw).ok();
                 // Only an answer to the question asked may be cached or passed on.
