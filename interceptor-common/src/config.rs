@@ -17,6 +17,9 @@ pub struct GlobalConfig {
     pub passthrough_ip4: u32,
     /// IPv6 passthrough source (Istio: `::6`). Network byte order words.
     pub passthrough_ip6: Addr,
+    /// Port of the proxy's DNS listener on loopback, UDP and TCP (Istio: 15053). Host byte
+    /// order.
+    pub dns_port: u32,
 }
 
 /// Istio's inbound passthrough source, `127.0.0.6`: the proxy connects to the app from it, so
@@ -32,6 +35,7 @@ pub const CONFIG_MSG_REDIRECT: u32 = 1 << 0;
 impl GlobalConfig {
     pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
     pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+    pub const DEFAULT_DNS_PORT: u16 = 15053;
 
     pub const fn istio_defaults() -> Self {
         Self {
@@ -40,6 +44,7 @@ impl GlobalConfig {
             flags: CONFIG_MSG_REDIRECT,
             passthrough_ip4: u32::from_ne_bytes(PASSTHROUGH_V4),
             passthrough_ip6: addr_words(PASSTHROUGH_V6),
+            dns_port: Self::DEFAULT_DNS_PORT as u32,
         }
     }
 }

@@ -111,6 +111,27 @@ counters! {
     /// A pod refused because its lists exceed its share of a node-wide map (written by user
     /// space: the offending pod gets the error, other pods keep their room).
     PodQuotaExceeded = "pod_quota_exceeded",
+    /// UDP DNS query (sendmsg to port 53 of a captured resolver) sent to the proxy's DNS port.
+    DnsQueryRedirected = "dns_query_redirected",
+    /// connect of a UDP socket to port 53 of a captured resolver sent to the proxy's DNS port
+    /// (glibc, dig: connected sockets); TCP ones count as `dns_tcp_redirected`.
+    DnsConnectRedirected = "dns_connect_redirected",
+    /// TCP connect to port 53 of a captured resolver sent to the proxy's DNS port.
+    DnsTcpRedirected = "dns_tcp_redirected",
+    /// TCP connect to port 53 sent to the proxy's DNS port without a recorded destination (a
+    /// source that is not pod-unique on kernels < 5.15): the DNS proxy forwards it to the
+    /// pod's resolv.conf nameservers instead of the address the app asked.
+    DnsTcpUnrecorded = "dns_tcp_unrecorded",
+    /// The proxy's own DNS query or connect (UID/GID): left alone.
+    DnsSkippedProxy = "dns_skipped_proxy",
+    /// Port 53 to an address that is not one of the pod's nameservers (without capture-all):
+    /// left alone, as istio-iptables' per-nameserver rules.
+    DnsSkippedNotNameserver = "dns_skipped_not_nameserver",
+    /// Reply from the proxy's DNS port given the resolver's address as its source (recvmsg).
+    DnsReplyRewritten = "dns_reply_rewritten",
+    /// Could not record the resolver of a UDP query (map update failed): the query went to
+    /// the resolver directly, uncaptured.
+    DnsMapFull = "dns_map_full",
 }
 
 impl Counter {

@@ -11,6 +11,7 @@
 pub mod addr;
 pub mod config;
 pub mod counters;
+pub mod dns;
 pub mod event;
 pub mod names;
 pub mod origdst;
@@ -19,12 +20,13 @@ pub mod sockmap;
 
 /// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
 /// state written with another ABI instead of misreading it.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 #[cfg(feature = "user")]
 mod pod_impls {
     use crate::{
         config::GlobalConfig,
+        dns::DnsOrig,
         event::Event,
         origdst::OrigDst,
         pod::{CidrKey, PodConfig, PodInfo, PortKey},
@@ -35,6 +37,7 @@ mod pod_impls {
     // layout tests below), so any bit pattern the kernel hands back is a valid value.
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for DnsOrig {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for PodConfig {}
     unsafe impl aya::Pod for PodInfo {}
@@ -49,6 +52,7 @@ mod layout_tests {
 
     use crate::{
         config::GlobalConfig,
+        dns::DnsOrig,
         event::Event,
         origdst::OrigDst,
         pod::{CidrKey, PodConfig, PodInfo, PortKey},
@@ -60,10 +64,11 @@ mod layout_tests {
     fn no_padding() {
         assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4 + 8);
         assert_eq!(size_of::<OrigDst>(), 16 + 4 * 4);
-        assert_eq!(size_of::<PodConfig>(), 5 * 4 + 16);
+        assert_eq!(size_of::<PodConfig>(), 5 * 4 + 16 + 3 * 16);
+        assert_eq!(size_of::<DnsOrig>(), 16 + 4 + 4);
         assert_eq!(size_of::<PortKey>(), 4 + 2 + 2);
         assert_eq!(size_of::<CidrKey>(), 4 + 4 + 16);
-        assert_eq!(size_of::<GlobalConfig>(), 4 * 4 + 16);
+        assert_eq!(size_of::<GlobalConfig>(), 4 * 4 + 16 + 4);
         assert_eq!(size_of::<Event>(), 4 + 4 + 8);
         assert_eq!(
             size_of::<PodInfo>(),

@@ -20,6 +20,7 @@ pub mod map {
     pub const COUNTERS: &str = "COUNTERS";
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
     pub const EVENTS: &str = "EVENTS";
+    pub const DNS_ORIG: &str = "DNS_ORIG";
 
     /// Every map the agent pins, in the order `status` reports them.
     pub const PINNED: &[&str] = &[
@@ -41,6 +42,7 @@ pub mod map {
         COUNTERS,
         NETNS_PROBE,
         EVENTS,
+        DNS_ORIG,
     ];
 }
 
@@ -57,6 +59,16 @@ pub mod prog {
     pub const GETSOCKOPT: &str = "orig_dst";
     /// sk_lookup: steer inbound connections to the proxy's inbound listener.
     pub const SK_LOOKUP: &str = "steer_inbound";
+    /// cgroup/sendmsg4: an enabled pod's UDP DNS queries to the proxy's DNS port.
+    pub const SENDMSG4: &str = "dns_query4";
+    /// cgroup/sendmsg6: the same for IPv6 and dual-stack sockets.
+    pub const SENDMSG6: &str = "dns_query6";
+    /// cgroup/recvmsg4: the proxy's DNS replies carry the resolver's address as source.
+    pub const RECVMSG4: &str = "dns_reply4";
+    /// cgroup/recvmsg6: the same for IPv6 and dual-stack sockets.
+    pub const RECVMSG6: &str = "dns_reply6";
+    /// The DNS capture programs, attached together or not at all.
+    pub const DNS: [&str; 4] = [SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6];
 }
 
 /// Sizes of the maps. Sockets and connections are bounded by what a node runs at once.
@@ -68,6 +80,9 @@ pub mod size {
     pub const CONNECTIONS: u32 = 65536;
     pub const SOCKETS: u32 = 131072;
     pub const PROBES: u32 = 1024;
+    /// UDP sockets with a captured DNS query (LRU: a socket's entry outlives nothing but
+    /// the socket's use; the oldest go first).
+    pub const DNS_SOCKETS: u32 = 65536;
     pub const EVENTS_BYTES: u32 = 64 * 1024;
     /// What one pod may use of `CIDR_EXCLUDE` and of `CIDR_INCLUDE` (each): one pod's long
     /// list must not leave later pods without room (they would run unintercepted).

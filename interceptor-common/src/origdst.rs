@@ -30,3 +30,7 @@ pub struct OrigDst {
 
 /// Leave this connection's sockets out of the sockhash: the app↔proxy hop uses loopback TCP.
 pub const ORIG_NO_SOCKMAP: u32 = 1 << 0;
+/// A DNS-over-TCP connection sent to the proxy's DNS port. When its destination cannot be
+/// recorded (kernels < 5.15 with an already-bound source, see `connect_refused_source`) it is
+/// redirected anyway: the DNS proxy then forwards to the pod's resolv.conf nameservers.
+pub const ORIG_DNS: u32 = 1 << 1;

@@ -17,6 +17,15 @@ pub const POD_NO_SOCKMAP: u32 = 1 << 4;
 /// Fail open: a connect the datapath cannot send through the proxy goes direct instead of
 /// being refused. Off by default (fail closed), as Istio never lets such a connection through.
 pub const POD_FAIL_OPEN: u32 = 1 << 5;
+/// Capture the pod's DNS (UDP and TCP port 53 to `dns_servers`) to the proxy's DNS port, as
+/// Istio's `ISTIO_META_DNS_CAPTURE`.
+pub const POD_DNS_CAPTURE: u32 = 1 << 6;
+/// With `POD_DNS_CAPTURE`: every port-53 destination, not only `dns_servers` (Istio's
+/// `CAPTURE_ALL_DNS`).
+pub const POD_DNS_CAPTURE_ALL: u32 = 1 << 7;
+
+/// Nameservers a pod's `PodConfig` holds: glibc's resolver uses at most three (`MAXNS`).
+pub const DNS_SERVERS: usize = 3;
 
 /// Value of `POD_CONFIG`, keyed by the pod's network-namespace cookie (`u64`).
 #[repr(C)]
@@ -35,6 +44,10 @@ pub struct PodConfig {
     pub ip4: u32,
     /// The pod's IPv6 address, network byte order words; zero when it has none.
     pub ip6: Addr,
+    /// The pod's resolv.conf nameservers whose port-53 traffic is captured (without
+    /// `POD_DNS_CAPTURE_ALL`), network byte order words, IPv4-mapped for IPv4; unused slots
+    /// are all zero.
+    pub dns_servers: [Addr; DNS_SERVERS],
 }
 
 /// Direction of a `PortKey`.

@@ -6,7 +6,9 @@ use interceptor_common::{
     addr::{is_loopback, is_unspecified, Addr},
     config::GlobalConfig,
     counters::Counter,
-    origdst::{OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_NO_SOCKMAP},
+    origdst::{
+        OrigDst, KIND_OUTBOUND, KIND_PASSTHROUGH, KIND_SELF_INBOUND, ORIG_DNS, ORIG_NO_SOCKMAP,
+    },
     pod::{PodConfig, POD_FAIL_OPEN, POD_INBOUND, POD_NO_SOCKMAP, POD_OUTBOUND},
 };
 
@@ -81,6 +83,12 @@ pub(crate) fn redirect(
     // Without a recorded original destination the proxy could not route the connection.
     if unique_source && remember(ctx, orig) {
         count(counter);
+        return Outcome::Redirect;
+    }
+    // DNS over TCP is answered without it (see ORIG_DNS); unrecorded, it never enters the
+    // sockhash either, so a non-unique 4-tuple cannot be confused with another pod's.
+    if orig.flags & ORIG_DNS != 0 {
+        count(Counter::DnsTcpUnrecorded);
         return Outcome::Redirect;
     }
     if pod.config.flags & POD_FAIL_OPEN != 0 {
@@ -205,6 +213,11 @@ pub(crate) fn decide(
         return Verdict::Pass;
     }
 
+    // DNS capture (TCP 53): before the loopback rule, as istio-iptables orders it, so a
+    // resolver on localhost is captured too.
+    if let Some(verdict) = crate::dns::tcp_verdict(pod, cfg, dst, port) {
+        return verdict;
+    }
     if pod.config.flags & POD_OUTBOUND == 0 {
         count(Counter::ConnectSkippedOutboundOff);
         return Verdict::Pass;

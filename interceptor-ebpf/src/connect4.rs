@@ -33,7 +33,7 @@ fn intercept(ctx: &SockAddrContext) -> Outcome {
     let port = ctx::sa_user_port(ctx);
     if kind == SOCK_DGRAM {
         record_netns_probe(ctx, dst4, port);
-        return Outcome::Pass;
+        return crate::dns::connect_udp4(ctx, dst4, port);
     }
     if kind != SOCK_STREAM {
         return Outcome::Pass;

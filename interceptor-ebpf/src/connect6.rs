@@ -25,7 +25,11 @@ pub fn redirect_conn6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn intercept(ctx: &SockAddrContext) -> Outcome {
-    if ctx::sa_type(ctx) != SOCK_STREAM {
+    let kind = ctx::sa_type(ctx);
+    if kind == crate::connect::SOCK_DGRAM {
+        return crate::dns::connect_udp6(ctx);
+    }
+    if kind != SOCK_STREAM {
         return Outcome::Pass;
     }
     let Some(pod) = current_pod(ctx) else {

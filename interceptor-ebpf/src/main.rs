@@ -16,10 +16,15 @@ mod connect4;
 mod connect6;
 #[allow(unsafe_code, reason = "the raw context accessors and helper calls")]
 mod ctx;
+mod dns;
 mod getsockopt;
 #[allow(unsafe_code, reason = "map definitions and typed map reads")]
 mod maps;
 mod policy;
+mod recvmsg4;
+mod recvmsg6;
+mod sendmsg4;
+mod sendmsg6;
 mod sk_lookup;
 mod sk_msg;
 mod sockaddr;

@@ -11,6 +11,7 @@ use aya_ebpf::{
 use interceptor_common::{
     config::GlobalConfig,
     counters::Counter,
+    dns::DnsOrig,
     names::size,
     origdst::OrigDst,
     pod::{CidrKey, PodConfig, PodInfo, PortKey},
@@ -210,4 +211,17 @@ pub(crate) fn add_socket<K>(
     // SAFETY: ctx.ops is the live bpf_sock_ops of this callback.
     let ops = unsafe { &mut *ctx.ops };
     map.update(key, ops, BPF_ANY as u64)
+}
+
+/// The resolver each socket with a captured UDP DNS query asked, by socket cookie (see
+/// `interceptor_common::dns::DnsOrig`). LRU: nothing tells the programs when a UDP socket
+/// closes, so the least recently used entries make room.
+#[map]
+pub(crate) static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::pinned(size::DNS_SOCKETS, 0);
+
+/// The resolver the socket `cookie` asked, if it had a query captured.
+#[inline(always)]
+pub(crate) fn dns_orig(cookie: u64) -> Option<DnsOrig> {
+    // SAFETY: the value is copied out at once.
+    unsafe { DNS_ORIG.get(&cookie) }.copied()
 }

@@ -9,6 +9,7 @@
 //! interleaved, round after round, since these machines are noisy; CPU comes from the pods'
 //! cgroups (`cpu.stat`), so it includes the app, the sidecars and the kernel work done for them.
 
+pub mod dns;
 pub mod peers;
 mod report;
 mod rig;

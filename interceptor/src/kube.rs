@@ -419,7 +419,8 @@ impl Ctx<'_> {
             pid: located.pid,
         };
         let registry_mode = match mode {
-            // DNS capture is istio-iptables' rules for now: auto picks iptables for it.
+            // DNS capture needs the datapath's sendmsg/recvmsg programs: auto keeps eBPF when
+            // they are attached and falls back to istio-iptables' rules when not.
             Mode::Ebpf if spec.dns.enabled => Mode::Auto,
             mode => mode,
         };

@@ -75,8 +75,9 @@ pub enum Error {
         limit: u32,
     },
     #[error(
-        "DNS capture is not in the eBPF datapath yet: enable the pod with --mode iptables (or \
-         auto, which picks iptables for it), or without --dns-capture"
+        "DNS capture in eBPF mode needs the cgroup sendmsg4/6 and recvmsg4/6 hooks (Linux >= \
+         5.2), which this datapath could not attach: enable the pod with --mode iptables (or \
+         auto, which falls back to iptables for it), or without --dns-capture"
     )]
     DnsCaptureNeedsIptables,
     #[error("the pod table is full ({0} pods); disable pods that are gone")]
@@ -225,6 +226,9 @@ impl<'a> Registry<'a> {
         let inbound = spec.inbound();
         if inbound && !bpf::attach::sk_lookup_available(self.pins) {
             return Err(Error::InboundUnavailable);
+        }
+        if spec.dns.enabled && !bpf::attach::dns_capture_available(self.pins) {
+            return Err(Error::DnsCaptureNeedsIptables);
         }
         let (cookie, addresses) = self.inspect(netns)?;
         let cfg = self.maps.global_config()?;

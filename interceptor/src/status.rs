@@ -24,6 +24,8 @@ pub struct Status {
     pub pods: Vec<PodEntry>,
     pub sockhash_entries: usize,
     pub counters: BTreeMap<&'static str, u64>,
+    /// DNS capture's sendmsg/recvmsg programs are attached: eBPF-mode pods may ask for it.
+    pub dns_capture_ebpf: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +46,10 @@ const PROGRAMS: &[&str] = &[
     names::prog::GETSOCKOPT,
     names::prog::SK_MSG,
     names::prog::SK_LOOKUP,
+    names::prog::SENDMSG4,
+    names::prog::SENDMSG6,
+    names::prog::RECVMSG4,
+    names::prog::RECVMSG6,
 ];
 
 impl Status {
@@ -78,6 +84,7 @@ impl Status {
             pods,
             sockhash_entries,
             counters,
+            dns_capture_ebpf: crate::bpf::attach::dns_capture_available(pins),
         })
     }
 
@@ -112,6 +119,17 @@ impl Status {
                 "sk_lookup available"
             } else {
                 "unavailable (kernel < 5.9): outbound only"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "dns capture {}",
+            if self.dns_capture_ebpf {
+                "eBPF (cgroup sendmsg/recvmsg and connect) and iptables"
+            } else if self.attached {
+                "iptables mode only (no cgroup sendmsg/recvmsg programs attached; Linux >= 5.2)"
+            } else {
+                "-"
             }
         );
         let _ = writeln!(out, "in use      {}", self.features.in_use.join(", "));

@@ -40,6 +40,8 @@ pub(crate) enum Bench {
     Datapath(crate::bench_datapath::DatapathOptions),
     /// The L7 sidecar proxy vs direct vs haproxy (keep-alive HTTP/1.1 on loopback).
     Proxy(ProxyOptions),
+    /// DNS capture (eBPF, iptables) to the sidecar's DNS proxy vs the resolver asked directly.
+    Dns(crate::bench_dns::DnsOptions),
 }
 
 #[derive(clap::Args, Clone, Serialize)]
@@ -76,6 +78,7 @@ pub(crate) fn run(args: &BenchArgs, command_line: &str) -> Result<()> {
         None => crate::bench_datapath::run(&Default::default(), command_line),
         Some(Bench::Datapath(opts)) => crate::bench_datapath::run(opts, command_line),
         Some(Bench::Proxy(opts)) => proxy(opts, command_line),
+        Some(Bench::Dns(opts)) => crate::bench_dns::run(opts, command_line),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_datapath;
+mod bench_dns;
 mod build_ebpf;
 mod demo;
 mod kernels;

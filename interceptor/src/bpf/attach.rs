@@ -147,6 +147,7 @@ impl Datapath {
         }
         attach_sk_msg(&mut ebpf, &pins)?;
         load_sk_lookup(&mut ebpf, &pins);
+        attach_dns(&mut ebpf, &pins, &cgroup);
 
         info!(
             root = %pins.root().display(),
@@ -339,6 +340,35 @@ fn load_sk_lookup(ebpf: &mut Ebpf, pins: &Pins) {
     }
 }
 
+/// What the DNS capture programs need of the kernel.
+const DNS_NEEDS: &str = "cgroup sendmsg4/6 (Linux >= 4.18) and recvmsg4/6 (Linux >= 5.2)";
+
+/// DNS capture's programs, attached together or not at all: a kernel without them keeps the
+/// rest of the datapath, and pods asking for DNS capture get iptables mode (`Mode::Auto`) or a
+/// clear error (`--mode ebpf`).
+fn attach_dns(ebpf: &mut Ebpf, pins: &Pins, cgroup: &File) {
+    for name in names::prog::DNS {
+        if let Err(err) = attach_to_cgroup(ebpf, pins, cgroup, name, DNS_NEEDS) {
+            warn!(
+                %err,
+                "DNS capture is not available in eBPF mode ({DNS_NEEDS}): pods that ask for it \
+                 need iptables mode"
+            );
+            // A half-attached set would capture queries whose replies nobody rewrites.
+            for name in names::prog::DNS {
+                let _ = fs::remove_file(pins.link(name));
+                let _ = fs::remove_file(pins.prog(name));
+            }
+            return;
+        }
+    }
+}
+
+/// Whether DNS capture's programs are attached (this kernel has the hooks).
+pub(crate) fn dns_capture_available(pins: &Pins) -> bool {
+    names::prog::DNS.iter().all(|name| pins.link(name).exists())
+}
+
 /// Removes everything pinned under `pins`: the kernel detaches a link when its last reference
 /// (the pin) goes, and frees maps and programs nobody holds.
 pub fn teardown(pins: &Pins) -> Result<(), Error> {
@@ -403,7 +433,11 @@ mod tests {
 
     #[test]
     fn cgroup_programs_named_as_in_the_object() {
-        for (name, _) in CGROUP_PROGRAMS {
+        for name in CGROUP_PROGRAMS
+            .iter()
+            .map(|(name, _)| name)
+            .chain(&names::prog::DNS)
+        {
             assert!(name.len() <= 15, "{name} is longer than bpftool shows");
         }
     }

@@ -135,6 +135,12 @@ impl Features {
         } else {
             "tuple keys: 4-tuple, pod-unique source (bound sockets refused / fail-open)"
         });
+        // The load itself decides (see `attach_dns`); this is what the kernel's version says.
+        v.push(if kernel_below(&self.kernel, (5, 2)) {
+            "dns capture: iptables mode only (no cgroup recvmsg, Linux < 5.2)"
+        } else {
+            "dns capture: cgroup sendmsg/recvmsg + connect"
+        });
         if !self.has("map_ringbuf") {
             v.push("no bpf log/events (no ringbuf)");
         }

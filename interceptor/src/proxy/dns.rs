@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod forward;
+pub mod sockets;
 pub mod table;
 
 use std::{
@@ -153,6 +154,24 @@ pub struct DnsProxy {
     own: Vec<SocketAddr>,
     metrics: DnsMetrics,
     in_flight: Arc<Semaphore>,
+    /// Upstream UDP sockets kept between forwarded queries.
+    sockets: forward::Sockets,
+}
+
+/// What [`DnsProxy::answer_now`] made of a query.
+enum Step {
+    /// Answered (or None: dropped) without an upstream.
+    Done(Option<Vec<u8>>),
+    /// Must be forwarded.
+    Forward(Pending),
+}
+
+/// A parsed query on its way to the upstream.
+struct Pending {
+    request: Message,
+    key: Option<Key>,
+    limit: usize,
+    tr: DnsTransport,
 }
 
 /// How a query arrived (decides the size limit and the fallback upstream).
@@ -179,6 +198,7 @@ impl DnsProxy {
             own,
             metrics,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            sockets: forward::Sockets::default(),
         }
     }
 
@@ -220,6 +240,16 @@ impl DnsProxy {
 
     /// The answer to one query message, or None to drop it.
     pub async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.answer_now(query, transport) {
+            Step::Done(answer) => answer,
+            Step::Forward(pending) => self.forward(query, transport, pending).await,
+        }
+    }
+
+    /// Everything that needs no upstream: malformed queries, local names, cache hits. Kept
+    /// synchronous so the UDP listener answers these inline, without a task hand-off (a
+    /// cross-thread wake costs more than the answer itself).
+    fn answer_now(&self, query: &[u8], transport: Transport) -> Step {
         let tr = match transport {
             Transport::Udp => DnsTransport::Udp,
             Transport::Tcp(_) => DnsTransport::Tcp,
@@ -229,13 +259,13 @@ impl DnsProxy {
             Err(err) => {
                 self.metrics.query(tr, DnsResult::Malformed);
                 debug!(%err, len = query.len(), "malformed DNS query");
-                return formerr(query);
+                return Step::Done(formerr(query));
             }
         };
         if request.metadata.message_type != MessageType::Query {
             // A response sent to us: answering would let two servers bounce it for ever.
             self.metrics.query(tr, DnsResult::Malformed);
-            return None;
+            return Step::Done(None);
         }
         let limit = match transport {
             Transport::Udp => request
@@ -247,7 +277,7 @@ impl DnsProxy {
         if request.metadata.op_code == OpCode::Query {
             if request.queries.len() != 1 {
                 self.metrics.query(tr, DnsResult::Malformed);
-                return encode(&reply(&request, ResponseCode::FormErr), limit);
+                return Step::Done(encode(&reply(&request, ResponseCode::FormErr), limit));
             }
             let q = &request.queries[0];
             let name = q.name().to_lowercase().to_ascii();
@@ -259,7 +289,7 @@ impl DnsProxy {
                 let ttl = u32::try_from(self.source.snapshot().config.dns.ttl.0.as_secs())
                     .unwrap_or(u32::MAX)
                     .max(1);
-                return encode(&local_answer(&request, addrs, ttl), limit);
+                return Step::Done(encode(&local_answer(&request, addrs, ttl), limit));
             }
         }
         let key = Key::of(&request).filter(|_| request.metadata.op_code == OpCode::Query);
@@ -272,12 +302,28 @@ impl DnsProxy {
             if let Some(mut hit) = hit {
                 hit.metadata.recursion_desired = request.metadata.recursion_desired;
                 self.metrics.query(tr, DnsResult::Cached);
-                return encode(&hit, limit);
+                return Step::Done(encode(&hit, limit));
             }
         }
+        Step::Forward(Pending {
+            request,
+            key,
+            limit,
+            tr,
+        })
+    }
+
+    /// Asks the upstream for what [`Self::answer_now`] could not answer.
+    async fn forward(&self, query: &[u8], transport: Transport, p: Pending) -> Option<Vec<u8>> {
+        let Pending {
+            request,
+            key,
+            limit,
+            tr,
+        } = p;
         let dns = self.source.snapshot().config.dns.clone();
         let upstreams = self.upstreams(transport);
-        match forward::forward(query, &upstreams, dns.upstream_timeout.0).await {
+        match forward::forward(query, &upstreams, dns.upstream_timeout.0, &self.sockets).await {
             Ok(raw) => {
                 let parsed = Message::from_vec(&raw).ok();
                 // Only an answer to the question asked may be cached or passed on.
@@ -352,11 +398,32 @@ impl DnsProxy {
                 self.metrics.query(DnsTransport::Udp, DnsResult::Dropped);
                 continue;
             };
+            let pending = match self.answer_now(&buf[..n], Transport::Udp) {
+                Step::Done(None) => continue,
+                Step::Done(Some(answer)) => {
+                    // A full socket buffer (rare): the reply waits in a task, not the listener.
+                    match sock.try_send_to(&answer, peer) {
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                            let sock = sock.clone();
+                            tokio::spawn(async move {
+                                let _permit = permit;
+                                if let Err(err) = sock.send_to(&answer, peer).await {
+                                    debug!(%err, %peer, "DNS UDP reply");
+                                }
+                            });
+                        }
+                        Err(err) => debug!(%err, %peer, "DNS UDP reply"),
+                        Ok(_) => {}
+                    }
+                    continue;
+                }
+                Step::Forward(pending) => pending,
+            };
             let query = buf[..n].to_vec();
             let (this, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Some(answer) = this.answer(&query, Transport::Udp).await
+                if let Some(answer) = this.forward(&query, Transport::Udp, pending).await
                     && let Err(err) = sock.send_to(&answer, peer).await
                 {
                     debug!(%err, %peer, "DNS UDP reply");

@@ -8,15 +8,15 @@ use interceptor_common::{
     addr,
     names::size,
     pod::{
-        DIR_INBOUND, DIR_OUTBOUND, POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS,
-        POD_NO_SOCKMAP, POD_OUTBOUND, POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE,
-        PodConfig,
+        DIR_INBOUND, DIR_OUTBOUND, DNS_SERVERS, POD_DNS_CAPTURE, POD_DNS_CAPTURE_ALL,
+        POD_FAIL_OPEN, POD_INBOUND, POD_INBOUND_ALL_PORTS, POD_NO_SOCKMAP, POD_OUTBOUND,
+        POD_OUTBOUND_ALL_CIDRS, PORT_EXCLUDE, PORT_INCLUDE, PodConfig,
     },
 };
 
 use super::{
     Error,
-    spec::{Cidr, PodSpec, Selection},
+    spec::{Cidr, DnsCapture, PodSpec, Selection},
 };
 use crate::bpf::maps::{PodRows, PortRule, Range};
 
@@ -36,6 +36,12 @@ pub(super) fn pod_config(id: u32, spec: &PodSpec, addresses: &[IpAddr]) -> PodCo
         ),
         (!spec.sockmap, POD_NO_SOCKMAP),
         (spec.fail_open, POD_FAIL_OPEN),
+        (spec.dns.enabled, POD_DNS_CAPTURE),
+        // No known nameserver: every port-53 destination, as the iptables rules do.
+        (
+            spec.dns.enabled && (spec.dns.capture_all || spec.dns.nameservers.is_empty()),
+            POD_DNS_CAPTURE_ALL,
+        ),
     ] {
         if on {
             flags |= flag;
@@ -56,7 +62,19 @@ pub(super) fn pod_config(id: u32, spec: &PodSpec, addresses: &[IpAddr]) -> PodCo
         proxy_gid: spec.proxy_gid,
         ip4: ip4.unwrap_or(0),
         ip6: ip6.unwrap_or([0; 4]),
+        dns_servers: dns_servers(&spec.dns),
     }
+}
+
+/// The first `DNS_SERVERS` nameservers (glibc never asks more: `MAXNS`), 16-byte form.
+fn dns_servers(dns: &DnsCapture) -> [addr::Addr; DNS_SERVERS] {
+    let mut out = [[0; 4]; DNS_SERVERS];
+    if dns.enabled && !dns.capture_all {
+        for (slot, ip) in out.iter_mut().zip(&dns.nameservers) {
+            *slot = addr::from_ip(*ip);
+        }
+    }
+    out
 }
 
 /// The pod's rows: inbound exclusions (the user's, the always-excluded ports, the proxy's own),
@@ -122,6 +140,17 @@ pub(super) fn read_spec(config: Option<&PodConfig>, rows: &PodRows) -> PodSpec {
         fail_open: flags & POD_FAIL_OPEN != 0,
         proxy_uid: config.map_or(0, |c| c.proxy_uid),
         proxy_gid: config.map_or(0, |c| c.proxy_gid),
+        dns: DnsCapture {
+            enabled: flags & POD_DNS_CAPTURE != 0,
+            capture_all: flags & POD_DNS_CAPTURE_ALL != 0,
+            nameservers: config.map_or_else(Vec::new, |c| {
+                c.dns_servers
+                    .iter()
+                    .filter(|a| **a != [0; 4])
+                    .map(|a| addr::to_ip(*a))
+                    .collect()
+            }),
+        },
         ..PodSpec::default()
     };
     for r in &rows.ports {
@@ -221,6 +250,25 @@ mod tests {
     }
 
     #[test]
+    fn dns_capture_flags_and_nameservers() {
+        let mut spec = PodSpec::default();
+        spec.dns.enabled = true;
+        // No nameserver known: every port-53 destination, as the iptables rules.
+        let c = pod_config(1, &spec, &[]);
+        assert_ne!(c.flags & POD_DNS_CAPTURE_ALL, 0);
+        spec.dns.nameservers = ["10.0.0.1", "10.0.0.2", "fd00::3", "10.0.0.4"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let c = pod_config(1, &spec, &[]);
+        assert_eq!(c.flags & POD_DNS_CAPTURE_ALL, 0);
+        assert_ne!(c.flags & POD_DNS_CAPTURE, 0);
+        // glibc asks three at most: the fourth is not stored.
+        let stored: Vec<IpAddr> = c.dns_servers.iter().map(|a| addr::to_ip(*a)).collect();
+        assert_eq!(stored, spec.dns.nameservers[..3]);
+    }
+
+    #[test]
     fn spec_survives_rows_and_back() {
         let spec = PodSpec {
             include_inbound_ports: Selection::List(vec![8080, 9090]),
@@ -234,6 +282,11 @@ mod tests {
             exclude_outbound_cidrs: vec!["::ffff:10.0.0.0/104".parse().unwrap()],
             sockmap: false,
             fail_open: true,
+            dns: DnsCapture {
+                enabled: true,
+                capture_all: false,
+                nameservers: vec!["198.18.0.53".parse().unwrap(), "fd00::53".parse().unwrap()],
+            },
             ..PodSpec::default()
         };
         let proxy = [15001, 15006];

@@ -5,7 +5,11 @@ use serde::Serialize;
 use tracing::info;
 
 use super::{Error, PodEntry, PodSource, Registry, display_name, spec::PodSpec};
-use crate::{bpf::attach::sk_lookup_available, discovery::netns::Netns, iptables::BackendChoice};
+use crate::{
+    bpf::attach::{dns_capture_available, sk_lookup_available},
+    discovery::netns::Netns,
+    iptables::BackendChoice,
+};
 
 /// How a pod is intercepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -55,14 +59,14 @@ impl Registry<'_> {
         backend: BackendChoice,
     ) -> Result<PodEntry, Error> {
         match mode {
-            Mode::Ebpf if spec.dns.enabled => Err(Error::DnsCaptureNeedsIptables),
             Mode::Ebpf => self.enable(netns, source, spec),
             Mode::Iptables => self.enable_iptables(netns, source, spec, backend),
             Mode::Auto => {
-                if spec.dns.enabled {
+                if spec.dns.enabled && !dns_capture_available(self.pins) {
                     info!(
                         pod = %display_name(source),
-                        "DNS capture asked: intercepting with iptables (istio-iptables' DNS rules)"
+                        "DNS capture asked but no cgroup sendmsg/recvmsg programs attached \
+                         (Linux < 5.2?): intercepting with iptables (istio-iptables' DNS rules)"
                     );
                     self.enable_iptables(netns, source, spec, backend)
                 } else if spec.inbound() && !sk_lookup_available(self.pins) {

@@ -5,15 +5,17 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::TcpStream,
     time::{Instant, timeout_at},
 };
+
+pub use super::sockets::Sockets;
 
 /// Largest DNS message (TCP's two-byte length).
 const MAX_MESSAGE: usize = 65535;
@@ -52,6 +54,7 @@ pub async fn forward(
     query: &[u8],
     upstreams: &[SocketAddr],
     total: Duration,
+    sockets: &Sockets,
 ) -> Result<Vec<u8>, ForwardError> {
     let Some(id) = query.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
         return Err(ForwardError::NoUpstream);
@@ -63,7 +66,7 @@ pub async fn forward(
         let left = deadline.saturating_duration_since(Instant::now());
         let share = left / u32::try_from(upstreams.len() - i).unwrap_or(1);
         let attempt = Instant::now() + share;
-        match ask_udp(query, id, *upstream, attempt).await {
+        match ask_udp(query, id, *upstream, attempt, sockets).await {
             Ok(answer) if truncated(&answer) => {
                 match ask_tcp(query, id, *upstream, attempt.max(deadline)).await {
                     Ok(full) => return Ok(full),
@@ -91,25 +94,23 @@ async fn ask_udp(
     id: u16,
     upstream: SocketAddr,
     deadline: Instant,
+    sockets: &Sockets,
 ) -> Result<Vec<u8>, ForwardError> {
     let io_err = |source| ForwardError::Io { upstream, source };
-    let local: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    // A fresh socket (random port) per query: answers are matched by the socket, and a spoofed
-    // datagram needs the port as well as the id.
-    let sock = UdpSocket::bind(local).await.map_err(io_err)?;
-    sock.connect(upstream).await.map_err(io_err)?;
-    sock.send(query).await.map_err(io_err)?;
+    // A connected socket of a random port (reused for a few queries, see `sockets`): answers
+    // are matched by the socket, and a spoofed datagram needs the port as well as the id.
+    let sock = sockets.take(upstream).await.map_err(io_err)?;
+    sock.sock.send(query).await.map_err(io_err)?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let n = timeout_at(deadline, sock.recv(&mut buf))
+        // A timeout or an error drops the socket: a late answer must not meet a later query.
+        let n = timeout_at(deadline, sock.sock.recv(&mut buf))
             .await
             .map_err(|_| ForwardError::Timeout(upstream))?
             .map_err(io_err)?;
         if answers(&buf[..n], id) {
             buf.truncate(n);
+            sockets.give_back(upstream, sock);
             return Ok(buf);
         }
         // Anything else on this socket is not our answer: keep waiting.
@@ -169,13 +170,20 @@ mod tests {
     #[tokio::test]
     async fn a_silent_upstream_fails_within_the_deadline() {
         // A bound socket that never answers.
-        let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = silent.local_addr().expect("addr");
         let query = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
         let start = std::time::Instant::now();
-        let err = forward(&query, &[addr, addr], Duration::from_millis(300))
-            .await
-            .expect_err("no answer");
+        let err = forward(
+            &query,
+            &[addr, addr],
+            Duration::from_millis(300),
+            &Sockets::default(),
+        )
+        .await
+        .expect_err("no answer");
         assert!(matches!(err, ForwardError::Timeout(_)), "{err}");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
