@@ -10,6 +10,7 @@
 //! cgroups (`cpu.stat`), so it includes the app, the sidecars and the kernel work done for them.
 
 pub mod peers;
+pub mod proxy;
 mod report;
 mod rig;
 

@@ -38,6 +38,9 @@ enum Command {
     /// Compare interception modes (direct, iptables, ebpf, ebpf without sk_msg) on real pods:
     /// requests/s, latency percentiles, CPU per request, app↔proxy stream throughput.
     Bench(bench::BenchArgs),
+    /// The sidecar proxy vs haproxy vs no proxy on loopback: HTTP/1.1, gRPC (h2load),
+    /// WebSocket echo, memory per idle h2 connection (what `cargo xtask bench proxy` runs).
+    BenchProxy(bench::proxy::ProxyBenchArgs),
     /// Small applications the demo, the tests and the benchmarks run inside pods.
     #[command(subcommand)]
     Testapp(TestappCommand),
@@ -79,6 +82,16 @@ enum TestappCommand {
         #[arg(long, value_enum, default_value_t = loadgen::Mode::KeepAlive)]
         mode: loadgen::Mode,
     },
+    /// gRPC server (h2c) whose every unary method echoes its message.
+    GrpcEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// WebSocket server that echoes every message.
+    WsEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Reads and discards every connection's bytes.
     Sink {
         #[arg(long)]
@@ -102,7 +115,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and the benchmark narrate on their own: routine info lines (theirs and their
     // children's, which read INTERCEPTOR_LOG) would bury that, unless a level was asked for.
-    let narrated = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    let narrated = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::BenchProxy(_)
+    );
     let level = match (&cli.log_level, narrated) {
         (Some(level), _) => level.clone(),
         (None, true) => {
@@ -148,6 +164,17 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::BenchProxy(args) => {
+            let report = bench::proxy::run(&args)?;
+            let dir = report.write(&args.out)?;
+            println!("{}", report.markdown(&dir));
+            if let Some(readme) = &args.readme {
+                report.update_readme(readme, &dir)?;
+                eprintln!("updated {}", readme.display());
+            }
+            eprintln!("wrote {}", dir.display());
+            Ok(())
+        }
         Command::Testapp(cmd) => testapp_command(cmd),
         Command::Proxy { fixed_dst, args } => {
             interceptor::commands::proxy::run_with(*args, Some(Arc::new(FixedDst(fixed_dst))))
@@ -180,6 +207,12 @@ fn testapp_command(cmd: TestappCommand) -> Result<()> {
             );
             let result = runtime()?.block_on(loadgen::run(spec));
             println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        TestappCommand::GrpcEchoServer { listen } => {
+            runtime()?.block_on(testapp::grpc_echo::grpc_echo_server(listen))?;
+        }
+        TestappCommand::WsEchoServer { listen } => {
+            runtime()?.block_on(testapp::ws_echo::ws_echo_server(listen))?;
         }
         TestappCommand::Sink { listen } => {
             runtime()?.block_on(testapp::stream::sink(listen))?;
