@@ -78,6 +78,9 @@ pub struct ProxyBenchArgs {
     /// Skip haproxy (a machine without the Debian package).
     #[arg(long)]
     pub no_haproxy: bool,
+    /// Only the idle-connection memory row (for tuning it).
+    #[arg(long)]
+    pub memory_only: bool,
 }
 
 /// One measured run: operations per second, latency, failures.
@@ -144,6 +147,8 @@ struct Peer {
     h1: SocketAddr,
     /// h2c (gRPC) clients connect here.
     h2: SocketAddr,
+    /// WebSocket clients connect here.
+    ws: SocketAddr,
     /// The proxy's process (none for direct).
     pid: Option<u32>,
 }
@@ -208,12 +213,14 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
             name: "direct (no proxy)",
             h1: apps.http,
             h2: apps.grpc,
+            ws: apps.ws,
             pid: None,
         },
         Peer {
             name: "interceptor proxy",
             h1: ports[0],
             h2: ports[0],
+            ws: ports[0],
             pid: Some(icpt.pid()),
         },
     ];
@@ -242,6 +249,7 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
             name: "haproxy",
             h1,
             h2,
+            ws: h1,
             pid: Some(p.pid()),
         });
         haproxy = Some(p);
@@ -254,7 +262,8 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async {
-        for round in 1..=args.rounds.max(1) {
+        let rounds = if args.memory_only { 0 } else { args.rounds.max(1) };
+        for round in 1..=rounds {
             for peer in &peers {
                 for workload in Workload::ALL {
                     // The time-out is the least of it: a proxy that breaks a protocol is a
@@ -341,7 +350,7 @@ async fn measure(
         scratch,
     };
     let ws = |messages: u64, seconds: f64| ws_load::WsLoad {
-        target: peer.h1,
+        target: peer.ws,
         connections: args.ws_connections,
         message_bytes: args.ws_message_bytes,
         messages,

@@ -59,7 +59,7 @@ pub(super) fn haproxy(h1: SocketAddr, h2: SocketAddr, apps: Apps) -> String {
     format!(
         r#"# Written by `cargo xtask bench proxy`: haproxy as the same sidecar.
 global
-    maxconn 20000
+    maxconn 9000
     log stderr format raw local0 emerg
 
 defaults
