@@ -34,6 +34,10 @@ struct Shared {
     trailers: Option<HeaderMap>,
     overflowed: bool,
     failed: bool,
+    /// The newest attempt: an older one (still polled by its connection until its stream
+    /// ends) must not read on from the client's body, or it could push the buffer past the
+    /// limit under the attempt that replaced it.
+    attempt: usize,
 }
 
 /// One attempt's view of the request body.
@@ -43,6 +47,7 @@ pub struct ReplayBody {
     next: usize,
     trailers_sent: bool,
     ended: bool,
+    attempt: usize,
 }
 
 /// Hands out a body per attempt.
@@ -52,8 +57,9 @@ pub struct Replay {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the request body was not kept for a retry (past the retry buffer, or the client's body \
-     failed); raise `limits.retry_buffer_bytes` to retry larger requests"
+    "the request body was not kept for this attempt (past the retry buffer, the client's body \
+     failed, or a retry replaced the attempt); raise `limits.retry_buffer_bytes` to retry \
+     larger requests"
 )]
 struct NotKept;
 
@@ -69,17 +75,27 @@ impl Replay {
                 trailers: None,
                 overflowed: false,
                 failed: false,
+                attempt: 0,
             })),
         }
     }
 
     /// A body for the next attempt, starting from the first byte.
     pub fn attempt(&self) -> ReplayBody {
+        let attempt = self
+            .shared
+            .lock()
+            .map(|mut s| {
+                s.attempt += 1;
+                s.attempt
+            })
+            .unwrap_or(0);
         ReplayBody {
             shared: self.shared.clone(),
             next: 0,
             trailers_sent: false,
             ended: false,
+            attempt,
         }
     }
 
@@ -108,7 +124,7 @@ impl Body for ReplayBody {
             return Poll::Ready(Some(Err(Box::new(NotKept))));
         };
         let shared = &mut *shared;
-        if this.next < shared.dropped {
+        if this.next < shared.dropped || this.attempt != shared.attempt {
             return Poll::Ready(Some(Err(Box::new(NotKept))));
         }
         if let Some(chunk) = shared.chunks.get(this.next - shared.dropped) {
