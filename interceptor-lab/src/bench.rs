@@ -11,6 +11,7 @@
 
 pub mod dns;
 pub mod peers;
+pub mod proxy;
 mod report;
 mod rig;
 

@@ -41,6 +41,9 @@ enum Command {
     /// The sidecar's DNS proxy behind DNS capture (eBPF and iptables) vs the resolver asked
     /// directly: queries/s, p50/p99 for a cached, a locally answered and a forwarded name.
     DnsBench(bench::dns::DnsBenchArgs),
+    /// The sidecar proxy vs haproxy vs no proxy on loopback: HTTP/1.1, gRPC (h2load),
+    /// WebSocket echo, memory per idle h2 connection (what `cargo xtask bench proxy` runs).
+    BenchProxy(bench::proxy::ProxyBenchArgs),
     /// Small applications the demo, the tests and the benchmarks run inside pods.
     #[command(subcommand)]
     Testapp(TestappCommand),
@@ -82,6 +85,16 @@ enum TestappCommand {
         #[arg(long, value_enum, default_value_t = loadgen::Mode::KeepAlive)]
         mode: loadgen::Mode,
     },
+    /// gRPC server (h2c) whose every unary method echoes its message.
+    GrpcEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// WebSocket server that echoes every message.
+    WsEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Reads and discards every connection's bytes.
     Sink {
         #[arg(long)]
@@ -107,7 +120,7 @@ fn main() -> ExitCode {
     // children's, which read INTERCEPTOR_LOG) would bury that, unless a level was asked for.
     let narrated = matches!(
         cli.command,
-        Command::Demo(_) | Command::Bench(_) | Command::DnsBench(_)
+        Command::Demo(_) | Command::Bench(_) | Command::DnsBench(_) | Command::BenchProxy(_)
     );
     let level = match (&cli.log_level, narrated) {
         (Some(level), _) => level.clone(),
@@ -161,6 +174,17 @@ fn run(command: Command) -> Result<()> {
             eprintln!("wrote {}", dir.display());
             Ok(())
         }
+        Command::BenchProxy(args) => {
+            let report = bench::proxy::run(&args)?;
+            let dir = report.write(&args.out)?;
+            println!("{}", report.markdown(&dir));
+            if let Some(readme) = &args.readme {
+                report.update_readme(readme, &dir)?;
+                eprintln!("updated {}", readme.display());
+            }
+            eprintln!("wrote {}", dir.display());
+            Ok(())
+        }
         Command::Testapp(cmd) => testapp_command(cmd),
         Command::Proxy { fixed_dst, args } => {
             interceptor::commands::proxy::run_with(*args, Some(Arc::new(FixedDst(fixed_dst))))
@@ -193,6 +217,12 @@ fn testapp_command(cmd: TestappCommand) -> Result<()> {
             );
             let result = runtime()?.block_on(loadgen::run(spec));
             println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        TestappCommand::GrpcEchoServer { listen } => {
+            runtime()?.block_on(testapp::grpc_echo::grpc_echo_server(listen))?;
+        }
+        TestappCommand::WsEchoServer { listen } => {
+            runtime()?.block_on(testapp::ws_echo::ws_echo_server(listen))?;
         }
         TestappCommand::Sink { listen } => {
             runtime()?.block_on(testapp::stream::sink(listen))?;

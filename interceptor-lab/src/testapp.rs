@@ -17,7 +17,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+pub mod grpc_echo;
 pub mod stream;
+pub mod ws_echo;
 
 /// Serves `GET /` with "hello from NAME: you are PEER calling LOCAL", and `GET /bytes/N` with N
 /// bytes, until the process is stopped.

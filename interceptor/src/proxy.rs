@@ -32,6 +32,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod pool;
 pub mod reload;
+pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod runtime;

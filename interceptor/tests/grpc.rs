@@ -147,9 +147,35 @@ impl tower_service::Service<tonic::Request<tonic::Streaming<Bytes>>> for Echo {
     }
 }
 
+/// Unary: answers UNAVAILABLE to the first call it gets, echoes every later one; counts calls.
+#[derive(Clone)]
+struct Flaky(Arc<AtomicUsize>);
+
+impl tower_service::Service<tonic::Request<Bytes>> for Flaky {
+    type Response = tonic::Response<Bytes>;
+    type Error = Status;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let first = self.0.fetch_add(1, Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            if first {
+                return Err(Status::unavailable("warming up"));
+            }
+            Ok(tonic::Response::new(req.into_inner()))
+        })
+    }
+}
+
 struct GrpcServer {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Calls `/test.Echo/Flaky` received.
+    flaky_calls: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -170,20 +196,27 @@ async fn grpc_server(max_streams: Option<u32>) -> GrpcServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
+    let flaky_calls = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
+    let flaky = Flaky(flaky_calls.clone());
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let flaky = flaky.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let resp = match req.uri().path() {
-                        "/test.Echo/Unary" => grpc(Raw).unary(Unary, req).await,
-                        "/test.Echo/Fanout" => grpc(Raw).server_streaming(Fanout, req).await,
-                        "/test.Echo/Sum" => grpc(Raw).client_streaming(Sum, req).await,
-                        "/test.Echo/Echo" => grpc(Raw).streaming(Echo, req).await,
-                        _ => Status::unimplemented("no such method").into_http(),
-                    };
-                    Ok::<_, Infallible>(resp)
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let flaky = flaky.clone();
+                    async move {
+                        let resp = match req.uri().path() {
+                            "/test.Echo/Unary" => grpc(Raw).unary(Unary, req).await,
+                            "/test.Echo/Flaky" => grpc(Raw).unary(flaky, req).await,
+                            "/test.Echo/Fanout" => grpc(Raw).server_streaming(Fanout, req).await,
+                            "/test.Echo/Sum" => grpc(Raw).client_streaming(Sum, req).await,
+                            "/test.Echo/Echo" => grpc(Raw).streaming(Echo, req).await,
+                            _ => Status::unimplemented("no such method").into_http(),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 builder.max_concurrent_streams(max_streams);
@@ -194,6 +227,7 @@ async fn grpc_server(max_streams: Option<u32>) -> GrpcServer {
     GrpcServer {
         addr,
         accepted,
+        flaky_calls,
         task,
     }
 }
@@ -544,5 +578,146 @@ async fn grpc_requests_are_counted_by_status_under_bounded_labels() {
             text.contains(&format!("grpc_status=\"{code}\"")),
             "status {code} not counted:\n{text}"
         );
+    }
+}
+
+/// A new upstream h2 connection is used as soon as the peer's SETTINGS arrive (a round trip),
+/// not after a fixed wait: the first call to each of three fresh upstreams meets a 500 ms
+/// deadline (before the fix each first call cost a full second). The deadline is the proxy's
+/// own (`grpc-timeout`), so a miss is a DEADLINE_EXCEEDED answer, not a measurement.
+#[tokio::test]
+async fn the_first_call_on_a_new_upstream_connection_is_not_held_back() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start("", server.addr).await;
+    for i in 0..3 {
+        let fresh = grpc_server(None).await;
+        // A client connection's original destination is fixed when it is accepted.
+        proxy.orig_dst.set(fresh.addr);
+        let mut c = client(proxy.outbound).await;
+        let mut req = tonic::Request::new(Bytes::from(format!("first {i}")));
+        req.set_timeout(Duration::from_millis(500));
+        let resp = unary_with(&mut c, req)
+            .await
+            .unwrap_or_else(|s| panic!("first call to fresh upstream {i}: {s:?}"));
+        assert_eq!(resp.into_inner(), Bytes::from(format!("first {i}")));
+        assert_eq!(fresh.accepted.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// A peer that accepts the connection, reads the h2 preface and never answers: with `auto`
+/// (no config) a gRPC client gets UNAVAILABLE once the connect timeout has passed, not a hang.
+#[tokio::test]
+async fn a_silent_upstream_is_unavailable_after_the_connect_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut preface = [0u8; 24];
+            let _ = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut preface).await;
+            held.push(stream);
+        }
+    });
+    let proxy = Proxy::start("outbound: {passthrough: {connect_timeout: 300ms}}", addr).await;
+    let mut c = client(proxy.outbound).await;
+    let status = unary(&mut c, Bytes::from_static(b"x"))
+        .await
+        .expect_err("UNAVAILABLE");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    silent.abort();
+}
+
+fn retry_config(endpoint: SocketAddr) -> String {
+    format!(
+        r#"
+clusters:
+  - name: echo
+    endpoints: ["{endpoint}"]
+    outlier_detection: {{consecutive_errors: 0}}
+outbound:
+  listeners:
+    - port: 50051
+      virtual_hosts:
+        - name: echo
+          domains: ["*"]
+          routes:
+            - route:
+                cluster: echo
+                retry_policy: {{retry_on: unavailable, num_retries: 2, base_interval: 1ms, max_interval: 1ms}}
+"#
+    )
+}
+
+/// gRPC requests carry no content-length: a small one, fully received, is still replayable,
+/// so `retry_on: unavailable` retries it. One past the retry buffer is forwarded once, and a
+/// bidi stream on the same route still flows message by message (nothing waits for the end
+/// of the body).
+#[tokio::test]
+async fn a_small_grpc_request_without_content_length_is_retried() {
+    let server = grpc_server(None).await;
+    let proxy = Proxy::start(
+        &retry_config(server.addr),
+        "127.0.0.1:50051".parse().expect("addr"),
+    )
+    .await;
+    let mut c = client(proxy.outbound).await;
+    c.ready().await.expect("ready");
+    let resp = c
+        .unary(
+            tonic::Request::new(Bytes::from_static(b"again")),
+            PathAndQuery::from_static("/test.Echo/Flaky"),
+            Raw,
+        )
+        .await
+        .expect("retried past the first UNAVAILABLE");
+    assert_eq!(resp.into_inner(), Bytes::from_static(b"again"));
+    assert_eq!(server.flaky_calls.load(Ordering::SeqCst), 2, "two attempts");
+
+    // 1 MiB: more than the retry buffer (64 KiB by default), so one attempt only.
+    let big_server = grpc_server(None).await;
+    let proxy = Proxy::start(
+        &retry_config(big_server.addr),
+        "127.0.0.1:50051".parse().expect("addr"),
+    )
+    .await;
+    let mut c = client(proxy.outbound).await;
+    c.ready().await.expect("ready");
+    let status = c
+        .unary(
+            tonic::Request::new(Bytes::from(vec![1u8; 1024 * 1024])),
+            PathAndQuery::from_static("/test.Echo/Flaky"),
+            Raw,
+        )
+        .await
+        .expect_err("not replayable: the first UNAVAILABLE is the answer");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(big_server.flaky_calls.load(Ordering::SeqCst), 1);
+
+    c.ready().await.expect("ready");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let resp = c.streaming(
+        tonic::Request::new(tokio_stream_from(rx)),
+        PathAndQuery::from_static("/test.Echo/Echo"),
+        Raw,
+    );
+    tx.send(Bytes::from_static(b"ping 0")).await.expect("send");
+    let mut incoming = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("bidi head in time (the first message was not held back)")
+        .expect("bidi")
+        .into_inner();
+    for i in 0..5 {
+        let got = tokio::time::timeout(Duration::from_secs(10), incoming.message())
+            .await
+            .expect("echo in time")
+            .expect("message")
+            .expect("not the end");
+        assert_eq!(got, Bytes::from(format!("ping {i}")));
+        tx.send(Bytes::from(format!("ping {}", i + 1)))
+            .await
+            .expect("send");
     }
 }

@@ -28,6 +28,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     "haproxy",
     "python3",
     "wrk",
+    // h2load: the gRPC client of the proxy benchmark (h2c, gRPC-framed request bodies).
+    "nghttp2-client",
 ];
 
 /// The bpf-linker version verified with LLVM 22 (newer ones may drop the llvm-22 feature).

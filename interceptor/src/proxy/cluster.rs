@@ -32,11 +32,13 @@ use super::{
     h1::DownstreamBody,
     outlier::Health,
     pool::Pool,
+    replay::ReplayBody,
 };
 use crate::socket;
 
-/// A request body on its way upstream: buffered (replayable, so retriable) or streaming.
-pub type UpstreamBody = Either<Full<Bytes>, Limited<DownstreamBody>>;
+/// A request body on its way upstream: buffered (replayable, so retriable), streaming, or
+/// streaming while kept for a retry (no content-length to judge it by).
+pub type UpstreamBody = Either<Full<Bytes>, Either<Limited<DownstreamBody>, ReplayBody>>;
 
 /// Settings that come from the command line rather than the file.
 #[derive(Clone, Debug)]

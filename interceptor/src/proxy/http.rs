@@ -42,6 +42,7 @@ use super::{
     h1::{Busy, DownstreamBody, TrackedBody},
     metrics::{ActiveGuard, Direction, ProxyMetrics},
     pool::{H2Settings, PooledBody, SendError},
+    replay::Replay,
     retry::{Outcome, RetryPolicy},
     snapshot::{ConfigSource, Snapshot},
 };
@@ -408,22 +409,29 @@ async fn route_and_forward(
     (resp, cluster.name.clone())
 }
 
-/// A request body ready for attempts: replayable bytes, or a stream that can go once.
+/// A request body ready for attempts: replayable bytes, a stream that can go once, or a
+/// stream kept while it goes, up to the retry buffer.
 enum RequestBody {
     Replay(Bytes),
     Stream(Option<Limited<DownstreamBody>>),
+    Kept(Replay),
 }
 
 impl RequestBody {
     fn for_attempt(&mut self) -> Option<UpstreamBody> {
         match self {
             RequestBody::Replay(b) => Some(Either::Left(Full::new(b.clone()))),
-            RequestBody::Stream(s) => s.take().map(Either::Right),
+            RequestBody::Stream(s) => s.take().map(|s| Either::Right(Either::Left(s))),
+            RequestBody::Kept(r) => Some(Either::Right(Either::Right(r.attempt()))),
         }
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, RequestBody::Replay(_))
+        match self {
+            RequestBody::Replay(_) => true,
+            RequestBody::Stream(_) => false,
+            RequestBody::Kept(r) => r.replayable(),
+        }
     }
 }
 
@@ -507,6 +515,11 @@ async fn forward(
                 return local_reply(StatusCode::BAD_REQUEST, "incomplete request body\n");
             }
         }
+    } else if retry.num_retries > 0 && declared.is_none() && call.upgrade.is_none() {
+        // No length to judge by (gRPC never sends one): kept while forwarded, up to the
+        // retry buffer; past it the request simply is not retried.
+        let limit = usize::try_from(limits.retry_buffer_bytes).unwrap_or(usize::MAX);
+        RequestBody::Kept(Replay::new(Limited::new(body, stream_limit), limit))
     } else {
         RequestBody::Stream(Some(Limited::new(body, stream_limit)))
     };

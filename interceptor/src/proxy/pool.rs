@@ -13,6 +13,8 @@
 //! An HTTP/1.1 `Upgrade` request gets a connection of its own that never returns to the pool: once
 //! the upstream answers 101 it carries the upgraded protocol.
 
+mod heard;
+
 use std::{
     collections::HashMap,
     future::Future,
@@ -39,6 +41,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, time::Instant};
 
+use self::heard::{Heard, HeardIo};
 use super::cluster::{UpstreamBody, connect};
 
 /// Idle connections kept per endpoint (more are closed when they come back).
@@ -345,6 +348,7 @@ impl Pool {
 
     async fn open_h2(&self, addr: SocketAddr, settings: &H2Settings) -> Result<(), SendError> {
         let stream = self.dial(addr).await?;
+        let (socket, mut heard) = HeardIo::new(stream);
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -355,7 +359,7 @@ impl Pool {
             .keep_alive_interval(settings.keepalive_interval)
             .keep_alive_timeout(settings.keepalive_timeout);
         let (sender, conn) = builder
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(socket))
             .await
             .map_err(|source| SendError::Request { addr, source })?;
         let state = Arc::new(H2State {
@@ -365,7 +369,6 @@ impl Pool {
         });
         let idle_timeout = self.idle_timeout;
         let watched = state.clone();
-        let (settled_tx, mut settled) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             // Runs the connection until the upstream closes it, or until no stream has been
             // open for the idle timeout (dropping it closes the socket; the pool sees it
@@ -378,18 +381,14 @@ impl Pool {
                     Some(idle) => idle_timeout - idle,
                     None => idle_timeout,
                 };
-                // Each poll also publishes the peer's current stream limit (a SETTINGS frame
-                // can change it at any time).
+                // Each poll also publishes the peer's current stream limit (a later SETTINGS
+                // frame can change it); the first one comes from `heard`.
                 let run = std::future::poll_fn(|cx| {
                     let polled = conn.as_mut().poll(cx);
-                    // Still 1: the peer's first SETTINGS have not arrived (a peer that
-                    // allows exactly one stream looks the same and is simply held to it).
+                    // 1 until h2 has applied the peer's first SETTINGS.
                     let peer = conn.current_max_send_streams();
                     if peer != 1 {
                         watched.peer_max_streams.store(peer, Ordering::Release);
-                        if !*settled_tx.borrow() {
-                            settled_tx.send_replace(true);
-                        }
                     }
                     polled
                 });
@@ -399,13 +398,39 @@ impl Pool {
                 }
             }
         });
-        // The peer's SETTINGS come within a round trip: until then its stream limit is
-        // unknown, and requests waiting to share this connection would all pile onto it.
-        let _ = tokio::time::timeout(
-            self.connect_timeout.min(Duration::from_secs(1)),
-            settled.wait_for(|s| *s),
+        // The peer's SETTINGS come within a round trip and say how many streams it takes;
+        // until then requests waiting to share this connection would all pile onto it. A
+        // peer that accepted the connection but never answers is a failed connect.
+        let waited = tokio::time::timeout(
+            self.connect_timeout,
+            heard.wait_for(|h| *h != Heard::Waiting),
         )
         .await;
+        let max_streams = match waited {
+            Ok(Ok(h)) => match *h {
+                Heard::Settings {
+                    max_concurrent_streams,
+                } => max_concurrent_streams.map_or(usize::MAX, |n| n as usize),
+                Heard::Waiting | Heard::NotHttp2 => return Err(SendError::NotHttp2 { addr }),
+            },
+            // The connection ended before its first frame.
+            Ok(Err(_)) => return Err(SendError::NotHttp2 { addr }),
+            Err(_) => {
+                return Err(SendError::Connect {
+                    addr,
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "no HTTP/2 SETTINGS within the connect timeout ({:?}): the peer \
+                             accepted the connection but does not answer h2c; check that it \
+                             serves HTTP/2 there, or declare the port `http1`",
+                            self.connect_timeout
+                        ),
+                    ),
+                });
+            }
+        };
+        state.peer_max_streams.store(max_streams, Ordering::Release);
         if sender.is_closed() {
             return Err(SendError::NotHttp2 { addr });
         }
