@@ -5,6 +5,7 @@ mod bench_datapath;
 mod bench_dns;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod kernels;
 mod lint;
 mod setup;
@@ -41,6 +42,8 @@ enum Command {
     VmTest(vm_test::Options),
     /// Benchmarks; results go to bench/results/ with the command that produced them.
     Bench(bench::BenchArgs),
+    /// The hostile-input properties with many more generated cases than `test` runs.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> Result<()> {
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
         Command::Lint(opts) => lint::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::VmTest(opts) => vm_test::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Bench(what) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             bench::run(&what, &format!("cargo xtask {}", args.join(" ")))
