@@ -85,18 +85,9 @@ fn proxy(opts: &ProxyOptions, command_line: &str) -> Result<()> {
         }
         crate::setup::install_packages(&missing)?;
     }
-    step("building interceptor (release)");
-    exec(xtask::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "interceptor",
-        "--package",
-        "interceptor-lab",
-    ]))?;
+    let bin = xtask::build_release_lab()?;
     raise_nofile();
     let root = workspace_root();
-    let bin = root.join("target/release/interceptor-lab");
     step(&format!(
         "{} bench-proxy (a few minutes; every run is bounded)",
         bin.display()

@@ -28,23 +28,14 @@ pub(crate) fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
         );
     }
     crate::setup::run(&crate::setup::Options::default())?;
-    step("building interceptor (release)");
-    exec(xtask::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "interceptor",
-        "--package",
-        "interceptor-lab",
-    ]))?;
+    let bin = xtask::build_release_lab()?;
     let root = workspace_root();
     let out = root.join("bench/results");
-    let bin = root.join("target/release/interceptor-lab");
     step(&format!(
         "{} bench (a few minutes; every run is bounded)",
         bin.display()
     ));
-    let before = newest_report(&out);
+    let before = xtask::newest_result(&out, "datapath-", ".md");
     exec(
         Command::new(&bin)
             .args(["bench", "--out"])
@@ -53,7 +44,8 @@ pub(crate) fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
             .env("INTERCEPTOR_BENCH_COMMAND", command_line)
             .current_dir(&root),
     )?;
-    let report = newest_report(&out).context("interceptor-lab bench wrote no report")?;
+    let report = xtask::newest_result(&out, "datapath-", ".md")
+        .context("interceptor-lab bench wrote no report")?;
     if Some(&report) == before.as_ref() {
         bail!(
             "interceptor-lab bench wrote no new report in {}",
@@ -66,41 +58,14 @@ pub(crate) fn run(opts: &DatapathOptions, command_line: &str) -> Result<()> {
     Ok(())
 }
 
-/// The most recent `datapath-*.md` in `dir`.
-fn newest_report(dir: &Path) -> Option<std::path::PathBuf> {
-    fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "md")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("datapath-"))
-        })
-        .max()
-}
-
 fn update_readme(readme: &Path, report: &Path) -> Result<()> {
-    let text =
-        fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
-    let (Some(start), Some(end)) = (text.find(README_START), text.find(README_END)) else {
-        bail!(
-            "{} has no {README_START} … {README_END} section",
-            readme.display()
-        );
-    };
     let table = fs::read_to_string(report)?;
     let name = report
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let updated = format!(
-        "{}{README_START}\n{table}\nFull results: `bench/results/{name}` (and `.json`, `.svg`).\n{}",
-        &text[..start],
-        &text[end..]
-    );
-    fs::write(readme, updated)?;
+    let body = format!("{table}\nFull results: `bench/results/{name}` (and `.json`, `.svg`).");
+    xtask::replace_readme_section(readme, README_START, README_END, &body)?;
     eprintln!("updated the benchmark section of {}", readme.display());
     Ok(())
 }

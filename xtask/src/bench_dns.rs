@@ -26,23 +26,14 @@ pub(crate) fn run(opts: &DnsOptions, command_line: &str) -> Result<()> {
         bail!("the DNS benchmark builds pods (network namespaces) and loads eBPF: run as root");
     }
     crate::setup::run(&crate::setup::Options::default())?;
-    step("building interceptor (release)");
-    exec(xtask::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "interceptor",
-        "--package",
-        "interceptor-lab",
-    ]))?;
+    let bin = xtask::build_release_lab()?;
     let root = workspace_root();
     let out = root.join("bench/results");
-    let bin = root.join("target/release/interceptor-lab");
     step(&format!(
         "{} dns-bench (every run is bounded)",
         bin.display()
     ));
-    let before = newest(&out);
+    let before = xtask::newest_result(&out, "dns-", "");
     exec(
         Command::new(&bin)
             .args(["dns-bench", "--out"])
@@ -51,7 +42,8 @@ pub(crate) fn run(opts: &DnsOptions, command_line: &str) -> Result<()> {
             .env("INTERCEPTOR_BENCH_COMMAND", command_line)
             .current_dir(&root),
     )?;
-    let dir = newest(&out).context("interceptor-lab dns-bench wrote no results")?;
+    let dir = xtask::newest_result(&out, "dns-", "")
+        .context("interceptor-lab dns-bench wrote no results")?;
     if Some(&dir) == before.as_ref() {
         bail!(
             "interceptor-lab dns-bench wrote no new results in {}",
@@ -64,38 +56,11 @@ pub(crate) fn run(opts: &DnsOptions, command_line: &str) -> Result<()> {
     Ok(())
 }
 
-/// The most recent `dns-*` directory in `dir`.
-fn newest(dir: &Path) -> Option<std::path::PathBuf> {
-    fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("dns-"))
-        })
-        .max()
-}
-
 fn update_readme(readme: &Path, dir: &Path) -> Result<()> {
-    let text =
-        fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
-    let (Some(start), Some(end)) = (text.find(README_START), text.find(README_END)) else {
-        bail!(
-            "{} has no {README_START} … {README_END} section",
-            readme.display()
-        );
-    };
     let table = fs::read_to_string(dir.join("table.md"))?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let updated = format!(
-        "{}{README_START}\n{table}\nFull results: `bench/results/{name}/results.json`.\n{}",
-        &text[..start],
-        &text[end..]
-    );
-    fs::write(readme, updated)?;
+    let body = format!("{table}\nFull results: `bench/results/{name}/results.json`.");
+    xtask::replace_readme_section(readme, README_START, README_END, &body)?;
     eprintln!("updated the DNS benchmark section of {}", readme.display());
     Ok(())
 }

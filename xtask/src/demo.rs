@@ -2,7 +2,7 @@
 //! product binary, `interceptor`, as agent and sidecars).
 
 use anyhow::Result;
-use xtask::{exec, step, workspace_root};
+use xtask::{exec, step};
 
 #[derive(clap::Args)]
 pub(crate) struct Options {
@@ -13,16 +13,7 @@ pub(crate) struct Options {
 
 pub(crate) fn run(opts: &Options) -> Result<()> {
     crate::setup::run(&crate::setup::Options::default())?;
-    step("building interceptor (release)");
-    exec(xtask::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "interceptor",
-        "--package",
-        "interceptor-lab",
-    ]))?;
-    let bin = workspace_root().join("target/release/interceptor-lab");
+    let bin = xtask::build_release_lab()?;
     step(&format!("{} demo", bin.display()));
     exec(std::process::Command::new(bin).args(["demo", "--requests", &opts.requests.to_string()]))
 }

@@ -65,3 +65,44 @@ pub fn is_root() -> bool {
 pub fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
+
+/// Builds the release `interceptor` and `interceptor-lab` (the demo and every benchmark run
+/// the lab binary, which runs the product binary) and returns the lab binary's path.
+pub fn build_release_lab() -> Result<PathBuf> {
+    step("building interceptor (release)");
+    exec(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "interceptor",
+        "--package",
+        "interceptor-lab",
+    ]))?;
+    Ok(workspace_root().join("target/release/interceptor-lab"))
+}
+
+/// The newest entry of `dir` whose name starts with `prefix` (and ends with `suffix`): result
+/// names carry a sortable UTC timestamp.
+pub fn newest_result(dir: &Path, prefix: &str, suffix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
+        })
+        .max()
+}
+
+/// Replaces what stands between `start` and `end` in `readme` with `body`.
+pub fn replace_readme_section(readme: &Path, start: &str, end: &str, body: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let (Some(from), Some(to)) = (text.find(start), text.find(end)) else {
+        bail!("{} has no {start} … {end} section", readme.display());
+    };
+    let updated = format!("{}{start}\n{body}\n{}", &text[..from], &text[to..]);
+    std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
+}
