@@ -17,28 +17,13 @@ use tokio_tungstenite::{
     tungstenite::{Message, protocol::CloseFrame, protocol::frame::coding::CloseCode},
 };
 
-/// A tokio-tungstenite echo server: text and binary echoed, pings answered by the library,
-/// a close answered with a close.
+/// The lab's tokio-tungstenite echo server: text and binary echoed, pings answered by the
+/// library, a close answered with a close.
 async fn ws_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                // Pings and closes are answered by tungstenite itself; reading on flushes a
-                // close's answer and then ends the stream.
-                while let Some(Ok(msg)) = ws.next().await {
-                    if matches!(msg, Message::Text(_) | Message::Binary(_))
-                        && ws.send(msg).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
+        let _ = interceptor_lab::testapp::ws_echo::serve(listener).await;
     });
     (addr, task)
 }

@@ -10,7 +10,13 @@ use tracing::debug;
 
 /// Serves until the process ends.
 pub async fn ws_echo_server(listen: SocketAddr) -> io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
+    serve(TcpListener::bind(listen).await?).await
+}
+
+/// Serves on `listener` until accepting fails: text and binary messages echoed; pings and
+/// closes are answered by tungstenite itself (reading on flushes a close's answer, then the
+/// stream ends).
+pub async fn serve(listener: TcpListener) -> io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
@@ -23,13 +29,10 @@ pub async fn ws_echo_server(listen: SocketAddr) -> io::Result<()> {
                 }
             };
             while let Some(Ok(msg)) = ws.next().await {
-                let reply = match msg {
-                    Message::Text(_) | Message::Binary(_) => msg,
-                    Message::Close(_) => break,
-                    _ => continue,
-                };
-                if ws.send(reply).await.is_err() {
-                    break;
+                if matches!(msg, Message::Text(_) | Message::Binary(_))
+                    && ws.send(msg).await.is_err()
+                {
+                    return;
                 }
             }
         });

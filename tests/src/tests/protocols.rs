@@ -108,20 +108,7 @@ async fn serve_grpc(listener: std::net::TcpListener, peers: Arc<Mutex<Vec<Socket
 
 async fn serve_ws(listener: std::net::TcpListener) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-    while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                return;
-            };
-            while let Some(Ok(msg)) = ws.next().await {
-                if matches!(msg, Message::Text(_) | Message::Binary(_))
-                    && ws.send(msg).await.is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
+    let _ = interceptor_lab::testapp::ws_echo::serve(listener).await;
 }
 
 #[derive(Clone)]
