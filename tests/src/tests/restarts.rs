@@ -244,6 +244,10 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
         h.bin = probe.clone();
         h.start_agent(&["--keep-pinned"]);
         let after = h.status();
+        // What runs first: the new sockops code is the one linked at the cgroup root.
+        let sockops = program(&after, "track_sockets");
+        assert_ne!(sockops["tag"], old_tag, "the new sockops is pinned");
+        assert_eq!(sockops["links"], 1, "the new sockops is the one attached");
         let report = &after["datapath"];
         assert_eq!(report["how"], "upgraded", "{report}");
         let replaced: Vec<&str> = report["replaced"]
@@ -257,9 +261,6 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
             "only sockops differs in the probe build: {replaced:?}"
         );
         assert_eq!(report["not_applied"], serde_json::json!([]));
-        let sockops = program(&after, "track_sockets");
-        assert_ne!(sockops["tag"], old_tag, "the new sockops is pinned");
-        assert_eq!(sockops["links"], 1, "the new sockops is the one attached");
         // New connections run the new code; the established keep-alive one still works.
         load.wait_progress(5);
         assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
