@@ -310,3 +310,46 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
         );
     }
 }
+
+#[test]
+fn a_newer_agents_settings_are_applied_or_reported() {
+    let mut h = Harness::new("settings");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"1").expect("echo"), b"1");
+    assert!(
+        h.counters().since(&before, "sockhash_insert") > 0,
+        "msg redirect on: the connection's sockets joined the sockhash"
+    );
+    assert!(h.stop_agent(), "agent exits cleanly");
+
+    // A global setting (the CONFIG map) is applied; another cgroup cannot be, and says so.
+    let cgroup = client.cgroup.clone().expect("the pod's cgroup");
+    let cgroup = cgroup.to_str().expect("utf-8 path");
+    h.start_agent(&["--keep-pinned", "--no-msg-redirect", "--cgroup", cgroup]);
+    let report = &h.status()["datapath"];
+    assert_eq!(report["how"], "upgraded", "{report}");
+    let not_applied = report["not_applied"].as_array().expect("not_applied");
+    assert!(
+        not_applied.len() == 1
+            && not_applied[0]
+                .as_str()
+                .is_some_and(|w| w.contains("--cgroup")),
+        "{report}"
+    );
+    let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
+    assert!(human.contains("NOT APPLIED --cgroup"), "{human}");
+
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"2").expect("echo"), b"2");
+    let after = h.counters();
+    // Off: sockops leaves new connections out of the sockhash, so nothing is redirected.
+    assert_eq!(
+        after.since(&before, "sockhash_insert"),
+        0,
+        "--no-msg-redirect reached the datapath"
+    );
+    assert_eq!(after.since(&before, "msg_redirected"), 0);
+}
