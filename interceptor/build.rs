@@ -74,6 +74,11 @@ fn main() -> Result<()> {
         .arg(&target_dir)
         .args(["--config", "profile.release.lto=true"])
         .args(["--config", "profile.release.panic=\"abort\""]);
+    // The test build with different program code (see the feature in Cargo.toml). Same target
+    // dir: cargo keeps both variants' artifacts, so switching rebuilds only the eBPF crate.
+    if env::var_os("CARGO_FEATURE_UPGRADE_PROBE").is_some() {
+        cmd.args(["--features", "upgrade-probe"]);
+    }
     // The outer (rustup) cargo's settings must not leak into the Debian toolchain's build; the
     // jobserver (CARGO_MAKEFLAGS) and the registry (CARGO_HOME) are shared on purpose.
     for (key, _) in env::vars_os() {

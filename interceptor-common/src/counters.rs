@@ -132,6 +132,10 @@ counters! {
     /// Could not record the resolver of a UDP query (map update failed): the query went to
     /// the resolver directly, uncaptured.
     DnsMapFull = "dns_map_full",
+    /// Connection established under sockops built with the `upgrade-probe` feature (a test
+    /// build whose programs differ from the release's): proves an in-place upgrade attached the
+    /// new code. Always 0 in a release build.
+    UpgradeProbe = "upgrade_probe",
 }
 
 impl Counter {

@@ -19,8 +19,11 @@ pub mod pod;
 pub mod sockmap;
 
 /// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
-/// state written with another ABI instead of misreading it.
-pub const ABI_VERSION: u32 = 4;
+/// state written with another ABI instead of misreading it. Programs may change within one ABI:
+/// an agent of the same ABI replaces them in place and keeps the maps.
+///
+/// 5: `COUNTERS` gained `upgrade_probe` (one more slot).
+pub const ABI_VERSION: u32 = 5;
 
 #[cfg(feature = "user")]
 mod pod_impls {

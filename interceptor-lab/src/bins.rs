@@ -17,6 +17,29 @@ pub fn lab() -> Result<PathBuf> {
     find("INTERCEPTOR_LAB_BIN", "interceptor-lab")
 }
 
+/// The "newer agent" of the upgrade test: `interceptor` built with `--features upgrade-probe`
+/// (different sockops code, same ABI). `$INTERCEPTOR_UPGRADE_PROBE_BIN`, else
+/// `interceptor-upgrade-probe` beside the product binary, where `cargo xtask test` and
+/// `vm-test` put it.
+pub fn upgrade_probe() -> Result<PathBuf> {
+    const VAR: &str = "INTERCEPTOR_UPGRADE_PROBE_BIN";
+    if let Some(bin) = std::env::var_os(VAR) {
+        return Ok(PathBuf::from(bin));
+    }
+    let candidate = product()?.with_file_name(UPGRADE_PROBE);
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    bail!(
+        "{} not found: run `cargo xtask test` (it builds `cargo build -p interceptor --features \
+         upgrade-probe` and copies the binary there) or set {VAR}",
+        candidate.display()
+    )
+}
+
+/// File name of the upgrade-probe build, beside `interceptor`.
+pub const UPGRADE_PROBE: &str = "interceptor-upgrade-probe";
+
 fn find(var: &str, name: &str) -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(var) {
         return Ok(PathBuf::from(bin));

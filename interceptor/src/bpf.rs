@@ -7,6 +7,7 @@ pub mod logs;
 pub mod maps;
 pub mod pins;
 mod sys;
+pub mod upgrade;
 
 use std::{io, path::PathBuf};
 
@@ -24,6 +25,13 @@ pub fn links_of(id: u32) -> usize {
         .filter_map(Result::ok)
         .filter(|l| l.program_id() == id)
         .count()
+}
+
+/// Whether program `id` is still loaded in the kernel (held by a pin, link or descriptor).
+pub fn program_loaded(id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.id() == id)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +81,10 @@ pub enum Error {
     },
     #[error(
         "the state pinned under {path} was written by an incompatible interceptor (ABI {found}, \
-         this binary uses {expected}); stop the old agent and start this one with --replace"
+         this binary uses {expected}): programs of one ABI are upgraded in place, across ABIs \
+         the maps cannot be kept. Stop the old agent, then either run `interceptor uninstall` \
+         and start this one, or start this one with --replace (pods are not intercepted until \
+         it has listed them again)"
     )]
     AbiMismatch {
         path: PathBuf,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     agent,
-    bpf::{Maps, Pins, features::Features},
+    bpf::{Maps, Pins, features::Features, upgrade::Report},
     registry::{self, PodEntry},
 };
 
@@ -26,6 +26,9 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, u64>,
     /// DNS capture's sendmsg/recvmsg programs are attached: eBPF-mode pods may ask for it.
     pub dns_capture_ebpf: bool,
+    /// How the running agent got the datapath (loaded, upgraded in place, adopted) and what of
+    /// its settings the datapath does not run.
+    pub datapath: Option<Report>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,6 +40,9 @@ pub struct ProgramStatus {
     pub linked: bool,
     /// Kernel links to the program (cgroup root, and one per pod netns for sk_lookup).
     pub links: usize,
+    /// The program's tag (hash of its code, as bpftool shows it): changes when an upgrade
+    /// swapped in different code.
+    pub tag: Option<String>,
 }
 
 const PROGRAMS: &[&str] = &[
@@ -58,10 +64,12 @@ impl Status {
         let programs = PROGRAMS
             .iter()
             .map(|&name| {
-                let id = program_id(pins, name);
+                let info = program_info(pins, name);
+                let id = info.as_ref().map(aya::programs::ProgramInfo::id);
                 ProgramStatus {
                     name,
                     id,
+                    tag: info.map(|i| format!("{:016x}", i.tag())),
                     linked: pins.link(name).exists(),
                     links: id.map_or(0, crate::bpf::links_of),
                 }
@@ -85,6 +93,7 @@ impl Status {
             sockhash_entries,
             counters,
             dns_capture_ebpf: crate::bpf::attach::dns_capture_available(pins),
+            datapath: Report::of_instance(pins),
         })
     }
 
@@ -133,6 +142,18 @@ impl Status {
             }
         );
         let _ = writeln!(out, "in use      {}", self.features.in_use.join(", "));
+        if let Some(r) = &self.datapath {
+            let _ = writeln!(
+                out,
+                "started     {} ({} replaced, {} unchanged)",
+                r.how,
+                r.replaced.len(),
+                r.unchanged.len()
+            );
+            for what in &r.not_applied {
+                let _ = writeln!(out, "NOT APPLIED {what}");
+            }
+        }
         let _ = writeln!(out, "\nprograms");
         for p in &self.programs {
             let place = match p.name {
@@ -144,9 +165,10 @@ impl Status {
             };
             let _ = writeln!(
                 out,
-                "  {:<16} {:<10} {place}",
+                "  {:<16} {:<10} {:<16} {place}",
                 p.name,
                 p.id.map_or_else(|| "-".into(), |id| format!("id {id}")),
+                p.tag.as_deref().unwrap_or("-"),
             );
         }
         let _ = writeln!(out, "\npods ({})", self.pods.len());
@@ -191,12 +213,10 @@ fn meaning(name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn program_id(pins: &Pins, name: &str) -> Option<u32> {
+fn program_info(pins: &Pins, name: &str) -> Option<aya::programs::ProgramInfo> {
     let path = pins.prog(name);
     if !path.exists() {
         return None;
     }
-    aya::programs::ProgramInfo::from_pin(&path)
-        .ok()
-        .map(|info| info.id())
+    aya::programs::ProgramInfo::from_pin(&path).ok()
 }

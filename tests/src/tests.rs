@@ -15,5 +15,6 @@ mod outbound;
 mod policy;
 mod protocols;
 mod proxy_l7;
+mod restarts;
 mod sidecars;
 mod sockmap;

@@ -106,3 +106,26 @@ pub fn replace_readme_section(readme: &Path, start: &str, end: &str, body: &str)
     let updated = format!("{}{start}\n{body}\n{}", &text[..from], &text[to..]);
     std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
 }
+
+/// Builds `interceptor` with `--features upgrade-probe` (different sockops code, same ABI: the
+/// upgrade test's newer agent) and copies it to `target/debug/interceptor-upgrade-probe`. Same
+/// target dir as the normal build: dependencies are shared, only the interceptor crate and the
+/// eBPF crate are compiled twice. Run before the normal build, which then puts its own
+/// `interceptor` back.
+pub fn build_upgrade_probe() -> Result<()> {
+    step("building the upgrade-probe agent (interceptor --features upgrade-probe)");
+    exec(cargo().args([
+        "build",
+        "--package",
+        "interceptor",
+        "--features",
+        "upgrade-probe",
+    ]))?;
+    let dir = workspace_root().join("target/debug");
+    std::fs::copy(
+        dir.join("interceptor"),
+        dir.join("interceptor-upgrade-probe"),
+    )
+    .context("copying target/debug/interceptor to interceptor-upgrade-probe")?;
+    Ok(())
+}

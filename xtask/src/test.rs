@@ -23,6 +23,7 @@ pub(crate) fn run(opts: &Options) -> Result<()> {
     if !opts.no_setup {
         crate::setup::run(&crate::setup::Options::default())?;
     }
+    xtask::build_upgrade_probe()?;
     step("building interceptor and the test suites");
     exec(xtask::cargo().args([
         "build",

@@ -224,6 +224,11 @@ impl Suite {
             )?;
             Ok(to)
         };
+        // Found beside `interceptor` by the upgrade test.
+        copy(
+            &self.interceptor.with_file_name("interceptor-upgrade-probe"),
+            "interceptor-upgrade-probe",
+        )?;
         Ok(Suite {
             interceptor: copy(&self.interceptor, "interceptor")?,
             lab: copy(&self.lab, "interceptor-lab")?,
@@ -233,6 +238,7 @@ impl Suite {
 }
 
 fn build_suite() -> Result<Suite> {
+    xtask::build_upgrade_probe()?;
     step("building interceptor and the end-to-end test executable (once, on the host)");
     exec(xtask::cargo().args([
         "build",

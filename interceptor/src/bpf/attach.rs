@@ -17,7 +17,12 @@ use aya::{
 use interceptor_common::{config::GlobalConfig, names};
 use tracing::{debug, info, warn};
 
-use super::{Error, Maps, OBJECT, Pins, maps::open_pinned, sys};
+use super::{
+    Error, Maps, OBJECT, Pins,
+    maps::open_pinned,
+    sys,
+    upgrade::{self, Report},
+};
 
 /// What the agent asks of the loader.
 #[derive(Clone, Debug)]
@@ -37,8 +42,12 @@ pub struct LoadOptions {
 pub enum Attached {
     /// Loaded and attached the programs itself.
     Loaded,
-    /// Found them pinned and attached (another agent, or one that exited with --keep-pinned).
+    /// Found them pinned and attached (another agent, or one that exited with --keep-pinned)
+    /// and left them as they were.
     Adopted,
+    /// Found them pinned and attached, and swapped in this build's programs where their code
+    /// differs, keeping the maps.
+    Upgraded,
 }
 
 /// A running datapath: the maps, and in `Loaded` mode the object that owns the log buffer.
@@ -65,12 +74,13 @@ const CGROUP_PROGRAMS: &[(&str, &str)] = &[
 ];
 
 impl Datapath {
-    /// Adopts the datapath pinned under `pins` if programs are attached there, else loads,
-    /// attaches and pins a fresh one.
+    /// Upgrades the datapath pinned under `pins` in place if programs of this ABI are attached
+    /// there (`bpf/upgrade.rs`), else loads, attaches and pins a fresh one. Records what it did
+    /// for `interceptor status`.
     pub fn start(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
         if pins.is_live() {
-            match Self::adopt(pins.clone()) {
-                Ok(dp) => return Ok(dp),
+            match check_pinned_abi(&pins, false) {
+                Ok(()) => return Self::upgrade(pins, opts),
                 Err(err @ Error::AbiMismatch { .. }) if opts.replace => {
                     warn!(%err, "replacing the pinned datapath");
                     teardown(&pins)?;
@@ -78,7 +88,54 @@ impl Datapath {
                 Err(err) => return Err(err),
             }
         }
-        Self::load(pins, opts)
+        let dp = Self::load(pins, opts)?;
+        Report::new("loaded", opts.bpf_log_level as u8).record(&dp.pins);
+        Ok(dp)
+    }
+
+    /// Loads this build's object against the pinned maps and swaps in the programs whose code
+    /// differs. If that fails, the attached programs keep running (adopted) and the failure is
+    /// reported in status: pods stay intercepted either way.
+    fn upgrade(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
+        let level = opts.bpf_log_level as u8;
+        let mut report = Report::new("upgraded", level);
+        let result = (|| {
+            if OBJECT.is_empty() {
+                return Err(Error::NoObject);
+            }
+            let mut ebpf = load_object(&pins, opts)?;
+            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report)?;
+            let mut maps = Maps::open(&pins)?;
+            maps.set_global_config(opts.config)?;
+            Ok((ebpf, maps))
+        })();
+        let previous = Report::of_instance(&pins);
+        let dp = match result {
+            Ok((ebpf, maps)) => Self {
+                pins,
+                maps,
+                attached: Attached::Upgraded,
+                ebpf: Some(ebpf),
+            },
+            Err(err) => {
+                warn!(%err, "could not upgrade the attached datapath; adopting it as it is");
+                report = Report::new("adopted", level);
+                report.not_applied.push(format!(
+                    "this agent's programs and settings ({err}); the attached ones keep \
+                     running: run `interceptor uninstall` and start the agent to load them"
+                ));
+                Self::adopt(pins)?
+            }
+        };
+        if !report.unchanged.is_empty() && previous.is_some_and(|p| p.bpf_log_level != level) {
+            report.not_applied.push(format!(
+                "--bpf-log-level for the unchanged programs ({}): their log level is fixed \
+                 at load; run `interceptor uninstall` and start the agent to apply it",
+                report.unchanged.join(", ")
+            ));
+        }
+        report.record(&dp.pins);
+        Ok(dp)
     }
 
     /// Opens a datapath another agent pinned: no program is loaded or attached again.
@@ -122,19 +179,7 @@ impl Datapath {
         ] {
             fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
         }
-        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .map_or(4096, |v| v as u32);
-        let level = opts.bpf_log_level as u8;
-        let netns_keys = u32::from(super::features::Features::probe().netns_keys());
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps_dir())
-            .override_global("PAGE_SIZE", &page_size, true)
-            .override_global("NETNS_KEYS", &netns_keys, true)
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(OBJECT)
-            .map_err(Error::Load)?;
+        let mut ebpf = load_object(&pins, opts)?;
 
         let mut maps = Maps::open(&pins)?;
         maps.set_global_config(opts.config)?;
@@ -166,6 +211,24 @@ impl Datapath {
     pub fn ebpf_mut(&mut self) -> Option<&mut Ebpf> {
         self.ebpf.as_mut()
     }
+}
+
+/// Loads this build's object: maps pinned by name under `maps/` are reused when they exist (so
+/// an upgrade keeps every entry), created and pinned otherwise.
+fn load_object(pins: &Pins, opts: &LoadOptions) -> Result<Ebpf, Error> {
+    let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |v| v as u32);
+    let level = opts.bpf_log_level as u8;
+    let netns_keys = u32::from(super::features::Features::probe().netns_keys());
+    EbpfLoader::new()
+        .default_map_pin_directory(pins.maps_dir())
+        .override_global("PAGE_SIZE", &page_size, true)
+        .override_global("NETNS_KEYS", &netns_keys, true)
+        .override_global(aya_log::LEVEL, &level, false)
+        .load(OBJECT)
+        .map_err(Error::Load)
 }
 
 /// Refuses (or with `replace`, removes) pinned maps of another ABI before the loader reuses

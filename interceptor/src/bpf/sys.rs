@@ -1,6 +1,8 @@
-//! The two raw bpf(2) commands aya 0.14 does not expose for cgroup/getsockopt: aya attaches it
-//! with a bpf_link but has no `TryFrom<CgroupSockoptLink> for FdLink`, so the link could not be
-//! pinned and would detach when the agent exits. Everything else goes through aya.
+//! The raw bpf(2) commands aya 0.14 does not expose: link create + pin for cgroup/getsockopt
+//! (aya attaches it with a bpf_link but has no `TryFrom<CgroupSockoptLink> for FdLink`, so the
+//! link could not be pinned and would detach when the agent exits), and for the in-place upgrade
+//! (`bpf/upgrade.rs`) opening a pinned link, reading which program it runs, swapping that
+//! program atomically, and re-attaching sk_msg to the sockhash. Everything else goes through aya.
 
 #![allow(unsafe_code, reason = "the bpf(2) commands aya 0.14 does not expose")]
 
@@ -12,7 +14,15 @@ use std::{
 };
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_F_REPLACE`: the update only happens if the link still runs `old_prog_fd`.
+const BPF_F_REPLACE: u32 = 1 << 2;
+/// `enum bpf_attach_type`: BPF_SK_MSG_VERDICT.
+pub(super) const BPF_SK_MSG_VERDICT: u32 = 7;
 /// `enum bpf_attach_type`: BPF_CGROUP_GETSOCKOPT.
 pub(super) const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
@@ -34,6 +44,48 @@ struct ObjPinAttr {
     file_flags: u32,
     path_fd: i32,
     rest: [u8; 44],
+}
+
+/// The `link_update` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+    rest: [u8; 48],
+}
+
+/// The `prog_attach` member of `union bpf_attr` (target, program, type, flags, replace).
+#[repr(C)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    rest: [u8; 44],
+}
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+    rest: [u8; 48],
+}
+
+/// The head of `struct bpf_link_info` (type, id, prog_id, then the per-type union: for cgroup
+/// links `cgroup_id`, 8-aligned).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    pad: u32,
+    target: [u64; 6],
 }
 
 fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<i64> {
@@ -85,6 +137,90 @@ pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         BPF_OBJ_PIN,
         (&attr as *const ObjPinAttr).cast(),
         std::mem::size_of::<ObjPinAttr>(),
+    )
+    .map(|_| ())
+}
+
+/// `BPF_OBJ_GET`: opens a pinned bpf object (a link here).
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjPinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        rest: [0; 44],
+    };
+    let fd = bpf(
+        BPF_OBJ_GET,
+        (&attr as *const ObjPinAttr).cast(),
+        std::mem::size_of::<ObjPinAttr>(),
+    )?;
+    // SAFETY: the kernel returned a new descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The program a link runs, and its target (the cgroup id for cgroup links).
+pub(super) fn link_info(link: BorrowedFd<'_>) -> io::Result<(u32, u64)> {
+    let mut info = LinkInfo::default();
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: (&mut info as *mut LinkInfo) as u64,
+        rest: [0; 48],
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&attr as *const InfoAttr).cast(),
+        std::mem::size_of::<InfoAttr>(),
+    )?;
+    Ok((info.prog_id, info.target[0]))
+}
+
+/// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: the link runs `new` from the next event on, but only
+/// if it still ran `old` (so two agents upgrading at once cannot interleave). Kernel >= 5.7.
+pub(super) fn link_update(
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    old: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new.as_raw_fd() as u32,
+        flags: BPF_F_REPLACE,
+        old_prog_fd: old.as_raw_fd() as u32,
+        rest: [0; 48],
+    };
+    bpf(
+        BPF_LINK_UPDATE,
+        (&attr as *const LinkUpdateAttr).cast(),
+        std::mem::size_of::<LinkUpdateAttr>(),
+    )
+    .map(|_| ())
+}
+
+/// `BPF_PROG_ATTACH` of a program to a sockmap/sockhash: the map's program slot is swapped in
+/// one exchange (sockets added from then on get `prog`, existing ones keep theirs), so there is
+/// no moment without a program.
+pub(super) fn prog_attach_map(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    let attr = ProgAttachAttr {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+        rest: [0; 44],
+    };
+    bpf(
+        BPF_PROG_ATTACH,
+        (&attr as *const ProgAttachAttr).cast(),
+        std::mem::size_of::<ProgAttachAttr>(),
     )
     .map(|_| ())
 }

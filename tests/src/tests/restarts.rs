@@ -1,0 +1,355 @@
+//! Restarts, upgrades and uninstall under load: two meshed pods (sidecars in both, the client's
+//! outbound and the server's inbound captured) carry a bounded stream of requests — one
+//! keep-alive connection and a new connection per request — while the agent is stopped,
+//! killed, restarted, replaced by a build with different BPF code, and finally uninstalled.
+//! Every request is counted; none may fail, and every connection must reach the app from its
+//! sidecar (127.0.0.6).
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use interceptor_lab::lab::LabPod;
+use serde_json::Value;
+
+use crate::{EchoServer, Harness, connect_from, echo_round_trip, ip4, wait_until};
+
+/// Upper bound of requests per load run (the loop also stops when the test says so).
+const MAX_REQUESTS: u64 = 200_000;
+const PASSTHROUGH: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+
+/// What the load saw.
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    per_connection: AtomicU64,
+    keep_alive: AtomicU64,
+    failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Load {
+    fn ok(&self) -> u64 {
+        self.per_connection.load(Ordering::Relaxed) + self.keep_alive.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut errors = self.errors.lock().expect("lock");
+        if errors.len() < 10 {
+            errors.push(what);
+        }
+    }
+
+    /// Waits until `n` more requests of each kind succeeded (traffic overlaps every phase).
+    fn wait_progress(&self, n: u64) {
+        let (pc, ka) = (
+            self.per_connection.load(Ordering::Relaxed),
+            self.keep_alive.load(Ordering::Relaxed),
+        );
+        wait_until(Duration::from_secs(60), || {
+            assert_eq!(
+                self.failed.load(Ordering::Relaxed),
+                0,
+                "failed requests: {:?}",
+                self.errors.lock().expect("lock")
+            );
+            self.per_connection.load(Ordering::Relaxed) >= pc + n
+                && self.keep_alive.load(Ordering::Relaxed) >= ka + n
+        });
+    }
+
+    /// Alternates a request on the keep-alive connection and one on a new connection until
+    /// stopped or `MAX_REQUESTS`.
+    fn run(&self, client: &LabPod, addr: SocketAddr) {
+        let mut kept = connect_from(client, addr).expect("keep-alive connect");
+        let mut i = 0u64;
+        while !self.stop.load(Ordering::Relaxed) && self.ok() < MAX_REQUESTS {
+            i += 1;
+            let body = format!("request {i}\n").into_bytes();
+            match round_trip(&mut kept, &body) {
+                Ok(()) => {
+                    self.keep_alive.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.fail(format!("keep-alive request {i}: {e}"));
+                    // One broken connection must not hide later failures: reconnect.
+                    match connect_from(client, addr) {
+                        Ok(s) => kept = s,
+                        Err(e) => self.fail(format!("keep-alive reconnect: {e}")),
+                    }
+                }
+            }
+            let result = connect_from(client, addr).and_then(|s| echo_round_trip(s, &body));
+            match result {
+                Ok(back) if back == body => {
+                    self.per_connection.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => self.fail(format!("request {i}: wrong echo")),
+                Err(e) => self.fail(format!("request {i}: {e}")),
+            }
+        }
+    }
+}
+
+/// Stops the load when dropped, so a failing assertion does not leave the scope waiting for a
+/// load thread that runs on.
+struct StopOnDrop<'a>(&'a Load);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One request/response on a kept connection: the echo must come back whole.
+fn round_trip(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(body)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut back = vec![0u8; body.len()];
+    let mut got = 0;
+    while got < body.len() {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "echo timed out"));
+        }
+        match s.read(&mut back[got..]) {
+            Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "closed")),
+            Ok(n) => got += n,
+            // A socket in a sockmap may wake without data (see `echo_round_trip`).
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if back != body {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    Ok(())
+}
+
+/// Two meshed pods with a sidecar each and an echo app in the server pod, agent running.
+fn meshed(h: &mut Harness, agent_args: &[&str]) -> (LabPod, EchoServer) {
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(agent_args);
+    h.sidecar(&client);
+    h.sidecar(&server);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    (client, echo)
+}
+
+/// The load's verdict: nothing failed and the app saw every connection from its sidecar.
+fn assert_clean(load: &Load, echo: &EchoServer) {
+    let failed = load.failed.load(Ordering::Relaxed);
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {:?}",
+        load.errors.lock().expect("lock")
+    );
+    let seen = echo.seen();
+    let per_connection = load.per_connection.load(Ordering::Relaxed);
+    // The kept connection plus one per request.
+    assert_eq!(seen.len() as u64, per_connection + 1);
+    let direct: Vec<_> = seen.iter().filter(|s| s.peer.ip() != PASSTHROUGH).collect();
+    assert!(
+        direct.is_empty(),
+        "{} of {} connections reached the app not from its sidecar, e.g. {:?}",
+        direct.len(),
+        seen.len(),
+        direct.first()
+    );
+    eprintln!(
+        "load: {} requests ({} keep-alive, {per_connection} on new connections), 0 failed, {} \
+         connections all from 127.0.0.6",
+        load.ok(),
+        load.keep_alive.load(Ordering::Relaxed),
+        seen.len()
+    );
+}
+
+fn program<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no program {name} in status"))
+}
+
+#[test]
+fn twenty_restarts_under_load_fail_no_request() {
+    let mut h = Harness::new("restarts");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let load = Load::default();
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        for round in 0..20 {
+            if round % 2 == 0 {
+                assert!(h.stop_agent(), "agent exits cleanly on SIGTERM");
+            } else {
+                let pid = h.agent_mut().pid().expect("agent pid");
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .expect("kill -9 the agent");
+                h.stop_agent();
+            }
+            // Without an agent the pinned datapath alone carries the traffic.
+            load.wait_progress(3);
+            h.start_agent(&["--keep-pinned"]);
+            load.wait_progress(3);
+        }
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
+    // The same build found its own code attached: nothing swapped.
+    let report = &h.status()["datapath"];
+    assert_eq!(report["how"], "upgraded", "{report}");
+    assert_eq!(report["replaced"], serde_json::json!([]), "{report}");
+}
+
+#[test]
+fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
+    let probe = interceptor_lab::bins::upgrade_probe().expect("the upgrade-probe agent");
+    let mut h = Harness::new("upgrade");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let before = h.status();
+    assert_eq!(before["datapath"]["how"], "loaded");
+    let old_tag = program(&before, "track_sockets")["tag"].clone();
+    assert!(old_tag.is_string(), "status shows the sockops tag");
+    assert_eq!(before["counters"]["upgrade_probe"], 0);
+
+    let load = Load::default();
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        let kept_before = load.keep_alive.load(Ordering::Relaxed);
+        // A rollout: the old agent stops (keeping the datapath), the new build starts.
+        assert!(h.stop_agent(), "old agent exits cleanly");
+        h.bin = probe.clone();
+        h.start_agent(&["--keep-pinned"]);
+        let after = h.status();
+        // What runs first: the new sockops code is the one linked at the cgroup root.
+        let sockops = program(&after, "track_sockets");
+        assert_ne!(sockops["tag"], old_tag, "the new sockops is pinned");
+        assert_eq!(sockops["links"], 1, "the new sockops is the one attached");
+        let report = &after["datapath"];
+        assert_eq!(report["how"], "upgraded", "{report}");
+        let replaced: Vec<&str> = report["replaced"]
+            .as_array()
+            .expect("replaced")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            replaced.len() == 1 && replaced[0].starts_with("track_sockets "),
+            "only sockops differs in the probe build: {replaced:?}"
+        );
+        assert_eq!(report["not_applied"], serde_json::json!([]));
+        // New connections run the new code; the established keep-alive one still works.
+        load.wait_progress(5);
+        assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
+        wait_until(Duration::from_secs(20), || h.counter("upgrade_probe") > 0);
+        eprintln!(
+            "upgrade: {replaced:?} in {} µs",
+            report["micros"].as_u64().unwrap_or_default()
+        );
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
+
+    let ids: Vec<u32> = h.status()["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .map(|id| id as u32)
+        .collect();
+    assert_eq!(ids.len(), 10);
+    let old_sockops = before["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .find(|p| p["name"] == "track_sockets")
+        .and_then(|p| p["id"].as_u64())
+        .expect("old sockops id") as u32;
+    assert!(h.stop_agent(), "agent exits cleanly");
+    let out = h.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!h.pin_root.exists(), "no pins left");
+    // The kernel frees programs once their last link and pin are gone (deferred work).
+    wait_until(Duration::from_secs(20), || {
+        ids.iter()
+            .chain([&old_sockops])
+            .all(|&id| !interceptor::bpf::program_loaded(id))
+    });
+    for id in ids {
+        assert_eq!(
+            interceptor::bpf::links_of(id),
+            0,
+            "program {id} still linked"
+        );
+    }
+}
+
+#[test]
+fn a_newer_agents_settings_are_applied_or_reported() {
+    let mut h = Harness::new("settings");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"1").expect("echo"), b"1");
+    assert!(
+        h.counters().since(&before, "sockhash_insert") > 0,
+        "msg redirect on: the connection's sockets joined the sockhash"
+    );
+    assert!(h.stop_agent(), "agent exits cleanly");
+
+    // A global setting (the CONFIG map) is applied; another cgroup cannot be, and says so.
+    let cgroup = client.cgroup.clone().expect("the pod's cgroup");
+    let cgroup = cgroup.to_str().expect("utf-8 path");
+    h.start_agent(&["--keep-pinned", "--no-msg-redirect", "--cgroup", cgroup]);
+    let report = &h.status()["datapath"];
+    assert_eq!(report["how"], "upgraded", "{report}");
+    let not_applied = report["not_applied"].as_array().expect("not_applied");
+    assert!(
+        not_applied.len() == 1
+            && not_applied[0]
+                .as_str()
+                .is_some_and(|w| w.contains("--cgroup")),
+        "{report}"
+    );
+    let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
+    assert!(human.contains("NOT APPLIED --cgroup"), "{human}");
+
+    let before = h.counters();
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"2").expect("echo"), b"2");
+    let after = h.counters();
+    // Off: sockops leaves new connections out of the sockhash, so nothing is redirected.
+    assert_eq!(
+        after.since(&before, "sockhash_insert"),
+        0,
+        "--no-msg-redirect reached the datapath"
+    );
+    assert_eq!(after.since(&before, "msg_redirected"), 0);
+}
