@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod capabilities;
 pub mod cli;
 pub mod commands;
 pub mod discovery;

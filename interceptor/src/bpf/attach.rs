@@ -120,7 +120,8 @@ impl Datapath {
             pins.links_dir(),
             pins.pods_dir(),
         ] {
-            fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            pins.create_private_dir(&dir)
+                .map_err(|e| Error::io("creating", &dir, e))?;
         }
         let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
@@ -403,7 +404,8 @@ pub(crate) fn attach_sk_lookup(pins: &Pins, pod_id: u32, netns: &File) -> Result
         })?
         .into();
     let dir = pins.pod_dir(pod_id);
-    fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    pins.create_private_dir(&dir)
+        .map_err(|e| Error::io("creating", &dir, e))?;
     let path = pins.pod_sk_lookup(pod_id);
     let _ = fs::remove_file(&path);
     link.pin(&path).map_err(|source| Error::Pin {

@@ -34,6 +34,7 @@ use crate::{
         Maps,
         maps::{ListenerFamily, WriteError},
     },
+    capabilities::{self, Capability},
     discovery::netns::Netns,
 };
 
@@ -51,13 +52,15 @@ pub enum Error {
     NoListener { port: u16, netns: String },
     #[error(
         "the listener on port {port} (socket inode {inode}) predates the datapath and its \
-         owning process could not lend it ({source}); restart the proxy"
+         owning process could not lend it ({source}){lacks}; restart the proxy"
     )]
     Adopt {
         port: u16,
         inode: u32,
         #[source]
         source: io::Error,
+        /// Names CAP_SYS_PTRACE when the kernel refused and this process lacks it.
+        lacks: String,
     },
     #[error(transparent)]
     Map(#[from] WriteError),
@@ -126,6 +129,7 @@ fn register(
         let fd = borrow_socket(netns, listener.inode).map_err(|source| Error::Adopt {
             port,
             inode: listener.inode,
+            lacks: capabilities::hint(&source, Capability::SysPtrace),
             source,
         })?;
         maps.add_listener(listener.cookie, &fd)?;
@@ -241,10 +245,36 @@ fn borrow_socket(netns: &Netns, inode: u32) -> io::Result<OwnedFd> {
             return pidfd_getfd(pid, num);
         }
     }
+    // A process whose /proc/PID/ns/net the ptrace check hid cannot be told apart from one in
+    // another pod: say that the search was blind rather than that nobody holds the socket.
+    if hidden_processes() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "no visible process holds the socket and some processes' /proc/PID/ns/net are \
+             unreadable",
+        ));
+    }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
         "no process in the pod holds the socket",
     ))
+}
+
+/// Whether some process's `/proc/PID/ns/net` is refused to this one.
+fn hidden_processes() -> bool {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .any(|e| {
+            fs::metadata(e.path().join("ns/net"))
+                .is_err_and(|err| err.kind() == io::ErrorKind::PermissionDenied)
+        })
 }
 
 fn pidfd_getfd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
