@@ -253,14 +253,16 @@ impl Harness {
 
     /// Starts a sidecar with extra `interceptor proxy` arguments.
     pub fn sidecar_with(&mut self, pod: &LabPod, args: &[&str]) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["proxy"]).args(args);
+        self.start_sidecar(pod, cmd);
+    }
+
+    /// Starts `cmd` (an `interceptor proxy` command line) as the pod's sidecar and waits for
+    /// its health port.
+    pub fn start_sidecar(&mut self, pod: &LabPod, mut cmd: Command) {
         let child = pod
-            .spawn(
-                Command::new(&self.bin)
-                    .args(["proxy"])
-                    .args(args)
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null()),
-            )
+            .spawn(cmd.env("RUST_LOG", "warn").stdout(Stdio::null()))
             .expect("spawning the sidecar");
         let mut proxy = Managed::new(format!("{} sidecar", pod.name), child);
         wait_until(Duration::from_secs(20), || {

@@ -204,10 +204,20 @@ fn without_cap_net_raw_the_legacy_iptables_backend_is_refused() {
 }
 
 #[test]
-fn with_exactly_the_named_capabilities_a_pod_is_intercepted() {
+fn with_exactly_the_named_capabilities_pods_are_intercepted() {
     let mut h = Harness::new("capexact");
     let client = h.pod("client");
     let server = h.pod("server");
+    let outside = h.pod("outside");
+    // The server's sidecar runs as UID 1337 from exec, as Envoy does: dumpable, so its /proc
+    // entries are 1337's, and it listens before the datapath exists, so the agent must take
+    // its listener over with pidfd_getfd (no CAP_DAC_READ_SEARCH to list /proc/PID/fd).
+    let mut sidecar = std::process::Command::new("setpriv");
+    sidecar
+        .args(["--reuid=1337", "--regid=1337", "--clear-groups", "--"])
+        .arg(&h.bin)
+        .args(["proxy", "--no-drop-privileges"]);
+    h.start_sidecar(&server, sidecar);
     let exact = format!(
         "-all,{}",
         AGENT
@@ -216,7 +226,7 @@ fn with_exactly_the_named_capabilities_a_pod_is_intercepted() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    // No CAP_BPF, CAP_PERFMON or CAP_SYS_RESOURCE, no skipped check.
+    // No CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE or CAP_DAC_*, and no skipped check.
     let wrapper = setpriv(&exact);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let cmd = h.command_via(&wrapper, &[]);
@@ -224,22 +234,39 @@ fn with_exactly_the_named_capabilities_a_pod_is_intercepted() {
         .wait_for_line("agent ready", Duration::from_secs(60))
         .expect("agent ready with exactly the named capabilities");
     h.sidecar(&client);
-    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
-    let out = run_via(
-        &h,
-        &exact,
-        false,
-        &["pod", "enable", "--netns", client.netns.as_str()],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let echo = EchoServer::start(&outside, SocketAddr::new(ip4(&outside), 9000));
+    let inner = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    for pod in [&client, &server] {
+        let out = run_via(
+            &h,
+            &exact,
+            false,
+            &["pod", "enable", "--netns", pod.netns.as_str()],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        if pod.name == server.name {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.contains("inbound on"), "{stdout}");
+        }
+    }
     let before = h.counters();
 
+    // Outbound: the client's connection goes through its sidecar.
     let stream = connect_from(&client, echo.addr).expect("connect");
     let peer = stream.peer_addr().expect("peer");
     assert_eq!(echo_round_trip(stream, b"least").expect("echo"), b"least");
     assert_eq!(peer, SocketAddr::from(([127, 0, 0, 1], 15001)));
-    assert_eq!(h.counters().since(&before, "connect_redirected"), 1);
+    // Inbound: the server's app is reached through its adopted sidecar listener.
+    let stream = connect_from(&outside, inner.addr).expect("connect");
+    assert_eq!(echo_round_trip(stream, b"in").expect("echo"), b"in");
+
+    let after = h.counters();
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+    assert_eq!(after.since(&before, "inbound_assigned"), 1);
     assert_eq!(echo.seen().len(), 1);
+    let seen = inner.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer.ip(), std::net::Ipv4Addr::new(127, 0, 0, 6));
 }
 
 #[test]
