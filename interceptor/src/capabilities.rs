@@ -7,8 +7,7 @@
 //!   the agent must hold it, the kernel's `bpf_capable()`, `bpf_net_capable()` and
 //!   `perfmon_capable()` are satisfied by it too: CAP_BPF and CAP_PERFMON add nothing, and the
 //!   BPF program types and SOCKHASH need no CAP_NET_ADMIN.
-//! - CAP_SYS_PTRACE: another process's `/proc/PID/ns/net` and `/proc/PID/fd`, and
-//!   `pidfd_getfd` of a proxy listener that predates the datapath, pass the ptrace access check
+//! - CAP_SYS_PTRACE: another process's `/proc/PID/ns/net`, and `pidfd_getfd` of a proxy listener that predates the datapath, pass the ptrace access check
 //!   only with it once the agent's capabilities are not a superset of the target's.
 //! - CAP_NET_ADMIN: iptables mode writes the nat table in the pod's namespace (netfilter checks
 //!   CAP_NET_ADMIN there, CAP_SYS_ADMIN does not stand in).
@@ -89,8 +88,8 @@ pub const IPTABLES: Need = Need {
 };
 pub const PTRACE: Need = Need {
     cap: Capability::SysPtrace,
-    why: "reading other processes' /proc/PID/ns/net and /proc/PID/fd, pidfd_getfd of a proxy \
-          listener that predates the datapath",
+    why: "reading other processes' /proc/PID/ns/net, pidfd_getfd of a proxy listener that \
+          predates the datapath",
 };
 pub const MEMLOCK: Need = Need {
     cap: Capability::SysResource,
@@ -111,7 +110,7 @@ pub const POD_ENABLE: &[Need] = &[SETNS, PTRACE];
 /// Some of the needed capabilities are not in the effective set.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{what} is missing {}: grant them (run as root with them in the bounding set; in Kubernetes \
+    "{what} is missing {}: grant it (run as root with them in the bounding set; in Kubernetes \
      securityContext.capabilities.add), they are needed for: {}",
     names(.missing), reasons(.missing)
 )]

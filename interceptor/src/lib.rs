@@ -10,6 +10,8 @@
 //! - [`bpf`]: the program family as user space sees it (load, attach, pin, typed map operations,
 //!   probes).
 //!
+//! [`capabilities`]: what the agent needs of the kernel, checked at start.
+//!
 //! The sidecar: [`proxy`] ([`proxy::runtime`] is its composition root). [`iptables`]:
 //! istio-iptables' rules. [`commands`]: what each subcommand does (`main.rs` only dispatches).
 //!

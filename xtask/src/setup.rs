@@ -28,6 +28,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     "haproxy",
     "python3",
     "wrk",
+    // setpriv: the privilege tests drop one capability at a time (tests/src/tests/privileges.rs).
+    "util-linux",
 ];
 
 /// The bpf-linker version verified with LLVM 22 (newer ones may drop the llvm-22 feature).
