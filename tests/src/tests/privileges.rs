@@ -218,14 +218,7 @@ fn with_exactly_the_named_capabilities_pods_are_intercepted() {
         .arg(&h.bin)
         .args(["proxy", "--no-drop-privileges"]);
     h.start_sidecar(&server, sidecar);
-    let exact = format!(
-        "-all,{}",
-        AGENT
-            .iter()
-            .map(|n| format!("+{}", setpriv_name(n.cap.name())))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let exact = exact_set();
     // No CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE or CAP_DAC_*, and no skipped check.
     let wrapper = setpriv(&exact);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
@@ -267,6 +260,66 @@ fn with_exactly_the_named_capabilities_pods_are_intercepted() {
     let seen = inner.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].peer.ip(), std::net::Ipv4Addr::new(127, 0, 0, 6));
+}
+
+/// The DaemonSet's mode: `--kube` against the fake API server, with exactly the capabilities
+/// the manifests add (less the conditional ones), finds its pods through /proc and intercepts
+/// one meshed before it started and one created while it runs.
+#[test]
+fn in_kubernetes_mode_with_exactly_the_named_capabilities_pods_are_intercepted() {
+    use super::kube::{
+        DAEMONSET, DS_NAME, DS_NS, PROXY, World, entry, meshed_pod, through_sidecar, wait_entry,
+    };
+    use crate::fake_api::Kind;
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("capkube");
+    let status = interceptor::kube::annotations::STATUS;
+    let (client, _) = meshed_pod(&mut h, &env, "client", &[(status, "{}")], PROXY, true);
+    env.api.apply(
+        Kind::DaemonSet,
+        serde_json::json!({"metadata": {"namespace": DS_NS, "name": DS_NAME}}),
+    );
+    let wrapper = setpriv(&exact_set());
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let cmd = h.command_via(&wrapper, &[]);
+    let kubeconfig = env.kubeconfig.to_str().expect("utf-8 path");
+    let args = [
+        &[
+            "--kube",
+            "--kubeconfig",
+            kubeconfig,
+            "--node-name",
+            &env.node,
+        ][..],
+        DAEMONSET,
+    ]
+    .concat();
+    h.spawn_agent_with(cmd, &args)
+        .wait_for_line("agent ready", Duration::from_secs(60))
+        .expect("kube agent ready with exactly the named capabilities");
+    assert!(entry(&h, "client").is_some(), "intercepted at ready");
+    through_sidecar(&client, &echo);
+
+    let inject = interceptor::kube::annotations::INJECT;
+    let (late, _) = meshed_pod(&mut h, &env, "late", &[(inject, "true")], &["app"], true);
+    wait_entry(&h, "late", |_| true);
+    through_sidecar(&late, &echo);
+}
+
+/// `setpriv --bounding-set` keeping exactly the capabilities the agent checks at start.
+fn exact_set() -> String {
+    format!(
+        "-all,{}",
+        AGENT
+            .iter()
+            .map(|n| format!("+{}", setpriv_name(n.cap.name())))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 #[test]
