@@ -110,8 +110,8 @@ pub const POD_ENABLE: &[Need] = &[SETNS, PTRACE];
 /// Some of the needed capabilities are not in the effective set.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{what} is missing {}: grant it (run as root with them in the bounding set; in Kubernetes \
-     securityContext.capabilities.add), they are needed for: {}",
+    "{what} is missing {}: give it these capabilities (as root, in its bounding set; in \
+     Kubernetes, securityContext.capabilities.add). They are needed for: {}",
     names(.missing), reasons(.missing)
 )]
 pub struct Missing {
