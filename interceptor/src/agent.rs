@@ -54,11 +54,18 @@ pub enum Error {
     )]
     NoBpffs(&'static str, nix::Error),
     #[error(
+        "bpf() refused this process's feature probes: it lacks CAP_SYS_ADMIN (or CAP_BPF and \
+         CAP_NET_ADMIN); grant CAP_SYS_ADMIN, which the agent needs for setns() anyway"
+    )]
+    ProbesRefused,
+    #[error(
         "this kernel ({kernel}) lacks what interception needs: {missing}. Interceptor needs \
          Linux >= 5.7 with CONFIG_CGROUP_BPF, CONFIG_BPF_STREAM_PARSER; use iptables mode \
          (`interceptor iptables apply`) on this node"
     )]
     Kernel { kernel: String, missing: String },
+    #[error(transparent)]
+    Capabilities(#[from] crate::capabilities::Missing),
     #[error(transparent)]
     Bpf(#[from] bpf::Error),
     #[error(transparent)]
@@ -101,6 +108,9 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
+    // Root is not enough: a container drops capabilities. Name what is missing before
+    // anything is half done.
+    crate::capabilities::check("the agent", crate::capabilities::AGENT)?;
     if !bpf::features::bpffs_mounted() {
         let target = bpf::features::BPFFS;
         nix::mount::mount(
@@ -121,6 +131,13 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
     let features = Features::probe();
     let missing = features.missing_for_outbound();
     if !missing.is_empty() {
+        // A refused probe reads as "unsupported": do not blame the kernel for a capability.
+        use crate::capabilities::Capability;
+        let bpf_ok = Capability::SysAdmin.is_effective() || Capability::Bpf.is_effective();
+        let net_ok = Capability::SysAdmin.is_effective() || Capability::NetAdmin.is_effective();
+        if !(bpf_ok && net_ok) {
+            return Err(Error::ProbesRefused);
+        }
         return Err(Error::Kernel {
             kernel: features.kernel.clone(),
             missing: missing.join(", "),
@@ -143,7 +160,12 @@ fn raise_memlock() {
     };
     // SAFETY: setrlimit reads a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        debug!("could not raise RLIMIT_MEMLOCK");
+        // Only Linux < 5.11 charges BPF memory to it; there the load fails on EPERM later.
+        debug!(
+            lacks = %crate::capabilities::lacking(&[crate::capabilities::Capability::SysResource]),
+            "could not raise RLIMIT_MEMLOCK ({})",
+            crate::capabilities::MEMLOCK.why
+        );
     }
 }
 

@@ -41,7 +41,10 @@ pub enum Error {
          rebuild after `cargo xtask setup`"
     )]
     NoObject,
-    #[error("loading the eBPF object failed: {0}")]
+    #[error(
+        "loading the eBPF object failed: {0}{lacks}",
+        lacks = crate::capabilities::bpf_lacking(.0)
+    )]
     Load(#[source] aya::EbpfError),
     #[error("program {program}: {source}")]
     Program {
@@ -50,8 +53,9 @@ pub enum Error {
         source: aya::programs::ProgramError,
     },
     #[error(
-        "the kernel rejected program {program} ({source}); it needs {needs}. \
-         Run `interceptor status` to see what this kernel supports"
+        "the kernel rejected program {program} ({source}){}; it needs {needs}. \
+         Run `interceptor status` to see what this kernel supports",
+        crate::capabilities::bpf_lacking(.source)
     )]
     ProgramRejected {
         program: &'static str,
@@ -59,7 +63,7 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}: {source}{}", crate::capabilities::bpf_lacking(.source))]
     Map {
         map: &'static str,
         #[source]

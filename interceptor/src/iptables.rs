@@ -25,7 +25,11 @@ pub use self::{
     backend::{Backend, BackendChoice},
     rules::{Family, RuleSet},
 };
-use crate::{discovery::netns::Netns, registry::spec::PodSpec};
+use crate::{
+    capabilities::{self, Capability},
+    discovery::netns::Netns,
+    registry::spec::PodSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -237,17 +241,29 @@ fn run_once(
             program: program.to_owned(),
             source,
         },
+        // The child enters the pod's namespace before exec: setns() is what can be refused.
         _ => Error::Failed {
             command: command.clone(),
             netns: netns.path().to_owned(),
-            stderr: source.to_string(),
+            stderr: format!(
+                "{source}{}",
+                capabilities::hint(&source, Capability::SysAdmin)
+            ),
         },
     })?;
     if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        // iptables says "Permission denied (you must be root)" whatever it lacked: name it.
+        if stderr.contains("Permission denied") || stderr.contains("Operation not permitted") {
+            stderr.push_str(&capabilities::lacking(&[
+                Capability::NetAdmin,
+                Capability::NetRaw,
+            ]));
+        }
         return Err(Error::Failed {
             command,
             netns: netns.path().to_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            stderr,
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

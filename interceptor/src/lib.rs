@@ -10,6 +10,8 @@
 //! - [`bpf`]: the program family as user space sees it (load, attach, pin, typed map operations,
 //!   probes).
 //!
+//! [`capabilities`]: what the agent needs of the kernel, checked at start.
+//!
 //! The sidecar: [`proxy`] ([`proxy::runtime`] is its composition root). [`iptables`]:
 //! istio-iptables' rules. [`commands`]: what each subcommand does (`main.rs` only dispatches).
 //!
@@ -18,6 +20,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod capabilities;
 pub mod cli;
 pub mod commands;
 pub mod discovery;

@@ -285,7 +285,12 @@ impl<'a> Registry<'a> {
                 return Err(err.into());
             }
             if let Err(err) = listeners::resolve(self.maps, id, netns, cfg.inbound_port as u16) {
-                debug!(pod = %name, %err, "inbound listener not resolved yet");
+                // Refused by the kernel is not "not yet": retrying will not help.
+                if crate::capabilities::is_denied(&err) {
+                    warn!(pod = %name, %err, "inbound listener cannot be resolved");
+                } else {
+                    debug!(pod = %name, %err, "inbound listener not resolved yet");
+                }
             }
         } else {
             bpf::attach::detach_pod(self.pins, id)?;
@@ -356,7 +361,11 @@ impl<'a> Registry<'a> {
                 continue;
             };
             if let Err(err) = listeners::resolve(self.maps, id, &netns, cfg.inbound_port as u16) {
-                debug!(pod = %pod_name(&info), %err, "inbound listener not resolved");
+                if crate::capabilities::is_denied(&err) {
+                    warn!(pod = %pod_name(&info), %err, "inbound listener cannot be resolved");
+                } else {
+                    debug!(pod = %pod_name(&info), %err, "inbound listener not resolved");
+                }
             }
         }
         Ok(())

@@ -130,8 +130,30 @@ impl Harness {
 
     /// Starts an agent on this instance without waiting for it to be ready.
     pub fn spawn_agent(&mut self, args: &[&str]) -> &mut Managed {
-        let child = self
-            .command()
+        let cmd = self.command();
+        self.spawn_agent_with(cmd, args)
+    }
+
+    /// `interceptor --pin-root <this>` run through `wrapper` (e.g. `setpriv` with its
+    /// options, ending in `--`), with `env` added.
+    pub fn command_via(&self, wrapper: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(&self.bin)
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env.iter().copied());
+        cmd
+    }
+
+    /// Starts `cmd` (an `interceptor` command line up to its subcommand) as this instance's
+    /// agent, without waiting for it to be ready.
+    pub fn spawn_agent_with(&mut self, mut cmd: Command, args: &[&str]) -> &mut Managed {
+        let child = cmd
             .args(["agent", "--reconcile-seconds", "0.2"])
             .args(args)
             .stdout(Stdio::piped())
@@ -231,14 +253,16 @@ impl Harness {
 
     /// Starts a sidecar with extra `interceptor proxy` arguments.
     pub fn sidecar_with(&mut self, pod: &LabPod, args: &[&str]) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["proxy"]).args(args);
+        self.start_sidecar(pod, cmd);
+    }
+
+    /// Starts `cmd` (an `interceptor proxy` command line) as the pod's sidecar and waits for
+    /// its health port.
+    pub fn start_sidecar(&mut self, pod: &LabPod, mut cmd: Command) {
         let child = pod
-            .spawn(
-                Command::new(&self.bin)
-                    .args(["proxy"])
-                    .args(args)
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null()),
-            )
+            .spawn(cmd.env("RUST_LOG", "warn").stdout(Stdio::null()))
             .expect("spawning the sidecar");
         let mut proxy = Managed::new(format!("{} sidecar", pod.name), child);
         wait_until(Duration::from_secs(20), || {

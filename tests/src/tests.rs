@@ -13,6 +13,7 @@ mod kube;
 mod lifecycle;
 mod outbound;
 mod policy;
+mod privileges;
 mod protocols;
 mod proxy_l7;
 mod restarts;

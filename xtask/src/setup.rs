@@ -30,6 +30,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     "wrk",
     // h2load: the gRPC client of the proxy benchmark (h2c, gRPC-framed request bodies).
     "nghttp2-client",
+    // setpriv: the privilege tests drop one capability at a time (tests/src/tests/privileges.rs).
+    "util-linux",
 ];
 
 /// The bpf-linker version verified with LLVM 22 (newer ones may drop the llvm-22 feature).

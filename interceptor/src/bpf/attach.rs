@@ -177,7 +177,8 @@ impl Datapath {
             pins.links_dir(),
             pins.pods_dir(),
         ] {
-            fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            pins.create_private_dir(&dir)
+                .map_err(|e| Error::io("creating", &dir, e))?;
         }
         let mut ebpf = load_object(&pins, opts)?;
 
@@ -466,7 +467,8 @@ pub(crate) fn attach_sk_lookup(pins: &Pins, pod_id: u32, netns: &File) -> Result
         })?
         .into();
     let dir = pins.pod_dir(pod_id);
-    fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    pins.create_private_dir(&dir)
+        .map_err(|e| Error::io("creating", &dir, e))?;
     let path = pins.pod_sk_lookup(pod_id);
     let _ = fs::remove_file(&path);
     link.pin(&path).map_err(|source| Error::Pin {

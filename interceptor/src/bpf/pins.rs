@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/interceptor";
 const RUN_DIR: &str = "/run/interceptor";
+/// Pin directories: root's alone (see `create_private_dir`).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
 #[derive(Clone, Debug)]
 pub struct Pins {
@@ -105,6 +107,22 @@ impl Pins {
 
     pub fn pod_sk_lookup(&self, pod_id: u32) -> PathBuf {
         self.pod_dir(pod_id).join("sk_lookup")
+    }
+
+    /// Creates `dir` (inside this root) and the root itself owner-only (0700): a pinned map is
+    /// the datapath's policy, and bpf(BPF_OBJ_GET) asks nothing of the caller but the path's
+    /// permissions (the pins themselves are 0600, the kernel's default). Tightens directories
+    /// an older agent left 0755.
+    pub fn create_private_dir(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR_MODE)
+            .create(dir)?;
+        for d in [self.root.as_path(), dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
+        }
+        Ok(())
     }
 
     /// Whether programs are attached through this root (an agent runs or ran with

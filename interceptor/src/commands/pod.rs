@@ -16,6 +16,10 @@ pub fn run(pins: &Pins, cmd: PodCommand) -> Result<()> {
     let mut maps = Maps::open(pins)?;
     match cmd {
         PodCommand::Enable(args) => {
+            crate::capabilities::check(
+                "`interceptor pod enable`",
+                crate::capabilities::POD_ENABLE,
+            )?;
             let mut spec = args.switches.spec()?;
             spec.dns
                 .fill_nameservers(&registry::spec::pod_resolv_conf(

@@ -34,6 +34,7 @@ use crate::{
         Maps,
         maps::{ListenerFamily, WriteError},
     },
+    capabilities::{self, Capability},
     discovery::netns::Netns,
 };
 
@@ -51,13 +52,15 @@ pub enum Error {
     NoListener { port: u16, netns: String },
     #[error(
         "the listener on port {port} (socket inode {inode}) predates the datapath and its \
-         owning process could not lend it ({source}); restart the proxy"
+         owning process could not lend it ({source}){lacks}; restart the proxy"
     )]
     Adopt {
         port: u16,
         inode: u32,
         #[source]
         source: io::Error,
+        /// Names CAP_SYS_PTRACE when the kernel refused and this process lacks it.
+        lacks: String,
     },
     #[error(transparent)]
     Map(#[from] WriteError),
@@ -126,6 +129,7 @@ fn register(
         let fd = borrow_socket(netns, listener.inode).map_err(|source| Error::Adopt {
             port,
             inode: listener.inode,
+            lacks: capabilities::hint(&source, Capability::SysPtrace),
             source,
         })?;
         maps.add_listener(listener.cookie, &fd)?;
@@ -223,23 +227,47 @@ fn cookie_of(bytes: &[u8; 8]) -> u64 {
 }
 
 /// A duplicate of the socket with this inode, taken from a process in the namespace.
+///
+/// The process's descriptors are duplicated one by one up to its table size and compared by
+/// inode, instead of listing `/proc/PID/fd`: that directory is 0500 and owned by the process's
+/// UID when it is dumpable (a proxy exec'd as 1337, as Envoy is), so listing it would take
+/// CAP_DAC_READ_SEARCH too, while `pidfd_getfd` needs only the ptrace access (CAP_SYS_PTRACE).
 fn borrow_socket(netns: &Netns, inode: u32) -> io::Result<OwnedFd> {
-    let target = format!("socket:[{inode}]");
     for (pid, dir) in crate::discovery::netns::processes_in(netns.dev, netns.ino) {
-        let Ok(fds) = fs::read_dir(dir.join("fd")) else {
+        let Some(size) = fd_table_size(&dir) else {
             continue;
         };
-        for fd in fds.filter_map(Result::ok) {
-            let is_target =
-                fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str());
-            if !is_target {
-                continue;
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            // Exited since the scan.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+            Err(e) => return Err(e),
+        };
+        for num in 0..size {
+            match pidfd_getfd(&pidfd, num) {
+                Ok(fd) => {
+                    let is_target = nix::sys::stat::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+                        st.st_mode & libc::S_IFMT == libc::S_IFSOCK && st.st_ino == u64::from(inode)
+                    });
+                    if is_target {
+                        return Ok(fd);
+                    }
+                }
+                // A hole in the table, or the process exited meanwhile.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF | libc::ESRCH)) => {}
+                // EPERM: the ptrace access check.
+                Err(e) => return Err(e),
             }
-            let Some(num) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            return pidfd_getfd(pid, num);
         }
+    }
+    // A process whose /proc/PID/ns/net the ptrace check hid cannot be told apart from one in
+    // another pod: say that the search was blind rather than that nobody holds the socket.
+    if hidden_processes() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "no visible process holds the socket and some processes' /proc/PID/ns/net are \
+             unreadable",
+        ));
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
@@ -247,14 +275,53 @@ fn borrow_socket(netns: &Netns, inode: u32) -> io::Result<OwnedFd> {
     ))
 }
 
-fn pidfd_getfd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscalls; the returned descriptors are owned here.
+/// Most descriptors scanned in one process: `FDSize` is the table's allocated size, which
+/// only a process that once held that many descriptors reaches.
+const MAX_FDS: i32 = 1 << 20;
+
+/// `FDSize` of `/proc/PID/status` (readable by anyone): every open descriptor is below it.
+fn fd_table_size(proc_dir: &std::path::Path) -> Option<i32> {
+    let status = fs::read_to_string(proc_dir.join("status")).ok()?;
+    let size = status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
+    Some(size.min(MAX_FDS))
+}
+
+/// Whether some process's `/proc/PID/ns/net` is refused to this one.
+fn hidden_processes() -> bool {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .any(|e| {
+            fs::metadata(e.path().join("ns/net"))
+                .is_err_and(|err| err.kind() == io::ErrorKind::PermissionDenied)
+        })
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall; the returned descriptor is owned here.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
         if pidfd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        Ok(OwnedFd::from_raw_fd(pidfd as i32))
+    }
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall; the returned descriptor is owned here.
+    unsafe {
         let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
         if dup < 0 {
             return Err(io::Error::last_os_error());

@@ -38,11 +38,13 @@ pub enum Error {
     },
     #[error("{path} is not a network namespace")]
     NotNetns { path: PathBuf },
-    #[error("entering network namespace {path}: {source} (this needs root / CAP_SYS_ADMIN)")]
+    #[error("entering network namespace {path}: {source}{lacks}; setns() needs CAP_SYS_ADMIN")]
     Enter {
         path: PathBuf,
         #[source]
         source: nix::Error,
+        /// Names the capability when this process lacks it.
+        lacks: String,
     },
     #[error("thread inside network namespace {path} panicked")]
     Thread { path: PathBuf },
@@ -118,6 +120,10 @@ impl Netns {
                         Error::Enter {
                             path: self.path.clone(),
                             source,
+                            lacks: crate::capabilities::denied_hint(
+                                Some(source as i32),
+                                crate::capabilities::Capability::SysAdmin,
+                            ),
                         }
                     })?;
                     Ok(f())

@@ -26,15 +26,15 @@ use crate::{
     wait_until,
 };
 
-const NS: &str = "shop";
+pub(super) const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(30);
-const PROXY: &[&str] = &["app", "istio-proxy"];
+pub(super) const PROXY: &[&str] = &["app", "istio-proxy"];
 /// The DaemonSet the agents of these tests say they run in (`--daemonset`).
-const DS_NS: &str = "interceptor-system";
-const DS_NAME: &str = "interceptor";
-const DAEMONSET: &[&str] = &["--daemonset", "interceptor-system/interceptor"];
+pub(super) const DS_NS: &str = "interceptor-system";
+pub(super) const DS_NAME: &str = "interceptor";
+pub(super) const DAEMONSET: &[&str] = &["--daemonset", "interceptor-system/interceptor"];
 
-fn entry(h: &Harness, name: &str) -> Option<Value> {
+pub(super) fn entry(h: &Harness, name: &str) -> Option<Value> {
     h.status()["pods"]
         .as_array()?
         .iter()
@@ -54,7 +54,7 @@ fn kube_entries(h: &Harness) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn wait_entry(h: &Harness, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+pub(super) fn wait_entry(h: &Harness, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let mut found = None;
     wait_until(WAIT, || {
         found = entry(h, name).filter(|e| ok(e));
@@ -68,7 +68,7 @@ fn wait_gone(h: &Harness, name: &str) {
 }
 
 /// Connects from `from` and asserts the connection went to the sidecar's 15001.
-fn through_sidecar(from: &LabPod, echo: &EchoServer) {
+pub(super) fn through_sidecar(from: &LabPod, echo: &EchoServer) {
     let s = connect_from(from, echo.addr).expect("connect");
     assert_eq!(
         s.peer_addr().expect("peer"),
@@ -87,7 +87,7 @@ fn direct(from: &LabPod, echo: &EchoServer) {
 
 /// A lab pod registered in the fake API under a fresh UID, with a process in its kubelet-style
 /// cgroup and (when `sidecar`) the proxy running in it.
-fn meshed_pod(
+pub(super) fn meshed_pod(
     h: &mut Harness,
     env: &KubeEnv,
     name: &str,
@@ -111,15 +111,15 @@ fn meshed_pod(
 
 /// How most of these tests start: a harness, the fake API server with the default namespace,
 /// and a server pod with an echo server on its address, port 9000.
-struct World {
-    h: Harness,
-    env: KubeEnv,
-    server: LabPod,
-    echo: EchoServer,
+pub(super) struct World {
+    pub(super) h: Harness,
+    pub(super) env: KubeEnv,
+    pub(super) server: LabPod,
+    pub(super) echo: EchoServer,
 }
 
 impl World {
-    fn new(tag: &str) -> Self {
+    pub(super) fn new(tag: &str) -> Self {
         let mut h = Harness::new(tag);
         let env = KubeEnv::new(&h);
         env.api.apply(Kind::Namespace, namespace_object(NS, &[]));
