@@ -171,10 +171,14 @@ impl Harness {
 
     /// Stops the most recently started agent (SIGTERM) and returns whether it exited cleanly.
     pub fn stop_agent(&mut self) -> bool {
+        self.stop_agent_within(Duration::from_secs(20))
+    }
+
+    /// Stops the newest agent with SIGTERM, killing it after `grace`; whether it exited with
+    /// success. A longer grace for tests that stop agents under load in slow (TCG) guests.
+    pub fn stop_agent_within(&mut self, grace: Duration) -> bool {
         let mut agent = self.agents.pop().expect("an agent to stop");
-        agent
-            .stop(Duration::from_secs(20))
-            .is_some_and(|s| s.success())
+        agent.stop(grace).is_some_and(|s| s.success())
     }
 
     /// Stops the agent started `index`-th among those still running.
