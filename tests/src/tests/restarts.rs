@@ -193,11 +193,8 @@ fn twenty_restarts_under_load_fail_no_request() {
     // round's agent does not exit with success (round 4, twice; a 90 s bound did not help, so
     // it is not slowness). Run alone there (`cargo xtask vm-test --kernel 5.10 restarts`) it
     // passes. Skipped below 5.15 until found; 6.1, 6.12 and the host run it in every suite.
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut v = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse::<u32>().ok());
-    if (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (5, 15)
+    use interceptor::bpf::features::{kernel_below, kernel_release};
+    if kernel_below(&kernel_release(), (5, 15))
         && std::env::var_os("INTERCEPTOR_E2E_RESTARTS_ON_OLD_KERNELS").is_none()
     {
         use std::io::Write as _;
