@@ -69,6 +69,11 @@ pub mod prog {
     pub const RECVMSG6: &str = "dns_reply6";
     /// The DNS capture programs, attached together or not at all.
     pub const DNS: [&str; 4] = [SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6];
+    /// Every program of the family, in the order an upgrade swaps them and status lists them.
+    pub const ALL: [&str; 10] = [
+        CONNECT4, CONNECT6, SOCKOPS, GETSOCKOPT, SK_MSG, SK_LOOKUP, SENDMSG4, SENDMSG6, RECVMSG4,
+        RECVMSG6,
+    ];
 }
 
 /// Sizes of the maps. Sockets and connections are bounded by what a node runs at once.

@@ -45,23 +45,10 @@ pub struct ProgramStatus {
     pub tag: Option<String>,
 }
 
-const PROGRAMS: &[&str] = &[
-    names::prog::CONNECT4,
-    names::prog::CONNECT6,
-    names::prog::SOCKOPS,
-    names::prog::GETSOCKOPT,
-    names::prog::SK_MSG,
-    names::prog::SK_LOOKUP,
-    names::prog::SENDMSG4,
-    names::prog::SENDMSG6,
-    names::prog::RECVMSG4,
-    names::prog::RECVMSG6,
-];
-
 impl Status {
     pub fn collect(pins: &Pins) -> Result<Self, crate::bpf::Error> {
         let features = Features::of_instance(pins);
-        let programs = PROGRAMS
+        let programs = names::prog::ALL
             .iter()
             .map(|&name| {
                 let info = program_info(pins, name);

@@ -74,20 +74,6 @@ impl Report {
     }
 }
 
-/// Every program of the family, in the order they are swapped.
-const PROGRAMS: &[&str] = &[
-    names::prog::CONNECT4,
-    names::prog::CONNECT6,
-    names::prog::SOCKOPS,
-    names::prog::GETSOCKOPT,
-    names::prog::SK_MSG,
-    names::prog::SK_LOOKUP,
-    names::prog::SENDMSG4,
-    names::prog::SENDMSG6,
-    names::prog::RECVMSG4,
-    names::prog::RECVMSG6,
-];
-
 /// One swap already made, with what undoes it.
 enum Done {
     Link {
@@ -111,7 +97,7 @@ pub(super) fn swap_programs(
 ) -> Result<(), Error> {
     let start = Instant::now();
     let mut changed = Vec::new();
-    for &name in PROGRAMS {
+    for name in names::prog::ALL {
         let old_path = pins.prog(name);
         if !old_path.exists() {
             // The attached family never had it (this kernel lacks the hook): nothing to swap.
