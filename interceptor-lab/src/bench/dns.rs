@@ -213,23 +213,9 @@ impl Rig {
         let child = self
             .resolver
             .spawn(
-                Command::new("dnsmasq")
-                    .args([
-                        "-k",
-                        "--conf-file=/dev/null",
-                        "--no-resolv",
-                        "--no-hosts",
-                        "--bind-interfaces",
-                        "--pid-file=",
-                        "--user=root",
-                        "--port=53",
-                        "--local-ttl=60",
-                    ])
-                    .arg(format!("--listen-address={}", self.resolver.ip))
+                super::peers::dnsmasq(&[IpAddr::V4(self.resolver.ip)])
                     .arg(format!("--address=/{CACHED_NAME}/{UPSTREAM_IP}"))
-                    .arg(format!("--address=/{FORWARD_DOMAIN}/{UPSTREAM_IP}"))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null()),
+                    .arg(format!("--address=/{FORWARD_DOMAIN}/{UPSTREAM_IP}")),
             )
             .context("starting dnsmasq (apt-get install dnsmasq-base; cargo xtask setup does)")?;
         self.processes.push(Managed::new("dnsmasq", child));

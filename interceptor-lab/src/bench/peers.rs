@@ -151,3 +151,25 @@ pub fn asyncio_script(dir: &Path) -> Result<PathBuf> {
     fs::write(&path, include_str!("asyncio_proxy.py"))?;
     Ok(path)
 }
+
+/// dnsmasq as a pod's resolver (the DNS tests' and the DNS benchmark's): in the foreground, no
+/// config file, resolv.conf or hosts, port 53 on the given addresses only, a 60 s TTL for the
+/// names it is told (`--address=/NAME/IP`, added by the caller), quiet.
+pub fn dnsmasq(listen: &[std::net::IpAddr]) -> std::process::Command {
+    let mut cmd = std::process::Command::new("dnsmasq");
+    cmd.args([
+        "-k",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--pid-file=",
+        "--user=root",
+        "--port=53",
+        "--local-ttl=60",
+    ])
+    .args(listen.iter().map(|ip| format!("--listen-address={ip}")))
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    cmd
+}

@@ -26,23 +26,8 @@ const UPSTREAM_IP: &str = "198.18.88.8";
 fn start_resolver(h: &mut Harness, pod: &LabPod) {
     let child = pod
         .spawn(
-            Command::new("dnsmasq")
-                .args([
-                    "-k",
-                    "--conf-file=/dev/null",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    "--pid-file=",
-                    "--user=root",
-                    "--port=53",
-                    "--local-ttl=60",
-                ])
-                .arg(format!("--listen-address={}", pod.ip))
-                .arg(format!("--listen-address={}", pod.ip6))
-                .arg(format!("--address=/upstream.test/{UPSTREAM_IP}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
+            interceptor_lab::bench::peers::dnsmasq(&[pod.ip.into(), pod.ip6.into()])
+                .arg(format!("--address=/upstream.test/{UPSTREAM_IP}")),
         )
         .expect("dnsmasq (apt-get install dnsmasq-base; cargo xtask setup does)");
     h.apps
