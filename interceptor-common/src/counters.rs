@@ -91,6 +91,9 @@ counters! {
     MsgRedirectedPodToPod = "msg_redirected_pod_to_pod",
     /// Peer socket missing from the sockhash: that direction falls back to TCP for good.
     MsgRedirectFailed = "msg_redirect_failed",
+    /// Of `msg_redirect_failed`: on a same-node pod→pod hop (typically the client sidecar
+    /// wrote before the server pod's end of the handshake was processed).
+    MsgRedirectFailedPodToPod = "msg_redirect_failed_pod_to_pod",
     /// A direction fell back to TCP, so its reverse direction was moved to TCP too (a
     /// half-redirected connection is slower than plain TCP; redirect → TCP is order-safe).
     MsgFallbackReverse = "msg_fallback_reverse",

@@ -67,6 +67,9 @@ fn redirect(ctx: &SkMsgContext) {
         // end of the handshake was processed. This message takes TCP, and so must the rest.
         let _ = MSG_FALLBACK.insert(&key, &1, 0);
         count(Counter::MsgRedirectFailed);
+        if pod_to_pod {
+            count(Counter::MsgRedirectFailedPodToPod);
+        }
         // Half TCP, half redirect is slower than either (measured: every TCP segment is
         // acknowledged by a bare ACK, never piggybacked, and both stacks run per request), so
         // the reverse direction leaves the redirect too. That one is order-safe: its reader

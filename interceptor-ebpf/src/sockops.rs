@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    config::CONFIG_MSG_REDIRECT,
+    config::{CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD},
     counters::Counter,
     event::{Event, EVENT_LISTENER},
     origdst::ORIG_NO_SOCKMAP,
@@ -172,7 +172,8 @@ fn pod_to_pod(ctx: &SockOpsContext, key: &mut SockKey, active: bool) {
     let Some(cfg) = config() else {
         return;
     };
-    if cfg.flags & CONFIG_MSG_REDIRECT == 0
+    let wanted = CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD;
+    if cfg.flags & wanted != wanted
         || !is_pod_to_pod(&key.local_ip, &key.remote_ip, &cfg.passthrough_ip6)
     {
         return;

@@ -207,10 +207,18 @@ fn pod_to_pod_supported(h: &Harness) -> bool {
 
 /// Two enabled pods with sidecars, an echo app on the server pod's address, port 9000.
 fn meshed_pair(tag: &str, client_extra: &[&str]) -> (Harness, LabPod, LabPod, EchoServer) {
+    meshed_pair_with(tag, &[], client_extra)
+}
+
+fn meshed_pair_with(
+    tag: &str,
+    agent: &[&str],
+    client_extra: &[&str],
+) -> (Harness, LabPod, LabPod, EchoServer) {
     let mut h = Harness::new(tag);
     let client = h.pod("client");
     let server = h.pod("server");
-    h.start_agent(&[]);
+    h.start_agent(agent);
     h.sidecar(&client);
     h.sidecar(&server);
     let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
@@ -261,6 +269,23 @@ fn sidecar_to_sidecar_hop_between_two_enabled_pods_is_carried_by_sk_msg() {
         after
     );
     assert_eq!(after.since(&before, "pod_to_pod_skipped"), 0);
+}
+
+#[test]
+fn with_pod_to_pod_off_the_sidecar_hop_stays_on_tcp() {
+    let (h, client, _server, echo) = meshed_pair_with("p2poff", &["--no-pod-to-pod"], &[]);
+    let before = h.counters();
+    let data = payload(1 << 20);
+    let back = echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data)
+        .expect("echo");
+    assert!(back == data);
+    let after = h.counters();
+    // The in-pod hops keep their redirect; the pod→pod hop is left alone, uncounted.
+    assert_eq!(after.since(&before, "sockhash_insert"), 4);
+    assert!(after.since(&before, "msg_redirected") > 0);
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "pod_to_pod_skipped"), 0);
+    assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
 }
 
 #[test]
