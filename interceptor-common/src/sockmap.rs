@@ -79,7 +79,11 @@ mod tests {
     fn only_hops_without_a_loopback_or_passthrough_end_are_pod_to_pod() {
         let pt6 = GlobalConfig::istio_defaults().passthrough_ip6;
         assert!(is_pod_to_pod(&a("198.18.0.2"), &a("198.18.0.3"), &pt6));
-        assert!(is_pod_to_pod(&a("fd00:198:18::2"), &a("fd00:198:18::3"), &pt6));
+        assert!(is_pod_to_pod(
+            &a("fd00:198:18::2"),
+            &a("fd00:198:18::3"),
+            &pt6
+        ));
         // app → proxy, passthrough, IPv6 passthrough: in-pod hops keep their namespace.
         assert!(!is_pod_to_pod(&a("198.18.0.2"), &a("127.0.0.1"), &pt6));
         assert!(!is_pod_to_pod(&a("127.0.0.6"), &a("198.18.0.2"), &pt6));

@@ -25,8 +25,8 @@ use interceptor_common::{
 use crate::{
     ctx,
     maps::{
-        self, config, count, netns_key, pod_of, EVENTS, LISTENERS, MSG_FALLBACK, NETNS_KEYS,
-        SOCKS, TUPLE_ORIG,
+        self, config, count, netns_key, pod_of, EVENTS, LISTENERS, MSG_FALLBACK, NETNS_KEYS, SOCKS,
+        TUPLE_ORIG,
     },
     policy,
 };
@@ -162,6 +162,7 @@ fn on_state_change(ctx: &SockOpsContext) {
 /// - the remote address belongs to another enabled pod,
 /// - neither pod asked `--no-sockmap`, and the server pod captures the port inbound (a
 ///   connection that does not go through its proxy is not ours to move).
+///
 /// A socket of the host, of a pod that is not enabled, or any other is left alone. The
 /// handshake has crossed the veths already (a connection a policy drops never gets here).
 #[inline(always)]

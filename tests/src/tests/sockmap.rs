@@ -248,7 +248,11 @@ fn sidecar_to_sidecar_hop_between_two_enabled_pods_is_carried_by_sk_msg() {
     assert_eq!(after.since(&before, "inbound_assigned"), 1);
     assert_eq!(after.since(&before, "orig_dst_local"), 1);
     assert_eq!(after.since(&before, "connect_passthrough"), 1);
-    assert_eq!(after.since(&before, "sockhash_insert"), 4, "the two in-pod hops");
+    assert_eq!(
+        after.since(&before, "sockhash_insert"),
+        4,
+        "the two in-pod hops"
+    );
     let seen = echo.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].peer.ip(), PASSTHROUGH);
@@ -276,8 +280,8 @@ fn with_pod_to_pod_off_the_sidecar_hop_stays_on_tcp() {
     let (h, client, _server, echo) = meshed_pair_with("p2poff", &["--no-pod-to-pod"], &[]);
     let before = h.counters();
     let data = payload(1 << 20);
-    let back = echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data)
-        .expect("echo");
+    let back =
+        echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data).expect("echo");
     assert!(back == data);
     let after = h.counters();
     // The in-pod hops keep their redirect; the pod→pod hop is left alone, uncounted.
@@ -302,8 +306,8 @@ fn a_client_pod_that_is_not_enabled_is_not_short_circuited() {
     h.wait_inbound_ready(&server);
     let before = h.counters();
     let data = payload(1 << 20);
-    let back = echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data)
-        .expect("echo");
+    let back =
+        echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data).expect("echo");
     assert!(back == data);
     let after = h.counters();
     assert_eq!(after.since(&before, "inbound_assigned"), 1);
@@ -330,8 +334,11 @@ fn a_host_network_process_and_an_enabled_pod_are_not_short_circuited() {
     let back = echo_round_trip(connect_from(&node, echo.addr).expect("connect"), &data)
         .expect("host → pod");
     assert!(back == data);
-    let back = echo_round_trip(connect_from(&client, host_echo.addr).expect("connect"), &data)
-        .expect("pod → host");
+    let back = echo_round_trip(
+        connect_from(&client, host_echo.addr).expect("connect"),
+        &data,
+    )
+    .expect("pod → host");
     assert!(back == data);
     let after = h.counters();
     assert_eq!(after.since(&before, "inbound_assigned"), 1);
@@ -351,7 +358,15 @@ fn a_connection_refused_on_the_wire_is_not_short_circuited_into_working() {
         &server,
         "iptables",
         &[
-            "-I", "INPUT", "-p", "tcp", "--dport", "9000", "-j", "REJECT", "--reject-with",
+            "-I",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9000",
+            "-j",
+            "REJECT",
+            "--reject-with",
             "tcp-reset",
         ],
         None,
@@ -371,13 +386,24 @@ fn a_connection_refused_on_the_wire_is_not_short_circuited_into_working() {
         &server,
         "iptables",
         &[
-            "-D", "INPUT", "-p", "tcp", "--dport", "9000", "-j", "REJECT", "--reject-with",
+            "-D",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9000",
+            "-j",
+            "REJECT",
+            "--reject-with",
             "tcp-reset",
         ],
         None,
     );
     let stream = connect_from(&client, echo.addr).expect("connect");
-    assert_eq!(echo_round_trip(stream, b"allowed").expect("echo"), b"allowed");
+    assert_eq!(
+        echo_round_trip(stream, b"allowed").expect("echo"),
+        b"allowed"
+    );
     if pod_to_pod_supported(&h) {
         assert_eq!(h.counters().since(&after, "pod_to_pod_insert"), 2);
     }
@@ -438,7 +464,8 @@ fn a_port_scan_of_a_pod_leaves_uncaptured_ports_on_tcp() {
 fn an_impostor_with_the_same_addresses_and_ports_in_another_netns_gets_nothing() {
     // The test's own socket in the client pod goes straight to the server pod (port 9000 not
     // captured outbound), so its source port is known; the server pod captures it inbound.
-    let (mut h, client, server, echo) = meshed_pair("p2pimpostor", &["--exclude-outbound-ports", "9000"]);
+    let (mut h, client, server, echo) =
+        meshed_pair("p2pimpostor", &["--exclude-outbound-ports", "9000"]);
     let supported = pod_to_pod_supported(&h);
     let rogue = h.pod("rogue");
     let before = h.counters();
@@ -461,8 +488,16 @@ fn an_impostor_with_the_same_addresses_and_ports_in_another_netns_gets_nothing()
     // The impostor: both pod addresses on its loopback, a listener on the server's address and
     // port, a client bound to the live connection's source address and port.
     for ip in [client.ip, server.ip] {
-        interceptor_lab::lab::ip(&["-n", &rogue.netns, "addr", "add", &format!("{ip}/32"), "dev", "lo"])
-            .expect("adding an address");
+        interceptor_lab::lab::ip(&[
+            "-n",
+            &rogue.netns,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "lo",
+        ])
+        .expect("adding an address");
     }
     let (mut rogue_client, mut rogue_server) = rogue
         .run(|| -> std::io::Result<(TcpStream, TcpStream)> {
@@ -492,7 +527,11 @@ fn an_impostor_with_the_same_addresses_and_ports_in_another_netns_gets_nothing()
         reader.read_exact(&mut back).map(|()| back == expect)
     });
     live.write_all(&data).expect("write on the live connection");
-    assert!(read.join().expect("reader").expect("echo on the live connection"));
+    assert!(
+        read.join()
+            .expect("reader")
+            .expect("echo on the live connection")
+    );
     if supported {
         assert!(
             h.counters().since(&mid, "msg_redirected_pod_to_pod") > 0,
@@ -536,7 +575,10 @@ fn disabling_the_server_pod_under_live_connections_keeps_them_intact() {
     let data = payload(256 << 10);
     for s in live {
         let back = echo_round_trip(s, &data).expect("echo after disable");
-        assert!(back == data, "a live connection lost bytes after its pod was disabled");
+        assert!(
+            back == data,
+            "a live connection lost bytes after its pod was disabled"
+        );
     }
     // A new connection: the server pod is no longer enabled, no short-circuit.
     let stream = connect_from(&client, echo.addr).expect("connect");
