@@ -167,11 +167,13 @@ where
         let ctx = ctx.clone();
         starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (request_busy, response_busy) = (tokens.token(), tokens.token());
-        async move {
+        // Boxed: hyper moves a stream's future several times before it first runs (into its
+        // task among others), and a pointer moves cheaper than a request's whole state.
+        Box::pin(async move {
             let req = req.map(|body| DownstreamBody::new(body, request_busy));
             let resp = handle(req, &ctx).await;
             Ok::<_, Infallible>(resp.map(|body| TrackedBody::new(body, response_busy)))
-        }
+        })
     });
     let head_bytes = (limits.max_request_headers_kb as usize).saturating_mul(1024);
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -649,7 +651,7 @@ async fn attempts(
         let in_flight = endpoint.start();
         let sent = async {
             if how.upgrade {
-                pool.send_upgrade(endpoint.addr, request).await
+                Box::pin(pool.send_upgrade(endpoint.addr, request)).await
             } else if how.version == Version::HTTP_2 {
                 pool.send_h2(endpoint.addr, request, how.h2, how.h2_fallback)
                     .await
