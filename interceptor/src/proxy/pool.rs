@@ -392,7 +392,9 @@ impl Pool {
                     }
                     polled
                 });
+                // Biased: the connection first, and no random draw on every wake-up.
                 tokio::select! {
+                    biased;
                     _ = run => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
