@@ -78,6 +78,11 @@ counters! {
     /// not in the namespace owning its address, a pod asked `--no-sockmap`, or the server
     /// pod does not capture the port (then the hop crosses the veths, as before).
     PodToPodSkipped = "pod_to_pod_skipped",
+    /// Passive end of a pod→pod connection left out of the sockhash because no active end with
+    /// the mirrored tuple and matching sequence numbers was recorded: a different connection
+    /// that NAT (a Service address's DNAT with a remapped source port) gave the same tuple, a
+    /// TCP Fast Open child (established before its client), or a client end not inserted.
+    PodToPodUnproven = "pod_to_pod_unproven",
     /// Socket of an intercepted connection closed (it leaves the sockhash by itself).
     SockhashRemove = "sockhash_remove",
     /// A listener on the inbound port was put in the listener map.

@@ -17,6 +17,7 @@ pub mod map {
     pub const TUPLE_ORIG: &str = "TUPLE_ORIG";
     pub const SOCKS: &str = "SOCKS";
     pub const MSG_FALLBACK: &str = "MSG_FALLBACK";
+    pub const PEER_SEQ: &str = "PEER_SEQ";
     pub const COUNTERS: &str = "COUNTERS";
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
     pub const EVENTS: &str = "EVENTS";
@@ -39,6 +40,7 @@ pub mod map {
         TUPLE_ORIG,
         SOCKS,
         MSG_FALLBACK,
+        PEER_SEQ,
         COUNTERS,
         NETNS_PROBE,
         EVENTS,

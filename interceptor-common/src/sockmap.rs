@@ -30,6 +30,16 @@ pub struct SockKey {
     pub netns: u64,
 }
 
+/// `PEER_SEQ` value: the active end of a pod→pod connection's sequence numbers at its
+/// established callback (`snd_nxt` = its ISN + 1, `rcv_nxt` = the peer's ISN + 1), the proof
+/// the passive end checks before joining it in the sockhash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSeq {
+    pub snd_nxt: u32,
+    pub rcv_nxt: u32,
+}
+
 impl SockKey {
     /// The same connection as its peer socket sees it.
     #[inline(always)]

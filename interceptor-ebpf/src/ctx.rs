@@ -276,6 +276,13 @@ pub(crate) fn ops_arg1(ctx: &SockOpsContext) -> u32 {
     unsafe { ld!(ops(ctx), __bindgen_anon_1.args[1]) }
 }
 
+/// `(snd_nxt, rcv_nxt)` of the socket.
+#[inline(always)]
+pub(crate) fn ops_seq(ctx: &SockOpsContext) -> (u32, u32) {
+    // SAFETY: as above.
+    unsafe { (ld!(ops(ctx), snd_nxt), ld!(ops(ctx), rcv_nxt)) }
+}
+
 #[inline(always)]
 pub(crate) fn ops_cb_flags(ctx: &SockOpsContext) -> u32 {
     // SAFETY: as above.

@@ -15,7 +15,7 @@ use interceptor_common::{
     names::size,
     origdst::OrigDst,
     pod::{CidrKey, PodConfig, PodInfo, PortKey},
-    sockmap::SockKey,
+    sockmap::{PeerSeq, SockKey},
 };
 
 /// Node-wide settings, slot 0.
@@ -85,6 +85,11 @@ pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(size::SOCKETS, 0);
 /// never delivered out of order.
 #[map]
 pub(crate) static MSG_FALLBACK: LruHashMap<SockKey, u32> = LruHashMap::pinned(size::CONNECTIONS, 0);
+
+/// Active ends of pod→pod connections (node-wide key) → their sequence numbers: the passive end
+/// joins the sockhash only if its own mirror those (see `sockops::pod_to_pod`).
+#[map]
+pub(crate) static PEER_SEQ: LruHashMap<SockKey, PeerSeq> = LruHashMap::pinned(size::CONNECTIONS, 0);
 
 /// One counter per decision; summed over CPUs by user space.
 #[map]
@@ -193,6 +198,15 @@ pub(crate) fn take_cookie_orig(cookie: u64) -> Option<OrigDst> {
     let orig = unsafe { COOKIE_ORIG.get(&cookie) }.copied()?;
     let _ = COOKIE_ORIG.remove(&cookie);
     Some(orig)
+}
+
+/// The active end's sequence numbers recorded under `key`, removed as they are read.
+#[inline(always)]
+pub(crate) fn take_peer_seq(key: &SockKey) -> Option<PeerSeq> {
+    // SAFETY: copied out at once.
+    let seq = unsafe { PEER_SEQ.get(key) }.copied()?;
+    let _ = PEER_SEQ.remove(key);
+    Some(seq)
 }
 
 /// Whether this direction fell back to TCP for good.

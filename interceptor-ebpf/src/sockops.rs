@@ -19,14 +19,14 @@ use interceptor_common::{
     event::{Event, EVENT_LISTENER},
     origdst::ORIG_NO_SOCKMAP,
     pod::{POD_INBOUND, POD_NO_SOCKMAP},
-    sockmap::{is_pod_to_pod, SockKey, POD_TO_POD_NETNS},
+    sockmap::{is_pod_to_pod, PeerSeq, SockKey, POD_TO_POD_NETNS},
 };
 
 use crate::{
     ctx,
     maps::{
-        self, config, count, netns_key, pod_of, EVENTS, LISTENERS, MSG_FALLBACK, NETNS_KEYS, SOCKS,
-        TUPLE_ORIG,
+        self, config, count, netns_key, pod_of, EVENTS, LISTENERS, MSG_FALLBACK, NETNS_KEYS,
+        PEER_SEQ, SOCKS, TUPLE_ORIG,
     },
     policy,
 };
@@ -144,6 +144,8 @@ fn on_state_change(ctx: &SockOpsContext) {
             && is_pod_to_pod(&key.local_ip, &key.remote_ip, &cfg.passthrough_ip6)
         {
             key.netns = POD_TO_POD_NETNS;
+            // An active end that closed before its passive end was established.
+            let _ = PEER_SEQ.remove(&key);
         }
     }
     let _ = MSG_FALLBACK.remove(&key);
@@ -206,6 +208,32 @@ fn pod_to_pod(ctx: &SockOpsContext, key: &mut SockKey, active: bool) {
         return;
     }
     key.netns = POD_TO_POD_NETNS;
+    // A mirrored tuple does not prove the two sockets are one connection: NAT can give another
+    // connection the same tuple (a Service address's DNAT whose source port conntrack remapped
+    // to avoid a clash), and a TCP Fast Open child is established at the SYN, its data queued
+    // before its client joins. So the active end (always established first) records its
+    // sequence numbers, and the passive end joins only if its own mirror them exactly.
+    let (snd_nxt, rcv_nxt) = ctx::ops_seq(ctx);
+    if active {
+        if PEER_SEQ
+            .insert(&*key, &PeerSeq { snd_nxt, rcv_nxt }, 0)
+            .is_err()
+        {
+            count(Counter::PodToPodSkipped);
+            return;
+        }
+    } else {
+        match maps::take_peer_seq(&key.mirror()) {
+            Some(peer) if peer.snd_nxt == rcv_nxt && peer.rcv_nxt == snd_nxt => {}
+            _ => {
+                count(Counter::PodToPodUnproven);
+                // Tracked anyway: a failed redirect of its peer leaves entries under its key.
+                let _ =
+                    ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+                return;
+            }
+        }
+    }
     add_to_sockhash(ctx, key, Counter::PodToPodInsert);
 }
 
