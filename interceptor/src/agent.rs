@@ -4,6 +4,7 @@
 //!
 //! - [`health`]: readiness and the agent's HTTP endpoints (probes, metrics).
 //! - [`events`]: the datapath's ring buffer (listen events wake a pass) and its log records.
+//! - [`passes`]: what each pass over the pods costs (metrics).
 
 #![allow(
     unsafe_code,
@@ -12,6 +13,7 @@
 
 mod events;
 mod health;
+mod passes;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -233,6 +235,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let ready = health::Readiness::new(&mut registry);
     let stop_health = CancellationToken::new();
     let kube_metrics = KubeMetrics::new(&mut registry);
+    let pass_metrics = passes::PassMetrics::new(&mut registry);
     if let Some(addr) = opts.health_addr {
         health::serve(addr, ready.clone(), Arc::new(registry), stop_health.clone()).await?;
     }
@@ -272,7 +275,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let kube_changed = controller.as_ref().map(|c| c.watch.notifier());
 
     // Pods enabled while no agent ran (or by a previous one) may have new proxies.
-    reconcile(&mut datapath);
+    reconcile(&mut datapath, &pass_metrics);
 
     let mut tick = tokio::time::interval(opts.reconcile_every);
     tokio::pin!(shutdown);
@@ -297,7 +300,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
-                reconcile(&mut datapath);
+                reconcile(&mut datapath, &pass_metrics);
                 if let Some(c) = controller.as_mut() {
                     kube_pass(c, &mut datapath);
                 }
@@ -404,11 +407,16 @@ async fn notified(notify: Option<&Notify>) {
     }
 }
 
-fn reconcile(datapath: &mut Datapath) {
+fn reconcile(datapath: &mut Datapath, metrics: &passes::PassMetrics) {
+    let started = std::time::Instant::now();
     let result = Registry::lock(&datapath.pins, &mut datapath.maps).and_then(|mut registry| {
         registry.collect_gone()?;
-        registry.resolve_listeners(false)
+        registry.resolve_listeners(false)?;
+        Ok(registry.infos().len())
     });
+    if let Ok(pods) = &result {
+        metrics.observe(started.elapsed(), *pods);
+    }
     if let Err(err) = result {
         warn!(%err, "reconciling pods");
     }

@@ -15,7 +15,6 @@ use std::{
 
 use interceptor_common::{
     addr,
-    names::size,
     pod::{
         BACKEND_LEGACY, BACKEND_NFT, MODE_EBPF, MODE_IPTABLES, POD_INBOUND, POD_NAME_LEN,
         POD_OUTBOUND, PodInfo, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
@@ -467,9 +466,12 @@ impl<'a> Registry<'a> {
 
     fn free_id(&self) -> Result<u32, Error> {
         let used = self.maps.pod_ids();
-        (1..=size::PODS)
+        // The pinned maps' own size: an agent adopting maps made by an older build with fewer
+        // slots must not hand out ids they cannot hold.
+        let capacity = self.maps.pod_capacity();
+        (1..=capacity)
             .find(|id| !used.contains(id))
-            .ok_or(Error::Full(size::PODS))
+            .ok_or(Error::Full(capacity))
     }
 
     /// Fails if another live pod owns one of these addresses; takes them over from dead pods

@@ -219,6 +219,21 @@ impl Maps {
     }
 
     /// Ids in use.
+    /// How many pods the pinned maps can hold: the smallest of the per-pod maps' sizes (maps
+    /// pinned by an older build may be smaller than this build's `size::PODS`).
+    pub fn pod_capacity(&self) -> u32 {
+        use aya::maps::IterableMap as _;
+        [
+            self.pod_info.map().info().map(|i| i.max_entries()),
+            self.pod_config.map().info().map(|i| i.max_entries()),
+            self.listeners.map().info().map(|i| i.max_entries()),
+        ]
+        .into_iter()
+        .map(|m| m.unwrap_or(interceptor_common::names::size::PODS))
+        .min()
+        .unwrap_or(interceptor_common::names::size::PODS)
+    }
+
     pub fn pod_ids(&self) -> BTreeSet<u32> {
         self.pod_info.keys().filter_map(Result::ok).collect()
     }

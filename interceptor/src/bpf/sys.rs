@@ -224,3 +224,49 @@ pub(super) fn prog_attach_map(
     )
     .map(|_| ())
 }
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The `map_elem` member of `union bpf_attr` as `BPF_MAP_GET_NEXT_KEY` reads it.
+#[repr(C)]
+struct MapNextKeyAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    next_key: u64,
+    rest: [u8; 40],
+}
+
+/// How many keys map `fd` holds (keys of `key_size` bytes), walking `BPF_MAP_GET_NEXT_KEY`: the
+/// one walk that works for every keyed map type (hash, LRU, LPM trie, sockhash) without
+/// knowing the key's type. Bounded by `limit` so a map that changes under the walk (a hash
+/// map restarts from the first key when the current one is deleted) still ends.
+pub(super) fn count_keys(fd: BorrowedFd<'_>, key_size: usize, limit: usize) -> io::Result<usize> {
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut count = 0;
+    let mut first = true;
+    while count < limit {
+        let attr = MapNextKeyAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            pad: 0,
+            // NULL asks for the first key.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            rest: [0; 40],
+        };
+        match bpf(
+            BPF_MAP_GET_NEXT_KEY,
+            (&attr as *const MapNextKeyAttr).cast(),
+            std::mem::size_of::<MapNextKeyAttr>(),
+        ) {
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(err) => return Err(err),
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(count)
+}
