@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{self, Datapath, LoadOptions, Pins, features::Features},
+    discovery::held::HeldNamespaces,
     kube::{
         KubeOptions, PodController,
         metrics::KubeMetrics,
@@ -274,8 +275,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     };
     let kube_changed = controller.as_ref().map(|c| c.watch.notifier());
 
+    // Pods' namespaces, held open between passes (see `discovery::held`).
+    let mut held = HeldNamespaces::default();
     // Pods enabled while no agent ran (or by a previous one) may have new proxies.
-    reconcile(&mut datapath, &pass_metrics);
+    reconcile(&mut datapath, &mut held, &pass_metrics);
 
     let mut tick = tokio::time::interval(opts.reconcile_every);
     tokio::pin!(shutdown);
@@ -300,7 +303,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
-                reconcile(&mut datapath, &pass_metrics);
+                reconcile(&mut datapath, &mut held, &pass_metrics);
                 if let Some(c) = controller.as_mut() {
                     kube_pass(c, &mut datapath);
                 }
@@ -310,11 +313,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                     kube_pass(c, &mut datapath);
                 }
             }
-            woke = events::next_event(&mut event_ring) => {
-                if woke {
+            listeners = events::next_event(&mut event_ring) => {
+                if !listeners.is_empty() {
                     // A proxy started listening: match it to its pod right away.
                     if let Err(err) = Registry::lock(&datapath.pins, &mut datapath.maps)
-                        .and_then(|mut r| r.resolve_listeners(true))
+                        .and_then(|mut r| r.resolve_new_listeners(&listeners))
                     {
                         warn!(%err, "resolving inbound listeners");
                     }
@@ -407,10 +410,10 @@ async fn notified(notify: Option<&Notify>) {
     }
 }
 
-fn reconcile(datapath: &mut Datapath, metrics: &passes::PassMetrics) {
+fn reconcile(datapath: &mut Datapath, held: &mut HeldNamespaces, metrics: &passes::PassMetrics) {
     let started = std::time::Instant::now();
     let result = Registry::lock(&datapath.pins, &mut datapath.maps).and_then(|mut registry| {
-        registry.collect_gone()?;
+        registry.collect_gone_held(held)?;
         registry.resolve_listeners(false)?;
         Ok(registry.infos().len())
     });

@@ -184,7 +184,10 @@ impl Status {
         let _ = writeln!(out, "\nsockhash entries  {}", self.sockhash_entries);
         let keyed: Vec<&MapUse> = self.maps.iter().filter(|m| m.entries.is_some()).collect();
         if !keyed.is_empty() {
-            let _ = writeln!(out, "\nmaps              entries / capacity   kernel memory");
+            let _ = writeln!(
+                out,
+                "\nmaps              entries / capacity   kernel memory"
+            );
             for m in keyed {
                 let _ = writeln!(
                     out,
@@ -193,8 +196,10 @@ impl Status {
                     m.entries.unwrap_or(0),
                     m.capacity,
                     m.percent().unwrap_or(0.0),
-                    m.memlock_bytes
-                        .map_or_else(|| "-".to_owned(), |b| format!("{:.1} KiB", b as f64 / 1024.0))
+                    m.memlock_bytes.map_or_else(
+                        || "-".to_owned(),
+                        |b| format!("{:.1} KiB", b as f64 / 1024.0)
+                    )
                 );
             }
         }

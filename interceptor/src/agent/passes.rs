@@ -29,7 +29,11 @@ impl PassMetrics {
             "How long one pass over the pods took (gone namespaces, proxy listeners)",
             seconds.clone(),
         );
-        registry.register("pods", "Pods enabled on this node at the last pass", pods.clone());
+        registry.register(
+            "pods",
+            "Pods enabled on this node at the last pass",
+            pods.clone(),
+        );
         Self { seconds, pods }
     }
 

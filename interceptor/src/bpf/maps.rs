@@ -211,7 +211,7 @@ impl Maps {
 impl Maps {
     /// Every enabled pod's id and identity record (one map walk).
     pub fn pod_infos(&self) -> Vec<(u32, PodInfo)> {
-        self.pod_info.iter().filter_map(Result::ok).collect()
+        dump(&self.pod_info)
     }
 
     pub fn pod_info(&self, id: u32) -> Option<PodInfo> {
@@ -235,7 +235,7 @@ impl Maps {
     }
 
     pub fn pod_ids(&self) -> BTreeSet<u32> {
-        self.pod_info.keys().filter_map(Result::ok).collect()
+        dump(&self.pod_info).into_iter().map(|(id, _)| id).collect()
     }
 
     pub fn put_pod_info(&mut self, id: u32, info: PodInfo) -> Result<(), WriteError> {
@@ -273,10 +273,8 @@ impl Maps {
     /// The pod's rows as the maps hold them (sorted, so they compare).
     pub fn pod_rows(&self, id: u32, netns_cookie: u64) -> PodRows {
         let mut rows = PodRows {
-            ports: self
-                .pod_ports
-                .iter()
-                .filter_map(Result::ok)
+            ports: dump(&self.pod_ports)
+                .into_iter()
                 .filter(|(k, _)| k.pod_id == id)
                 .map(|(k, rule)| PortRule {
                     port: k.port,
@@ -286,10 +284,8 @@ impl Maps {
                 .collect(),
             excluded: ranges_of(&self.cidr_exclude, id),
             included: ranges_of(&self.cidr_include, id),
-            addresses: self
-                .pod_ips
-                .iter()
-                .filter_map(Result::ok)
+            addresses: dump(&self.pod_ips)
+                .into_iter()
                 .filter(|(_, c)| *c == netns_cookie)
                 .map(|(a, _)| addr::to_ip(a))
                 .collect(),
@@ -378,10 +374,9 @@ impl Maps {
 
     fn drop_rows_except(&mut self, id: u32, cookie: u64, keep: &PodRows) {
         let ports: HashSet<PortKey> = keep.ports.iter().map(|r| port_key(id, r)).collect();
-        let stale: Vec<PortKey> = self
-            .pod_ports
-            .keys()
-            .filter_map(Result::ok)
+        let stale: Vec<PortKey> = dump(&self.pod_ports)
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| k.pod_id == id && !ports.contains(k))
             .collect();
         for key in stale {
@@ -390,10 +385,8 @@ impl Maps {
         drop_ranges_except(&mut self.cidr_exclude, id, &keep.excluded);
         drop_ranges_except(&mut self.cidr_include, id, &keep.included);
         let addresses: HashSet<Addr> = keep.addresses.iter().map(|a| addr::from_ip(*a)).collect();
-        let stale: Vec<Addr> = self
-            .pod_ips
-            .iter()
-            .filter_map(Result::ok)
+        let stale: Vec<Addr> = dump(&self.pod_ips)
+            .into_iter()
             .filter(|(a, c)| *c == cookie && !addresses.contains(a))
             .map(|(a, _)| a)
             .collect();
@@ -455,6 +448,17 @@ fn port_key(pod_id: u32, rule: &PortRule) -> PortKey {
         port: rule.port,
         direction: rule.direction,
     }
+}
+
+/// Every entry of a hash map: in batches where the kernel can (`sys::lookup_batch`), else
+/// walked key by key.
+fn dump<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let data = map.map();
+    let capacity = data.info().map_or(1 << 16, |i| i.max_entries() as usize);
+    super::sys::lookup_batch::<K, V>(data.fd().as_fd(), capacity)
+        .unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
 }
 
 fn ranges_of(trie: &LpmTrie<MapData, CidrKey, u32>, id: u32) -> Vec<Range> {
