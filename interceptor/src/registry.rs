@@ -165,6 +165,17 @@ pub struct PodEntry {
     pub spec: PodSpec,
 }
 
+/// Which inbound pods a listener pass looks into.
+#[derive(Clone, Copy)]
+enum Which {
+    /// Pods with no listener recorded.
+    Unrecorded,
+    /// Pods with no listener recorded or whose recorded listener closed.
+    NotAlive,
+    /// Every inbound pod.
+    All,
+}
+
 /// Exclusive access to the pod tables.
 pub struct Registry<'a> {
     pins: &'a Pins,
@@ -347,25 +358,38 @@ impl<'a> Registry<'a> {
     /// periodic pass does not enter every pod's namespace. A new listener (`all` true, on the
     /// datapath's listen event) re-checks every pod.
     pub fn resolve_listeners(&mut self, all: bool) -> Result<(), Error> {
+        self.resolve(if all { Which::All } else { Which::NotAlive })
+    }
+
+    fn resolve(&mut self, which: Which) -> Result<(), Error> {
         let cfg = self.maps.global_config()?;
-        let live = self.maps.listener_cookies();
+        // Walking the listener sockhash is one syscall per listener: only when asked.
+        let live = match which {
+            Which::NotAlive => self.maps.listener_cookies(),
+            Which::Unrecorded | Which::All => Default::default(),
+        };
+        // Read whole (batched): per-pod lookups made each pass cost O(pods) syscalls.
+        let configs = self.maps.pod_configs();
+        let (v4, v6) = (
+            self.maps.pod_listeners(ListenerFamily::V4),
+            self.maps.pod_listeners(ListenerFamily::V6),
+        );
         for (id, info) in self.infos() {
-            let inbound = self
-                .maps
-                .pod_config(info.netns_cookie)
+            let inbound = configs
+                .get(&info.netns_cookie)
                 .is_some_and(|c| c.flags & POD_INBOUND != 0);
             if !inbound {
                 continue;
             }
-            let alive = self
-                .maps
-                .pod_listener(id, ListenerFamily::V4)
-                .is_some_and(|cookie| live.contains(&cookie))
-                && self
-                    .maps
-                    .pod_listener(id, ListenerFamily::V6)
-                    .is_none_or(|cookie| live.contains(&cookie));
-            if alive && !all {
+            let skip = match which {
+                Which::Unrecorded => v4.contains_key(&id) || v6.contains_key(&id),
+                Which::NotAlive => {
+                    v4.get(&id).is_some_and(|cookie| live.contains(cookie))
+                        && v6.get(&id).is_none_or(|cookie| live.contains(cookie))
+                }
+                Which::All => false,
+            };
+            if skip {
                 continue;
             }
             let Some(path) = locate(&info) else { continue };
@@ -390,17 +414,19 @@ impl<'a> Registry<'a> {
     /// starting their proxies, re-checking every pod per event made each start cost O(pods)
     /// namespace entries (node-scale benchmark: 180 ms per `pod enable` at 250 pods).
     pub fn resolve_new_listeners(&mut self, cookies: &[u64]) -> Result<(), Error> {
-        self.resolve_listeners(false)?;
-        let recorded: std::collections::HashSet<u64> = self
-            .infos()
-            .into_iter()
-            .flat_map(|(id, _)| [ListenerFamily::V4, ListenerFamily::V6].map(|f| (id, f)))
-            .filter_map(|(id, f)| self.maps.pod_listener(id, f))
-            .collect();
-        if cookies.iter().all(|c| recorded.contains(c)) {
-            return Ok(());
+        // Cheapest first: pods with no listener recorded (a proxy starting), then pods whose
+        // recorded listener closed (a proxy restarting), then every pod.
+        for which in [Which::Unrecorded, Which::NotAlive, Which::All] {
+            self.resolve(which)?;
+            let recorded: std::collections::HashSet<u64> = [ListenerFamily::V4, ListenerFamily::V6]
+                .into_iter()
+                .flat_map(|f| self.maps.pod_listeners(f).into_values())
+                .collect();
+            if cookies.iter().all(|c| recorded.contains(c)) {
+                break;
+            }
         }
-        self.resolve_listeners(true)
+        Ok(())
     }
 
     pub fn list(&self) -> Result<Vec<PodEntry>, Error> {

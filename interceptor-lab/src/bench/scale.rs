@@ -470,12 +470,13 @@ impl ScaleReport {
             );
             let _ = writeln!(
                 out,
-                "| map | before | all open | after close |\n|---|---|---|---|"
+                "| map | before | all open | 5 s after close | end of the wait |\n|---|---|---|---|---|"
             );
             for (i, (name, before)) in st.baseline.iter().enumerate() {
                 let peak = st.peak.get(i).map_or(0, |p| p.1);
+                let five = st.after_5s.get(i).map_or(0, |p| p.1);
                 let after = st.after.get(i).map_or(0, |p| p.1);
-                let _ = writeln!(out, "| {name} | {before} | {peak} | {after} |");
+                let _ = writeln!(out, "| {name} | {before} | {peak} | {five} | {after} |");
             }
         }
         if !self.soak.is_empty() {

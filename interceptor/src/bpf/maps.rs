@@ -249,6 +249,11 @@ impl Maps {
     }
 
     /// The datapath config of the pod whose network namespace has this cookie.
+    /// Every pod's config by namespace cookie (one batched read).
+    pub fn pod_configs(&self) -> std::collections::HashMap<u64, PodConfig> {
+        dump(&self.pod_config).into_iter().collect()
+    }
+
     pub fn pod_config(&self, netns_cookie: u64) -> Option<PodConfig> {
         self.pod_config.get(&netns_cookie, 0).ok()
     }
@@ -399,6 +404,11 @@ impl Maps {
 /// Inbound listeners: the node-wide `LISTENERS` sockhash and each pod's recorded cookies.
 impl Maps {
     /// The cookie recorded as the pod's listener of this family.
+    /// Every pod's recorded listener of one family, by pod id (one batched read).
+    pub fn pod_listeners(&self, family: ListenerFamily) -> std::collections::HashMap<u32, u64> {
+        dump(self.listener_map(family)).into_iter().collect()
+    }
+
     pub fn pod_listener(&self, id: u32, family: ListenerFamily) -> Option<u64> {
         self.listener_map(family).get(&id, 0).ok()
     }
