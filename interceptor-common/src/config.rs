@@ -31,6 +31,9 @@ pub const PASSTHROUGH_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 /// sk_msg redirect of the app↔proxy hop is on (off = the same interception over loopback TCP,
 /// which the benchmark uses to isolate what the sockmap saves).
 pub const CONFIG_MSG_REDIRECT: u32 = 1 << 0;
+/// With `CONFIG_MSG_REDIRECT`: also short-circuit the sidecar→sidecar hop of two enabled pods
+/// of this node (sockops.rs `pod_to_pod`; kernels >= 5.15). Off = that hop crosses the veths.
+pub const CONFIG_POD_TO_POD: u32 = 1 << 1;
 
 impl GlobalConfig {
     pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -41,7 +44,7 @@ impl GlobalConfig {
         Self {
             outbound_port: Self::DEFAULT_OUTBOUND_PORT as u32,
             inbound_port: Self::DEFAULT_INBOUND_PORT as u32,
-            flags: CONFIG_MSG_REDIRECT,
+            flags: CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD,
             passthrough_ip4: u32::from_ne_bytes(PASSTHROUGH_V4),
             passthrough_ip6: addr_words(PASSTHROUGH_V6),
             dns_port: Self::DEFAULT_DNS_PORT as u32,

@@ -71,6 +71,13 @@ counters! {
     SockhashInsert = "sockhash_insert",
     /// Adding a socket to the sockhash failed (map full or the socket belongs to another map).
     SockhashInsertFailed = "sockhash_insert_failed",
+    /// Socket of a same-node pod→pod connection (both ends in enabled pods of this node, the
+    /// port captured inbound by the server pod) added to the sockhash (kernels >= 5.15).
+    PodToPodInsert = "pod_to_pod_insert",
+    /// Socket between two pod addresses of this node left out of the sockhash: the socket is
+    /// not in the namespace owning its address, a pod asked `--no-sockmap`, or the server
+    /// pod does not capture the port (then the hop crosses the veths, as before).
+    PodToPodSkipped = "pod_to_pod_skipped",
     /// Socket of an intercepted connection closed (it leaves the sockhash by itself).
     SockhashRemove = "sockhash_remove",
     /// A listener on the inbound port was put in the listener map.
@@ -80,8 +87,13 @@ counters! {
     ListenerSkippedNotPod = "listener_skipped_not_pod",
     /// Message moved into the peer socket by `bpf_msg_redirect_hash`.
     MsgRedirected = "msg_redirected",
+    /// Of `msg_redirected`: on a same-node pod→pod hop (sidecar to the other pod's sidecar).
+    MsgRedirectedPodToPod = "msg_redirected_pod_to_pod",
     /// Peer socket missing from the sockhash: that direction falls back to TCP for good.
     MsgRedirectFailed = "msg_redirect_failed",
+    /// Of `msg_redirect_failed`: on a same-node pod→pod hop (typically the client sidecar
+    /// wrote before the server pod's end of the handshake was processed).
+    MsgRedirectFailedPodToPod = "msg_redirect_failed_pod_to_pod",
     /// A direction fell back to TCP, so its reverse direction was moved to TCP too (a
     /// half-redirected connection is slower than plain TCP; redirect → TCP is order-safe).
     MsgFallbackReverse = "msg_fallback_reverse",

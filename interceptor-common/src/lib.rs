@@ -23,7 +23,10 @@ pub mod sockmap;
 /// an agent of the same ABI replaces them in place and keeps the maps.
 ///
 /// 5: `COUNTERS` gained `upgrade_probe` (one more slot).
-pub const ABI_VERSION: u32 = 5;
+/// 6: `SOCKS`/`MSG_FALLBACK` also hold pod→pod keys (`netns` 0, see `sockmap::SockKey`);
+/// `COUNTERS` gained `msg_redirected_pod_to_pod`, `msg_redirect_failed_pod_to_pod`,
+/// `pod_to_pod_insert`, `pod_to_pod_skipped`; `CONFIG` flag `CONFIG_POD_TO_POD`.
+pub const ABI_VERSION: u32 = 6;
 
 #[cfg(feature = "user")]
 mod pod_impls {

@@ -1,5 +1,7 @@
 //! `sockops` at the cgroup v2 root: both ends of every intercepted local connection go into the
-//! `SOCKS` sockhash, keyed by their 4-tuple, so `msg_to_peer` can move bytes between them.
+//! `SOCKS` sockhash, keyed by their 4-tuple, so `msg_to_peer` can move bytes between them; so do
+//! both ends of a connection from one enabled pod to another on this node (the client sidecar's
+//! upstream socket and the server sidecar's socket `steer_inbound` handed it), keyed node-wide.
 //! Also registers listeners on the inbound port for `steer_inbound`.
 
 use aya_ebpf::{
@@ -12,17 +14,21 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    config::CONFIG_MSG_REDIRECT,
+    config::{CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD},
     counters::Counter,
     event::{Event, EVENT_LISTENER},
     origdst::ORIG_NO_SOCKMAP,
-    pod::POD_INBOUND,
-    sockmap::SockKey,
+    pod::{POD_INBOUND, POD_NO_SOCKMAP},
+    sockmap::{is_pod_to_pod, SockKey, POD_TO_POD_NETNS},
 };
 
 use crate::{
     ctx,
-    maps::{self, config, count, netns_key, EVENTS, LISTENERS, MSG_FALLBACK, SOCKS, TUPLE_ORIG},
+    maps::{
+        self, config, count, netns_key, pod_of, EVENTS, LISTENERS, MSG_FALLBACK, NETNS_KEYS, SOCKS,
+        TUPLE_ORIG,
+    },
+    policy,
 };
 
 /// `TCP_CLOSE` from include/net/tcp_states.h.
@@ -65,9 +71,9 @@ fn redirect_enabled() -> bool {
 }
 
 #[inline(always)]
-fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey) {
+fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey, inserted: Counter) {
     match maps::add_socket(&SOCKS, key, ctx) {
-        Ok(()) => count(Counter::SockhashInsert),
+        Ok(()) => count(inserted),
         Err(err) => {
             count(Counter::SockhashInsertFailed);
             warn!(ctx, "sockhash insert failed: {}", err);
@@ -81,10 +87,13 @@ fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey) {
 /// the 4-tuple the proxy's accepted socket will have, and add the app socket.
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
-    let Some(orig) = maps::take_cookie_orig(ctx::socket_cookie(ctx)) else {
+    let Some(mut key) = own_tuple(ctx) else {
         return;
     };
-    let Some(mut key) = own_tuple(ctx) else {
+    let Some(orig) = maps::take_cookie_orig(ctx::socket_cookie(ctx)) else {
+        // Not an app connection connect4/6 redirected: perhaps a sidecar's upstream
+        // connection to another pod of this node.
+        pod_to_pod(ctx, &mut key, true);
         return;
     };
     // The peer's entry is what tells on_passive_established (and getsockopt) that the accepted
@@ -94,7 +103,7 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     }
     if redirect_enabled() && orig.flags & ORIG_NO_SOCKMAP == 0 {
-        add_to_sockhash(ctx, &mut key);
+        add_to_sockhash(ctx, &mut key, Counter::SockhashInsert);
     } else {
         let _ = ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
@@ -107,10 +116,13 @@ fn on_passive_established(ctx: &SockOpsContext) {
         return;
     };
     let Some(flags) = maps::tuple_orig_flags(&key) else {
+        // Not the peer of a redirected connect: perhaps a connection from another pod of this
+        // node that steer_inbound handed to this pod's proxy.
+        pod_to_pod(ctx, &mut key, false);
         return;
     };
     if redirect_enabled() && flags & ORIG_NO_SOCKMAP == 0 {
-        add_to_sockhash(ctx, &mut key);
+        add_to_sockhash(ctx, &mut key, Counter::SockhashInsert);
     } else {
         let _ = ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
@@ -122,12 +134,79 @@ fn on_state_change(ctx: &SockOpsContext) {
     if ctx::ops_arg1(ctx) != TCP_CLOSE {
         return;
     }
-    let Some(key) = own_tuple(ctx) else {
+    let Some(mut key) = own_tuple(ctx) else {
         return;
     };
     let _ = TUPLE_ORIG.remove(&key);
+    // The key sk_msg used for this socket's direction (see `msg_to_peer`).
+    if let Some(cfg) = config() {
+        if NETNS_KEYS.load() != 0
+            && is_pod_to_pod(&key.local_ip, &key.remote_ip, &cfg.passthrough_ip6)
+        {
+            key.netns = POD_TO_POD_NETNS;
+        }
+    }
     let _ = MSG_FALLBACK.remove(&key);
     count(Counter::SockhashRemove);
+}
+
+/// A connection between two enabled pods of this node: both ends go into the sockhash under
+/// the node-wide key (`POD_TO_POD_NETNS`), so sk_msg moves the bytes from one pod's socket
+/// into the other's without either TCP stack or the veths. Both ends decide alike, from the
+/// same maps: the active end (`active`, the client) and the passive one (the server pod's
+/// socket, normally its proxy's, which steer_inbound chose) each check that
+/// - the kernel lets every program read namespace cookies (>= 5.15; else in-pod keys are
+///   node-wide too and could collide with this one),
+/// - its own namespace is the one `POD_IPS` gives for its local address (an enabled pod, and
+///   never another namespace reusing a pod's address: that keeps the key unique),
+/// - the remote address belongs to another enabled pod,
+/// - neither pod asked `--no-sockmap`, and the server pod captures the port inbound (a
+///   connection that does not go through its proxy is not ours to move).
+///
+/// A socket of the host, of a pod that is not enabled, or any other is left alone. The
+/// handshake has crossed the veths already (a connection a policy drops never gets here).
+#[inline(always)]
+fn pod_to_pod(ctx: &SockOpsContext, key: &mut SockKey, active: bool) {
+    if NETNS_KEYS.load() == 0 {
+        return;
+    }
+    let Some(cfg) = config() else {
+        return;
+    };
+    let wanted = CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD;
+    if cfg.flags & wanted != wanted
+        || !is_pod_to_pod(&key.local_ip, &key.remote_ip, &cfg.passthrough_ip6)
+    {
+        return;
+    }
+    let owner = pod_of(&key.local_ip);
+    let peer = pod_of(&key.remote_ip);
+    // Not between two pod addresses of this node: nothing to count.
+    if owner == 0 || peer == 0 {
+        return;
+    }
+    if owner != key.netns || peer == owner {
+        count(Counter::PodToPodSkipped);
+        return;
+    }
+    let (Some(own_pod), Some(peer_pod)) = (maps::pod_config(owner), maps::pod_config(peer)) else {
+        count(Counter::PodToPodSkipped);
+        return;
+    };
+    let (server, port) = if active {
+        (peer_pod, key.remote_port)
+    } else {
+        (own_pod, key.local_port)
+    };
+    if (own_pod.flags | peer_pod.flags) & POD_NO_SOCKMAP != 0
+        || server.flags & POD_INBOUND == 0
+        || !policy::inbound_captures(&server, port as u16)
+    {
+        count(Counter::PodToPodSkipped);
+        return;
+    }
+    key.netns = POD_TO_POD_NETNS;
+    add_to_sockhash(ctx, key, Counter::PodToPodInsert);
 }
 
 /// listen() on the inbound port: keep the socket so `steer_inbound` can hand connections to it

@@ -82,6 +82,10 @@ pub struct AgentArgs {
     /// Carry the app↔proxy hop over loopback TCP instead of sk_msg (for comparisons).
     #[arg(long)]
     pub no_msg_redirect: bool,
+    /// Keep the sidecar→sidecar hop of two enabled pods of this node on TCP over the veths
+    /// (sk_msg then only carries each pod's app↔proxy hops; for comparisons).
+    #[arg(long)]
+    pub no_pod_to_pod: bool,
     /// Leave programs attached and maps pinned on exit: interception goes on without an agent.
     /// (Always so with --kube: there a stop is not an uninstall, see --daemonset.)
     #[arg(long)]

@@ -165,8 +165,8 @@ impl Rig {
         Ok(Maps::open(&self.pins)?.counters()?)
     }
 
-    /// The non-zero `msg_*` and `sockhash_*` datapath counters, for the run log (what the
-    /// sk_msg program decided during this rig's runs).
+    /// The non-zero `msg_*`, `sockhash_*` and `pod_to_pod_*` datapath counters, for the run
+    /// log (what sockops and the sk_msg program decided during this rig's runs).
     pub fn counter_summary(&self) -> String {
         let counters = match Maps::open(&self.pins).and_then(|m| m.counters()) {
             Ok(c) => c,
@@ -175,7 +175,10 @@ impl Rig {
         counters
             .iter()
             .filter(|(name, v)| {
-                **v > 0 && (name.starts_with("msg_") || name.starts_with("sockhash"))
+                **v > 0
+                    && (name.starts_with("msg_")
+                        || name.starts_with("sockhash")
+                        || name.starts_with("pod_to_pod"))
             })
             .map(|(name, v)| format!("{name}={v}"))
             .collect::<Vec<_>>()

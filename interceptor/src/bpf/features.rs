@@ -135,6 +135,11 @@ impl Features {
         } else {
             "tuple keys: 4-tuple, pod-unique source (bound sockets refused / fail-open)"
         });
+        v.push(if self.pod_to_pod() {
+            "pod→pod (same node): sidecar↔sidecar hop in the sockhash"
+        } else {
+            "pod→pod (same node): over the veths (no netns cookie in sockops/sk_msg, Linux < 5.15)"
+        });
         // The load itself decides (see `attach_dns`); this is what the kernel's version says.
         v.push(if kernel_below(&self.kernel, (5, 2)) {
             "dns capture: iptables mode only (no cgroup recvmsg, Linux < 5.2)"
@@ -156,6 +161,13 @@ impl Features {
     /// socket was bound to; else only with a pod-unique source (see `connect_refused_source`).
     pub fn netns_keys(&self) -> bool {
         NETNS_KEY_PROGRAMS.iter().all(|(name, _)| self.has(name))
+    }
+
+    /// The same-node pod→pod short-circuit (sockops.rs `pod_to_pod`) keys its sockets
+    /// node-wide, which only stays unique where every in-pod key holds a namespace cookie; its
+    /// server end is a connection sk_lookup steered. Elsewhere that hop stays on TCP.
+    pub fn pod_to_pod(&self) -> bool {
+        self.netns_keys() && self.inbound()
     }
 
     pub fn has(&self, probe: &str) -> bool {

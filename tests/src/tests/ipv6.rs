@@ -36,4 +36,11 @@ fn ipv6_pod_to_pod_through_both_sidecars() {
         echo.seen()[0].peer.ip(),
         IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
     );
+    // The sidecar→sidecar hop between the two pods' IPv6 addresses is short-circuited too
+    // where the kernel can (the ::6 passthrough hop keeps its in-pod key).
+    if interceptor::bpf::features::Features::probe().pod_to_pod() {
+        assert_eq!(after.since(&before, "pod_to_pod_insert"), 2);
+        assert!(after.since(&before, "msg_redirected_pod_to_pod") > 0);
+    }
+    assert_eq!(after.since(&before, "sockhash_insert"), 4);
 }

@@ -168,6 +168,18 @@ fn nginx_sendfile_through(sidecar: Sidecar) {
         "no message was redirected behind {}: {after:?}",
         sidecar.name()
     );
+    // Both pods are enabled on this node: the sidecar→sidecar hop is short-circuited too
+    // (kernels >= 5.15), so the bodies crossed it socket to socket.
+    let pod_to_pod = after["msg_redirected_pod_to_pod"] - before["msg_redirected_pod_to_pod"];
+    if interceptor::bpf::features::Features::probe().pod_to_pod() {
+        assert!(
+            pod_to_pod > 0 && after["pod_to_pod_insert"] > before["pod_to_pod_insert"],
+            "the pod→pod hop was not short-circuited behind {}: {after:?}",
+            sidecar.name()
+        );
+    } else {
+        assert_eq!(pod_to_pod, 0);
+    }
 }
 
 #[test]

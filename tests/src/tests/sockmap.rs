@@ -3,9 +3,11 @@
 
 use std::{
     io::{Read, Write},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     time::Duration,
 };
+
+use interceptor_lab::lab::LabPod;
 
 use crate::{EchoServer, Harness, connect_from, echo_round_trip, ip4, payload, wait_until};
 
@@ -181,4 +183,413 @@ fn no_sockmap_pods_keep_plain_tcp_semantics() {
         "still intercepted"
     );
     assert_eq!(after.since(&before, "sockhash_insert"), 0);
+}
+
+// === same-node pod → pod (issue 15, item 3) ===
+//
+// Both pods enabled with sidecars: the client sidecar's upstream socket (pod A) and the
+// server sidecar's socket sk_lookup handed it (pod B) join the sockhash under a node-wide key,
+// and sk_msg moves the bytes between the two pods' sockets.
+
+/// Whether this kernel short-circuits the pod→pod hop (namespace cookies in sockops/sk_msg,
+/// >= 5.15, and sk_lookup); below, the hop must stay exactly as before (no entries at all).
+fn pod_to_pod_supported(h: &Harness) -> bool {
+    let status = h.status();
+    [
+        "helper_netns_cookie_sock_ops",
+        "helper_netns_cookie_sk_msg",
+        "helper_netns_cookie_sockopt",
+        "prog_sk_lookup",
+    ]
+    .iter()
+    .all(|p| status["features"]["probes"][p] == true)
+}
+
+/// Two enabled pods with sidecars, an echo app on the server pod's address, port 9000.
+fn meshed_pair(tag: &str, client_extra: &[&str]) -> (Harness, LabPod, LabPod, EchoServer) {
+    meshed_pair_with(tag, &[], client_extra)
+}
+
+fn meshed_pair_with(
+    tag: &str,
+    agent: &[&str],
+    client_extra: &[&str],
+) -> (Harness, LabPod, LabPod, EchoServer) {
+    let mut h = Harness::new(tag);
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(agent);
+    h.sidecar(&client);
+    h.sidecar(&server);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, client_extra);
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    (h, client, server, echo)
+}
+
+const PASSTHROUGH: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+
+#[test]
+fn sidecar_to_sidecar_hop_between_two_enabled_pods_is_carried_by_sk_msg() {
+    let (h, client, _server, echo) = meshed_pair("p2p", &[]);
+    let supported = pod_to_pod_supported(&h);
+    let before = h.counters();
+    // 4 MiB each way, through app → sidecar A → sidecar B → app and back.
+    let data = payload(4 << 20);
+    let stream = connect_from(&client, echo.addr).expect("connect");
+    let back = echo_round_trip(stream, &data).expect("echo");
+    assert!(back == data, "payload corrupted or reordered");
+    let after = h.counters();
+    // Interception exactly as before: captured outbound, steered inbound, the server
+    // sidecar's SO_ORIGINAL_DST is the address the app asked for, and it reaches the app
+    // from 127.0.0.6 on that address.
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    assert_eq!(after.since(&before, "orig_dst_local"), 1);
+    assert_eq!(after.since(&before, "connect_passthrough"), 1);
+    assert_eq!(
+        after.since(&before, "sockhash_insert"),
+        4,
+        "the two in-pod hops"
+    );
+    let seen = echo.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer.ip(), PASSTHROUGH);
+    assert_eq!(seen[0].local, echo.addr);
+    if !supported {
+        assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+        return;
+    }
+    assert_eq!(
+        after.since(&before, "pod_to_pod_insert"),
+        2,
+        "sidecar A's upstream socket and sidecar B's accepted one"
+    );
+    assert!(
+        after.since(&before, "msg_redirected_pod_to_pod") > 0,
+        "no byte crossed the pod→pod hop by sk_msg: {:?} → {:?}",
+        before,
+        after
+    );
+    assert_eq!(after.since(&before, "pod_to_pod_skipped"), 0);
+}
+
+#[test]
+fn with_pod_to_pod_off_the_sidecar_hop_stays_on_tcp() {
+    let (h, client, _server, echo) = meshed_pair_with("p2poff", &["--no-pod-to-pod"], &[]);
+    let before = h.counters();
+    let data = payload(1 << 20);
+    let back =
+        echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data).expect("echo");
+    assert!(back == data);
+    let after = h.counters();
+    // The in-pod hops keep their redirect; the pod→pod hop is left alone, uncounted.
+    assert_eq!(after.since(&before, "sockhash_insert"), 4);
+    assert!(after.since(&before, "msg_redirected") > 0);
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "pod_to_pod_skipped"), 0);
+    assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
+}
+
+#[test]
+fn a_client_pod_that_is_not_enabled_is_not_short_circuited() {
+    let mut h = Harness::new("p2pnoclient");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&[]);
+    // A sidecar-like process in the client pod, but the pod is not enabled.
+    h.sidecar(&client);
+    h.sidecar(&server);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    let before = h.counters();
+    let data = payload(1 << 20);
+    let back =
+        echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data).expect("echo");
+    assert!(back == data);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
+}
+
+#[test]
+fn a_host_network_process_and_an_enabled_pod_are_not_short_circuited() {
+    let (h, client, server, echo) = meshed_pair("p2phost", &[]);
+    // A server outside every pod (the lab's node namespace, host networking for the pods).
+    let node = LabPod {
+        name: "node".into(),
+        netns: h.lab.node_netns().to_owned(),
+        ip: h.lab.gateway(),
+        ip6: Ipv6Addr::UNSPECIFIED,
+        cgroup: None,
+    };
+    let host_echo = EchoServer::start(&node, SocketAddr::new(IpAddr::V4(node.ip), 9100));
+    let before = h.counters();
+    let data = payload(1 << 20);
+    // Host → enabled pod (steered onto the server sidecar), and enabled pod → host (through the
+    // client sidecar): neither is a pod→pod hop.
+    let back = echo_round_trip(connect_from(&node, echo.addr).expect("connect"), &data)
+        .expect("host → pod");
+    assert!(back == data);
+    let back = echo_round_trip(
+        connect_from(&client, host_echo.addr).expect("connect"),
+        &data,
+    )
+    .expect("pod → host");
+    assert!(back == data);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    assert_eq!(after.since(&before, "connect_redirected"), 1);
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
+    drop(server);
+}
+
+/// NetworkPolicy: the handshake of the pod→pod connection still crosses the veths and the
+/// server pod's netfilter, so a connection refused there is refused with the short-circuit
+/// too — nothing is put in the sockhash for it and no byte reaches the app.
+#[test]
+fn a_connection_refused_on_the_wire_is_not_short_circuited_into_working() {
+    let (h, client, server, echo) = meshed_pair("p2ppolicy", &[]);
+    crate::iptables_tool(
+        &server,
+        "iptables",
+        &[
+            "-I",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9000",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+        None,
+    );
+    let before = h.counters();
+    // The client sidecar accepts the app's connection, then fails to reach the server pod and
+    // closes it: the app sees EOF or a reset, never its bytes back.
+    let got = connect_from(&client, echo.addr).and_then(|s| echo_round_trip(s, b"denied"));
+    assert!(got.is_err(), "a refused connection carried bytes: {got:?}");
+    assert!(echo.seen().is_empty());
+    let after = h.counters();
+    assert_eq!(after.since(&before, "inbound_assigned"), 0);
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
+    // Lifting the policy lets the next connection through (and short-circuits it again).
+    crate::iptables_tool(
+        &server,
+        "iptables",
+        &[
+            "-D",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9000",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+        None,
+    );
+    let stream = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(
+        echo_round_trip(stream, b"allowed").expect("echo"),
+        b"allowed"
+    );
+    if pod_to_pod_supported(&h) {
+        assert_eq!(h.counters().since(&after, "pod_to_pod_insert"), 2);
+    }
+}
+
+/// A scan of the server pod's ports through the client sidecar (health checkers and port
+/// scanners do this): ports the server pod does not capture inbound (its sidecar's own 15021,
+/// 15090) reach their listeners directly, not through its proxy. Both ends must then agree to
+/// stay off the sockhash; one end in it alone would send its first write into a missing peer
+/// (`msg_redirect_failed`) on every such connection.
+#[test]
+fn a_port_scan_of_a_pod_leaves_uncaptured_ports_on_tcp() {
+    let (h, client, server, _echo) = meshed_pair("p2pscan", &[]);
+    let supported = pod_to_pod_supported(&h);
+    let before = h.counters();
+    let mut answered = 0;
+    // Ports the server pod never captures inbound; its sidecar listens on some of them.
+    for port in [15021u16, 15090, 15020, 22] {
+        let target = SocketAddr::new(ip4(&server), port);
+        let Ok(mut s) = connect_from(&client, target) else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let request =
+            format!("GET /healthz/ready HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+        if s.write_all(request.as_bytes()).is_err() {
+            continue;
+        }
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        if reply.starts_with(b"HTTP/1.1 200") {
+            answered += 1;
+        }
+    }
+    // The server sidecar's health port answered through both sidecars' pod→pod hop on TCP.
+    assert!(answered >= 1, "the server sidecar's 15021 did not answer");
+    let after = h.counters();
+    assert_eq!(
+        after.since(&before, "msg_redirect_failed"),
+        0,
+        "an end in the sockhash without its peer"
+    );
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
+    if supported {
+        // Both ends of each connection that reached a listener decided alike.
+        assert!(after.since(&before, "pod_to_pod_skipped") >= 2);
+    }
+}
+
+/// A namespace that is not an enabled pod, holding both pods' addresses on its loopback,
+/// opens a connection with exactly the 4-tuple of a live short-circuited one (same addresses,
+/// same ports). Keyed node-wide, its sockets would replace the live connection's entries and
+/// receive its bytes. sockops only inserts a socket living in the namespace that owns its
+/// address, so the live connection keeps its bytes and the impostor sees none.
+#[test]
+fn an_impostor_with_the_same_addresses_and_ports_in_another_netns_gets_nothing() {
+    // The test's own socket in the client pod goes straight to the server pod (port 9000 not
+    // captured outbound), so its source port is known; the server pod captures it inbound.
+    let (mut h, client, server, echo) =
+        meshed_pair("p2pimpostor", &["--exclude-outbound-ports", "9000"]);
+    let supported = pod_to_pod_supported(&h);
+    let rogue = h.pod("rogue");
+    let before = h.counters();
+    let mut live = connect_from(&client, echo.addr).expect("connect");
+    live.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    if supported {
+        // Both ends in the sockhash before the first write (no first-write race here: this
+        // test is about the keys, not the race).
+        wait_until(Duration::from_secs(10), || {
+            h.counters().since(&before, "pod_to_pod_insert") == 2
+        });
+    }
+    live.write_all(b"first").expect("write");
+    let mut buf = [0u8; 5];
+    live.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"first");
+    let source = live.local_addr().expect("local addr");
+
+    // The impostor: both pod addresses on its loopback, a listener on the server's address and
+    // port, a client bound to the live connection's source address and port.
+    for ip in [client.ip, server.ip] {
+        interceptor_lab::lab::ip(&[
+            "-n",
+            &rogue.netns,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "lo",
+        ])
+        .expect("adding an address");
+    }
+    let (mut rogue_client, mut rogue_server) = rogue
+        .run(|| -> std::io::Result<(TcpStream, TcpStream)> {
+            let listener = std::net::TcpListener::bind(echo.addr)?;
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&source.into())?;
+            s.connect(&echo.addr.into())?;
+            let (accepted, _) = listener.accept()?;
+            Ok((TcpStream::from(s), accepted))
+        })
+        .expect("netns")
+        .expect("the impostor's connection");
+    let skipped = h.counters().since(&before, "pod_to_pod_skipped");
+    if supported {
+        assert_eq!(skipped, 2, "both impostor sockets left out of the sockhash");
+    }
+
+    // The live connection still talks to the server pod, both ways, in order, and still
+    // through the short-circuit (its entries were not replaced by the impostor's).
+    let mid = h.counters();
+    let data = payload(1 << 20);
+    let mut reader = live.try_clone().expect("clone");
+    let expect = data.clone();
+    let read = std::thread::spawn(move || {
+        let mut back = vec![0u8; expect.len()];
+        reader.read_exact(&mut back).map(|()| back == expect)
+    });
+    live.write_all(&data).expect("write on the live connection");
+    assert!(
+        read.join()
+            .expect("reader")
+            .expect("echo on the live connection")
+    );
+    if supported {
+        assert!(
+            h.counters().since(&mid, "msg_redirected_pod_to_pod") > 0,
+            "the live connection lost its short-circuit to the impostor"
+        );
+    }
+    // The impostor's own connection works as plain loopback TCP, and saw none of it.
+    rogue_server.set_nonblocking(true).expect("nonblocking");
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(rogue_server.read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the impostor received the live connection's bytes"
+    );
+    rogue_server.set_nonblocking(false).expect("blocking");
+    rogue_client.write_all(b"own").expect("impostor write");
+    let mut own = [0u8; 3];
+    rogue_server.read_exact(&mut own).expect("impostor read");
+    assert_eq!(&own, b"own");
+}
+
+/// The server pod is disabled while short-circuited connections are live: they keep carrying
+/// bytes both ways (their ends stay in the sockhash until they close), new connections reach
+/// the server pod without its sidecar and without the short-circuit, and closing every
+/// connection empties the sockhash.
+#[test]
+fn disabling_the_server_pod_under_live_connections_keeps_them_intact() {
+    let (h, client, server, echo) = meshed_pair("p2pdisable", &[]);
+    let supported = pod_to_pod_supported(&h);
+    let mut live: Vec<TcpStream> = (0..3)
+        .map(|_| connect_from(&client, echo.addr).expect("connect"))
+        .collect();
+    for s in &mut live {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"up").expect("write");
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).expect("echo before disable");
+    }
+    h.disable(&server);
+    let before = h.counters();
+    let data = payload(256 << 10);
+    for s in live {
+        let back = echo_round_trip(s, &data).expect("echo after disable");
+        assert!(
+            back == data,
+            "a live connection lost bytes after its pod was disabled"
+        );
+    }
+    // A new connection: the server pod is no longer enabled, no short-circuit.
+    let stream = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(stream, b"after").expect("echo"), b"after");
+    let after = h.counters();
+    assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+    assert_eq!(after.since(&before, "inbound_assigned"), 0);
+    if supported {
+        assert!(after.since(&before, "msg_redirected_pod_to_pod") > 0);
+    }
+    wait_until(Duration::from_secs(10), || {
+        h.status()["sockhash_entries"] == 0
+    });
 }
