@@ -25,7 +25,8 @@ pub mod sockmap;
 /// 5: `COUNTERS` gained `upgrade_probe` (one more slot).
 /// 6: `SOCKS`/`MSG_FALLBACK` also hold pod→pod keys (`netns` 0, see `sockmap::SockKey`);
 /// `COUNTERS` gained `msg_redirected_pod_to_pod`, `msg_redirect_failed_pod_to_pod`,
-/// `pod_to_pod_insert`, `pod_to_pod_skipped`; `CONFIG` flag `CONFIG_POD_TO_POD`.
+/// `pod_to_pod_insert`, `pod_to_pod_skipped`; `CONFIG` flag `CONFIG_POD_TO_POD`. The pod
+/// tables hold 16 384 pods, not preallocated (`names::size`; same layouts).
 pub const ABI_VERSION: u32 = 6;
 
 #[cfg(feature = "user")]
