@@ -95,6 +95,10 @@ fn update_readme(bench: &LabBench, readme: &Path, dir: &Path) -> Result<()> {
         &format!("<!-- {}:end -->", bench.marker),
         &body,
     )?;
-    eprintln!("updated the {} section of {}", bench.title, readme.display());
+    eprintln!(
+        "updated the {} section of {}",
+        bench.title,
+        readme.display()
+    );
     Ok(())
 }

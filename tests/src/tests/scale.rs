@@ -73,7 +73,10 @@ impl Drop for Crowd {
                 .stdin(Stdio::piped())
                 .spawn()
                 .expect("ip");
-            let _ = child.stdin.take().map(|mut s| s.write_all(batch.as_bytes()));
+            let _ = child
+                .stdin
+                .take()
+                .map(|mut s| s.write_all(batch.as_bytes()));
             let _ = child.wait();
         }
     }
@@ -92,7 +95,10 @@ fn ip_batch(args: &[&str], batch: &str) {
         .expect("stdin")
         .write_all(batch.as_bytes())
         .expect("ip -batch input");
-    assert!(child.wait().expect("ip").success(), "ip {args:?} -batch failed");
+    assert!(
+        child.wait().expect("ip").success(),
+        "ip {args:?} -batch failed"
+    );
 }
 
 /// Pod name → its addresses, as `status` lists them.
@@ -176,5 +182,9 @@ fn hundreds_of_pods_are_listed_exactly_and_only_the_gone_ones_collected() {
 
     // The live ones stay through further passes (the held namespaces are found again by stat).
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(listed(&h.status()).len(), PODS - GONE, "no live pod collected later");
+    assert_eq!(
+        listed(&h.status()).len(),
+        PODS - GONE,
+        "no live pod collected later"
+    );
 }
