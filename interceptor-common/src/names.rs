@@ -87,9 +87,13 @@ pub mod size {
     /// Istio's defaults take 6 rows per pod (the proxy's own ports, excluded inbound): 16 per
     /// pod leaves room for annotations' lists on every pod.
     pub const POD_PORTS: u32 = 16 * PODS;
-    pub const CIDRS: u32 = 16384;
+    /// LPM tries allocate per entry: a size costs nothing until used.
+    pub const CIDRS: u32 = 4 * PODS;
     pub const CONNECTIONS: u32 = 65536;
     pub const SOCKETS: u32 = 131072;
+    /// Listening sockets on the inbound port: a proxy may listen with one SO_REUSEPORT socket
+    /// per worker and per family (Envoy), so several per pod.
+    pub const LISTENERS: u32 = 4 * PODS;
     pub const PROBES: u32 = 1024;
     /// UDP sockets with a captured DNS query (LRU: a socket's entry outlives nothing but
     /// the socket's use; the oldest go first).
@@ -97,7 +101,7 @@ pub mod size {
     pub const EVENTS_BYTES: u32 = 64 * 1024;
     /// What one pod may use of `CIDR_EXCLUDE` and of `CIDR_INCLUDE` (each): one pod's long
     /// list must not leave later pods without room (they would run unintercepted).
-    pub const PER_POD_CIDRS: u32 = CIDRS / 64;
+    pub const PER_POD_CIDRS: u32 = 256;
     /// What one pod may use of `POD_PORTS` (all four lists and the always-excluded ports).
     /// (Fixed, not a share of `POD_PORTS`: a node's map grew for more pods, not for longer
     /// lists.)

@@ -69,7 +69,7 @@ pub(crate) static POD_LISTENER6: HashMap<u32, u64> = HashMap::pinned(size::PODS,
 
 /// Listening sockets on the inbound port, by socket cookie (inserted by sockops at listen()).
 #[map]
-pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::PODS, 0);
+pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::LISTENERS, 0);
 
 /// connect → established: original destination by the app socket's cookie. LRU because a
 /// connect that never completes leaves its entry behind.

@@ -8,7 +8,7 @@
 
 #![allow(
     unsafe_code,
-    reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting and flock on the instance lock"
+    reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting, RLIMIT_NOFILE for held namespaces, and flock on the instance lock"
 )]
 
 mod events;
@@ -131,6 +131,7 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
         None => bpf::features::cgroup2_mount().ok_or(Error::NoCgroup2)?,
     };
     raise_memlock();
+    raise_nofile();
     let features = Features::probe();
     let missing = features.missing_for_outbound();
     if !missing.is_empty() {
@@ -156,6 +157,28 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
 }
 
 /// Linux < 5.11 charges BPF maps to RLIMIT_MEMLOCK.
+/// The agent holds a descriptor per pod (their namespaces, `discovery::held`): container
+/// runtimes often start it at a soft limit of 1 024, so the soft limit goes up to the hard one
+/// (raising the hard one would need CAP_SYS_RESOURCE, which the agent does not ask for).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                debug!(
+                    "could not raise the open-file soft limit to {}",
+                    lim.rlim_max
+                );
+            }
+        }
+    }
+}
+
 fn raise_memlock() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -8,6 +8,7 @@ mod mode;
 pub mod spec;
 
 use std::{
+    collections::HashSet,
     fs::{self, File, OpenOptions},
     net::IpAddr,
     path::PathBuf,
@@ -355,14 +356,17 @@ impl<'a> Registry<'a> {
     /// Matches inbound pods to their proxy's listener (see `listeners`). With `all` false,
     /// only pods whose listener is unknown or gone are looked at: a recorded listener that is
     /// still in `LISTENERS` is alive (the sockhash drops a socket when it closes), so a
-    /// periodic pass does not enter every pod's namespace. A new listener (`all` true, on the
-    /// datapath's listen event) re-checks every pod.
+    /// periodic pass does not enter every pod's namespace. With `all` true every inbound pod is
+    /// looked into (listen events go through `resolve_new_listeners`, cheapest first).
     pub fn resolve_listeners(&mut self, all: bool) -> Result<(), Error> {
         self.resolve(if all { Which::All } else { Which::NotAlive })
+            .map(drop)
     }
 
-    fn resolve(&mut self, which: Which) -> Result<(), Error> {
+    /// Returns the cookies of every listener found in the pods it looked into.
+    fn resolve(&mut self, which: Which) -> Result<HashSet<u64>, Error> {
         let cfg = self.maps.global_config()?;
+        let mut seen = HashSet::new();
         // Walking the listener sockhash is one syscall per listener: only when asked.
         let live = match which {
             Which::NotAlive => self.maps.listener_cookies(),
@@ -396,15 +400,17 @@ impl<'a> Registry<'a> {
             let Ok(netns) = Netns::open(&path) else {
                 continue;
             };
-            if let Err(err) = listeners::resolve(self.maps, id, &netns, cfg.inbound_port as u16) {
-                if crate::capabilities::is_denied(&err) {
+            match listeners::resolve(self.maps, id, &netns, cfg.inbound_port as u16) {
+                Ok(found) => seen.extend(found),
+                Err(err) if crate::capabilities::is_denied(&err) => {
                     warn!(pod = %pod_name(&info), %err, "inbound listener cannot be resolved");
-                } else {
+                }
+                Err(err) => {
                     debug!(pod = %pod_name(&info), %err, "inbound listener not resolved");
                 }
             }
         }
-        Ok(())
+        Ok(seen)
     }
 
     /// Matches newly announced listeners (socket cookies from the datapath's listen events)
@@ -416,15 +422,17 @@ impl<'a> Registry<'a> {
     pub fn resolve_new_listeners(&mut self, cookies: &[u64]) -> Result<(), Error> {
         // Cheapest first: pods with no listener recorded (a proxy starting), then pods whose
         // recorded listener closed (a proxy restarting), then every pod.
+        // A listener counts as placed once its pod was looked into: a proxy's further
+        // SO_REUSEPORT sockets (Envoy: one per worker) are seen there but not recorded.
+        let mut seen: HashSet<u64> = [ListenerFamily::V4, ListenerFamily::V6]
+            .into_iter()
+            .flat_map(|f| self.maps.pod_listeners(f).into_values())
+            .collect();
         for which in [Which::Unrecorded, Which::NotAlive, Which::All] {
-            self.resolve(which)?;
-            let recorded: std::collections::HashSet<u64> = [ListenerFamily::V4, ListenerFamily::V6]
-                .into_iter()
-                .flat_map(|f| self.maps.pod_listeners(f).into_values())
-                .collect();
-            if cookies.iter().all(|c| recorded.contains(c)) {
+            if cookies.iter().all(|c| seen.contains(c)) {
                 break;
             }
+            seen.extend(self.resolve(which)?);
         }
         Ok(())
     }

@@ -218,7 +218,6 @@ impl Maps {
         self.pod_info.get(&id, 0).ok()
     }
 
-    /// Ids in use.
     /// How many pods the pinned maps can hold: the smallest of the per-pod maps' sizes (maps
     /// pinned by an older build may be smaller than this build's `size::PODS`).
     pub fn pod_capacity(&self) -> u32 {
@@ -226,7 +225,6 @@ impl Maps {
         [
             self.pod_info.map().info().map(|i| i.max_entries()),
             self.pod_config.map().info().map(|i| i.max_entries()),
-            self.listeners.map().info().map(|i| i.max_entries()),
         ]
         .into_iter()
         .map(|m| m.unwrap_or(interceptor_common::names::size::PODS))
@@ -234,6 +232,7 @@ impl Maps {
         .unwrap_or(interceptor_common::names::size::PODS)
     }
 
+    /// Ids in use.
     pub fn pod_ids(&self) -> BTreeSet<u32> {
         dump(&self.pod_info).into_iter().map(|(id, _)| id).collect()
     }
@@ -248,12 +247,12 @@ impl Maps {
         let _ = self.pod_info.remove(&id);
     }
 
-    /// The datapath config of the pod whose network namespace has this cookie.
     /// Every pod's config by namespace cookie (one batched read).
     pub fn pod_configs(&self) -> std::collections::HashMap<u64, PodConfig> {
         dump(&self.pod_config).into_iter().collect()
     }
 
+    /// The datapath config of the pod whose network namespace has this cookie.
     pub fn pod_config(&self, netns_cookie: u64) -> Option<PodConfig> {
         self.pod_config.get(&netns_cookie, 0).ok()
     }
@@ -403,12 +402,12 @@ impl Maps {
 
 /// Inbound listeners: the node-wide `LISTENERS` sockhash and each pod's recorded cookies.
 impl Maps {
-    /// The cookie recorded as the pod's listener of this family.
     /// Every pod's recorded listener of one family, by pod id (one batched read).
     pub fn pod_listeners(&self, family: ListenerFamily) -> std::collections::HashMap<u32, u64> {
         dump(self.listener_map(family)).into_iter().collect()
     }
 
+    /// The cookie recorded as the pod's listener of this family.
     pub fn pod_listener(&self, id: u32, family: ListenerFamily) -> Option<u64> {
         self.listener_map(family).get(&id, 0).ok()
     }

@@ -57,8 +57,10 @@ impl HeldNamespaces {
             return found;
         }
         let path = full()?;
+        // Verified again on the very descriptor held: the namespace `full` saw could have died
+        // and its number gone to a newcomer between the two opens.
         if let Ok(ns) = Netns::open(&path)
-            && ns.same_as(info.netns_dev, info.netns_ino)
+            && ns.is(info.netns_dev, info.netns_ino, info.netns_cookie)
         {
             self.by_pod.insert(
                 id,
