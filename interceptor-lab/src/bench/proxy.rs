@@ -3,9 +3,10 @@
 //!
 //! Rows: HTTP/1.1 keep-alive (16 connections, and one connection), gRPC unary with 16 streams
 //! at once on one connection and on four (h2load), WebSocket echo (tokio-tungstenite), and
-//! memory per idle h2 connection. Peers run interleaved, round after round, and the report
-//! shows medians, since these machines are shared and noisy. Every run is bounded by a budget
-//! and a time limit. Results go to `<out>/proxy-<timestamp>/` (JSON and Markdown).
+//! memory per idle h2 connection (the gRPC app's own too: the floor of hyper's h2 server).
+//! Peers run interleaved, round after round, and the report shows medians, since these
+//! machines are shared and noisy. Every run is bounded by a budget and a time limit. Results
+//! go to `<out>/proxy-<timestamp>/` (JSON and Markdown).
 
 mod configs;
 mod grpc_load;
@@ -185,6 +186,7 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
         app_procs.push(p);
     }
 
+    let grpc_app_pid = app_procs[1].pid();
     let config = scratch.join("interceptor.yaml");
     std::fs::write(&config, configs::interceptor(apps))?;
     let ports: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect::<Result<_>>()?;
@@ -301,14 +303,20 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
                 }
             }
         }
-        for peer in peers.iter().filter(|p| p.pid.is_some()) {
-            let Some(pid) = peer.pid else { continue };
-            eprintln!("{}: memory per idle h2 connection", peer.name);
-            match idle::bytes_per_connection(peer.h2, pid, args.idle_connections, &request).await {
-                Ok(bytes) => report.idle_h2.push((peer.name.to_owned(), bytes)),
+        // The gRPC app too: hyper's h2 server with the same allocator and nothing else, the
+        // floor a proxy built on it starts from.
+        let grpc_app = ("the gRPC app itself (hyper's h2 server)", apps.grpc, grpc_app_pid);
+        let measured = peers
+            .iter()
+            .filter_map(|p| Some((p.name, p.h2, p.pid?)))
+            .chain(std::iter::once(grpc_app));
+        for (name, addr, pid) in measured {
+            eprintln!("{name}: memory per idle h2 connection");
+            match idle::bytes_per_connection(addr, pid, args.idle_connections, &request).await {
+                Ok(bytes) => report.idle_h2.push((name.to_owned(), bytes)),
                 Err(err) => report
                     .failures
-                    .push(format!("{}, idle h2 connections: {err:#}", peer.name)),
+                    .push(format!("{name}, idle h2 connections: {err:#}")),
             }
         }
     });

@@ -139,6 +139,7 @@ pub async fn dispatch(
                     .get_or_create(&metrics::DirectionLabels { direction })
                     .clone(),
                 last_series: std::sync::Mutex::new(None),
+                last_grpc: std::sync::Mutex::new(None),
             });
             let drain = shared.drain.watch();
             if protocol == Protocol::Http2 {

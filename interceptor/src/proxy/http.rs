@@ -7,6 +7,7 @@
 //! (upstream down after retries), 504 (timeout).
 
 use std::{
+    borrow::Cow,
     convert::Infallible,
     error::Error as StdError,
     future::Future,
@@ -40,7 +41,7 @@ use super::{
     config::{Limits, Protocol as Declared, UpstreamProtocol},
     drain::Watch,
     h1::{Busy, DownstreamBody, TrackedBody},
-    metrics::{ActiveGuard, Direction, ProxyMetrics},
+    metrics::{self, ActiveGuard, Direction, ProxyMetrics},
     pool::{H2Settings, PooledBody, SendError},
     replay::Replay,
     retry::{Outcome, RetryPolicy},
@@ -75,6 +76,14 @@ pub struct ConnCtx {
     /// The last (cluster, code) series this connection recorded: a keep-alive connection
     /// mostly repeats it, and the handles skip two label-hash lookups per request.
     pub last_series: std::sync::Mutex<Option<Series>>,
+    /// The same for gRPC statuses: calls on one connection mostly end alike.
+    pub last_grpc: std::sync::Mutex<Option<GrpcSeries>>,
+}
+
+pub struct GrpcSeries {
+    cluster: Arc<str>,
+    status: Box<str>,
+    counter: prometheus_client::metrics::counter::Counter,
 }
 
 pub struct Series {
@@ -107,6 +116,38 @@ impl ConnCtx {
             s.duration.observe(elapsed.as_secs_f64());
         }
     }
+
+    /// `cluster` as a response's trailers hook keeps it: the last call's copy when it repeats.
+    fn grpc_cluster(&self, cluster: &str) -> Arc<str> {
+        if let Ok(last) = self.last_grpc.lock()
+            && let Some(s) = last.as_ref()
+            && &*s.cluster == cluster
+        {
+            return s.cluster.clone();
+        }
+        Arc::from(cluster)
+    }
+
+    fn record_grpc(&self, cluster: &Arc<str>, status: &str) {
+        let label = metrics::grpc_status_label(status);
+        let Ok(mut last) = self.last_grpc.lock() else {
+            self.metrics.grpc(self.direction, cluster, label);
+            return;
+        };
+        let hit = last
+            .as_ref()
+            .is_some_and(|s| &*s.status == label && s.cluster == *cluster);
+        if !hit {
+            *last = Some(GrpcSeries {
+                cluster: cluster.clone(),
+                status: label.into(),
+                counter: self.metrics.grpc_series(self.direction, cluster, label),
+            });
+        }
+        if let Some(s) = last.as_ref() {
+            s.counter.inc();
+        }
+    }
 }
 
 /// Serves h2c on a detected connection until the client closes it, the drain asks it to finish
@@ -126,11 +167,13 @@ where
         let ctx = ctx.clone();
         starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (request_busy, response_busy) = (tokens.token(), tokens.token());
-        async move {
+        // Boxed: hyper moves a stream's future several times before it first runs (into its
+        // task among others), and a pointer moves cheaper than a request's whole state.
+        Box::pin(async move {
             let req = req.map(|body| DownstreamBody::new(body, request_busy));
             let resp = handle(req, &ctx).await;
             Ok::<_, Infallible>(resp.map(|body| TrackedBody::new(body, response_busy)))
-        }
+        })
     });
     let head_bytes = (limits.max_request_headers_kb as usize).saturating_mul(1024);
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -216,7 +259,7 @@ where
 }
 
 /// One request, start to finish, with its metrics.
-pub async fn handle(req: Request<DownstreamBody>, ctx: &ConnCtx) -> Response<ResponseBody> {
+pub async fn handle(req: Request<DownstreamBody>, ctx: &Arc<ConnCtx>) -> Response<ResponseBody> {
     let start = Instant::now();
     ctx.active_requests.inc();
     let _active = ActiveGuard(ctx.active_requests.clone());
@@ -242,20 +285,19 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Counts the gRPC status of a response: from its head (trailers-only answers, the proxy's
 /// own) or, when it streams, from its trailers.
-fn observe_grpc_status(response: &mut Response<ResponseBody>, ctx: &ConnCtx, cluster: &str) {
+fn observe_grpc_status(response: &mut Response<ResponseBody>, ctx: &Arc<ConnCtx>, cluster: &str) {
+    let cluster = ctx.grpc_cluster(cluster);
     if let Some(code) = response.headers().get(&GRPC_STATUS) {
-        ctx.metrics
-            .grpc(ctx.direction, cluster, code.to_str().unwrap_or("invalid"));
+        ctx.record_grpc(&cluster, code.to_str().unwrap_or("invalid"));
         return;
     }
     if let Either::Left(body) = response.body_mut() {
-        let (metrics, direction, cluster) =
-            (ctx.metrics.clone(), ctx.direction, cluster.to_owned());
+        let ctx = ctx.clone();
         body.on_trailers(Box::new(move |trailers: Option<&HeaderMap>| {
             let code = trailers
                 .and_then(|t| t.get(&GRPC_STATUS))
                 .map_or("none", |v| v.to_str().unwrap_or("invalid"));
-            metrics.grpc(direction, &cluster, code);
+            ctx.record_grpc(&cluster, code);
         }));
     }
 }
@@ -325,11 +367,13 @@ struct Call<'a> {
     upgrade: Option<String>,
 }
 
-async fn route_and_forward(
+/// The request's answer and the cluster label it counts under (borrowed from the snapshot
+/// when it names a cluster: no copy per request).
+async fn route_and_forward<'s>(
     req: Request<DownstreamBody>,
     ctx: &ConnCtx,
-    snapshot: &Snapshot,
-) -> (Response<ResponseBody>, String) {
+    snapshot: &'s Snapshot,
+) -> (Response<ResponseBody>, Cow<'s, str>) {
     let limits = &snapshot.config.limits;
     if let Some(why) = ambiguous_host(&req) {
         return (local_reply(StatusCode::BAD_REQUEST, why), "none".into());
@@ -350,19 +394,49 @@ async fn route_and_forward(
         // A series per port the app serves (or the config declares); a port scan's refused
         // connections all count under the passthrough cluster.
         let name = if declared_port || resp.extensions().get::<LocalReply>().is_none() {
-            format!("inbound|{port}||")
+            format!("inbound|{port}||").into()
         } else {
-            INBOUND_PASSTHROUGH.to_owned()
+            INBOUND_PASSTHROUGH.into()
         };
         return (resp, name);
     }
-    let host = request_host(&req).unwrap_or_default().to_owned();
-    let vhost = snapshot
-        .listeners
-        .get(&ctx.orig_dst.port())
-        .and_then(|l| l.virtual_host(&host));
-    let Some(vhost) = vhost else {
-        // No virtual host claims this Host: the original destination (Istio's ALLOW_ANY).
+    // The host and path are borrowed only while routing picks; what it picks lives in the
+    // snapshot.
+    let action = {
+        let host = request_host(&req).unwrap_or_default();
+        let vhost = snapshot
+            .listeners
+            .get(&ctx.orig_dst.port())
+            .and_then(|l| l.virtual_host(host));
+        match vhost {
+            // No virtual host claims this Host: the original destination (Istio's ALLOW_ANY).
+            None => None,
+            Some(vhost) => {
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let Some(route) = vhost.route(path, req.headers()) else {
+                    debug!(host, path, vhost = %vhost.name, "no route matches");
+                    return (
+                        local_reply(StatusCode::NOT_FOUND, "route not found\n"),
+                        "none".into(),
+                    );
+                };
+                // Borrowed from the snapshot this request holds: no shared reference counts
+                // touched.
+                let action = &route.action;
+                if let Some(proto) = &upgrade
+                    && !action.upgrades.iter().any(|u| u == proto)
+                {
+                    debug!(host, path, upgrade = %proto, "upgrade not allowed on this route");
+                    return (
+                        local_reply(StatusCode::FORBIDDEN, "upgrade not allowed on this route\n"),
+                        "none".into(),
+                    );
+                }
+                Some(action)
+            }
+        }
+    };
+    let Some(action) = action else {
         let cluster = &snapshot.clusters.outbound_passthrough;
         let call = Call {
             cluster,
@@ -372,31 +446,8 @@ async fn route_and_forward(
             upgrade,
         };
         let resp = forward(req, &call, ctx, limits).await;
-        return (resp, cluster.name.clone());
+        return (resp, Cow::Borrowed(cluster.name.as_str()));
     };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let Some(route) = vhost.route(&path, req.headers()) else {
-        debug!(host, path, vhost = %vhost.name, "no route matches");
-        return (
-            local_reply(StatusCode::NOT_FOUND, "route not found\n"),
-            "none".into(),
-        );
-    };
-    // Borrowed from the snapshot this request holds: no shared reference counts touched.
-    let action = &route.action;
-    if let Some(proto) = &upgrade
-        && !action.upgrades.iter().any(|u| u == proto)
-    {
-        debug!(host, path, upgrade = %proto, "upgrade not allowed on this route");
-        return (
-            local_reply(StatusCode::FORBIDDEN, "upgrade not allowed on this route\n"),
-            "none".into(),
-        );
-    }
     let cluster = action.target.pick(balancer::random_f64());
     let call = Call {
         cluster,
@@ -406,7 +457,7 @@ async fn route_and_forward(
         upgrade,
     };
     let resp = forward(req, &call, ctx, limits).await;
-    (resp, cluster.name.clone())
+    (resp, Cow::Borrowed(cluster.name.as_str()))
 }
 
 /// A request body ready for attempts: replayable bytes, a stream that can go once, or a
@@ -485,7 +536,7 @@ async fn forward(
         .upgrade
         .as_ref()
         .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
-    prepare_request_headers(&mut parts.headers, &parts.uri, ctx);
+    prepare_request_headers(&mut parts.headers, &parts.uri, version, ctx);
     if let Some(value) = upgrade {
         // The hop-by-hop pair the upstream needs to see to upgrade.
         parts
@@ -600,7 +651,7 @@ async fn attempts(
         let in_flight = endpoint.start();
         let sent = async {
             if how.upgrade {
-                pool.send_upgrade(endpoint.addr, request).await
+                Box::pin(pool.send_upgrade(endpoint.addr, request)).await
             } else if how.version == Version::HTTP_2 {
                 pool.send_h2(endpoint.addr, request, how.h2, how.h2_fallback)
                     .await
@@ -680,15 +731,25 @@ fn upstream_request(
     };
     let uri = if version == Version::HTTP_2 {
         // h2: the host travels as `:authority` (and `:scheme` must be there).
-        let authority = headers
-            .remove(HOST)
-            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| endpoint.authority.clone());
-        Uri::builder()
-            .scheme(http::uri::Scheme::HTTP)
-            .authority(authority)
-            .path_and_query(path)
-            .build()?
+        match headers.remove(HOST) {
+            // An h2 client's request as it came (no Host): its URI already says all that.
+            None if parts.uri.scheme() == Some(&http::uri::Scheme::HTTP)
+                && parts.uri.authority().is_some() =>
+            {
+                parts.uri.clone()
+            }
+            host => {
+                let authority = host
+                    .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                    .or_else(|| parts.uri.authority().cloned())
+                    .unwrap_or_else(|| endpoint.authority.clone());
+                Uri::builder()
+                    .scheme(http::uri::Scheme::HTTP)
+                    .authority(authority)
+                    .path_and_query(path)
+                    .build()?
+            }
+        }
     } else {
         // HTTP/1.1 upstream: origin-form target, the client's Host kept.
         if !headers.contains_key(HOST)
@@ -872,7 +933,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx) {
+fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, version: Version, ctx: &ConnCtx) {
     // `TE: trailers` is end to end in effect (gRPC servers require it over h2): kept.
     let te_trailers = headers
         .get_all(header::TE)
@@ -885,8 +946,10 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx) {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     headers.remove(X_FORWARDED_CLIENT_CERT);
-    // h2 requests carry the host in :authority; HTTP/1.1 upstream needs a Host header.
-    if !headers.contains_key(HOST)
+    // h2 requests carry the host in :authority; HTTP/1.1 upstream needs a Host header (an h2
+    // upstream takes :authority from the URI).
+    if version != Version::HTTP_2
+        && !headers.contains_key(HOST)
         && let Some(authority) = uri.authority()
         && let Ok(v) = HeaderValue::from_str(authority.as_str())
     {
@@ -896,6 +959,12 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx) {
         && let Ok(v) = HeaderValue::from_bytes(&request_id_bytes())
     {
         headers.insert(X_REQUEST_ID, v);
+    }
+    // Unique per request: HPACK gains nothing from indexing it, and every indexed id would
+    // evict a header that repeats (and lengthen the encoder's search for the next one). Sent
+    // "never indexed".
+    if let Some(id) = headers.get_mut(&X_REQUEST_ID) {
+        id.set_sensitive(true);
     }
     if ctx.direction == Direction::Inbound {
         // Append the client, as Envoy's inbound listener does (use_remote_address).

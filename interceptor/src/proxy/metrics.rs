@@ -13,6 +13,16 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+/// The `grpc_status` label of a `grpc-status` value: a known code, `none` or `invalid`
+/// (bounded, whatever the upstream sends).
+pub fn grpc_status_label(status: &str) -> &str {
+    match status.parse::<u8>() {
+        Ok(code) if code <= 16 => status,
+        _ if status == "none" => "none",
+        _ => "invalid",
+    }
+}
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Direction {
     Inbound,
@@ -257,18 +267,19 @@ impl ProxyMetrics {
 
     /// Records a gRPC call's status (a known code, `none` or `invalid`: bounded).
     pub fn grpc(&self, direction: Direction, cluster: &str, status: &str) {
-        let status = match status.parse::<u8>() {
-            Ok(code) if code <= 16 => status,
-            _ if status == "none" => "none",
-            _ => "invalid",
-        };
+        self.grpc_series(direction, cluster, status).inc();
+    }
+
+    /// The counter of one gRPC status series (to count many calls without lookups).
+    pub fn grpc_series(&self, direction: Direction, cluster: &str, status: &str) -> Counter {
+        let status = grpc_status_label(status);
         self.grpc
             .get_or_create(&GrpcLabels {
                 direction,
                 cluster: cluster.to_owned(),
                 grpc_status: status.to_owned(),
             })
-            .inc();
+            .clone()
     }
 
     pub fn retry(&self, direction: Direction, cluster: &str) {

@@ -459,7 +459,9 @@ impl Pool {
                     }
                     polled
                 });
+                // Biased: the connection first, and no random draw on every wake-up.
                 tokio::select! {
+                    biased;
                     _ = run => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
@@ -520,7 +522,7 @@ impl Pool {
         fallback: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         if fallback && self.is_h1_only(addr) {
-            return self.send(addr, as_http1(req)).await;
+            return Box::pin(self.send(addr, as_http1(req))).await;
         }
         // Twice at most: a connection found closing hands the request back unsent.
         for _ in 0..2 {
@@ -536,7 +538,9 @@ impl Pool {
                     let taken = match self.take_h2(addr, settings) {
                         Some(taken) => taken,
                         None => {
-                            let opened = self.open_h2(addr, settings).await;
+                            // Boxed, as every rarely taken branch here: a request's future (moved
+                            // whole when its stream's task is spawned) stays small.
+                            let opened = Box::pin(self.open_h2(addr, settings)).await;
                             if let Ok(mut m) = self.h2_opening.lock() {
                                 m.remove(&addr);
                             }
@@ -547,7 +551,7 @@ impl Pool {
                                         m.insert(addr, Instant::now());
                                     }
                                     drop(opening);
-                                    return self.send(addr, as_http1(req)).await;
+                                    return Box::pin(self.send(addr, as_http1(req))).await;
                                 }
                                 other => other?,
                             }
@@ -614,7 +618,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.open(addr).await?;
+        let mut sender = Box::pin(self.open(addr)).await?;
         sender
             .ready()
             .await

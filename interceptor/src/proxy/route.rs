@@ -195,12 +195,19 @@ impl Listener {
 
     /// The virtual host for a `Host` value (any case, with or without `:port`).
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        let host = host.to_ascii_lowercase();
-        let bare = strip_port(&host);
-        let candidates: &[&str] = if bare.len() == host.len() {
-            &[host.as_str()]
+        // Hosts are nearly always lower case already: no copy per request then.
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
         } else {
-            &[host.as_str(), bare]
+            host
+        };
+        let bare = strip_port(host);
+        let candidates: &[&str] = if bare.len() == host.len() {
+            &[host]
+        } else {
+            &[host, bare]
         };
         let found = candidates
             .iter()
