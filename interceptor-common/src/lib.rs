@@ -26,7 +26,8 @@ pub mod sockmap;
 /// 6: `SOCKS`/`MSG_FALLBACK` also hold pod→pod keys (`netns` 0, see `sockmap::SockKey`);
 /// `COUNTERS` gained `msg_redirected_pod_to_pod`, `msg_redirect_failed_pod_to_pod`,
 /// `pod_to_pod_insert`, `pod_to_pod_skipped`, `pod_to_pod_unproven`; `CONFIG` flag
-/// `CONFIG_POD_TO_POD`; new map `PEER_SEQ`.
+/// `CONFIG_POD_TO_POD`; new map `PEER_SEQ`. The pod tables hold 16 384 pods, not preallocated
+/// (`names::size`; same layouts).
 pub const ABI_VERSION: u32 = 6;
 
 #[cfg(feature = "user")]

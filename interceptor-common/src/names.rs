@@ -80,12 +80,22 @@ pub mod prog {
 
 /// Sizes of the maps. Sockets and connections are bounded by what a node runs at once.
 pub mod size {
-    pub const PODS: u32 = 4096;
-    pub const POD_IPS: u32 = 16384;
-    pub const POD_PORTS: u32 = 65536;
-    pub const CIDRS: u32 = 16384;
+    /// Pods per node. Kubernetes' default is 110 and large nodes run a few hundred; 16384
+    /// leaves room for the 10 000-pod benchmark (`cargo xtask bench scale`). An agent adopting
+    /// maps pinned with another size uses theirs (`Maps::pod_capacity`).
+    pub const PODS: u32 = 16384;
+    /// Two addresses (IPv4 and IPv6) per pod.
+    pub const POD_IPS: u32 = 2 * PODS;
+    /// Istio's defaults take 6 rows per pod (the proxy's own ports, excluded inbound): 16 per
+    /// pod leaves room for annotations' lists on every pod.
+    pub const POD_PORTS: u32 = 16 * PODS;
+    /// LPM tries allocate per entry: a size costs nothing until used.
+    pub const CIDRS: u32 = 4 * PODS;
     pub const CONNECTIONS: u32 = 65536;
     pub const SOCKETS: u32 = 131072;
+    /// Listening sockets on the inbound port: a proxy may listen with one SO_REUSEPORT socket
+    /// per worker and per family (Envoy), so several per pod.
+    pub const LISTENERS: u32 = 4 * PODS;
     pub const PROBES: u32 = 1024;
     /// UDP sockets with a captured DNS query (LRU: a socket's entry outlives nothing but
     /// the socket's use; the oldest go first).
@@ -93,9 +103,11 @@ pub mod size {
     pub const EVENTS_BYTES: u32 = 64 * 1024;
     /// What one pod may use of `CIDR_EXCLUDE` and of `CIDR_INCLUDE` (each): one pod's long
     /// list must not leave later pods without room (they would run unintercepted).
-    pub const PER_POD_CIDRS: u32 = CIDRS / 64;
+    pub const PER_POD_CIDRS: u32 = 256;
     /// What one pod may use of `POD_PORTS` (all four lists and the always-excluded ports).
-    pub const PER_POD_PORTS: u32 = POD_PORTS / 64;
+    /// (Fixed, not a share of `POD_PORTS`: a node's map grew for more pods, not for longer
+    /// lists.)
+    pub const PER_POD_PORTS: u32 = 1024;
 }
 
 /// A UDP `connect()` to this address lets the agent learn a network namespace's cookie on

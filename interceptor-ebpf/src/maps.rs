@@ -27,18 +27,23 @@ pub(crate) static CONFIG: Array<GlobalConfig> = Array::pinned(1, 0);
 #[map]
 pub(crate) static ABI: Array<u32> = Array::pinned(1, 0);
 
+/// `BPF_F_NO_PREALLOC` for the pod tables: sized for 16 384 pods where a node runs a few hundred,
+/// and written only by the agent (never from a program, where allocating could fail), so they
+/// take kernel memory for the entries they hold, not for their capacity.
+const NO_PREALLOC: u32 = 1;
+
 /// Enabled pods by network-namespace cookie.
 #[map]
-pub(crate) static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(size::PODS, 0);
+pub(crate) static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(size::PODS, NO_PREALLOC);
 
 /// Pod addresses (16-byte, IPv4-mapped for IPv4) → the pod's network-namespace cookie, which
 /// keys `POD_CONFIG`.
 #[map]
-pub(crate) static POD_IPS: HashMap<[u32; 4], u64> = HashMap::pinned(size::POD_IPS, 0);
+pub(crate) static POD_IPS: HashMap<[u32; 4], u64> = HashMap::pinned(size::POD_IPS, NO_PREALLOC);
 
 /// Per-pod port include/exclude lists.
 #[map]
-pub(crate) static POD_PORTS: HashMap<PortKey, u32> = HashMap::pinned(size::POD_PORTS, 0);
+pub(crate) static POD_PORTS: HashMap<PortKey, u32> = HashMap::pinned(size::POD_PORTS, NO_PREALLOC);
 
 /// Per-pod `excludeOutboundIPRanges`.
 #[map]
@@ -50,7 +55,7 @@ pub(crate) static CIDR_INCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::pinned(size::CI
 
 /// User-space metadata of each pod (never read here; pinned with the rest).
 #[map]
-pub(crate) static POD_INFO: HashMap<u32, PodInfo> = HashMap::pinned(size::PODS, 0);
+pub(crate) static POD_INFO: HashMap<u32, PodInfo> = HashMap::pinned(size::PODS, NO_PREALLOC);
 
 /// Pod id → socket cookie of its proxy's inbound listener (resolved by the agent).
 #[map]
@@ -64,7 +69,7 @@ pub(crate) static POD_LISTENER6: HashMap<u32, u64> = HashMap::pinned(size::PODS,
 
 /// Listening sockets on the inbound port, by socket cookie (inserted by sockops at listen()).
 #[map]
-pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::PODS, 0);
+pub(crate) static LISTENERS: SockHash<u64> = SockHash::pinned(size::LISTENERS, 0);
 
 /// connect → established: original destination by the app socket's cookie. LRU because a
 /// connect that never completes leaves its entry behind.

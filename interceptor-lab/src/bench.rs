@@ -14,6 +14,7 @@ pub mod peers;
 pub mod proxy;
 mod report;
 mod rig;
+pub mod scale;
 
 use std::{
     path::PathBuf,

@@ -44,6 +44,9 @@ enum Command {
     /// The sidecar proxy vs haproxy vs no proxy on loopback: HTTP/1.1, gRPC (h2load),
     /// WebSocket echo, memory per idle h2 connection (what `cargo xtask bench proxy` runs).
     BenchProxy(bench::proxy::ProxyBenchArgs),
+    /// The datapath and the agent with thousands of pods enabled: latency, map occupancy,
+    /// 10 000 concurrent connections, agent memory (what `cargo xtask bench scale` runs).
+    BenchScale(bench::scale::ScaleArgs),
     /// Small applications the demo, the tests and the benchmarks run inside pods.
     #[command(subcommand)]
     Testapp(TestappCommand),
@@ -120,7 +123,11 @@ fn main() -> ExitCode {
     // children's, which read INTERCEPTOR_LOG) would bury that, unless a level was asked for.
     let narrated = matches!(
         cli.command,
-        Command::Demo(_) | Command::Bench(_) | Command::DnsBench(_) | Command::BenchProxy(_)
+        Command::Demo(_)
+            | Command::Bench(_)
+            | Command::DnsBench(_)
+            | Command::BenchProxy(_)
+            | Command::BenchScale(_)
     );
     let level = match (&cli.log_level, narrated) {
         (Some(level), _) => level.clone(),
@@ -182,6 +189,13 @@ fn run(command: Command) -> Result<()> {
                 report.update_readme(readme, &dir)?;
                 eprintln!("updated {}", readme.display());
             }
+            eprintln!("wrote {}", dir.display());
+            Ok(())
+        }
+        Command::BenchScale(args) => {
+            let report = bench::scale::run(&args)?;
+            let dir = report.write(&args.out)?;
+            println!("{}", report.markdown());
             eprintln!("wrote {}", dir.display());
             Ok(())
         }

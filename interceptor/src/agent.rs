@@ -4,14 +4,16 @@
 //!
 //! - [`health`]: readiness and the agent's HTTP endpoints (probes, metrics).
 //! - [`events`]: the datapath's ring buffer (listen events wake a pass) and its log records.
+//! - [`passes`]: what each pass over the pods costs (metrics).
 
 #![allow(
     unsafe_code,
-    reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting and flock on the instance lock"
+    reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting, RLIMIT_NOFILE for held namespaces, and flock on the instance lock"
 )]
 
 mod events;
 mod health;
+mod passes;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -31,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{self, Datapath, LoadOptions, Pins, features::Features},
+    discovery::held::HeldNamespaces,
     kube::{
         KubeOptions, PodController,
         metrics::KubeMetrics,
@@ -128,6 +131,7 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
         None => bpf::features::cgroup2_mount().ok_or(Error::NoCgroup2)?,
     };
     raise_memlock();
+    raise_nofile();
     let features = Features::probe();
     let missing = features.missing_for_outbound();
     if !missing.is_empty() {
@@ -153,6 +157,28 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
 }
 
 /// Linux < 5.11 charges BPF maps to RLIMIT_MEMLOCK.
+/// The agent holds a descriptor per pod (their namespaces, `discovery::held`): container
+/// runtimes often start it at a soft limit of 1 024, so the soft limit goes up to the hard one
+/// (raising the hard one would need CAP_SYS_RESOURCE, which the agent does not ask for).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                debug!(
+                    "could not raise the open-file soft limit to {}",
+                    lim.rlim_max
+                );
+            }
+        }
+    }
+}
+
 fn raise_memlock() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -233,6 +259,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let ready = health::Readiness::new(&mut registry);
     let stop_health = CancellationToken::new();
     let kube_metrics = KubeMetrics::new(&mut registry);
+    let pass_metrics = passes::PassMetrics::new(&mut registry);
     if let Some(addr) = opts.health_addr {
         health::serve(addr, ready.clone(), Arc::new(registry), stop_health.clone()).await?;
     }
@@ -271,8 +298,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     };
     let kube_changed = controller.as_ref().map(|c| c.watch.notifier());
 
+    // Pods' namespaces, held open between passes (see `discovery::held`).
+    let mut held = HeldNamespaces::default();
     // Pods enabled while no agent ran (or by a previous one) may have new proxies.
-    reconcile(&mut datapath);
+    reconcile(&mut datapath, &mut held, &pass_metrics);
 
     let mut tick = tokio::time::interval(opts.reconcile_every);
     tokio::pin!(shutdown);
@@ -297,7 +326,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
-                reconcile(&mut datapath);
+                reconcile(&mut datapath, &mut held, &pass_metrics);
                 if let Some(c) = controller.as_mut() {
                     kube_pass(c, &mut datapath);
                 }
@@ -307,11 +336,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                     kube_pass(c, &mut datapath);
                 }
             }
-            woke = events::next_event(&mut event_ring) => {
-                if woke {
+            listeners = events::next_event(&mut event_ring) => {
+                if !listeners.is_empty() {
                     // A proxy started listening: match it to its pod right away.
                     if let Err(err) = Registry::lock(&datapath.pins, &mut datapath.maps)
-                        .and_then(|mut r| r.resolve_listeners(true))
+                        .and_then(|mut r| r.resolve_new_listeners(&listeners))
                     {
                         warn!(%err, "resolving inbound listeners");
                     }
@@ -404,11 +433,16 @@ async fn notified(notify: Option<&Notify>) {
     }
 }
 
-fn reconcile(datapath: &mut Datapath) {
+fn reconcile(datapath: &mut Datapath, held: &mut HeldNamespaces, metrics: &passes::PassMetrics) {
+    let started = std::time::Instant::now();
     let result = Registry::lock(&datapath.pins, &mut datapath.maps).and_then(|mut registry| {
-        registry.collect_gone()?;
-        registry.resolve_listeners(false)
+        registry.collect_gone_held(held)?;
+        registry.resolve_listeners(false)?;
+        Ok(registry.infos().len())
     });
+    if let Ok(pods) = &result {
+        metrics.observe(started.elapsed(), *pods);
+    }
     if let Err(err) = result {
         warn!(%err, "reconciling pods");
     }

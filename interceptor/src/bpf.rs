@@ -5,6 +5,7 @@ pub(crate) mod attach;
 pub mod features;
 pub mod logs;
 pub mod maps;
+pub mod occupancy;
 pub mod pins;
 mod sys;
 pub mod upgrade;

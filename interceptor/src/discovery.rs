@@ -3,6 +3,7 @@
 //! Kubernetes pod UID ([`procfs`]), and which socket is its proxy's inbound listener
 //! ([`listeners`]).
 
+pub mod held;
 pub mod listeners;
 pub mod netns;
 pub mod procfs;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     agent,
-    bpf::{Maps, Pins, features::Features, upgrade::Report},
+    bpf::{Maps, Pins, features::Features, occupancy::MapUse, upgrade::Report},
     registry::{self, PodEntry},
 };
 
@@ -23,6 +23,9 @@ pub struct Status {
     pub programs: Vec<ProgramStatus>,
     pub pods: Vec<PodEntry>,
     pub sockhash_entries: usize,
+    /// Every pinned map's entries against its capacity: a full map means a pod that cannot be
+    /// enabled or connections that are not redirected.
+    pub maps: Vec<MapUse>,
     pub counters: BTreeMap<&'static str, u64>,
     /// DNS capture's sendmsg/recvmsg programs are attached: eBPF-mode pods may ask for it.
     pub dns_capture_ebpf: bool,
@@ -78,6 +81,7 @@ impl Status {
             programs,
             pods,
             sockhash_entries,
+            maps: crate::bpf::occupancy::occupancy(pins),
             counters,
             dns_capture_ebpf: crate::bpf::attach::dns_capture_available(pins),
             datapath: Report::of_instance(pins),
@@ -178,6 +182,27 @@ impl Status {
             );
         }
         let _ = writeln!(out, "\nsockhash entries  {}", self.sockhash_entries);
+        let keyed: Vec<&MapUse> = self.maps.iter().filter(|m| m.entries.is_some()).collect();
+        if !keyed.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nmaps              entries / capacity   kernel memory"
+            );
+            for m in keyed {
+                let _ = writeln!(
+                    out,
+                    "  {:<15} {:>8} / {:<8} {:>5.1}%  {}",
+                    m.name,
+                    m.entries.unwrap_or(0),
+                    m.capacity,
+                    m.percent().unwrap_or(0.0),
+                    m.memlock_bytes.map_or_else(
+                        || "-".to_owned(),
+                        |b| format!("{:.1} KiB", b as f64 / 1024.0)
+                    )
+                );
+            }
+        }
         let _ = writeln!(out, "\ncounters");
         for (name, value) in &self.counters {
             if *value > 0 {

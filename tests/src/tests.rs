@@ -17,5 +17,6 @@ mod privileges;
 mod protocols;
 mod proxy_l7;
 mod restarts;
+mod scale;
 mod sidecars;
 mod sockmap;

@@ -3,7 +3,8 @@
 //!
 //! `proxy`: the sidecar proxy vs haproxy (Debian, same sidecar config) vs no proxy on loopback
 //! — HTTP/1.1, gRPC unary (h2load), WebSocket echo, memory per idle h2 connection; the logic
-//! is `interceptor_lab::bench::proxy`. `datapath`: see `bench_datapath.rs`.
+//! is `interceptor_lab::bench::proxy`. `datapath`: see `bench_datapath.rs`. `dns` and `scale`
+//! (thousands of pods): see `bench_lab.rs`.
 
 #![allow(
     unsafe_code,
@@ -31,7 +32,10 @@ pub(crate) enum Bench {
     /// memory on loopback).
     Proxy(ProxyOptions),
     /// DNS capture (eBPF, iptables) to the sidecar's DNS proxy vs the resolver asked directly.
-    Dns(crate::bench_dns::DnsOptions),
+    Dns(crate::bench_lab::LabBenchOptions),
+    /// Thousands of pods on the node: connect and request latency per pod count, map
+    /// occupancy and kernel memory, 10 000 concurrent connections, agent pass time and memory.
+    Scale(crate::bench_lab::LabBenchOptions),
 }
 
 #[derive(clap::Args, Clone)]
@@ -49,7 +53,11 @@ pub(crate) fn run(args: &BenchArgs, command_line: &str) -> Result<()> {
         None => crate::bench_datapath::run(&Default::default(), command_line),
         Some(Bench::Datapath(opts)) => crate::bench_datapath::run(opts, command_line),
         Some(Bench::Proxy(opts)) => proxy(opts, command_line),
-        Some(Bench::Dns(opts)) => crate::bench_dns::run(opts, command_line),
+        Some(Bench::Dns(opts)) => crate::bench_lab::run(&crate::bench_lab::DNS, opts, command_line),
+        Some(Bench::Scale(opts)) => {
+            raise_nofile();
+            crate::bench_lab::run(&crate::bench_lab::SCALE, opts, command_line)
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 mod bench;
 mod bench_datapath;
-mod bench_dns;
+mod bench_lab;
 mod build_ebpf;
 mod demo;
 mod fuzz;

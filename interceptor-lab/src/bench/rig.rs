@@ -185,19 +185,29 @@ impl Rig {
             .join(" ")
     }
 
+    /// The datapath instance the rig's agent runs (eBPF modes).
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// The agent's pid (eBPF modes).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().and_then(Managed::pid)
+    }
+
     pub fn exe(&self) -> &PathBuf {
         &self.exe
     }
 
     fn start_agent(&mut self, extra: &[String]) -> Result<()> {
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("--pin-root").arg(self.pins.root()).args([
-            "--log-level",
-            "warn",
-            "agent",
-            "--reconcile-seconds",
-            "0.2",
-        ]);
+        cmd.arg("--pin-root")
+            .arg(self.pins.root())
+            .args(["--log-level", "warn", "agent"]);
+        // Fast passes unless the caller sets its own (the scale benchmark runs the default).
+        if !extra.iter().any(|a| a == "--reconcile-seconds") {
+            cmd.args(["--reconcile-seconds", "0.2"]);
+        }
         if self.mode == Mode::EbpfNoSkmsg {
             cmd.arg("--no-msg-redirect");
         }

@@ -3,13 +3,16 @@
 
 #![allow(
     unsafe_code,
-    reason = "AsyncFd registration of the ring buffer's descriptor"
+    reason = "AsyncFd registration of the ring buffer's descriptor; reading its records"
 )]
 
 use std::os::fd::AsRawFd;
 
 use aya::maps::{MapData, RingBuf};
-use interceptor_common::{event::Event, names};
+use interceptor_common::{
+    event::{EVENT_LISTENER, Event},
+    names,
+};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::debug;
 
@@ -55,22 +58,27 @@ pub(super) fn open_events(pins: &Pins) -> Option<AsyncFd<Events>> {
     unsafe { AsyncFd::register_with_interest(Events(ring), Interest::READABLE) }.ok()
 }
 
-/// Waits for datapath events; true when at least one listener event arrived. Never resolves
-/// without an event buffer.
-pub(super) async fn next_event(events: &mut Option<AsyncFd<Events>>) -> bool {
+/// Waits for datapath events; returns the socket cookies of the new inbound listeners they
+/// announce (empty when none was a listener event). Never resolves without an event buffer.
+pub(super) async fn next_event(events: &mut Option<AsyncFd<Events>>) -> Vec<u64> {
     let Some(fd) = events else {
         return std::future::pending().await;
     };
     let Ok(mut guard) = fd.readable_mut().await else {
         return std::future::pending().await;
     };
-    let mut woke = false;
+    let mut listeners = Vec::new();
     let ring = &mut guard.get_inner_mut().0;
     while let Some(item) = ring.next() {
         if item.len() >= std::mem::size_of::<Event>() {
-            woke = true;
+            // SAFETY: the record is at least one Event long; the ring's records are 8-byte
+            // aligned but Event is read unaligned anyway.
+            let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if event.kind == EVENT_LISTENER {
+                listeners.push(event.cookie);
+            }
         }
     }
     guard.clear_ready();
-    woke
+    listeners
 }

@@ -211,16 +211,30 @@ impl Maps {
 impl Maps {
     /// Every enabled pod's id and identity record (one map walk).
     pub fn pod_infos(&self) -> Vec<(u32, PodInfo)> {
-        self.pod_info.iter().filter_map(Result::ok).collect()
+        dump(&self.pod_info)
     }
 
     pub fn pod_info(&self, id: u32) -> Option<PodInfo> {
         self.pod_info.get(&id, 0).ok()
     }
 
+    /// How many pods the pinned maps can hold: the smallest of the per-pod maps' sizes (maps
+    /// pinned by an older build may be smaller than this build's `size::PODS`).
+    pub fn pod_capacity(&self) -> u32 {
+        use aya::maps::IterableMap as _;
+        [
+            self.pod_info.map().info().map(|i| i.max_entries()),
+            self.pod_config.map().info().map(|i| i.max_entries()),
+        ]
+        .into_iter()
+        .map(|m| m.unwrap_or(interceptor_common::names::size::PODS))
+        .min()
+        .unwrap_or(interceptor_common::names::size::PODS)
+    }
+
     /// Ids in use.
     pub fn pod_ids(&self) -> BTreeSet<u32> {
-        self.pod_info.keys().filter_map(Result::ok).collect()
+        dump(&self.pod_info).into_iter().map(|(id, _)| id).collect()
     }
 
     pub fn put_pod_info(&mut self, id: u32, info: PodInfo) -> Result<(), WriteError> {
@@ -231,6 +245,11 @@ impl Maps {
 
     pub fn remove_pod_info(&mut self, id: u32) {
         let _ = self.pod_info.remove(&id);
+    }
+
+    /// Every pod's config by namespace cookie (one batched read).
+    pub fn pod_configs(&self) -> std::collections::HashMap<u64, PodConfig> {
+        dump(&self.pod_config).into_iter().collect()
     }
 
     /// The datapath config of the pod whose network namespace has this cookie.
@@ -258,10 +277,8 @@ impl Maps {
     /// The pod's rows as the maps hold them (sorted, so they compare).
     pub fn pod_rows(&self, id: u32, netns_cookie: u64) -> PodRows {
         let mut rows = PodRows {
-            ports: self
-                .pod_ports
-                .iter()
-                .filter_map(Result::ok)
+            ports: dump(&self.pod_ports)
+                .into_iter()
                 .filter(|(k, _)| k.pod_id == id)
                 .map(|(k, rule)| PortRule {
                     port: k.port,
@@ -271,10 +288,8 @@ impl Maps {
                 .collect(),
             excluded: ranges_of(&self.cidr_exclude, id),
             included: ranges_of(&self.cidr_include, id),
-            addresses: self
-                .pod_ips
-                .iter()
-                .filter_map(Result::ok)
+            addresses: dump(&self.pod_ips)
+                .into_iter()
                 .filter(|(_, c)| *c == netns_cookie)
                 .map(|(a, _)| addr::to_ip(a))
                 .collect(),
@@ -363,10 +378,9 @@ impl Maps {
 
     fn drop_rows_except(&mut self, id: u32, cookie: u64, keep: &PodRows) {
         let ports: HashSet<PortKey> = keep.ports.iter().map(|r| port_key(id, r)).collect();
-        let stale: Vec<PortKey> = self
-            .pod_ports
-            .keys()
-            .filter_map(Result::ok)
+        let stale: Vec<PortKey> = dump(&self.pod_ports)
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| k.pod_id == id && !ports.contains(k))
             .collect();
         for key in stale {
@@ -375,10 +389,8 @@ impl Maps {
         drop_ranges_except(&mut self.cidr_exclude, id, &keep.excluded);
         drop_ranges_except(&mut self.cidr_include, id, &keep.included);
         let addresses: HashSet<Addr> = keep.addresses.iter().map(|a| addr::from_ip(*a)).collect();
-        let stale: Vec<Addr> = self
-            .pod_ips
-            .iter()
-            .filter_map(Result::ok)
+        let stale: Vec<Addr> = dump(&self.pod_ips)
+            .into_iter()
             .filter(|(a, c)| *c == cookie && !addresses.contains(a))
             .map(|(a, _)| a)
             .collect();
@@ -390,6 +402,11 @@ impl Maps {
 
 /// Inbound listeners: the node-wide `LISTENERS` sockhash and each pod's recorded cookies.
 impl Maps {
+    /// Every pod's recorded listener of one family, by pod id (one batched read).
+    pub fn pod_listeners(&self, family: ListenerFamily) -> std::collections::HashMap<u32, u64> {
+        dump(self.listener_map(family)).into_iter().collect()
+    }
+
     /// The cookie recorded as the pod's listener of this family.
     pub fn pod_listener(&self, id: u32, family: ListenerFamily) -> Option<u64> {
         self.listener_map(family).get(&id, 0).ok()
@@ -440,6 +457,17 @@ fn port_key(pod_id: u32, rule: &PortRule) -> PortKey {
         port: rule.port,
         direction: rule.direction,
     }
+}
+
+/// Every entry of a hash map: in batches where the kernel can (`sys::lookup_batch`), else
+/// walked key by key.
+fn dump<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let data = map.map();
+    let capacity = data.info().map_or(1 << 16, |i| i.max_entries() as usize);
+    super::sys::lookup_batch::<K, V>(data.fd().as_fd(), capacity)
+        .unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
 }
 
 fn ranges_of(trie: &LpmTrie<MapData, CidrKey, u32>, id: u32) -> Vec<Range> {

@@ -80,7 +80,10 @@ pub struct Listener {
 /// it is dual-stack), IPv6 connections to an IPv6 listener. A proxy with separate sockets
 /// (Envoy: `0.0.0.0:15006` and `[::]:15006` v6only) gets each family on its own socket.
 /// Returns the IPv4 one's cookie.
-pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result<u64, Error> {
+///
+/// Returns the cookies of every listener on the port in the pod (a proxy may listen with several
+/// SO_REUSEPORT sockets, as Envoy does per worker; the first of each family is recorded).
+pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result<Vec<u64>, Error> {
     let found = netns
         .run(|| listening_on(port))?
         .map_err(|source| Error::Diag {
@@ -103,7 +106,7 @@ pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result
         Some(v6) => register(maps, pod_id, netns, port, v6, true)?,
         None => maps.forget_pod_listener(pod_id, ListenerFamily::V6),
     }
-    Ok(first.cookie)
+    Ok(found.iter().map(|l| l.cookie).collect())
 }
 
 /// Records one listener under the pod (`POD_LISTENER`, or `POD_LISTENER6` for `v6`).

@@ -103,6 +103,20 @@ pub struct Pool {
     /// Endpoints found not to speak h2c, and when: `auto` requests go to them as HTTP/1.1
     /// (for an idle timeout, then h2c is tried again).
     h1_only: Mutex<HashMap<SocketAddr, Instant>>,
+    /// This pool, for the idle sweeper (which must not keep it alive).
+    me: std::sync::Weak<Pool>,
+    /// An idle sweeper task is scheduled.
+    sweeping: std::sync::atomic::AtomicBool,
+    /// The sweeper, aborted when the pool goes (config reloads rebuild pools).
+    sweeper: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(Some(task)) = self.sweeper.get_mut().map(Option::take) {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -167,7 +181,10 @@ impl Pool {
         idle_timeout: Duration,
         bind: Option<(Ipv4Addr, Ipv6Addr)>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
+            sweeper: Mutex::new(None),
             connect_timeout,
             idle_timeout,
             bind,
@@ -235,6 +252,56 @@ impl Pool {
                 list.push(Idle { sender, since: now });
             }
         }
+        self.schedule_sweep();
+    }
+
+    /// Idle connections are closed once past their idle timeout (within 1.5 × of it) even if no
+    /// request ever comes again (Envoy closes them too): after a burst, the sweep on `put` alone left up to 256 idle
+    /// connections per endpoint open for good — their descriptors, and the datapath's sockhash
+    /// and original-destination entries of the app hop (node-scale benchmark: 250 of each after
+    /// 9 000 connections closed). One task per pool while it holds idle connections.
+    fn schedule_sweep(&self) {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.me.clone();
+        let period = (self.idle_timeout / 2).max(Duration::from_millis(10));
+        let task = runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(pool) = me.upgrade() else { return };
+                if pool.sweep_idle() > 0 {
+                    continue;
+                }
+                pool.sweeping.store(false, Ordering::Release);
+                // A put between the sweep and the store saw `sweeping` set and left it to us.
+                if pool.idle_connections() == 0 || pool.sweeping.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        });
+        if let Ok(mut slot) = self.sweeper.lock() {
+            *slot = Some(task.abort_handle());
+        }
+    }
+
+    /// Drops expired and closed idle connections; returns how many are left.
+    fn sweep_idle(&self) -> usize {
+        let Ok(mut idle) = self.idle.lock() else {
+            return 0;
+        };
+        let now = Instant::now();
+        let timeout = self.idle_timeout;
+        idle.by_addr.retain(|_, list| {
+            list.retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < timeout);
+            !list.is_empty()
+        });
+        idle.last_sweep = now;
+        idle.by_addr.values().map(Vec::len).sum()
     }
 
     async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, SendError> {
@@ -745,6 +812,36 @@ mod tests {
         let other = pool.send(addr, get()).await.expect("response");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 2);
         drop((held, other));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_at_their_timeout_without_further_requests() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+            });
+            // Serving ends when the client closes the connection.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            let _ = closed_tx.send(());
+        });
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_millis(100), None);
+        let resp = pool.send(addr, get()).await.expect("response");
+        resp.into_body().collect().await.expect("body");
+        assert_eq!(pool.idle_connections(), 1);
+        // No request follows: the connection must still be closed, by the pool, soon after 100 ms.
+        tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("the idle connection was never closed")
+            .expect("server task");
+        assert_eq!(pool.idle_connections(), 0);
     }
 
     #[tokio::test]

@@ -258,13 +258,15 @@ fn a_pod_whose_namespace_is_gone_is_removed() {
 /// nsfs hands a dead namespace's inode number to the next namespace created (the lowest free
 /// number), so a pod recorded by (device, inode) alone is "found" again in a newcomer: it is
 /// never collected, and the newcomer would be treated as its update. The netns cookie (never
-/// reused) tells them apart.
+/// reused) tells them apart. A running agent holds its pods' namespaces open
+/// (`discovery/held.rs`), so the number cannot come free under it: the pod dies while no agent
+/// runs (a restart), and the next agent's first look must not take the newcomer for it.
 #[test]
 fn a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod() {
     use std::os::unix::fs::MetadataExt as _;
     let mut h = Harness::new("inoreuse");
     let pod = h.pod("dead");
-    h.start_agent(&[]);
+    h.start_agent(&["--keep-pinned"]);
     h.enable(&pod, &["--include-inbound-ports", ""]);
     let cookie_known = h.status()["features"]["in_use"]
         .as_array()
@@ -278,6 +280,7 @@ fn a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod() {
             .ok()
     };
     let old = ino(&pod.netns).expect("pod netns");
+    assert!(h.stop_agent(), "the agent stops");
     interceptor_lab::lab::ip(&["netns", "del", &pod.netns]).expect("netns del");
     // The number comes free once the kernel's deferred namespace cleanup has run. Parallel
     // tests create namespaces too and may take it first: bounded tries, each failed
@@ -336,7 +339,8 @@ fn a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod() {
                         .is_ok_and(|c| c.trim() == "sleep")
             })
     });
-    // The agent's pass collects the dead pod instead of finding it in the newcomer.
+    // The next agent's pass collects the dead pod instead of finding it in the newcomer.
+    h.start_agent(&["--keep-pinned"]);
     let collected = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
         h.status()["pods"].as_array().is_some_and(|p| p.is_empty())
@@ -364,8 +368,8 @@ fn a_failed_update_keeps_the_pod_as_it_was() {
     h.enable(&client, &["--exclude-outbound-ports", "5432"]);
     let spec_before = h.status()["pods"][0]["spec"].clone();
 
-    // 66000 port entries, more than POD_PORTS holds (65536), in arguments below the
-    // kernel's 128 KiB per-argument limit.
+    // 66000 port entries, more than a pod may hold in POD_PORTS (`size::PER_POD_PORTS`), in
+    // arguments below the kernel's 128 KiB per-argument limit.
     let list = |ports: std::ops::RangeInclusive<u32>| {
         ports.map(|p| p.to_string()).collect::<Vec<_>>().join(",")
     };

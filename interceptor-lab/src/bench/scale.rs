@@ -1,0 +1,519 @@
+//! `interceptor-lab bench-scale`: the datapath and the agent at node scale (issue 14).
+//!
+//! Two real pods (client, server: netns + veth + cgroup) with this project's sidecar in each and
+//! the test app in the server, on the eBPF datapath with its agent (default pass interval, 1 s).
+//! Then thousands of filler pods are enabled beside them (`scale/fillers.rs`: real network
+//! namespaces, each with an address and a listener on the inbound port). At each pod count:
+//! connect() latency, keep-alive and connection-per-request request latency from the client pod
+//! (`scale/probe.rs`, rounds, medians), the agent's pass time (its own
+//! `interceptor_agent_pass_seconds`), memory and descriptors, and every map's occupancy and
+//! kernel memory. At the largest count, `connections` concurrent intercepted connections are
+//! opened and closed (`scale/storm.rs`) and the connection maps must return to their baseline;
+//! then a soak of bounded cycles (pod churn + a connection wave) watches the agent's memory and
+//! descriptors. Last, every filler is disabled and the latencies are measured again.
+
+mod fillers;
+pub mod probe;
+pub mod storm;
+
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use interceptor::bpf::{Pins, occupancy};
+use interceptor_common::names::map;
+use serde::Serialize;
+
+use self::{
+    fillers::Fillers,
+    probe::{AgentUse, Sample},
+    storm::StormResult,
+};
+use super::{App, Mode, Rig, Sidecar, Workload};
+
+/// `interceptor-lab bench-scale` options.
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    /// Filler pods at the largest step (the two measured pods come on top).
+    #[arg(long, default_value_t = 10_000)]
+    pub pods: usize,
+    /// Intermediate pod counts measured on the way (the agent's pass over 1 000 pods).
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000usize])]
+    pub steps: Vec<usize>,
+    /// Concurrent intercepted connections opened and closed at the largest step.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Measurement rounds per step (medians; min–max shown).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// connect() calls per round.
+    #[arg(long, default_value_t = 2_000)]
+    pub connects: u32,
+    /// Keep-alive requests per round (a quarter as many with a connection per request).
+    #[arg(long, default_value_t = 4_000)]
+    pub requests: u64,
+    /// Soak cycles at the largest step: each disables and re-enables `churn` pods and opens
+    /// and closes `connections / 5` connections.
+    #[arg(long, default_value_t = 5)]
+    pub soak_cycles: u32,
+    #[arg(long, default_value_t = 500)]
+    pub churn: usize,
+    /// Where to write `scale-<time>/{results.json,table.md}`.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+}
+
+/// The maps whose occupancy the report shows.
+const POD_MAPS: [&str; 6] = [
+    map::POD_CONFIG,
+    map::POD_INFO,
+    map::POD_IPS,
+    map::POD_PORTS,
+    map::POD_LISTENER,
+    map::LISTENERS,
+];
+const CONNECTION_MAPS: [&str; 4] = [
+    map::SOCKS,
+    map::TUPLE_ORIG,
+    map::COOKIE_ORIG,
+    map::MSG_FALLBACK,
+];
+
+/// One pod count.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub label: String,
+    /// Pods enabled on the node (fillers and the two measured pods).
+    pub pods: usize,
+    pub rounds: Vec<Sample>,
+    pub connect_p50_us: Spread,
+    pub connect_p99_us: Spread,
+    pub request_p50_us: Spread,
+    pub request_p99_us: Spread,
+    pub per_request_p50_us: Spread,
+    pub errors: u64,
+    /// The agent's mean pass over this many pods, milliseconds.
+    pub pass_ms: f64,
+    /// Mean time of the last 100 `pod enable`s before this step, milliseconds.
+    pub enable_ms: Option<f64>,
+    pub agent: AgentUse,
+    pub maps: Vec<occupancy::MapUse>,
+}
+
+/// Median and range over rounds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.collect();
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        Self {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// The connection maps before, at the peak of and after the storm.
+#[derive(Clone, Debug, Serialize)]
+pub struct StormStep {
+    pub storm: StormResult,
+    pub baseline: Vec<(String, usize)>,
+    pub peak: Vec<(String, usize)>,
+    pub after_5s: Vec<(String, usize)>,
+    pub after: Vec<(String, usize)>,
+    /// Seconds after the close until every connection map was back at its baseline; None if
+    /// it was not within the wait.
+    pub back_after_seconds: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SoakCycle {
+    pub cycle: u32,
+    pub agent: AgentUse,
+    pub storm: StormResult,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScaleReport {
+    pub started: String,
+    pub kernel: String,
+    pub command: String,
+    pub cpus: usize,
+    pub steps: Vec<Step>,
+    pub storm: Option<StormStep>,
+    pub soak: Vec<SoakCycle>,
+    pub seconds: f64,
+}
+
+/// Runs the benchmark.
+pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
+    let t0 = Instant::now();
+    let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let nofile = raise_nofile();
+    // Each sidecar holds two descriptors per proxied connection (downstream and upstream).
+    let most = usize::try_from(nofile.saturating_sub(1_000) / 2).unwrap_or(usize::MAX);
+    let connections = if args.connections > most {
+        eprintln!(
+            "{} connections need more than this process's open-file limit ({nofile}) allows \
+             each sidecar (two descriptors per connection): running {most}",
+            args.connections
+        );
+        most
+    } else {
+        args.connections
+    };
+    let health = free_port()?;
+    let agent_args = [
+        "--health-addr".to_owned(),
+        health.to_string(),
+        "--reconcile-seconds".to_owned(),
+        "1".to_owned(),
+    ];
+    eprintln!("starting two pods with sidecars and the agent");
+    let rig = Rig::new(
+        Mode::Ebpf,
+        Workload::Http {
+            app: App::Testapp,
+            sidecar: Sidecar::Interceptor,
+            sizes: &[64],
+        },
+        "scale",
+        &agent_args,
+    )?;
+    let pins = rig.pins().clone();
+    let agent = rig.agent_pid().context("the agent is not running")?;
+    let target = rig.app_addr();
+    let measure = |label: &str, fillers: &Fillers| -> Result<Step> {
+        eprintln!("measuring: {label}");
+        step(&rig, args, label, fillers, &pins, agent, health, target)
+    };
+
+    let mut fillers = Fillers::new();
+    let mut steps = vec![measure("2 pods (baseline)", &fillers)?];
+    let mut counts: Vec<usize> = args
+        .steps
+        .iter()
+        .copied()
+        .filter(|&n| n < args.pods)
+        .collect();
+    counts.push(args.pods);
+    for n in counts {
+        eprintln!("enabling filler pods up to {n}");
+        fillers.grow(n, &pins)?;
+        steps.push(measure(&format!("{} pods", n + 2), &fillers)?);
+    }
+
+    let storm = (connections > 0)
+        .then(|| connection_storm(&rig, &pins, target, connections))
+        .transpose()?;
+
+    let mut soak = Vec::new();
+    for cycle in 1..=args.soak_cycles {
+        let churn = args.churn.min(fillers.enabled());
+        let top = fillers.enabled();
+        fillers.disable_last(churn, &pins)?;
+        fillers.grow(top, &pins)?;
+        let wave = rig
+            .client
+            .run(|| storm::run(target, connections / 5, 256, || {}))?;
+        std::thread::sleep(Duration::from_secs(2));
+        let agent_now = probe::agent_use(agent)?;
+        eprintln!(
+            "soak cycle {cycle}/{}: agent {} KiB, {} fds",
+            args.soak_cycles, agent_now.rss_kib, agent_now.fds
+        );
+        soak.push(SoakCycle {
+            cycle,
+            agent: agent_now,
+            storm: wave,
+        });
+    }
+
+    eprintln!("disabling every filler pod");
+    let all = fillers.enabled();
+    fillers.disable_last(all, &pins)?;
+    steps.push(measure("2 pods (after)", &fillers)?);
+    drop(fillers);
+    drop(rig);
+    Ok(ScaleReport {
+        started,
+        kernel: interceptor::bpf::features::kernel_release(),
+        command: std::env::var("INTERCEPTOR_BENCH_COMMAND")
+            .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" ")),
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        steps,
+        storm,
+        soak,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step(
+    rig: &Rig,
+    args: &ScaleArgs,
+    label: &str,
+    fillers: &Fillers,
+    pins: &Pins,
+    agent: u32,
+    health: SocketAddr,
+    target: SocketAddr,
+) -> Result<Step> {
+    let (pass_s, _) = probe::pass_time(health, Duration::from_secs(3))?;
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds {
+        rounds.push(probe::sample(
+            &rig.client,
+            target,
+            args.connects,
+            args.requests,
+        )?);
+    }
+    let enable = &fillers.enable_seconds;
+    let enable_ms = (!enable.is_empty()).then(|| {
+        let last = &enable[enable.len().saturating_sub(100)..];
+        1e3 * last.iter().sum::<f64>() / last.len() as f64
+    });
+    Ok(Step {
+        label: label.to_owned(),
+        pods: fillers.enabled() + 2,
+        connect_p50_us: Spread::of(rounds.iter().map(|r| r.connect.p50_us)),
+        connect_p99_us: Spread::of(rounds.iter().map(|r| r.connect.p99_us)),
+        request_p50_us: Spread::of(rounds.iter().map(|r| r.request.p50_us)),
+        request_p99_us: Spread::of(rounds.iter().map(|r| r.request.p99_us)),
+        per_request_p50_us: Spread::of(rounds.iter().map(|r| r.connection_per_request.p50_us)),
+        errors: rounds
+            .iter()
+            .map(|r| r.connect.errors + r.request.errors + r.connection_per_request.errors)
+            .sum(),
+        rounds,
+        pass_ms: pass_s * 1e3,
+        enable_ms,
+        agent: probe::agent_use(agent)?,
+        maps: occupancy::occupancy(pins),
+    })
+}
+
+fn connections(pins: &Pins) -> Vec<(String, usize)> {
+    CONNECTION_MAPS
+        .iter()
+        .map(|&m| {
+            let n = occupancy::map_use(pins, m)
+                .and_then(|u| u.entries)
+                .unwrap_or(0);
+            (m.to_owned(), n)
+        })
+        .collect()
+}
+
+fn connection_storm(rig: &Rig, pins: &Pins, target: SocketAddr, n: usize) -> Result<StormStep> {
+    eprintln!("opening {n} concurrent connections through both sidecars");
+    let baseline = connections(pins);
+    let mut peak = Vec::new();
+    let result = rig
+        .client
+        .run(|| storm::run(target, n, 256, || peak = connections(pins)))?;
+    eprintln!(
+        "  {} open ({} failed) in {:.1} s; closed, waiting for the maps",
+        result.open, result.failed, result.open_seconds
+    );
+    let closed = Instant::now();
+    // Five seconds on, the app-side sockets are gone; what is left are the sidecars' pooled
+    // idle connections (app↔proxy hops of the server pod), closed at their idle timeout (90 s).
+    std::thread::sleep(Duration::from_secs(5));
+    let after_5s = connections(pins);
+    let mut after = connections(pins);
+    let back = |now: &[(String, usize)]| now.iter().zip(&baseline).all(|((_, a), (_, b))| a <= b);
+    while !back(&after) && closed.elapsed() < Duration::from_secs(150) {
+        std::thread::sleep(Duration::from_millis(500));
+        after = connections(pins);
+    }
+    Ok(StormStep {
+        back_after_seconds: back(&after).then(|| closed.elapsed().as_secs_f64()),
+        storm: result,
+        baseline,
+        peak,
+        after_5s,
+        after,
+    })
+}
+
+/// The sidecars, the app and this process each hold thousands of sockets; children inherit the
+/// limit. Raises the soft limit to the hard one (raising the hard one needs CAP_SYS_RESOURCE);
+/// returns the limit.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        eprintln!("could not raise the open-file limit to {hard}: {err}");
+    }
+    hard
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+fn us(s: Spread) -> String {
+    format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max)
+}
+
+impl ScaleReport {
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Command: `{}` — {} on {} ({} CPUs), {:.0} s. Latencies from the client pod through \
+             both sidecars on the eBPF datapath, medians of {} rounds (min–max), microseconds.\n",
+            self.command,
+            self.started,
+            self.kernel,
+            self.cpus,
+            self.seconds,
+            self.steps.first().map_or(0, |s| s.rounds.len())
+        );
+        let _ = writeln!(
+            out,
+            "| pods enabled | connect() p50 | connect() p99 | request p50 | request p99 | \
+             conn-per-request p50 | errors | agent pass ms | `pod enable` ms | agent RSS MiB | \
+             agent fds |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for s in &self.steps {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.1} | {} |",
+                s.label,
+                us(s.connect_p50_us),
+                us(s.connect_p99_us),
+                us(s.request_p50_us),
+                us(s.request_p99_us),
+                us(s.per_request_p50_us),
+                s.errors,
+                s.pass_ms,
+                s.enable_ms
+                    .map_or_else(|| "–".to_owned(), |m| format!("{m:.2}")),
+                s.agent.rss_kib as f64 / 1024.0,
+                s.agent.fds
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nPod maps at each step (entries / capacity, kernel memory):\n"
+        );
+        let _ = write!(out, "| map |");
+        for s in &self.steps {
+            let _ = write!(out, " {} |", s.label);
+        }
+        let _ = write!(out, "\n|---|");
+        for _ in &self.steps {
+            let _ = write!(out, "---|");
+        }
+        let _ = writeln!(out);
+        for name in POD_MAPS.iter().chain(CONNECTION_MAPS.iter()) {
+            let _ = write!(out, "| {name} |");
+            for s in &self.steps {
+                let cell = s.maps.iter().find(|m| m.name == *name).map_or_else(
+                    || "–".to_owned(),
+                    |m| {
+                        format!(
+                            "{} / {} ({})",
+                            m.entries.unwrap_or(0),
+                            m.capacity,
+                            m.memlock_bytes.map_or_else(
+                                || "–".to_owned(),
+                                |b| format!("{:.0} KiB", b as f64 / 1024.0)
+                            )
+                        )
+                    },
+                );
+                let _ = write!(out, " {cell} |");
+            }
+            let _ = writeln!(out);
+        }
+        let _ = write!(out, "| all maps, kernel memory |");
+        for s in &self.steps {
+            let total: u64 = s.maps.iter().filter_map(|m| m.memlock_bytes).sum();
+            let _ = write!(out, " {:.1} MiB |", total as f64 / 1048576.0);
+        }
+        let _ = writeln!(out);
+        if let Some(st) = &self.storm {
+            let _ = writeln!(
+                out,
+                "\n{} concurrent intercepted connections at {} pods: {} open, {} failed, opened \
+                 in {:.1} s; connection maps back to their baseline {} after the close.\n",
+                st.storm.wanted,
+                self.steps.iter().map(|s| s.pods).max().unwrap_or(0),
+                st.storm.open,
+                st.storm.failed,
+                st.storm.open_seconds,
+                st.back_after_seconds.map_or_else(
+                    || "**not** within 150 s".to_owned(),
+                    |s| format!("{s:.1} s")
+                )
+            );
+            let _ = writeln!(
+                out,
+                "| map | before | all open | 5 s after close | end of the wait |\n|---|---|---|---|---|"
+            );
+            for (i, (name, before)) in st.baseline.iter().enumerate() {
+                let peak = st.peak.get(i).map_or(0, |p| p.1);
+                let five = st.after_5s.get(i).map_or(0, |p| p.1);
+                let after = st.after.get(i).map_or(0, |p| p.1);
+                let _ = writeln!(out, "| {name} | {before} | {peak} | {five} | {after} |");
+            }
+        }
+        if !self.soak.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nSoak (each cycle: pods disabled and enabled again, a wave of connections \
+                 opened and closed):\n\n| cycle | agent RSS MiB | agent fds | wave open / failed |\n|---|---|---|---|"
+            );
+            for c in &self.soak {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} | {} | {} / {} |",
+                    c.cycle,
+                    c.agent.rss_kib as f64 / 1024.0,
+                    c.agent.fds,
+                    c.storm.open,
+                    c.storm.failed
+                );
+            }
+        }
+        out
+    }
+
+    /// Writes `<out>/scale-<time>/{results.json,table.md}`; returns the directory.
+    pub fn write(&self, out: &Path) -> Result<PathBuf> {
+        let stamp: String = self
+            .started
+            .chars()
+            .filter(|c| c.is_ascii_digit() || *c == 'T')
+            .collect();
+        let dir = out.join(format!("scale-{stamp}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        std::fs::write(dir.join("table.md"), self.markdown())?;
+        Ok(dir)
+    }
+}
