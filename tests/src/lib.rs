@@ -32,6 +32,18 @@ mod tests;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Held by tests that create namespaces by the hundred (`scale`) and by the one that needs the
+/// next namespace created to get a freed inode number (`lifecycle`'s inode-reuse test): run
+/// together, the first takes every freed number and the second can only skip.
+pub static NAMESPACE_CHURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes `NAMESPACE_CHURN` (a panicked holder does not poison it for the others).
+pub fn namespace_churn() -> std::sync::MutexGuard<'static, ()> {
+    NAMESPACE_CHURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Panics unless running as root (the suite loads BPF programs and creates namespaces).
 pub fn require_root() {
     assert!(

@@ -264,6 +264,7 @@ fn a_pod_whose_namespace_is_gone_is_removed() {
 #[test]
 fn a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod() {
     use std::os::unix::fs::MetadataExt as _;
+    let _churn = crate::namespace_churn();
     let mut h = Harness::new("inoreuse");
     let pod = h.pod("dead");
     h.start_agent(&["--keep-pinned"]);

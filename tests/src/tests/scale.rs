@@ -131,6 +131,7 @@ fn entries(status: &Value, map: &str) -> u64 {
 
 #[test]
 fn hundreds_of_pods_are_listed_exactly_and_only_the_gone_ones_collected() {
+    let _churn = crate::namespace_churn();
     let mut h = Harness::new("crowd");
     h.start_agent(&[]);
     let mut crowd = Crowd::new(&h.lab.name, PODS);
