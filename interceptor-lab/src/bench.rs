@@ -539,6 +539,29 @@ fn cpu_usec(pods: &[&LabPod]) -> Result<u64> {
     Ok(total)
 }
 
+/// Writes `<out>/<prefix><time>/{results.json,table.md}` for a benchmark started at `started`
+/// (RFC 3339; its digits name the directory); returns the directory.
+pub(crate) fn write_result_dir(
+    out: &std::path::Path,
+    prefix: &str,
+    started: &str,
+    report: &impl Serialize,
+    markdown: &str,
+) -> Result<PathBuf> {
+    let stamp: String = started
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect();
+    let dir = out.join(format!("{prefix}{stamp}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(report)? + "\n",
+    )?;
+    std::fs::write(dir.join("table.md"), markdown)?;
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_wrk;

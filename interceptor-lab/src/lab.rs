@@ -77,6 +77,34 @@ pub fn ip(args: &[&str]) -> Result<(), Error> {
     }
 }
 
+/// Runs `ip ARGS -batch -` with `batch` (one command per line) on its standard input: many
+/// namespaces or devices in one process. Stderr in the error.
+pub fn ip_batch(args: &[&str], batch: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(args)
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::IpMissing)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(batch.as_bytes())
+            .map_err(Error::IpMissing)?;
+    }
+    let out = child.wait_with_output().map_err(Error::IpMissing)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Ip {
+            args: format!("{} -batch -", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
 /// A private node: a network namespace holding a bridge that joins the pods.
 #[derive(Debug)]
 pub struct Lab {

@@ -424,18 +424,6 @@ impl DnsReport {
 
     /// Writes `<out>/dns-<time>/{results.json,table.md}`; returns the directory.
     pub fn write(&self, out: &Path) -> Result<PathBuf> {
-        let stamp: String = self
-            .started
-            .chars()
-            .filter(|c| c.is_ascii_digit() || *c == 'T')
-            .collect();
-        let dir = out.join(format!("dns-{stamp}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::write(
-            dir.join("results.json"),
-            serde_json::to_string_pretty(self)? + "\n",
-        )?;
-        std::fs::write(dir.join("table.md"), self.markdown())?;
-        Ok(dir)
+        super::write_result_dir(out, "dns-", &self.started, self, &self.markdown())
     }
 }

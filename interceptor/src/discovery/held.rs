@@ -79,14 +79,6 @@ impl HeldNamespaces {
     pub fn retain(&mut self, enabled: impl Fn(u32) -> bool) {
         self.by_pod.retain(|id, _| enabled(*id));
     }
-
-    pub fn len(&self) -> usize {
-        self.by_pod.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_pod.is_empty()
-    }
 }
 
 fn same_inode(path: &Path, dev: u64, ino: u64) -> bool {

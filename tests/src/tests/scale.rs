@@ -3,13 +3,7 @@
 //! more than one batch, and exactly the pods whose namespaces go are collected by the agent's
 //! pass, which keeps the live ones' namespaces open between passes.
 
-use std::{
-    collections::BTreeMap,
-    io::Write as _,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use serde_json::Value;
 
@@ -68,37 +62,14 @@ impl Drop for Crowd {
             .map(|n| format!("netns del {n}\n"))
             .collect();
         if !batch.is_empty() {
-            let mut child = Command::new("ip")
-                .args(["-force", "-batch", "-"])
-                .stdin(Stdio::piped())
-                .spawn()
-                .expect("ip");
-            let _ = child
-                .stdin
-                .take()
-                .map(|mut s| s.write_all(batch.as_bytes()));
-            let _ = child.wait();
+            // -force: go on past namespaces already gone.
+            let _ = interceptor_lab::lab::ip_batch(&["-force"], &batch);
         }
     }
 }
 
 fn ip_batch(args: &[&str], batch: &str) {
-    let mut child = Command::new("ip")
-        .args(args)
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("ip");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(batch.as_bytes())
-        .expect("ip -batch input");
-    assert!(
-        child.wait().expect("ip").success(),
-        "ip {args:?} -batch failed"
-    );
+    interceptor_lab::lab::ip_batch(args, batch).expect("ip -batch");
 }
 
 /// Pod name → its addresses, as `status` lists them.

@@ -5,9 +5,7 @@
 //! traffic: they fill the maps and the agent's passes. Everything goes on drop.
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -18,7 +16,7 @@ use interceptor::{
     registry::{PodRef, PodSource, Registry, spec::PodSpec},
 };
 
-use crate::lab::PREFIX;
+use crate::lab::{PREFIX, ip_batch};
 
 /// Istio's inbound capture port, where each filler's "sidecar" listens.
 const INBOUND_PORT: u16 = 15006;
@@ -132,26 +130,6 @@ impl Fillers {
         );
         Ok(())
     }
-}
-
-/// `ip [args] -batch -` with `batch` on its standard input.
-fn ip_batch(args: &[&str], batch: &str) -> Result<()> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("running ip -batch")?;
-    child
-        .stdin
-        .take()
-        .context("ip -batch stdin")?
-        .write_all(batch.as_bytes())?;
-    if !child.wait()?.success() {
-        bail!("ip {} -batch failed on:\n{batch}", args.join(" "));
-    }
-    Ok(())
 }
 
 impl Drop for Fillers {
