@@ -406,6 +406,19 @@ impl Counters {
     pub fn since(&self, earlier: &Counters, name: &str) -> u64 {
         self.get(name) - earlier.get(name)
     }
+
+    /// Asserts that connections to a pod were steered onto its sidecar since `earlier`, and none
+    /// was refused. Not "exactly once per connection": sk_lookup runs for every listener lookup,
+    /// so a retransmitted SYN (a loaded TCG guest) or a segment that arrives after the accepted
+    /// socket is gone counts again. Tests show the count of connections on the app's side.
+    pub fn assert_steered_inbound(&self, earlier: &Counters) {
+        assert!(
+            self.since(earlier, "inbound_assigned") >= 1,
+            "no connection was steered onto the sidecar"
+        );
+        assert_eq!(self.since(earlier, "inbound_assign_failed"), 0);
+        assert_eq!(self.since(earlier, "inbound_no_listener"), 0);
+    }
 }
 
 /// Waits until thread `tid` of this process sleeps in the kernel (state S in its stat), e.g.

@@ -28,7 +28,7 @@ fn inbound_lands_on_the_sidecar_and_reaches_an_app_bound_to_its_pod_ip() {
     assert_eq!(echo_round_trip(stream, b"in").expect("echo"), b"in");
 
     let after = h.counters();
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     // The sidecar's SO_ORIGINAL_DST: the pod address and port the client asked for.
     assert_eq!(after.since(&before, "orig_dst_local"), 1);
     assert_eq!(after.since(&before, "connect_passthrough"), 1);
@@ -64,7 +64,7 @@ fn an_app_bound_only_to_loopback_is_not_exposed() {
         "no app should answer: {got:?}"
     );
     assert!(private.seen().is_empty());
-    assert_eq!(h.counters().since(&before, "inbound_assigned"), 1);
+    h.counters().assert_steered_inbound(&before);
 
     // Inside the pod, the app is reachable on loopback as before.
     let inside = connect_from(&server, private.addr).expect("connect");
@@ -112,7 +112,7 @@ fn pod_to_pod_through_both_sidecars() {
     assert_eq!(echo_round_trip(stream, b"mesh").expect("echo"), b"mesh");
     let after = h.counters();
     assert_eq!(after.since(&before, "connect_redirected"), 1);
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     assert_eq!(after.since(&before, "connect_passthrough"), 1);
     // app↔client sidecar and server sidecar↔app: four sockets in the sockhash.
     assert_eq!(after.since(&before, "sockhash_insert"), 4);

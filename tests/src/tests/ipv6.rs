@@ -29,9 +29,10 @@ fn ipv6_pod_to_pod_through_both_sidecars() {
     let after = h.counters();
     assert_eq!(after.since(&before, "connect_redirected"), 1);
     assert_eq!(after.since(&before, "orig_dst_answered"), 1);
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     assert_eq!(after.since(&before, "connect_passthrough"), 1);
     assert!(after.since(&before, "msg_redirected") > 0);
+    assert_eq!(echo.seen().len(), 1);
     assert_eq!(
         echo.seen()[0].peer.ip(),
         IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))

@@ -270,7 +270,7 @@ fn with_exactly_the_named_capabilities_pods_are_intercepted() {
 
     let after = h.counters();
     assert_eq!(after.since(&before, "connect_redirected"), 1);
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     assert_eq!(echo.seen().len(), 1);
     let seen = inner.seen();
     assert_eq!(seen.len(), 1);

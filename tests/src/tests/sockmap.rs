@@ -245,7 +245,7 @@ fn sidecar_to_sidecar_hop_between_two_enabled_pods_is_carried_by_sk_msg() {
     // sidecar's SO_ORIGINAL_DST is the address the app asked for, and it reaches the app
     // from 127.0.0.6 on that address.
     assert_eq!(after.since(&before, "connect_redirected"), 1);
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     assert_eq!(after.since(&before, "orig_dst_local"), 1);
     assert_eq!(after.since(&before, "connect_passthrough"), 1);
     assert_eq!(
@@ -310,7 +310,7 @@ fn a_client_pod_that_is_not_enabled_is_not_short_circuited() {
         echo_round_trip(connect_from(&client, echo.addr).expect("connect"), &data).expect("echo");
     assert!(back == data);
     let after = h.counters();
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
     assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
 }
@@ -341,7 +341,7 @@ fn a_host_network_process_and_an_enabled_pod_are_not_short_circuited() {
     .expect("pod → host");
     assert!(back == data);
     let after = h.counters();
-    assert_eq!(after.since(&before, "inbound_assigned"), 1);
+    after.assert_steered_inbound(&before);
     assert_eq!(after.since(&before, "connect_redirected"), 1);
     assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
     assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
