@@ -23,6 +23,11 @@ fn large_transfer_is_carried_by_sk_msg_intact() {
     let before = h.counters();
     let data = payload(16 << 20);
     let stream = connect_from(&client, echo.addr).expect("connect");
+    // Both ends in the sockhash before the first write: a write that wins the race against the
+    // sidecar's accept takes TCP for good (the race is the datapath benchmark's subject).
+    wait_until(Duration::from_secs(30), || {
+        h.counters().since(&before, "sockhash_insert") >= 2
+    });
     let back = echo_round_trip(stream, &data).expect("echo");
     assert_eq!(back.len(), data.len());
     assert!(back == data, "payload corrupted or reordered");
@@ -46,6 +51,9 @@ fn many_small_round_trips_keep_their_order() {
     h.enable(&client, &[]);
     let before = h.counters();
     let mut stream = connect_from(&client, echo.addr).expect("connect");
+    wait_until(Duration::from_secs(30), || {
+        h.counters().since(&before, "sockhash_insert") >= 2
+    });
     stream.set_nodelay(true).expect("nodelay");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -76,13 +84,13 @@ fn sockhash_entries_go_back_to_zero_when_connections_close() {
         .map(|_| connect_from(&client, echo.addr).expect("connect"))
         .collect();
     // Both ends of each app↔sidecar connection, nothing else (the upstream hop is not local).
-    wait_until(Duration::from_secs(5), || {
+    wait_until(Duration::from_secs(30), || {
         h.status()["sockhash_entries"] == 6
     });
     for s in streams {
         assert_eq!(echo_round_trip(s, b"bye").expect("echo"), b"bye");
     }
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(30), || {
         h.status()["sockhash_entries"] == 0
     });
     assert!(h.counter("sockhash_remove") >= 6);
@@ -234,45 +242,53 @@ const PASSTHROUGH: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 fn sidecar_to_sidecar_hop_between_two_enabled_pods_is_carried_by_sk_msg() {
     let (h, client, _server, echo) = meshed_pair("p2p", &[]);
     let supported = pod_to_pod_supported(&h);
-    let before = h.counters();
-    // 4 MiB each way, through app → sidecar A → sidecar B → app and back.
-    let data = payload(4 << 20);
-    let stream = connect_from(&client, echo.addr).expect("connect");
-    let back = echo_round_trip(stream, &data).expect("echo");
-    assert!(back == data, "payload corrupted or reordered");
-    let after = h.counters();
-    // Interception exactly as before: captured outbound, steered inbound, the server
-    // sidecar's SO_ORIGINAL_DST is the address the app asked for, and it reaches the app
-    // from 127.0.0.6 on that address.
-    assert_eq!(after.since(&before, "connect_redirected"), 1);
-    after.assert_steered_inbound(&before);
-    assert_eq!(after.since(&before, "orig_dst_local"), 1);
-    assert_eq!(after.since(&before, "connect_passthrough"), 1);
-    assert_eq!(
-        after.since(&before, "sockhash_insert"),
-        4,
-        "the two in-pod hops"
-    );
-    let seen = echo.seen();
-    assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].peer.ip(), PASSTHROUGH);
-    assert_eq!(seen[0].local, echo.addr);
-    if !supported {
-        assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
-        return;
+    // Sidecar A writes as soon as its upstream connect() returns; a write that beats sidecar
+    // B's accepted socket into the sockhash keeps that hop on TCP for good (counted as
+    // msg_redirect_failed_pod_to_pod). A loaded guest can lose that race, so up to 3
+    // connections, each checked in full, and one of them must be short-circuited.
+    for attempt in 0..3 {
+        let before = h.counters();
+        // 4 MiB each way, through app → sidecar A → sidecar B → app and back.
+        let data = payload(4 << 20);
+        let stream = connect_from(&client, echo.addr).expect("connect");
+        let back = echo_round_trip(stream, &data).expect("echo");
+        assert!(back == data, "payload corrupted or reordered");
+        let after = h.counters();
+        // Interception exactly as before: captured outbound, steered inbound, the server
+        // sidecar's SO_ORIGINAL_DST is the address the app asked for, and it reaches the app
+        // from 127.0.0.6 on that address.
+        assert_eq!(after.since(&before, "connect_redirected"), 1);
+        after.assert_steered_inbound(&before);
+        assert_eq!(after.since(&before, "orig_dst_local"), 1);
+        assert_eq!(after.since(&before, "connect_passthrough"), 1);
+        assert_eq!(
+            after.since(&before, "sockhash_insert"),
+            4,
+            "the two in-pod hops"
+        );
+        let seen = echo.seen();
+        assert_eq!(seen.len(), attempt + 1);
+        assert_eq!(seen[attempt].peer.ip(), PASSTHROUGH);
+        assert_eq!(seen[attempt].local, echo.addr);
+        if !supported {
+            assert_eq!(after.since(&before, "pod_to_pod_insert"), 0);
+            return;
+        }
+        assert_eq!(
+            after.since(&before, "pod_to_pod_insert"),
+            2,
+            "sidecar A's upstream socket and sidecar B's accepted one"
+        );
+        assert_eq!(after.since(&before, "pod_to_pod_skipped"), 0);
+        if after.since(&before, "msg_redirected_pod_to_pod") > 0 {
+            return;
+        }
+        assert!(
+            after.since(&before, "msg_redirect_failed_pod_to_pod") > 0,
+            "the pod→pod hop was neither redirected nor fell back: {before:?} → {after:?}"
+        );
     }
-    assert_eq!(
-        after.since(&before, "pod_to_pod_insert"),
-        2,
-        "sidecar A's upstream socket and sidecar B's accepted one"
-    );
-    assert!(
-        after.since(&before, "msg_redirected_pod_to_pod") > 0,
-        "no byte crossed the pod→pod hop by sk_msg: {:?} → {:?}",
-        before,
-        after
-    );
-    assert_eq!(after.since(&before, "pod_to_pod_skipped"), 0);
+    panic!("no byte crossed the pod→pod hop by sk_msg in 3 connections (each lost the race?)");
 }
 
 #[test]
@@ -442,8 +458,10 @@ fn a_port_scan_of_a_pod_leaves_uncaptured_ports_on_tcp() {
     // The server sidecar's health port answered through both sidecars' pod→pod hop on TCP.
     assert!(answered >= 1, "the server sidecar's 15021 did not answer");
     let after = h.counters();
+    // The pod→pod hop's own counter: the in-pod app↔sidecar hops may lose the first-write
+    // race (their fallback is counted in msg_redirect_failed and is not this test's subject).
     assert_eq!(
-        after.since(&before, "msg_redirect_failed"),
+        after.since(&before, "msg_redirect_failed_pod_to_pod"),
         0,
         "an end in the sockhash without its peer"
     );
@@ -589,7 +607,7 @@ fn disabling_the_server_pod_under_live_connections_keeps_them_intact() {
     if supported {
         assert!(after.since(&before, "msg_redirected_pod_to_pod") > 0);
     }
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(30), || {
         h.status()["sockhash_entries"] == 0
     });
 }
