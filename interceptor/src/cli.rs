@@ -82,6 +82,11 @@ pub struct AgentArgs {
     /// Carry the app↔proxy hop over loopback TCP instead of sk_msg (for comparisons).
     #[arg(long)]
     pub no_msg_redirect: bool,
+    /// Which app↔proxy connections sk_msg carries: `adaptive` leaves a connection on loopback
+    /// TCP when its pod and destination port's recent connections closed after a few messages
+    /// (connection per request does not pay for the psock setup); `always` redirects every one.
+    #[arg(long, value_enum, default_value_t = MsgRedirectPolicy::Adaptive)]
+    pub msg_redirect_policy: MsgRedirectPolicy,
     /// Keep the sidecar→sidecar hop of two enabled pods of this node on TCP over the veths
     /// (sk_msg then only carries each pod's app↔proxy hops; for comparisons).
     #[arg(long)]
@@ -124,6 +129,12 @@ pub struct AgentArgs {
     /// first list of pods and namespaces is in; 503 before. (/healthz/live: 200 while running.)
     #[arg(long)]
     pub health_addr: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MsgRedirectPolicy {
+    Always,
+    Adaptive,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

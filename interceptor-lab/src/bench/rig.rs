@@ -37,10 +37,22 @@ pub enum Mode {
     Ebpf,
     /// The eBPF datapath with the sk_msg redirect off: the app↔proxy hop is loopback TCP.
     EbpfNoSkmsg,
+    /// The eBPF datapath with `--msg-redirect-policy always`: every app↔proxy connection joins
+    /// the sockhash, as before the adaptive policy (`ebpf` runs the default, adaptive).
+    EbpfAlways,
 }
 
 impl Mode {
+    /// The default modes of a run.
     pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Ebpf, Mode::EbpfNoSkmsg];
+    /// Every mode, in the order reports list them.
+    pub const REPORTED: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Iptables,
+        Mode::Ebpf,
+        Mode::EbpfAlways,
+        Mode::EbpfNoSkmsg,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,11 +60,12 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Ebpf => "ebpf",
             Mode::EbpfNoSkmsg => "ebpf-no-skmsg",
+            Mode::EbpfAlways => "ebpf-always",
         }
     }
 
     fn ebpf(self) -> bool {
-        matches!(self, Mode::Ebpf | Mode::EbpfNoSkmsg)
+        matches!(self, Mode::Ebpf | Mode::EbpfNoSkmsg | Mode::EbpfAlways)
     }
 }
 
@@ -210,6 +223,9 @@ impl Rig {
         }
         if self.mode == Mode::EbpfNoSkmsg {
             cmd.arg("--no-msg-redirect");
+        }
+        if self.mode == Mode::EbpfAlways {
+            cmd.args(["--msg-redirect-policy", "always"]);
         }
         cmd.args(extra);
         let mut agent = Managed::new(
@@ -421,7 +437,7 @@ impl Rig {
                     let backend = iptables::resolve(&netns, iptables::BackendChoice::Auto);
                     iptables::apply(&netns, spec, &iptables::Settings::default(), backend)?;
                 }
-                Mode::Ebpf | Mode::EbpfNoSkmsg => {
+                Mode::Ebpf | Mode::EbpfNoSkmsg | Mode::EbpfAlways => {
                     let mut maps = Maps::open(&self.pins)?;
                     Registry::lock(&self.pins, &mut maps)?.enable(
                         &netns,

@@ -1,7 +1,9 @@
 //! `interceptor agent`: load, attach and pin the datapath, keep the pods right, until a signal.
 
 use anyhow::Result;
-use interceptor_common::config::{CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD, GlobalConfig};
+use interceptor_common::config::{
+    CONFIG_MSG_ADAPTIVE, CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD, GlobalConfig,
+};
 
 use crate::{
     agent::{self, AgentOptions},
@@ -32,6 +34,9 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
     config.inbound_port = args.inbound_port.into();
     if args.no_msg_redirect {
         config.flags &= !CONFIG_MSG_REDIRECT;
+    }
+    if args.msg_redirect_policy == cli::MsgRedirectPolicy::Always {
+        config.flags &= !CONFIG_MSG_ADAPTIVE;
     }
     if args.no_pod_to_pod {
         config.flags &= !CONFIG_POD_TO_POD;

@@ -593,3 +593,143 @@ fn disabling_the_server_pod_under_live_connections_keeps_them_intact() {
         h.status()["sockhash_entries"] == 0
     });
 }
+
+// === adaptive sk_msg policy (issue 15, item 2) ===
+//
+// A connection joins the sockhash only if its pod and destination port's recent connections
+// carried enough messages: connection-per-request traffic learns its way onto loopback TCP,
+// decided at setup for both ends (never switched mid-connection).
+
+/// One request and its response per connection, as a connection-per-request client does.
+fn one_shot(client: &LabPod, addr: SocketAddr, i: usize) {
+    let msg = format!("request {i}");
+    let back = echo_round_trip(connect_from(client, addr).expect("connect"), msg.as_bytes())
+        .expect("echo");
+    assert_eq!(back, msg.as_bytes(), "connection {i}: body");
+}
+
+/// `rounds` 8-byte round trips on one connection (TCP_NODELAY: one message each way each).
+fn ping_pong(client: &LabPod, addr: SocketAddr, rounds: u32) {
+    let mut stream = connect_from(client, addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    for i in 0..rounds {
+        let msg = [i.to_be_bytes(), (!i).to_be_bytes()].concat();
+        stream.write_all(&msg).expect("write");
+        let mut back = [0u8; 8];
+        stream.read_exact(&mut back).expect("read");
+        assert_eq!(back.as_slice(), msg.as_slice(), "round trip {i}");
+    }
+}
+
+/// Short connections until one is left on TCP at setup; returns how many it took.
+fn short_until_skipped(h: &Harness, client: &LabPod, addr: SocketAddr) -> usize {
+    for i in 0..60 {
+        let before = h.counters();
+        one_shot(client, addr, i);
+        if h
+            .counters()
+            .since(&before, "msg_setup_skipped_short_lived")
+            > 0
+        {
+            return i + 1;
+        }
+    }
+    panic!("60 connections of one request each and the history never said short");
+}
+
+fn adaptive_pair(tag: &str, agent: &[&str]) -> (Harness, LabPod, EchoServer) {
+    let mut h = Harness::new(tag);
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(agent);
+    h.sidecar(&client);
+    let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &[]);
+    (h, client, echo)
+}
+
+#[test]
+fn connection_per_request_traffic_stays_on_tcp_once_its_history_says_short() {
+    let (h, client, echo) = adaptive_pair("adshort", &[]);
+    let took = short_until_skipped(&h, &client, echo.addr);
+    // `interceptor_common::history::SKIP_AFTER` short closes come first.
+    assert!(
+        took > 4,
+        "skipped after {took} connections, before any history could say so"
+    );
+    let before = h.counters();
+    for i in 0..10 {
+        one_shot(&client, echo.addr, 100 + i);
+    }
+    let after = h.counters();
+    assert_eq!(after.since(&before, "msg_setup_skipped_short_lived"), 10);
+    assert!(after.since(&before, "msg_setup_history_hit") >= 10);
+    // Both ends stayed out: no socket joined, nothing redirected, and no half-redirected
+    // connection (a direction whose peer is missing would count as a failed redirect).
+    assert_eq!(after.since(&before, "sockhash_insert"), 0);
+    assert_eq!(after.since(&before, "msg_redirected"), 0);
+    assert_eq!(after.since(&before, "msg_redirect_failed"), 0);
+    assert_eq!(after.since(&before, "connect_redirected"), 10, "still intercepted");
+    assert!(after.since(&before, "msg_history_short") >= 9);
+    wait_until(Duration::from_secs(10), || {
+        h.status()["sockhash_entries"] == 0
+    });
+    assert_eq!(h.status()["msg_redirect"]["policy"], "adaptive");
+}
+
+#[test]
+fn long_lived_connections_keep_being_redirected() {
+    let (h, client, echo) = adaptive_pair("adlong", &[]);
+    let before = h.counters();
+    for _ in 0..6 {
+        ping_pong(&client, echo.addr, 20);
+    }
+    let after = h.counters();
+    assert_eq!(after.since(&before, "sockhash_insert"), 12, "every connection");
+    assert!(after.since(&before, "msg_redirected") >= 6 * 40);
+    assert_eq!(after.since(&before, "msg_setup_skipped_short_lived"), 0);
+    assert_eq!(after.since(&before, "msg_history_long"), 6, "each proved long");
+    assert_eq!(after.since(&before, "msg_history_short"), 0);
+    assert!(after.since(&before, "msg_setup_history_hit") >= 5);
+}
+
+#[test]
+fn a_long_connection_on_tcp_brings_its_port_back_to_the_redirect() {
+    let (h, client, echo) = adaptive_pair("adback", &[]);
+    short_until_skipped(&h, &client, echo.addr);
+    // Decided at setup: this one stays on TCP for its whole life, however much it carries.
+    let before = h.counters();
+    ping_pong(&client, echo.addr, 20);
+    wait_until(Duration::from_secs(10), || {
+        h.counters().since(&before, "msg_history_long") == 1
+    });
+    let after = h.counters();
+    assert_eq!(after.since(&before, "msg_setup_skipped_short_lived"), 1);
+    assert_eq!(after.since(&before, "sockhash_insert"), 0);
+    assert_eq!(after.since(&before, "msg_redirected"), 0);
+    // Its data segments, counted when it closed, reset the port's history.
+    let before = h.counters();
+    ping_pong(&client, echo.addr, 20);
+    let after = h.counters();
+    assert_eq!(after.since(&before, "sockhash_insert"), 2);
+    assert!(after.since(&before, "msg_redirected") >= 40);
+    assert_eq!(after.since(&before, "msg_redirect_failed"), 0);
+}
+
+#[test]
+fn with_policy_always_connection_per_request_is_redirected_every_time() {
+    let (h, client, echo) = adaptive_pair("adalways", &["--msg-redirect-policy", "always"]);
+    let before = h.counters();
+    for i in 0..20 {
+        one_shot(&client, echo.addr, i);
+    }
+    let after = h.counters();
+    assert_eq!(after.since(&before, "sockhash_insert"), 40);
+    assert_eq!(after.since(&before, "msg_setup_skipped_short_lived"), 0);
+    assert_eq!(after.since(&before, "msg_setup_history_hit"), 0);
+    assert_eq!(after.since(&before, "msg_setup_history_miss"), 0);
+    assert_eq!(h.status()["msg_redirect"]["policy"], "always");
+}
