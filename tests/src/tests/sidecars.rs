@@ -287,7 +287,9 @@ fn fetch_fresh(target: SocketAddr, n: usize) -> Result<(), String> {
 }
 
 /// The adaptive sk_msg policy with software this project did not write: curl-like
-/// connection-per-request clients through haproxy in both pods to nginx (sendfile). Both
+/// connection-per-request clients of small responses (64 B, 4 KiB; a 256 KiB or 1 MiB body is
+/// many messages, which the history rightly counts as a connection that pays) through haproxy
+/// in both pods to nginx (sendfile). Both
 /// in-pod hops (app → client haproxy, server haproxy → nginx from 127.0.0.6) learn to stay on
 /// TCP, every body stays intact, and keep-alive traffic on the same rig still works.
 #[test]
@@ -306,11 +308,12 @@ fn connection_per_request_behind_haproxy_learns_its_way_to_tcp_with_bodies_intac
     )
     .unwrap_or_else(|e| panic!("building the haproxy rig: {e:#}"));
     let target = rig.app_addr();
+    const SMALL: [usize; 2] = [64, 4096];
     let mut learned = false;
     for i in 0..60 {
         let before = rig.counters().expect("counters");
         rig.client
-            .run(move || fetch_fresh(target, SIZES[i % SIZES.len()]))
+            .run(move || fetch_fresh(target, SMALL[i % SMALL.len()]))
             .expect("entering the client pod")
             .unwrap_or_else(|e| panic!("connection {i}: {e}"));
         let after = rig.counters().expect("counters");
@@ -324,7 +327,7 @@ fn connection_per_request_behind_haproxy_learns_its_way_to_tcp_with_bodies_intac
     let before = rig.counters().expect("counters");
     for i in 0..10 {
         rig.client
-            .run(move || fetch_fresh(target, SIZES[i % SIZES.len()]))
+            .run(move || fetch_fresh(target, SMALL[i % SMALL.len()]))
             .expect("entering the client pod")
             .unwrap_or_else(|e| panic!("after learning, connection {i}: {e}"));
     }
