@@ -75,9 +75,7 @@ impl HistVal {
     pub const fn record(&mut self, msgs: u32, now_ns: u64) {
         if msgs >= LONG_MSGS {
             self.short_streak = 0;
-            if self.long < u32::MAX {
-                self.long += 1;
-            }
+            self.long = self.long.saturating_add(1);
         } else {
             // An expired streak starts again from this connection.
             if now_ns.wrapping_sub(self.last_short_ns) >= HISTORY_TTL_NS {
@@ -129,7 +127,11 @@ mod tests {
 
     #[test]
     fn both_ends_find_the_same_canonical_key() {
-        for k in [key(40000, 15001, 1, 1), key(80, 80, 1, 2), key(80, 80, 3, 2)] {
+        for k in [
+            key(40000, 15001, 1, 1),
+            key(80, 80, 1, 2),
+            key(80, 80, 3, 2),
+        ] {
             assert_eq!(canonical(&k), canonical(&k.mirror()));
         }
         assert_eq!(canonical(&key(15001, 40000, 1, 1)).local_port, 15001);

@@ -45,7 +45,9 @@ pub struct MsgRedirect {
 
 impl MsgRedirect {
     fn of(cfg: &interceptor_common::config::GlobalConfig) -> Self {
-        use interceptor_common::config::{CONFIG_MSG_ADAPTIVE, CONFIG_MSG_BRAKE, CONFIG_MSG_REDIRECT};
+        use interceptor_common::config::{
+            CONFIG_MSG_ADAPTIVE, CONFIG_MSG_BRAKE, CONFIG_MSG_REDIRECT,
+        };
         Self {
             policy: if cfg.flags & CONFIG_MSG_REDIRECT == 0 {
                 "off"
@@ -95,7 +97,12 @@ impl Status {
                 let maps = Maps::open(pins)?;
                 let pods = registry::list(pins, &maps).unwrap_or_default();
                 let msg_redirect = maps.global_config().ok().map(|c| MsgRedirect::of(&c));
-                (pods, maps.sockhash_entries(), maps.counters()?, msg_redirect)
+                (
+                    pods,
+                    maps.sockhash_entries(),
+                    maps.counters()?,
+                    msg_redirect,
+                )
             } else {
                 (Vec::new(), 0, BTreeMap::new(), None)
             };

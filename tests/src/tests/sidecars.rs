@@ -323,7 +323,10 @@ fn connection_per_request_behind_haproxy_learns_its_way_to_tcp_with_bodies_intac
             break;
         }
     }
-    assert!(learned, "60 fresh connections and both hops still redirected");
+    assert!(
+        learned,
+        "60 fresh connections and both hops still redirected"
+    );
     let before = rig.counters().expect("counters");
     for i in 0..10 {
         rig.client
@@ -334,8 +337,16 @@ fn connection_per_request_behind_haproxy_learns_its_way_to_tcp_with_bodies_intac
     let after = rig.counters().expect("counters");
     let d = |name: &str| after[name] - before[name];
     assert_eq!(d("sockhash_insert"), 0, "{after:?}");
-    assert_eq!(d("msg_setup_skipped_short_lived"), 20, "two hops × 10: {after:?}");
-    assert_eq!(d("msg_redirect_failed"), 0, "no half-redirected hop: {after:?}");
+    assert_eq!(
+        d("msg_setup_skipped_short_lived"),
+        20,
+        "two hops × 10: {after:?}"
+    );
+    assert_eq!(
+        d("msg_redirect_failed"),
+        0,
+        "no half-redirected hop: {after:?}"
+    );
     // Keep-alive on the same rig: bodies intact whatever path each hop takes.
     let checked = rig
         .client

@@ -629,11 +629,7 @@ fn short_until_skipped(h: &Harness, client: &LabPod, addr: SocketAddr) -> usize 
     for i in 0..60 {
         let before = h.counters();
         one_shot(client, addr, i);
-        if h
-            .counters()
-            .since(&before, "msg_setup_skipped_short_lived")
-            > 0
-        {
+        if h.counters().since(&before, "msg_setup_skipped_short_lived") > 0 {
             return i + 1;
         }
     }
@@ -672,7 +668,11 @@ fn connection_per_request_traffic_stays_on_tcp_once_its_history_says_short() {
     assert_eq!(after.since(&before, "sockhash_insert"), 0);
     assert_eq!(after.since(&before, "msg_redirected"), 0);
     assert_eq!(after.since(&before, "msg_redirect_failed"), 0);
-    assert_eq!(after.since(&before, "connect_redirected"), 10, "still intercepted");
+    assert_eq!(
+        after.since(&before, "connect_redirected"),
+        10,
+        "still intercepted"
+    );
     assert!(after.since(&before, "msg_history_short") >= 9);
     wait_until(Duration::from_secs(10), || {
         h.status()["sockhash_entries"] == 0
@@ -688,10 +688,18 @@ fn long_lived_connections_keep_being_redirected() {
         ping_pong(&client, echo.addr, 20);
     }
     let after = h.counters();
-    assert_eq!(after.since(&before, "sockhash_insert"), 12, "every connection");
+    assert_eq!(
+        after.since(&before, "sockhash_insert"),
+        12,
+        "every connection"
+    );
     assert!(after.since(&before, "msg_redirected") >= 6 * 40);
     assert_eq!(after.since(&before, "msg_setup_skipped_short_lived"), 0);
-    assert_eq!(after.since(&before, "msg_history_long"), 6, "each proved long");
+    assert_eq!(
+        after.since(&before, "msg_history_long"),
+        6,
+        "each proved long"
+    );
     assert_eq!(after.since(&before, "msg_history_short"), 0);
     assert!(after.since(&before, "msg_setup_history_hit") >= 5);
 }
