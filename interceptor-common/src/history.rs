@@ -6,7 +6,8 @@ use crate::sockmap::SockKey;
 
 /// `MSG_HISTORY` key: the pod (network-namespace cookie of the connecting socket; 0 on kernels
 /// < 5.15, where the history is per port, node-wide), the destination port the app (or, for
-/// the passthrough hop, the proxy) asked for, and the kind of hop (`origdst::KIND_*`: an
+/// the passthrough hop, the proxy) asked for, and the kind of hop (`origdst::KIND_*` or
+/// [`KIND_POD_TO_POD`]: an
 /// outbound call to port P and the proxy's passthrough to the pod's own port P differ).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -17,6 +18,11 @@ pub struct HistKey {
     /// `origdst::KIND_*`.
     pub kind: u32,
 }
+
+/// `HistKey::kind` of a same-node pod→pod hop (the client sidecar's upstream connection to
+/// another enabled pod; `netns` is the client pod's, `port` the server port). The
+/// `origdst::KIND_*` values are 1–3.
+pub const KIND_POD_TO_POD: u32 = 4;
 
 /// `MSG_HISTORY` value.
 #[repr(C)]

@@ -293,6 +293,17 @@ pub(crate) fn count_conn_msg(canonical: &SockKey) {
     }
 }
 
+/// Whether the connecting end of this connection (canonical key) was left on TCP at setup.
+#[inline(always)]
+pub(crate) fn decided_tcp(canonical: &SockKey) -> bool {
+    let Some(p) = CONN_MSGS.get_ptr(canonical) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer for this program run.
+    let flags = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*p).flags)) };
+    flags & interceptor_common::history::CONN_TCP != 0
+}
+
 /// sockops at close: the tracked connection's count (messages, or the closing socket's data
 /// segments if it ran on TCP) goes into its history; the first end to close records it.
 #[inline(always)]

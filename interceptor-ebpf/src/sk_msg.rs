@@ -52,7 +52,7 @@ fn redirect(ctx: &SkMsgContext) {
         },
     };
     // The adaptive policy learns how many messages this pod and port's connections carry.
-    if cfg.flags & CONFIG_MSG_ADAPTIVE != 0 && !pod_to_pod {
+    if cfg.flags & CONFIG_MSG_ADAPTIVE != 0 {
         maps::count_conn_msg(&canonical(&key));
     }
     // Once a direction sent over TCP, redirected bytes could overtake bytes still in flight:

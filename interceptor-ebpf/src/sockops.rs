@@ -17,8 +17,8 @@ use interceptor_common::{
     config::{CONFIG_MSG_ADAPTIVE, CONFIG_MSG_BRAKE, CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD},
     counters::Counter,
     event::{Event, EVENT_LISTENER},
-    history::{canonical, ConnMsgs, HistKey, CONN_TCP},
-    origdst::{OrigDst, ORIG_NO_SOCKMAP, ORIG_SKIP_SHORT},
+    history::{canonical, ConnMsgs, HistKey, CONN_TCP, KIND_POD_TO_POD},
+    origdst::{ORIG_NO_SOCKMAP, ORIG_SKIP_SHORT},
     pod::{POD_INBOUND, POD_NO_SOCKMAP},
     sockmap::{is_pod_to_pod, PeerSeq, SockKey, POD_TO_POD_NETNS},
 };
@@ -98,7 +98,12 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     };
     let wanted = redirect_enabled() && orig.flags & ORIG_NO_SOCKMAP == 0;
-    let join = wanted && pays_to_redirect(&key, &orig);
+    let hist = HistKey {
+        netns: key.netns,
+        port: orig.port,
+        kind: orig.kind,
+    };
+    let join = wanted && pays_to_redirect(&key, hist);
     if wanted && !join {
         // Decided before the first byte, for both ends: the accepted end reads this flag.
         orig.flags |= ORIG_SKIP_SHORT;
@@ -124,23 +129,19 @@ fn on_active_established(ctx: &SockOpsContext) {
 /// connections closed after few messages stay on loopback TCP. Every decided connection is
 /// tracked in `CONN_MSGS` so its pod and port keep learning, on TCP too.
 #[inline(always)]
-fn pays_to_redirect(key: &SockKey, orig: &OrigDst) -> bool {
+fn pays_to_redirect(key: &SockKey, hist: HistKey) -> bool {
     let Some(cfg) = config() else {
         return true;
     };
-    if cfg.flags & CONFIG_MSG_BRAKE != 0 {
-        count(Counter::MsgSetupSkippedMemoryPressure);
-        return false;
-    }
-    if cfg.flags & CONFIG_MSG_ADAPTIVE == 0 {
+    let brake = cfg.flags & CONFIG_MSG_BRAKE != 0;
+    if !brake && cfg.flags & CONFIG_MSG_ADAPTIVE == 0 {
         return true;
     }
-    let hist = HistKey {
-        netns: key.netns,
-        port: orig.port,
-        kind: orig.kind,
-    };
     let join = match maps::history(&hist) {
+        _ if brake => {
+            count(Counter::MsgSetupSkippedMemoryPressure);
+            false
+        }
         Some(h) => {
             count(Counter::MsgSetupHistoryHit);
             !h.says_short(ctx::now_ns())
@@ -150,7 +151,7 @@ fn pays_to_redirect(key: &SockKey, orig: &OrigDst) -> bool {
             true
         }
     };
-    if !join {
+    if !join && !brake {
         count(Counter::MsgSetupSkippedShortLived);
     }
     let conn = ConnMsgs {
@@ -192,8 +193,6 @@ fn on_state_change(ctx: &SockOpsContext) {
         return;
     };
     let _ = TUPLE_ORIG.remove(&key);
-    // A connection the adaptive policy decided for: what it carried goes into its history.
-    maps::close_conn(&canonical(&key), ctx::ops_data_segs(ctx));
     // The key sk_msg used for this socket's direction (see `msg_to_peer`).
     if let Some(cfg) = config() {
         if NETNS_KEYS.load() != 0
@@ -204,6 +203,8 @@ fn on_state_change(ctx: &SockOpsContext) {
             let _ = PEER_SEQ.remove(&key);
         }
     }
+    // A connection the adaptive policy decided for: what it carried goes into its history.
+    maps::close_conn(&canonical(&key), ctx::ops_data_segs(ctx));
     let _ = MSG_FALLBACK.remove(&key);
     count(Counter::SockhashRemove);
 }
@@ -271,6 +272,17 @@ fn pod_to_pod(ctx: &SockOpsContext, key: &mut SockKey, active: bool) {
     // sequence numbers, and the passive end joins only if its own mirror them exactly.
     let (snd_nxt, rcv_nxt) = ctx::ops_seq(ctx);
     if active {
+        // The adaptive policy, decided here for both ends: without a `PEER_SEQ` entry the
+        // passive end stays out too (it finds this decision in `CONN_MSGS`).
+        let hist = HistKey {
+            netns: owner,
+            port: key.remote_port,
+            kind: KIND_POD_TO_POD,
+        };
+        if !pays_to_redirect(key, hist) {
+            let _ = ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            return;
+        }
         if PEER_SEQ
             .insert(&*key, &PeerSeq { snd_nxt, rcv_nxt }, 0)
             .is_err()
@@ -282,7 +294,9 @@ fn pod_to_pod(ctx: &SockOpsContext, key: &mut SockKey, active: bool) {
         match maps::take_peer_seq(&key.mirror()) {
             Some(peer) if peer.snd_nxt == rcv_nxt && peer.rcv_nxt == snd_nxt => {}
             _ => {
-                count(Counter::PodToPodUnproven);
+                if !maps::decided_tcp(&canonical(key)) {
+                    count(Counter::PodToPodUnproven);
+                }
                 // Tracked anyway: a failed redirect of its peer leaves entries under its key.
                 let _ =
                     ctx.set_cb_flags((ctx::ops_cb_flags(ctx) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);

@@ -87,6 +87,10 @@ pub struct AgentArgs {
     /// (connection per request does not pay for the psock setup); `always` redirects every one.
     #[arg(long, value_enum, default_value_t = MsgRedirectPolicy::Adaptive)]
     pub msg_redirect_policy: MsgRedirectPolicy,
+    /// Where the agent reads the kernel's TCP memory-pressure state for the sk_msg brake (the
+    /// `press` column of the TCP rows). Tests point it at a file of their own.
+    #[arg(long, hide = true, default_value = crate::agent::PROTOCOLS)]
+    pub tcp_pressure_source: PathBuf,
     /// Keep the sidecar→sidecar hop of two enabled pods of this node on TCP over the veths
     /// (sk_msg then only carries each pod's app↔proxy hops; for comparisons).
     #[arg(long)]

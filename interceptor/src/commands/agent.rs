@@ -54,6 +54,7 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
         kube,
         health_addr: args.health_addr,
         features: Some(features),
+        tcp_pressure_source: args.tcp_pressure_source.clone(),
     };
     super::runtime()?.block_on(agent::run(opts, signal::shutdown()))?;
     Ok(())
