@@ -36,7 +36,7 @@ pub const CONFIG_MSG_REDIRECT: u32 = 1 << 0;
 pub const CONFIG_POD_TO_POD: u32 = 1 << 1;
 /// With `CONFIG_MSG_REDIRECT`: `--msg-redirect-policy adaptive` — an app↔proxy or passthrough
 /// connection joins the sockhash only if its pod and port's recent connections carried enough
-/// messages (`history`). Off = `always`.
+/// messages (`history`). Off = `always`, the default.
 pub const CONFIG_MSG_ADAPTIVE: u32 = 1 << 2;
 /// Set by the agent while the node's TCP memory is under pressure: new connections stay on
 /// TCP (redirected bytes are not charged to the receiver's socket buffer).
@@ -51,7 +51,7 @@ impl GlobalConfig {
         Self {
             outbound_port: Self::DEFAULT_OUTBOUND_PORT as u32,
             inbound_port: Self::DEFAULT_INBOUND_PORT as u32,
-            flags: CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD | CONFIG_MSG_ADAPTIVE,
+            flags: CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD,
             passthrough_ip4: u32::from_ne_bytes(PASSTHROUGH_V4),
             passthrough_ip6: addr_words(PASSTHROUGH_V6),
             dns_port: Self::DEFAULT_DNS_PORT as u32,

@@ -82,10 +82,12 @@ pub struct AgentArgs {
     /// Carry the app↔proxy hop over loopback TCP instead of sk_msg (for comparisons).
     #[arg(long)]
     pub no_msg_redirect: bool,
-    /// Which app↔proxy connections sk_msg carries: `adaptive` leaves a connection on loopback
-    /// TCP when its pod and destination port's recent connections closed after a few messages
-    /// (connection per request does not pay for the psock setup); `always` redirects every one.
-    #[arg(long, value_enum, default_value_t = MsgRedirectPolicy::Adaptive)]
+    /// Which connections sk_msg carries: `always` redirects every one; `adaptive` leaves a
+    /// connection on loopback TCP when its pod and destination port's recent connections
+    /// closed after a few messages. Not the default: it did not measure better (README, issue
+    /// 15 item 2), and a keep-alive connection opened right after a burst of short ones stays
+    /// on TCP for its whole life.
+    #[arg(long, value_enum, default_value_t = MsgRedirectPolicy::Always)]
     pub msg_redirect_policy: MsgRedirectPolicy,
     /// Where the agent reads the kernel's TCP memory-pressure state for the sk_msg brake (the
     /// `press` column of the TCP rows). Tests point it at a file of their own.

@@ -146,8 +146,8 @@ impl Report {
                 ("p99_us", Mode::Ebpf, Mode::Iptables),
                 ("cpu_seconds_per_10k", Mode::Ebpf, Mode::Iptables),
                 ("requests_per_second", Mode::Ebpf, Mode::EbpfNoSkmsg),
-                ("requests_per_second", Mode::Ebpf, Mode::EbpfAlways),
-                ("cpu_seconds_per_10k", Mode::Ebpf, Mode::EbpfAlways),
+                ("requests_per_second", Mode::EbpfAdaptive, Mode::EbpfAlways),
+                ("cpu_seconds_per_10k", Mode::EbpfAdaptive, Mode::EbpfAlways),
             ] {
                 let value = |mode| {
                     self.http_summary
@@ -293,11 +293,12 @@ impl Report {
 
     /// Two grouped bar charts: median req/s and median p99 per workload and mode.
     pub fn svg(&self) -> String {
-        const COLORS: [(&str, Mode); 5] = [
+        const COLORS: [(&str, Mode); 6] = [
             ("#9e9e9e", Mode::Direct),
             ("#e4572e", Mode::Iptables),
             ("#17bebb", Mode::Ebpf),
             ("#3a6ea5", Mode::EbpfAlways),
+            ("#f2a541", Mode::EbpfAdaptive),
             ("#76b041", Mode::EbpfNoSkmsg),
         ];
         let mut workloads: Vec<&str> = Vec::new();

@@ -35,8 +35,8 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
     if args.no_msg_redirect {
         config.flags &= !CONFIG_MSG_REDIRECT;
     }
-    if args.msg_redirect_policy == cli::MsgRedirectPolicy::Always {
-        config.flags &= !CONFIG_MSG_ADAPTIVE;
+    if args.msg_redirect_policy == cli::MsgRedirectPolicy::Adaptive {
+        config.flags |= CONFIG_MSG_ADAPTIVE;
     }
     if args.no_pod_to_pod {
         config.flags &= !CONFIG_POD_TO_POD;

@@ -304,7 +304,7 @@ fn connection_per_request_behind_haproxy_learns_its_way_to_tcp_with_bodies_intac
             sizes: &SIZES,
         },
         "e2e-adaptive",
-        &[],
+        &["--msg-redirect-policy".to_owned(), "adaptive".to_owned()],
     )
     .unwrap_or_else(|e| panic!("building the haproxy rig: {e:#}"));
     let target = rig.app_addr();
