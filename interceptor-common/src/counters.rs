@@ -153,6 +153,23 @@ counters! {
     /// build whose programs differ from the release's): proves an in-place upgrade attached the
     /// new code. Always 0 in a release build.
     UpgradeProbe = "upgrade_probe",
+    /// `--msg-redirect-policy adaptive`: a new connection's pod and destination port had a
+    /// history of recent connections (`MSG_HISTORY`) to decide by.
+    MsgSetupHistoryHit = "msg_setup_history_hit",
+    /// `--msg-redirect-policy adaptive`: no recent history for the connection's pod and
+    /// destination port: it joined the sockhash (the default).
+    MsgSetupHistoryMiss = "msg_setup_history_miss",
+    /// Connection left on loopback TCP at setup (both ends out of the sockhash): its pod and
+    /// port's recent connections closed after too few messages to pay for the psock setup.
+    MsgSetupSkippedShortLived = "msg_setup_skipped_short_lived",
+    /// Connection left on loopback TCP at setup because the node's TCP memory is under
+    /// pressure (the agent watches /proc/net/sockstat; redirected bytes are not charged to the
+    /// receiver's buffer).
+    MsgSetupSkippedMemoryPressure = "msg_setup_skipped_memory_pressure",
+    /// A decided connection recorded in `MSG_HISTORY` as short (closed with few messages).
+    MsgHistoryShort = "msg_history_short",
+    /// A decided connection recorded in `MSG_HISTORY` as long (carried enough messages).
+    MsgHistoryLong = "msg_history_long",
 }
 
 impl Counter {

@@ -11,6 +11,7 @@
     reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting, RLIMIT_NOFILE for held namespaces, and flock on the instance lock"
 )]
 
+mod brake;
 mod events;
 mod health;
 mod limits;
@@ -117,7 +118,12 @@ pub struct AgentOptions {
     pub health_addr: Option<SocketAddr>,
     /// What `preflight` probed, recorded for `status` once the datapath runs.
     pub features: Option<Features>,
+    /// Where the kernel's TCP memory-pressure state is read each pass (`/proc/net/protocols`;
+    /// tests point it at a file of their own), for the sk_msg brake (`agent/brake.rs`).
+    pub tcp_pressure_source: PathBuf,
 }
+
+pub use brake::{PROTOCOLS, tcp_under_pressure};
 
 /// Checks what the agent needs before touching anything; fixes what it safely can (bpffs).
 pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
@@ -296,6 +302,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     // Pods enabled while no agent ran (or by a previous one) may have new proxies.
     reconcile(&mut datapath, &mut held, &pass_metrics);
 
+    let mut brake = brake::Brake::new(opts.tcp_pressure_source.clone());
+    brake.check(&mut datapath.maps);
+
     let mut tick = tokio::time::interval(opts.reconcile_every);
     tokio::pin!(shutdown);
     loop {
@@ -319,6 +328,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
+                brake.check(&mut datapath.maps);
                 reconcile(&mut datapath, &mut held, &pass_metrics);
                 if let Some(c) = controller.as_mut() {
                     kube_pass(c, &mut datapath);
