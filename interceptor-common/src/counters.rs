@@ -1,29 +1,29 @@
 //! Indices of the per-CPU `COUNTERS` array: one counter per decision the programs take.
 
 macro_rules! counters {
-    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
+    ($($(#[cfg($cfg:meta)])? $(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
         /// A slot of the `COUNTERS` per-CPU array.
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter {
-            $($(#[doc = $doc])* $variant,)+
+            $($(#[cfg($cfg)])? $(#[doc = $doc])* $variant,)+
         }
 
         impl Counter {
             /// Every counter, in slot order.
-            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
+            pub const ALL: &'static [Counter] = &[$($(#[cfg($cfg)])? Counter::$variant,)+];
 
             /// The name `interceptor status --json` reports under `counters`.
             pub const fn name(self) -> &'static str {
                 match self {
-                    $(Counter::$variant => $name,)+
+                    $($(#[cfg($cfg)])? Counter::$variant => $name,)+
                 }
             }
 
             /// What the counter counts (its doc comment), for `interceptor status`.
             pub const fn meaning(self) -> &'static str {
                 match self {
-                    $(Counter::$variant => concat!($($doc),*),)+
+                    $($(#[cfg($cfg)])? Counter::$variant => concat!($($doc),*),)+
                 }
             }
         }
@@ -153,6 +153,11 @@ counters! {
     /// build whose programs differ from the release's): proves an in-place upgrade attached the
     /// new code. Always 0 in a release build.
     UpgradeProbe = "upgrade_probe",
+    #[cfg(feature = "abi-probe")]
+    /// Connection established under sockops built with the `abi-probe` feature (a test build
+    /// whose ABI is one newer: this slot is its layout change). Proves an ABI migration attached
+    /// the new code and the new `COUNTERS` map. Absent from a release build.
+    AbiProbe = "abi_probe",
 }
 
 impl Counter {
@@ -160,5 +165,83 @@ impl Counter {
 
     pub const fn index(self) -> u32 {
         self as u32
+    }
+}
+
+/// `COUNTERS` as ABI 6 laid it out: slot `i` held the counter named `ABI6_SLOTS[i]`. An ABI
+/// migration copies each old slot into the slot of the same name (`interceptor/src/bpf/migrate.rs`);
+/// a counter this build dropped is not carried over, one it added starts at 0.
+pub const ABI6_SLOTS: &[&str] = &[
+    "connect_redirected",
+    "connect_skipped_proxy",
+    "connect_skipped_loopback",
+    "connect_skipped_pod_local",
+    "connect_skipped_port",
+    "connect_skipped_cidr",
+    "connect_skipped_not_included",
+    "connect_skipped_outbound_off",
+    "connect_skipped_source",
+    "connect_refused_source",
+    "connect_no_proxy_direct",
+    "connect_passthrough",
+    "connect_self_inbound",
+    "connect_map_full",
+    "sockhash_insert",
+    "sockhash_insert_failed",
+    "pod_to_pod_insert",
+    "pod_to_pod_skipped",
+    "pod_to_pod_unproven",
+    "sockhash_remove",
+    "listener_insert",
+    "listener_skipped_not_pod",
+    "msg_redirected",
+    "msg_redirected_pod_to_pod",
+    "msg_redirect_failed",
+    "msg_redirect_failed_pod_to_pod",
+    "msg_fallback_reverse",
+    "msg_fallback_pass",
+    "msg_redirect_disabled",
+    "orig_dst_answered",
+    "orig_dst_local",
+    "inbound_assigned",
+    "inbound_skipped_port",
+    "inbound_skipped_local",
+    "inbound_no_listener",
+    "inbound_assign_failed",
+    "inbound_no_proxy_direct",
+    "netns_probe",
+    "pod_quota_exceeded",
+    "dns_query_redirected",
+    "dns_connect_redirected",
+    "dns_tcp_redirected",
+    "dns_tcp_unrecorded",
+    "dns_skipped_proxy",
+    "dns_skipped_not_nameserver",
+    "dns_reply_rewritten",
+    "dns_map_full",
+    "upgrade_probe",
+];
+
+/// The slot a counter of the given name has in this build's `COUNTERS`.
+pub fn slot_of(name: &str) -> Option<u32> {
+    Counter::ALL
+        .iter()
+        .find(|c| c.name() == name)
+        .map(|c| c.index())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ABI 6's layout is written down once and must stay what ABI 6 builds ran: every slot
+    /// this build shares with it is where ABI 6 had it.
+    #[test]
+    fn abi6_slots_are_a_prefix_of_this_build() {
+        for (i, name) in ABI6_SLOTS.iter().enumerate() {
+            assert_eq!(Counter::ALL[i].name(), *name, "slot {i}");
+        }
+        #[cfg(not(feature = "abi-probe"))]
+        assert_eq!(Counter::ALL.len(), ABI6_SLOTS.len());
     }
 }

@@ -13,14 +13,17 @@ pub mod config;
 pub mod counters;
 pub mod dns;
 pub mod event;
+pub mod layout;
 pub mod names;
 pub mod origdst;
 pub mod pod;
 pub mod sockmap;
 
-/// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
-/// state written with another ABI instead of misreading it. Programs may change within one ABI:
-/// an agent of the same ABI replaces them in place and keeps the maps.
+/// Bumped whenever a pinned map's layout or meaning changes (and that map's `layout::MAPS` entry
+/// with it): an agent never reads pinned state with another ABI's layout. Programs may change
+/// within one ABI: an agent of the same ABI replaces them in place and keeps the maps. An agent
+/// of a newer ABI migrates an older one's datapath from `layout::MIGRATES_FROM` on; it refuses
+/// older ones and newer ones (a downgrade).
 ///
 /// 5: `COUNTERS` gained `upgrade_probe` (one more slot).
 /// 6: `SOCKS`/`MSG_FALLBACK` also hold pod→pod keys (`netns` 0, see `sockmap::SockKey`);
@@ -28,7 +31,14 @@ pub mod sockmap;
 /// `pod_to_pod_insert`, `pod_to_pod_skipped`, `pod_to_pod_unproven`; `CONFIG` flag
 /// `CONFIG_POD_TO_POD`; new map `PEER_SEQ`. The pod tables hold 16 384 pods, not preallocated
 /// (`names::size`; same layouts).
+/// 7 (the `abi-probe` test build only, never released): `COUNTERS` gained `abi_probe`. An agent
+/// of ABI 7 migrates a datapath of ABI 6 (`layout`): the one ABI change the e2e tests exercise.
+///
+/// Every map's own layout version and how a change of it is migrated: [`layout::MAPS`].
+#[cfg(not(feature = "abi-probe"))]
 pub const ABI_VERSION: u32 = 6;
+#[cfg(feature = "abi-probe")]
+pub const ABI_VERSION: u32 = 7;
 
 #[cfg(feature = "user")]
 mod pod_impls {

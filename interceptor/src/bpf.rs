@@ -5,6 +5,7 @@ pub(crate) mod attach;
 pub mod features;
 pub mod logs;
 pub mod maps;
+mod migrate;
 pub mod occupancy;
 pub mod pins;
 mod sys;
@@ -95,6 +96,18 @@ pub enum Error {
         path: PathBuf,
         found: u32,
         expected: u32,
+    },
+    #[error(
+        "the state pinned under {path} was written by interceptor ABI {found}; this binary (ABI \
+         {expected}) cannot migrate it: {why}. Stop the old agent, then either run `interceptor \
+         uninstall` and start this one, or start this one with --replace (pods are not \
+         intercepted until it has listed them again)"
+    )]
+    AbiNotMigratable {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+        why: String,
     },
     #[error("{what} {path}: {source}")]
     Io {

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::{
     Error, Maps, OBJECT, Pins,
     maps::open_pinned,
-    sys,
+    migrate, sys,
     upgrade::{self, Report},
 };
 
@@ -48,6 +48,9 @@ pub enum Attached {
     /// Found them pinned and attached, and swapped in this build's programs where their code
     /// differs, keeping the maps.
     Upgraded,
+    /// Found them pinned and attached by an older ABI, moved the maps to this ABI's layouts
+    /// and swapped in every program (`bpf/migrate.rs`).
+    Migrated,
 }
 
 /// A running datapath: the maps, and in `Loaded` mode the object that owns the log buffer.
@@ -81,10 +84,14 @@ impl Datapath {
         if pins.is_live() {
             match check_pinned_abi(&pins, false) {
                 Ok(()) => return Self::upgrade(pins, opts),
-                Err(err @ Error::AbiMismatch { .. }) if opts.replace => {
-                    warn!(%err, "replacing the pinned datapath");
-                    teardown(&pins)?;
-                }
+                Err(Error::AbiMismatch { found, .. }) => match migrate::plan(&pins, found) {
+                    Ok(plan) => return Self::migrate(pins, opts, &plan),
+                    Err(err) if opts.replace => {
+                        warn!(%err, "replacing the pinned datapath");
+                        teardown(&pins)?;
+                    }
+                    Err(err) => return Err(err),
+                },
                 Err(err) => return Err(err),
             }
         }
@@ -104,7 +111,7 @@ impl Datapath {
                 return Err(Error::NoObject);
             }
             let mut ebpf = load_object(&pins, opts)?;
-            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report)?;
+            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report, false)?;
             let mut maps = Maps::open(&pins)?;
             maps.set_global_config(opts.config)?;
             Ok((ebpf, maps))
@@ -136,6 +143,44 @@ impl Datapath {
         }
         report.record(&dp.pins);
         Ok(dp)
+    }
+
+    /// Moves a datapath of an older ABI to this build's (`bpf/migrate.rs`): new maps staged and
+    /// filled beside the old ones, every program swapped on its link, then the new maps' pins
+    /// take the old ones' place. If anything fails before the commit, the old datapath runs on
+    /// as it was and the error says so.
+    fn migrate(pins: Pins, opts: &LoadOptions, plan: &migrate::Plan) -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        let start = std::time::Instant::now();
+        let mut report = Report::new("migrated", opts.bpf_log_level as u8);
+        let staging = plan.stage(&pins)?;
+        let result = (|| {
+            let mut ebpf = load_object(&staging, opts)?;
+            plan.fill(&pins, &staging, &mut report)?;
+            // Rebuilt before any new program runs: its settings, and the ABI it writes.
+            let mut maps = Maps::open(&staging)?;
+            maps.set_global_config(opts.config)?;
+            maps.write_abi()?;
+            upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
+            Ok(ebpf)
+        })();
+        let ebpf = result.inspect_err(|err| {
+            warn!(%err, from = plan.from(), "migrating the attached datapath failed; it runs on as it was");
+            migrate::abandon(&staging);
+        })?;
+        migrate::commit(&pins, &staging)?;
+        let maps = Maps::open(&pins)?;
+        report.micros = start.elapsed().as_micros() as u64;
+        migrate::log(&report, start.elapsed());
+        report.record(&pins);
+        Ok(Self {
+            pins,
+            maps,
+            attached: Attached::Migrated,
+            ebpf: Some(ebpf),
+        })
     }
 
     /// Opens a datapath another agent pinned: no program is loaded or attached again.

@@ -29,8 +29,15 @@ use super::{Error, Pins, sys};
 /// How the running agent got its datapath, and what of its settings the datapath does not run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
-    /// `loaded`, `upgraded` or `adopted`.
+    /// `loaded`, `upgraded`, `migrated` (from an older ABI) or `adopted`.
     pub how: String,
+    /// The ABI of the datapath this agent migrated (`how` = `migrated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<u32>,
+    /// What a migration did with each pinned map: kept (with its entries), converted (entries
+    /// carried over), rebuilt, or new beside the old one that drains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maps: Vec<String>,
     /// Programs swapped for this agent's build: `name old-tag -> new-tag`.
     pub replaced: Vec<String>,
     /// Programs whose code (tag) this agent's build shares: left attached as they were.
@@ -38,7 +45,8 @@ pub struct Report {
     /// Settings and code this agent asked for that the attached datapath does not run, each
     /// with what to do about it.
     pub not_applied: Vec<String>,
-    /// Time from loading the object to the last swap, in microseconds.
+    /// Time from loading the object to the last swap (a migration: from planning to the
+    /// commit of the new maps), in microseconds.
     pub micros: u64,
     /// The programs' log level this agent loaded with (aya-log; compared by the next agent).
     pub bpf_log_level: u8,
@@ -87,13 +95,15 @@ enum Done {
     },
 }
 
-/// Swaps the attached programs for `ebpf`'s (loaded against the pinned maps) where their code
-/// differs. On error nothing is left swapped.
+/// Swaps the attached programs for `ebpf`'s (loaded against the maps pinned under `pins`) where
+/// their code differs, or every one with `all` (an ABI migration: the new programs use other
+/// maps, which the tag does not show). On error nothing is left swapped.
 pub(super) fn swap_programs(
     ebpf: &mut Ebpf,
     pins: &Pins,
     cgroup: &Path,
     report: &mut Report,
+    all: bool,
 ) -> Result<(), Error> {
     let start = Instant::now();
     let mut changed = Vec::new();
@@ -109,7 +119,7 @@ pub(super) fn swap_programs(
             .ok_or_else(|| program_err(name, ProgramError::UnexpectedProgramType))?;
         load(p).map_err(|source| program_err(name, source))?;
         let new = p.info().map_err(|source| program_err(name, source))?;
-        if new.tag() == old.tag() {
+        if new.tag() == old.tag() && !all {
             report.unchanged.push(name.to_owned());
             // Only loaded to learn its tag: the attached one stays.
             unload(p).map_err(|source| program_err(name, source))?;
