@@ -9,17 +9,17 @@
 //!    needs a converter (`Convert`), is written by the agent (`Rebuild`) or starts empty while
 //!    the old one drains (`Drain`). If one cannot be carried over, the migration is refused
 //!    before anything changes, with what to do.
-//! 2. **Stage** — the kept maps are pinned a second time under `maps.next/`, the object is
+//! 2. **Stage** — the kept maps are pinned a second time under `maps_next/`, the object is
 //!    loaded against that directory (aya reuses pinned maps by name and creates the rest), and
 //!    the new maps are filled.
 //! 3. **Swap** — every program is replaced on its link (`bpf/upgrade.rs`: `BPF_LINK_UPDATE`
 //!    on the cgroup links and each pod's sk_lookup link, sk_msg on the sockhash), even those
 //!    whose code is unchanged: they reference the new maps.
-//! 4. **Commit** — `maps.next/` takes the place of `maps/` (one `RENAME_EXCHANGE`), and the old
+//! 4. **Commit** — `maps_next/` takes the place of `maps/` (one `RENAME_EXCHANGE`), and the old
 //!    pins go. The old maps live on only as long as something holds them: an established
 //!    socket keeps the sk_msg program it joined the sockhash with, and that program its maps.
 //!
-//! If a step before the commit fails, the swapped programs are swapped back and `maps.next/` is
+//! If a step before the commit fails, the swapped programs are swapped back and `maps_next/` is
 //! removed: the old datapath runs on unchanged.
 
 use std::{fs, os::fd::AsFd as _, time::Duration};
@@ -114,7 +114,7 @@ impl Plan {
         self.from
     }
 
-    /// Prepares `maps.next/`: empty, with every kept map pinned in it. Returns the staging pins.
+    /// Prepares `maps_next/`: empty, with every kept map pinned in it. Returns the staging pins.
     pub(super) fn stage(&self, pins: &Pins) -> Result<Pins, Error> {
         let staging = pins.staging();
         let dir = staging.maps_dir();
@@ -193,7 +193,7 @@ fn convert_counters_v6(old: &Pins, new: &Pins) -> Result<usize, Error> {
     Ok(carried)
 }
 
-/// Puts `maps.next/` in the place of `maps/` and removes the old pins. The programs already
+/// Puts `maps_next/` in the place of `maps/` and removes the old pins. The programs already
 /// run on the new maps: this only moves names, so `pod`, `status` and the next agent find them.
 pub(super) fn commit(pins: &Pins, staging: &Pins) -> Result<(), Error> {
     let (current, next) = (pins.maps_dir(), staging.maps_dir());
@@ -208,7 +208,7 @@ pub(super) fn commit(pins: &Pins, staging: &Pins) -> Result<(), Error> {
         // A kernel whose bpffs cannot exchange: two renames, `maps/` missing for a moment (a
         // `pod` command then fails and says so; the datapath is not affected).
         warn!(%err, "bpffs cannot exchange names; renaming in two steps");
-        let old = pins.root().join("maps.old");
+        let old = pins.root().join("maps_old");
         let _ = fs::remove_dir_all(&old);
         fs::rename(&current, &old).map_err(|e| Error::io("renaming", &current, e))?;
         fs::rename(&next, &current).map_err(|e| Error::io("renaming", &next, e))?;

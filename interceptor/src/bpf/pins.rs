@@ -8,7 +8,7 @@
 //! <root>/progs/<program>       programs, so any process can attach a pod's sk_lookup
 //! <root>/links/<program>       cgroup links: the programs stay attached while these exist
 //! <root>/pods/<id>/sk_lookup   each pod's netns link
-//! <root>/maps.next/<MAP>       an ABI migration's new maps until they replace maps/
+//! <root>/maps_next/<MAP>       an ABI migration's new maps until they replace maps/
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -44,12 +44,13 @@ impl Pins {
         }
     }
 
-    /// The same instance with its maps pinned under `maps.next/`: where an ABI migration
-    /// builds the new maps before they replace `maps/` (`bpf/migrate.rs`).
+    /// The same instance with its maps pinned under `maps_next/`: where an ABI migration
+    /// builds the new maps before they replace `maps/` (`bpf/migrate.rs`). (bpffs refuses
+    /// names with a dot.)
     pub fn staging(&self) -> Self {
         Self {
             root: self.root.clone(),
-            maps: Some(self.root.join("maps.next")),
+            maps: Some(self.root.join("maps_next")),
         }
     }
 

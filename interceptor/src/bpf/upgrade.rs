@@ -45,9 +45,13 @@ pub struct Report {
     /// Settings and code this agent asked for that the attached datapath does not run, each
     /// with what to do about it.
     pub not_applied: Vec<String>,
-    /// Time from loading the object to the last swap (a migration: from planning to the
-    /// commit of the new maps), in microseconds.
+    /// Time from loading the object to the last swap (a migration: from staging the maps to
+    /// their commit), in microseconds.
     pub micros: u64,
+    /// Of `micros`: from the first program swap to the last (the rest is loading and
+    /// verifying the programs, and in a migration staging and filling the maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_micros: Option<u64>,
     /// The programs' log level this agent loaded with (aya-log; compared by the next agent).
     pub bpf_log_level: u8,
 }
@@ -129,6 +133,7 @@ pub(super) fn swap_programs(
     }
 
     let mut done = Vec::new();
+    let swapping = Instant::now();
     for &(name, old_tag, new_tag) in &changed {
         if let Err(err) = swap(ebpf, pins, name, &mut done) {
             warn!(program = name, %err, "swapping in the new program failed; rolling back");
@@ -145,12 +150,14 @@ pub(super) fn swap_programs(
         repin(ebpf, pins, name);
     }
     report.micros = start.elapsed().as_micros() as u64;
+    report.swap_micros = Some(swapping.elapsed().as_micros() as u64);
     check_cgroup(pins, cgroup, report);
     info!(
         replaced = ?report.replaced,
         unchanged = report.unchanged.len(),
         micros = report.micros,
-        "upgraded the attached datapath in place"
+        swap_micros = report.swap_micros,
+        "swapped the attached programs for this build's"
     );
     Ok(())
 }
@@ -234,7 +241,8 @@ fn repin(ebpf: &mut Ebpf, pins: &Pins, name: &str) {
         return;
     };
     let path = pins.prog(name);
-    let tmp = pins.progs_dir().join(format!(".{name}.new"));
+    // bpffs refuses names with a dot (EPERM).
+    let tmp = pins.progs_dir().join(format!("next_{name}"));
     let _ = fs::remove_file(&tmp);
     let result = p
         .pin(&tmp)

@@ -1,7 +1,8 @@
 //! Restarts, upgrades and uninstall under load: two meshed pods (sidecars in both, the client's
 //! outbound and the server's inbound captured) carry a bounded stream of requests — one
 //! keep-alive connection and a new connection per request — while the agent is stopped,
-//! killed, restarted, replaced by a build with different BPF code, and finally uninstalled.
+//! killed, restarted, replaced by a build with different BPF code or of the next ABI, and
+//! finally uninstalled.
 //! Every request is counted; none may fail, and every connection must reach the app from its
 //! sidecar (127.0.0.6).
 
@@ -324,6 +325,154 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
             .all(|&id| !interceptor::bpf::program_loaded(id))
     });
     for id in ids {
+        assert_eq!(
+            interceptor::bpf::links_of(id),
+            0,
+            "program {id} still linked"
+        );
+    }
+}
+
+/// Every program of the family in `status`, by name: (id, tag, links).
+fn programs(status: &Value) -> Vec<(String, u32, Value, u64)> {
+    status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| {
+            let id = p["id"].as_u64()? as u32;
+            let name = p["name"].as_str()?.to_owned();
+            Some((
+                name,
+                id,
+                p["tag"].clone(),
+                p["links"].as_u64().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+fn map_capacity(status: &Value, name: &str) -> u64 {
+    status["maps"]
+        .as_array()
+        .expect("maps")
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["capacity"].as_u64())
+        .unwrap_or_else(|| panic!("no map {name} in status"))
+}
+
+#[test]
+fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abi");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let before = h.status();
+    assert_eq!(before["datapath"]["how"], "loaded");
+    assert!(
+        before["counters"].get("abi_probe").is_none(),
+        "the release build has no abi_probe slot"
+    );
+    let old = programs(&before);
+    assert_eq!(old.len(), 10, "{old:?}");
+    let old_counters = map_capacity(&before, "COUNTERS");
+
+    let load = Load::default();
+    let mut report = Value::Null;
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        let kept_before = load.keep_alive.load(Ordering::Relaxed);
+        // A rollout to a build of the next ABI: the old agent stops (keeping the datapath),
+        // the new one starts. Before migration existed it refused here (ABI mismatch).
+        assert!(h.stop_agent(), "old agent exits cleanly");
+        let counted = h.counter("connect_redirected");
+        h.bin = probe.clone();
+        h.start_agent(&["--keep-pinned"]);
+        let after = h.status();
+        report = after["datapath"].clone();
+        assert_eq!(report["how"], "migrated", "{report}");
+        assert_eq!(report["migrated_from"], 6, "{report}");
+        let maps: Vec<&str> = report["maps"]
+            .as_array()
+            .expect("maps")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        // The probe build changed COUNTERS only: it is converted, ABI rewritten, the rest
+        // (pod tables, listeners, sockhash, original destinations) kept as they are.
+        for line in &maps {
+            let expected = if line.starts_with("COUNTERS ") {
+                "converted"
+            } else if line.starts_with("ABI ") {
+                "rebuilt"
+            } else {
+                "kept"
+            };
+            assert!(line.contains(expected), "{line}: {maps:?}");
+        }
+        assert_eq!(maps.len(), 20, "{maps:?}");
+        assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
+        // Converted: what the old programs counted is in the new map.
+        assert!(h.counter("connect_redirected") >= counted);
+        assert_eq!(report["not_applied"], serde_json::json!([]), "{report}");
+        // Every program was swapped (they use the new COUNTERS), and the new ones are linked.
+        let new = programs(&after);
+        assert_eq!(new.len(), old.len());
+        assert_eq!(
+            report["replaced"].as_array().map(Vec::len),
+            Some(old.len()),
+            "{report}"
+        );
+        for ((name, old_id, old_tag, old_links), (new_name, new_id, new_tag, links)) in
+            old.iter().zip(&new)
+        {
+            assert_eq!(name, new_name);
+            assert_ne!(old_id, new_id, "{name} was swapped");
+            assert_eq!(links, old_links, "{name} is linked where the old one was");
+            if name == "track_sockets" {
+                assert_ne!(
+                    old_tag, new_tag,
+                    "the probe's sockops code is the one pinned"
+                );
+            }
+        }
+        assert!(
+            !h.pin_root.join("maps_next").exists(),
+            "the staging pins took the old ones' place"
+        );
+        // New connections run the new code and count in the new map; the keep-alive
+        // connection established before goes on (its sockets stay with the old sk_msg).
+        load.wait_progress(200);
+        assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
+        wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
+    eprintln!(
+        "migration from ABI 6 in {} µs (programs swapped in {} µs): {}",
+        report["micros"].as_u64().unwrap_or_default(),
+        report["swap_micros"].as_u64().unwrap_or_default(),
+        report["maps"]
+    );
+
+    let ids: Vec<u32> = programs(&h.status()).iter().map(|p| p.1).collect();
+    assert!(h.stop_agent(), "agent exits cleanly");
+    let out = h.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!h.pin_root.exists(), "no pins left");
+    // Old and new programs (and so the old maps they held) are freed once their last link,
+    // pin and socket are gone (deferred work).
+    let all: Vec<u32> = ids.iter().copied().chain(old.iter().map(|p| p.1)).collect();
+    wait_until(Duration::from_secs(20), || {
+        all.iter().all(|&id| !interceptor::bpf::program_loaded(id))
+    });
+    for id in all {
         assert_eq!(
             interceptor::bpf::links_of(id),
             0,
