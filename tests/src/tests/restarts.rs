@@ -414,6 +414,12 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         }
         assert_eq!(maps.len(), 20, "{maps:?}");
         assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
+        let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
+        assert!(
+            human.contains("started     migrated from ABI 6")
+                && human.contains("COUNTERS converted"),
+            "{human}"
+        );
         // Converted: what the old programs counted is in the new map.
         assert!(h.counter("connect_redirected") >= counted);
         assert_eq!(report["not_applied"], serde_json::json!([]), "{report}");
