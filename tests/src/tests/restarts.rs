@@ -488,6 +488,41 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
 }
 
 #[test]
+fn a_downgrade_across_the_abi_is_refused_and_the_datapath_runs_on() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("downgrade");
+    let release = std::mem::replace(&mut h.bin, probe);
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    assert!(h.stop_agent(), "the ABI 7 agent exits cleanly");
+    // An agent of the older ABI cannot read ABI 7's maps: it refuses, saying what to do (a
+    // bound, so an agent that wrongly starts fails the test instead of hanging it).
+    h.bin = release;
+    let out = h
+        .command_via(&["timeout", "30"], &[])
+        .args(["agent", "--keep-pinned"])
+        .output()
+        .expect("running the older agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the older agent refused: {stderr}");
+    assert!(
+        stderr.contains("ABI 7") && stderr.contains("downgrade") && stderr.contains("uninstall"),
+        "{stderr}"
+    );
+    // Nothing changed: the pods are still intercepted by the ABI 7 datapath.
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"after").expect("echo"), b"after");
+    let seen = echo.seen();
+    assert!(!seen.is_empty() && seen.iter().all(|s| s.peer.ip() == PASSTHROUGH));
+    let out = h.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!h.pin_root.exists(), "no pins left");
+}
+
+#[test]
 fn a_newer_agents_settings_are_applied_or_reported() {
     let mut h = Harness::new("settings");
     let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
