@@ -34,6 +34,13 @@ pub const CONFIG_MSG_REDIRECT: u32 = 1 << 0;
 /// With `CONFIG_MSG_REDIRECT`: also short-circuit the sidecar→sidecar hop of two enabled pods
 /// of this node (sockops.rs `pod_to_pod`; kernels >= 5.15). Off = that hop crosses the veths.
 pub const CONFIG_POD_TO_POD: u32 = 1 << 1;
+/// With `CONFIG_MSG_REDIRECT`: `--msg-redirect-policy adaptive` — an app↔proxy or passthrough
+/// connection joins the sockhash only if its pod and port's recent connections carried enough
+/// messages (`history`). Off = `always`, the default.
+pub const CONFIG_MSG_ADAPTIVE: u32 = 1 << 2;
+/// Set by the agent while the node's TCP memory is under pressure: new connections stay on
+/// TCP (redirected bytes are not charged to the receiver's socket buffer).
+pub const CONFIG_MSG_BRAKE: u32 = 1 << 3;
 
 impl GlobalConfig {
     pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;

@@ -153,6 +153,23 @@ counters! {
     /// build whose programs differ from the release's): proves an in-place upgrade attached the
     /// new code. Always 0 in a release build.
     UpgradeProbe = "upgrade_probe",
+    /// `--msg-redirect-policy adaptive`: a new connection's pod and destination port had a
+    /// history of recent connections (`MSG_HISTORY`) to decide by.
+    MsgSetupHistoryHit = "msg_setup_history_hit",
+    /// `--msg-redirect-policy adaptive`: no recent history for the connection's pod and
+    /// destination port: it joined the sockhash (the default).
+    MsgSetupHistoryMiss = "msg_setup_history_miss",
+    /// Connection left on loopback TCP at setup (both ends out of the sockhash): its pod and
+    /// port's recent connections closed after too few messages to pay for the psock setup.
+    MsgSetupSkippedShortLived = "msg_setup_skipped_short_lived",
+    /// Connection left on loopback TCP at setup because the node's TCP memory is under
+    /// pressure (the agent watches /proc/net/sockstat; redirected bytes are not charged to the
+    /// receiver's buffer).
+    MsgSetupSkippedMemoryPressure = "msg_setup_skipped_memory_pressure",
+    /// A decided connection recorded in `MSG_HISTORY` as short (closed with few messages).
+    MsgHistoryShort = "msg_history_short",
+    /// A decided connection recorded in `MSG_HISTORY` as long (carried enough messages).
+    MsgHistoryLong = "msg_history_long",
     #[cfg(feature = "abi-probe")]
     /// Connection established under sockops built with the `abi-probe` feature (a test build
     /// whose ABI is one newer: this slot is its layout change). Proves an ABI migration attached
@@ -222,6 +239,64 @@ pub const ABI6_SLOTS: &[&str] = &[
     "upgrade_probe",
 ];
 
+/// `COUNTERS` as ABI 7 laid it out: ABI 6's slots, then the adaptive policy's six.
+pub const ABI7_SLOTS: &[&str] = &[
+    "connect_redirected",
+    "connect_skipped_proxy",
+    "connect_skipped_loopback",
+    "connect_skipped_pod_local",
+    "connect_skipped_port",
+    "connect_skipped_cidr",
+    "connect_skipped_not_included",
+    "connect_skipped_outbound_off",
+    "connect_skipped_source",
+    "connect_refused_source",
+    "connect_no_proxy_direct",
+    "connect_passthrough",
+    "connect_self_inbound",
+    "connect_map_full",
+    "sockhash_insert",
+    "sockhash_insert_failed",
+    "pod_to_pod_insert",
+    "pod_to_pod_skipped",
+    "pod_to_pod_unproven",
+    "sockhash_remove",
+    "listener_insert",
+    "listener_skipped_not_pod",
+    "msg_redirected",
+    "msg_redirected_pod_to_pod",
+    "msg_redirect_failed",
+    "msg_redirect_failed_pod_to_pod",
+    "msg_fallback_reverse",
+    "msg_fallback_pass",
+    "msg_redirect_disabled",
+    "orig_dst_answered",
+    "orig_dst_local",
+    "inbound_assigned",
+    "inbound_skipped_port",
+    "inbound_skipped_local",
+    "inbound_no_listener",
+    "inbound_assign_failed",
+    "inbound_no_proxy_direct",
+    "netns_probe",
+    "pod_quota_exceeded",
+    "dns_query_redirected",
+    "dns_connect_redirected",
+    "dns_tcp_redirected",
+    "dns_tcp_unrecorded",
+    "dns_skipped_proxy",
+    "dns_skipped_not_nameserver",
+    "dns_reply_rewritten",
+    "dns_map_full",
+    "upgrade_probe",
+    "msg_setup_history_hit",
+    "msg_setup_history_miss",
+    "msg_setup_skipped_short_lived",
+    "msg_setup_skipped_memory_pressure",
+    "msg_history_short",
+    "msg_history_long",
+];
+
 /// The slot a counter of the given name has in this build's `COUNTERS`.
 pub fn slot_of(name: &str) -> Option<u32> {
     Counter::ALL
@@ -234,14 +309,20 @@ pub fn slot_of(name: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
-    /// ABI 6's layout is written down once and must stay what ABI 6 builds ran: every slot
-    /// this build shares with it is where ABI 6 had it.
+    /// The frozen lists are what those ABIs ran: ABI 6's is ABI 7's first 48 slots (7 only
+    /// appended), and ABI 7's is exactly this release build's layout (the probe build appends
+    /// one). A change of `Counter` without a new frozen list and an ABI bump fails here.
     #[test]
-    fn abi6_slots_are_a_prefix_of_this_build() {
-        for (i, name) in ABI6_SLOTS.iter().enumerate() {
-            assert_eq!(Counter::ALL[i].name(), *name, "slot {i}");
-        }
+    fn frozen_slot_lists_match_the_layouts_they_name() {
+        assert_eq!(ABI6_SLOTS.len(), 48);
+        assert_eq!(&ABI7_SLOTS[..ABI6_SLOTS.len()], ABI6_SLOTS);
+        let this: Vec<&str> = Counter::ALL.iter().map(|c| c.name()).collect();
         #[cfg(not(feature = "abi-probe"))]
-        assert_eq!(Counter::ALL.len(), ABI6_SLOTS.len());
+        assert_eq!(this, ABI7_SLOTS);
+        #[cfg(feature = "abi-probe")]
+        {
+            assert_eq!(&this[..ABI7_SLOTS.len()], ABI7_SLOTS);
+            assert_eq!(this[ABI7_SLOTS.len()..], ["abi_probe"]);
+        }
     }
 }

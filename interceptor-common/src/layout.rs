@@ -49,15 +49,18 @@ const fn m(name: &'static str, since: u32, migration: Migration) -> MapLayout {
     }
 }
 
-/// `COUNTERS` gained `abi_probe` in the `abi-probe` test build (ABI 7).
+/// `COUNTERS` gained the `msg_setup_*`/`msg_history_*` slots at ABI 7, and `abi_probe` in the
+/// `abi-probe` test build (ABI 8).
 #[cfg(feature = "abi-probe")]
-const COUNTERS_SINCE: u32 = 7;
+const COUNTERS_SINCE: u32 = 8;
 #[cfg(not(feature = "abi-probe"))]
-const COUNTERS_SINCE: u32 = 6;
+const COUNTERS_SINCE: u32 = 7;
 
 /// Every pinned map (`names::map::PINNED`, same order).
 pub const MAPS: &[MapLayout] = &[
-    // Written by the agent from its options at every start.
+    // Written by the agent from its options at every start. ABI 7 added flags
+    // (`CONFIG_MSG_ADAPTIVE`, `CONFIG_MSG_BRAKE`), not fields: same layout, kept (and
+    // written with this agent's settings once the programs are swapped).
     m(map::CONFIG, 6, Migration::Rebuild),
     // Always fresh in a migration: it holds the ABI number itself.
     m(map::ABI, crate::ABI_VERSION, Migration::Rebuild),
@@ -71,6 +74,7 @@ pub const MAPS: &[MapLayout] = &[
     m(map::POD_LISTENER6, 6, Migration::Unsupported),
     m(map::LISTENERS, 6, Migration::Unsupported),
     m(map::COOKIE_ORIG, 6, Migration::Unsupported),
+    // ABI 7 added the flag `ORIG_SKIP_SHORT`; an entry without it means what it meant at 6.
     m(map::TUPLE_ORIG, 6, Migration::Unsupported),
     m(map::SOCKS, 6, Migration::Drain),
     m(map::MSG_FALLBACK, 6, Migration::Drain),
@@ -81,6 +85,13 @@ pub const MAPS: &[MapLayout] = &[
     // Events not yet read by the old agent are lost either way (it is stopped).
     m(map::EVENTS, 6, Migration::Drain),
     m(map::DNS_ORIG, 6, Migration::Unsupported),
+    // New at ABI 7 (`--msg-redirect-policy adaptive`): created empty when migrating from 6.
+    // A hint learned from closed connections: an empty one means the default (join the
+    // sockhash) until it learns again.
+    m(map::MSG_HISTORY, 7, Migration::Drain),
+    // New at ABI 7: per connection; a connection without an entry is one sockops did not
+    // decide for (all those established before the migration), as at ABI 6.
+    m(map::CONN_MSGS, 7, Migration::Drain),
 ];
 
 /// The layout entry of a pinned map.

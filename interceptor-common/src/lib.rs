@@ -13,6 +13,7 @@ pub mod config;
 pub mod counters;
 pub mod dns;
 pub mod event;
+pub mod history;
 pub mod layout;
 pub mod names;
 pub mod origdst;
@@ -31,14 +32,20 @@ pub mod sockmap;
 /// `pod_to_pod_insert`, `pod_to_pod_skipped`, `pod_to_pod_unproven`; `CONFIG` flag
 /// `CONFIG_POD_TO_POD`; new map `PEER_SEQ`. The pod tables hold 16 384 pods, not preallocated
 /// (`names::size`; same layouts).
-/// 7 (the `abi-probe` test build only, never released): `COUNTERS` gained `abi_probe`. An agent
-/// of ABI 7 migrates a datapath of ABI 6 (`layout`): the one ABI change the e2e tests exercise.
+/// 7: `--msg-redirect-policy adaptive` (issue 15 item 2): new maps `MSG_HISTORY` and
+/// `CONN_MSGS` (`history`); `COUNTERS` gained `msg_setup_*` and `msg_history_*` slots at its end;
+/// `CONFIG` flags `CONFIG_MSG_ADAPTIVE`, `CONFIG_MSG_BRAKE`; `OrigDst` flag `ORIG_SKIP_SHORT`
+/// (`TUPLE_ORIG`). No existing layout changed except `COUNTERS`'s length; `CONFIG` and
+/// `TUPLE_ORIG` keep theirs (an entry without the new flags means what it meant at 6). An agent
+/// of ABI 7 migrates a datapath of ABI 6 (`layout`).
+/// 8 (the `abi-probe` test build only, never released): `COUNTERS` gained `abi_probe`. An agent
+/// of ABI 8 migrates a datapath of ABI 7 or 6: the ABI change the e2e tests exercise (7→8).
 ///
 /// Every map's own layout version and how a change of it is migrated: [`layout::MAPS`].
 #[cfg(not(feature = "abi-probe"))]
-pub const ABI_VERSION: u32 = 6;
-#[cfg(feature = "abi-probe")]
 pub const ABI_VERSION: u32 = 7;
+#[cfg(feature = "abi-probe")]
+pub const ABI_VERSION: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -46,6 +53,7 @@ mod pod_impls {
         config::GlobalConfig,
         dns::DnsOrig,
         event::Event,
+        history::{ConnMsgs, HistKey, HistVal},
         origdst::OrigDst,
         pod::{CidrKey, PodConfig, PodInfo, PortKey},
         sockmap::SockKey,
@@ -62,6 +70,9 @@ mod pod_impls {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for CidrKey {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for HistKey {}
+    unsafe impl aya::Pod for HistVal {}
+    unsafe impl aya::Pod for ConnMsgs {}
 }
 
 #[cfg(test)]
@@ -72,6 +83,7 @@ mod layout_tests {
         config::GlobalConfig,
         dns::DnsOrig,
         event::Event,
+        history::{ConnMsgs, HistKey, HistVal},
         origdst::OrigDst,
         pod::{CidrKey, PodConfig, PodInfo, PortKey},
         sockmap::SockKey,
@@ -81,6 +93,9 @@ mod layout_tests {
     #[test]
     fn no_padding() {
         assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4 + 8);
+        assert_eq!(size_of::<HistKey>(), 8 + 4 + 4);
+        assert_eq!(size_of::<HistVal>(), 4 + 4 + 8);
+        assert_eq!(size_of::<ConnMsgs>(), 16 + 4 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 4 * 4);
         assert_eq!(size_of::<PodConfig>(), 5 * 4 + 16 + 3 * 16);
         assert_eq!(size_of::<DnsOrig>(), 16 + 4 + 4);

@@ -18,6 +18,8 @@ pub mod map {
     pub const SOCKS: &str = "SOCKS";
     pub const MSG_FALLBACK: &str = "MSG_FALLBACK";
     pub const PEER_SEQ: &str = "PEER_SEQ";
+    pub const MSG_HISTORY: &str = "MSG_HISTORY";
+    pub const CONN_MSGS: &str = "CONN_MSGS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
     pub const EVENTS: &str = "EVENTS";
@@ -45,6 +47,8 @@ pub mod map {
         NETNS_PROBE,
         EVENTS,
         DNS_ORIG,
+        MSG_HISTORY,
+        CONN_MSGS,
     ];
 }
 
@@ -92,6 +96,8 @@ pub mod size {
     /// LPM tries allocate per entry: a size costs nothing until used.
     pub const CIDRS: u32 = 4 * PODS;
     pub const CONNECTIONS: u32 = 65536;
+    /// (pod, destination port, hop kind) histories of the adaptive sk_msg policy (LRU).
+    pub const HISTORIES: u32 = 16384;
     pub const SOCKETS: u32 = 131072;
     /// Listening sockets on the inbound port: a proxy may listen with one SO_REUSEPORT socket
     /// per worker and per family (Envoy), so several per pod.

@@ -34,3 +34,7 @@ pub const ORIG_NO_SOCKMAP: u32 = 1 << 0;
 /// recorded (kernels < 5.15 with an already-bound source, see `connect_refused_source`) it is
 /// redirected anyway: the DNS proxy then forwards to the pod's resolv.conf nameservers.
 pub const ORIG_DNS: u32 = 1 << 1;
+/// Set by sockops on the `TUPLE_ORIG` entry when the connecting end stayed out of the sockhash
+/// (adaptive policy or the memory-pressure brake): the accepted end stays out too, so both
+/// ends of the hop agree and no byte is ever redirected.
+pub const ORIG_SKIP_SHORT: u32 = 1 << 2;

@@ -283,6 +283,14 @@ pub(crate) fn ops_seq(ctx: &SockOpsContext) -> (u32, u32) {
     unsafe { (ld!(ops(ctx), snd_nxt), ld!(ops(ctx), rcv_nxt)) }
 }
 
+/// Data segments the socket received and sent over TCP (`data_segs_in + data_segs_out`):
+/// how much a connection left on TCP carried, read when it closes.
+#[inline(always)]
+pub(crate) fn ops_data_segs(ctx: &SockOpsContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { ld!(ops(ctx), data_segs_in).wrapping_add(ld!(ops(ctx), data_segs_out)) }
+}
+
 #[inline(always)]
 pub(crate) fn ops_cb_flags(ctx: &SockOpsContext) -> u32 {
     // SAFETY: as above.
@@ -319,6 +327,13 @@ pub(crate) fn ops_tuple(ctx: &SockOpsContext) -> Option<(Addr, Addr, u32, u32)> 
 pub(crate) fn socket_cookie<C: aya_ebpf::EbpfContext>(ctx: &C) -> u64 {
     // SAFETY: the program's own context, valid for its whole run.
     unsafe { aya_ebpf::helpers::bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Monotonic clock in nanoseconds (`bpf_ktime_get_ns`, every program type).
+#[inline(always)]
+pub(crate) fn now_ns() -> u64 {
+    // SAFETY: no arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 
 /// The socket's network-namespace cookie. Callers make sure the program type has the helper

@@ -12,6 +12,7 @@ use interceptor_common::{
     config::GlobalConfig,
     counters::Counter,
     dns::DnsOrig,
+    history::{ConnMsgs, HistKey, HistVal, LONG_MSGS},
     names::size,
     origdst::OrigDst,
     pod::{CidrKey, PodConfig, PodInfo, PortKey},
@@ -95,6 +96,19 @@ pub(crate) static MSG_FALLBACK: LruHashMap<SockKey, u32> = LruHashMap::pinned(si
 /// joins the sockhash only if its own mirror those (see `sockops::pod_to_pod`).
 #[map]
 pub(crate) static PEER_SEQ: LruHashMap<SockKey, PeerSeq> = LruHashMap::pinned(size::CONNECTIONS, 0);
+
+/// `--msg-redirect-policy adaptive`: per (pod, destination port, hop kind), how much the
+/// recent connections carried (see `interceptor_common::history`). LRU: a node's busy ports
+/// keep their entries, idle ones make room.
+#[map]
+pub(crate) static MSG_HISTORY: LruHashMap<HistKey, HistVal> =
+    LruHashMap::pinned(size::HISTORIES, 0);
+
+/// Connections sockops decided for under the adaptive policy, by canonical key
+/// (`history::canonical`), until they proved long (sk_msg) or closed (sockops).
+#[map]
+pub(crate) static CONN_MSGS: LruHashMap<SockKey, ConnMsgs> =
+    LruHashMap::pinned(size::CONNECTIONS, 0);
 
 /// One counter per decision; summed over CPUs by user space.
 #[map]
@@ -218,6 +232,95 @@ pub(crate) fn take_peer_seq(key: &SockKey) -> Option<PeerSeq> {
 #[inline(always)]
 pub(crate) fn fell_back(key: &SockKey) -> bool {
     MSG_FALLBACK.get_ptr(key).is_some()
+}
+
+/// The history of `key`, if there is one.
+#[inline(always)]
+pub(crate) fn history(key: &HistKey) -> Option<HistVal> {
+    // SAFETY: copied out at once.
+    unsafe { MSG_HISTORY.get(key) }.copied()
+}
+
+/// Records one connection that carried `msgs` messages in the history of `key`. Two CPUs may
+/// update one entry at once and lose one record: the history is a heuristic, and every
+/// decision it leads to is order-safe (taken before a connection's first byte).
+#[inline(always)]
+pub(crate) fn record_history(key: &HistKey, msgs: u32, now_ns: u64) {
+    if msgs >= LONG_MSGS {
+        count(Counter::MsgHistoryLong);
+    } else {
+        count(Counter::MsgHistoryShort);
+    }
+    match MSG_HISTORY.get_ptr_mut(key) {
+        // SAFETY: a valid map value pointer for this program run.
+        Some(p) => unsafe { (*p).record(msgs, now_ns) },
+        None => {
+            let mut fresh = HistVal {
+                short_streak: 0,
+                long: 0,
+                last_short_ns: 0,
+            };
+            fresh.record(msgs, now_ns);
+            let _ = MSG_HISTORY.insert(key, &fresh, 0);
+        }
+    }
+}
+
+/// sk_msg: one more message on a connection sockops is tracking (`canonical` key). Once it
+/// carried `LONG_MSGS` it is recorded as long at once (a keep-alive connection may never
+/// close while it matters) and no longer tracked.
+#[inline(always)]
+pub(crate) fn count_conn_msg(canonical: &SockKey) {
+    let Some(p) = CONN_MSGS.get_ptr_mut(canonical) else {
+        return;
+    };
+    // SAFETY: a valid map value pointer for this program run. Not atomic (the BPF target's
+    // `core` has no atomics): the two ends of a request/response connection rarely send at
+    // the same instant, and a lost increment only delays "long" by a message.
+    let msgs = unsafe {
+        let msgs = core::ptr::addr_of_mut!((*p).msgs);
+        let n = core::ptr::read_volatile(msgs).saturating_add(1);
+        core::ptr::write_volatile(msgs, n);
+        n
+    };
+    if msgs >= LONG_MSGS {
+        // SAFETY: as above.
+        let hist = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*p).hist)) };
+        // Only the CPU whose remove succeeds records it.
+        if CONN_MSGS.remove(canonical).is_ok() {
+            record_history(&hist, msgs, crate::ctx::now_ns());
+        }
+    }
+}
+
+/// Whether the connecting end of this connection (canonical key) was left on TCP at setup.
+#[inline(always)]
+pub(crate) fn decided_tcp(canonical: &SockKey) -> bool {
+    let Some(p) = CONN_MSGS.get_ptr(canonical) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer for this program run.
+    let flags = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*p).flags)) };
+    flags & interceptor_common::history::CONN_TCP != 0
+}
+
+/// sockops at close: the tracked connection's count (messages, or the closing socket's data
+/// segments if it ran on TCP) goes into its history; the first end to close records it.
+#[inline(always)]
+pub(crate) fn close_conn(canonical: &SockKey, tcp_segs: u32) {
+    // SAFETY: copied out at once.
+    let Some(conn) = unsafe { CONN_MSGS.get(canonical) }.copied() else {
+        return;
+    };
+    if CONN_MSGS.remove(canonical).is_err() {
+        return;
+    }
+    let msgs = if conn.flags & interceptor_common::history::CONN_TCP != 0 {
+        tcp_segs
+    } else {
+        conn.msgs
+    };
+    record_history(&conn.hist, msgs, crate::ctx::now_ns());
 }
 
 /// Adds the sock_ops callback's socket to `map` under `key`.

@@ -8,8 +8,9 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use interceptor_common::{
-    config::CONFIG_MSG_REDIRECT,
+    config::{CONFIG_MSG_ADAPTIVE, CONFIG_MSG_REDIRECT},
     counters::Counter,
+    history::canonical,
     sockmap::{is_pod_to_pod, SockKey, POD_TO_POD_NETNS},
 };
 
@@ -50,6 +51,10 @@ fn redirect(ctx: &SkMsgContext) {
             netns_key(ctx)
         },
     };
+    // The adaptive policy learns how many messages this pod and port's connections carry.
+    if cfg.flags & CONFIG_MSG_ADAPTIVE != 0 {
+        maps::count_conn_msg(&canonical(&key));
+    }
     // Once a direction sent over TCP, redirected bytes could overtake bytes still in flight:
     // the receiver reads its redirect queue first. Stay on TCP for good.
     if maps::fell_back(&key) {

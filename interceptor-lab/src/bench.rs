@@ -192,7 +192,7 @@ pub fn run(args: &BenchArgs) -> Result<Report> {
                         report.http.push(run);
                     }
                 }
-                if mode == Mode::Ebpf {
+                if matches!(mode, Mode::Ebpf | Mode::EbpfAlways | Mode::EbpfAdaptive) {
                     eprintln!("    counters: {}", rig.counter_summary());
                 }
             }

@@ -241,8 +241,8 @@ fn demo(args: &DemoArgs, color: bool) -> Result<()> {
             );
         }
     }
-    if !crate::lab::wait_inbound_ready(&pins, &server.netns, Duration::from_secs(10))? {
-        bail!("the server sidecar's inbound listener was not registered in 10s");
+    if !crate::lab::wait_inbound_ready(&pins, &server.netns, Duration::from_secs(30))? {
+        bail!("the server sidecar's inbound listener was not registered in 30s");
     }
     println!("  server sidecar's 15006 listener registered for inbound steering");
 

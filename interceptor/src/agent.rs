@@ -11,8 +11,10 @@
     reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting, RLIMIT_NOFILE for held namespaces, and flock on the instance lock"
 )]
 
+mod brake;
 mod events;
 mod health;
+mod limits;
 mod passes;
 
 use std::{
@@ -67,6 +69,18 @@ pub enum Error {
          (`interceptor iptables apply`) on this node"
     )]
     Kernel { kernel: String, missing: String },
+    #[error(
+        "Linux {kernel} charges BPF maps to RLIMIT_MEMLOCK, which stays at {limit} for this \
+         process{hint}; the datapath needs up to {needed}: give the agent CAP_SYS_RESOURCE (it \
+         raises the limit itself) or start it with a higher limit (`ulimit -l unlimited`, \
+         systemd `LimitMEMLOCK=infinity`)"
+    )]
+    Memlock {
+        kernel: String,
+        limit: String,
+        needed: String,
+        hint: String,
+    },
     #[error(transparent)]
     Capabilities(#[from] crate::capabilities::Missing),
     #[error(transparent)]
@@ -104,7 +118,12 @@ pub struct AgentOptions {
     pub health_addr: Option<SocketAddr>,
     /// What `preflight` probed, recorded for `status` once the datapath runs.
     pub features: Option<Features>,
+    /// Where the kernel's TCP memory-pressure state is read each pass (`/proc/net/protocols`;
+    /// tests point it at a file of their own), for the sk_msg brake (`agent/brake.rs`).
+    pub tcp_pressure_source: PathBuf,
 }
+
+pub use brake::{PROTOCOLS, tcp_under_pressure};
 
 /// Checks what the agent needs before touching anything; fixes what it safely can (bpffs).
 pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
@@ -113,7 +132,13 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
     }
     // Root is not enough: a container drops capabilities. Name what is missing before
     // anything is half done.
-    crate::capabilities::check("the agent", crate::capabilities::AGENT)?;
+    let kernel = bpf::features::kernel_release();
+    let charges_memlock = limits::kernel_charges_memlock(&kernel);
+    let mut needs = crate::capabilities::AGENT.to_vec();
+    if limits::memlock_needs_capability(charges_memlock, limits::memlock()) {
+        needs.push(crate::capabilities::MEMLOCK);
+    }
+    crate::capabilities::check("the agent", &needs)?;
     if !bpf::features::bpffs_mounted() {
         let target = bpf::features::BPFFS;
         nix::mount::mount(
@@ -130,8 +155,21 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
         Some(c) => c.to_owned(),
         None => bpf::features::cgroup2_mount().ok_or(Error::NoCgroup2)?,
     };
-    raise_memlock();
-    raise_nofile();
+    let memlock = limits::raise_memlock();
+    if charges_memlock && memlock.soft < limits::MEMLOCK_NEEDED {
+        // Said now: the probes and maps would fail later on EPERM, which reads as a missing
+        // kernel feature.
+        return Err(Error::Memlock {
+            kernel,
+            limit: limits::show(memlock.soft),
+            needed: limits::show(limits::MEMLOCK_NEEDED),
+            hint: crate::capabilities::denied_hint(
+                Some(libc::EPERM),
+                crate::capabilities::Capability::SysResource,
+            ),
+        });
+    }
+    limits::raise_nofile();
     let features = Features::probe();
     let missing = features.missing_for_outbound();
     if !missing.is_empty() {
@@ -154,45 +192,6 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
         );
     }
     Ok((cgroup, features))
-}
-
-/// Linux < 5.11 charges BPF maps to RLIMIT_MEMLOCK.
-/// The agent holds a descriptor per pod (their namespaces, `discovery::held`): container
-/// runtimes often start it at a soft limit of 1 024, so the soft limit goes up to the hard one
-/// (raising the hard one would need CAP_SYS_RESOURCE, which the agent does not ask for).
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                debug!(
-                    "could not raise the open-file soft limit to {}",
-                    lim.rlim_max
-                );
-            }
-        }
-    }
-}
-
-fn raise_memlock() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        // Only Linux < 5.11 charges BPF memory to it; there the load fails on EPERM later.
-        debug!(
-            lacks = %crate::capabilities::lacking(&[crate::capabilities::Capability::SysResource]),
-            "could not raise RLIMIT_MEMLOCK ({})",
-            crate::capabilities::MEMLOCK.why
-        );
-    }
 }
 
 /// Holds this agent's share of the instance; the last one out may tear the datapath down.
@@ -303,6 +302,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     // Pods enabled while no agent ran (or by a previous one) may have new proxies.
     reconcile(&mut datapath, &mut held, &pass_metrics);
 
+    let mut brake = brake::Brake::new(opts.tcp_pressure_source.clone());
+    brake.check(&mut datapath.maps);
+
     let mut tick = tokio::time::interval(opts.reconcile_every);
     tokio::pin!(shutdown);
     loop {
@@ -326,6 +328,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
+                brake.check(&mut datapath.maps);
                 reconcile(&mut datapath, &mut held, &pass_metrics);
                 if let Some(c) = controller.as_mut() {
                     kube_pass(c, &mut datapath);

@@ -82,6 +82,17 @@ pub struct AgentArgs {
     /// Carry the app↔proxy hop over loopback TCP instead of sk_msg (for comparisons).
     #[arg(long)]
     pub no_msg_redirect: bool,
+    /// Which connections sk_msg carries: `always` redirects every one; `adaptive` leaves a
+    /// connection on loopback TCP when its pod and destination port's recent connections
+    /// closed after a few messages. Not the default: it did not measure better (README, issue
+    /// 15 item 2), and a keep-alive connection opened right after a burst of short ones stays
+    /// on TCP for its whole life.
+    #[arg(long, value_enum, default_value_t = MsgRedirectPolicy::Always)]
+    pub msg_redirect_policy: MsgRedirectPolicy,
+    /// Where the agent reads the kernel's TCP memory-pressure state for the sk_msg brake (the
+    /// `press` column of the TCP rows). Tests point it at a file of their own.
+    #[arg(long, hide = true, default_value = crate::agent::PROTOCOLS)]
+    pub tcp_pressure_source: PathBuf,
     /// Keep the sidecar→sidecar hop of two enabled pods of this node on TCP over the veths
     /// (sk_msg then only carries each pod's app↔proxy hops; for comparisons).
     #[arg(long)]
@@ -124,6 +135,12 @@ pub struct AgentArgs {
     /// first list of pods and namespaces is in; 503 before. (/healthz/live: 200 while running.)
     #[arg(long)]
     pub health_addr: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MsgRedirectPolicy {
+    Always,
+    Adaptive,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

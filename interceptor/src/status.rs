@@ -27,11 +27,38 @@ pub struct Status {
     /// enabled or connections that are not redirected.
     pub maps: Vec<MapUse>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// Which connections sk_msg carries: `off`, `always` or `adaptive` (`agent
+    /// --msg-redirect-policy`), and whether the TCP-memory-pressure brake holds new ones on TCP.
+    pub msg_redirect: Option<MsgRedirect>,
     /// DNS capture's sendmsg/recvmsg programs are attached: eBPF-mode pods may ask for it.
     pub dns_capture_ebpf: bool,
     /// How the running agent got the datapath (loaded, upgraded in place, adopted) and what of
     /// its settings the datapath does not run.
     pub datapath: Option<Report>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MsgRedirect {
+    pub policy: &'static str,
+    pub memory_pressure_brake: bool,
+}
+
+impl MsgRedirect {
+    fn of(cfg: &interceptor_common::config::GlobalConfig) -> Self {
+        use interceptor_common::config::{
+            CONFIG_MSG_ADAPTIVE, CONFIG_MSG_BRAKE, CONFIG_MSG_REDIRECT,
+        };
+        Self {
+            policy: if cfg.flags & CONFIG_MSG_REDIRECT == 0 {
+                "off"
+            } else if cfg.flags & CONFIG_MSG_ADAPTIVE != 0 {
+                "adaptive"
+            } else {
+                "always"
+            },
+            memory_pressure_brake: cfg.flags & CONFIG_MSG_BRAKE != 0,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -65,13 +92,20 @@ impl Status {
                 }
             })
             .collect();
-        let (pods, sockhash_entries, counters) = if pins.map(names::map::POD_INFO).exists() {
-            let maps = Maps::open(pins)?;
-            let pods = registry::list(pins, &maps).unwrap_or_default();
-            (pods, maps.sockhash_entries(), maps.counters()?)
-        } else {
-            (Vec::new(), 0, BTreeMap::new())
-        };
+        let (pods, sockhash_entries, counters, msg_redirect) =
+            if pins.map(names::map::POD_INFO).exists() {
+                let maps = Maps::open(pins)?;
+                let pods = registry::list(pins, &maps).unwrap_or_default();
+                let msg_redirect = maps.global_config().ok().map(|c| MsgRedirect::of(&c));
+                (
+                    pods,
+                    maps.sockhash_entries(),
+                    maps.counters()?,
+                    msg_redirect,
+                )
+            } else {
+                (Vec::new(), 0, BTreeMap::new(), None)
+            };
         Ok(Self {
             pin_root: pins.root().display().to_string(),
             attached: pins.is_live(),
@@ -83,6 +117,7 @@ impl Status {
             sockhash_entries,
             maps: crate::bpf::occupancy::occupancy(pins),
             counters,
+            msg_redirect,
             dns_capture_ebpf: crate::bpf::attach::dns_capture_available(pins),
             datapath: Report::of_instance(pins),
         })
@@ -133,6 +168,18 @@ impl Status {
             }
         );
         let _ = writeln!(out, "in use      {}", self.features.in_use.join(", "));
+        if let Some(m) = &self.msg_redirect {
+            let _ = writeln!(
+                out,
+                "sk_msg      {}{}",
+                m.policy,
+                if m.memory_pressure_brake {
+                    " — BRAKE ON: TCP memory pressure, new connections stay on TCP"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(r) = &self.datapath {
             let from = r
                 .migrated_from

@@ -109,7 +109,7 @@ pub fn replace_readme_section(readme: &Path, start: &str, end: &str, body: &str)
 
 /// Builds the test builds of `interceptor` and copies each beside it in `target/debug`:
 /// `--features upgrade-probe` (different sockops code, same ABI: the upgrade test's newer agent)
-/// as `interceptor-upgrade-probe`, and `--features abi-probe` (ABI 7 with a layout change: the
+/// as `interceptor-upgrade-probe`, and `--features abi-probe` (ABI 8 with a layout change: the
 /// ABI-migration test's newer agent) as `interceptor-abi-probe`. Same target dir as the normal
 /// build: dependencies are shared, only the interceptor crate and the eBPF crate (and, for
 /// abi-probe, interceptor-common) are compiled again. Run before the normal build, which then

@@ -115,7 +115,7 @@ impl Report {
             }
         }
         for workload in &workloads {
-            for mode in Mode::ALL {
+            for mode in Mode::REPORTED {
                 let runs: Vec<&HttpRun> = self
                     .http
                     .iter()
@@ -146,6 +146,8 @@ impl Report {
                 ("p99_us", Mode::Ebpf, Mode::Iptables),
                 ("cpu_seconds_per_10k", Mode::Ebpf, Mode::Iptables),
                 ("requests_per_second", Mode::Ebpf, Mode::EbpfNoSkmsg),
+                ("requests_per_second", Mode::EbpfAdaptive, Mode::EbpfAlways),
+                ("cpu_seconds_per_10k", Mode::EbpfAdaptive, Mode::EbpfAlways),
             ] {
                 let value = |mode| {
                     self.http_summary
@@ -174,7 +176,7 @@ impl Report {
         sizes.sort_unstable();
         sizes.dedup();
         for size in sizes {
-            for mode in Mode::ALL {
+            for mode in Mode::REPORTED {
                 let runs: Vec<&StreamRun> = self
                     .streams
                     .iter()
@@ -291,10 +293,12 @@ impl Report {
 
     /// Two grouped bar charts: median req/s and median p99 per workload and mode.
     pub fn svg(&self) -> String {
-        const COLORS: [(&str, Mode); 4] = [
+        const COLORS: [(&str, Mode); 6] = [
             ("#9e9e9e", Mode::Direct),
             ("#e4572e", Mode::Iptables),
             ("#17bebb", Mode::Ebpf),
+            ("#3a6ea5", Mode::EbpfAlways),
+            ("#f2a541", Mode::EbpfAdaptive),
             ("#76b041", Mode::EbpfNoSkmsg),
         ];
         let mut workloads: Vec<&str> = Vec::new();

@@ -37,10 +37,26 @@ pub enum Mode {
     Ebpf,
     /// The eBPF datapath with the sk_msg redirect off: the app↔proxy hop is loopback TCP.
     EbpfNoSkmsg,
+    /// The eBPF datapath with `--msg-redirect-policy always` (the default, spelled out): every
+    /// app↔proxy connection joins the sockhash. (Results of 2026-12-07T07:15 and T07:38 ran
+    /// when `ebpf` was the adaptive policy.)
+    EbpfAlways,
+    /// The eBPF datapath with `--msg-redirect-policy adaptive`.
+    EbpfAdaptive,
 }
 
 impl Mode {
+    /// The default modes of a run.
     pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Ebpf, Mode::EbpfNoSkmsg];
+    /// Every mode, in the order reports list them.
+    pub const REPORTED: [Mode; 6] = [
+        Mode::Direct,
+        Mode::Iptables,
+        Mode::Ebpf,
+        Mode::EbpfAlways,
+        Mode::EbpfAdaptive,
+        Mode::EbpfNoSkmsg,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,11 +64,16 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Ebpf => "ebpf",
             Mode::EbpfNoSkmsg => "ebpf-no-skmsg",
+            Mode::EbpfAlways => "ebpf-always",
+            Mode::EbpfAdaptive => "ebpf-adaptive",
         }
     }
 
     fn ebpf(self) -> bool {
-        matches!(self, Mode::Ebpf | Mode::EbpfNoSkmsg)
+        matches!(
+            self,
+            Mode::Ebpf | Mode::EbpfNoSkmsg | Mode::EbpfAlways | Mode::EbpfAdaptive
+        )
     }
 }
 
@@ -210,6 +231,12 @@ impl Rig {
         }
         if self.mode == Mode::EbpfNoSkmsg {
             cmd.arg("--no-msg-redirect");
+        }
+        if self.mode == Mode::EbpfAlways {
+            cmd.args(["--msg-redirect-policy", "always"]);
+        }
+        if self.mode == Mode::EbpfAdaptive {
+            cmd.args(["--msg-redirect-policy", "adaptive"]);
         }
         cmd.args(extra);
         let mut agent = Managed::new(
@@ -421,7 +448,7 @@ impl Rig {
                     let backend = iptables::resolve(&netns, iptables::BackendChoice::Auto);
                     iptables::apply(&netns, spec, &iptables::Settings::default(), backend)?;
                 }
-                Mode::Ebpf | Mode::EbpfNoSkmsg => {
+                Mode::Ebpf | Mode::EbpfNoSkmsg | Mode::EbpfAlways | Mode::EbpfAdaptive => {
                     let mut maps = Maps::open(&self.pins)?;
                     Registry::lock(&self.pins, &mut maps)?.enable(
                         &netns,

@@ -55,6 +55,7 @@ pub(super) struct Plan {
 fn converter(name: &str, from: u32) -> Option<Converter> {
     match (name, from) {
         (map::COUNTERS, 6) => Some(convert_counters_v6),
+        (map::COUNTERS, 7) => Some(convert_counters_v7),
         _ => None,
     }
 }
@@ -159,6 +160,9 @@ impl Plan {
                     format!("{} converted ({n} entries)", l.name)
                 }
                 Step::Rebuild => format!("{} rebuilt", l.name),
+                Step::Drain if !pins.map(l.name).exists() => {
+                    format!("{} new (empty; ABI {} had none)", l.name, self.from)
+                }
                 Step::Drain => format!(
                     "{} new (the old one serves the connections already in it until they close)",
                     l.name
@@ -170,10 +174,18 @@ impl Plan {
     }
 }
 
-/// `COUNTERS` of ABI 6 (`counters::ABI6_SLOTS`) into this build's slots, by name. Runs before
-/// the swap, so no program writes the new map meanwhile; what the old programs count between
-/// this copy and the swap (a few milliseconds) stays in the old map.
 fn convert_counters_v6(old: &Pins, new: &Pins) -> Result<usize, Error> {
+    convert_counters(old, new, counters::ABI6_SLOTS)
+}
+
+fn convert_counters_v7(old: &Pins, new: &Pins) -> Result<usize, Error> {
+    convert_counters(old, new, counters::ABI7_SLOTS)
+}
+
+/// `COUNTERS` of an older ABI (`slots`: its frozen layout) into this build's slots, by name.
+/// Runs before the swap, so no program writes the new map meanwhile; what the old programs
+/// count between this copy and the swap (a few milliseconds) stays in the old map.
+fn convert_counters(old: &Pins, new: &Pins, slots: &[&str]) -> Result<usize, Error> {
     let err = |source| Error::Map {
         map: map::COUNTERS,
         source,
@@ -181,7 +193,7 @@ fn convert_counters_v6(old: &Pins, new: &Pins) -> Result<usize, Error> {
     let from: PerCpuArray<MapData, u64> = open_pinned(old, map::COUNTERS)?;
     let mut to: PerCpuArray<MapData, u64> = open_pinned(new, map::COUNTERS)?;
     let mut carried = 0;
-    for (i, name) in counters::ABI6_SLOTS.iter().enumerate() {
+    for (i, name) in slots.iter().enumerate() {
         let Some(slot) = counters::slot_of(name) else {
             continue;
         };
@@ -265,10 +277,26 @@ mod tests {
         }
     }
 
+    /// The path users take: a release ABI 6 datapath under this release (ABI 7) agent.
+    #[cfg(not(feature = "abi-probe"))]
+    #[test]
+    fn abi_6_converts_the_counters_creates_the_history_maps_and_keeps_the_rest() {
+        let plan = plan(&Pins::new("/x"), 6).expect("plan");
+        for (l, step) in &plan.steps {
+            let expected = match l.name {
+                map::COUNTERS => matches!(step, Step::Convert(_)),
+                map::ABI => matches!(step, Step::Rebuild),
+                map::MSG_HISTORY | map::CONN_MSGS => matches!(step, Step::Drain),
+                _ => matches!(step, Step::Keep),
+            };
+            assert!(expected, "{}", l.name);
+        }
+    }
+
     #[cfg(feature = "abi-probe")]
     #[test]
-    fn abi_6_converts_the_counters_and_keeps_the_rest() {
-        let plan = plan(&Pins::new("/x"), 6).expect("plan");
+    fn abi_7_converts_the_counters_and_keeps_the_rest() {
+        let plan = plan(&Pins::new("/x"), 7).expect("plan");
         for (l, step) in &plan.steps {
             let expected = match l.name {
                 map::COUNTERS => matches!(step, Step::Convert(_)),

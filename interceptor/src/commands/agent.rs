@@ -1,7 +1,9 @@
 //! `interceptor agent`: load, attach and pin the datapath, keep the pods right, until a signal.
 
 use anyhow::Result;
-use interceptor_common::config::{CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD, GlobalConfig};
+use interceptor_common::config::{
+    CONFIG_MSG_ADAPTIVE, CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD, GlobalConfig,
+};
 
 use crate::{
     agent::{self, AgentOptions},
@@ -33,6 +35,9 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
     if args.no_msg_redirect {
         config.flags &= !CONFIG_MSG_REDIRECT;
     }
+    if args.msg_redirect_policy == cli::MsgRedirectPolicy::Adaptive {
+        config.flags |= CONFIG_MSG_ADAPTIVE;
+    }
     if args.no_pod_to_pod {
         config.flags &= !CONFIG_POD_TO_POD;
     }
@@ -49,6 +54,7 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
         kube,
         health_addr: args.health_addr,
         features: Some(features),
+        tcp_pressure_source: args.tcp_pressure_source.clone(),
     };
     super::runtime()?.block_on(agent::run(opts, signal::shutdown()))?;
     Ok(())

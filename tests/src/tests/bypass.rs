@@ -12,7 +12,7 @@ use std::{
 use interceptor_lab::lab::LabPod;
 use socket2::{Domain, Socket, Type};
 
-use crate::{EchoServer, Harness, echo_round_trip, ip4};
+use crate::{EchoServer, Harness, echo_round_trip, ip4, wait_until};
 
 const OUTBOUND: &str = "interceptor_proxy_connections_total{direction=\"Outbound\"}";
 
@@ -388,7 +388,9 @@ fn proxy_absent_fails_closed_by_default_and_open_when_asked() {
     assert_eq!(app_open.seen().len(), 1);
     let after = h.counters();
     assert_eq!(after.since(&before, "connect_no_proxy_direct"), 1);
-    assert_eq!(after.since(&before, "inbound_no_proxy_direct"), 1);
+    // ≥ 1, not 1: sk_lookup runs again for a retransmitted SYN or FIN's late ACK (the app's
+    // side above counts the connections).
+    assert!(after.since(&before, "inbound_no_proxy_direct") >= 1);
     assert!(after.since(&before, "inbound_no_listener") >= 1);
 
     // The proxy comes up: the open pod's connections go through it again.
@@ -408,7 +410,7 @@ fn a_restarting_proxy_never_lets_a_connection_bypass_it() {
     use std::{
         sync::{
             Arc,
-            atomic::{AtomicBool, Ordering},
+            atomic::{AtomicBool, AtomicU32, Ordering},
         },
         time::Instant,
     };
@@ -421,32 +423,34 @@ fn a_restarting_proxy_never_lets_a_connection_bypass_it() {
     let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
     h.enable(&client, &[]);
     let stop = Arc::new(AtomicBool::new(false));
+    // [through the sidecar, refused, straight to the server]
+    let counts = Arc::new([AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)]);
     let load = {
-        let (stop, client, dst) = (stop.clone(), client.clone(), echo.addr);
+        let (stop, counts, client, dst) = (stop.clone(), counts.clone(), client.clone(), echo.addr);
         std::thread::spawn(move || {
-            let (mut via_sidecar, mut failed, mut direct) = (0u32, 0u32, 0u32);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            // Bounded in count and time.
-            for _ in 0..5000 {
-                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    break;
-                }
-                match crate::connect_from(&client, dst) {
-                    Ok(s) if s.peer_addr().ok() == Some(dst) => direct += 1,
-                    Ok(_) => via_sidecar += 1,
-                    Err(_) => failed += 1,
-                }
+            // Bounded in time (and by the test's stop).
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let outcome = match crate::connect_from(&client, dst) {
+                    Ok(s) if s.peer_addr().ok() == Some(dst) => 2,
+                    Ok(_) => 0,
+                    Err(_) => 1,
+                };
+                counts[outcome].fetch_add(1, Ordering::Relaxed);
             }
-            (via_sidecar, failed, direct)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    let count = |i: usize| counts[i].load(Ordering::Relaxed);
+    // Each phase waits for the load to have seen it, not for a fixed time (a slow guest).
+    wait_until(Duration::from_secs(30), || count(0) > 0);
     h.stop_processes_of(&client);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(Duration::from_secs(30), || count(1) > 0);
+    let through_before = count(0);
     h.sidecar(&client);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(30), || count(0) > through_before);
     stop.store(true, Ordering::Relaxed);
-    let (via_sidecar, failed, direct) = load.join().expect("load thread");
+    load.join().expect("load thread");
+    let (via_sidecar, failed, direct) = (count(0), count(1), count(2));
     assert_eq!(direct, 0, "{direct} connections bypassed the sidecar");
     assert!(
         via_sidecar > 0 && failed > 0,

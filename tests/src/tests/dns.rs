@@ -54,7 +54,7 @@ fn dig(pod: &LabPod, server: &str, args: &[&str]) -> String {
     run_in(
         pod,
         "dig",
-        &[&[at.as_str(), "+tries=1", "+time=5"], args].concat(),
+        &[&[at.as_str(), "+tries=1", "+time=10"], args].concat(),
     )
 }
 
@@ -85,7 +85,7 @@ impl NetnsResolvConf {
             dir.join("resolv.conf"),
             format!(
                 "nameserver {nameserver}\nsearch default.svc.cluster.local svc.cluster.local \
-                 cluster.local\noptions ndots:5 timeout:2 attempts:1\n"
+                 cluster.local\noptions ndots:5 timeout:5 attempts:1\n"
             ),
         )
         .expect("resolv.conf");
@@ -111,7 +111,7 @@ fn getent(pod: &LabPod, name: &str) -> String {
 const MESH: &str = "namespace: default
 dns:
   ttl: 30s
-  upstream_timeout: 1s
+  upstream_timeout: 3s
   services:
     - name: reviews.default
       addresses: [198.18.77.7, \"fd00:198:18::77\"]
@@ -140,7 +140,7 @@ impl Fixture {
         }
         start_resolver(&mut h, &resolver);
         let (r4, r6) = (resolver.ip.to_string(), resolver.ip6.to_string());
-        wait_until(Duration::from_secs(10), || {
+        wait_until(Duration::from_secs(30), || {
             dig(&bystander, &r4, &["+short", "upstream.test"]).trim() == UPSTREAM_IP
         });
         Self {
@@ -402,7 +402,7 @@ fn dns_capture_in_ebpf_mode_answers_mesh_names_and_forwards_the_rest() {
             "dig",
             &format!("@{}", f.r4),
             "+tries=1",
-            "+time=5",
+            "+time=10",
         ])
         .args(["reviews.default.svc.cluster.local", "A"])
         .stdin(Stdio::null())

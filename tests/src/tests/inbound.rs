@@ -83,7 +83,7 @@ fn inbound_is_refused_while_no_sidecar_listens() {
     // Like a REDIRECT to a closed 15006: refused, never a silent bypass of the proxy.
     assert!(connect_from(&client, echo.addr).is_err());
     assert!(echo.seen().is_empty());
-    assert_eq!(h.counters().since(&before, "inbound_no_listener"), 1);
+    assert!(h.counters().since(&before, "inbound_no_listener") >= 1);
     // Once the sidecar starts, the agent registers it and inbound works.
     h.sidecar(&server);
     h.wait_inbound_ready(&server);

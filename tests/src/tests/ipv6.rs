@@ -41,7 +41,15 @@ fn ipv6_pod_to_pod_through_both_sidecars() {
     // where the kernel can (the ::6 passthrough hop keeps its in-pod key).
     if interceptor::bpf::features::Features::probe().pod_to_pod() {
         assert_eq!(after.since(&before, "pod_to_pod_insert"), 2);
-        assert!(after.since(&before, "msg_redirected_pod_to_pod") > 0);
+        if after.since(&before, "msg_redirected_pod_to_pod") == 0 {
+            // Sidecar A's first write beat sidecar B's accept into the sockhash (a loaded
+            // guest): that hop stays on TCP, counted. A second connection must make it.
+            assert!(after.since(&before, "msg_redirect_failed_pod_to_pod") > 0);
+            let again = h.counters();
+            let s = connect_from(&client, echo.addr).expect("connect");
+            assert!(echo_round_trip(s, &data).expect("echo") == data);
+            assert!(h.counters().since(&again, "msg_redirected_pod_to_pod") > 0);
+        }
     }
     assert_eq!(after.since(&before, "sockhash_insert"), 4);
 }

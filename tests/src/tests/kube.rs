@@ -697,7 +697,7 @@ fn relists_after_watch_expiry_and_api_restarts_converge() {
     wait_until(Duration::from_secs(20), || {
         env.api.bookmarked("Pod") >= marker && env.api.bookmarked("Namespace") >= marker
     });
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(3));
 
     // The API server goes away for a while; `b` is deleted meanwhile. The agent keeps the
     // datapath running, reconnects with backoff, and converges.

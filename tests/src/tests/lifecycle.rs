@@ -83,7 +83,7 @@ fn agent_stop_detaches_and_unpins_everything() {
         "{} still pinned",
         h.pin_root.display()
     );
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(30), || {
         ids.iter().all(|id| !loaded(*id))
     });
     // Unloaded means detached everywhere: a cgroup or netns attachment holds its program.
@@ -248,7 +248,7 @@ fn a_pod_whose_namespace_is_gone_is_removed() {
     h.enable(&keep, &["--include-inbound-ports", ""]);
     assert_eq!(h.status()["pods"].as_array().expect("pods").len(), 2);
     interceptor_lab::lab::ip(&["netns", "del", &pod.netns]).expect("netns del");
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(30), || {
         h.status()["pods"].as_array().is_some_and(|p| p.len() == 1)
     });
     assert_eq!(h.status()["pods"][0]["name"], keep.netns.as_str());
@@ -329,7 +329,7 @@ fn a_new_namespace_with_a_dead_pods_inode_number_is_not_that_pod() {
         .args(["netns", "exec", &newcomer, "sleep", "30"])
         .spawn()
         .expect("sleep in the new namespace");
-    wait_until(Duration::from_secs(5), || {
+    wait_until(Duration::from_secs(30), || {
         std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
@@ -448,7 +448,7 @@ fn a_crashed_runs_datapath_is_swept() {
     owner.wait().expect("wait");
     interceptor_lab::lab::sweep_stale();
     assert!(!root.exists(), "{} not swept", root.display());
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(30), || {
         interceptor::bpf::links_of(id) == 0
     });
 }

@@ -104,7 +104,10 @@ fn excluded_and_unlisted_inbound_ports_reach_the_app_directly() {
         "through the sidecar"
     );
     let after = h.counters();
-    assert_eq!(after.since(&before, "inbound_skipped_port"), 1);
+    // Per lookup, not per connection (a late segment counts again): the apps count these.
+    assert!(after.since(&before, "inbound_skipped_port") >= 1);
+    assert_eq!(excluded.seen().len(), 1);
+    assert_eq!(captured.seen().len(), 1);
     after.assert_steered_inbound(&before);
 
     // includeInboundPorts as a list: only the listed port is captured.
@@ -144,5 +147,5 @@ fn the_sidecars_own_ports_are_never_captured_inbound() {
     }
     let after = h.counters();
     assert_eq!(after.since(&before, "inbound_assigned"), 0);
-    assert_eq!(after.since(&before, "inbound_skipped_port"), 2);
+    assert!(after.since(&before, "inbound_skipped_port") >= 2);
 }

@@ -325,6 +325,68 @@ fn in_kubernetes_mode_with_exactly_the_named_capabilities_pods_are_intercepted()
     through_sidecar(&late, &echo);
 }
 
+/// CAP_SYS_RESOURCE is named only where the kernel charges BPF memory to RLIMIT_MEMLOCK
+/// (Linux < 5.11). With a 64 KiB memlock limit and without the capability, the agent refuses
+/// there — by its check, and with the check skipped by its own error naming the limit and the
+/// capability — and starts with it; on newer kernels it starts without it (not needed).
+#[test]
+fn cap_sys_resource_is_needed_only_where_bpf_memory_counts_against_memlock() {
+    let mut h = Harness::new("capmemlock");
+    let low_memlock = |bounding: &str, skip_check: bool| {
+        let mut wrapper = vec![
+            "prlimit".to_owned(),
+            "--memlock=65536:65536".into(),
+            "--".into(),
+        ];
+        wrapper.extend(setpriv(bounding));
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let env: &[(&str, &str)] = if skip_check {
+            &[(SKIP_CHECK_ENV, "1")]
+        } else {
+            &[]
+        };
+        h.command_via(&wrapper, env)
+    };
+    if !kernel_below(&kernel_release(), (5, 11)) {
+        let cmd = low_memlock("-sys_resource", false);
+        h.spawn_agent_with(cmd, &[])
+            .wait_for_line("agent ready", Duration::from_secs(60))
+            .expect("agent ready without CAP_SYS_RESOURCE and a 64 KiB memlock limit");
+        return;
+    }
+    let out = low_memlock("-sys_resource", false)
+        .arg("agent")
+        .stdin(Stdio::null())
+        .output()
+        .expect("agent");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "started: {err}");
+    assert!(
+        err.contains("the agent is missing CAP_SYS_RESOURCE")
+            && err.contains(interceptor::capabilities::MEMLOCK.why),
+        "{err}"
+    );
+    assert!(!h.pin_root.exists(), "state was pinned");
+    let out = low_memlock("-sys_resource", true)
+        .arg("agent")
+        .stdin(Stdio::null())
+        .output()
+        .expect("agent");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "started: {err}");
+    assert!(
+        err.contains("charges BPF maps to RLIMIT_MEMLOCK, which stays at 64.0 KiB")
+            && err.contains("(this process lacks CAP_SYS_RESOURCE)"),
+        "{err}"
+    );
+    assert!(!h.pin_root.exists(), "state was pinned");
+    // With the capability the agent raises the limit itself.
+    let cmd = low_memlock("+all", false);
+    h.spawn_agent_with(cmd, &[])
+        .wait_for_line("agent ready", Duration::from_secs(60))
+        .expect("agent ready with CAP_SYS_RESOURCE and a 64 KiB memlock limit");
+}
+
 /// `setpriv --bounding-set` keeping exactly the capabilities the agent checks at start.
 fn exact_set() -> String {
     format!(
