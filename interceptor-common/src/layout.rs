@@ -94,6 +94,12 @@ pub const MAPS: &[MapLayout] = &[
     m(map::CONN_MSGS, 7, Migration::Drain),
 ];
 
+/// The maps of one connection's sockhash state: sk_msg looks a socket up in `SOCKS`, its
+/// fallback in `MSG_FALLBACK`, the pod→pod peer in `PEER_SEQ`, the adaptive count in
+/// `CONN_MSGS`. Programs of one family must see one set: those the old ABI had are kept
+/// together or drained together (a new one of this ABI starts empty either way).
+pub const SOCKHASH_GROUP: &[&str] = &[map::SOCKS, map::MSG_FALLBACK, map::PEER_SEQ, map::CONN_MSGS];
+
 /// The layout entry of a pinned map.
 pub fn of(name: &str) -> Option<&'static MapLayout> {
     MAPS.iter().find(|l| l.name == name)

@@ -81,17 +81,31 @@ impl Datapath {
     /// there (`bpf/upgrade.rs`), else loads, attaches and pins a fresh one. Records what it did
     /// for `interceptor status`.
     pub fn start(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
+        // A migration that died in its commit (two renames where bpffs cannot exchange) is
+        // finished or undone first, so the ABI below is read from the maps that run.
+        migrate::recover(&pins)?;
         if pins.is_live() {
             match check_pinned_abi(&pins, false) {
-                Ok(()) => return Self::upgrade(pins, opts),
-                Err(Error::AbiMismatch { found, .. }) => match migrate::plan(&pins, found) {
-                    Ok(plan) => return Self::migrate(pins, opts, &plan),
-                    Err(err) if opts.replace => {
-                        warn!(%err, "replacing the pinned datapath");
-                        teardown(&pins)?;
+                Ok(()) => {
+                    migrate::remove_leftovers(&pins);
+                    return Self::upgrade(pins, opts);
+                }
+                Err(Error::AbiMismatch { found, .. }) => {
+                    let migrated = migrate::plan(&pins, found)
+                        .and_then(|plan| Self::migrate(pins.clone(), opts, &plan));
+                    match migrated {
+                        Ok(dp) => return Ok(dp),
+                        // Never under a running agent: it would lose its datapath.
+                        Err(err)
+                            if opts.replace
+                                && !matches!(err, Error::MigrationWhileRunning { .. }) =>
+                        {
+                            warn!(%err, "replacing the pinned datapath (--replace)");
+                            teardown(&pins)?;
+                        }
+                        Err(err) => return Err(err),
                     }
-                    Err(err) => return Err(err),
-                },
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -153,23 +167,60 @@ impl Datapath {
         if OBJECT.is_empty() {
             return Err(Error::NoObject);
         }
+        // The old agent must be gone: it would go on writing the old maps (and its pod
+        // commands attaching old programs) while this one moves them.
+        let others: Vec<String> = crate::agent::running_agents(&pins)
+            .into_iter()
+            .filter(|&pid| pid != std::process::id())
+            .map(|pid| pid.to_string())
+            .collect();
+        if !others.is_empty() {
+            return Err(Error::MigrationWhileRunning {
+                path: pins.root().to_owned(),
+                found: plan.from(),
+                pids: others.join(", "),
+            });
+        }
+        // No `pod enable` between staging and commit: it would attach the old sk_lookup to
+        // a pod after the swap looked for pods' links, and that link would never be swapped.
+        let _pods = migrate::lock_pods(&pins)?;
         let start = std::time::Instant::now();
         let mut report = Report::new("migrated", opts.bpf_log_level as u8);
-        let staging = plan.stage(&pins)?;
+        let failed = |source: Error| Error::MigrationFailed {
+            path: pins.root().to_owned(),
+            found: plan.from(),
+            expected: interceptor_common::ABI_VERSION,
+            source: Box::new(source),
+        };
+        let staging = plan.stage(&pins).map_err(failed)?;
+        // A kept CONFIG is the very map the old programs read: written only once the new
+        // programs run, so a rollback leaves the old settings. A new one is written before.
+        let config_kept = plan.keeps(names::map::CONFIG);
         let result = (|| {
             let mut ebpf = load_object(&staging, opts)?;
             plan.fill(&pins, &staging, &mut report)?;
-            // Rebuilt before any new program runs: its settings, and the ABI it writes.
+            // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
             let mut maps = Maps::open(&staging)?;
-            maps.set_global_config(opts.config)?;
+            if !config_kept {
+                maps.set_global_config(opts.config)?;
+            }
             maps.write_abi()?;
             upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
-            Ok(ebpf)
+            Ok((ebpf, maps))
         })();
-        let ebpf = result.inspect_err(|err| {
-            warn!(%err, from = plan.from(), "migrating the attached datapath failed; it runs on as it was");
-            migrate::abandon(&staging);
-        })?;
+        let (ebpf, mut maps) = result
+            .inspect_err(|err| {
+                warn!(%err, from = plan.from(), "migrating the attached datapath failed; it runs on as it was");
+                migrate::abandon(&staging);
+            })
+            .map_err(failed)?;
+        if config_kept && let Err(err) = maps.set_global_config(opts.config) {
+            report.not_applied.push(format!(
+                "this agent's global settings ({err}); the attached datapath runs with the \
+                 previous agent's: restart the agent to write them"
+            ));
+        }
+        drop(maps);
         migrate::commit(&pins, &staging)?;
         let maps = Maps::open(&pins)?;
         report.micros = start.elapsed().as_micros() as u64;

@@ -22,7 +22,13 @@
 //! If a step before the commit fails, the swapped programs are swapped back and `maps_next/` is
 //! removed: the old datapath runs on unchanged.
 
-use std::{fs, os::fd::AsFd as _, time::Duration};
+use std::{
+    fs::{self, File},
+    os::fd::AsFd as _,
+    time::Duration,
+};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use aya::maps::{MapData, PerCpuArray};
 use interceptor_common::{
@@ -107,12 +113,37 @@ pub(super) fn plan(pins: &Pins, found: u32) -> Result<Plan, Error> {
         };
         steps.push((l, step));
     }
+    unify_sockhash_group(&mut steps, |name| pins.map(name).exists());
     Ok(Plan { from: found, steps })
+}
+
+/// Keeps or drains the connection maps together (`layout::SOCKHASH_GROUP`): if one the old
+/// ABI had is not kept, none is — the new programs then start on a new set and the old set
+/// drains with the old sk_msg. `existed` says which maps the old ABI pinned.
+fn unify_sockhash_group(steps: &mut [(&'static MapLayout, Step)], existed: impl Fn(&str) -> bool) {
+    let in_group = |l: &MapLayout| layout::SOCKHASH_GROUP.contains(&l.name) && existed(l.name);
+    let mixed = steps
+        .iter()
+        .any(|(l, step)| in_group(l) && !matches!(step, Step::Keep));
+    if mixed {
+        for (l, step) in steps.iter_mut() {
+            if in_group(l) {
+                *step = Step::Drain;
+            }
+        }
+    }
 }
 
 impl Plan {
     pub(super) fn from(&self) -> u32 {
         self.from
+    }
+
+    /// Whether the map `name` is kept (the same kernel object as the old programs').
+    pub(super) fn keeps(&self, name: &str) -> bool {
+        self.steps
+            .iter()
+            .any(|(l, step)| l.name == name && matches!(step, Step::Keep))
     }
 
     /// Prepares `maps_next/`: empty, with every kept map pinned in it. Returns the staging pins.
@@ -218,17 +249,76 @@ pub(super) fn commit(pins: &Pins, staging: &Pins) -> Result<(), Error> {
     );
     if let Err(err) = exchanged {
         // A kernel whose bpffs cannot exchange: two renames, `maps/` missing for a moment (a
-        // `pod` command then fails and says so; the datapath is not affected).
+        // `pod` command then fails and says so; the datapath is not affected). An agent that
+        // dies between them is finished by the next one ([`recover`]).
         warn!(%err, "bpffs cannot exchange names; renaming in two steps");
-        let old = pins.root().join("maps_old");
+        let old = old_dir(pins);
         let _ = fs::remove_dir_all(&old);
         fs::rename(&current, &old).map_err(|e| Error::io("renaming", &current, e))?;
-        fs::rename(&next, &current).map_err(|e| Error::io("renaming", &next, e))?;
-        fs::rename(&old, &next).map_err(|e| Error::io("renaming", &old, e))?;
+        if let Err(e) = fs::rename(&next, &current) {
+            // Put the old names back: `maps/` must not stay missing.
+            if let Err(back) = fs::rename(&old, &current) {
+                warn!(%back, "could not rename maps_old back to maps; the next agent restores it");
+            }
+            return Err(Error::io("renaming", &next, e));
+        }
+        fs::remove_dir_all(&old).map_err(|e| Error::io("removing", &old, e))?;
+        return Ok(());
     }
     // `next` now holds the old maps' pins.
     fs::remove_dir_all(&next).map_err(|e| Error::io("removing", &next, e))?;
     Ok(())
+}
+
+fn old_dir(pins: &Pins) -> std::path::PathBuf {
+    pins.root().join("maps_old")
+}
+
+/// Finishes or undoes a commit that stopped between its two renames (an agent killed there, or
+/// a failed rename): with `maps/` missing, `maps_next/` is the set the programs run on (the
+/// swap came before the commit), so it becomes `maps/`; with only `maps_old/`, that is put
+/// back. Then a `maps_old/` beside `maps/` is the old set: removed.
+pub(super) fn recover(pins: &Pins) -> Result<(), Error> {
+    let (current, next, old) = (pins.maps_dir(), pins.staging().maps_dir(), old_dir(pins));
+    if !current.exists() {
+        for from in [&next, &old] {
+            if from.is_dir() {
+                warn!(from = %from.display(), "maps/ is missing after an interrupted migration; restoring it");
+                fs::rename(from, &current).map_err(|e| Error::io("renaming", from, e))?;
+                break;
+            }
+        }
+    }
+    if current.exists() && old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io("removing", &old, e))?;
+    }
+    Ok(())
+}
+
+/// With the pinned ABI this build's: a `maps_next/` or `maps_old/` is left from a migration
+/// that died (before its commit, or after it) and pins maps nothing uses any more.
+pub(super) fn remove_leftovers(pins: &Pins) {
+    for dir in [pins.staging().maps_dir(), old_dir(pins)] {
+        if dir.exists() {
+            info!(dir = %dir.display(), "removing what an interrupted migration left");
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Takes the pod registry's lock (`Registry::lock`'s), held from staging through commit.
+pub(super) fn lock_pods(pins: &Pins) -> Result<Flock<File>, Error> {
+    let dir = pins.run_dir();
+    fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    let path = dir.join("pods.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("opening", &path, e))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::io("locking", &path, e.into()))
 }
 
 /// Removes a staging directory after a failed migration (best effort).
@@ -265,6 +355,98 @@ mod tests {
         assert!(newer.contains("interceptor uninstall"), "{newer}");
         let old = refused(layout::MIGRATES_FROM - 1);
         assert!(old.contains("migrates ABI"), "{old}");
+    }
+
+    #[test]
+    fn the_connection_maps_are_kept_or_drained_together() {
+        let step = |name| {
+            let l = layout::of(name).expect("layout");
+            let step = if name == map::PEER_SEQ {
+                Step::Drain
+            } else {
+                Step::Keep
+            };
+            (l, step)
+        };
+        let mut steps = vec![
+            step(map::SOCKS),
+            step(map::MSG_FALLBACK),
+            step(map::PEER_SEQ),
+            step(map::CONN_MSGS),
+            step(map::POD_CONFIG),
+        ];
+        // CONN_MSGS did not exist in the old ABI: not part of the old set.
+        unify_sockhash_group(&mut steps, |name| name != map::CONN_MSGS);
+        let drained: Vec<&str> = steps
+            .iter()
+            .filter(|(_, s)| matches!(s, Step::Drain))
+            .map(|(l, _)| l.name)
+            .collect();
+        assert_eq!(drained, [map::SOCKS, map::MSG_FALLBACK, map::PEER_SEQ]);
+        // All kept: nothing changes.
+        let mut kept = vec![step(map::SOCKS), step(map::MSG_FALLBACK)];
+        unify_sockhash_group(&mut kept, |_| true);
+        assert!(kept.iter().all(|(_, s)| matches!(s, Step::Keep)));
+    }
+
+    /// A scratch root (plain files stand in for pins: only names move).
+    fn scratch(name: &str, dirs: &[&str]) -> Pins {
+        let root = std::env::temp_dir().join(format!("icpt-mig-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in dirs {
+            fs::create_dir_all(root.join(d)).expect("mkdir");
+            fs::write(root.join(d).join("WHICH"), d).expect("write");
+        }
+        Pins::new(&root)
+    }
+
+    fn which(pins: &Pins) -> Option<String> {
+        fs::read_to_string(pins.maps_dir().join("WHICH")).ok()
+    }
+
+    /// Killed between the two renames: maps/ is gone, the programs run on maps_next/'s maps.
+    #[test]
+    fn an_interrupted_two_step_commit_is_finished_at_start() {
+        let pins = scratch("finish", &["maps_old", "maps_next"]);
+        recover(&pins).expect("recover");
+        assert_eq!(which(&pins).as_deref(), Some("maps_next"));
+        assert!(!pins.root().join("maps_old").exists());
+        assert!(!pins.staging().maps_dir().exists());
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    /// The second rename failed and so did renaming back: the old set is restored.
+    #[test]
+    fn a_lone_maps_old_is_put_back() {
+        let pins = scratch("restore", &["maps_old"]);
+        recover(&pins).expect("recover");
+        assert_eq!(which(&pins).as_deref(), Some("maps_old"));
+        assert!(!pins.root().join("maps_old").exists());
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    #[test]
+    fn an_intact_maps_dir_is_left_alone_and_leftovers_go_once_the_abi_is_ours() {
+        let pins = scratch("intact", &["maps", "maps_next"]);
+        recover(&pins).expect("recover");
+        assert_eq!(which(&pins).as_deref(), Some("maps"));
+        // maps_next/ may be a migration about to be retried: only removed by the caller
+        // once the pinned ABI is this build's.
+        assert!(pins.staging().maps_dir().exists());
+        remove_leftovers(&pins);
+        assert!(!pins.staging().maps_dir().exists());
+        assert_eq!(which(&pins).as_deref(), Some("maps"));
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    #[test]
+    fn commit_puts_the_staged_set_in_place() {
+        let pins = scratch("commit", &["maps", "maps_next"]);
+        commit(&pins, &pins.staging()).expect("commit");
+        assert_eq!(which(&pins).as_deref(), Some("maps_next"));
+        assert!(!pins.staging().maps_dir().exists());
+        assert!(!pins.root().join("maps_old").exists());
+        let _ = fs::remove_dir_all(pins.root());
     }
 
     /// Nothing of one ABI's layout differs from itself (the in-place upgrade's case).

@@ -132,6 +132,10 @@ pub(super) fn swap_programs(
         }
     }
 
+    // sk_msg first: sockets that the new sockops adds to the sockhash (kept in an upgrade, and
+    // in a migration when its layout is unchanged) must get the new sk_msg, never the old one
+    // with maps the new programs no longer use.
+    changed.sort_by_key(|&(name, ..)| name != names::prog::SK_MSG);
     let mut done = Vec::new();
     let swapping = Instant::now();
     for &(name, old_tag, new_tag) in &changed {
@@ -181,7 +185,18 @@ fn swap(ebpf: &Ebpf, pins: &Pins, name: &'static str, done: &mut Vec<Done>) -> R
         }
         names::prog::SK_LOOKUP => {
             for path in pod_links(pins) {
-                update_link(&path, new, old.as_fd(), done)?;
+                match update_link(&path, new, old.as_fd(), done) {
+                    Err(Error::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::ENOLINK) =>
+                    {
+                        // The pod's network namespace is gone (deleted while no agent ran):
+                        // the link is detached and nothing runs on it. Its pin is dropped
+                        // like the agent's reconcile drops a dead pod's.
+                        warn!(link = %path.display(), "pod's sk_lookup link is detached (its network namespace is gone); dropping its pin");
+                        let _ = fs::remove_file(&path);
+                    }
+                    other => other?,
+                }
             }
         }
         _ => update_link(&pins.link(name), new, old.as_fd(), done)?,
@@ -189,13 +204,22 @@ fn swap(ebpf: &Ebpf, pins: &Pins, name: &'static str, done: &mut Vec<Done>) -> R
     Ok(())
 }
 
+/// Swaps `new` in on the pinned link at `path`. The expected old program (`BPF_F_REPLACE`) is
+/// the one the link runs (by its id in the link's info), not `pinned` (the `progs/` pin): after
+/// an agent died between its first swap and its last repin, the two differ, and the next
+/// agent must still complete the swap. `pinned` serves when the kernel reports no program.
 fn update_link(
     path: &Path,
     new: BorrowedFd<'_>,
-    old: BorrowedFd<'_>,
+    pinned: BorrowedFd<'_>,
     done: &mut Vec<Done>,
 ) -> Result<(), Error> {
     let link = sys::obj_get(path).map_err(|e| Error::io("opening link", path, e))?;
+    let running = sys::link_info(link.as_fd())
+        .ok()
+        .filter(|&(id, _)| id != 0)
+        .and_then(|(id, _)| sys::prog_get_fd_by_id(id).ok());
+    let old = running.as_ref().map_or(pinned, |fd| fd.as_fd());
     sys::link_update(link.as_fd(), new, old)
         .map_err(|e| Error::io("updating (BPF_LINK_UPDATE, Linux >= 5.7) link", path, e))?;
     let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();

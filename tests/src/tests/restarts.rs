@@ -249,6 +249,21 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
     let probe = interceptor_lab::bins::upgrade_probe().expect("the upgrade-probe agent");
     let mut h = Harness::new("upgrade");
     let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
+    let gone = h.pod("gone");
+    h.enable(&gone, &[]);
+    let pod_links = |h: &Harness| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(h.pin_root.join("pods"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("sk_lookup"))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let links_before = pod_links(&h);
+    assert_eq!(links_before.len(), 3, "{links_before:?}");
     let before = h.status();
     assert_eq!(before["datapath"]["how"], "loaded");
     let old_tag = program(&before, "track_sockets")["tag"].clone();
@@ -367,6 +382,21 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
     let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
     let mut h = Harness::new("abi");
     let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
+    let gone = h.pod("gone");
+    h.enable(&gone, &[]);
+    let pod_links = |h: &Harness| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(h.pin_root.join("pods"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("sk_lookup"))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let links_before = pod_links(&h);
+    assert_eq!(links_before.len(), 3, "{links_before:?}");
     let before = h.status();
     assert_eq!(before["datapath"]["how"], "loaded");
     assert!(
@@ -392,6 +422,14 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             "old agent exits cleanly"
         );
         let counted = h.counter("connect_redirected");
+        interceptor_lab::lab::ip(&["netns", "del", &gone.netns]).expect("netns del");
+        // The kernel detaches the link once the namespace is freed (deferred work); before,
+        // the swap on it would succeed and the deleted pod would test nothing.
+        wait_until(Duration::from_secs(30), || {
+            links_before
+                .iter()
+                .any(|p| interceptor::bpf::netns_link_attached(p).is_ok_and(|attached| !attached))
+        });
         h.bin = probe.clone();
         h.start_agent(&["--keep-pinned"]);
         let after = h.status();
@@ -440,7 +478,13 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         {
             assert_eq!(name, new_name);
             assert_ne!(old_id, new_id, "{name} was swapped");
-            assert_eq!(links, old_links, "{name} is linked where the old one was");
+            // Less the deleted pod's detached sk_lookup link, whose pin went.
+            let expected = if name == "steer_inbound" {
+                old_links - 1
+            } else {
+                *old_links
+            };
+            assert_eq!(*links, expected, "{name} is linked where the old one was");
             if name == "track_sockets" {
                 assert_ne!(
                     old_tag, new_tag,
@@ -451,6 +495,15 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         assert!(
             !h.pin_root.join("maps_next").exists(),
             "the staging pins took the old ones' place"
+        );
+        // The deleted pod's detached link did not fail the migration; its pin is dropped.
+        let links_after = pod_links(&h);
+        assert_eq!(links_after.len(), 2, "{links_after:?}");
+        assert!(
+            links_after
+                .iter()
+                .all(|p| interceptor::bpf::netns_link_attached(p).unwrap_or(false)),
+            "{links_after:?}"
         );
         // New connections run the new code and count in the new map; the keep-alive
         // connection established before goes on (its sockets stay with the old sk_msg).
