@@ -397,7 +397,7 @@ mod tests {
             fs::create_dir_all(root.join(d)).expect("mkdir");
             fs::write(root.join(d).join("WHICH"), d).expect("write");
         }
-        Pins::new(&root)
+        Pins::new(root)
     }
 
     fn which(pins: &Pins) -> Option<String> {
