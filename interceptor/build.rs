@@ -79,6 +79,10 @@ fn main() -> Result<()> {
     if env::var_os("CARGO_FEATURE_UPGRADE_PROBE").is_some() {
         cmd.args(["--features", "upgrade-probe"]);
     }
+    // The ABI test build: one ABI newer, with a layout change (see the feature in Cargo.toml).
+    if env::var_os("CARGO_FEATURE_ABI_PROBE").is_some() {
+        cmd.args(["--features", "abi-probe"]);
+    }
     // The outer (rustup) cargo's settings must not leak into the Debian toolchain's build; the
     // jobserver (CARGO_MAKEFLAGS) and the registry (CARGO_HOME) are shared on purpose.
     for (key, _) in env::vars_os() {

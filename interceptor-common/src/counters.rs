@@ -1,29 +1,29 @@
 //! Indices of the per-CPU `COUNTERS` array: one counter per decision the programs take.
 
 macro_rules! counters {
-    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
+    ($($(#[cfg($cfg:meta)])? $(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
         /// A slot of the `COUNTERS` per-CPU array.
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter {
-            $($(#[doc = $doc])* $variant,)+
+            $($(#[cfg($cfg)])? $(#[doc = $doc])* $variant,)+
         }
 
         impl Counter {
             /// Every counter, in slot order.
-            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
+            pub const ALL: &'static [Counter] = &[$($(#[cfg($cfg)])? Counter::$variant,)+];
 
             /// The name `interceptor status --json` reports under `counters`.
             pub const fn name(self) -> &'static str {
                 match self {
-                    $(Counter::$variant => $name,)+
+                    $($(#[cfg($cfg)])? Counter::$variant => $name,)+
                 }
             }
 
             /// What the counter counts (its doc comment), for `interceptor status`.
             pub const fn meaning(self) -> &'static str {
                 match self {
-                    $(Counter::$variant => concat!($($doc),*),)+
+                    $($(#[cfg($cfg)])? Counter::$variant => concat!($($doc),*),)+
                 }
             }
         }
@@ -170,6 +170,11 @@ counters! {
     MsgHistoryShort = "msg_history_short",
     /// A decided connection recorded in `MSG_HISTORY` as long (carried enough messages).
     MsgHistoryLong = "msg_history_long",
+    #[cfg(feature = "abi-probe")]
+    /// Connection established under sockops built with the `abi-probe` feature (a test build
+    /// whose ABI is one newer: this slot is its layout change). Proves an ABI migration attached
+    /// the new code and the new `COUNTERS` map. Absent from a release build.
+    AbiProbe = "abi_probe",
 }
 
 impl Counter {
@@ -177,5 +182,149 @@ impl Counter {
 
     pub const fn index(self) -> u32 {
         self as u32
+    }
+}
+
+/// `COUNTERS` as ABI 6 laid it out: slot `i` held the counter named `ABI6_SLOTS[i]`. An ABI
+/// migration copies each old slot into the slot of the same name (`interceptor/src/bpf/migrate.rs`);
+/// a counter this build dropped is not carried over, one it added starts at 0.
+pub const ABI6_SLOTS: &[&str] = &[
+    "connect_redirected",
+    "connect_skipped_proxy",
+    "connect_skipped_loopback",
+    "connect_skipped_pod_local",
+    "connect_skipped_port",
+    "connect_skipped_cidr",
+    "connect_skipped_not_included",
+    "connect_skipped_outbound_off",
+    "connect_skipped_source",
+    "connect_refused_source",
+    "connect_no_proxy_direct",
+    "connect_passthrough",
+    "connect_self_inbound",
+    "connect_map_full",
+    "sockhash_insert",
+    "sockhash_insert_failed",
+    "pod_to_pod_insert",
+    "pod_to_pod_skipped",
+    "pod_to_pod_unproven",
+    "sockhash_remove",
+    "listener_insert",
+    "listener_skipped_not_pod",
+    "msg_redirected",
+    "msg_redirected_pod_to_pod",
+    "msg_redirect_failed",
+    "msg_redirect_failed_pod_to_pod",
+    "msg_fallback_reverse",
+    "msg_fallback_pass",
+    "msg_redirect_disabled",
+    "orig_dst_answered",
+    "orig_dst_local",
+    "inbound_assigned",
+    "inbound_skipped_port",
+    "inbound_skipped_local",
+    "inbound_no_listener",
+    "inbound_assign_failed",
+    "inbound_no_proxy_direct",
+    "netns_probe",
+    "pod_quota_exceeded",
+    "dns_query_redirected",
+    "dns_connect_redirected",
+    "dns_tcp_redirected",
+    "dns_tcp_unrecorded",
+    "dns_skipped_proxy",
+    "dns_skipped_not_nameserver",
+    "dns_reply_rewritten",
+    "dns_map_full",
+    "upgrade_probe",
+];
+
+/// `COUNTERS` as ABI 7 laid it out: ABI 6's slots, then the adaptive policy's six.
+pub const ABI7_SLOTS: &[&str] = &[
+    "connect_redirected",
+    "connect_skipped_proxy",
+    "connect_skipped_loopback",
+    "connect_skipped_pod_local",
+    "connect_skipped_port",
+    "connect_skipped_cidr",
+    "connect_skipped_not_included",
+    "connect_skipped_outbound_off",
+    "connect_skipped_source",
+    "connect_refused_source",
+    "connect_no_proxy_direct",
+    "connect_passthrough",
+    "connect_self_inbound",
+    "connect_map_full",
+    "sockhash_insert",
+    "sockhash_insert_failed",
+    "pod_to_pod_insert",
+    "pod_to_pod_skipped",
+    "pod_to_pod_unproven",
+    "sockhash_remove",
+    "listener_insert",
+    "listener_skipped_not_pod",
+    "msg_redirected",
+    "msg_redirected_pod_to_pod",
+    "msg_redirect_failed",
+    "msg_redirect_failed_pod_to_pod",
+    "msg_fallback_reverse",
+    "msg_fallback_pass",
+    "msg_redirect_disabled",
+    "orig_dst_answered",
+    "orig_dst_local",
+    "inbound_assigned",
+    "inbound_skipped_port",
+    "inbound_skipped_local",
+    "inbound_no_listener",
+    "inbound_assign_failed",
+    "inbound_no_proxy_direct",
+    "netns_probe",
+    "pod_quota_exceeded",
+    "dns_query_redirected",
+    "dns_connect_redirected",
+    "dns_tcp_redirected",
+    "dns_tcp_unrecorded",
+    "dns_skipped_proxy",
+    "dns_skipped_not_nameserver",
+    "dns_reply_rewritten",
+    "dns_map_full",
+    "upgrade_probe",
+    "msg_setup_history_hit",
+    "msg_setup_history_miss",
+    "msg_setup_skipped_short_lived",
+    "msg_setup_skipped_memory_pressure",
+    "msg_history_short",
+    "msg_history_long",
+];
+
+/// The slot a counter of the given name has in this build's `COUNTERS`.
+pub fn slot_of(name: &str) -> Option<u32> {
+    Counter::ALL
+        .iter()
+        .find(|c| c.name() == name)
+        .map(|c| c.index())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frozen lists are what those ABIs ran: ABI 6's is ABI 7's first 48 slots (7 only
+    /// appended), and ABI 7's is exactly this release build's layout (the probe build appends
+    /// one). A change of `Counter` without a new frozen list and an ABI bump fails here.
+    #[test]
+    fn frozen_slot_lists_match_the_layouts_they_name() {
+        assert_eq!(ABI6_SLOTS.len(), 48);
+        assert_eq!(&ABI7_SLOTS[..ABI6_SLOTS.len()], ABI6_SLOTS);
+        for (i, name) in ABI7_SLOTS.iter().enumerate() {
+            assert_eq!(Counter::ALL[i].name(), *name, "slot {i}");
+        }
+        #[cfg(not(feature = "abi-probe"))]
+        assert_eq!(Counter::ALL.len(), ABI7_SLOTS.len());
+        #[cfg(feature = "abi-probe")]
+        {
+            assert_eq!(Counter::ALL.len(), ABI7_SLOTS.len() + 1);
+            assert_eq!(Counter::ALL[ABI7_SLOTS.len()].name(), "abi_probe");
+        }
     }
 }

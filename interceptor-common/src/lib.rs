@@ -14,14 +14,17 @@ pub mod counters;
 pub mod dns;
 pub mod event;
 pub mod history;
+pub mod layout;
 pub mod names;
 pub mod origdst;
 pub mod pod;
 pub mod sockmap;
 
-/// Bumped whenever a pinned map's layout or meaning changes: an agent refuses to adopt pinned
-/// state written with another ABI instead of misreading it. Programs may change within one ABI:
-/// an agent of the same ABI replaces them in place and keeps the maps.
+/// Bumped whenever a pinned map's layout or meaning changes (and that map's `layout::MAPS` entry
+/// with it): an agent never reads pinned state with another ABI's layout. Programs may change
+/// within one ABI: an agent of the same ABI replaces them in place and keeps the maps. An agent
+/// of a newer ABI migrates an older one's datapath from `layout::MIGRATES_FROM` on; it refuses
+/// older ones and newer ones (a downgrade).
 ///
 /// 5: `COUNTERS` gained `upgrade_probe` (one more slot).
 /// 6: `SOCKS`/`MSG_FALLBACK` also hold pod→pod keys (`netns` 0, see `sockmap::SockKey`);
@@ -32,8 +35,17 @@ pub mod sockmap;
 /// 7: `--msg-redirect-policy adaptive` (issue 15 item 2): new maps `MSG_HISTORY` and
 /// `CONN_MSGS` (`history`); `COUNTERS` gained `msg_setup_*` and `msg_history_*` slots at its end;
 /// `CONFIG` flags `CONFIG_MSG_ADAPTIVE`, `CONFIG_MSG_BRAKE`; `OrigDst` flag `ORIG_SKIP_SHORT`
-/// (`TUPLE_ORIG`). No existing layout changed.
+/// (`TUPLE_ORIG`). No existing layout changed except `COUNTERS`'s length; `CONFIG` and
+/// `TUPLE_ORIG` keep theirs (an entry without the new flags means what it meant at 6). An agent
+/// of ABI 7 migrates a datapath of ABI 6 (`layout`).
+/// 8 (the `abi-probe` test build only, never released): `COUNTERS` gained `abi_probe`. An agent
+/// of ABI 8 migrates a datapath of ABI 7 or 6: the ABI change the e2e tests exercise (7→8).
+///
+/// Every map's own layout version and how a change of it is migrated: [`layout::MAPS`].
+#[cfg(not(feature = "abi-probe"))]
 pub const ABI_VERSION: u32 = 7;
+#[cfg(feature = "abi-probe")]
+pub const ABI_VERSION: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod_impls {

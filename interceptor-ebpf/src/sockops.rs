@@ -43,6 +43,11 @@ pub fn track_sockets(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         count(Counter::UpgradeProbe);
     }
+    // The ABI test build's difference: a count in the slot only its ABI has.
+    #[cfg(feature = "abi-probe")]
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        count(Counter::AbiProbe);
+    }
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),

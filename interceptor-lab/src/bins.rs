@@ -40,6 +40,29 @@ pub fn upgrade_probe() -> Result<PathBuf> {
 /// File name of the upgrade-probe build, beside `interceptor`.
 pub const UPGRADE_PROBE: &str = "interceptor-upgrade-probe";
 
+/// The "newer agent" of the ABI-migration test: `interceptor` built with `--features abi-probe`
+/// (ABI 7: `COUNTERS` one slot longer, sockops counts `abi_probe`).
+/// `$INTERCEPTOR_ABI_PROBE_BIN`, else `interceptor-abi-probe` beside the product binary, where
+/// `cargo xtask test` and `vm-test` put it.
+pub fn abi_probe() -> Result<PathBuf> {
+    const VAR: &str = "INTERCEPTOR_ABI_PROBE_BIN";
+    if let Some(bin) = std::env::var_os(VAR) {
+        return Ok(PathBuf::from(bin));
+    }
+    let candidate = product()?.with_file_name(ABI_PROBE);
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    bail!(
+        "{} not found: run `cargo xtask test` (it builds `cargo build -p interceptor --features \
+         abi-probe` and copies the binary there) or set {VAR}",
+        candidate.display()
+    )
+}
+
+/// File name of the abi-probe build, beside `interceptor`.
+pub const ABI_PROBE: &str = "interceptor-abi-probe";
+
 fn find(var: &str, name: &str) -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(var) {
         return Ok(PathBuf::from(bin));

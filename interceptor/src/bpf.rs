@@ -5,6 +5,7 @@ pub(crate) mod attach;
 pub mod features;
 pub mod logs;
 pub mod maps;
+mod migrate;
 pub mod occupancy;
 pub mod pins;
 mod sys;
@@ -26,6 +27,15 @@ pub fn links_of(id: u32) -> usize {
         .filter_map(Result::ok)
         .filter(|l| l.program_id() == id)
         .count()
+}
+
+/// Whether the netns link pinned at `path` (a pod's sk_lookup) is still attached to a network
+/// namespace: the kernel detaches it when the namespace goes (its `netns_ino` reads 0).
+pub fn netns_link_attached(path: &std::path::Path) -> std::io::Result<bool> {
+    use std::os::fd::AsFd as _;
+    let link = sys::obj_get(path)?;
+    let (_, target) = sys::link_info(link.as_fd())?;
+    Ok(target as u32 != 0)
 }
 
 /// Whether program `id` is still loaded in the kernel (held by a pin, link or descriptor).
@@ -86,8 +96,9 @@ pub enum Error {
     },
     #[error(
         "the state pinned under {path} was written by an incompatible interceptor (ABI {found}, \
-         this binary uses {expected}): programs of one ABI are upgraded in place, across ABIs \
-         the maps cannot be kept. Stop the old agent, then either run `interceptor uninstall` \
+         this binary uses {expected}): programs of one ABI are upgraded in place, and only \
+         a newer agent migrates an older ABI's maps (`interceptor_common::layout`). Stop the \
+         old agent, then either run `interceptor uninstall` \
          and start this one, or start this one with --replace (pods are not intercepted until \
          it has listed them again)"
     )]
@@ -95,6 +106,41 @@ pub enum Error {
         path: PathBuf,
         found: u32,
         expected: u32,
+    },
+    #[error(
+        "the state pinned under {path} was written by interceptor ABI {found}; this binary (ABI \
+         {expected}) cannot migrate it: {why}. Stop the old agent, then either run `interceptor \
+         uninstall` and start this one, or start this one with --replace (pods are not \
+         intercepted until it has listed them again)"
+    )]
+    AbiNotMigratable {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+        why: String,
+    },
+    #[error(
+        "migrating the datapath pinned under {path} from ABI {found} to ABI {expected} failed \
+         ({source}); nothing was changed: the old datapath runs on and pods stay intercepted. \
+         To move to this build, stop the old agent, then either run `interceptor uninstall` \
+         and start this one, or start this one with --replace (pods are not intercepted until \
+         it has listed them again)"
+    )]
+    MigrationFailed {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(
+        "another agent of this instance runs (pid {pids}) on the datapath of ABI {found} \
+         pinned under {path}: stop the old agent first, then start this one to migrate it"
+    )]
+    MigrationWhileRunning {
+        path: PathBuf,
+        found: u32,
+        pids: String,
     },
     #[error("{what} {path}: {source}")]
     Io {

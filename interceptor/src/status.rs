@@ -181,13 +181,20 @@ impl Status {
             );
         }
         if let Some(r) = &self.datapath {
+            let from = r
+                .migrated_from
+                .map_or_else(String::new, |abi| format!(" from ABI {abi}"));
             let _ = writeln!(
                 out,
-                "started     {} ({} replaced, {} unchanged)",
+                "started     {}{from} ({} replaced, {} unchanged, {} µs)",
                 r.how,
                 r.replaced.len(),
-                r.unchanged.len()
+                r.unchanged.len(),
+                r.micros
             );
+            for what in &r.maps {
+                let _ = writeln!(out, "  map       {what}");
+            }
             for what in &r.not_applied {
                 let _ = writeln!(out, "NOT APPLIED {what}");
             }

@@ -107,25 +107,25 @@ pub fn replace_readme_section(readme: &Path, start: &str, end: &str, body: &str)
     std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
 }
 
-/// Builds `interceptor` with `--features upgrade-probe` (different sockops code, same ABI: the
-/// upgrade test's newer agent) and copies it to `target/debug/interceptor-upgrade-probe`. Same
-/// target dir as the normal build: dependencies are shared, only the interceptor crate and the
-/// eBPF crate are compiled twice. Run before the normal build, which then puts its own
-/// `interceptor` back.
+/// Builds the test builds of `interceptor` and copies each beside it in `target/debug`:
+/// `--features upgrade-probe` (different sockops code, same ABI: the upgrade test's newer agent)
+/// as `interceptor-upgrade-probe`, and `--features abi-probe` (ABI 8 with a layout change: the
+/// ABI-migration test's newer agent) as `interceptor-abi-probe`. Same target dir as the normal
+/// build: dependencies are shared, only the interceptor crate and the eBPF crate (and, for
+/// abi-probe, interceptor-common) are compiled again. Run before the normal build, which then
+/// puts its own `interceptor` back.
 pub fn build_upgrade_probe() -> Result<()> {
-    step("building the upgrade-probe agent (interceptor --features upgrade-probe)");
-    exec(cargo().args([
-        "build",
-        "--package",
-        "interceptor",
-        "--features",
-        "upgrade-probe",
-    ]))?;
     let dir = workspace_root().join("target/debug");
-    std::fs::copy(
-        dir.join("interceptor"),
-        dir.join("interceptor-upgrade-probe"),
-    )
-    .context("copying target/debug/interceptor to interceptor-upgrade-probe")?;
+    for (feature, bin) in [
+        ("upgrade-probe", "interceptor-upgrade-probe"),
+        ("abi-probe", "interceptor-abi-probe"),
+    ] {
+        step(&format!(
+            "building the {feature} agent (interceptor --features {feature})"
+        ));
+        exec(cargo().args(["build", "--package", "interceptor", "--features", feature]))?;
+        std::fs::copy(dir.join("interceptor"), dir.join(bin))
+            .with_context(|| format!("copying target/debug/interceptor to {bin}"))?;
+    }
     Ok(())
 }

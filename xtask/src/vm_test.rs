@@ -226,11 +226,10 @@ impl Suite {
             )?;
             Ok(to)
         };
-        // Found beside `interceptor` by the upgrade test.
-        copy(
-            &self.interceptor.with_file_name("interceptor-upgrade-probe"),
-            "interceptor-upgrade-probe",
-        )?;
+        // Found beside `interceptor` by the upgrade and ABI-migration tests.
+        for probe in ["interceptor-upgrade-probe", "interceptor-abi-probe"] {
+            copy(&self.interceptor.with_file_name(probe), probe)?;
+        }
         Ok(Suite {
             interceptor: copy(&self.interceptor, "interceptor")?,
             lab: copy(&self.lab, "interceptor-lab")?,

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::{
     Error, Maps, OBJECT, Pins,
     maps::open_pinned,
-    sys,
+    migrate, sys,
     upgrade::{self, Report},
 };
 
@@ -48,6 +48,9 @@ pub enum Attached {
     /// Found them pinned and attached, and swapped in this build's programs where their code
     /// differs, keeping the maps.
     Upgraded,
+    /// Found them pinned and attached by an older ABI, moved the maps to this ABI's layouts
+    /// and swapped in every program (`bpf/migrate.rs`).
+    Migrated,
 }
 
 /// A running datapath: the maps, and in `Loaded` mode the object that owns the log buffer.
@@ -78,12 +81,30 @@ impl Datapath {
     /// there (`bpf/upgrade.rs`), else loads, attaches and pins a fresh one. Records what it did
     /// for `interceptor status`.
     pub fn start(pins: Pins, opts: &LoadOptions) -> Result<Self, Error> {
+        // A migration that died in its commit (two renames where bpffs cannot exchange) is
+        // finished or undone first, so the ABI below is read from the maps that run.
+        migrate::recover(&pins)?;
         if pins.is_live() {
             match check_pinned_abi(&pins, false) {
-                Ok(()) => return Self::upgrade(pins, opts),
-                Err(err @ Error::AbiMismatch { .. }) if opts.replace => {
-                    warn!(%err, "replacing the pinned datapath");
-                    teardown(&pins)?;
+                Ok(()) => {
+                    migrate::remove_leftovers(&pins);
+                    return Self::upgrade(pins, opts);
+                }
+                Err(Error::AbiMismatch { found, .. }) => {
+                    let migrated = migrate::plan(&pins, found)
+                        .and_then(|plan| Self::migrate(pins.clone(), opts, &plan));
+                    match migrated {
+                        Ok(dp) => return Ok(dp),
+                        // Never under a running agent: it would lose its datapath.
+                        Err(err)
+                            if opts.replace
+                                && !matches!(err, Error::MigrationWhileRunning { .. }) =>
+                        {
+                            warn!(%err, "replacing the pinned datapath (--replace)");
+                            teardown(&pins)?;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
                 Err(err) => return Err(err),
             }
@@ -104,7 +125,7 @@ impl Datapath {
                 return Err(Error::NoObject);
             }
             let mut ebpf = load_object(&pins, opts)?;
-            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report)?;
+            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report, false)?;
             let mut maps = Maps::open(&pins)?;
             maps.set_global_config(opts.config)?;
             Ok((ebpf, maps))
@@ -136,6 +157,81 @@ impl Datapath {
         }
         report.record(&dp.pins);
         Ok(dp)
+    }
+
+    /// Moves a datapath of an older ABI to this build's (`bpf/migrate.rs`): new maps staged and
+    /// filled beside the old ones, every program swapped on its link, then the new maps' pins
+    /// take the old ones' place. If anything fails before the commit, the old datapath runs on
+    /// as it was and the error says so.
+    fn migrate(pins: Pins, opts: &LoadOptions, plan: &migrate::Plan) -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        // The old agent must be gone: it would go on writing the old maps (and its pod
+        // commands attaching old programs) while this one moves them.
+        let others: Vec<String> = crate::agent::running_agents(&pins)
+            .into_iter()
+            .filter(|&pid| pid != std::process::id())
+            .map(|pid| pid.to_string())
+            .collect();
+        if !others.is_empty() {
+            return Err(Error::MigrationWhileRunning {
+                path: pins.root().to_owned(),
+                found: plan.from(),
+                pids: others.join(", "),
+            });
+        }
+        // No `pod enable` between staging and commit: it would attach the old sk_lookup to
+        // a pod after the swap looked for pods' links, and that link would never be swapped.
+        let _pods = migrate::lock_pods(&pins)?;
+        let start = std::time::Instant::now();
+        let mut report = Report::new("migrated", opts.bpf_log_level as u8);
+        let failed = |source: Error| Error::MigrationFailed {
+            path: pins.root().to_owned(),
+            found: plan.from(),
+            expected: interceptor_common::ABI_VERSION,
+            source: Box::new(source),
+        };
+        let staging = plan.stage(&pins).map_err(failed)?;
+        // A kept CONFIG is the very map the old programs read: written only once the new
+        // programs run, so a rollback leaves the old settings. A new one is written before.
+        let config_kept = plan.keeps(names::map::CONFIG);
+        let result = (|| {
+            let mut ebpf = load_object(&staging, opts)?;
+            plan.fill(&pins, &staging, &mut report)?;
+            // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
+            let mut maps = Maps::open(&staging)?;
+            if !config_kept {
+                maps.set_global_config(opts.config)?;
+            }
+            maps.write_abi()?;
+            upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
+            Ok((ebpf, maps))
+        })();
+        let (ebpf, mut maps) = result
+            .inspect_err(|err| {
+                warn!(%err, from = plan.from(), "migrating the attached datapath failed; it runs on as it was");
+                migrate::abandon(&staging);
+            })
+            .map_err(failed)?;
+        if config_kept && let Err(err) = maps.set_global_config(opts.config) {
+            report.not_applied.push(format!(
+                "this agent's global settings ({err}); the attached datapath runs with the \
+                 previous agent's: restart the agent to write them"
+            ));
+        }
+        drop(maps);
+        migrate::commit(&pins, &staging)?;
+        let maps = Maps::open(&pins)?;
+        report.micros = start.elapsed().as_micros() as u64;
+        migrate::log(&report, start.elapsed());
+        report.record(&pins);
+        Ok(Self {
+            pins,
+            maps,
+            attached: Attached::Migrated,
+            ebpf: Some(ebpf),
+        })
     }
 
     /// Opens a datapath another agent pinned: no program is loaded or attached again.

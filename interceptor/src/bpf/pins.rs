@@ -8,6 +8,7 @@
 //! <root>/progs/<program>       programs, so any process can attach a pod's sk_lookup
 //! <root>/links/<program>       cgroup links: the programs stay attached while these exist
 //! <root>/pods/<id>/sk_lookup   each pod's netns link
+//! <root>/maps_next/<MAP>       an ABI migration's new maps until they replace maps/
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ pub const PRIVATE_DIR_MODE: u32 = 0o700;
 #[derive(Clone, Debug)]
 pub struct Pins {
     root: PathBuf,
+    /// Where the maps are pinned when not `<root>/maps` (an ABI migration's staging set).
+    maps: Option<PathBuf>,
 }
 
 /// A pin root that would make teardown remove state this instance does not own.
@@ -35,7 +38,20 @@ pub struct PinRootError {
 
 impl Pins {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            maps: None,
+        }
+    }
+
+    /// The same instance with its maps pinned under `maps_next/`: where an ABI migration
+    /// builds the new maps before they replace `maps/` (`bpf/migrate.rs`). (bpffs refuses
+    /// names with a dot.)
+    pub fn staging(&self) -> Self {
+        Self {
+            root: self.root.clone(),
+            maps: Some(self.root.join("maps_next")),
+        }
     }
 
     /// `new`, refusing a root that is a bpffs mount itself (or `/`): uninstall removes the
@@ -74,7 +90,7 @@ impl Pins {
     }
 
     pub fn maps_dir(&self) -> PathBuf {
-        self.root.join("maps")
+        self.maps.clone().unwrap_or_else(|| self.root.join("maps"))
     }
 
     pub fn map(&self, name: &str) -> PathBuf {

@@ -16,6 +16,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -177,6 +178,30 @@ pub(super) fn link_info(link: BorrowedFd<'_>) -> io::Result<(u32, u64)> {
         std::mem::size_of::<InfoAttr>(),
     )?;
     Ok((info.prog_id, info.target[0]))
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`: opens the program of the given id (the one a link runs).
+pub(super) fn prog_get_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct GetIdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+        rest: [u8; 52],
+    }
+    let attr = GetIdAttr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+        rest: [0; 52],
+    };
+    let fd = bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        (&attr as *const GetIdAttr).cast(),
+        std::mem::size_of::<GetIdAttr>(),
+    )?;
+    // SAFETY: the kernel returned a new descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: the link runs `new` from the next event on, but only

@@ -29,8 +29,15 @@ use super::{Error, Pins, sys};
 /// How the running agent got its datapath, and what of its settings the datapath does not run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
-    /// `loaded`, `upgraded` or `adopted`.
+    /// `loaded`, `upgraded`, `migrated` (from an older ABI) or `adopted`.
     pub how: String,
+    /// The ABI of the datapath this agent migrated (`how` = `migrated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<u32>,
+    /// What a migration did with each pinned map: kept (with its entries), converted (entries
+    /// carried over), rebuilt, or new beside the old one that drains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maps: Vec<String>,
     /// Programs swapped for this agent's build: `name old-tag -> new-tag`.
     pub replaced: Vec<String>,
     /// Programs whose code (tag) this agent's build shares: left attached as they were.
@@ -38,8 +45,13 @@ pub struct Report {
     /// Settings and code this agent asked for that the attached datapath does not run, each
     /// with what to do about it.
     pub not_applied: Vec<String>,
-    /// Time from loading the object to the last swap, in microseconds.
+    /// Time from loading the object to the last swap (a migration: from staging the maps to
+    /// their commit), in microseconds.
     pub micros: u64,
+    /// Of `micros`: from the first program swap to the last (the rest is loading and
+    /// verifying the programs, and in a migration staging and filling the maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_micros: Option<u64>,
     /// The programs' log level this agent loaded with (aya-log; compared by the next agent).
     pub bpf_log_level: u8,
 }
@@ -87,13 +99,15 @@ enum Done {
     },
 }
 
-/// Swaps the attached programs for `ebpf`'s (loaded against the pinned maps) where their code
-/// differs. On error nothing is left swapped.
+/// Swaps the attached programs for `ebpf`'s (loaded against the maps pinned under `pins`) where
+/// their code differs, or every one with `all` (an ABI migration: the new programs use other
+/// maps, which the tag does not show). On error nothing is left swapped.
 pub(super) fn swap_programs(
     ebpf: &mut Ebpf,
     pins: &Pins,
     cgroup: &Path,
     report: &mut Report,
+    all: bool,
 ) -> Result<(), Error> {
     let start = Instant::now();
     let mut changed = Vec::new();
@@ -109,7 +123,7 @@ pub(super) fn swap_programs(
             .ok_or_else(|| program_err(name, ProgramError::UnexpectedProgramType))?;
         load(p).map_err(|source| program_err(name, source))?;
         let new = p.info().map_err(|source| program_err(name, source))?;
-        if new.tag() == old.tag() {
+        if new.tag() == old.tag() && !all {
             report.unchanged.push(name.to_owned());
             // Only loaded to learn its tag: the attached one stays.
             unload(p).map_err(|source| program_err(name, source))?;
@@ -118,7 +132,12 @@ pub(super) fn swap_programs(
         }
     }
 
+    // sk_msg first: sockets that the new sockops adds to the sockhash (kept in an upgrade, and
+    // in a migration when its layout is unchanged) must get the new sk_msg, never the old one
+    // with maps the new programs no longer use.
+    changed.sort_by_key(|&(name, ..)| name != names::prog::SK_MSG);
     let mut done = Vec::new();
+    let swapping = Instant::now();
     for &(name, old_tag, new_tag) in &changed {
         if let Err(err) = swap(ebpf, pins, name, &mut done) {
             warn!(program = name, %err, "swapping in the new program failed; rolling back");
@@ -135,12 +154,14 @@ pub(super) fn swap_programs(
         repin(ebpf, pins, name);
     }
     report.micros = start.elapsed().as_micros() as u64;
+    report.swap_micros = Some(swapping.elapsed().as_micros() as u64);
     check_cgroup(pins, cgroup, report);
     info!(
         replaced = ?report.replaced,
         unchanged = report.unchanged.len(),
         micros = report.micros,
-        "upgraded the attached datapath in place"
+        swap_micros = report.swap_micros,
+        "swapped the attached programs for this build's"
     );
     Ok(())
 }
@@ -164,7 +185,18 @@ fn swap(ebpf: &Ebpf, pins: &Pins, name: &'static str, done: &mut Vec<Done>) -> R
         }
         names::prog::SK_LOOKUP => {
             for path in pod_links(pins) {
-                update_link(&path, new, old.as_fd(), done)?;
+                match update_link(&path, new, old.as_fd(), done) {
+                    Err(Error::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::ENOLINK) =>
+                    {
+                        // The pod's network namespace is gone (deleted while no agent ran):
+                        // the link is detached and nothing runs on it. Its pin is dropped
+                        // like the agent's reconcile drops a dead pod's.
+                        warn!(link = %path.display(), "pod's sk_lookup link is detached (its network namespace is gone); dropping its pin");
+                        let _ = fs::remove_file(&path);
+                    }
+                    other => other?,
+                }
             }
         }
         _ => update_link(&pins.link(name), new, old.as_fd(), done)?,
@@ -172,13 +204,22 @@ fn swap(ebpf: &Ebpf, pins: &Pins, name: &'static str, done: &mut Vec<Done>) -> R
     Ok(())
 }
 
+/// Swaps `new` in on the pinned link at `path`. The expected old program (`BPF_F_REPLACE`) is
+/// the one the link runs (by its id in the link's info), not `pinned` (the `progs/` pin): after
+/// an agent died between its first swap and its last repin, the two differ, and the next
+/// agent must still complete the swap. `pinned` serves when the kernel reports no program.
 fn update_link(
     path: &Path,
     new: BorrowedFd<'_>,
-    old: BorrowedFd<'_>,
+    pinned: BorrowedFd<'_>,
     done: &mut Vec<Done>,
 ) -> Result<(), Error> {
     let link = sys::obj_get(path).map_err(|e| Error::io("opening link", path, e))?;
+    let running = sys::link_info(link.as_fd())
+        .ok()
+        .filter(|&(id, _)| id != 0)
+        .and_then(|(id, _)| sys::prog_get_fd_by_id(id).ok());
+    let old = running.as_ref().map_or(pinned, |fd| fd.as_fd());
     sys::link_update(link.as_fd(), new, old)
         .map_err(|e| Error::io("updating (BPF_LINK_UPDATE, Linux >= 5.7) link", path, e))?;
     let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
@@ -224,7 +265,8 @@ fn repin(ebpf: &mut Ebpf, pins: &Pins, name: &str) {
         return;
     };
     let path = pins.prog(name);
-    let tmp = pins.progs_dir().join(format!(".{name}.new"));
+    // bpffs refuses names with a dot (EPERM).
+    let tmp = pins.progs_dir().join(format!("next_{name}"));
     let _ = fs::remove_file(&tmp);
     let result = p
         .pin(&tmp)

@@ -1,7 +1,8 @@
 //! Restarts, upgrades and uninstall under load: two meshed pods (sidecars in both, the client's
 //! outbound and the server's inbound captured) carry a bounded stream of requests — one
 //! keep-alive connection and a new connection per request — while the agent is stopped,
-//! killed, restarted, replaced by a build with different BPF code, and finally uninstalled.
+//! killed, restarted, replaced by a build with different BPF code or of the next ABI, and
+//! finally uninstalled.
 //! Every request is counted; none may fail, and every connection must reach the app from its
 //! sidecar (127.0.0.6).
 
@@ -248,6 +249,21 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
     let probe = interceptor_lab::bins::upgrade_probe().expect("the upgrade-probe agent");
     let mut h = Harness::new("upgrade");
     let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
+    let gone = h.pod("gone");
+    h.enable(&gone, &[]);
+    let pod_links = |h: &Harness| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(h.pin_root.join("pods"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("sk_lookup"))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let links_before = pod_links(&h);
+    assert_eq!(links_before.len(), 3, "{links_before:?}");
     let before = h.status();
     assert_eq!(before["datapath"]["how"], "loaded");
     let old_tag = program(&before, "track_sockets")["tag"].clone();
@@ -330,6 +346,237 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
             "program {id} still linked"
         );
     }
+}
+
+/// Every program of the family in `status`, by name: (id, tag, links).
+fn programs(status: &Value) -> Vec<(String, u32, Value, u64)> {
+    status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| {
+            let id = p["id"].as_u64()? as u32;
+            let name = p["name"].as_str()?.to_owned();
+            Some((
+                name,
+                id,
+                p["tag"].clone(),
+                p["links"].as_u64().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+fn map_capacity(status: &Value, name: &str) -> u64 {
+    status["maps"]
+        .as_array()
+        .expect("maps")
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["capacity"].as_u64())
+        .unwrap_or_else(|| panic!("no map {name} in status"))
+}
+
+#[test]
+fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abi");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
+    let gone = h.pod("gone");
+    h.enable(&gone, &[]);
+    let pod_links = |h: &Harness| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(h.pin_root.join("pods"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("sk_lookup"))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let links_before = pod_links(&h);
+    assert_eq!(links_before.len(), 3, "{links_before:?}");
+    let before = h.status();
+    assert_eq!(before["datapath"]["how"], "loaded");
+    assert!(
+        before["counters"].get("abi_probe").is_none(),
+        "the release build has no abi_probe slot"
+    );
+    let old = programs(&before);
+    assert_eq!(old.len(), 10, "{old:?}");
+    let old_counters = map_capacity(&before, "COUNTERS");
+
+    let load = Load::default();
+    let mut report = Value::Null;
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        let kept_before = load.keep_alive.load(Ordering::Relaxed);
+        // A rollout to a build of the next ABI: the old agent stops (keeping the datapath),
+        // the new one starts. Before migration existed it refused here (ABI mismatch).
+        // The 90 s bound of the restart test: a slow (TCG) guest under load takes a while.
+        assert!(
+            h.stop_agent_within(Duration::from_secs(90)),
+            "old agent exits cleanly"
+        );
+        let counted = h.counter("connect_redirected");
+        interceptor_lab::lab::ip(&["netns", "del", &gone.netns]).expect("netns del");
+        // The kernel detaches the link once the namespace is freed (deferred work); before,
+        // the swap on it would succeed and the deleted pod would test nothing.
+        wait_until(Duration::from_secs(30), || {
+            links_before
+                .iter()
+                .any(|p| interceptor::bpf::netns_link_attached(p).is_ok_and(|attached| !attached))
+        });
+        h.bin = probe.clone();
+        h.start_agent(&["--keep-pinned"]);
+        let after = h.status();
+        report = after["datapath"].clone();
+        assert_eq!(report["how"], "migrated", "{report}");
+        assert_eq!(report["migrated_from"], 7, "{report}");
+        let maps: Vec<&str> = report["maps"]
+            .as_array()
+            .expect("maps")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        // The probe build changed COUNTERS only: it is converted, ABI rewritten, the rest
+        // (pod tables, listeners, sockhash, original destinations) kept as they are.
+        for line in &maps {
+            let expected = if line.starts_with("COUNTERS ") {
+                "converted"
+            } else if line.starts_with("ABI ") {
+                "rebuilt"
+            } else {
+                "kept"
+            };
+            assert!(line.contains(expected), "{line}: {maps:?}");
+        }
+        assert_eq!(maps.len(), 22, "{maps:?}");
+        assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
+        let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
+        assert!(
+            human.contains("started     migrated from ABI 7")
+                && human.contains("COUNTERS converted"),
+            "{human}"
+        );
+        // Converted: what the old programs counted is in the new map.
+        assert!(h.counter("connect_redirected") >= counted);
+        assert_eq!(report["not_applied"], serde_json::json!([]), "{report}");
+        // Every program was swapped (they use the new COUNTERS), and the new ones are linked.
+        let new = programs(&after);
+        assert_eq!(new.len(), old.len());
+        assert_eq!(
+            report["replaced"].as_array().map(Vec::len),
+            Some(old.len()),
+            "{report}"
+        );
+        for ((name, old_id, old_tag, old_links), (new_name, new_id, new_tag, links)) in
+            old.iter().zip(&new)
+        {
+            assert_eq!(name, new_name);
+            assert_ne!(old_id, new_id, "{name} was swapped");
+            // Less the deleted pod's detached sk_lookup link, whose pin went.
+            let expected = if name == "steer_inbound" {
+                old_links - 1
+            } else {
+                *old_links
+            };
+            assert_eq!(*links, expected, "{name} is linked where the old one was");
+            if name == "track_sockets" {
+                assert_ne!(
+                    old_tag, new_tag,
+                    "the probe's sockops code is the one pinned"
+                );
+            }
+        }
+        assert!(
+            !h.pin_root.join("maps_next").exists(),
+            "the staging pins took the old ones' place"
+        );
+        // The deleted pod's detached link did not fail the migration; its pin is dropped.
+        let links_after = pod_links(&h);
+        assert_eq!(links_after.len(), 2, "{links_after:?}");
+        assert!(
+            links_after
+                .iter()
+                .all(|p| interceptor::bpf::netns_link_attached(p).unwrap_or(false)),
+            "{links_after:?}"
+        );
+        // New connections run the new code and count in the new map; the keep-alive
+        // connection established before goes on (its sockets stay with the old sk_msg).
+        load.wait_progress(5);
+        assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
+        wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
+    eprintln!(
+        "migration from ABI 7 in {} µs (programs swapped in {} µs): {}",
+        report["micros"].as_u64().unwrap_or_default(),
+        report["swap_micros"].as_u64().unwrap_or_default(),
+        report["maps"]
+    );
+
+    let ids: Vec<u32> = programs(&h.status()).iter().map(|p| p.1).collect();
+    assert!(h.stop_agent(), "agent exits cleanly");
+    let out = h.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!h.pin_root.exists(), "no pins left");
+    // Old and new programs (and so the old maps they held) are freed once their last link,
+    // pin and socket are gone (deferred work).
+    let all: Vec<u32> = ids.iter().copied().chain(old.iter().map(|p| p.1)).collect();
+    wait_until(Duration::from_secs(20), || {
+        all.iter().all(|&id| !interceptor::bpf::program_loaded(id))
+    });
+    for id in all {
+        assert_eq!(
+            interceptor::bpf::links_of(id),
+            0,
+            "program {id} still linked"
+        );
+    }
+}
+
+#[test]
+fn a_downgrade_across_the_abi_is_refused_and_the_datapath_runs_on() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("downgrade");
+    let release = std::mem::replace(&mut h.bin, probe);
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    assert!(h.stop_agent(), "the ABI 8 agent exits cleanly");
+    // An agent of the older ABI cannot read ABI 8's maps: it refuses, saying what to do (a
+    // bound, so an agent that wrongly starts fails the test instead of hanging it).
+    h.bin = release;
+    let out = h
+        .command_via(&["timeout", "30"], &[])
+        .args(["agent", "--keep-pinned"])
+        .output()
+        .expect("running the older agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the older agent refused: {stderr}");
+    assert!(
+        stderr.contains("ABI 8") && stderr.contains("downgrade") && stderr.contains("uninstall"),
+        "{stderr}"
+    );
+    // Nothing changed: the pods are still intercepted by the ABI 8 datapath.
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"after").expect("echo"), b"after");
+    let seen = echo.seen();
+    assert!(!seen.is_empty() && seen.iter().all(|s| s.peer.ip() == PASSTHROUGH));
+    let out = h.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!h.pin_root.exists(), "no pins left");
 }
 
 #[test]

@@ -1,0 +1,134 @@
+//! Versioned map layouts: for every pinned map, the ABI at which its layout (type, key, value,
+//! size or meaning) last changed, and what an agent of a newer ABI does with an older one's
+//! contents. An agent that finds a datapath of an older ABI attached (`interceptor/src/bpf/migrate.rs`):
+//! - **keeps** every map whose layout is the same in both ABIs — the very kernel object, shared
+//!   by the old and new programs, so nothing is copied and nothing written meanwhile is lost;
+//! - creates the others fresh and fills them according to their [`Migration`];
+//! - then swaps every program on its link, so there is never a moment without one.
+
+use crate::names::map;
+
+/// The oldest pinned ABI this build migrates from (the first whose layouts are written down
+/// here). Older ones, and newer ones (a downgrade), are refused with what to do.
+pub const MIGRATES_FROM: u32 = 6;
+
+/// What a newer agent does with a map whose layout changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// Entries converted in user space, old layout to new, before the programs are swapped.
+    /// Needs a converter for the old layout; without one the migration is refused.
+    Convert,
+    /// Written from what the agent knows (its options, the ABI number).
+    Rebuild,
+    /// Per-connection state: the new map starts empty, the old one lives on for the
+    /// connections already in it (an established socket keeps the sk_msg program it joined
+    /// with, and that program keeps its maps alive) and is freed with the last of them.
+    Drain,
+    /// Not carried over yet: no converter or rebuild is written, so the migration is refused.
+    /// (The listener sockhash would be rebuilt from the registry's listener resolution, which
+    /// holds the sockets; connection-owned maps such as the original destinations need a
+    /// copy after connect is swapped and before getsockopt is, see migrate.rs.)
+    Unsupported,
+}
+
+/// One pinned map: when its layout last changed and how a change is migrated.
+#[derive(Clone, Copy, Debug)]
+pub struct MapLayout {
+    pub name: &'static str,
+    /// The ABI at which this map's layout last changed. Maps of [`MIGRATES_FROM`] or older
+    /// say `MIGRATES_FROM`: only differences after it matter.
+    pub since: u32,
+    pub migration: Migration,
+}
+
+const fn m(name: &'static str, since: u32, migration: Migration) -> MapLayout {
+    MapLayout {
+        name,
+        since,
+        migration,
+    }
+}
+
+/// `COUNTERS` gained the `msg_setup_*`/`msg_history_*` slots at ABI 7, and `abi_probe` in the
+/// `abi-probe` test build (ABI 8).
+#[cfg(feature = "abi-probe")]
+const COUNTERS_SINCE: u32 = 8;
+#[cfg(not(feature = "abi-probe"))]
+const COUNTERS_SINCE: u32 = 7;
+
+/// Every pinned map (`names::map::PINNED`, same order).
+pub const MAPS: &[MapLayout] = &[
+    // Written by the agent from its options at every start. ABI 7 added flags
+    // (`CONFIG_MSG_ADAPTIVE`, `CONFIG_MSG_BRAKE`), not fields: same layout, kept (and
+    // written with this agent's settings once the programs are swapped).
+    m(map::CONFIG, 6, Migration::Rebuild),
+    // Always fresh in a migration: it holds the ABI number itself.
+    m(map::ABI, crate::ABI_VERSION, Migration::Rebuild),
+    m(map::POD_CONFIG, 6, Migration::Unsupported),
+    m(map::POD_IPS, 6, Migration::Unsupported),
+    m(map::POD_PORTS, 6, Migration::Unsupported),
+    m(map::CIDR_EXCLUDE, 6, Migration::Unsupported),
+    m(map::CIDR_INCLUDE, 6, Migration::Unsupported),
+    m(map::POD_INFO, 6, Migration::Unsupported),
+    m(map::POD_LISTENER, 6, Migration::Unsupported),
+    m(map::POD_LISTENER6, 6, Migration::Unsupported),
+    m(map::LISTENERS, 6, Migration::Unsupported),
+    m(map::COOKIE_ORIG, 6, Migration::Unsupported),
+    // ABI 7 added the flag `ORIG_SKIP_SHORT`; an entry without it means what it meant at 6.
+    m(map::TUPLE_ORIG, 6, Migration::Unsupported),
+    m(map::SOCKS, 6, Migration::Drain),
+    m(map::MSG_FALLBACK, 6, Migration::Drain),
+    m(map::PEER_SEQ, 6, Migration::Drain),
+    m(map::COUNTERS, COUNTERS_SINCE, Migration::Convert),
+    // A probe's entry lives for one agent call.
+    m(map::NETNS_PROBE, 6, Migration::Drain),
+    // Events not yet read by the old agent are lost either way (it is stopped).
+    m(map::EVENTS, 6, Migration::Drain),
+    m(map::DNS_ORIG, 6, Migration::Unsupported),
+    // New at ABI 7 (`--msg-redirect-policy adaptive`): created empty when migrating from 6.
+    // A hint learned from closed connections: an empty one means the default (join the
+    // sockhash) until it learns again.
+    m(map::MSG_HISTORY, 7, Migration::Drain),
+    // New at ABI 7: per connection; a connection without an entry is one sockops did not
+    // decide for (all those established before the migration), as at ABI 6.
+    m(map::CONN_MSGS, 7, Migration::Drain),
+];
+
+/// The maps of one connection's sockhash state: sk_msg looks a socket up in `SOCKS`, its
+/// fallback in `MSG_FALLBACK`, the pod→pod peer in `PEER_SEQ`, the adaptive count in
+/// `CONN_MSGS`. Programs of one family must see one set: those the old ABI had are kept
+/// together or drained together (a new one of this ABI starts empty either way).
+pub const SOCKHASH_GROUP: &[&str] = &[map::SOCKS, map::MSG_FALLBACK, map::PEER_SEQ, map::CONN_MSGS];
+
+/// The layout entry of a pinned map.
+pub fn of(name: &str) -> Option<&'static MapLayout> {
+    MAPS.iter().find(|l| l.name == name)
+}
+
+impl MapLayout {
+    /// Whether a map pinned by an agent of ABI `pinned` has this build's layout (and so is
+    /// kept as it is).
+    pub const fn same_since(&self, pinned: u32) -> bool {
+        self.since <= pinned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pinned_map_has_a_layout() {
+        assert_eq!(MAPS.len(), map::PINNED.len());
+        for (l, name) in MAPS.iter().zip(map::PINNED) {
+            assert_eq!(l.name, *name);
+            assert!(l.since >= MIGRATES_FROM && l.since <= crate::ABI_VERSION);
+        }
+    }
+
+    #[test]
+    fn the_abi_map_is_always_fresh() {
+        let abi = of(map::ABI).expect("ABI");
+        assert!(!abi.same_since(crate::ABI_VERSION - 1));
+    }
+}

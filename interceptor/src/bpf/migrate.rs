@@ -1,0 +1,491 @@
+//! ABI migration: a newer agent finds a datapath of an older ABI attached and moves it to its
+//! own without a moment where pods are not intercepted. The per-map layouts and strategies are
+//! written down in `interceptor_common::layout`; this module carries them out:
+//!
+//! 1. **Plan** — every map whose layout is the same in both ABIs is kept (the same kernel
+//!    object, shared by the old and the new programs: nothing is copied, nothing written
+//!    meanwhile is lost — this includes the original-destination maps, so a connection whose
+//!    connect() ran under the old connect4 is answered by the new getsockopt). Every other map
+//!    needs a converter (`Convert`), is written by the agent (`Rebuild`) or starts empty while
+//!    the old one drains (`Drain`). If one cannot be carried over, the migration is refused
+//!    before anything changes, with what to do.
+//! 2. **Stage** — the kept maps are pinned a second time under `maps_next/`, the object is
+//!    loaded against that directory (aya reuses pinned maps by name and creates the rest), and
+//!    the new maps are filled.
+//! 3. **Swap** — every program is replaced on its link (`bpf/upgrade.rs`: `BPF_LINK_UPDATE`
+//!    on the cgroup links and each pod's sk_lookup link, sk_msg on the sockhash), even those
+//!    whose code is unchanged: they reference the new maps.
+//! 4. **Commit** — `maps_next/` takes the place of `maps/` (one `RENAME_EXCHANGE`), and the old
+//!    pins go. The old maps live on only as long as something holds them: an established
+//!    socket keeps the sk_msg program it joined the sockhash with, and that program its maps.
+//!
+//! If a step before the commit fails, the swapped programs are swapped back and `maps_next/` is
+//! removed: the old datapath runs on unchanged.
+
+use std::{
+    fs::{self, File},
+    os::fd::AsFd as _,
+    time::Duration,
+};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use aya::maps::{MapData, PerCpuArray};
+use interceptor_common::{
+    ABI_VERSION, counters,
+    layout::{self, MapLayout, Migration},
+    names::map,
+};
+use tracing::{info, warn};
+
+use super::{Error, Pins, maps::open_pinned, occupancy, sys, upgrade::Report};
+
+/// Fills one new map from the old one; returns how many entries it carried over.
+type Converter = fn(old: &Pins, new: &Pins) -> Result<usize, Error>;
+
+/// What happens to one map.
+enum Step {
+    Keep,
+    Convert(Converter),
+    Rebuild,
+    Drain,
+}
+
+/// The migration of one pinned datapath, decided before anything changes.
+pub(super) struct Plan {
+    from: u32,
+    steps: Vec<(&'static MapLayout, Step)>,
+}
+
+/// The converter for `name`'s layout as ABI `from` had it, if one is written.
+fn converter(name: &str, from: u32) -> Option<Converter> {
+    match (name, from) {
+        (map::COUNTERS, 6) => Some(convert_counters_v6),
+        (map::COUNTERS, 7) => Some(convert_counters_v7),
+        _ => None,
+    }
+}
+
+/// Decides how to migrate a datapath pinned by an agent of ABI `found`, or refuses.
+pub(super) fn plan(pins: &Pins, found: u32) -> Result<Plan, Error> {
+    let refuse = |why: String| Error::AbiNotMigratable {
+        path: pins.root().to_owned(),
+        found,
+        expected: ABI_VERSION,
+        why,
+    };
+    if found > ABI_VERSION {
+        return Err(refuse(
+            "it is newer than this binary (a downgrade); run the newer agent, or accept a gap"
+                .into(),
+        ));
+    }
+    if found < layout::MIGRATES_FROM {
+        return Err(refuse(format!(
+            "this binary migrates ABI {} and newer",
+            layout::MIGRATES_FROM
+        )));
+    }
+    let mut steps = Vec::new();
+    for l in layout::MAPS {
+        let step = if l.same_since(found) {
+            Step::Keep
+        } else {
+            match l.migration {
+                Migration::Convert => match converter(l.name, found) {
+                    Some(c) => Step::Convert(c),
+                    None => {
+                        return Err(refuse(format!(
+                            "no converter for map {} from ABI {found}",
+                            l.name
+                        )));
+                    }
+                },
+                Migration::Rebuild => Step::Rebuild,
+                Migration::Drain => Step::Drain,
+                Migration::Unsupported => {
+                    return Err(refuse(format!(
+                        "map {}'s layout changed and its contents cannot be carried over",
+                        l.name
+                    )));
+                }
+            }
+        };
+        steps.push((l, step));
+    }
+    unify_sockhash_group(&mut steps, |name| pins.map(name).exists());
+    Ok(Plan { from: found, steps })
+}
+
+/// Keeps or drains the connection maps together (`layout::SOCKHASH_GROUP`): if one the old
+/// ABI had is not kept, none is — the new programs then start on a new set and the old set
+/// drains with the old sk_msg. `existed` says which maps the old ABI pinned.
+fn unify_sockhash_group(steps: &mut [(&'static MapLayout, Step)], existed: impl Fn(&str) -> bool) {
+    let in_group = |l: &MapLayout| layout::SOCKHASH_GROUP.contains(&l.name) && existed(l.name);
+    let mixed = steps
+        .iter()
+        .any(|(l, step)| in_group(l) && !matches!(step, Step::Keep));
+    if mixed {
+        for (l, step) in steps.iter_mut() {
+            if in_group(l) {
+                *step = Step::Drain;
+            }
+        }
+    }
+}
+
+impl Plan {
+    pub(super) fn from(&self) -> u32 {
+        self.from
+    }
+
+    /// Whether the map `name` is kept (the same kernel object as the old programs').
+    pub(super) fn keeps(&self, name: &str) -> bool {
+        self.steps
+            .iter()
+            .any(|(l, step)| l.name == name && matches!(step, Step::Keep))
+    }
+
+    /// Prepares `maps_next/`: empty, with every kept map pinned in it. Returns the staging pins.
+    pub(super) fn stage(&self, pins: &Pins) -> Result<Pins, Error> {
+        let staging = pins.staging();
+        let dir = staging.maps_dir();
+        // A migration that died before its commit left this; the datapath still runs on maps/.
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e))?;
+        }
+        pins.create_private_dir(&dir)
+            .map_err(|e| Error::io("creating", &dir, e))?;
+        for (l, step) in &self.steps {
+            let old = pins.map(l.name);
+            if !matches!(step, Step::Keep) || !old.exists() {
+                continue;
+            }
+            let fd = sys::obj_get(&old).map_err(|e| Error::io("opening", &old, e))?;
+            let new = staging.map(l.name);
+            sys::obj_pin(fd.as_fd(), &new).map_err(|e| Error::io("pinning", &new, e))?;
+        }
+        Ok(staging)
+    }
+
+    /// Fills the new maps of `staging` from the old ones under `pins` (the object is loaded, so
+    /// every map exists) and says what it did with each map in `report`. `Rebuild` maps are
+    /// written by the caller (CONFIG from its options, ABI).
+    pub(super) fn fill(
+        &self,
+        pins: &Pins,
+        staging: &Pins,
+        report: &mut Report,
+    ) -> Result<(), Error> {
+        report.migrated_from = Some(self.from);
+        for (l, step) in &self.steps {
+            let line = match step {
+                Step::Keep => {
+                    let entries = occupancy::map_use(staging, l.name)
+                        .and_then(|u| u.entries)
+                        .map_or_else(String::new, |n| format!(", {n} entries"));
+                    format!("{} kept (same layout{entries})", l.name)
+                }
+                Step::Convert(convert) => {
+                    let n = convert(pins, staging)?;
+                    format!("{} converted ({n} entries)", l.name)
+                }
+                Step::Rebuild => format!("{} rebuilt", l.name),
+                Step::Drain if !pins.map(l.name).exists() => {
+                    format!("{} new (empty; ABI {} had none)", l.name, self.from)
+                }
+                Step::Drain => format!(
+                    "{} new (the old one serves the connections already in it until they close)",
+                    l.name
+                ),
+            };
+            report.maps.push(line);
+        }
+        Ok(())
+    }
+}
+
+fn convert_counters_v6(old: &Pins, new: &Pins) -> Result<usize, Error> {
+    convert_counters(old, new, counters::ABI6_SLOTS)
+}
+
+fn convert_counters_v7(old: &Pins, new: &Pins) -> Result<usize, Error> {
+    convert_counters(old, new, counters::ABI7_SLOTS)
+}
+
+/// `COUNTERS` of an older ABI (`slots`: its frozen layout) into this build's slots, by name.
+/// Runs before the swap, so no program writes the new map meanwhile; what the old programs
+/// count between this copy and the swap (a few milliseconds) stays in the old map.
+fn convert_counters(old: &Pins, new: &Pins, slots: &[&str]) -> Result<usize, Error> {
+    let err = |source| Error::Map {
+        map: map::COUNTERS,
+        source,
+    };
+    let from: PerCpuArray<MapData, u64> = open_pinned(old, map::COUNTERS)?;
+    let mut to: PerCpuArray<MapData, u64> = open_pinned(new, map::COUNTERS)?;
+    let mut carried = 0;
+    for (i, name) in slots.iter().enumerate() {
+        let Some(slot) = counters::slot_of(name) else {
+            continue;
+        };
+        // One value per possible CPU in both maps: copied as they are.
+        let values = from.get(&(i as u32), 0).map_err(err)?;
+        to.set(slot, values, 0).map_err(err)?;
+        carried += 1;
+    }
+    Ok(carried)
+}
+
+/// Puts `maps_next/` in the place of `maps/` and removes the old pins. The programs already
+/// run on the new maps: this only moves names, so `pod`, `status` and the next agent find them.
+pub(super) fn commit(pins: &Pins, staging: &Pins) -> Result<(), Error> {
+    let (current, next) = (pins.maps_dir(), staging.maps_dir());
+    let exchanged = nix::fcntl::renameat2(
+        None,
+        &next,
+        None,
+        &current,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    );
+    if let Err(err) = exchanged {
+        // A kernel whose bpffs cannot exchange: two renames, `maps/` missing for a moment (a
+        // `pod` command then fails and says so; the datapath is not affected). An agent that
+        // dies between them is finished by the next one ([`recover`]).
+        warn!(%err, "bpffs cannot exchange names; renaming in two steps");
+        let old = old_dir(pins);
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(&current, &old).map_err(|e| Error::io("renaming", &current, e))?;
+        if let Err(e) = fs::rename(&next, &current) {
+            // Put the old names back: `maps/` must not stay missing.
+            if let Err(back) = fs::rename(&old, &current) {
+                warn!(%back, "could not rename maps_old back to maps; the next agent restores it");
+            }
+            return Err(Error::io("renaming", &next, e));
+        }
+        fs::remove_dir_all(&old).map_err(|e| Error::io("removing", &old, e))?;
+        return Ok(());
+    }
+    // `next` now holds the old maps' pins.
+    fs::remove_dir_all(&next).map_err(|e| Error::io("removing", &next, e))?;
+    Ok(())
+}
+
+fn old_dir(pins: &Pins) -> std::path::PathBuf {
+    pins.root().join("maps_old")
+}
+
+/// Finishes or undoes a commit that stopped between its two renames (an agent killed there, or
+/// a failed rename): with `maps/` missing, `maps_next/` is the set the programs run on (the
+/// swap came before the commit), so it becomes `maps/`; with only `maps_old/`, that is put
+/// back. Then a `maps_old/` beside `maps/` is the old set: removed.
+pub(super) fn recover(pins: &Pins) -> Result<(), Error> {
+    let (current, next, old) = (pins.maps_dir(), pins.staging().maps_dir(), old_dir(pins));
+    if !current.exists() {
+        for from in [&next, &old] {
+            if from.is_dir() {
+                warn!(from = %from.display(), "maps/ is missing after an interrupted migration; restoring it");
+                fs::rename(from, &current).map_err(|e| Error::io("renaming", from, e))?;
+                break;
+            }
+        }
+    }
+    if current.exists() && old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io("removing", &old, e))?;
+    }
+    Ok(())
+}
+
+/// With the pinned ABI this build's: a `maps_next/` or `maps_old/` is left from a migration
+/// that died (before its commit, or after it) and pins maps nothing uses any more.
+pub(super) fn remove_leftovers(pins: &Pins) {
+    for dir in [pins.staging().maps_dir(), old_dir(pins)] {
+        if dir.exists() {
+            info!(dir = %dir.display(), "removing what an interrupted migration left");
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// Takes the pod registry's lock (`Registry::lock`'s), held from staging through commit.
+pub(super) fn lock_pods(pins: &Pins) -> Result<Flock<File>, Error> {
+    let dir = pins.run_dir();
+    fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    let path = dir.join("pods.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("opening", &path, e))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::io("locking", &path, e.into()))
+}
+
+/// Removes a staging directory after a failed migration (best effort).
+pub(super) fn abandon(staging: &Pins) {
+    let _ = fs::remove_dir_all(staging.maps_dir());
+}
+
+/// Logs the outcome.
+pub(super) fn log(report: &Report, took: Duration) {
+    info!(
+        from = report.migrated_from,
+        to = ABI_VERSION,
+        maps = ?report.maps,
+        micros = took.as_micros() as u64,
+        "migrated the attached datapath to this ABI"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(found: u32) -> String {
+        match plan(&Pins::new("/sys/fs/bpf/icpt-x"), found) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("ABI {found} planned"),
+        }
+    }
+
+    #[test]
+    fn refuses_a_downgrade_and_unknown_old_abis_saying_what_to_do() {
+        let newer = refused(ABI_VERSION + 1);
+        assert!(newer.contains("downgrade"), "{newer}");
+        assert!(newer.contains("interceptor uninstall"), "{newer}");
+        let old = refused(layout::MIGRATES_FROM - 1);
+        assert!(old.contains("migrates ABI"), "{old}");
+    }
+
+    #[test]
+    fn the_connection_maps_are_kept_or_drained_together() {
+        let step = |name| {
+            let l = layout::of(name).expect("layout");
+            let step = if name == map::PEER_SEQ {
+                Step::Drain
+            } else {
+                Step::Keep
+            };
+            (l, step)
+        };
+        let mut steps = vec![
+            step(map::SOCKS),
+            step(map::MSG_FALLBACK),
+            step(map::PEER_SEQ),
+            step(map::CONN_MSGS),
+            step(map::POD_CONFIG),
+        ];
+        // CONN_MSGS did not exist in the old ABI: not part of the old set.
+        unify_sockhash_group(&mut steps, |name| name != map::CONN_MSGS);
+        let drained: Vec<&str> = steps
+            .iter()
+            .filter(|(_, s)| matches!(s, Step::Drain))
+            .map(|(l, _)| l.name)
+            .collect();
+        assert_eq!(drained, [map::SOCKS, map::MSG_FALLBACK, map::PEER_SEQ]);
+        // All kept: nothing changes.
+        let mut kept = vec![step(map::SOCKS), step(map::MSG_FALLBACK)];
+        unify_sockhash_group(&mut kept, |_| true);
+        assert!(kept.iter().all(|(_, s)| matches!(s, Step::Keep)));
+    }
+
+    /// A scratch root (plain files stand in for pins: only names move).
+    fn scratch(name: &str, dirs: &[&str]) -> Pins {
+        let root = std::env::temp_dir().join(format!("icpt-mig-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in dirs {
+            fs::create_dir_all(root.join(d)).expect("mkdir");
+            fs::write(root.join(d).join("WHICH"), d).expect("write");
+        }
+        Pins::new(root)
+    }
+
+    fn which(pins: &Pins) -> Option<String> {
+        fs::read_to_string(pins.maps_dir().join("WHICH")).ok()
+    }
+
+    /// Killed between the two renames: maps/ is gone, the programs run on maps_next/'s maps.
+    #[test]
+    fn an_interrupted_two_step_commit_is_finished_at_start() {
+        let pins = scratch("finish", &["maps_old", "maps_next"]);
+        recover(&pins).expect("recover");
+        assert_eq!(which(&pins).as_deref(), Some("maps_next"));
+        assert!(!pins.root().join("maps_old").exists());
+        assert!(!pins.staging().maps_dir().exists());
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    /// The second rename failed and so did renaming back: the old set is restored.
+    #[test]
+    fn a_lone_maps_old_is_put_back() {
+        let pins = scratch("restore", &["maps_old"]);
+        recover(&pins).expect("recover");
+        assert_eq!(which(&pins).as_deref(), Some("maps_old"));
+        assert!(!pins.root().join("maps_old").exists());
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    #[test]
+    fn an_intact_maps_dir_is_left_alone_and_leftovers_go_once_the_abi_is_ours() {
+        let pins = scratch("intact", &["maps", "maps_next"]);
+        recover(&pins).expect("recover");
+        assert_eq!(which(&pins).as_deref(), Some("maps"));
+        // maps_next/ may be a migration about to be retried: only removed by the caller
+        // once the pinned ABI is this build's.
+        assert!(pins.staging().maps_dir().exists());
+        remove_leftovers(&pins);
+        assert!(!pins.staging().maps_dir().exists());
+        assert_eq!(which(&pins).as_deref(), Some("maps"));
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    #[test]
+    fn commit_puts_the_staged_set_in_place() {
+        let pins = scratch("commit", &["maps", "maps_next"]);
+        commit(&pins, &pins.staging()).expect("commit");
+        assert_eq!(which(&pins).as_deref(), Some("maps_next"));
+        assert!(!pins.staging().maps_dir().exists());
+        assert!(!pins.root().join("maps_old").exists());
+        let _ = fs::remove_dir_all(pins.root());
+    }
+
+    /// Nothing of one ABI's layout differs from itself (the in-place upgrade's case).
+    #[test]
+    fn the_same_abi_keeps_every_map() {
+        let plan = plan(&Pins::new("/x"), ABI_VERSION).expect("plan");
+        assert_eq!(plan.steps.len(), map::PINNED.len());
+        for (l, step) in &plan.steps {
+            assert!(matches!(step, Step::Keep), "{}", l.name);
+        }
+    }
+
+    /// The path users take: a release ABI 6 datapath under this release (ABI 7) agent.
+    #[cfg(not(feature = "abi-probe"))]
+    #[test]
+    fn abi_6_converts_the_counters_creates_the_history_maps_and_keeps_the_rest() {
+        let plan = plan(&Pins::new("/x"), 6).expect("plan");
+        for (l, step) in &plan.steps {
+            let expected = match l.name {
+                map::COUNTERS => matches!(step, Step::Convert(_)),
+                map::ABI => matches!(step, Step::Rebuild),
+                map::MSG_HISTORY | map::CONN_MSGS => matches!(step, Step::Drain),
+                _ => matches!(step, Step::Keep),
+            };
+            assert!(expected, "{}", l.name);
+        }
+    }
+
+    #[cfg(feature = "abi-probe")]
+    #[test]
+    fn abi_7_converts_the_counters_and_keeps_the_rest() {
+        let plan = plan(&Pins::new("/x"), 7).expect("plan");
+        for (l, step) in &plan.steps {
+            let expected = match l.name {
+                map::COUNTERS => matches!(step, Step::Convert(_)),
+                map::ABI => matches!(step, Step::Rebuild),
+                _ => matches!(step, Step::Keep),
+            };
+            assert!(expected, "{}", l.name);
+        }
+    }
+}
