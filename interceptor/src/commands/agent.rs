@@ -56,6 +56,12 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
         features: Some(features),
         tcp_pressure_source: args.tcp_pressure_source.clone(),
     };
-    super::runtime()?.block_on(agent::run(opts, signal::shutdown()))?;
+    let rt = super::runtime()?;
+    // Handlers registered before anything is attached (see `signal::shutdown`).
+    let shutdown = {
+        let _entered = rt.enter();
+        signal::shutdown()
+    };
+    rt.block_on(agent::run(opts, shutdown))?;
     Ok(())
 }
