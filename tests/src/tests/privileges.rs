@@ -33,8 +33,16 @@ fn setpriv(bounding: &str) -> Vec<String> {
     ]
 }
 
-fn run_via(h: &Harness, bounding: &str, skip_check: bool, args: &[&str]) -> Output {
-    let wrapper = setpriv(bounding);
+/// `interceptor` run through `prefix` (e.g. `prlimit` and its options, or nothing) and then
+/// `setpriv` keeping `bounding`, with the start-up check skipped if asked.
+fn command_under(
+    h: &Harness,
+    prefix: &[&str],
+    bounding: &str,
+    skip_check: bool,
+) -> std::process::Command {
+    let mut wrapper: Vec<String> = prefix.iter().map(|&p| p.to_owned()).collect();
+    wrapper.extend(setpriv(bounding));
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let env: &[(&str, &str)] = if skip_check {
         &[(SKIP_CHECK_ENV, "1")]
@@ -42,6 +50,10 @@ fn run_via(h: &Harness, bounding: &str, skip_check: bool, args: &[&str]) -> Outp
         &[]
     };
     h.command_via(&wrapper, env)
+}
+
+fn run_via(h: &Harness, bounding: &str, skip_check: bool, args: &[&str]) -> Output {
+    command_under(h, &[], bounding, skip_check)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -332,21 +344,9 @@ fn in_kubernetes_mode_with_exactly_the_named_capabilities_pods_are_intercepted()
 #[test]
 fn cap_sys_resource_is_needed_only_where_bpf_memory_counts_against_memlock() {
     let mut h = Harness::new("capmemlock");
-    let low_memlock = |bounding: &str, skip_check: bool| {
-        let mut wrapper = vec![
-            "prlimit".to_owned(),
-            "--memlock=65536:65536".into(),
-            "--".into(),
-        ];
-        wrapper.extend(setpriv(bounding));
-        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        let env: &[(&str, &str)] = if skip_check {
-            &[(SKIP_CHECK_ENV, "1")]
-        } else {
-            &[]
-        };
-        h.command_via(&wrapper, env)
-    };
+    const LOW_MEMLOCK: &[&str] = &["prlimit", "--memlock=65536:65536", "--"];
+    let low_memlock =
+        |bounding: &str, skip_check: bool| command_under(&h, LOW_MEMLOCK, bounding, skip_check);
     if !kernel_below(&kernel_release(), (5, 11)) {
         let cmd = low_memlock("-sys_resource", false);
         h.spawn_agent_with(cmd, &[])
