@@ -244,6 +244,18 @@ fn twenty_restarts_under_load_fail_no_request() {
     assert_eq!(report["replaced"], serde_json::json!([]), "{report}");
 }
 
+/// Every pod's pinned sk_lookup link under this instance's pin root.
+fn pod_links(h: &Harness) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(h.pin_root.join("pods"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path().join("sk_lookup"))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
     let probe = interceptor_lab::bins::upgrade_probe().expect("the upgrade-probe agent");
@@ -252,16 +264,6 @@ fn upgrade_under_load_swaps_the_code_then_uninstall_leaves_nothing() {
     // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
     let gone = h.pod("gone");
     h.enable(&gone, &[]);
-    let pod_links = |h: &Harness| -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(h.pin_root.join("pods"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.path().join("sk_lookup"))
-                    .filter(|p| p.exists())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let links_before = pod_links(&h);
     assert_eq!(links_before.len(), 3, "{links_before:?}");
     let before = h.status();
@@ -385,16 +387,6 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
     // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
     let gone = h.pod("gone");
     h.enable(&gone, &[]);
-    let pod_links = |h: &Harness| -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(h.pin_root.join("pods"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.path().join("sk_lookup"))
-                    .filter(|p| p.exists())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let links_before = pod_links(&h);
     assert_eq!(links_before.len(), 3, "{links_before:?}");
     let before = h.status();
