@@ -50,21 +50,11 @@ fn many_small_round_trips_keep_their_order() {
     let echo = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
     h.enable(&client, &[]);
     let before = h.counters();
-    let mut stream = connect_from(&client, echo.addr).expect("connect");
+    let stream = connect_from(&client, echo.addr).expect("connect");
     wait_until(Duration::from_secs(30), || {
         h.counters().since(&before, "sockhash_insert") >= 2
     });
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    for i in 0..2000u32 {
-        let msg = [i.to_be_bytes(), (!i).to_be_bytes()].concat();
-        stream.write_all(&msg).expect("write");
-        let mut back = [0u8; 8];
-        stream.read_exact(&mut back).expect("read");
-        assert_eq!(back.as_slice(), msg.as_slice(), "round trip {i}");
-    }
+    round_trips(stream, 2000);
     let after = h.counters();
     // Every app write and every sidecar write toward the app crosses the sockhash.
     assert!(after.since(&before, "msg_redirected") >= 4000);
@@ -626,9 +616,13 @@ fn one_shot(client: &LabPod, addr: SocketAddr, i: usize) {
     assert_eq!(back, msg.as_bytes(), "connection {i}: body");
 }
 
-/// `rounds` 8-byte round trips on one connection (TCP_NODELAY: one message each way each).
+/// `rounds` 8-byte round trips on a new connection (TCP_NODELAY: one message each way each).
 fn ping_pong(client: &LabPod, addr: SocketAddr, rounds: u32) {
-    let mut stream = connect_from(client, addr).expect("connect");
+    round_trips(connect_from(client, addr).expect("connect"), rounds);
+}
+
+/// `rounds` 8-byte round trips on `stream`, each checked in order.
+fn round_trips(mut stream: std::net::TcpStream, rounds: u32) {
     stream.set_nodelay(true).expect("nodelay");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
