@@ -105,19 +105,7 @@ fn fetch_all(target: SocketAddr, rounds: usize) -> Result<usize, String> {
         }
     }
     for n in SIZES {
-        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-            .map_err(|e| format!("connect {target}: {e}"))?;
-        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-        // Written at once after connect: the write that races the peer's sockhash insert.
-        write!(
-            writer,
-            "GET /bytes/{n} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(|e| format!("fresh connection, {n} B: write: {e}"))?;
-        let reader = Patient::new(stream).map_err(|e| e.to_string())?;
-        let (status, body) = read_response(&mut BufReader::new(reader))
-            .map_err(|e| format!("fresh connection, {n} B: read: {e}"))?;
-        check(status, &body, n).map_err(|e| format!("fresh connection: {e}"))?;
+        fetch_fresh(target, n).map_err(|e| format!("fresh connection, {e}"))?;
         checked += 1;
     }
     Ok(checked)
@@ -275,6 +263,7 @@ fn fetch_fresh(target: SocketAddr, n: usize) -> Result<(), String> {
     let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
         .map_err(|e| format!("connect {target}: {e}"))?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    // Written at once after connect: the write that races the peer's sockhash insert.
     write!(
         writer,
         "GET /bytes/{n} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
