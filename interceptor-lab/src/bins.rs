@@ -22,18 +22,10 @@ pub fn lab() -> Result<PathBuf> {
 /// `interceptor-upgrade-probe` beside the product binary, where `cargo xtask test` and
 /// `vm-test` put it.
 pub fn upgrade_probe() -> Result<PathBuf> {
-    const VAR: &str = "INTERCEPTOR_UPGRADE_PROBE_BIN";
-    if let Some(bin) = std::env::var_os(VAR) {
-        return Ok(PathBuf::from(bin));
-    }
-    let candidate = product()?.with_file_name(UPGRADE_PROBE);
-    if candidate.is_file() {
-        return Ok(candidate);
-    }
-    bail!(
-        "{} not found: run `cargo xtask test` (it builds `cargo build -p interceptor --features \
-         upgrade-probe` and copies the binary there) or set {VAR}",
-        candidate.display()
+    probe_build(
+        "INTERCEPTOR_UPGRADE_PROBE_BIN",
+        UPGRADE_PROBE,
+        "upgrade-probe",
     )
 }
 
@@ -41,27 +33,31 @@ pub fn upgrade_probe() -> Result<PathBuf> {
 pub const UPGRADE_PROBE: &str = "interceptor-upgrade-probe";
 
 /// The "newer agent" of the ABI-migration test: `interceptor` built with `--features abi-probe`
-/// (ABI 7: `COUNTERS` one slot longer, sockops counts `abi_probe`).
+/// (ABI 8: `COUNTERS` one slot longer, sockops counts `abi_probe`).
 /// `$INTERCEPTOR_ABI_PROBE_BIN`, else `interceptor-abi-probe` beside the product binary, where
 /// `cargo xtask test` and `vm-test` put it.
 pub fn abi_probe() -> Result<PathBuf> {
-    const VAR: &str = "INTERCEPTOR_ABI_PROBE_BIN";
-    if let Some(bin) = std::env::var_os(VAR) {
+    probe_build("INTERCEPTOR_ABI_PROBE_BIN", ABI_PROBE, "abi-probe")
+}
+
+/// File name of the abi-probe build, beside `interceptor`.
+pub const ABI_PROBE: &str = "interceptor-abi-probe";
+
+/// A test build of `interceptor` with `feature`: `$var`, else `file` beside the product binary.
+fn probe_build(var: &str, file: &str, feature: &str) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(var) {
         return Ok(PathBuf::from(bin));
     }
-    let candidate = product()?.with_file_name(ABI_PROBE);
+    let candidate = product()?.with_file_name(file);
     if candidate.is_file() {
         return Ok(candidate);
     }
     bail!(
         "{} not found: run `cargo xtask test` (it builds `cargo build -p interceptor --features \
-         abi-probe` and copies the binary there) or set {VAR}",
+         {feature}` and copies the binary there) or set {var}",
         candidate.display()
     )
 }
-
-/// File name of the abi-probe build, beside `interceptor`.
-pub const ABI_PROBE: &str = "interceptor-abi-probe";
 
 fn find(var: &str, name: &str) -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(var) {
