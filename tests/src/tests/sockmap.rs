@@ -560,6 +560,154 @@ fn an_impostor_with_the_same_addresses_and_ports_in_another_netns_gets_nothing()
     assert_eq!(&own, b"own");
 }
 
+/// NAT gives two connections the same mirrored tuple: the client pod reaches the server pod
+/// once through a Service address (DNAT in the client pod, as a node-local kube-proxy or a
+/// socket load balancer does) and once directly, both from the same source port. conntrack
+/// remaps the direct connection's source port on the wire (its reply tuple would clash with the
+/// Service connection's), so the direct connection's client end and the Service connection's
+/// server end mirror each other's key without being one connection. The server end's final ACK
+/// is held back until the direct connection's client end has recorded its sequence numbers, so
+/// the server end finds a `PEER_SEQ` entry under its mirrored key — of the other connection.
+/// Joined on the tuple alone, the direct connection's bytes would be redirected into the
+/// Service connection's server socket (each app gets the other's bytes, or none); proven by
+/// the sequence numbers, neither pairs and both keep their own bytes over TCP.
+#[test]
+fn a_nat_source_port_clash_does_not_pair_two_connections() {
+    const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 254);
+    let (h, client, server, echo) = meshed_pair("p2pnat", &["--exclude-outbound-ports", "9000"]);
+    let supported = pod_to_pod_supported(&h);
+    let port = echo.addr.port().to_string();
+    let vip = SocketAddr::new(IpAddr::V4(VIP), echo.addr.port());
+    let to = echo.addr.to_string();
+    crate::iptables_tool(
+        &client,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            &VIP.to_string(),
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ],
+        None,
+    );
+    // The Service connection's source port, chosen first so the server pod can hold back the
+    // last ACK of its handshake (its data segments, which carry PSH, pass).
+    let bind_any = |ip: Ipv4Addr, port: u16| -> std::io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(IpAddr::V4(ip), port).into())?;
+        Ok(s)
+    };
+    let via_vip = client
+        .run(|| bind_any(client.ip, 0))
+        .expect("netns")
+        .expect("bind");
+    let source = via_vip
+        .local_addr()
+        .expect("local")
+        .as_socket()
+        .expect("inet");
+    let sport = source.port().to_string();
+    let hold_ack = [
+        "-p",
+        "tcp",
+        "-s",
+        &client.ip.to_string(),
+        "--sport",
+        &sport,
+        "--dport",
+        &port,
+        "--tcp-flags",
+        "SYN,ACK,FIN,RST,PSH",
+        "ACK",
+        "-j",
+        "DROP",
+    ];
+    let rule = |op: &str| {
+        let mut args = vec![op, "INPUT"];
+        args.extend_from_slice(&hold_ack);
+        crate::iptables_tool(&server, "iptables", &args, None);
+    };
+    rule("-I");
+    let before = h.counters();
+    client
+        .run(|| via_vip.connect_timeout(&vip.into(), Duration::from_secs(5)))
+        .expect("netns")
+        .expect("connect through the Service address");
+    // The direct connection, bound to the same source port: its tuple in the client pod
+    // mirrors the Service connection's server end. It connects at all only because conntrack
+    // moved its source port on the wire (the same tuple would meet the Service connection's
+    // half-open server end).
+    let direct = client
+        .run(|| -> std::io::Result<socket2::Socket> {
+            let s = bind_any(client.ip, source.port())?;
+            s.connect_timeout(&echo.addr.into(), Duration::from_secs(5))?;
+            Ok(s)
+        })
+        .expect("netns")
+        .expect("connect directly from the same source port");
+    assert_eq!(
+        direct.local_addr().expect("local").as_socket(),
+        Some(source)
+    );
+    if supported {
+        // The direct connection's client end recorded its sequence numbers under the key the
+        // Service connection's server end will look up.
+        wait_until(Duration::from_secs(30), || {
+            h.counters().since(&before, "pod_to_pod_insert") >= 1
+        });
+    }
+    rule("-D");
+    // The Service connection's first bytes complete its server end's handshake: that end
+    // decides now, with the direct connection's entry under its mirrored key.
+    let mut via_vip = TcpStream::from(via_vip);
+    via_vip
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    via_vip.write_all(b"svc").expect("write");
+    let mut hello = [0u8; 3];
+    via_vip.read_exact(&mut hello).expect("echo");
+    assert_eq!(&hello, b"svc");
+    // Then both at once, each with its own bytes; each must get exactly its own back.
+    let one = payload(256 << 10);
+    let two: Vec<u8> = one.iter().map(|b| b ^ 0x5a).collect();
+    let (a, b) = (one.clone(), two.clone());
+    let first = std::thread::spawn(move || echo_round_trip(via_vip, &a));
+    let second = echo_round_trip(TcpStream::from(direct), &b);
+    let first = first.join().expect("thread");
+    assert!(
+        first.as_ref().is_ok_and(|back| *back == one),
+        "the Service connection did not get its own bytes back: {:?}",
+        first.map(|b| b.len())
+    );
+    assert!(
+        second.as_ref().is_ok_and(|back| *back == two),
+        "the direct connection did not get its own bytes back: {:?}",
+        second.map(|b| b.len())
+    );
+    assert_eq!(echo.seen().len(), 2, "two connections reached the app");
+    if supported {
+        let after = h.counters();
+        // Neither server end joined: the Service connection's found the other connection's
+        // sequence numbers, the direct connection's (remapped port) found none.
+        assert!(
+            after.since(&before, "pod_to_pod_unproven") >= 2,
+            "{before:?} → {after:?}"
+        );
+        assert_eq!(after.since(&before, "msg_redirected_pod_to_pod"), 0);
+    }
+}
+
 /// The server pod is disabled while short-circuited connections are live: they keep carrying
 /// bytes both ways (their ends stay in the sockhash until they close), new connections reach
 /// the server pod without its sidecar and without the short-circuit, and closing every
