@@ -388,6 +388,11 @@ impl Drop for Harness {
         if self.pin_root.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_root);
         }
+        // And its lock and state files under /run: agents that keep the datapath on stop
+        // (Kubernetes mode, `--keep-pinned`) leave them by design; a removed instance needs
+        // none.
+        let run_dir = interceptor::bpf::pins::Pins::new(&self.pin_root).run_dir();
+        let _ = std::fs::remove_dir_all(run_dir);
     }
 }
 
