@@ -6,11 +6,6 @@
 //! - [`events`]: the datapath's ring buffer (listen events wake a pass) and its log records.
 //! - [`passes`]: what each pass over the pods costs (metrics).
 
-#![allow(
-    unsafe_code,
-    reason = "setrlimit(RLIMIT_MEMLOCK) for 5.10's BPF accounting, RLIMIT_NOFILE for held namespaces, and flock on the instance lock"
-)]
-
 mod brake;
 mod events;
 mod health;
@@ -21,7 +16,6 @@ use std::{
     fs::{self, File, OpenOptions},
     future::Future,
     net::SocketAddr,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -227,8 +221,8 @@ impl Membership {
 
     /// Whether no other agent holds the instance (turns our shared lock into an exclusive one).
     fn last_one(&self) -> bool {
-        // SAFETY: flock on our own open descriptor; converts the lock atomically or fails.
-        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        // flock converts the lock atomically or fails.
+        self.lock.relock(FlockArg::LockExclusiveNonblock).is_ok()
     }
 }
 

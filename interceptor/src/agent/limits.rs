@@ -1,6 +1,7 @@
 //! The agent's resource limits: RLIMIT_MEMLOCK where the kernel charges BPF memory to it
 //! (Linux < 5.11, before memcg accounting), RLIMIT_NOFILE for the pods' namespaces it holds.
 
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tracing::debug;
 
 /// What the datapath can charge to RLIMIT_MEMLOCK on Linux < 5.11: about 40–50 MiB for one
@@ -16,28 +17,13 @@ pub(super) struct Limit {
 }
 
 impl Limit {
-    fn read(resource: libc::__rlimit_resource_t) -> Limit {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into a valid struct.
-        if unsafe { libc::getrlimit(resource, &mut lim) } != 0 {
-            return Limit { soft: 0, hard: 0 };
-        }
-        Limit {
-            soft: lim.rlim_cur,
-            hard: lim.rlim_max,
-        }
+    fn read(resource: Resource) -> Limit {
+        let (soft, hard) = getrlimit(resource).unwrap_or((0, 0));
+        Limit { soft, hard }
     }
 
-    fn write(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> bool {
-        let lim = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit reads a valid struct.
-        unsafe { libc::setrlimit(resource, &lim) == 0 }
+    fn write(resource: Resource, soft: u64, hard: u64) -> bool {
+        setrlimit(resource, soft, hard).is_ok()
     }
 }
 
@@ -66,7 +52,7 @@ pub(super) fn kernel_charges_memlock(release: &str) -> bool {
 }
 
 pub(super) fn memlock() -> Limit {
-    Limit::read(libc::RLIMIT_MEMLOCK)
+    Limit::read(Resource::RLIMIT_MEMLOCK)
 }
 
 /// Whether the agent needs CAP_SYS_RESOURCE for its memlock limit: only where the kernel
@@ -80,9 +66,9 @@ pub(super) fn memlock_needs_capability(kernel_charges: bool, now: Limit) -> bool
 /// the hard one. Returns the limit in force afterwards.
 pub(super) fn raise_memlock() -> Limit {
     let inf = libc::RLIM_INFINITY;
-    if !Limit::write(libc::RLIMIT_MEMLOCK, inf, inf) {
+    if !Limit::write(Resource::RLIMIT_MEMLOCK, inf, inf) {
         let now = memlock();
-        if now.soft < now.hard && !Limit::write(libc::RLIMIT_MEMLOCK, now.hard, now.hard) {
+        if now.soft < now.hard && !Limit::write(Resource::RLIMIT_MEMLOCK, now.hard, now.hard) {
             debug!(
                 "could not raise the memlock soft limit to {}",
                 show(now.hard)
@@ -96,8 +82,8 @@ pub(super) fn raise_memlock() -> Limit {
 /// runtimes often start it at a soft limit of 1 024, so the soft limit goes up to the hard one
 /// (raising the hard one would need CAP_SYS_RESOURCE, which the agent does not ask for).
 pub(super) fn raise_nofile() {
-    let now = Limit::read(libc::RLIMIT_NOFILE);
-    if now.soft < now.hard && !Limit::write(libc::RLIMIT_NOFILE, now.hard, now.hard) {
+    let now = Limit::read(Resource::RLIMIT_NOFILE);
+    if now.soft < now.hard && !Limit::write(Resource::RLIMIT_NOFILE, now.hard, now.hard) {
         debug!("could not raise the open-file soft limit to {}", now.hard);
     }
 }
