@@ -110,7 +110,7 @@ pub async fn dispatch(
             };
             let timeout = cluster.connect_timeout;
             drop(snapshot);
-            // Boxed, like every branch but HTTP/1: an idle HTTP/1 connection's task stays small.
+            // Boxed, like every branch: the task stays as small as `dispatch` itself.
             Box::pin(tcp::proxy(
                 io,
                 orig_dst,
@@ -142,10 +142,13 @@ pub async fn dispatch(
                 last_grpc: std::sync::Mutex::new(None),
             });
             let drain = shared.drain.watch();
+            // Both boxed, as the other branches: the connection's task is sized for its
+            // largest branch, and HTTP/1's inline (~4 KiB of hyper's HTTP/1 state) made every
+            // h2 and TCP connection's task that big too (memory per idle h2 connection).
             if protocol == Protocol::Http2 {
                 Box::pin(http::serve_h2(io, ctx, &limits, drain)).await;
             } else {
-                h1::serve(io, ctx, &limits, drain).await;
+                Box::pin(h1::serve(io, ctx, &limits, drain)).await;
             }
         }
     }

@@ -633,7 +633,6 @@ async fn attempts(
         let Some(endpoint) = cluster.pick(ctx.orig_dst, avoid) else {
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
         };
-        tried.push(endpoint.addr);
         let Some(attempt_body) = body.for_attempt() else {
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream reset\n");
         };
@@ -688,6 +687,9 @@ async fn attempts(
         cluster.record(&endpoint, !outcome.is_endpoint_failure());
         if body.replayable() && !how.upgrade && retry.should_retry(attempt, outcome) {
             debug!(cluster = %cluster.name, endpoint = %endpoint.addr, attempt, ?outcome, "retrying");
+            // Only a retry needs the endpoints tried so far: no allocation for the usual
+            // single attempt.
+            tried.push(endpoint.addr);
             cluster.stats.rq_retry.fetch_add(1, Ordering::Relaxed);
             ctx.metrics.retry(ctx.direction, &cluster.name);
             tokio::time::sleep(retry.backoff(attempt, balancer::random_f64())).await;

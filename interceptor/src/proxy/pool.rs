@@ -13,6 +13,7 @@
 //! An HTTP/1.1 `Upgrade` request gets a connection of its own that never returns to the pool: once
 //! the upstream answers 101 it carries the upgraded protocol.
 
+mod h2c;
 mod heard;
 
 use std::{
@@ -23,7 +24,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -33,19 +34,25 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
-    client::conn::{
-        http1::{self, SendRequest},
-        http2,
-    },
+    client::conn::http1::{self, SendRequest},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, time::Instant};
 
-use self::heard::{Heard, HeardIo};
+use self::{
+    h2c::{BoxError, H2Body, Pipe, PipeError},
+    heard::{Heard, HeardIo},
+};
 use super::cluster::{UpstreamBody, connect};
 
 /// Idle connections kept per endpoint (more are closed when they come back).
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// Upstream h2 windows and send buffer: hyper's client defaults, kept from when this pool used
+/// hyper's client.
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONN_WINDOW: u32 = 5 * 1024 * 1024;
+const H2_MAX_SEND_BUF: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -66,6 +73,27 @@ pub enum SendError {
         #[source]
         source: hyper::Error,
     },
+    #[error("HTTP/2 request to {addr}: {source}")]
+    H2 {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("request body to {addr}: {source}")]
+    Body {
+        addr: SocketAddr,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl SendError {
+    fn from_pipe(addr: SocketAddr, err: PipeError) -> Self {
+        match err {
+            PipeError::Body(source) => SendError::Body { addr, source },
+            PipeError::H2(source) => SendError::H2 { addr, source },
+        }
+    }
 }
 
 /// How upstream HTTP/2 connections behave (from the config's limits, read per request so a
@@ -121,13 +149,15 @@ impl Drop for Pool {
 
 #[derive(Debug)]
 struct H2Conn {
-    sender: http2::SendRequest<UpstreamBody>,
+    sender: h2::client::SendRequest<Bytes>,
     state: Arc<H2State>,
 }
 
 /// What the pool and the connection's task share about one h2 connection.
 #[derive(Debug)]
 struct H2State {
+    /// The connection's task has ended, or the peer sent GOAWAY: no new streams.
+    closed: AtomicBool,
     streams: AtomicUsize,
     /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS as the connection last saw it.
     peer_max_streams: AtomicUsize,
@@ -144,6 +174,15 @@ impl H2State {
             .lock()
             .ok()
             .map(|since| now.saturating_duration_since(*since))
+    }
+}
+
+/// Marks an h2 connection closed when its task ends.
+struct ClosedOnDrop(Arc<H2State>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
     }
 }
 
@@ -205,7 +244,7 @@ impl Pool {
             .map(|m| {
                 m.values()
                     .flatten()
-                    .filter(|c| !c.sender.is_closed())
+                    .filter(|c| !c.state.closed.load(Ordering::Acquire))
                     .count()
             })
             .unwrap_or(0)
@@ -366,7 +405,7 @@ impl Pool {
         Ok(Response::from_parts(
             head,
             PooledBody {
-                body,
+                body: Inner::H1(body),
                 release: None,
                 trailers: None,
             },
@@ -392,10 +431,10 @@ impl Pool {
         &self,
         addr: SocketAddr,
         settings: &H2Settings,
-    ) -> Option<(http2::SendRequest<UpstreamBody>, StreamGuard)> {
+    ) -> Option<(h2::client::SendRequest<Bytes>, StreamGuard)> {
         let mut all = self.h2.lock().ok()?;
         let list = all.get_mut(&addr)?;
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.state.closed.load(Ordering::Acquire));
         let cap = settings.max_requests_per_connection.max(1);
         for c in list.iter() {
             let limit = cap.min(c.state.peer_max_streams.load(Ordering::Acquire));
@@ -416,44 +455,59 @@ impl Pool {
     async fn open_h2(&self, addr: SocketAddr, settings: &H2Settings) -> Result<(), SendError> {
         let stream = self.dial(addr).await?;
         let (socket, mut heard) = HeardIo::new(stream);
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+        let mut builder = h2::client::Builder::new();
         builder
-            .timer(TokioTimer::new())
             // One stream until the peer's SETTINGS say how many it takes (h2 holds the others
             // back until then), so a burst on a new connection is never refused.
             .initial_max_send_streams(1)
             .max_header_list_size(settings.max_header_list_size)
-            .keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout);
-        let (sender, conn) = builder
-            .handshake(TokioIo::new(socket))
+            // hyper's client defaults, which this pool used before it drove h2 itself.
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .max_send_buffer_size(H2_MAX_SEND_BUF)
+            .max_frame_size(16 * 1024)
+            .max_local_error_reset_streams(Some(1024))
+            .enable_push(false);
+        let (sender, mut conn) = builder
+            .handshake::<_, Bytes>(socket)
             .await
-            .map_err(|source| SendError::Request { addr, source })?;
+            .map_err(|source| SendError::H2 { addr, source })?;
         let state = Arc::new(H2State {
+            closed: AtomicBool::new(false),
             streams: AtomicUsize::new(0),
             peer_max_streams: AtomicUsize::new(usize::MAX),
             idle_since: Mutex::new(Instant::now()),
         });
         let idle_timeout = self.idle_timeout;
+        let keepalive = settings
+            .keepalive_interval
+            .map(|every| (every, settings.keepalive_timeout));
+        let mut pinger = keepalive.and_then(|_| conn.ping_pong());
         let watched = state.clone();
         tokio::spawn(async move {
-            // Runs the connection until the upstream closes it, or until no stream has been
-            // open for the idle timeout (dropping it closes the socket; the pool sees it
-            // closed).
-            tokio::pin!(conn);
+            // Marks the connection closed however the task ends (or is dropped).
+            let _closed = ClosedOnDrop(watched.clone());
+            // Runs the connection until the upstream closes it, until no stream has been open
+            // for the idle timeout (dropping it closes the socket), or until a keep-alive PING
+            // goes unanswered.
+            let mut conn = std::pin::pin!(conn);
+            let mut next_ping = keepalive.map(|(every, _)| Instant::now() + every);
             loop {
                 let now = Instant::now();
-                let wait = match watched.idle_for(now) {
+                let mut wait = match watched.idle_for(now) {
                     Some(idle) if idle >= idle_timeout => return,
                     Some(idle) => idle_timeout - idle,
                     None => idle_timeout,
                 };
+                if let Some(at) = next_ping {
+                    wait = wait.min(at.saturating_duration_since(now));
+                }
                 // Each poll also publishes the peer's current stream limit (a later SETTINGS
                 // frame can change it); the first one comes from `heard`.
                 let run = std::future::poll_fn(|cx| {
                     let polled = conn.as_mut().poll(cx);
                     // 1 until h2 has applied the peer's first SETTINGS.
-                    let peer = conn.current_max_send_streams();
+                    let peer = conn.max_concurrent_send_streams();
                     if peer != 1 {
                         watched.peer_max_streams.store(peer, Ordering::Release);
                     }
@@ -463,7 +517,36 @@ impl Pool {
                 tokio::select! {
                     biased;
                     _ = run => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+                let (Some(at), Some((every, timeout)), Some(pinger)) =
+                    (next_ping, keepalive, pinger.as_mut())
+                else {
+                    continue;
+                };
+                let now = Instant::now();
+                if now < at {
+                    continue;
+                }
+                next_ping = Some(now + every);
+                // Pings only while a stream waits on the peer (hyper's default): an idle
+                // connection has its idle timeout.
+                if watched.streams.load(Ordering::Acquire) == 0 {
+                    continue;
+                }
+                if pinger.send_ping(h2::Ping::opaque()).is_err() {
+                    return;
+                }
+                let run = std::future::poll_fn(|cx| conn.as_mut().poll(cx));
+                let pong = std::future::poll_fn(|cx| pinger.poll_pong(cx));
+                tokio::select! {
+                    biased;
+                    _ = run => return,
+                    r = pong => if r.is_err() { return },
+                    () = tokio::time::sleep(timeout) => {
+                        tracing::debug!(%addr, ?timeout, "upstream h2 keep-alive PING unanswered; closing");
+                        return;
+                    }
                 }
             }
         });
@@ -500,7 +583,7 @@ impl Pool {
             }
         };
         state.peer_max_streams.store(max_streams, Ordering::Release);
-        if sender.is_closed() {
+        if state.closed.load(Ordering::Acquire) {
             return Err(SendError::NotHttp2 { addr });
         }
         if let Ok(mut all) = self.h2.lock() {
@@ -526,7 +609,7 @@ impl Pool {
         }
         // Twice at most: a connection found closing hands the request back unsent.
         for _ in 0..2 {
-            let (mut sender, guard) = match self.take_h2(addr, settings) {
+            let (sender, guard) = match self.take_h2(addr, settings) {
                 Some(taken) => taken,
                 None => {
                     let lock = self
@@ -566,26 +649,10 @@ impl Pool {
                     taken
                 }
             };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let (head, body) = resp.into_parts();
-                    let mut pooled = PooledBody {
-                        body,
-                        release: Some(Release::Stream(guard)),
-                        trailers: None,
-                    };
-                    pooled.release_if_done();
-                    return Ok(Response::from_parts(head, pooled));
-                }
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => {
-                        return Err(SendError::Request {
-                            addr,
-                            source: err.into_error(),
-                        });
-                    }
-                },
+            match send_on(addr, sender, guard, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(NotSent::Closing(unsent)) => req = *unsent,
+                Err(NotSent::Failed(err)) => return Err(err),
             }
         }
         Err(SendError::Connect {
@@ -640,13 +707,82 @@ impl Pool {
     ) -> Response<PooledBody> {
         let (head, body) = resp.into_parts();
         let mut pooled = PooledBody {
-            body,
+            body: Inner::H1(body),
             release: Some(Release::Connection(self.clone(), sender, addr)),
             trailers: None,
         };
         pooled.release_if_done();
         Response::from_parts(head, pooled)
     }
+}
+
+/// Why [`send_on`] gave no response.
+enum NotSent {
+    /// The connection was closing: the request, never sent, for another one.
+    Closing(Box<Request<UpstreamBody>>),
+    Failed(SendError),
+}
+
+/// Sends `req` as a stream on `sender`'s connection and waits for the response head, all from
+/// the caller's task; the body goes out from here too when it is already complete.
+async fn send_on(
+    addr: SocketAddr,
+    sender: h2::client::SendRequest<Bytes>,
+    guard: StreamGuard,
+    req: Request<UpstreamBody>,
+) -> Result<Response<PooledBody>, NotSent> {
+    let closing = |err: &h2::Error| err.is_go_away() || err.is_io() || err.is_remote();
+    let mut sender = match sender.ready().await {
+        Ok(s) => s,
+        Err(err) => {
+            if closing(&err) {
+                guard.0.closed.store(true, Ordering::Release);
+                return Err(NotSent::Closing(Box::new(req)));
+            }
+            return Err(NotSent::Failed(SendError::H2 { addr, source: err }));
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    h2c::set_content_length(&mut parts.headers, &parts.method, &body);
+    let eos = body.is_end_stream();
+    let head = Request::from_parts(parts, ());
+    // `ready` just checked the connection, on this thread, which also runs the connection's
+    // task: a failure here is the request's own (or stream ids ran out), never a connection
+    // found closing in between.
+    let (response, send) = match sender.send_request(head, eos) {
+        Ok(sent) => sent,
+        Err(err) => {
+            if closing(&err) {
+                guard.0.closed.store(true, Ordering::Release);
+            }
+            return Err(NotSent::Failed(SendError::H2 { addr, source: err }));
+        }
+    };
+    let cancel = if eos {
+        None
+    } else {
+        // Eagerly: a body already complete goes out now, without a task of its own.
+        let mut pipe = Pipe::new(body, send);
+        match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx))).await {
+            Poll::Ready(Ok(())) => None,
+            Poll::Ready(Err(err)) => return Err(NotSent::Failed(SendError::from_pipe(addr, err))),
+            Poll::Pending => Some(h2c::spawn_pipe(pipe)),
+        }
+    };
+    let resp = response
+        .await
+        .map_err(|source| NotSent::Failed(SendError::H2 { addr, source }))?;
+    if let Some(cancel) = cancel {
+        cancel.disarm();
+    }
+    let (head, recv) = resp.into_parts();
+    let mut pooled = PooledBody {
+        body: Inner::H2(H2Body::new(recv)),
+        release: Some(Release::Stream(guard)),
+        trailers: None,
+    };
+    pooled.release_if_done();
+    Ok(Response::from_parts(head, pooled))
 }
 
 /// An h2-shaped request (absolute URI) as HTTP/1.1: origin-form target, the authority as
@@ -671,10 +807,25 @@ fn as_http1(req: Request<UpstreamBody>) -> Request<UpstreamBody> {
 /// A response body that returns its connection to the pool (HTTP/1.1) or ends its stream's
 /// count (HTTP/2) once read to the end.
 pub struct PooledBody {
-    body: Incoming,
+    body: Inner,
     release: Option<Release>,
     /// Told the trailers (or `None`) when the body ends.
     trailers: Option<TrailersHook>,
+}
+
+/// An HTTP/1.1 response as hyper reads it, or an h2 stream as the h2 crate does.
+enum Inner {
+    H1(Incoming),
+    H2(H2Body),
+}
+
+impl Inner {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
+        }
+    }
 }
 
 /// Called once at the end of a response body with its trailers, if any.
@@ -721,14 +872,21 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut this.body {
+            Inner::H1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            Inner::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+        };
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(trailers) = frame.trailers_ref()
             && let Some(hook) = this.trailers.take()
@@ -756,7 +914,10 @@ impl Body for PooledBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
+        }
     }
 }
 

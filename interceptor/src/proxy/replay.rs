@@ -177,8 +177,27 @@ impl Body for ReplayBody {
         }
     }
 
+    /// Also true once this attempt has sent everything kept and the client's body says it has
+    /// nothing more (an h2 request whose END_STREAM came with its data): the attempt's last
+    /// DATA frame then carries END_STREAM, instead of an empty DATA frame after it.
     fn is_end_stream(&self) -> bool {
-        self.ended
+        if self.ended {
+            return true;
+        }
+        let Ok(shared) = self.shared.lock() else {
+            return false;
+        };
+        if self.attempt != shared.attempt
+            || self.next < shared.dropped
+            || self.next - shared.dropped < shared.chunks.len()
+            || (!self.trailers_sent && shared.trailers.is_some())
+        {
+            return false;
+        }
+        match &shared.source {
+            Some(source) => source.is_end_stream(),
+            None => !shared.failed,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
