@@ -5,8 +5,25 @@
 //!   by the old and new programs, so nothing is copied and nothing written meanwhile is lost;
 //! - creates the others fresh and fills them according to their [`Migration`];
 //! - then swaps every program on its link, so there is never a moment without one.
+//!
+//! Where the contents come from when a layout changes:
+//! - **The pod registry's maps** (pod configs, addresses, port rules, ranges, identity records,
+//!   per-pod listeners, the listener sockhash) are [`Migration::FromRegistry`]. The registry has
+//!   no copy of its own: it *is* these maps (`interceptor/src/registry.rs`: every process sees
+//!   the same state, and a restart loses nothing), and `/run/interceptor` holds only the lock,
+//!   the status report and iptables-mode records. So the old maps are read as pods (identity,
+//!   config, rows — decoded with the old ABI's layout) and each pod is written into the new maps
+//!   by `Maps::write_pod`, the code `pod enable` writes with; each inbound pod's listener is
+//!   found again by the agent's listener resolution (the sockhash holds sockets, which no map
+//!   read returns). A rebuild, not an entry copy: a pod's entries are written as one pod, and a
+//!   new layout's fields come from the code that writes them, not from a converter.
+//! - **The connection-owned maps** (original destinations: `COOKIE_ORIG`, `TUPLE_ORIG`,
+//!   `DNS_ORIG`) are [`Migration::Convert`]: entries are per connection, written by the programs,
+//!   and nothing else knows them. They are copied old to new (a converter per map and old ABI)
+//!   before the programs are swapped, and again between the swap of their writers and that of
+//!   their readers (see `interceptor/src/bpf/migrate.rs`).
 
-use crate::names::map;
+use crate::names::{map, prog};
 
 /// The oldest pinned ABI this build migrates from (the first whose layouts are written down
 /// here). Older ones, and newer ones (a downgrade), are refused with what to do.
@@ -15,19 +32,22 @@ pub const MIGRATES_FROM: u32 = 6;
 /// What a newer agent does with a map whose layout changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Migration {
-    /// Entries converted in user space, old layout to new, before the programs are swapped.
+    /// Entries converted in user space, old layout to new, before the programs are swapped
+    /// (connection-owned maps: again between their writers' swap and their readers').
     /// Needs a converter for the old layout; without one the migration is refused.
     Convert,
     /// Written from what the agent knows (its options, the ABI number).
     Rebuild,
+    /// Rebuilt from the pod registry (read from the old maps) by the code that writes pods in
+    /// normal operation, into the new maps before the programs are swapped. The registry's
+    /// lock is held from staging to commit, so no pod changes meanwhile.
+    FromRegistry,
     /// Per-connection state: the new map starts empty, the old one lives on for the
     /// connections already in it (an established socket keeps the sk_msg program it joined
     /// with, and that program keeps its maps alive) and is freed with the last of them.
     Drain,
-    /// Not carried over yet: no converter or rebuild is written, so the migration is refused.
-    /// (The listener sockhash would be rebuilt from the registry's listener resolution, which
-    /// holds the sockets; connection-owned maps such as the original destinations need a
-    /// copy after connect is swapped and before getsockopt is, see migrate.rs.)
+    /// Not carried over: a layout change of such a map is refused. (No map is left here; kept
+    /// for the next map whose contents cannot be carried over.)
     Unsupported,
 }
 
@@ -56,6 +76,15 @@ const COUNTERS_SINCE: u32 = 8;
 #[cfg(not(feature = "abi-probe"))]
 const COUNTERS_SINCE: u32 = 7;
 
+/// The maps the `abi-probe` test build (ABI 8) declares changed besides `COUNTERS`, so the e2e
+/// migration test runs the registry rebuild (`POD_CONFIG`, `POD_PORTS`, `POD_LISTENER`) and the
+/// connection-map conversion (`COOKIE_ORIG`, `TUPLE_ORIG`) under load. Their types are the
+/// same: only the declared version moves.
+#[cfg(feature = "abi-probe")]
+const PROBED_SINCE: u32 = 8;
+#[cfg(not(feature = "abi-probe"))]
+const PROBED_SINCE: u32 = 6;
+
 /// Every pinned map (`names::map::PINNED`, same order).
 pub const MAPS: &[MapLayout] = &[
     // Written by the agent from its options at every start. ABI 7 added flags
@@ -64,18 +93,22 @@ pub const MAPS: &[MapLayout] = &[
     m(map::CONFIG, 6, Migration::Rebuild),
     // Always fresh in a migration: it holds the ABI number itself.
     m(map::ABI, crate::ABI_VERSION, Migration::Rebuild),
-    m(map::POD_CONFIG, 6, Migration::Unsupported),
-    m(map::POD_IPS, 6, Migration::Unsupported),
-    m(map::POD_PORTS, 6, Migration::Unsupported),
-    m(map::CIDR_EXCLUDE, 6, Migration::Unsupported),
-    m(map::CIDR_INCLUDE, 6, Migration::Unsupported),
-    m(map::POD_INFO, 6, Migration::Unsupported),
-    m(map::POD_LISTENER, 6, Migration::Unsupported),
-    m(map::POD_LISTENER6, 6, Migration::Unsupported),
-    m(map::LISTENERS, 6, Migration::Unsupported),
-    m(map::COOKIE_ORIG, 6, Migration::Unsupported),
+    m(map::POD_CONFIG, PROBED_SINCE, Migration::FromRegistry),
+    m(map::POD_IPS, 6, Migration::FromRegistry),
+    m(map::POD_PORTS, PROBED_SINCE, Migration::FromRegistry),
+    m(map::CIDR_EXCLUDE, 6, Migration::FromRegistry),
+    m(map::CIDR_INCLUDE, 6, Migration::FromRegistry),
+    m(map::POD_INFO, 6, Migration::FromRegistry),
+    m(map::POD_LISTENER, PROBED_SINCE, Migration::FromRegistry),
+    m(map::POD_LISTENER6, 6, Migration::FromRegistry),
+    // Holds sockets: rebuilt by the registry's listener resolution (a listener that opened
+    // meanwhile is found by the agent's first pass after the migration).
+    m(map::LISTENERS, 6, Migration::FromRegistry),
+    // connect4/6 write, sockops reads (and removes) at the handshake's end.
+    m(map::COOKIE_ORIG, PROBED_SINCE, Migration::Convert),
+    // sockops writes, getsockopt reads for the connection's life.
     // ABI 7 added the flag `ORIG_SKIP_SHORT`; an entry without it means what it meant at 6.
-    m(map::TUPLE_ORIG, 6, Migration::Unsupported),
+    m(map::TUPLE_ORIG, PROBED_SINCE, Migration::Convert),
     m(map::SOCKS, 6, Migration::Drain),
     m(map::MSG_FALLBACK, 6, Migration::Drain),
     m(map::PEER_SEQ, 6, Migration::Drain),
@@ -84,7 +117,8 @@ pub const MAPS: &[MapLayout] = &[
     m(map::NETNS_PROBE, 6, Migration::Drain),
     // Events not yet read by the old agent are lost either way (it is stopped).
     m(map::EVENTS, 6, Migration::Drain),
-    m(map::DNS_ORIG, 6, Migration::Unsupported),
+    // sendmsg4/6 write, recvmsg4/6 read.
+    m(map::DNS_ORIG, 6, Migration::Convert),
     // New at ABI 7 (`--msg-redirect-policy adaptive`): created empty when migrating from 6.
     // A hint learned from closed connections: an empty one means the default (join the
     // sockhash) until it learns again.
@@ -99,6 +133,23 @@ pub const MAPS: &[MapLayout] = &[
 /// `CONN_MSGS`. Programs of one family must see one set: those the old ABI had are kept
 /// together or drained together (a new one of this ABI starts empty either way).
 pub const SOCKHASH_GROUP: &[&str] = &[map::SOCKS, map::MSG_FALLBACK, map::PEER_SEQ, map::CONN_MSGS];
+
+/// The connection-owned maps with the programs that write their entries and those that read
+/// them. A migration swaps every writer of a map before any of its readers, and copies the map
+/// again in between (`interceptor/src/bpf/migrate.rs`); `names::prog::ALL` is that order.
+pub const CONNECTION_MAPS: &[(&str, &[&str], &[&str])] = &[
+    (
+        map::COOKIE_ORIG,
+        &[prog::CONNECT4, prog::CONNECT6],
+        &[prog::SOCKOPS],
+    ),
+    (map::TUPLE_ORIG, &[prog::SOCKOPS], &[prog::GETSOCKOPT]),
+    (
+        map::DNS_ORIG,
+        &[prog::SENDMSG4, prog::SENDMSG6],
+        &[prog::RECVMSG4, prog::RECVMSG6],
+    ),
+];
 
 /// The layout entry of a pinned map.
 pub fn of(name: &str) -> Option<&'static MapLayout> {
@@ -123,6 +174,32 @@ mod tests {
         for (l, name) in MAPS.iter().zip(map::PINNED) {
             assert_eq!(l.name, *name);
             assert!(l.since >= MIGRATES_FROM && l.since <= crate::ABI_VERSION);
+        }
+    }
+
+    /// Writers come before readers in the swap order, for every connection-owned map.
+    #[test]
+    fn connection_maps_are_written_before_they_are_read_in_the_swap_order() {
+        let at = |name: &str| prog::ALL.iter().position(|p| *p == name).expect(name);
+        for (map, writers, readers) in CONNECTION_MAPS {
+            assert_eq!(
+                of(map).map(|l| l.migration),
+                Some(Migration::Convert),
+                "{map}"
+            );
+            for w in *writers {
+                for r in *readers {
+                    assert!(at(w) < at(r), "{map}: {w} is swapped after {r}");
+                }
+            }
+        }
+    }
+
+    /// A layout change of any pinned map is carried over (converted, rebuilt or drained).
+    #[test]
+    fn no_map_is_left_unsupported() {
+        for l in MAPS {
+            assert_ne!(l.migration, Migration::Unsupported, "{}", l.name);
         }
     }
 

@@ -125,7 +125,14 @@ impl Datapath {
                 return Err(Error::NoObject);
             }
             let mut ebpf = load_object(&pins, opts)?;
-            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report, false)?;
+            upgrade::swap_programs(
+                &mut ebpf,
+                &pins,
+                &opts.cgroup,
+                &mut report,
+                false,
+                &mut |_| Ok(()),
+            )?;
             let mut maps = Maps::open(&pins)?;
             maps.set_global_config(opts.config)?;
             Ok((ebpf, maps))
@@ -198,14 +205,32 @@ impl Datapath {
         let config_kept = plan.keeps(names::map::CONFIG);
         let result = (|| {
             let mut ebpf = load_object(&staging, opts)?;
-            plan.fill(&pins, &staging, &mut report)?;
-            // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
             let mut maps = Maps::open(&staging)?;
+            plan.fill(&pins, &staging, &mut report, || {
+                // The registry is the old maps: read there, written here by `pod enable`'s code.
+                let old = Maps::open_any_abi(&pins)?;
+                let port = opts.config.inbound_port as u16;
+                crate::registry::rebuild(&old, &mut maps, port)
+                    .map(|done| done.pods)
+                    .map_err(|e| Error::Rebuild(Box::new(e)))
+            })?;
+            // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
             if !config_kept {
                 maps.set_global_config(opts.config)?;
             }
             maps.write_abi()?;
-            upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
+            let mut caught_up = Vec::new();
+            upgrade::swap_programs(
+                &mut ebpf,
+                &staging,
+                &opts.cgroup,
+                &mut report,
+                true,
+                &mut |program| plan.catch_up(&pins, &staging, program, &mut caught_up),
+            )?;
+            report.maps.extend(caught_up.into_iter().map(|(name, n)| {
+                format!("{name} caught up ({n} entries the old programs wrote since)")
+            }));
             Ok((ebpf, maps))
         })();
         let (ebpf, mut maps) = result

@@ -6,15 +6,23 @@
 //!    object, shared by the old and the new programs: nothing is copied, nothing written
 //!    meanwhile is lost — this includes the original-destination maps, so a connection whose
 //!    connect() ran under the old connect4 is answered by the new getsockopt). Every other map
-//!    needs a converter (`Convert`), is written by the agent (`Rebuild`) or starts empty while
-//!    the old one drains (`Drain`). If one cannot be carried over, the migration is refused
-//!    before anything changes, with what to do.
+//!    needs a converter (`Convert`), is written by the agent (`Rebuild`), is rebuilt from the
+//!    pod registry (`FromRegistry`) or starts empty while the old one drains (`Drain`). If one
+//!    cannot be carried over, the migration is refused before anything changes, with what to do.
 //! 2. **Stage** — the kept maps are pinned a second time under `maps_next/`, the object is
 //!    loaded against that directory (aya reuses pinned maps by name and creates the rest), and
-//!    the new maps are filled.
+//!    the new maps are filled: converted maps copied, the registry's pods written by the
+//!    caller's rebuild (`registry::rebuild`, the code `pod enable` writes with).
 //! 3. **Swap** — every program is replaced on its link (`bpf/upgrade.rs`: `BPF_LINK_UPDATE`
 //!    on the cgroup links and each pod's sk_lookup link, sk_msg on the sockhash), even those
-//!    whose code is unchanged: they reference the new maps.
+//!    whose code is unchanged: they reference the new maps. A converted connection map
+//!    (`layout::CONNECTION_MAPS`) is copied once more just before its first reader is swapped:
+//!    its writers are swapped by then (`names::prog::ALL` puts them first), so every entry the
+//!    old writers made — a connection accepted before the upgrade and asked for its original
+//!    destination after — is in the new map before a new reader looks. What stays open is the
+//!    moment between a writer's swap and its reader's: an entry the new writer makes then is
+//!    read by the old reader in the old map (a handshake, or a proxy's accept, that falls in
+//!    those microseconds). Closing it needs the new readers to fall back to the old map.
 //! 4. **Commit** — `maps_next/` takes the place of `maps/` (one `RENAME_EXCHANGE`), and the old
 //!    pins go. The old maps live on only as long as something holds them: an established
 //!    socket keeps the sk_msg program it joined the sockhash with, and that program its maps.
@@ -30,17 +38,30 @@ use std::{
 
 use nix::fcntl::{Flock, FlockArg};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    sys::SyscallError,
+};
 use interceptor_common::{
     ABI_VERSION, counters,
+    dns::DnsOrig,
     layout::{self, MapLayout, Migration},
     names::map,
+    origdst::OrigDst,
+    sockmap::SockKey,
 };
 use tracing::{info, warn};
 
-use super::{Error, Pins, maps::open_pinned, occupancy, sys, upgrade::Report};
+use super::{
+    Error, Pins,
+    maps::{dump, open_pinned},
+    occupancy, sys,
+    upgrade::Report,
+};
 
-/// Fills one new map from the old one; returns how many entries it carried over.
+/// Fills one new map from the old one; returns how many entries it carried over. Run again
+/// for a connection map (`layout::CONNECTION_MAPS`) between its writers' swap and its readers':
+/// a converter leaves entries already in the new map as they are.
 type Converter = fn(old: &Pins, new: &Pins) -> Result<usize, Error>;
 
 /// What happens to one map.
@@ -48,6 +69,7 @@ enum Step {
     Keep,
     Convert(Converter),
     Rebuild,
+    FromRegistry,
     Drain,
 }
 
@@ -62,6 +84,15 @@ fn converter(name: &str, from: u32) -> Option<Converter> {
     match (name, from) {
         (map::COUNTERS, 6) => Some(convert_counters_v6),
         (map::COUNTERS, 7) => Some(convert_counters_v7),
+        // ABIs 6 and 7 wrote the original destinations in this build's layout (7 added a flag
+        // bit that 6's entries lack and mean nothing by): copied as they are.
+        (map::COOKIE_ORIG, 6 | 7) => {
+            Some(|old, new| copy::<u64, OrigDst>(old, new, map::COOKIE_ORIG))
+        }
+        (map::TUPLE_ORIG, 6 | 7) => {
+            Some(|old, new| copy::<SockKey, OrigDst>(old, new, map::TUPLE_ORIG))
+        }
+        (map::DNS_ORIG, 6 | 7) => Some(|old, new| copy::<u64, DnsOrig>(old, new, map::DNS_ORIG)),
         _ => None,
     }
 }
@@ -102,6 +133,7 @@ pub(super) fn plan(pins: &Pins, found: u32) -> Result<Plan, Error> {
                     }
                 },
                 Migration::Rebuild => Step::Rebuild,
+                Migration::FromRegistry => Step::FromRegistry,
                 Migration::Drain => Step::Drain,
                 Migration::Unsupported => {
                     return Err(refuse(format!(
@@ -168,16 +200,31 @@ impl Plan {
         Ok(staging)
     }
 
+    /// Whether a map of the pod registry is rebuilt (the caller's `rebuild` runs).
+    pub(super) fn rebuilds_registry(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|(_, step)| matches!(step, Step::FromRegistry))
+    }
+
     /// Fills the new maps of `staging` from the old ones under `pins` (the object is loaded, so
     /// every map exists) and says what it did with each map in `report`. `Rebuild` maps are
-    /// written by the caller (CONFIG from its options, ABI).
+    /// written by the caller (CONFIG from its options, ABI); `FromRegistry` ones by `rebuild`,
+    /// run once if any is (it writes every pod into the staged set, kept maps included: the
+    /// same values there), which returns how many pods it wrote.
     pub(super) fn fill(
         &self,
         pins: &Pins,
         staging: &Pins,
         report: &mut Report,
+        rebuild: impl FnOnce() -> Result<usize, Error>,
     ) -> Result<(), Error> {
         report.migrated_from = Some(self.from);
+        let pods = if self.rebuilds_registry() {
+            Some(rebuild()?)
+        } else {
+            None
+        };
         for (l, step) in &self.steps {
             let line = match step {
                 Step::Keep => {
@@ -191,6 +238,11 @@ impl Plan {
                     format!("{} converted ({n} entries)", l.name)
                 }
                 Step::Rebuild => format!("{} rebuilt", l.name),
+                Step::FromRegistry => format!(
+                    "{} rebuilt from the pod registry ({} pods)",
+                    l.name,
+                    pods.unwrap_or_default()
+                ),
                 Step::Drain if !pins.map(l.name).exists() => {
                     format!("{} new (empty; ABI {} had none)", l.name, self.from)
                 }
@@ -203,7 +255,57 @@ impl Plan {
         }
         Ok(())
     }
+
+    /// Copies each converted connection map whose readers include `program` once more, just
+    /// before `program` is swapped (its writers are swapped by then: `names::prog::ALL`'s
+    /// order), and records it in `caught_up` (map, entries added). Each map is copied once.
+    pub(super) fn catch_up(
+        &self,
+        pins: &Pins,
+        staging: &Pins,
+        program: &str,
+        caught_up: &mut Vec<(&'static str, usize)>,
+    ) -> Result<(), Error> {
+        for (name, _, readers) in layout::CONNECTION_MAPS {
+            if !readers.contains(&program) || caught_up.iter().any(|(m, _)| m == name) {
+                continue;
+            }
+            let convert = self.steps.iter().find_map(|(l, step)| match step {
+                Step::Convert(c) if l.name == *name => Some(*c),
+                _ => None,
+            });
+            if let Some(convert) = convert {
+                caught_up.push((name, convert(pins, staging)?));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// A connection map of a layout this build shares, old to new, entry by entry. An entry already
+/// in the new map (copied before, or written by a new program since) is left as it is: the
+/// new programs' entry is the newer one.
+fn copy<K: aya::Pod, V: aya::Pod>(
+    old: &Pins,
+    new: &Pins,
+    name: &'static str,
+) -> Result<usize, Error> {
+    let from: HashMap<MapData, K, V> = open_pinned(old, name)?;
+    let mut to: HashMap<MapData, K, V> = open_pinned(new, name)?;
+    let mut copied = 0;
+    for (k, v) in dump(&from) {
+        match to.insert(k, v, BPF_NOEXIST) {
+            Ok(()) => copied += 1,
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => return Err(Error::Map { map: name, source }),
+        }
+    }
+    Ok(copied)
+}
+
+/// `BPF_NOEXIST`: insert only where the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 fn convert_counters_v6(old: &Pins, new: &Pins) -> Result<usize, Error> {
     convert_counters(old, new, counters::ABI6_SLOTS)
@@ -475,17 +577,98 @@ mod tests {
         }
     }
 
+    /// The probe build (ABI 8) declares a registry map and the connection maps changed: the
+    /// e2e migration test runs every path.
     #[cfg(feature = "abi-probe")]
     #[test]
-    fn abi_7_converts_the_counters_and_keeps_the_rest() {
+    fn abi_7_rebuilds_the_registry_converts_the_connections_and_keeps_the_rest() {
         let plan = plan(&Pins::new("/x"), 7).expect("plan");
+        assert!(plan.rebuilds_registry());
         for (l, step) in &plan.steps {
             let expected = match l.name {
-                map::COUNTERS => matches!(step, Step::Convert(_)),
+                map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG => {
+                    matches!(step, Step::Convert(_))
+                }
+                map::POD_CONFIG | map::POD_PORTS | map::POD_LISTENER => {
+                    matches!(step, Step::FromRegistry)
+                }
                 map::ABI => matches!(step, Step::Rebuild),
                 _ => matches!(step, Step::Keep),
             };
             assert!(expected, "{}", l.name);
         }
+    }
+
+    /// Whatever a later build changes, a map that converts has its converter from every ABI
+    /// this build migrates from, and a registry map is rebuilt: no layout change is refused.
+    #[test]
+    fn every_map_is_carried_over_from_every_older_abi() {
+        for from in layout::MIGRATES_FROM..ABI_VERSION {
+            for l in layout::MAPS {
+                match l.migration {
+                    Migration::Convert => assert!(
+                        converter(l.name, from).is_some(),
+                        "no converter for {} from ABI {from}",
+                        l.name
+                    ),
+                    Migration::Unsupported => panic!("{} cannot be carried over", l.name),
+                    Migration::Rebuild | Migration::FromRegistry | Migration::Drain => {}
+                }
+            }
+        }
+    }
+
+    static COPIES: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+
+    fn fake_cookie(_: &Pins, _: &Pins) -> Result<usize, Error> {
+        COPIES.lock().expect("lock").push(map::COOKIE_ORIG);
+        Ok(1)
+    }
+
+    fn fake_tuple(_: &Pins, _: &Pins) -> Result<usize, Error> {
+        COPIES.lock().expect("lock").push(map::TUPLE_ORIG);
+        Ok(2)
+    }
+
+    /// A connection map is copied again once, just before its first reader is swapped (its
+    /// writers are swapped by then); a kept one is never copied.
+    #[test]
+    fn a_connection_map_catches_up_before_its_first_reader_only() {
+        let l = |name| layout::of(name).expect("layout");
+        let plan = Plan {
+            from: 7,
+            steps: vec![
+                (l(map::COOKIE_ORIG), Step::Convert(fake_cookie)),
+                (l(map::TUPLE_ORIG), Step::Convert(fake_tuple)),
+                (l(map::DNS_ORIG), Step::Keep),
+            ],
+        };
+        let pins = Pins::new("/x");
+        let mut caught_up = Vec::new();
+        let mut seen = Vec::new();
+        for program in [
+            interceptor_common::names::prog::SK_MSG,
+            interceptor_common::names::prog::CONNECT4,
+            interceptor_common::names::prog::CONNECT6,
+        ] {
+            plan.catch_up(&pins, &pins.staging(), program, &mut caught_up)
+                .expect("catch up");
+        }
+        // Only writers so far: nothing is copied before them.
+        assert!(caught_up.is_empty(), "{caught_up:?}");
+        for program in interceptor_common::names::prog::ALL {
+            plan.catch_up(&pins, &pins.staging(), program, &mut caught_up)
+                .expect("catch up");
+            seen.push((program, caught_up.len()));
+        }
+        assert_eq!(caught_up, [(map::COOKIE_ORIG, 1), (map::TUPLE_ORIG, 2)]);
+        assert_eq!(
+            *COPIES.lock().expect("lock"),
+            [map::COOKIE_ORIG, map::TUPLE_ORIG]
+        );
+        // COOKIE_ORIG right before sockops, TUPLE_ORIG right before getsockopt.
+        let at = |program| seen.iter().find(|(p, _)| *p == program).map(|s| s.1);
+        assert_eq!(at(interceptor_common::names::prog::SOCKOPS), Some(1));
+        assert_eq!(at(interceptor_common::names::prog::GETSOCKOPT), Some(2));
     }
 }

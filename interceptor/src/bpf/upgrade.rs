@@ -101,13 +101,16 @@ enum Done {
 
 /// Swaps the attached programs for `ebpf`'s (loaded against the maps pinned under `pins`) where
 /// their code differs, or every one with `all` (an ABI migration: the new programs use other
-/// maps, which the tag does not show). On error nothing is left swapped.
+/// maps, which the tag does not show). `before` runs just before each swap, with the program's
+/// name (a migration copies a connection map there, between its writers' and readers' swaps).
+/// On error, its or a swap's, nothing is left swapped.
 pub(super) fn swap_programs(
     ebpf: &mut Ebpf,
     pins: &Pins,
     cgroup: &Path,
     report: &mut Report,
     all: bool,
+    before: &mut dyn FnMut(&'static str) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let start = Instant::now();
     let mut changed = Vec::new();
@@ -139,7 +142,7 @@ pub(super) fn swap_programs(
     let mut done = Vec::new();
     let swapping = Instant::now();
     for &(name, old_tag, new_tag) in &changed {
-        if let Err(err) = swap(ebpf, pins, name, &mut done) {
+        if let Err(err) = before(name).and_then(|()| swap(ebpf, pins, name, &mut done)) {
             warn!(program = name, %err, "swapping in the new program failed; rolling back");
             rollback(done);
             return Err(err);
