@@ -19,9 +19,12 @@
 //!   new layout's fields come from the code that writes them, not from a converter.
 //! - **The connection-owned maps** (original destinations: `COOKIE_ORIG`, `TUPLE_ORIG`,
 //!   `DNS_ORIG`) are [`Migration::Convert`]: entries are per connection, written by the programs,
-//!   and nothing else knows them. They are copied old to new (a converter per map and old ABI)
-//!   before the programs are swapped, and again between the swap of their writers and that of
-//!   their readers (see `interceptor/src/bpf/migrate.rs`).
+//!   and nothing else knows them. While the programs are swapped, old writers and new readers
+//!   run side by side: the new programs read the old map as their `*_PREV` map when their own
+//!   has no entry (the migration pins the old map under that name before loading), and every
+//!   reader is swapped before any writer ([`SWAP_ORDER`]), so no entry is ever where its reader
+//!   does not look. The entries are also copied old to new (a converter per map and old ABI),
+//!   before the swap and again after it, so the next migration finds them all in one map.
 
 use crate::names::{map, prog};
 
@@ -33,7 +36,7 @@ pub const MIGRATES_FROM: u32 = 6;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Migration {
     /// Entries converted in user space, old layout to new, before the programs are swapped
-    /// (connection-owned maps: again between their writers' swap and their readers').
+    /// (connection-owned maps: again after, and read meanwhile through their `*_PREV` maps).
     /// Needs a converter for the old layout; without one the migration is refused.
     Convert,
     /// Written from what the agent knows (its options, the ABI number).
@@ -134,21 +137,53 @@ pub const MAPS: &[MapLayout] = &[
 /// together or drained together (a new one of this ABI starts empty either way).
 pub const SOCKHASH_GROUP: &[&str] = &[map::SOCKS, map::MSG_FALLBACK, map::PEER_SEQ, map::CONN_MSGS];
 
-/// The connection-owned maps with the programs that write their entries and those that read
-/// them. A migration swaps every writer of a map before any of its readers, and copies the map
-/// again in between (`interceptor/src/bpf/migrate.rs`); `names::prog::ALL` is that order.
-pub const CONNECTION_MAPS: &[(&str, &[&str], &[&str])] = &[
-    (
-        map::COOKIE_ORIG,
-        &[prog::CONNECT4, prog::CONNECT6],
-        &[prog::SOCKOPS],
-    ),
-    (map::TUPLE_ORIG, &[prog::SOCKOPS], &[prog::GETSOCKOPT]),
-    (
-        map::DNS_ORIG,
-        &[prog::SENDMSG4, prog::SENDMSG6],
-        &[prog::RECVMSG4, prog::RECVMSG6],
-    ),
+/// A connection-owned map: the programs that write its entries and those that read them, and
+/// the name under which this ABI's programs read the previous ABI's map.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionMap {
+    pub name: &'static str,
+    pub previous: &'static str,
+    pub writers: &'static [&'static str],
+    pub readers: &'static [&'static str],
+}
+
+pub const CONNECTION_MAPS: &[ConnectionMap] = &[
+    ConnectionMap {
+        name: map::COOKIE_ORIG,
+        previous: map::COOKIE_PREV,
+        writers: &[prog::CONNECT4, prog::CONNECT6],
+        readers: &[prog::SOCKOPS],
+    },
+    ConnectionMap {
+        name: map::TUPLE_ORIG,
+        previous: map::TUPLE_PREV,
+        writers: &[prog::SOCKOPS],
+        // sockops reads it too (the accepted end's flags), and is swapped before connect4/6.
+        readers: &[prog::GETSOCKOPT, prog::SOCKOPS],
+    },
+    ConnectionMap {
+        name: map::DNS_ORIG,
+        previous: map::DNS_PREV,
+        writers: &[prog::SENDMSG4, prog::SENDMSG6],
+        readers: &[prog::RECVMSG4, prog::RECVMSG6],
+    },
+];
+
+/// The order in which an upgrade or migration swaps the programs. sk_msg first: sockets the
+/// new sockops adds to a kept sockhash must get the new sk_msg. Then every reader of a
+/// connection map before its writers: a new reader finds an old writer's entry (it falls back
+/// to the old map), while an old reader would not find a new writer's.
+pub const SWAP_ORDER: [&str; 10] = [
+    prog::SK_MSG,
+    prog::GETSOCKOPT,
+    prog::SOCKOPS,
+    prog::CONNECT4,
+    prog::CONNECT6,
+    prog::SK_LOOKUP,
+    prog::RECVMSG4,
+    prog::RECVMSG6,
+    prog::SENDMSG4,
+    prog::SENDMSG6,
 ];
 
 /// The layout entry of a pinned map.
@@ -177,19 +212,20 @@ mod tests {
         }
     }
 
-    /// Writers come before readers in the swap order, for every connection-owned map.
+    /// Every program is swapped once, and a connection map's readers before its writers (a
+    /// program that is both, sockops for TUPLE_ORIG, reads the old map through its fallback).
     #[test]
-    fn connection_maps_are_written_before_they_are_read_in_the_swap_order() {
-        let at = |name: &str| prog::ALL.iter().position(|p| *p == name).expect(name);
-        for (map, writers, readers) in CONNECTION_MAPS {
-            assert_eq!(
-                of(map).map(|l| l.migration),
-                Some(Migration::Convert),
-                "{map}"
-            );
-            for w in *writers {
-                for r in *readers {
-                    assert!(at(w) < at(r), "{map}: {w} is swapped after {r}");
+    fn connection_maps_are_read_before_they_are_written_in_the_swap_order() {
+        let at = |name: &str| SWAP_ORDER.iter().position(|p| *p == name).expect(name);
+        for p in prog::ALL {
+            assert_eq!(SWAP_ORDER.iter().filter(|s| **s == p).count(), 1, "{p}");
+        }
+        for c in CONNECTION_MAPS {
+            assert_eq!(of(c.name).map(|l| l.migration), Some(Migration::Convert));
+            assert!(map::PREVIOUS.contains(&c.previous), "{}", c.name);
+            for w in c.writers {
+                for r in c.readers.iter().filter(|r| *r != w) {
+                    assert!(at(r) < at(w), "{}: {w} is swapped before {r}", c.name);
                 }
             }
         }

@@ -125,14 +125,7 @@ impl Datapath {
                 return Err(Error::NoObject);
             }
             let mut ebpf = load_object(&pins, opts)?;
-            upgrade::swap_programs(
-                &mut ebpf,
-                &pins,
-                &opts.cgroup,
-                &mut report,
-                false,
-                &mut |_| Ok(()),
-            )?;
+            upgrade::swap_programs(&mut ebpf, &pins, &opts.cgroup, &mut report, false)?;
             let mut maps = Maps::open(&pins)?;
             maps.set_global_config(opts.config)?;
             Ok((ebpf, maps))
@@ -219,18 +212,9 @@ impl Datapath {
                 maps.set_global_config(opts.config)?;
             }
             maps.write_abi()?;
-            let mut caught_up = Vec::new();
-            upgrade::swap_programs(
-                &mut ebpf,
-                &staging,
-                &opts.cgroup,
-                &mut report,
-                true,
-                &mut |program| plan.catch_up(&pins, &staging, program, &mut caught_up),
-            )?;
-            report.maps.extend(caught_up.into_iter().map(|(name, n)| {
-                format!("{name} caught up ({n} entries the old programs wrote since)")
-            }));
+            upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
+            // Every old writer is swapped out: what they wrote since the first copy moves too.
+            plan.catch_up(&pins, &staging, &mut report);
             Ok((ebpf, maps))
         })();
         let (ebpf, mut maps) = result

@@ -20,7 +20,7 @@ use aya::{
     Ebpf,
     programs::{Program, ProgramError, ProgramInfo},
 };
-use interceptor_common::names;
+use interceptor_common::{layout, names};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -101,16 +101,14 @@ enum Done {
 
 /// Swaps the attached programs for `ebpf`'s (loaded against the maps pinned under `pins`) where
 /// their code differs, or every one with `all` (an ABI migration: the new programs use other
-/// maps, which the tag does not show). `before` runs just before each swap, with the program's
-/// name (a migration copies a connection map there, between its writers' and readers' swaps).
-/// On error, its or a swap's, nothing is left swapped.
+/// maps, which the tag does not show), in `layout::SWAP_ORDER`. On error nothing is left
+/// swapped.
 pub(super) fn swap_programs(
     ebpf: &mut Ebpf,
     pins: &Pins,
     cgroup: &Path,
     report: &mut Report,
     all: bool,
-    before: &mut dyn FnMut(&'static str) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let start = Instant::now();
     let mut changed = Vec::new();
@@ -135,14 +133,12 @@ pub(super) fn swap_programs(
         }
     }
 
-    // sk_msg first: sockets that the new sockops adds to the sockhash (kept in an upgrade, and
-    // in a migration when its layout is unchanged) must get the new sk_msg, never the old one
-    // with maps the new programs no longer use.
-    changed.sort_by_key(|&(name, ..)| name != names::prog::SK_MSG);
+    // sk_msg first, then the readers of each connection map before its writers (see there).
+    changed.sort_by_key(|&(name, ..)| layout::SWAP_ORDER.iter().position(|p| *p == name));
     let mut done = Vec::new();
     let swapping = Instant::now();
     for &(name, old_tag, new_tag) in &changed {
-        if let Err(err) = before(name).and_then(|()| swap(ebpf, pins, name, &mut done)) {
+        if let Err(err) = swap(ebpf, pins, name, &mut done) {
             warn!(program = name, %err, "swapping in the new program failed; rolling back");
             rollback(done);
             return Err(err);
