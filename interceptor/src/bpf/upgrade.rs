@@ -146,6 +146,7 @@ pub(super) fn swap_programs(
         report
             .replaced
             .push(format!("{name} {old_tag:016x} -> {new_tag:016x}"));
+        stop_here_if_asked(done.len());
     }
     // From here on the new programs run; their pins follow so `pod enable` attaches the new
     // sk_lookup and status shows what runs.
@@ -164,6 +165,20 @@ pub(super) fn swap_programs(
     );
     Ok(())
 }
+
+/// Test hook of the `abi-probe` build only: with `INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP` set,
+/// the process exits (status 3) right after its first program swap, as an agent killed
+/// mid-swap would, so the e2e tests can check that the next agent finishes the job.
+#[cfg(feature = "abi-probe")]
+fn stop_here_if_asked(swapped: usize) {
+    if swapped == 1 && std::env::var_os("INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP").is_some() {
+        warn!("INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP: exiting after the first swap");
+        std::process::exit(3);
+    }
+}
+
+#[cfg(not(feature = "abi-probe"))]
+fn stop_here_if_asked(_swapped: usize) {}
 
 fn swap(ebpf: &Ebpf, pins: &Pins, name: &'static str, done: &mut Vec<Done>) -> Result<(), Error> {
     let new = ebpf

@@ -596,6 +596,90 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
     }
 }
 
+/// Runs `bin` as an agent of `h`'s instance, bounded (a wrongly started agent fails the test
+/// instead of hanging it), with `env` and `args`.
+fn run_agent(h: &Harness, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    h.command_via(&["timeout", "60"], env)
+        .arg("agent")
+        .args(args)
+        .output()
+        .expect("running the agent")
+}
+
+#[test]
+fn a_migration_is_refused_while_the_old_agent_runs_even_with_replace() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abibusy");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let old_pid = h.agent_mut().pid().expect("agent pid");
+    let release = std::mem::replace(&mut h.bin, probe);
+    // The old agent still writes the old maps: moving them under it would lose its writes,
+    // and --replace would take its datapath away. Both refused, naming it.
+    for args in [&["--keep-pinned"][..], &["--keep-pinned", "--replace"]] {
+        let out = run_agent(&h, &[], args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("stop the old agent first") && stderr.contains(&old_pid.to_string()),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!h.pin_root.join("maps_next").exists(), "nothing staged");
+    h.bin = release;
+    assert_eq!(h.status()["datapath"]["how"], "loaded", "untouched");
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"still").expect("echo"), b"still");
+    assert!(echo.seen().iter().all(|s| s.peer.ip() == PASSTHROUGH));
+}
+
+#[test]
+fn a_migration_stopped_after_its_first_swap_is_finished_by_the_next_agent() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abihalf");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let load = Load::default();
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        assert!(
+            h.stop_agent_within(Duration::from_secs(90)),
+            "old agent exits cleanly"
+        );
+        h.bin = probe.clone();
+        // The probe build's hook: the agent dies right after swapping its first program (the
+        // new sk_msg on the old sockhash), with the new maps staged but never committed.
+        let out = run_agent(
+            &h,
+            &[("INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP", "1")],
+            &["--keep-pinned"],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(h.pin_root.join("maps_next").exists(), "left mid-migration");
+        load.wait_progress(3);
+        // The next start finds ABI 7 still pinned and migrates again, over what was left.
+        h.start_agent(&["--keep-pinned"]);
+        let report = h.status()["datapath"].clone();
+        assert_eq!(report["how"], "migrated", "{report}");
+        assert_eq!(report["migrated_from"], 7, "{report}");
+        assert_eq!(
+            report["replaced"].as_array().map(Vec::len),
+            Some(10),
+            "{report}"
+        );
+        assert!(!h.pin_root.join("maps_next").exists(), "committed");
+        load.wait_progress(5);
+        wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
+}
+
 #[test]
 fn a_downgrade_across_the_abi_is_refused_and_the_datapath_runs_on() {
     let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
