@@ -290,8 +290,8 @@ impl Run<'_> {
             filter.push_str(&format!(" --skip {}", shell_quote(skip)));
         }
         let threads = self.threads;
-        // The e2e tests' own switches (e.g. INTERCEPTOR_E2E_RESTARTS_ON_OLD_KERNELS) reach the
-        // guest as they are set here: the guest does not inherit this environment.
+        // The e2e tests' own switches (`INTERCEPTOR_E2E_*`) reach the guest as they are set
+        // here: the guest does not inherit this environment.
         let switches: String = std::env::vars()
             .filter(|(k, _)| k.starts_with("INTERCEPTOR_E2E_"))
             .map(|(k, v)| format!("export {k}={}\n", shell_quote(&v)))

@@ -195,22 +195,9 @@ fn program<'a>(status: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn twenty_restarts_under_load_fail_no_request() {
-    // Known open failure: in the 5.10 TCG guest, inside the full parallel suite, one SIGTERM
-    // round's agent does not exit with success (round 4, twice; a 90 s bound did not help, so
-    // it is not slowness). Run alone there (`cargo xtask vm-test --kernel 5.10 restarts`) it
-    // passes. Skipped below 5.15 until found; 6.1, 6.12 and the host run it in every suite.
-    use interceptor::bpf::features::{kernel_below, kernel_release};
-    if kernel_below(&kernel_release(), (5, 15))
-        && std::env::var_os("INTERCEPTOR_E2E_RESTARTS_ON_OLD_KERNELS").is_none()
-    {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "interceptor-e2e: skipped twenty_restarts_under_load_fail_no_request: open failure \
-             on < 5.15 in the full suite (set INTERCEPTOR_E2E_RESTARTS_ON_OLD_KERNELS=1 to run)"
-        );
-        return;
-    }
+    // Once skipped below 5.15: in the 5.10 TCG guest's full suite one SIGTERM round's agent
+    // did not exit with success. It runs everywhere again since the full 5.10 suite passed it
+    // (2026-12-07); a failure here is that bug back.
     let mut h = Harness::new("restarts");
     let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
     let load = Load::default();
