@@ -80,7 +80,8 @@ const COUNTERS_SINCE: u32 = 8;
 const COUNTERS_SINCE: u32 = 7;
 
 /// The maps the `abi-probe` test build (ABI 8) declares changed besides `COUNTERS`, so the e2e
-/// migration test runs the registry rebuild (`POD_CONFIG`, `POD_PORTS`, `POD_LISTENER`) and the
+/// migration test runs the registry rebuild (`POD_CONFIG`, `POD_PORTS`, `POD_LISTENER`, the
+/// `LISTENERS` sockhash, whose sockets are borrowed from the proxies again) and the
 /// connection-map conversion (`COOKIE_ORIG`, `TUPLE_ORIG`) under load. Their types are the
 /// same: only the declared version moves.
 #[cfg(feature = "abi-probe")]
@@ -106,7 +107,7 @@ pub const MAPS: &[MapLayout] = &[
     m(map::POD_LISTENER6, 6, Migration::FromRegistry),
     // Holds sockets: rebuilt by the registry's listener resolution (a listener that opened
     // meanwhile is found by the agent's first pass after the migration).
-    m(map::LISTENERS, 6, Migration::FromRegistry),
+    m(map::LISTENERS, PROBED_SINCE, Migration::FromRegistry),
     // connect4/6 write, sockops reads (and removes) at the handshake's end.
     m(map::COOKIE_ORIG, PROBED_SINCE, Migration::Convert),
     // sockops writes, getsockopt reads for the connection's life.

@@ -608,7 +608,7 @@ mod tests {
                 map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG => {
                     matches!(step, Step::Convert(_))
                 }
-                map::POD_CONFIG | map::POD_PORTS | map::POD_LISTENER => {
+                map::POD_CONFIG | map::POD_PORTS | map::POD_LISTENER | map::LISTENERS => {
                     matches!(step, Step::FromRegistry)
                 }
                 map::ABI => matches!(step, Step::Rebuild),

@@ -449,8 +449,8 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             .iter()
             .filter_map(Value::as_str)
             .collect();
-        // The probe build declares COUNTERS, two registry maps and the per-pod listeners,
-        // and two original-destination maps changed: the counters and the connection maps
+        // The probe build declares COUNTERS, two registry maps, the per-pod listeners and the
+        // listener sockhash, and two original-destination maps changed: the counters and the connection maps
         // are converted (the latter caught up again between their writers' and readers'
         // swaps), the registry's rebuilt from its four pods (the deleted one included: the
         // agent's first pass collects it), ABI rewritten, the rest kept as they are.
@@ -460,7 +460,7 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
                 "COUNTERS" => "converted",
                 "COOKIE_ORIG" | "TUPLE_ORIG" if line.contains("caught up") => "entries",
                 "COOKIE_ORIG" | "TUPLE_ORIG" => "converted",
-                "POD_CONFIG" | "POD_PORTS" | "POD_LISTENER" => {
+                "POD_CONFIG" | "POD_PORTS" | "POD_LISTENER" | "LISTENERS" => {
                     "rebuilt from the pod registry (4 pods)"
                 }
                 "ABI" => "rebuilt",
