@@ -24,6 +24,14 @@ pub mod map {
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
     pub const EVENTS: &str = "EVENTS";
     pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const COOKIE_PREV: &str = "COOKIE_PREV";
+    pub const TUPLE_PREV: &str = "TUPLE_PREV";
+    pub const DNS_PREV: &str = "DNS_PREV";
+
+    /// The previous ABI's connection maps, as this ABI's programs see them (`layout::
+    /// CONNECTION_MAPS`): bound to the old maps by an ABI migration, else one unused slot each.
+    /// Not state of their own: not in [`PINNED`], never staged or reported.
+    pub const PREVIOUS: &[&str] = &[COOKIE_PREV, TUPLE_PREV, DNS_PREV];
 
     /// Every map the agent pins, in the order `status` reports them.
     pub const PINNED: &[&str] = &[
@@ -75,7 +83,8 @@ pub mod prog {
     pub const RECVMSG6: &str = "dns_reply6";
     /// The DNS capture programs, attached together or not at all.
     pub const DNS: [&str; 4] = [SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6];
-    /// Every program of the family, in the order an upgrade swaps them and status lists them.
+    /// Every program of the family, in the order status lists them (an upgrade swaps them in
+    /// `layout::SWAP_ORDER`).
     pub const ALL: [&str; 10] = [
         CONNECT4, CONNECT6, SOCKOPS, GETSOCKOPT, SK_MSG, SK_LOOKUP, SENDMSG4, SENDMSG6, RECVMSG4,
         RECVMSG6,

@@ -83,6 +83,19 @@ pub(crate) static COOKIE_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(siz
 pub(crate) static TUPLE_ORIG: LruHashMap<SockKey, OrigDst> =
     LruHashMap::pinned(size::CONNECTIONS, 0);
 
+/// The previous ABI's `COOKIE_ORIG`, `TUPLE_ORIG` and `DNS_ORIG` (`names::map::PREVIOUS`): an
+/// ABI migration pins the old maps under these names before it loads this object, so a
+/// program of this ABI also finds what one of the old ABI wrote — the old writers still run
+/// while the readers are swapped (`interceptor_common::layout::SWAP_ORDER`). Without a
+/// migration, one unused slot each. The previous layouts are this ABI's: a build that changes
+/// one declares its predecessor's type here.
+#[map]
+pub(crate) static COOKIE_PREV: HashMap<u64, OrigDst> = HashMap::pinned(1, 0);
+#[map]
+pub(crate) static TUPLE_PREV: HashMap<SockKey, OrigDst> = HashMap::pinned(1, 0);
+#[map]
+pub(crate) static DNS_PREV: HashMap<u64, DnsOrig> = HashMap::pinned(1, 0);
+
 /// Both ends of every intercepted local connection; `msg_to_peer` is attached here.
 #[map]
 pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(size::SOCKETS, 0);
@@ -198,14 +211,16 @@ pub(crate) fn port_rule(key: &PortKey) -> u32 {
 #[inline(always)]
 pub(crate) fn tuple_orig(key: &SockKey) -> Option<OrigDst> {
     // SAFETY: copied out at once.
-    unsafe { TUPLE_ORIG.get(key) }.copied()
+    unsafe { TUPLE_ORIG.get(key).or_else(|| TUPLE_PREV.get(key)) }.copied()
 }
 
 /// Only the flags of `tuple_orig`: one volatile load instead of a copy of the whole value
 /// (what sockops can afford in its instruction budget).
 #[inline(always)]
 pub(crate) fn tuple_orig_flags(key: &SockKey) -> Option<u32> {
-    let orig = TUPLE_ORIG.get_ptr(key)?;
+    let orig = TUPLE_ORIG
+        .get_ptr(key)
+        .or_else(|| TUPLE_PREV.get_ptr(key))?;
     // SAFETY: a valid map value pointer for this program run.
     Some(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*orig).flags)) })
 }
@@ -214,9 +229,23 @@ pub(crate) fn tuple_orig_flags(key: &SockKey) -> Option<u32> {
 #[inline(always)]
 pub(crate) fn take_cookie_orig(cookie: u64) -> Option<OrigDst> {
     // SAFETY: copied out at once.
-    let orig = unsafe { COOKIE_ORIG.get(&cookie) }.copied()?;
-    let _ = COOKIE_ORIG.remove(&cookie);
+    if let Some(orig) = unsafe { COOKIE_ORIG.get(&cookie) }.copied() {
+        let _ = COOKIE_ORIG.remove(&cookie);
+        return Some(orig);
+    }
+    // A connect that ran under the previous ABI's connect4/6 (see `COOKIE_PREV`).
+    // SAFETY: copied out at once.
+    let orig = unsafe { COOKIE_PREV.get(&cookie) }.copied()?;
+    let _ = COOKIE_PREV.remove(&cookie);
     Some(orig)
+}
+
+/// Drops the original destination recorded under this 4-tuple (the socket closed), here and
+/// in the previous ABI's map.
+#[inline(always)]
+pub(crate) fn forget_tuple_orig(key: &SockKey) {
+    let _ = TUPLE_ORIG.remove(key);
+    let _ = TUPLE_PREV.remove(key);
 }
 
 /// The active end's sequence numbers recorded under `key`, removed as they are read.
@@ -345,5 +374,5 @@ pub(crate) static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::pinned(size::
 #[inline(always)]
 pub(crate) fn dns_orig(cookie: u64) -> Option<DnsOrig> {
     // SAFETY: the value is copied out at once.
-    unsafe { DNS_ORIG.get(&cookie) }.copied()
+    unsafe { DNS_ORIG.get(&cookie).or_else(|| DNS_PREV.get(&cookie)) }.copied()
 }

@@ -197,7 +197,7 @@ fn on_state_change(ctx: &SockOpsContext) {
     let Some(mut key) = own_tuple(ctx) else {
         return;
     };
-    let _ = TUPLE_ORIG.remove(&key);
+    maps::forget_tuple_orig(&key);
     // The key sk_msg used for this socket's direction (see `msg_to_peer`).
     if let Some(cfg) = config() {
         if NETNS_KEYS.load() != 0

@@ -142,6 +142,8 @@ pub enum Error {
         found: u32,
         pids: String,
     },
+    #[error("rebuilding the pod registry's maps: {0}")]
+    Rebuild(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,

@@ -5,6 +5,7 @@
 mod datapath;
 mod iptables_mode;
 mod mode;
+mod rebuild;
 pub mod spec;
 
 use std::{
@@ -25,8 +26,11 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-pub use self::mode::Mode;
 use self::spec::PodSpec;
+pub use self::{
+    mode::Mode,
+    rebuild::{Rebuilt, rebuild},
+};
 use crate::{
     bpf::{self, Maps, Pins, maps::ListenerFamily},
     discovery::{
@@ -103,6 +107,14 @@ pub enum Error {
         pod: String,
         path: PathBuf,
         reason: String,
+    },
+    #[error(
+        "the proxy listener of inbound pod {pod} cannot be registered in the new maps: {source}"
+    )]
+    Listener {
+        pod: String,
+        #[source]
+        source: Box<listeners::Error>,
     },
     #[error("writing map {map} for pod {pod}: {source} (map full?)")]
     MapWrite {

@@ -290,6 +290,12 @@ impl Run<'_> {
             filter.push_str(&format!(" --skip {}", shell_quote(skip)));
         }
         let threads = self.threads;
+        // The e2e tests' own switches (`INTERCEPTOR_E2E_*`) reach the guest as they are set
+        // here: the guest does not inherit this environment.
+        let switches: String = std::env::vars()
+            .filter(|(k, _)| k.starts_with("INTERCEPTOR_E2E_"))
+            .map(|(k, v)| format!("export {k}={}\n", shell_quote(&v)))
+            .collect();
         format!(
             r#"#!/bin/sh
 # Written by cargo xtask vm-test.
@@ -298,7 +304,7 @@ uname -r > "$out/uname"
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 ulimit -l unlimited 2>/dev/null
 export INTERCEPTOR_BIN={bin} INTERCEPTOR_LAB_BIN={lab} RUST_BACKTRACE=1 RUST_LOG=warn
-"$INTERCEPTOR_BIN" status --json > "$out/status.json" 2>&1
+{switches}"$INTERCEPTOR_BIN" status --json > "$out/status.json" 2>&1
 cd {root}
 {tests} --test-threads={threads} {filter} > "$out/log" 2>&1
 echo $? > "$out/rc"

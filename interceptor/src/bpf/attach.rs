@@ -198,14 +198,23 @@ impl Datapath {
         let config_kept = plan.keeps(names::map::CONFIG);
         let result = (|| {
             let mut ebpf = load_object(&staging, opts)?;
-            plan.fill(&pins, &staging, &mut report)?;
-            // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
             let mut maps = Maps::open(&staging)?;
+            plan.fill(&pins, &staging, &mut report, || {
+                // The registry is the old maps: read there, written here by `pod enable`'s code.
+                let old = Maps::open_any_abi(&pins)?;
+                let port = opts.config.inbound_port as u16;
+                crate::registry::rebuild(&old, &mut maps, port)
+                    .map(|done| done.pods)
+                    .map_err(|e| Error::Rebuild(Box::new(e)))
+            })?;
+            // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
             if !config_kept {
                 maps.set_global_config(opts.config)?;
             }
             maps.write_abi()?;
             upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
+            // Every old writer is swapped out: what they wrote since the first copy moves too.
+            plan.catch_up(&pins, &staging, &mut report);
             Ok((ebpf, maps))
         })();
         let (ebpf, mut maps) = result

@@ -102,7 +102,16 @@ where
 impl Maps {
     /// Opens the maps pinned under `pins` (an agent created them).
     pub fn open(pins: &Pins) -> Result<Self, Error> {
-        let maps = Self {
+        let maps = Self::open_any_abi(pins)?;
+        maps.check_abi(pins)?;
+        Ok(maps)
+    }
+
+    /// Opens the maps of an older ABI being migrated (`bpf/migrate.rs`), to read the pod
+    /// registry from. Only for ABIs whose registry maps have this build's key and value types
+    /// (`registry::rebuild` says which).
+    pub(crate) fn open_any_abi(pins: &Pins) -> Result<Self, Error> {
+        Ok(Self {
             config: open_pinned(pins, map::CONFIG)?,
             abi: open_pinned(pins, map::ABI)?,
             pod_config: open_pinned(pins, map::POD_CONFIG)?,
@@ -117,9 +126,7 @@ impl Maps {
             socks: open_pinned(pins, map::SOCKS)?,
             counters: open_pinned(pins, map::COUNTERS)?,
             netns_probe: open_pinned(pins, map::NETNS_PROBE)?,
-        };
-        maps.check_abi(pins)?;
-        Ok(maps)
+        })
     }
 
     /// Refuses state written by an incompatible build. 0 = not written yet (fresh maps).
@@ -310,14 +317,72 @@ impl Maps {
         config: &PodConfig,
         rows: &PodRows,
     ) -> Result<(), WriteError> {
+        self.insert_pod(id, info, config, rows)?;
+        self.drop_rows_except(id, info.netns_cookie, rows);
+        Ok(())
+    }
+
+    /// The writing half of [`Maps::write_pod`]: rows, identity record, then the config. Alone
+    /// for maps that hold nothing else of the pod (a migration's rebuild).
+    pub fn insert_pod(
+        &mut self,
+        id: u32,
+        info: &PodInfo,
+        config: &PodConfig,
+        rows: &PodRows,
+    ) -> Result<(), WriteError> {
         let cookie = info.netns_cookie;
         self.insert_rows(id, cookie, rows)?;
         self.put_pod_info(id, *info)?;
         self.pod_config
             .insert(cookie, *config, 0)
             .map_err(write_err(map::POD_CONFIG))?;
-        self.drop_rows_except(id, cookie, rows);
         Ok(())
+    }
+
+    /// Every pod's rows, by pod id, for `pods` (id, netns cookie): one read of each map, where
+    /// [`Maps::pod_rows`] reads them whole once per pod.
+    pub fn pods_rows(&self, pods: &[(u32, u64)]) -> std::collections::HashMap<u32, PodRows> {
+        let mut out: std::collections::HashMap<u32, PodRows> = pods
+            .iter()
+            .map(|&(id, _)| (id, PodRows::default()))
+            .collect();
+        let by_cookie: std::collections::HashMap<u64, u32> =
+            pods.iter().map(|&(id, cookie)| (cookie, id)).collect();
+        for (k, rule) in dump(&self.pod_ports) {
+            if let Some(rows) = out.get_mut(&k.pod_id) {
+                rows.ports.push(PortRule {
+                    port: k.port,
+                    direction: k.direction,
+                    rule,
+                });
+            }
+        }
+        for (trie, excluded) in [(&self.cidr_exclude, true), (&self.cidr_include, false)] {
+            for k in trie.keys().filter_map(Result::ok) {
+                if let Some(rows) = out.get_mut(&k.data().pod_id()) {
+                    let range = k.data().to_range(k.prefix_len());
+                    if excluded {
+                        rows.excluded.push(range);
+                    } else {
+                        rows.included.push(range);
+                    }
+                }
+            }
+        }
+        for (a, cookie) in dump(&self.pod_ips) {
+            if let Some(rows) = by_cookie.get(&cookie).and_then(|id| out.get_mut(id)) {
+                rows.addresses.push(addr::to_ip(a));
+            }
+        }
+        for rows in out.values_mut() {
+            rows.ports
+                .sort_unstable_by_key(|r| (r.direction, r.port, r.rule));
+            rows.excluded.sort_unstable();
+            rows.included.sort_unstable();
+            rows.addresses.sort_unstable();
+        }
+        out
     }
 
     /// Puts a pod back as it was (`config` None: it had none), dropping what a failed update
@@ -461,7 +526,7 @@ fn port_key(pod_id: u32, rule: &PortRule) -> PortKey {
 
 /// Every entry of a hash map: in batches where the kernel can (`sys::lookup_batch`), else
 /// walked key by key.
-fn dump<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
+pub(super) fn dump<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
     use aya::maps::IterableMap as _;
     use std::os::fd::AsFd as _;
     let data = map.map();

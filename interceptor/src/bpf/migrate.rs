@@ -6,15 +6,23 @@
 //!    object, shared by the old and the new programs: nothing is copied, nothing written
 //!    meanwhile is lost — this includes the original-destination maps, so a connection whose
 //!    connect() ran under the old connect4 is answered by the new getsockopt). Every other map
-//!    needs a converter (`Convert`), is written by the agent (`Rebuild`) or starts empty while
-//!    the old one drains (`Drain`). If one cannot be carried over, the migration is refused
-//!    before anything changes, with what to do.
+//!    needs a converter (`Convert`), is written by the agent (`Rebuild`), is rebuilt from the
+//!    pod registry (`FromRegistry`) or starts empty while the old one drains (`Drain`). If one
+//!    cannot be carried over, the migration is refused before anything changes, with what to do.
 //! 2. **Stage** — the kept maps are pinned a second time under `maps_next/`, the object is
 //!    loaded against that directory (aya reuses pinned maps by name and creates the rest), and
-//!    the new maps are filled.
+//!    the new maps are filled: converted maps copied, the registry's pods written by the
+//!    caller's rebuild (`registry::rebuild`, the code `pod enable` writes with).
 //! 3. **Swap** — every program is replaced on its link (`bpf/upgrade.rs`: `BPF_LINK_UPDATE`
 //!    on the cgroup links and each pod's sk_lookup link, sk_msg on the sockhash), even those
-//!    whose code is unchanged: they reference the new maps.
+//!    whose code is unchanged: they reference the new maps. Old and new programs run side by
+//!    side meanwhile: a converted connection map (`layout::CONNECTION_MAPS`) is also pinned
+//!    under its `*_PREV` name before the object is loaded, so a new program that misses an
+//!    entry looks in the old map, and its readers are swapped before its writers
+//!    (`layout::SWAP_ORDER`): an entry is always where its reader looks — a connection whose
+//!    connect() ran under the old connect4 is handled by the new sockops, and one accepted
+//!    before the upgrade is answered by the new getsockopt. After the swap the map is copied
+//!    again (no old writer runs any more), so the next migration finds every entry here.
 //! 4. **Commit** — `maps_next/` takes the place of `maps/` (one `RENAME_EXCHANGE`), and the old
 //!    pins go. The old maps live on only as long as something holds them: an established
 //!    socket keeps the sk_msg program it joined the sockhash with, and that program its maps.
@@ -30,17 +38,30 @@ use std::{
 
 use nix::fcntl::{Flock, FlockArg};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    sys::SyscallError,
+};
 use interceptor_common::{
     ABI_VERSION, counters,
+    dns::DnsOrig,
     layout::{self, MapLayout, Migration},
     names::map,
+    origdst::OrigDst,
+    sockmap::SockKey,
 };
 use tracing::{info, warn};
 
-use super::{Error, Pins, maps::open_pinned, occupancy, sys, upgrade::Report};
+use super::{
+    Error, Pins,
+    maps::{dump, open_pinned},
+    occupancy, sys,
+    upgrade::Report,
+};
 
-/// Fills one new map from the old one; returns how many entries it carried over.
+/// Fills one new map from the old one; returns how many entries it carried over. Run again
+/// for a connection map (`layout::CONNECTION_MAPS`) once the programs are swapped: a converter
+/// leaves entries already in the new map as they are.
 type Converter = fn(old: &Pins, new: &Pins) -> Result<usize, Error>;
 
 /// What happens to one map.
@@ -48,6 +69,7 @@ enum Step {
     Keep,
     Convert(Converter),
     Rebuild,
+    FromRegistry,
     Drain,
 }
 
@@ -62,6 +84,15 @@ fn converter(name: &str, from: u32) -> Option<Converter> {
     match (name, from) {
         (map::COUNTERS, 6) => Some(convert_counters_v6),
         (map::COUNTERS, 7) => Some(convert_counters_v7),
+        // ABIs 6 and 7 wrote the original destinations in this build's layout (7 added a flag
+        // bit that 6's entries lack and mean nothing by): copied as they are.
+        (map::COOKIE_ORIG, 6 | 7) => {
+            Some(|old, new| copy::<u64, OrigDst>(old, new, map::COOKIE_ORIG))
+        }
+        (map::TUPLE_ORIG, 6 | 7) => {
+            Some(|old, new| copy::<SockKey, OrigDst>(old, new, map::TUPLE_ORIG))
+        }
+        (map::DNS_ORIG, 6 | 7) => Some(|old, new| copy::<u64, DnsOrig>(old, new, map::DNS_ORIG)),
         _ => None,
     }
 }
@@ -102,6 +133,7 @@ pub(super) fn plan(pins: &Pins, found: u32) -> Result<Plan, Error> {
                     }
                 },
                 Migration::Rebuild => Step::Rebuild,
+                Migration::FromRegistry => Step::FromRegistry,
                 Migration::Drain => Step::Drain,
                 Migration::Unsupported => {
                     return Err(refuse(format!(
@@ -165,19 +197,44 @@ impl Plan {
             let new = staging.map(l.name);
             sys::obj_pin(fd.as_fd(), &new).map_err(|e| Error::io("pinning", &new, e))?;
         }
+        // The new programs' view of the old connection maps (see the module doc).
+        for c in layout::CONNECTION_MAPS {
+            let old = pins.map(c.name);
+            if !self.converts(c.name) || !old.exists() {
+                continue;
+            }
+            let fd = sys::obj_get(&old).map_err(|e| Error::io("opening", &old, e))?;
+            let prev = staging.map(c.previous);
+            sys::obj_pin(fd.as_fd(), &prev).map_err(|e| Error::io("pinning", &prev, e))?;
+        }
         Ok(staging)
+    }
+
+    /// Whether a map of the pod registry is rebuilt (the caller's `rebuild` runs).
+    pub(super) fn rebuilds_registry(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|(_, step)| matches!(step, Step::FromRegistry))
     }
 
     /// Fills the new maps of `staging` from the old ones under `pins` (the object is loaded, so
     /// every map exists) and says what it did with each map in `report`. `Rebuild` maps are
-    /// written by the caller (CONFIG from its options, ABI).
+    /// written by the caller (CONFIG from its options, ABI); `FromRegistry` ones by `rebuild`,
+    /// run once if any is (it writes every pod into the staged set, kept maps included: the
+    /// same values there), which returns how many pods it wrote.
     pub(super) fn fill(
         &self,
         pins: &Pins,
         staging: &Pins,
         report: &mut Report,
+        rebuild: impl FnOnce() -> Result<usize, Error>,
     ) -> Result<(), Error> {
         report.migrated_from = Some(self.from);
+        let pods = if self.rebuilds_registry() {
+            Some(rebuild()?)
+        } else {
+            None
+        };
         for (l, step) in &self.steps {
             let line = match step {
                 Step::Keep => {
@@ -191,6 +248,11 @@ impl Plan {
                     format!("{} converted ({n} entries)", l.name)
                 }
                 Step::Rebuild => format!("{} rebuilt", l.name),
+                Step::FromRegistry => format!(
+                    "{} rebuilt from the pod registry ({} pods)",
+                    l.name,
+                    pods.unwrap_or_default()
+                ),
                 Step::Drain if !pins.map(l.name).exists() => {
                     format!("{} new (empty; ABI {} had none)", l.name, self.from)
                 }
@@ -203,7 +265,66 @@ impl Plan {
         }
         Ok(())
     }
+
+    fn converts(&self, name: &str) -> bool {
+        self.steps
+            .iter()
+            .any(|(l, step)| l.name == name && matches!(step, Step::Convert(_)))
+    }
+
+    /// Copies each converted connection map once more, once every program is swapped (no old
+    /// writer runs): what the old programs wrote since the first copy, read meanwhile through
+    /// the `*_PREV` maps, joins the new map. A failure is reported, not fatal: the entries stay
+    /// readable through `*_PREV` until the next migration.
+    pub(super) fn catch_up(&self, pins: &Pins, staging: &Pins, report: &mut Report) {
+        for c in layout::CONNECTION_MAPS {
+            let convert = self.steps.iter().find_map(|(l, step)| match step {
+                Step::Convert(convert) if l.name == c.name => Some(*convert),
+                _ => None,
+            });
+            let Some(convert) = convert else { continue };
+            let line = match convert(pins, staging) {
+                Ok(n) => format!(
+                    "{} caught up ({n} entries the old programs wrote since)",
+                    c.name
+                ),
+                Err(err) => {
+                    warn!(map = c.name, %err, "copying the connection map after the swap failed");
+                    format!(
+                        "{} not caught up ({err}); its newest old entries are read through {}",
+                        c.name, c.previous
+                    )
+                }
+            };
+            report.maps.push(line);
+        }
+    }
 }
+
+/// A connection map of a layout this build shares, old to new, entry by entry. An entry already
+/// in the new map (copied before, or written by a new program since) is left as it is: the
+/// new programs' entry is the newer one.
+fn copy<K: aya::Pod, V: aya::Pod>(
+    old: &Pins,
+    new: &Pins,
+    name: &'static str,
+) -> Result<usize, Error> {
+    let from: HashMap<MapData, K, V> = open_pinned(old, name)?;
+    let mut to: HashMap<MapData, K, V> = open_pinned(new, name)?;
+    let mut copied = 0;
+    for (k, v) in dump(&from) {
+        match to.insert(k, v, BPF_NOEXIST) {
+            Ok(()) => copied += 1,
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => return Err(Error::Map { map: name, source }),
+        }
+    }
+    Ok(copied)
+}
+
+/// `BPF_NOEXIST`: insert only where the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 fn convert_counters_v6(old: &Pins, new: &Pins) -> Result<usize, Error> {
     convert_counters(old, new, counters::ABI6_SLOTS)
@@ -475,17 +596,87 @@ mod tests {
         }
     }
 
+    /// The probe build (ABI 8) declares a registry map and the connection maps changed: the
+    /// e2e migration test runs every path.
     #[cfg(feature = "abi-probe")]
     #[test]
-    fn abi_7_converts_the_counters_and_keeps_the_rest() {
+    fn abi_7_rebuilds_the_registry_converts_the_connections_and_keeps_the_rest() {
         let plan = plan(&Pins::new("/x"), 7).expect("plan");
+        assert!(plan.rebuilds_registry());
         for (l, step) in &plan.steps {
             let expected = match l.name {
-                map::COUNTERS => matches!(step, Step::Convert(_)),
+                map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG => {
+                    matches!(step, Step::Convert(_))
+                }
+                map::POD_CONFIG | map::POD_PORTS | map::POD_LISTENER | map::LISTENERS => {
+                    matches!(step, Step::FromRegistry)
+                }
                 map::ABI => matches!(step, Step::Rebuild),
                 _ => matches!(step, Step::Keep),
             };
             assert!(expected, "{}", l.name);
         }
+    }
+
+    /// Whatever a later build changes, a map that converts has its converter from every ABI
+    /// this build migrates from, and a registry map is rebuilt: no layout change is refused.
+    #[test]
+    fn every_map_is_carried_over_from_every_older_abi() {
+        for from in layout::MIGRATES_FROM..ABI_VERSION {
+            for l in layout::MAPS {
+                match l.migration {
+                    Migration::Convert => assert!(
+                        converter(l.name, from).is_some(),
+                        "no converter for {} from ABI {from}",
+                        l.name
+                    ),
+                    Migration::Unsupported => panic!("{} cannot be carried over", l.name),
+                    Migration::Rebuild | Migration::FromRegistry | Migration::Drain => {}
+                }
+            }
+        }
+    }
+
+    static COPIES: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+
+    fn fake_cookie(_: &Pins, _: &Pins) -> Result<usize, Error> {
+        COPIES.lock().expect("lock").push(map::COOKIE_ORIG);
+        Ok(1)
+    }
+
+    fn fake_tuple(_: &Pins, _: &Pins) -> Result<usize, Error> {
+        COPIES.lock().expect("lock").push(map::TUPLE_ORIG);
+        Err(Error::NoObject)
+    }
+
+    /// After the swap every converted connection map is copied once more; a kept one is
+    /// not, and a failed copy is reported without failing the migration.
+    #[test]
+    fn converted_connection_maps_catch_up_after_the_swap() {
+        let l = |name| layout::of(name).expect("layout");
+        let plan = Plan {
+            from: 7,
+            steps: vec![
+                (l(map::COOKIE_ORIG), Step::Convert(fake_cookie)),
+                (l(map::TUPLE_ORIG), Step::Convert(fake_tuple)),
+                (l(map::DNS_ORIG), Step::Keep),
+                (l(map::COUNTERS), Step::Convert(fake_cookie)),
+            ],
+        };
+        let pins = Pins::new("/x");
+        let mut report = Report::default();
+        plan.catch_up(&pins, &pins.staging(), &mut report);
+        assert_eq!(
+            *COPIES.lock().expect("lock"),
+            [map::COOKIE_ORIG, map::TUPLE_ORIG]
+        );
+        assert_eq!(report.maps.len(), 2, "{:?}", report.maps);
+        assert!(report.maps[0].starts_with("COOKIE_ORIG caught up (1 entries"));
+        assert!(
+            report.maps[1].starts_with("TUPLE_ORIG not caught up")
+                && report.maps[1].contains("TUPLE_PREV"),
+            "{:?}",
+            report.maps
+        );
     }
 }

@@ -20,7 +20,7 @@ use aya::{
     Ebpf,
     programs::{Program, ProgramError, ProgramInfo},
 };
-use interceptor_common::names;
+use interceptor_common::{layout, names};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -101,7 +101,8 @@ enum Done {
 
 /// Swaps the attached programs for `ebpf`'s (loaded against the maps pinned under `pins`) where
 /// their code differs, or every one with `all` (an ABI migration: the new programs use other
-/// maps, which the tag does not show). On error nothing is left swapped.
+/// maps, which the tag does not show), in `layout::SWAP_ORDER`. On error nothing is left
+/// swapped.
 pub(super) fn swap_programs(
     ebpf: &mut Ebpf,
     pins: &Pins,
@@ -132,10 +133,8 @@ pub(super) fn swap_programs(
         }
     }
 
-    // sk_msg first: sockets that the new sockops adds to the sockhash (kept in an upgrade, and
-    // in a migration when its layout is unchanged) must get the new sk_msg, never the old one
-    // with maps the new programs no longer use.
-    changed.sort_by_key(|&(name, ..)| name != names::prog::SK_MSG);
+    // sk_msg first, then the readers of each connection map before its writers (see there).
+    changed.sort_by_key(|&(name, ..)| layout::SWAP_ORDER.iter().position(|p| *p == name));
     let mut done = Vec::new();
     let swapping = Instant::now();
     for &(name, old_tag, new_tag) in &changed {
@@ -147,6 +146,7 @@ pub(super) fn swap_programs(
         report
             .replaced
             .push(format!("{name} {old_tag:016x} -> {new_tag:016x}"));
+        stop_here_if_asked(done.len());
     }
     // From here on the new programs run; their pins follow so `pod enable` attaches the new
     // sk_lookup and status shows what runs.
@@ -165,6 +165,20 @@ pub(super) fn swap_programs(
     );
     Ok(())
 }
+
+/// Test hook of the `abi-probe` build only: with `INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP` set,
+/// the process exits (status 3) right after its first program swap, as an agent killed
+/// mid-swap would, so the e2e tests can check that the next agent finishes the job.
+#[cfg(feature = "abi-probe")]
+fn stop_here_if_asked(swapped: usize) {
+    if swapped == 1 && std::env::var_os("INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP").is_some() {
+        warn!("INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP: exiting after the first swap");
+        std::process::exit(3);
+    }
+}
+
+#[cfg(not(feature = "abi-probe"))]
+fn stop_here_if_asked(_swapped: usize) {}
 
 fn swap(ebpf: &Ebpf, pins: &Pins, name: &'static str, done: &mut Vec<Done>) -> Result<(), Error> {
     let new = ebpf

@@ -8,7 +8,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -151,6 +151,11 @@ fn meshed(h: &mut Harness, agent_args: &[&str]) -> (LabPod, EchoServer) {
 
 /// The load's verdict: nothing failed and the app saw every connection from its sidecar.
 fn assert_clean(load: &Load, echo: &EchoServer) {
+    assert_clean_besides(load, echo, 0);
+}
+
+/// As `assert_clean`, with `extra` connections the test made to the app besides the load's.
+fn assert_clean_besides(load: &Load, echo: &EchoServer, extra: u64) {
     let failed = load.failed.load(Ordering::Relaxed);
     assert_eq!(
         failed,
@@ -161,7 +166,7 @@ fn assert_clean(load: &Load, echo: &EchoServer) {
     let seen = echo.seen();
     let per_connection = load.per_connection.load(Ordering::Relaxed);
     // The kept connection plus one per request.
-    assert_eq!(seen.len() as u64, per_connection + 1);
+    assert_eq!(seen.len() as u64, per_connection + 1 + extra);
     let direct: Vec<_> = seen.iter().filter(|s| s.peer.ip() != PASSTHROUGH).collect();
     assert!(
         direct.is_empty(),
@@ -190,6 +195,9 @@ fn program<'a>(status: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn twenty_restarts_under_load_fail_no_request() {
+    // Once skipped below 5.15: in the 5.10 TCG guest's full suite one SIGTERM round's agent
+    // did not exit with success. It runs everywhere again since the full 5.10 suite passed it
+    // (2026-12-07); a failure here is that bug back.
     let mut h = Harness::new("restarts");
     let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
     let load = Load::default();
@@ -363,6 +371,24 @@ fn map_capacity(status: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no map {name} in status"))
 }
 
+/// A pod whose outbound "proxy" is the test's own listener, with one app connection to `dst`
+/// accepted there: (app socket, accepted socket). The accepted socket's original destination
+/// lives in `TUPLE_ORIG` for as long as the connection does.
+fn held_connection(h: &Harness, pod: &LabPod, dst: SocketAddr) -> (TcpStream, TcpStream) {
+    let listener = pod
+        .run(|| TcpListener::bind("127.0.0.1:15001"))
+        .expect("netns")
+        .expect("bind the pod's outbound port");
+    h.enable(pod, &["--include-inbound-ports", ""]);
+    let app = connect_from(pod, dst).expect("connect");
+    let (accepted, _) = listener.accept().expect("accept");
+    let asked = socket2::SockRef::from(&accepted)
+        .original_dst()
+        .expect("SO_ORIGINAL_DST");
+    assert_eq!(asked.as_socket(), Some(dst));
+    (app, accepted)
+}
+
 #[test]
 fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
     let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
@@ -371,6 +397,11 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
     // A third pod, deleted while no agent runs: its sk_lookup link stays pinned, detached.
     let gone = h.pod("gone");
     h.enable(&gone, &[]);
+    // A connection accepted before the upgrade, asked for its destination after it.
+    let early = h.pod("early");
+    let (app, accepted) = held_connection(&h, &early, echo.addr);
+    // A pod enabled only after the upgrade.
+    let late = h.pod("late");
     let links_before = pod_links(&h);
     assert_eq!(links_before.len(), 3, "{links_before:?}");
     let before = h.status();
@@ -418,19 +449,31 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             .iter()
             .filter_map(Value::as_str)
             .collect();
-        // The probe build changed COUNTERS only: it is converted, ABI rewritten, the rest
-        // (pod tables, listeners, sockhash, original destinations) kept as they are.
+        // The probe build declares COUNTERS, two registry maps, the per-pod listeners and the
+        // listener sockhash, and two original-destination maps changed: the counters and the connection maps
+        // are converted (the latter caught up again between their writers' and readers'
+        // swaps), the registry's rebuilt from its four pods (the deleted one included: the
+        // agent's first pass collects it), ABI rewritten, the rest kept as they are.
         for line in &maps {
-            let expected = if line.starts_with("COUNTERS ") {
-                "converted"
-            } else if line.starts_with("ABI ") {
-                "rebuilt"
-            } else {
-                "kept"
+            let name = line.split(' ').next().unwrap_or_default();
+            let expected = match name {
+                "COUNTERS" => "converted",
+                "COOKIE_ORIG" | "TUPLE_ORIG" if line.contains("caught up") => "entries",
+                "COOKIE_ORIG" | "TUPLE_ORIG" => "converted",
+                "POD_CONFIG" | "POD_PORTS" | "POD_LISTENER" | "LISTENERS" => {
+                    "rebuilt from the pod registry (4 pods)"
+                }
+                "ABI" => "rebuilt",
+                _ => "kept",
             };
             assert!(line.contains(expected), "{line}: {maps:?}");
         }
-        assert_eq!(maps.len(), 22, "{maps:?}");
+        assert_eq!(maps.len(), 24, "{maps:?}");
+        assert!(
+            maps.iter()
+                .any(|l| l.starts_with("TUPLE_ORIG converted") && !l.contains("(0 entries)")),
+            "the held connection's entry was converted: {maps:?}"
+        );
         assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
         let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
         assert!(
@@ -486,9 +529,29 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         load.wait_progress(5);
         assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
         wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
+        // The connection accepted before the upgrade is answered by the new getsockopt, from
+        // the converted TUPLE_ORIG.
+        let asked = socket2::SockRef::from(&accepted)
+            .original_dst()
+            .expect("SO_ORIGINAL_DST after the migration");
+        assert_eq!(asked.as_socket(), Some(echo.addr));
+        // A pod enabled after the migration: its outbound to its sidecar, the server's
+        // inbound to the app from the server's sidecar (checked with the load's connections).
+        h.sidecar(&late);
+        h.enable(&late, &[]);
+        let s = connect_from(&late, echo.addr).expect("connect from the late pod");
+        assert_eq!(
+            s.peer_addr().expect("peer"),
+            SocketAddr::from(([127, 0, 0, 1], 15001))
+        );
+        assert_eq!(echo_round_trip(s, b"late").expect("echo"), b"late");
+        load.wait_progress(5);
         load.stop.store(true, Ordering::Relaxed);
     });
-    assert_clean(&load, &echo);
+    // The late pod's connection besides the load's.
+    assert_clean_besides(&load, &echo, 1);
+    // Its sockets hold the old sk_msg (they joined the old sockhash), and so the old programs.
+    drop((app, accepted));
     eprintln!(
         "migration from ABI 7 in {} µs (programs swapped in {} µs): {}",
         report["micros"].as_u64().unwrap_or_default(),
@@ -518,6 +581,90 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             "program {id} still linked"
         );
     }
+}
+
+/// Runs `bin` as an agent of `h`'s instance, bounded (a wrongly started agent fails the test
+/// instead of hanging it), with `env` and `args`.
+fn run_agent(h: &Harness, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    h.command_via(&["timeout", "60"], env)
+        .arg("agent")
+        .args(args)
+        .output()
+        .expect("running the agent")
+}
+
+#[test]
+fn a_migration_is_refused_while_the_old_agent_runs_even_with_replace() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abibusy");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let old_pid = h.agent_mut().pid().expect("agent pid");
+    let release = std::mem::replace(&mut h.bin, probe);
+    // The old agent still writes the old maps: moving them under it would lose its writes,
+    // and --replace would take its datapath away. Both refused, naming it.
+    for args in [&["--keep-pinned"][..], &["--keep-pinned", "--replace"]] {
+        let out = run_agent(&h, &[], args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("stop the old agent first") && stderr.contains(&old_pid.to_string()),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!h.pin_root.join("maps_next").exists(), "nothing staged");
+    h.bin = release;
+    assert_eq!(h.status()["datapath"]["how"], "loaded", "untouched");
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"still").expect("echo"), b"still");
+    assert!(echo.seen().iter().all(|s| s.peer.ip() == PASSTHROUGH));
+}
+
+#[test]
+fn a_migration_stopped_after_its_first_swap_is_finished_by_the_next_agent() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abihalf");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let load = Load::default();
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        assert!(
+            h.stop_agent_within(Duration::from_secs(90)),
+            "old agent exits cleanly"
+        );
+        h.bin = probe.clone();
+        // The probe build's hook: the agent dies right after swapping its first program (the
+        // new sk_msg on the old sockhash), with the new maps staged but never committed.
+        let out = run_agent(
+            &h,
+            &[("INTERCEPTOR_TEST_EXIT_AFTER_FIRST_SWAP", "1")],
+            &["--keep-pinned"],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(h.pin_root.join("maps_next").exists(), "left mid-migration");
+        load.wait_progress(3);
+        // The next start finds ABI 7 still pinned and migrates again, over what was left.
+        h.start_agent(&["--keep-pinned"]);
+        let report = h.status()["datapath"].clone();
+        assert_eq!(report["how"], "migrated", "{report}");
+        assert_eq!(report["migrated_from"], 7, "{report}");
+        assert_eq!(
+            report["replaced"].as_array().map(Vec::len),
+            Some(10),
+            "{report}"
+        );
+        assert!(!h.pin_root.join("maps_next").exists(), "committed");
+        load.wait_progress(5);
+        wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
 }
 
 #[test]
