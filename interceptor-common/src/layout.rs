@@ -165,7 +165,14 @@ pub const CONNECTION_MAPS: &[ConnectionMap] = &[
     ConnectionMap {
         name: map::DNS_ORIG,
         previous: map::DNS_PREV,
-        writers: &[prog::SENDMSG4, prog::SENDMSG6],
+        // connect4/6 record a connected UDP socket's resolver (glibc, dig) as sendmsg4/6 do an
+        // unconnected one's.
+        writers: &[
+            prog::CONNECT4,
+            prog::CONNECT6,
+            prog::SENDMSG4,
+            prog::SENDMSG6,
+        ],
         readers: &[prog::RECVMSG4, prog::RECVMSG6],
     },
 ];
@@ -178,13 +185,14 @@ pub const SWAP_ORDER: [&str; 10] = [
     prog::SK_MSG,
     prog::GETSOCKOPT,
     prog::SOCKOPS,
-    prog::CONNECT4,
-    prog::CONNECT6,
-    prog::SK_LOOKUP,
     prog::RECVMSG4,
     prog::RECVMSG6,
+    prog::CONNECT4,
+    prog::CONNECT6,
     prog::SENDMSG4,
     prog::SENDMSG6,
+    // Reads no connection map; last, as it is one link update per pod.
+    prog::SK_LOOKUP,
 ];
 
 /// The layout entry of a pinned map.

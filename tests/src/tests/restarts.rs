@@ -458,7 +458,12 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             let name = line.split(' ').next().unwrap_or_default();
             let expected = match name {
                 "COUNTERS" => "converted",
-                "COOKIE_ORIG" | "TUPLE_ORIG" if line.contains("caught up") => "entries",
+                // Not "not caught up (...)": a failed catch-up must fail here.
+                "COOKIE_ORIG" | "TUPLE_ORIG"
+                    if line.starts_with(&format!("{name} caught up (")) =>
+                {
+                    "entries the old programs wrote since"
+                }
                 "COOKIE_ORIG" | "TUPLE_ORIG" => "converted",
                 "POD_CONFIG" | "POD_PORTS" | "POD_LISTENER" | "LISTENERS" => {
                     "rebuilt from the pod registry (4 pods)"
