@@ -732,14 +732,14 @@ async fn send_on(
     req: Request<UpstreamBody>,
 ) -> Result<Response<PooledBody>, NotSent> {
     let closing = |err: &h2::Error| err.is_go_away() || err.is_io() || err.is_remote();
+    // `ready` takes no request: any error is the connection's (GOAWAY, I/O, or its stream ids
+    // used up — a user error in h2 that would otherwise leave it first in the pool, failing
+    // every request to the endpoint), so it is retired and the request tried elsewhere.
     let mut sender = match sender.ready().await {
         Ok(s) => s,
-        Err(err) => {
-            if closing(&err) {
-                guard.0.closed.store(true, Ordering::Release);
-                return Err(NotSent::Closing(Box::new(req)));
-            }
-            return Err(NotSent::Failed(SendError::H2 { addr, source: err }));
+        Err(_) => {
+            guard.0.closed.store(true, Ordering::Release);
+            return Err(NotSent::Closing(Box::new(req)));
         }
     };
     let (mut parts, body) = req.into_parts();
@@ -747,8 +747,7 @@ async fn send_on(
     let eos = body.is_end_stream();
     let head = Request::from_parts(parts, ());
     // `ready` just checked the connection, on this thread, which also runs the connection's
-    // task: a failure here is the request's own (or stream ids ran out), never a connection
-    // found closing in between.
+    // task: a failure here is the request's own, never a connection found closing in between.
     let (response, send) = match sender.send_request(head, eos) {
         Ok(sent) => sent,
         Err(err) => {

@@ -258,11 +258,10 @@ impl Body for H2Body {
     }
 }
 
-/// A stream reset with NO_ERROR or CANCEL ends the body without failing it (as hyper reads
-/// them).
+/// A reset that arrives after the upstream's END_STREAM is absorbed by h2 itself
+/// (`ErrorAfterEndStream`), so any reset seen here cut the body short — NO_ERROR and CANCEL
+/// included (a tonic or hyper handler dropped mid-stream sends CANCEL). Passed on as an
+/// error, never as a clean end: the client must not take a truncated body for a whole one.
 fn ended_or_failed(err: h2::Error) -> Option<Result<Frame<Bytes>, h2::Error>> {
-    match err.reason() {
-        Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL) => None,
-        _ => Some(Err(err)),
-    }
+    Some(Err(err))
 }
