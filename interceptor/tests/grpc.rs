@@ -721,3 +721,121 @@ async fn a_small_grpc_request_without_content_length_is_retried() {
             .expect("send");
     }
 }
+
+/// An h2c upstream (the h2 crate's server) that answers every request with its headers and part
+/// of the body, then resets the stream with CANCEL — the body cut short, never END_STREAM.
+async fn cut_short_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let resp = Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .expect("response");
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from_static(b"part of the body"), false);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        send.send_reset(h2::Reason::CANCEL);
+                    });
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+async fn cut_short_proxy() -> (Proxy, tokio::task::JoinHandle<()>) {
+    let (addr, task) = cut_short_upstream().await;
+    let proxy = Proxy::start(
+        &format!(
+            "outbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
+            addr.port()
+        ),
+        addr,
+    )
+    .await;
+    (proxy, task)
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_body_is_cut_short_for_an_http1_client() {
+    let (proxy, task) = cut_short_proxy().await;
+    // HTTP/1.1 client (sent upstream as h2): a chunked body the proxy must cut off — the
+    // connection closed without the final 0-chunk — not one that ends cleanly.
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /cut HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw),
+    )
+    .await
+    .expect("the proxy closed the connection in time");
+    let _ = read;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("part of the body"), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a body the upstream reset was passed on as whole: {text}"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_body_is_a_reset_for_an_h2_client() {
+    let (proxy, task) = cut_short_proxy().await;
+    // h2 client: the stream must fail (a reset), not end with END_STREAM.
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let (resp, _send) = client
+        .send_request(
+            Request::get("http://web.test/cut").body(()).expect("req"),
+            true,
+        )
+        .expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("in time")
+        .expect("response head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    let failed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.data().await {
+                Some(Ok(chunk)) => data.extend_from_slice(&chunk),
+                Some(Err(err)) => break Some(err),
+                None => break None,
+            }
+        }
+    })
+    .await
+    .expect("the body ended or failed in time");
+    assert_eq!(data, b"part of the body");
+    let Some(err) = failed else {
+        panic!(
+            "a body the upstream reset ended with END_STREAM (trailers: {:?})",
+            body.trailers().await
+        );
+    };
+    assert!(err.is_reset() || err.is_io(), "{err:?}");
+    task.abort();
+}
