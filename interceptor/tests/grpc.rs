@@ -839,3 +839,90 @@ async fn an_upstream_reset_mid_body_is_a_reset_for_an_h2_client() {
     assert!(err.is_reset() || err.is_io(), "{err:?}");
     task.abort();
 }
+
+/// Request trailers are part of the body a retry replays: an h2c upstream (the h2 crate's
+/// server) answers the first attempt UNAVAILABLE once it has read the whole request, trailers
+/// included, and the next attempt with the trailers it saw.
+#[tokio::test]
+async fn a_retry_replays_the_request_trailers() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let calls = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let calls = calls.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut data = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            data.extend_from_slice(&chunk);
+                        }
+                        let saw = match body.trailers().await {
+                            Ok(Some(t)) => t
+                                .get("x-req-trailer")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("other")
+                                .to_owned(),
+                            Ok(None) => "none".to_owned(),
+                            Err(_) => "error".to_owned(),
+                        };
+                        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                        let resp = Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", if first { "14" } else { "0" })
+                            .header("x-saw-trailers", saw)
+                            .header("x-saw-body", String::from_utf8_lossy(&data).into_owned())
+                            .body(())
+                            .expect("response");
+                        let _ = respond.send_response(resp, true);
+                    });
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        &retry_config(addr),
+        "127.0.0.1:50051".parse().expect("addr"),
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let (resp, mut send) = client
+        .send_request(
+            Request::post("http://echo.test/test.Echo/Trailers")
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("req"),
+            false,
+        )
+        .expect("send");
+    send.send_data(Bytes::from_static(b"hello"), false)
+        .expect("data");
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-req-trailer", http::HeaderValue::from_static("kept"));
+    send.send_trailers(trailers).expect("trailers");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "two attempts");
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(resp.headers()["x-saw-body"], "hello");
+    assert_eq!(
+        resp.headers()["x-saw-trailers"],
+        "kept",
+        "the retry lost the request trailers"
+    );
+    task.abort();
+}
