@@ -926,3 +926,97 @@ async fn a_retry_replays_the_request_trailers() {
     );
     task.abort();
 }
+
+/// A stream the upstream refuses with GOAWAY (its last stream id below the stream's) was never
+/// processed: `retry_on: refused-stream` retries it, as it does REFUSED_STREAM. The endpoint's
+/// first connection is raw bytes that answer the first HEADERS with GOAWAY(last stream 0) and
+/// close; later ones are the h2 crate's server, answering 200.
+#[tokio::test]
+async fn a_stream_refused_by_goaway_is_retried_as_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    if stream.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    // SETTINGS (empty), then a SETTINGS ACK for the client's.
+                    let _ = stream
+                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+                        .await;
+                    for _ in 0..64 {
+                        let mut head = [0u8; 9];
+                        if stream.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        if stream.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        if head[3] == 1 {
+                            // HEADERS: GOAWAY, last stream id 0, NO_ERROR; then close.
+                            let _ = stream
+                                .write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    }
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = Response::builder().status(200).body(()).expect("response");
+                    let _ = respond.send_response(resp, true);
+                }
+            });
+        }
+    });
+    let config = format!(
+        r#"
+clusters:
+  - name: web
+    endpoints: ["{addr}"]
+    protocol: http2
+outbound:
+  listeners:
+    - port: 50051
+      virtual_hosts:
+        - name: web
+          domains: ["*"]
+          routes:
+            - route:
+                cluster: web
+                retry_policy: {{retry_on: refused-stream, num_retries: 1, base_interval: 1ms, max_interval: 1ms}}
+"#
+    );
+    let proxy = Proxy::start(&config, "127.0.0.1:50051".parse().expect("addr")).await;
+    let body = support::http1_get(proxy.outbound, "/refused").await;
+    assert!(!body.contains("upstream connect error"), "{body}");
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get("/again")
+                .header("host", "x")
+                .body(Empty::<Bytes>::new())
+                .expect("req"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    task.abort();
+}

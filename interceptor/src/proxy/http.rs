@@ -779,13 +779,21 @@ fn classify_error(err: &SendError) -> Outcome {
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            && refused(h2)
         {
             return Outcome::RefusedStream;
         }
         source = e.source();
     }
     Outcome::Reset
+}
+
+/// Whether the upstream never processed the stream: REFUSED_STREAM, or a GOAWAY whose last
+/// stream id is below it. h2 fails a stream with the peer's GOAWAY only in that case (a stream
+/// the peer took and then lost to the connection closing fails with an I/O error instead), so
+/// like REFUSED_STREAM it is safe to retry and no fault of the endpoint's.
+fn refused(err: &h2::Error) -> bool {
+    err.reason() == Some(h2::Reason::REFUSED_STREAM) || (err.is_go_away() && err.is_remote())
 }
 
 fn caused_by_body_limit(err: &SendError) -> bool {
