@@ -177,12 +177,22 @@ impl H2State {
     }
 }
 
-/// Marks an h2 connection closed when its task ends.
-struct ClosedOnDrop(Arc<H2State>);
+/// Marks an h2 connection closed when its task ends, and takes it out of the pool: `take_h2`
+/// prunes only the address it is asked for, so a closed connection to an endpoint that gets no
+/// more requests would otherwise stay listed for good, its `SendRequest` keeping h2's shared
+/// state (stream slab, buffers) alive.
+struct ClosedOnDrop {
+    state: Arc<H2State>,
+    pool: std::sync::Weak<Pool>,
+    addr: SocketAddr,
+}
 
 impl Drop for ClosedOnDrop {
     fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
+        self.state.closed.store(true, Ordering::Release);
+        if let Some(pool) = self.pool.upgrade() {
+            pool.prune_h2(self.addr);
+        }
     }
 }
 
@@ -426,6 +436,18 @@ impl Pool {
         }
     }
 
+    /// Drops the closed h2 connections to `addr` (and its entry, once none is left).
+    fn prune_h2(&self, addr: SocketAddr) {
+        if let Ok(mut all) = self.h2.lock()
+            && let Some(list) = all.get_mut(&addr)
+        {
+            list.retain(|c| !c.state.closed.load(Ordering::Acquire));
+            if list.is_empty() {
+                all.remove(&addr);
+            }
+        }
+    }
+
     /// A stream on an open h2 connection to `addr` with room for one more, if there is one.
     fn take_h2(
         &self,
@@ -484,9 +506,14 @@ impl Pool {
             .map(|every| (every, settings.keepalive_timeout));
         let mut pinger = keepalive.and_then(|_| conn.ping_pong());
         let watched = state.clone();
+        let closed = ClosedOnDrop {
+            state: state.clone(),
+            pool: self.me.clone(),
+            addr,
+        };
         tokio::spawn(async move {
             // Marks the connection closed however the task ends (or is dropped).
-            let _closed = ClosedOnDrop(watched.clone());
+            let _closed = closed;
             // Runs the connection until the upstream closes it, until no stream has been open
             // for the idle timeout (dropping it closes the socket), or until a keep-alive PING
             // goes unanswered.
@@ -583,12 +610,13 @@ impl Pool {
             }
         };
         state.peer_max_streams.store(max_streams, Ordering::Release);
+        // Checked under the lock: a task ending after this check prunes the entry once the
+        // lock is free (it marks the connection closed before taking the lock).
+        let mut all = self.h2.lock().map_err(|_| SendError::NotHttp2 { addr })?;
         if state.closed.load(Ordering::Acquire) {
             return Err(SendError::NotHttp2 { addr });
         }
-        if let Ok(mut all) = self.h2.lock() {
-            all.entry(addr).or_default().push(H2Conn { sender, state });
-        }
+        all.entry(addr).or_default().push(H2Conn { sender, state });
         Ok(())
     }
 
@@ -1002,6 +1030,43 @@ mod tests {
             .expect("the idle connection was never closed")
             .expect("server task");
         assert_eq!(pool.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_closed_h2_connection_leaves_the_pool_without_further_requests() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(stream).await.expect("handshake");
+            if let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let resp = Response::builder().status(200).body(()).expect("response");
+                let _ = respond.send_response(resp, true);
+            }
+            // Served one request; now the connection closes (the socket with it).
+            let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
+        });
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let req = Request::get("http://x/")
+            .body(http_body_util::Either::Left(Full::new(Bytes::new())))
+            .expect("request");
+        let resp = pool
+            .send_h2(addr, req, &H2Settings::default(), false)
+            .await
+            .expect("response");
+        resp.into_body().collect().await.expect("body");
+        // No request to `addr` follows: the closed connection must still leave the pool.
+        let mut listed = 1;
+        for _ in 0..100 {
+            listed = pool.h2.lock().map(|m| m.len()).unwrap_or(0);
+            if listed == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(listed, 0, "a closed h2 connection stayed in the pool");
     }
 
     #[tokio::test]
