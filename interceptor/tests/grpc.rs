@@ -1020,3 +1020,62 @@ outbound:
     assert_eq!(resp.status(), StatusCode::OK);
     task.abort();
 }
+
+/// A client body past `max_request_body_bytes`, found only once its stream is open upstream
+/// and its body streaming from a task of its own: a 413 for the client, as when it is found
+/// earlier — not a 503 blaming the endpoint (which the outlier detector would count).
+#[tokio::test]
+async fn an_oversized_streaming_body_is_a_413_not_an_upstream_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // An h2c upstream that reads the whole body before it answers.
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let resp = Response::builder().status(200).body(()).expect("response");
+                        let _ = respond.send_response(resp, true);
+                    });
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        &format!(
+            "limits: {{max_request_body_bytes: 1000}}\noutbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
+            addr.port()
+        ),
+        addr,
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    s.write_all(b"POST /big HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .expect("head");
+    let chunk = format!("1f4\r\n{}\r\n", "z".repeat(500));
+    s.write_all(chunk.as_bytes()).await.expect("chunk");
+    // The stream is open upstream and the body's pipe waits for more: its own task now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("in time")
+        .expect("a response");
+    assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+    task.abort();
+}

@@ -796,9 +796,17 @@ async fn send_on(
             Poll::Pending => Some(h2c::spawn_pipe(pipe)),
         }
     };
-    let resp = response
-        .await
-        .map_err(|source| NotSent::Failed(SendError::H2 { addr, source }))?;
+    let resp = match response.await {
+        Ok(resp) => resp,
+        Err(source) => {
+            // A spawned body that failed reset the stream itself: the client's error, not
+            // the upstream's.
+            if let Some(source) = cancel.as_ref().and_then(h2c::Cancel::body_failure) {
+                return Err(NotSent::Failed(SendError::Body { addr, source }));
+            }
+            return Err(NotSent::Failed(SendError::H2 { addr, source }));
+        }
+    };
     if let Some(cancel) = cancel {
         cancel.disarm();
     }
