@@ -54,6 +54,13 @@ const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const H2_CONN_WINDOW: u32 = 5 * 1024 * 1024;
 const H2_MAX_SEND_BUF: usize = 1024 * 1024;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: the first stream id of new upstream h2 connections, to reach the end of the id
+    /// space in one request.
+    static FIRST_STREAM_ID: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("connecting to {addr}: {source}")]
@@ -490,6 +497,10 @@ impl Pool {
             .max_frame_size(16 * 1024)
             .max_local_error_reset_streams(Some(1024))
             .enable_push(false);
+        #[cfg(test)]
+        if let Some(id) = FIRST_STREAM_ID.with(std::cell::Cell::get) {
+            builder.initial_stream_id(id);
+        }
         let (sender, mut conn) = builder
             .handshake::<_, Bytes>(socket)
             .await
@@ -1075,6 +1086,52 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(listed, 0, "a closed h2 connection stayed in the pool");
+    }
+
+    /// A connection whose stream ids are used up fails `ready` with a user error (not GOAWAY,
+    /// not I/O): it must be retired and the request sent on a new one, not left first in the
+    /// pool failing every request to the endpoint.
+    #[tokio::test]
+    async fn a_connection_out_of_stream_ids_is_retired_not_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        let resp = Response::builder().status(200).body(()).expect("response");
+                        let _ = respond.send_response(resp, true);
+                    }
+                });
+            }
+        });
+        // Every new connection's first stream is its last (2^31 - 1).
+        FIRST_STREAM_ID.with(|id| id.set(Some(0x7fff_ffff)));
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        for i in 0..3 {
+            let req = Request::get("http://x/")
+                .body(http_body_util::Either::Left(Full::new(Bytes::new())))
+                .expect("request");
+            let resp = pool
+                .send_h2(addr, req, &H2Settings::default(), false)
+                .await
+                .unwrap_or_else(|err| panic!("request {i}: {err}"));
+            resp.into_body().collect().await.expect("body");
+        }
+        FIRST_STREAM_ID.with(|id| id.set(None));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "one connection per request"
+        );
     }
 
     #[tokio::test]
