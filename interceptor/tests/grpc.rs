@@ -1079,3 +1079,83 @@ async fn an_oversized_streaming_body_is_a_413_not_an_upstream_failure() {
     assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
     task.abort();
 }
+
+/// Upstream h2 PINGs are off unless `h2_upstream_keepalive_interval` asks for them (grpc-go
+/// servers answer pings more often than every 5 minutes on a quiet stream with GOAWAY
+/// `too_many_pings`); `h2_keepalive_interval` is for clients only. The upstream is raw bytes
+/// that count PINGs (answering them) and never answer the request.
+#[tokio::test]
+async fn upstream_h2_pings_only_when_configured() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (limits, want_pings) in [
+        ("h2_keepalive_interval: 1s, h2_keepalive_timeout: 3s", false),
+        (
+            "h2_upstream_keepalive_interval: 1s, h2_keepalive_timeout: 3s",
+            true,
+        ),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counted = pings.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let pings = counted.clone();
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    if stream.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    let _ = stream
+                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+                        .await;
+                    for _ in 0..1000 {
+                        let mut head = [0u8; 9];
+                        if stream.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        if stream.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        if head[3] == 6 && head[4] & 1 == 0 {
+                            pings.fetch_add(1, Ordering::SeqCst);
+                            let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                            ack.extend_from_slice(&payload);
+                            let _ = stream.write_all(&ack).await;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = Proxy::start(
+            &format!(
+                "limits: {{{limits}}}\noutbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
+                addr.port()
+            ),
+            addr,
+        )
+        .await;
+        let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        // The stream waits on the upstream for 2.5 s (it never answers).
+        let waited = tokio::time::timeout(
+            Duration::from_millis(2500),
+            sender.send_request(
+                Request::get("/quiet")
+                    .header("host", "x")
+                    .body(Empty::<Bytes>::new())
+                    .expect("req"),
+            ),
+        )
+        .await;
+        assert!(waited.is_err(), "{limits}: the upstream never answers");
+        let seen = pings.load(Ordering::SeqCst);
+        assert_eq!(seen > 0, want_pings, "{limits}: {seen} upstream PINGs");
+        task.abort();
+    }
+}

@@ -581,7 +581,8 @@ async fn forward(
     };
     let h2 = H2Settings {
         max_requests_per_connection: limits.h2_max_requests_per_connection as usize,
-        keepalive_interval: limits.h2_keepalive_interval.nonzero(),
+        keepalive_interval: limits.h2_upstream_keepalive_interval.nonzero(),
+        tcp_keepalive: limits.h2_keepalive_interval.nonzero(),
         keepalive_timeout: limits.h2_keepalive_timeout.0,
         max_header_list_size: limits.max_request_headers_kb.saturating_mul(1024),
     };

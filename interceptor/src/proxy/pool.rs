@@ -109,8 +109,11 @@ impl SendError {
 pub struct H2Settings {
     /// Streams at once on one connection (also capped by the peer's setting).
     pub max_requests_per_connection: usize,
+    /// h2 PINGs while a stream waits (off by default: servers limit their rate).
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
+    /// TCP keep-alive probes after this long idle (the kernel's, invisible to the peer's h2).
+    pub tcp_keepalive: Option<Duration>,
     pub max_header_list_size: u32,
 }
 
@@ -120,6 +123,7 @@ impl Default for H2Settings {
             max_requests_per_connection: 100,
             keepalive_interval: None,
             keepalive_timeout: Duration::from_secs(20),
+            tcp_keepalive: None,
             max_header_list_size: 60 * 1024,
         }
     }
@@ -483,6 +487,16 @@ impl Pool {
 
     async fn open_h2(&self, addr: SocketAddr, settings: &H2Settings) -> Result<(), SendError> {
         let stream = self.dial(addr).await?;
+        if let Some(idle) = settings.tcp_keepalive {
+            // Three probes over the PING timeout: a vanished peer is found about as soon as an
+            // unanswered PING would find it.
+            let every = (settings.keepalive_timeout / 3).max(Duration::from_secs(1));
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(every)
+                .with_retries(3);
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        }
         let (socket, mut heard) = HeardIo::new(stream);
         let mut builder = h2::client::Builder::new();
         builder
