@@ -721,3 +721,441 @@ async fn a_small_grpc_request_without_content_length_is_retried() {
             .expect("send");
     }
 }
+
+/// An h2c upstream (the h2 crate's server) that answers every request with its headers and part
+/// of the body, then resets the stream with CANCEL — the body cut short, never END_STREAM.
+async fn cut_short_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let resp = Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .expect("response");
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from_static(b"part of the body"), false);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        send.send_reset(h2::Reason::CANCEL);
+                    });
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+async fn cut_short_proxy() -> (Proxy, tokio::task::JoinHandle<()>) {
+    let (addr, task) = cut_short_upstream().await;
+    let proxy = Proxy::start(
+        &format!(
+            "outbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
+            addr.port()
+        ),
+        addr,
+    )
+    .await;
+    (proxy, task)
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_body_is_cut_short_for_an_http1_client() {
+    let (proxy, task) = cut_short_proxy().await;
+    // HTTP/1.1 client (sent upstream as h2): a chunked body the proxy must cut off — the
+    // connection closed without the final 0-chunk — not one that ends cleanly.
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /cut HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw),
+    )
+    .await
+    .expect("the proxy closed the connection in time");
+    let _ = read;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("part of the body"), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a body the upstream reset was passed on as whole: {text}"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_body_is_a_reset_for_an_h2_client() {
+    let (proxy, task) = cut_short_proxy().await;
+    // h2 client: the stream must fail (a reset), not end with END_STREAM.
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let (resp, _send) = client
+        .send_request(
+            Request::get("http://web.test/cut").body(()).expect("req"),
+            true,
+        )
+        .expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("in time")
+        .expect("response head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    let failed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.data().await {
+                Some(Ok(chunk)) => data.extend_from_slice(&chunk),
+                Some(Err(err)) => break Some(err),
+                None => break None,
+            }
+        }
+    })
+    .await
+    .expect("the body ended or failed in time");
+    assert_eq!(data, b"part of the body");
+    let Some(err) = failed else {
+        panic!(
+            "a body the upstream reset ended with END_STREAM (trailers: {:?})",
+            body.trailers().await
+        );
+    };
+    assert!(err.is_reset() || err.is_io(), "{err:?}");
+    task.abort();
+}
+
+/// Request trailers are part of the body a retry replays: an h2c upstream (the h2 crate's
+/// server) answers the first attempt UNAVAILABLE once it has read the whole request, trailers
+/// included, and the next attempt with the trailers it saw.
+#[tokio::test]
+async fn a_retry_replays_the_request_trailers() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let calls = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let calls = calls.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut data = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            data.extend_from_slice(&chunk);
+                        }
+                        let saw = match body.trailers().await {
+                            Ok(Some(t)) => t
+                                .get("x-req-trailer")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("other")
+                                .to_owned(),
+                            Ok(None) => "none".to_owned(),
+                            Err(_) => "error".to_owned(),
+                        };
+                        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                        let resp = Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", if first { "14" } else { "0" })
+                            .header("x-saw-trailers", saw)
+                            .header("x-saw-body", String::from_utf8_lossy(&data).into_owned())
+                            .body(())
+                            .expect("response");
+                        let _ = respond.send_response(resp, true);
+                    });
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        &retry_config(addr),
+        "127.0.0.1:50051".parse().expect("addr"),
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let (resp, mut send) = client
+        .send_request(
+            Request::post("http://echo.test/test.Echo/Trailers")
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("req"),
+            false,
+        )
+        .expect("send");
+    send.send_data(Bytes::from_static(b"hello"), false)
+        .expect("data");
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-req-trailer", http::HeaderValue::from_static("kept"));
+    send.send_trailers(trailers).expect("trailers");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "two attempts");
+    assert_eq!(resp.headers()["grpc-status"], "0");
+    assert_eq!(resp.headers()["x-saw-body"], "hello");
+    assert_eq!(
+        resp.headers()["x-saw-trailers"],
+        "kept",
+        "the retry lost the request trailers"
+    );
+    task.abort();
+}
+
+/// A stream the upstream refuses with GOAWAY (its last stream id below the stream's) was never
+/// processed: `retry_on: refused-stream` retries it, as it does REFUSED_STREAM. The endpoint's
+/// first connection is raw bytes that answer the first HEADERS with GOAWAY(last stream 0) and
+/// close; later ones are the h2 crate's server, answering 200.
+#[tokio::test]
+async fn a_stream_refused_by_goaway_is_retried_as_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    if stream.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    // SETTINGS (empty), then a SETTINGS ACK for the client's.
+                    let _ = stream
+                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+                        .await;
+                    for _ in 0..64 {
+                        let mut head = [0u8; 9];
+                        if stream.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        if stream.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        if head[3] == 1 {
+                            // HEADERS: GOAWAY, last stream id 0, NO_ERROR; then close.
+                            let _ = stream
+                                .write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            return;
+                        }
+                    }
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = Response::builder().status(200).body(()).expect("response");
+                    let _ = respond.send_response(resp, true);
+                }
+            });
+        }
+    });
+    let config = format!(
+        r#"
+clusters:
+  - name: web
+    endpoints: ["{addr}"]
+    protocol: http2
+outbound:
+  listeners:
+    - port: 50051
+      virtual_hosts:
+        - name: web
+          domains: ["*"]
+          routes:
+            - route:
+                cluster: web
+                retry_policy: {{retry_on: refused-stream, num_retries: 1, base_interval: 1ms, max_interval: 1ms}}
+"#
+    );
+    let proxy = Proxy::start(&config, "127.0.0.1:50051".parse().expect("addr")).await;
+    let body = support::http1_get(proxy.outbound, "/refused").await;
+    assert!(!body.contains("upstream connect error"), "{body}");
+    let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get("/again")
+                .header("host", "x")
+                .body(Empty::<Bytes>::new())
+                .expect("req"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    task.abort();
+}
+
+/// A client body past `max_request_body_bytes`, found only once its stream is open upstream
+/// and its body streaming from a task of its own: a 413 for the client, as when it is found
+/// earlier — not a 503 blaming the endpoint (which the outlier detector would count).
+#[tokio::test]
+async fn an_oversized_streaming_body_is_a_413_not_an_upstream_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // An h2c upstream that reads the whole body before it answers.
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let resp = Response::builder().status(200).body(()).expect("response");
+                        let _ = respond.send_response(resp, true);
+                    });
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(
+        &format!(
+            "limits: {{max_request_body_bytes: 1000}}\noutbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
+            addr.port()
+        ),
+        addr,
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    s.write_all(b"POST /big HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .expect("head");
+    let chunk = format!("1f4\r\n{}\r\n", "z".repeat(500));
+    s.write_all(chunk.as_bytes()).await.expect("chunk");
+    // The stream is open upstream and the body's pipe waits for more: its own task now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("in time")
+        .expect("a response");
+    assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+    task.abort();
+}
+
+/// Upstream h2 PINGs are off unless `h2_upstream_keepalive_interval` asks for them (grpc-go
+/// servers answer pings more often than every 5 minutes on a quiet stream with GOAWAY
+/// `too_many_pings`); `h2_keepalive_interval` is for clients only. The upstream is raw bytes
+/// that count PINGs (answering them) and never answer the request.
+#[tokio::test]
+async fn upstream_h2_pings_only_when_configured() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (limits, want_pings) in [
+        ("h2_keepalive_interval: 1s, h2_keepalive_timeout: 3s", false),
+        (
+            "h2_upstream_keepalive_interval: 1s, h2_keepalive_timeout: 3s",
+            true,
+        ),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counted = pings.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let pings = counted.clone();
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    if stream.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    let _ = stream
+                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+                        .await;
+                    for _ in 0..1000 {
+                        let mut head = [0u8; 9];
+                        if stream.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0u8; len];
+                        if stream.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        if head[3] == 6 && head[4] & 1 == 0 {
+                            pings.fetch_add(1, Ordering::SeqCst);
+                            let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                            ack.extend_from_slice(&payload);
+                            let _ = stream.write_all(&ack).await;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = Proxy::start(
+            &format!(
+                "limits: {{{limits}}}\noutbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
+                addr.port()
+            ),
+            addr,
+        )
+        .await;
+        let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        // The stream waits on the upstream for 2.5 s (it never answers).
+        let waited = tokio::time::timeout(
+            Duration::from_millis(2500),
+            sender.send_request(
+                Request::get("/quiet")
+                    .header("host", "x")
+                    .body(Empty::<Bytes>::new())
+                    .expect("req"),
+            ),
+        )
+        .await;
+        assert!(waited.is_err(), "{limits}: the upstream never answers");
+        let seen = pings.load(Ordering::SeqCst);
+        assert_eq!(seen > 0, want_pings, "{limits}: {seen} upstream PINGs");
+        task.abort();
+    }
+}

@@ -101,10 +101,17 @@ pub struct Limits {
     /// A TCP-proxied connection with no bytes either way for this long is closed (Istio's
     /// default: 1 h); listeners and inbound ports can set their own. 0 = never.
     pub tcp_idle_timeout: Dur,
-    /// HTTP/2 (both sides): a PING every this often, and the connection is closed when one is
-    /// not answered within `h2_keepalive_timeout`. 0 = no pings.
+    /// HTTP/2 clients: a PING every this often, and the connection is closed when one is not
+    /// answered within `h2_keepalive_timeout`. 0 = no pings.
     pub h2_keepalive_interval: Dur,
     pub h2_keepalive_timeout: Dur,
+    /// HTTP/2 upstreams: the same, while a stream waits on the connection. 0 (the default, as
+    /// Envoy's) = no pings: a server enforces a minimum interval — grpc-go's is 5 minutes, and
+    /// pings more often on a quiet long-lived stream get `GOAWAY(ENHANCE_YOUR_CALM,
+    /// "too_many_pings")`, failing the streams. Upstream h2 sockets have TCP keep-alive instead
+    /// (probes after `h2_keepalive_interval` idle), which finds a vanished peer without the
+    /// server's h2 stack seeing anything. Set this at or above the upstream's minimum.
+    pub h2_upstream_keepalive_interval: Dur,
     /// Streams one downstream HTTP/2 client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub h2_max_concurrent_streams: u32,
     /// Streams a client may open and reset before the proxy accepts them, and streams the
@@ -133,6 +140,7 @@ impl Default for Limits {
             tcp_idle_timeout: Dur::secs(3600),
             h2_keepalive_interval: Dur::secs(60),
             h2_keepalive_timeout: Dur::secs(20),
+            h2_upstream_keepalive_interval: Dur::secs(0),
             h2_max_concurrent_streams: 1024,
             h2_max_pending_accept_reset_streams: 20,
             h2_max_local_error_reset_streams: 100,

@@ -581,7 +581,8 @@ async fn forward(
     };
     let h2 = H2Settings {
         max_requests_per_connection: limits.h2_max_requests_per_connection as usize,
-        keepalive_interval: limits.h2_keepalive_interval.nonzero(),
+        keepalive_interval: limits.h2_upstream_keepalive_interval.nonzero(),
+        tcp_keepalive: limits.h2_keepalive_interval.nonzero(),
         keepalive_timeout: limits.h2_keepalive_timeout.0,
         max_header_list_size: limits.max_request_headers_kb.saturating_mul(1024),
     };
@@ -684,7 +685,10 @@ async fn attempts(
                 .cx_connect_fail
                 .fetch_add(1, Ordering::Relaxed);
         }
-        cluster.record(&endpoint, !outcome.is_endpoint_failure());
+        // A client's broken or oversized body says nothing about the endpoint.
+        if outcome != Outcome::ClientBody {
+            cluster.record(&endpoint, !outcome.is_endpoint_failure());
+        }
         if body.replayable() && !how.upgrade && retry.should_retry(attempt, outcome) {
             debug!(cluster = %cluster.name, endpoint = %endpoint.addr, attempt, ?outcome, "retrying");
             // Only a retry needs the endpoints tried so far: no allocation for the usual
@@ -773,19 +777,33 @@ fn upstream_request(
 }
 
 fn classify_error(err: &SendError) -> Outcome {
-    if matches!(err, SendError::Connect { .. } | SendError::NotHttp2 { .. }) {
-        return Outcome::ConnectFailure;
+    match err {
+        SendError::Connect { .. } | SendError::NotHttp2 { .. } => return Outcome::ConnectFailure,
+        SendError::Body { .. } => return Outcome::ClientBody,
+        // hyper's HTTP/1.1 client: a user error caused by the request body's own error.
+        SendError::Request { source, .. } if source.is_user() && source.source().is_some() => {
+            return Outcome::ClientBody;
+        }
+        _ => {}
     }
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            && refused(h2)
         {
             return Outcome::RefusedStream;
         }
         source = e.source();
     }
     Outcome::Reset
+}
+
+/// Whether the upstream never processed the stream: REFUSED_STREAM, or a GOAWAY whose last
+/// stream id is below it. h2 fails a stream with the peer's GOAWAY only in that case (a stream
+/// the peer took and then lost to the connection closing fails with an I/O error instead), so
+/// like REFUSED_STREAM it is safe to retry and no fault of the endpoint's.
+fn refused(err: &h2::Error) -> bool {
+    err.reason() == Some(h2::Reason::REFUSED_STREAM) || (err.is_go_away() && err.is_remote())
 }
 
 fn caused_by_body_limit(err: &SendError) -> bool {
@@ -806,6 +824,10 @@ fn failure_reply(
 ) -> Response<ResponseBody> {
     if caused_by_body_limit(err) {
         return local_reply(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
+    }
+    if outcome == Outcome::ClientBody {
+        debug!(%endpoint, err = %err, source = ?err.source(), "client body ended early");
+        return local_reply(StatusCode::BAD_REQUEST, "incomplete request body\n");
     }
     debug!(%endpoint, ?outcome, err = %err, source = ?err.source(), "upstream failed");
     // Envoy's wording, which tools and people grep for.
@@ -1015,6 +1037,25 @@ fn request_id_bytes() -> [u8; 36] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_body_error_is_not_blamed_on_the_endpoint_nor_retried() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let err = SendError::Body {
+            addr,
+            source: "the client's body was cut short".into(),
+        };
+        let outcome = classify_error(&err);
+        assert_eq!(outcome, Outcome::ClientBody);
+        assert!(!outcome.is_endpoint_failure());
+        let mut every = RetryPolicy::none();
+        every.num_retries = 3;
+        every.on = super::super::retry::RetryOn::parse("5xx,reset,connect-failure,refused-stream")
+            .expect("valid");
+        assert!(!every.should_retry(1, outcome));
+        let reply = failure_reply(&err, outcome, addr);
+        assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn request_ids_are_uuid_v4_and_differ() {

@@ -54,6 +54,13 @@ const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const H2_CONN_WINDOW: u32 = 5 * 1024 * 1024;
 const H2_MAX_SEND_BUF: usize = 1024 * 1024;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: the first stream id of new upstream h2 connections, to reach the end of the id
+    /// space in one request.
+    static FIRST_STREAM_ID: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("connecting to {addr}: {source}")]
@@ -102,8 +109,11 @@ impl SendError {
 pub struct H2Settings {
     /// Streams at once on one connection (also capped by the peer's setting).
     pub max_requests_per_connection: usize,
+    /// h2 PINGs while a stream waits (off by default: servers limit their rate).
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
+    /// TCP keep-alive probes after this long idle (the kernel's, invisible to the peer's h2).
+    pub tcp_keepalive: Option<Duration>,
     pub max_header_list_size: u32,
 }
 
@@ -113,6 +123,7 @@ impl Default for H2Settings {
             max_requests_per_connection: 100,
             keepalive_interval: None,
             keepalive_timeout: Duration::from_secs(20),
+            tcp_keepalive: None,
             max_header_list_size: 60 * 1024,
         }
     }
@@ -177,12 +188,22 @@ impl H2State {
     }
 }
 
-/// Marks an h2 connection closed when its task ends.
-struct ClosedOnDrop(Arc<H2State>);
+/// Marks an h2 connection closed when its task ends, and takes it out of the pool: `take_h2`
+/// prunes only the address it is asked for, so a closed connection to an endpoint that gets no
+/// more requests would otherwise stay listed for good, its `SendRequest` keeping h2's shared
+/// state (stream slab, buffers) alive.
+struct ClosedOnDrop {
+    state: Arc<H2State>,
+    pool: std::sync::Weak<Pool>,
+    addr: SocketAddr,
+}
 
 impl Drop for ClosedOnDrop {
     fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
+        self.state.closed.store(true, Ordering::Release);
+        if let Some(pool) = self.pool.upgrade() {
+            pool.prune_h2(self.addr);
+        }
     }
 }
 
@@ -426,6 +447,18 @@ impl Pool {
         }
     }
 
+    /// Drops the closed h2 connections to `addr` (and its entry, once none is left).
+    fn prune_h2(&self, addr: SocketAddr) {
+        if let Ok(mut all) = self.h2.lock()
+            && let Some(list) = all.get_mut(&addr)
+        {
+            list.retain(|c| !c.state.closed.load(Ordering::Acquire));
+            if list.is_empty() {
+                all.remove(&addr);
+            }
+        }
+    }
+
     /// A stream on an open h2 connection to `addr` with room for one more, if there is one.
     fn take_h2(
         &self,
@@ -454,6 +487,16 @@ impl Pool {
 
     async fn open_h2(&self, addr: SocketAddr, settings: &H2Settings) -> Result<(), SendError> {
         let stream = self.dial(addr).await?;
+        if let Some(idle) = settings.tcp_keepalive {
+            // Three probes over the PING timeout: a vanished peer is found about as soon as an
+            // unanswered PING would find it.
+            let every = (settings.keepalive_timeout / 3).max(Duration::from_secs(1));
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(every)
+                .with_retries(3);
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        }
         let (socket, mut heard) = HeardIo::new(stream);
         let mut builder = h2::client::Builder::new();
         builder
@@ -468,6 +511,10 @@ impl Pool {
             .max_frame_size(16 * 1024)
             .max_local_error_reset_streams(Some(1024))
             .enable_push(false);
+        #[cfg(test)]
+        if let Some(id) = FIRST_STREAM_ID.with(std::cell::Cell::get) {
+            builder.initial_stream_id(id);
+        }
         let (sender, mut conn) = builder
             .handshake::<_, Bytes>(socket)
             .await
@@ -484,9 +531,14 @@ impl Pool {
             .map(|every| (every, settings.keepalive_timeout));
         let mut pinger = keepalive.and_then(|_| conn.ping_pong());
         let watched = state.clone();
+        let closed = ClosedOnDrop {
+            state: state.clone(),
+            pool: self.me.clone(),
+            addr,
+        };
         tokio::spawn(async move {
             // Marks the connection closed however the task ends (or is dropped).
-            let _closed = ClosedOnDrop(watched.clone());
+            let _closed = closed;
             // Runs the connection until the upstream closes it, until no stream has been open
             // for the idle timeout (dropping it closes the socket), or until a keep-alive PING
             // goes unanswered.
@@ -583,12 +635,13 @@ impl Pool {
             }
         };
         state.peer_max_streams.store(max_streams, Ordering::Release);
+        // Checked under the lock: a task ending after this check prunes the entry once the
+        // lock is free (it marks the connection closed before taking the lock).
+        let mut all = self.h2.lock().map_err(|_| SendError::NotHttp2 { addr })?;
         if state.closed.load(Ordering::Acquire) {
             return Err(SendError::NotHttp2 { addr });
         }
-        if let Ok(mut all) = self.h2.lock() {
-            all.entry(addr).or_default().push(H2Conn { sender, state });
-        }
+        all.entry(addr).or_default().push(H2Conn { sender, state });
         Ok(())
     }
 
@@ -768,9 +821,17 @@ async fn send_on(
             Poll::Pending => Some(h2c::spawn_pipe(pipe)),
         }
     };
-    let resp = response
-        .await
-        .map_err(|source| NotSent::Failed(SendError::H2 { addr, source }))?;
+    let resp = match response.await {
+        Ok(resp) => resp,
+        Err(source) => {
+            // A spawned body that failed reset the stream itself: the client's error, not
+            // the upstream's.
+            if let Some(source) = cancel.as_ref().and_then(h2c::Cancel::body_failure) {
+                return Err(NotSent::Failed(SendError::Body { addr, source }));
+            }
+            return Err(NotSent::Failed(SendError::H2 { addr, source }));
+        }
+    };
     if let Some(cancel) = cancel {
         cancel.disarm();
     }
@@ -1002,6 +1063,89 @@ mod tests {
             .expect("the idle connection was never closed")
             .expect("server task");
         assert_eq!(pool.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_closed_h2_connection_leaves_the_pool_without_further_requests() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(stream).await.expect("handshake");
+            if let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let resp = Response::builder().status(200).body(()).expect("response");
+                let _ = respond.send_response(resp, true);
+            }
+            // Served one request; now the connection closes (the socket with it).
+            let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
+        });
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let req = Request::get("http://x/")
+            .body(http_body_util::Either::Left(Full::new(Bytes::new())))
+            .expect("request");
+        let resp = pool
+            .send_h2(addr, req, &H2Settings::default(), false)
+            .await
+            .expect("response");
+        resp.into_body().collect().await.expect("body");
+        // No request to `addr` follows: the closed connection must still leave the pool.
+        let mut listed = 1;
+        for _ in 0..100 {
+            listed = pool.h2.lock().map(|m| m.len()).unwrap_or(0);
+            if listed == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(listed, 0, "a closed h2 connection stayed in the pool");
+    }
+
+    /// A connection whose stream ids are used up fails `ready` with a user error (not GOAWAY,
+    /// not I/O): it must be retired and the request sent on a new one, not left first in the
+    /// pool failing every request to the endpoint.
+    #[tokio::test]
+    async fn a_connection_out_of_stream_ids_is_retired_not_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        let resp = Response::builder().status(200).body(()).expect("response");
+                        let _ = respond.send_response(resp, true);
+                    }
+                });
+            }
+        });
+        // Every new connection's first stream is its last (2^31 - 1).
+        FIRST_STREAM_ID.with(|id| id.set(Some(0x7fff_ffff)));
+        let pool = Pool::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        for i in 0..3 {
+            let req = Request::get("http://x/")
+                .body(http_body_util::Either::Left(Full::new(Bytes::new())))
+                .expect("request");
+            let resp = pool
+                .send_h2(addr, req, &H2Settings::default(), false)
+                .await
+                .unwrap_or_else(|err| panic!("request {i}: {err}"));
+            resp.into_body().collect().await.expect("body");
+        }
+        FIRST_STREAM_ID.with(|id| id.set(None));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "one connection per request"
+        );
     }
 
     #[tokio::test]

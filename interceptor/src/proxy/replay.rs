@@ -148,6 +148,12 @@ impl Body for ReplayBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 shared.source = None;
+                if !this.trailers_sent
+                    && let Some(t) = &shared.trailers
+                {
+                    this.trailers_sent = true;
+                    return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+                }
                 this.ended = true;
                 Poll::Ready(None)
             }
@@ -169,7 +175,12 @@ impl Body for ReplayBody {
                         shared.dropped = this.next;
                     }
                 } else if let Some(t) = frame.trailers_ref() {
+                    // Trailers end the body: the attempt that read them stops there (its
+                    // sender never polls the source again), so the source is done with now —
+                    // a later attempt replays the kept trailers instead of ending without
+                    // them.
                     shared.trailers = Some(t.clone());
+                    shared.source = None;
                     this.trailers_sent = true;
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -73,6 +73,9 @@ pub enum Outcome {
     Reset,
     /// The attempt's own timeout (`per_try_timeout`) expired.
     PerTryTimeout,
+    /// The client's request body failed (cut short, or past the size limit): no fault of the
+    /// endpoint's, and nothing a retry could send.
+    ClientBody,
     /// A response head arrived, with its status and its `grpc-status` header (trailers-only
     /// gRPC responses carry it there).
     Response { status: u16, grpc: Option<u32> },
@@ -84,7 +87,7 @@ impl Outcome {
     pub fn is_endpoint_failure(self) -> bool {
         match self {
             Outcome::ConnectFailure | Outcome::Reset | Outcome::PerTryTimeout => true,
-            Outcome::RefusedStream => false,
+            Outcome::RefusedStream | Outcome::ClientBody => false,
             Outcome::Response { status, .. } => status >= 500,
         }
     }
@@ -157,6 +160,7 @@ impl RetryPolicy {
             Outcome::RefusedStream => {
                 on.contains(RetryOn::REFUSED_STREAM) || on.contains(RetryOn::FIVE_XX)
             }
+            Outcome::ClientBody => false,
             Outcome::Reset | Outcome::PerTryTimeout => {
                 on.contains(RetryOn::RESET)
                     || on.contains(RetryOn::FIVE_XX)

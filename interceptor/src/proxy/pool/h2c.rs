@@ -11,6 +11,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -40,7 +41,14 @@ pub(super) struct Pipe {
     send: h2::SendStream<Bytes>,
     /// A chunk read from the body, waiting for window.
     waiting: Option<(Bytes, bool)>,
+    /// Where a spawned pipe leaves the client body's error for the request's task.
+    report: Option<BodyFailure>,
 }
+
+/// The client body's error, if it failed in a spawned pipe: the request's task, which sees only
+/// the stream reset that followed, answers with it (413 past the size limit) and does not blame
+/// the endpoint.
+pub(super) type BodyFailure = Arc<Mutex<Option<BoxError>>>;
 
 impl Pipe {
     pub(super) fn new(body: UpstreamBody, send: h2::SendStream<Bytes>) -> Self {
@@ -48,6 +56,7 @@ impl Pipe {
             body,
             send,
             waiting: None,
+            report: None,
         }
     }
 
@@ -80,9 +89,10 @@ impl Future for Pipe {
                         Poll::Ready(Some(Ok(_))) => {}
                         Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(this.h2_err(err))),
                         Poll::Ready(None) => {
-                            return Poll::Ready(Err(PipeError::Body(
-                                "the upstream stream closed while its body was sent".into(),
-                            )));
+                            // The stream closed under the body: the upstream's doing.
+                            return Poll::Ready(Err(PipeError::H2(h2::Error::from(
+                                h2::Reason::CANCEL,
+                            ))));
                         }
                     }
                 }
@@ -125,6 +135,17 @@ impl Future for Pipe {
                     }
                 },
                 Poll::Ready(Some(Err(err))) => {
+                    // Reported before the reset, so the request's task finds it when the reset
+                    // wakes it.
+                    let err = match &this.report {
+                        Some(slot) => {
+                            if let Ok(mut slot) = slot.lock() {
+                                *slot = Some(err);
+                            }
+                            "the client's request body failed".into()
+                        }
+                        None => err,
+                    };
                     this.send.send_reset(h2::Reason::INTERNAL_ERROR);
                     return Poll::Ready(Err(PipeError::Body(err)));
                 }
@@ -143,7 +164,9 @@ impl Future for Pipe {
 /// A body still streaming when its request went out: its own task, which resets the stream
 /// if the caller gives up on the response before it comes (`cancel` dropped unsent is not
 /// giving up: that is what happens once the response is in).
-pub(super) fn spawn_pipe(pipe: Pipe) -> Cancel {
+pub(super) fn spawn_pipe(mut pipe: Pipe) -> Cancel {
+    let report = BodyFailure::default();
+    pipe.report = Some(report.clone());
     let (tx, mut rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         tokio::pin!(pipe);
@@ -167,15 +190,20 @@ pub(super) fn spawn_pipe(pipe: Pipe) -> Cancel {
         });
         done.await;
     });
-    Cancel(Some(tx))
+    Cancel(Some(tx), report)
 }
 
 /// Resets a spawned body's stream when dropped, unless [`Cancel::disarm`]ed.
-pub(super) struct Cancel(Option<oneshot::Sender<()>>);
+pub(super) struct Cancel(Option<oneshot::Sender<()>>, BodyFailure);
 
 impl Cancel {
     pub(super) fn disarm(mut self) {
         self.0.take();
+    }
+
+    /// The client body's error, if that is why the spawned pipe ended.
+    pub(super) fn body_failure(&self) -> Option<BoxError> {
+        self.1.lock().ok()?.take()
     }
 }
 
