@@ -23,8 +23,9 @@
 //!   run side by side: the new programs read the old map as their `*_PREV` map when their own
 //!   has no entry (the migration pins the old map under that name before loading), and every
 //!   reader is swapped before any writer ([`SWAP_ORDER`]), so no entry is ever where its reader
-//!   does not look. The entries are also copied old to new (a converter per map and old ABI),
-//!   before the swap and again after it, so the next migration finds them all in one map.
+//!   does not look. Once every program is swapped the entries are copied old to new (a
+//!   converter per map and old ABI), so the next migration finds them all in one map — not
+//!   before: the old programs remove a closing connection's entry from the old map only.
 
 use crate::names::{map, prog};
 
@@ -36,7 +37,7 @@ pub const MIGRATES_FROM: u32 = 6;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Migration {
     /// Entries converted in user space, old layout to new, before the programs are swapped
-    /// (connection-owned maps: again after, and read meanwhile through their `*_PREV` maps).
+    /// (connection-owned maps: after, and read meanwhile through their `*_PREV` maps).
     /// Needs a converter for the old layout; without one the migration is refused.
     Convert,
     /// Written from what the agent knows (its options, the ABI number).

@@ -451,20 +451,20 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             .collect();
         // The probe build declares COUNTERS, two registry maps, the per-pod listeners and the
         // listener sockhash, and two original-destination maps changed: the counters and the connection maps
-        // are converted (the latter caught up again between their writers' and readers'
-        // swaps), the registry's rebuilt from its four pods (the deleted one included: the
+        // are converted (the latter only once every program is swapped), the registry's rebuilt from its four pods (the deleted one included: the
         // agent's first pass collects it), ABI rewritten, the rest kept as they are.
         for line in &maps {
             let name = line.split(' ').next().unwrap_or_default();
             let expected = match name {
                 "COUNTERS" => "converted",
-                // Not "not caught up (...)": a failed catch-up must fail here.
+                // Not "not carried over (...)": a failed catch-up must fail here.
                 "COOKIE_ORIG" | "TUPLE_ORIG"
-                    if line.starts_with(&format!("{name} caught up (")) =>
+                    if line.starts_with(&format!("{name} carried over after the swap (")) =>
                 {
-                    "entries the old programs wrote since"
+                    "entries the old programs wrote"
                 }
-                "COOKIE_ORIG" | "TUPLE_ORIG" => "converted",
+                // Not copied before the swap: read through the *_PREV maps meanwhile.
+                "COOKIE_ORIG" | "TUPLE_ORIG" => "new (the old one is read through",
                 "POD_CONFIG" | "POD_PORTS" | "POD_LISTENER" | "LISTENERS" => {
                     "rebuilt from the pod registry (4 pods)"
                 }
@@ -476,8 +476,8 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         assert_eq!(maps.len(), 24, "{maps:?}");
         assert!(
             maps.iter()
-                .any(|l| l.starts_with("TUPLE_ORIG converted") && !l.contains("(0 entries)")),
-            "the held connection's entry was converted: {maps:?}"
+                .any(|l| l.starts_with("TUPLE_ORIG carried over") && !l.contains("(0 entries")),
+            "the held connection's entry was carried over: {maps:?}"
         );
         assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
         let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
