@@ -190,7 +190,7 @@ impl Datapath {
             path: pins.root().to_owned(),
             found: plan.from(),
             expected: interceptor_common::ABI_VERSION,
-            source: Box::new(source),
+            cause: Box::new(source),
         };
         let staging = plan.stage(&pins).map_err(failed)?;
         // A kept CONFIG is the very map the old programs read: written only once the new
