@@ -294,7 +294,8 @@ impl Plan {
 
     /// Copies each converted connection map, once every program is swapped (no old writer
     /// runs): what the old programs wrote, read meanwhile through the `*_PREV` maps, joins the
-    /// new map ([`carry_over`]: less the connections that close meanwhile). A failure is
+    /// new map and leaves the old one ([`carry_over`]: less the connections that close
+    /// meanwhile). A failure is
     /// reported, not fatal: the entries stay readable through `*_PREV` until the next migration.
     pub(super) fn catch_up(&self, pins: &Pins, staging: &Pins, report: &mut Report) {
         for c in layout::CONNECTION_MAPS {
@@ -387,7 +388,10 @@ impl<K: aya::Pod, V: aya::Pod> Entries<K, V> for HashMap<MapData, K, V> {
 /// stays. A connection can close between the listing and the insert (the new programs then
 /// removed its entry from both maps, and the insert would bring it back, stale, for a later
 /// connection of the same 4-tuple): after each insert the key is looked up in `from` again,
-/// and if it is gone the insert is undone. Race-free because every program is swapped: no old writer adds to `from`, and a close
+/// and if it is gone the insert is undone. Each key handled is then deleted from `from` (the
+/// new programs' `*_PREV` map): the new map holds it, or a newer entry, and a later miss of a
+/// new program in its own map must not find a stale one there (an entry nothing removes, e.g.
+/// under a key whose connection closed without the removal finding it). Race-free because every program is swapped: no old writer adds to `from`, and a close
 /// after the re-check removes the entry from `to` itself.
 fn carry_over<K, V>(
     from: &mut impl Entries<K, V>,
@@ -402,8 +406,10 @@ fn carry_over<K, V>(
             } else {
                 // Closed meanwhile.
                 to.delete(&k)?;
+                continue;
             }
         }
+        from.delete(&k)?;
     }
     Ok(copied)
 }
@@ -844,5 +850,19 @@ mod tests {
             "a closed connection's entry came back"
         );
         assert_eq!(new.entries.get(&3), Some(&33));
+    }
+
+    /// Once carried over (or superseded by a new program's entry), an entry leaves the old
+    /// map: a new program's later miss does not find it through `*_PREV`.
+    #[test]
+    fn the_old_map_is_emptied_of_what_was_carried_over() {
+        let mut old = Fake::default();
+        old.entries.extend([(1, 10), (3, 30), (4, 40)]);
+        let mut new = Fake::default();
+        new.entries.insert(3, 33);
+        let listed = vec![(1, 10), (3, 30)];
+        carry_over(&mut old, &mut new, listed).expect("carry over");
+        // 4 was not listed (written after the listing by no one but a test): left alone.
+        assert_eq!(old.entries.keys().copied().collect::<Vec<_>>(), [4]);
     }
 }

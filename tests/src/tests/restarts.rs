@@ -480,6 +480,11 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             "the held connection's entry was carried over: {maps:?}"
         );
         assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
+        // The old connection maps, read through their *_PREV names, are shown (emptied by the
+        // catch-up of what it carried over).
+        for prev in ["COOKIE_PREV", "TUPLE_PREV"] {
+            assert!(map_capacity(&after, prev) > 1, "{prev} is the old map");
+        }
         let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
         assert!(
             human.contains("started     migrated from ABI 7")
