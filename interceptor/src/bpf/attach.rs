@@ -203,8 +203,16 @@ impl Datapath {
                 // The registry is the old maps: read there, written here by `pod enable`'s code.
                 let old = Maps::open_any_abi(&pins)?;
                 let port = opts.config.inbound_port as u16;
-                crate::registry::rebuild(&old, &mut maps, port)
-                    .map(|done| done.pods)
+                // With the per-pod listeners and the sockhash kept, their entries are there.
+                let resolve = [
+                    names::map::POD_LISTENER,
+                    names::map::POD_LISTENER6,
+                    names::map::LISTENERS,
+                ]
+                .iter()
+                .any(|m| !plan.keeps(m));
+                crate::registry::rebuild(&old, &mut maps, port, resolve)
+                    .map(|done| (done.pods, done.skipped))
                     .map_err(|e| Error::Rebuild(Box::new(e)))
             })?;
             // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).

@@ -226,13 +226,14 @@ impl Plan {
     /// every map exists) and says what it did with each map in `report`. `Rebuild` maps are
     /// written by the caller (CONFIG from its options, ABI); `FromRegistry` ones by `rebuild`,
     /// run once if any is (it writes every pod into the staged set, kept maps included: the
-    /// same values there), which returns how many pods it wrote.
+    /// same values there), which returns how many pods it wrote and the inbound pods whose
+    /// listener it skipped (gone meanwhile).
     pub(super) fn fill(
         &self,
         pins: &Pins,
         staging: &Pins,
         report: &mut Report,
-        rebuild: impl FnOnce() -> Result<usize, Error>,
+        rebuild: impl FnOnce() -> Result<(usize, Vec<String>), Error>,
     ) -> Result<(), Error> {
         report.migrated_from = Some(self.from);
         let pods = if self.rebuilds_registry() {
@@ -268,11 +269,22 @@ impl Plan {
                     format!("{} converted ({n} entries)", l.name)
                 }
                 Step::Rebuild => format!("{} rebuilt", l.name),
-                Step::FromRegistry => format!(
-                    "{} rebuilt from the pod registry ({} pods)",
-                    l.name,
-                    pods.unwrap_or_default()
-                ),
+                Step::FromRegistry => {
+                    let (pods, skipped) = pods.as_ref().map_or((0, &[][..]), |(n, s)| (*n, &s[..]));
+                    let skipped = if skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; listeners of {} pods gone meanwhile not registered: {}",
+                            skipped.len(),
+                            skipped.join(", ")
+                        )
+                    };
+                    format!(
+                        "{} rebuilt from the pod registry ({pods} pods){skipped}",
+                        l.name
+                    )
+                }
                 Step::Drain if !pins.map(l.name).exists() => {
                     format!("{} new (empty; ABI {} had none)", l.name, self.from)
                 }
@@ -797,7 +809,7 @@ mod tests {
         };
         let pins = Pins::new("/x");
         let mut report = Report::default();
-        plan.fill(&pins, &pins.staging(), &mut report, || Ok(0))
+        plan.fill(&pins, &pins.staging(), &mut report, || Ok((0, Vec::new())))
             .expect("fill");
         assert_eq!(*FILLED.lock().expect("lock"), [map::COUNTERS]);
         assert!(
