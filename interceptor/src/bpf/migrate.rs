@@ -151,7 +151,77 @@ pub(super) fn plan(pins: &Pins, found: u32) -> Result<Plan, Error> {
         steps.push((l, step));
     }
     unify_sockhash_group(&mut steps, |name| pins.map(name).exists());
+    let ours = object_sizes();
+    let old = |name: &str| {
+        aya::maps::MapInfo::from_pin(pins.map(name))
+            .ok()
+            .map(|i| (i.key_size(), i.value_size()))
+    };
+    if let Some(why) = undecodable(found, &steps, old, |name| ours.get(name).copied()) {
+        return Err(refuse(why));
+    }
     Ok(Plan { from: found, steps })
+}
+
+/// `(map, old ABI)` pairs whose old entries this build decodes with that ABI's frozen types
+/// although their key or value size differs from this build's (a build that changes a registry
+/// or connection map's types adds its decoder and the pair here). None yet: ABIs 6 to 8 share
+/// these types.
+const DECODERS: &[(&str, u32)] = &[];
+
+/// Why the old maps cannot be read, if they cannot: a map this migration reads or keeps whose
+/// key or value size (`old`, from the pinned map; `ours`, from this build's object) differs
+/// with no decoder for it. Read: the registry's maps (the rebuild reads old rows with this
+/// build's types) and the converted maps; kept: the same object, so the same layout is
+/// required. A layout declared unchanged in `layout::MAPS` but of another size is caught here
+/// too. Maps either side lacks are skipped (new maps, a check-only build without an object).
+fn undecodable(
+    found: u32,
+    steps: &[(&'static MapLayout, Step)],
+    old: impl Fn(&str) -> Option<(u32, u32)>,
+    ours: impl Fn(&str) -> Option<(u32, u32)>,
+) -> Option<String> {
+    let mut differ = Vec::new();
+    for (l, step) in steps {
+        let read = match step {
+            Step::Keep | Step::Convert(_) | Step::FromRegistry => true,
+            Step::Rebuild | Step::Drain => false,
+        };
+        if !read || l.name == map::COUNTERS || DECODERS.contains(&(l.name, found)) {
+            // COUNTERS: its converters know each ABI's slots (a per-CPU u64 array either way).
+            continue;
+        }
+        if let (Some(o), Some(n)) = (old(l.name), ours(l.name))
+            && o != n
+        {
+            differ.push(format!(
+                "{} (key/value {}/{} bytes, this build {}/{})",
+                l.name, o.0, o.1, n.0, n.1
+            ));
+        }
+    }
+    (!differ.is_empty()).then(|| {
+        format!(
+            "the layout of {} differs and this build has no decoder for ABI {found}'s",
+            differ.join(", ")
+        )
+    })
+}
+
+/// Key and value sizes of this build's maps, from the embedded object (none in a check-only
+/// build).
+fn object_sizes() -> std::collections::HashMap<String, (u32, u32)> {
+    if super::OBJECT.is_empty() {
+        return Default::default();
+    }
+    aya_obj::Object::parse(super::OBJECT)
+        .map(|o| {
+            o.maps
+                .iter()
+                .map(|(name, m)| (name.clone(), (m.key_size(), m.value_size())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Keeps or drains the connection maps together (`layout::SOCKHASH_GROUP`): if one the old
@@ -876,5 +946,47 @@ mod tests {
         carry_over(&mut old, &mut new, listed).expect("carry over");
         // 4 was not listed (written after the listing by no one but a test): left alone.
         assert_eq!(old.entries.keys().copied().collect::<Vec<_>>(), [4]);
+    }
+
+    /// A map whose key or value size changed with no decoder is refused before anything
+    /// changes (the rebuild would read the old rows with this build's types); the same sizes,
+    /// or a map the old ABI lacks, pass.
+    #[test]
+    fn a_map_of_another_size_without_a_decoder_is_refused() {
+        let l = |name| layout::of(name).expect("layout");
+        let steps = vec![
+            (l(map::POD_CONFIG), Step::FromRegistry),
+            (l(map::POD_INFO), Step::Keep),
+            (l(map::TUPLE_ORIG), Step::Convert(fake_fill_cookie)),
+            (l(map::MSG_HISTORY), Step::Drain),
+        ];
+        let ours = |_: &str| Some((8, 32));
+        let same = |_: &str| Some((8, 32));
+        assert_eq!(undecodable(7, &steps, same, ours), None);
+        let bigger = |name: &str| match name {
+            map::POD_INFO => Some((4, 64)),
+            map::MSG_HISTORY => Some((1, 1)),
+            map::TUPLE_ORIG => None,
+            _ => Some((8, 32)),
+        };
+        let why = undecodable(7, &steps, bigger, ours).expect("refused");
+        assert!(
+            why.contains("POD_INFO (key/value 4/64 bytes, this build 8/32)"),
+            "{why}"
+        );
+        assert!(!why.contains("MSG_HISTORY"), "{why}");
+        assert!(!why.contains("TUPLE_ORIG"), "{why}");
+    }
+
+    /// The sizes `plan` compares come from the embedded object (a check-only build has none).
+    #[test]
+    fn this_builds_sizes_are_read_from_the_object() {
+        if super::super::OBJECT.is_empty() {
+            return;
+        }
+        let sizes = object_sizes();
+        for name in map::PINNED {
+            assert!(sizes.contains_key(*name), "{name}: {sizes:?}");
+        }
     }
 }
