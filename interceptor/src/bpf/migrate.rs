@@ -769,8 +769,8 @@ mod tests {
         }
     }
 
-    /// The probe build (ABI 8) declares a registry map and the connection maps changed: the
-    /// e2e migration test runs every path.
+    /// The probe build (ABI 8) declares every registry map and every connection map changed:
+    /// the e2e migration test runs every path against fresh maps.
     #[cfg(feature = "abi-probe")]
     #[test]
     fn abi_7_rebuilds_the_registry_converts_the_connections_and_keeps_the_rest() {
@@ -778,12 +778,18 @@ mod tests {
         assert!(plan.rebuilds_registry());
         for (l, step) in &plan.steps {
             let expected = match l.name {
-                map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG => {
+                map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG | map::DNS_ORIG => {
                     matches!(step, Step::Convert(_))
                 }
-                map::POD_CONFIG | map::POD_PORTS | map::POD_LISTENER | map::LISTENERS => {
-                    matches!(step, Step::FromRegistry)
-                }
+                map::POD_CONFIG
+                | map::POD_IPS
+                | map::POD_PORTS
+                | map::CIDR_EXCLUDE
+                | map::CIDR_INCLUDE
+                | map::POD_INFO
+                | map::POD_LISTENER
+                | map::POD_LISTENER6
+                | map::LISTENERS => matches!(step, Step::FromRegistry),
                 map::ABI => matches!(step, Step::Rebuild),
                 _ => matches!(step, Step::Keep),
             };
