@@ -221,7 +221,7 @@ impl Datapath {
             }
             maps.write_abi()?;
             upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
-            // Every old writer is swapped out: what they wrote since the first copy moves too.
+            // Every old writer is swapped out: the connection maps' entries move to the new maps.
             plan.catch_up(&pins, &staging, &mut report);
             Ok((ebpf, maps))
         })();

@@ -64,9 +64,9 @@ use super::{
     upgrade::Report,
 };
 
-/// Fills one new map from the old one; returns how many entries it carried over. Run again
-/// for a connection map (`layout::CONNECTION_MAPS`) once the programs are swapped: a converter
-/// leaves entries already in the new map as they are.
+/// Fills one new map from the old one; returns how many entries it carried over. A connection
+/// map's (`layout::CONNECTION_MAPS`) runs only once the programs are swapped (`Plan::catch_up`),
+/// every other one before the swap (`Plan::fill`).
 type Converter = fn(old: &Pins, new: &Pins) -> Result<usize, Error>;
 
 /// What happens to one map.
@@ -828,7 +828,7 @@ mod tests {
         Err(Error::NoObject)
     }
 
-    /// After the swap every converted connection map is copied once more; a kept one is
+    /// After the swap every converted connection map is copied; a kept one is
     /// not, and a failed copy is reported without failing the migration.
     #[test]
     fn converted_connection_maps_catch_up_after_the_swap() {

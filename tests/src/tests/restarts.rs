@@ -562,7 +562,7 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
         wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
         // The connection accepted before the upgrade is answered by the new getsockopt, from
-        // the converted TUPLE_ORIG.
+        // TUPLE_ORIG as carried over after the swap.
         let asked = socket2::SockRef::from(&accepted)
             .original_dst()
             .expect("SO_ORIGINAL_DST after the migration");
