@@ -995,4 +995,29 @@ mod tests {
             assert!(sizes.contains_key(*name), "{name}: {sizes:?}");
         }
     }
+
+    /// An inbound pod the rebuild skipped (gone meanwhile) is named in the report.
+    #[test]
+    fn the_report_names_the_pods_whose_listener_the_rebuild_skipped() {
+        let plan = Plan {
+            from: 7,
+            steps: vec![(
+                layout::of(map::POD_LISTENER).expect("layout"),
+                Step::FromRegistry,
+            )],
+        };
+        let pins = Pins::new("/x");
+        let mut report = Report::default();
+        plan.fill(&pins, &pins.staging(), &mut report, || {
+            Ok((4, vec!["gone-pod".to_owned()]))
+        })
+        .expect("fill");
+        assert_eq!(
+            report.maps,
+            [
+                "POD_LISTENER rebuilt from the pod registry (4 pods); listeners of 1 pods gone \
+              meanwhile not registered: gone-pod"
+            ]
+        );
+    }
 }
