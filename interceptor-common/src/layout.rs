@@ -23,8 +23,9 @@
 //!   run side by side: the new programs read the old map as their `*_PREV` map when their own
 //!   has no entry (the migration pins the old map under that name before loading), and every
 //!   reader is swapped before any writer ([`SWAP_ORDER`]), so no entry is ever where its reader
-//!   does not look. The entries are also copied old to new (a converter per map and old ABI),
-//!   before the swap and again after it, so the next migration finds them all in one map.
+//!   does not look. Once every program is swapped the entries are copied old to new (a
+//!   converter per map and old ABI), so the next migration finds them all in one map — not
+//!   before: the old programs remove a closing connection's entry from the old map only.
 
 use crate::names::{map, prog};
 
@@ -36,7 +37,7 @@ pub const MIGRATES_FROM: u32 = 6;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Migration {
     /// Entries converted in user space, old layout to new, before the programs are swapped
-    /// (connection-owned maps: again after, and read meanwhile through their `*_PREV` maps).
+    /// (connection-owned maps: after, and read meanwhile through their `*_PREV` maps).
     /// Needs a converter for the old layout; without one the migration is refused.
     Convert,
     /// Written from what the agent knows (its options, the ABI number).
@@ -80,10 +81,11 @@ const COUNTERS_SINCE: u32 = 8;
 const COUNTERS_SINCE: u32 = 7;
 
 /// The maps the `abi-probe` test build (ABI 8) declares changed besides `COUNTERS`, so the e2e
-/// migration test runs the registry rebuild (`POD_CONFIG`, `POD_PORTS`, `POD_LISTENER`, the
-/// `LISTENERS` sockhash, whose sockets are borrowed from the proxies again) and the
-/// connection-map conversion (`COOKIE_ORIG`, `TUPLE_ORIG`) under load. Their types are the
-/// same: only the declared version moves.
+/// migration test runs the registry rebuild into every fresh registry map (`POD_CONFIG`,
+/// `POD_IPS`, `POD_PORTS`, the CIDR tries, `POD_INFO`, `POD_LISTENER`/`POD_LISTENER6`, the
+/// `LISTENERS` sockhash, whose sockets are borrowed from the proxies again) and the conversion
+/// of every connection map (`COOKIE_ORIG`, `TUPLE_ORIG`, `DNS_ORIG`) under load. Their types
+/// are the same: only the declared version moves.
 #[cfg(feature = "abi-probe")]
 const PROBED_SINCE: u32 = 8;
 #[cfg(not(feature = "abi-probe"))]
@@ -98,13 +100,13 @@ pub const MAPS: &[MapLayout] = &[
     // Always fresh in a migration: it holds the ABI number itself.
     m(map::ABI, crate::ABI_VERSION, Migration::Rebuild),
     m(map::POD_CONFIG, PROBED_SINCE, Migration::FromRegistry),
-    m(map::POD_IPS, 6, Migration::FromRegistry),
+    m(map::POD_IPS, PROBED_SINCE, Migration::FromRegistry),
     m(map::POD_PORTS, PROBED_SINCE, Migration::FromRegistry),
-    m(map::CIDR_EXCLUDE, 6, Migration::FromRegistry),
-    m(map::CIDR_INCLUDE, 6, Migration::FromRegistry),
-    m(map::POD_INFO, 6, Migration::FromRegistry),
+    m(map::CIDR_EXCLUDE, PROBED_SINCE, Migration::FromRegistry),
+    m(map::CIDR_INCLUDE, PROBED_SINCE, Migration::FromRegistry),
+    m(map::POD_INFO, PROBED_SINCE, Migration::FromRegistry),
     m(map::POD_LISTENER, PROBED_SINCE, Migration::FromRegistry),
-    m(map::POD_LISTENER6, 6, Migration::FromRegistry),
+    m(map::POD_LISTENER6, PROBED_SINCE, Migration::FromRegistry),
     // Holds sockets: rebuilt by the registry's listener resolution (a listener that opened
     // meanwhile is found by the agent's first pass after the migration).
     m(map::LISTENERS, PROBED_SINCE, Migration::FromRegistry),
@@ -122,7 +124,7 @@ pub const MAPS: &[MapLayout] = &[
     // Events not yet read by the old agent are lost either way (it is stopped).
     m(map::EVENTS, 6, Migration::Drain),
     // sendmsg4/6 write, recvmsg4/6 read.
-    m(map::DNS_ORIG, 6, Migration::Convert),
+    m(map::DNS_ORIG, PROBED_SINCE, Migration::Convert),
     // New at ABI 7 (`--msg-redirect-policy adaptive`): created empty when migrating from 6.
     // A hint learned from closed connections: an empty one means the default (join the
     // sockhash) until it learns again.

@@ -30,7 +30,10 @@ pub mod map {
 
     /// The previous ABI's connection maps, as this ABI's programs see them (`layout::
     /// CONNECTION_MAPS`): bound to the old maps by an ABI migration, else one unused slot each.
-    /// Not state of their own: not in [`PINNED`], never staged or reported.
+    /// Not state of their own, so not in [`PINNED`] (never kept or converted by a migration):
+    /// the migration's staging pins the old maps under these names in `maps_next/` before the
+    /// object is loaded there, and they are pinned with the rest from then on (a fresh load
+    /// pins the unused slots).
     pub const PREVIOUS: &[&str] = &[COOKIE_PREV, TUPLE_PREV, DNS_PREV];
 
     /// Every map the agent pins, in the order `status` reports them.

@@ -121,7 +121,7 @@ pub enum Error {
     },
     #[error(
         "migrating the datapath pinned under {path} from ABI {found} to ABI {expected} failed \
-         ({source}); nothing was changed: the old datapath runs on and pods stay intercepted. \
+         ({cause}); nothing was changed: the old datapath runs on and pods stay intercepted. \
          To move to this build, stop the old agent, then either run `interceptor uninstall` \
          and start this one, or start this one with --replace (pods are not intercepted until \
          it has listed them again)"
@@ -130,8 +130,9 @@ pub enum Error {
         path: PathBuf,
         found: u32,
         expected: u32,
-        #[source]
-        source: Box<Error>,
+        /// Shown in the message (which goes on after it), so not a `source`: `{err:#}` would
+        /// print it again.
+        cause: Box<Error>,
     },
     #[error(
         "another agent of this instance runs (pid {pids}) on the datapath of ABI {found} \
@@ -142,8 +143,9 @@ pub enum Error {
         found: u32,
         pids: String,
     },
+    /// The cause is shown in the message, so not a `source` (`{err:#}` would print it again).
     #[error("rebuilding the pod registry's maps: {0}")]
-    Rebuild(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Rebuild(Box<dyn std::error::Error + Send + Sync>),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -160,5 +162,29 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed migration's cause shows once in the agent's `error: {err:#}`.
+    #[test]
+    fn a_migration_failure_names_its_cause_once() {
+        let inner = io::Error::other("the inner cause");
+        let err = Error::MigrationFailed {
+            path: "/sys/fs/bpf/icpt".into(),
+            found: 7,
+            expected: 8,
+            cause: Box::new(Error::Rebuild(Box::new(Error::io("opening", "/x", inner)))),
+        };
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(text.matches("the inner cause").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("rebuilding the pod registry").count(),
+            1,
+            "{text}"
+        );
     }
 }

@@ -190,7 +190,7 @@ impl Datapath {
             path: pins.root().to_owned(),
             found: plan.from(),
             expected: interceptor_common::ABI_VERSION,
-            source: Box::new(source),
+            cause: Box::new(source),
         };
         let staging = plan.stage(&pins).map_err(failed)?;
         // A kept CONFIG is the very map the old programs read: written only once the new
@@ -203,8 +203,16 @@ impl Datapath {
                 // The registry is the old maps: read there, written here by `pod enable`'s code.
                 let old = Maps::open_any_abi(&pins)?;
                 let port = opts.config.inbound_port as u16;
-                crate::registry::rebuild(&old, &mut maps, port)
-                    .map(|done| done.pods)
+                // With the per-pod listeners and the sockhash kept, their entries are there.
+                let resolve = [
+                    names::map::POD_LISTENER,
+                    names::map::POD_LISTENER6,
+                    names::map::LISTENERS,
+                ]
+                .iter()
+                .any(|m| !plan.keeps(m));
+                crate::registry::rebuild(&old, &mut maps, port, resolve)
+                    .map(|done| (done.pods, done.skipped))
                     .map_err(|e| Error::Rebuild(Box::new(e)))
             })?;
             // Rebuilt before any new program runs: the ABI it writes (and a new CONFIG).
@@ -213,7 +221,7 @@ impl Datapath {
             }
             maps.write_abi()?;
             upgrade::swap_programs(&mut ebpf, &staging, &opts.cgroup, &mut report, true)?;
-            // Every old writer is swapped out: what they wrote since the first copy moves too.
+            // Every old writer is swapped out: the connection maps' entries move to the new maps.
             plan.catch_up(&pins, &staging, &mut report);
             Ok((ebpf, maps))
         })();

@@ -11,8 +11,9 @@
 //!    cannot be carried over, the migration is refused before anything changes, with what to do.
 //! 2. **Stage** — the kept maps are pinned a second time under `maps_next/`, the object is
 //!    loaded against that directory (aya reuses pinned maps by name and creates the rest), and
-//!    the new maps are filled: converted maps copied, the registry's pods written by the
-//!    caller's rebuild (`registry::rebuild`, the code `pod enable` writes with).
+//!    the new maps are filled: converted maps copied (not the connection maps: see 3), the
+//!    registry's pods written by the caller's rebuild (`registry::rebuild`, the code
+//!    `pod enable` writes with).
 //! 3. **Swap** — every program is replaced on its link (`bpf/upgrade.rs`: `BPF_LINK_UPDATE`
 //!    on the cgroup links and each pod's sk_lookup link, sk_msg on the sockhash), even those
 //!    whose code is unchanged: they reference the new maps. Old and new programs run side by
@@ -21,8 +22,12 @@
 //!    entry looks in the old map, and its readers are swapped before its writers
 //!    (`layout::SWAP_ORDER`): an entry is always where its reader looks — a connection whose
 //!    connect() ran under the old connect4 is handled by the new sockops, and one accepted
-//!    before the upgrade is answered by the new getsockopt. After the swap the map is copied
-//!    again (no old writer runs any more), so the next migration finds every entry here.
+//!    before the upgrade is answered by the new getsockopt. Only after the swap (no old writer
+//!    runs any more) is the old map copied into the new one, so the next migration finds every
+//!    entry here: a copy made before would keep the entries of connections that close before
+//!    their writer is swapped (the old programs remove them from the old map only), and a new
+//!    reader looks in its own map first — a reused 4-tuple would get a closed connection's
+//!    original destination. A connection that closes during the copy is not carried over.
 //! 4. **Commit** — `maps_next/` takes the place of `maps/` (one `RENAME_EXCHANGE`), and the old
 //!    pins go. The old maps live on only as long as something holds them: an established
 //!    socket keeps the sk_msg program it joined the sockhash with, and that program its maps.
@@ -59,9 +64,9 @@ use super::{
     upgrade::Report,
 };
 
-/// Fills one new map from the old one; returns how many entries it carried over. Run again
-/// for a connection map (`layout::CONNECTION_MAPS`) once the programs are swapped: a converter
-/// leaves entries already in the new map as they are.
+/// Fills one new map from the old one; returns how many entries it carried over. A connection
+/// map's (`layout::CONNECTION_MAPS`) runs only once the programs are swapped (`Plan::catch_up`),
+/// every other one before the swap (`Plan::fill`).
 type Converter = fn(old: &Pins, new: &Pins) -> Result<usize, Error>;
 
 /// What happens to one map.
@@ -146,7 +151,77 @@ pub(super) fn plan(pins: &Pins, found: u32) -> Result<Plan, Error> {
         steps.push((l, step));
     }
     unify_sockhash_group(&mut steps, |name| pins.map(name).exists());
+    let ours = object_sizes();
+    let old = |name: &str| {
+        aya::maps::MapInfo::from_pin(pins.map(name))
+            .ok()
+            .map(|i| (i.key_size(), i.value_size()))
+    };
+    if let Some(why) = undecodable(found, &steps, old, |name| ours.get(name).copied()) {
+        return Err(refuse(why));
+    }
     Ok(Plan { from: found, steps })
+}
+
+/// `(map, old ABI)` pairs whose old entries this build decodes with that ABI's frozen types
+/// although their key or value size differs from this build's (a build that changes a registry
+/// or connection map's types adds its decoder and the pair here). None yet: ABIs 6 to 8 share
+/// these types.
+const DECODERS: &[(&str, u32)] = &[];
+
+/// Why the old maps cannot be read, if they cannot: a map this migration reads or keeps whose
+/// key or value size (`old`, from the pinned map; `ours`, from this build's object) differs
+/// with no decoder for it. Read: the registry's maps (the rebuild reads old rows with this
+/// build's types) and the converted maps; kept: the same object, so the same layout is
+/// required. A layout declared unchanged in `layout::MAPS` but of another size is caught here
+/// too. Maps either side lacks are skipped (new maps, a check-only build without an object).
+fn undecodable(
+    found: u32,
+    steps: &[(&'static MapLayout, Step)],
+    old: impl Fn(&str) -> Option<(u32, u32)>,
+    ours: impl Fn(&str) -> Option<(u32, u32)>,
+) -> Option<String> {
+    let mut differ = Vec::new();
+    for (l, step) in steps {
+        let read = match step {
+            Step::Keep | Step::Convert(_) | Step::FromRegistry => true,
+            Step::Rebuild | Step::Drain => false,
+        };
+        if !read || l.name == map::COUNTERS || DECODERS.contains(&(l.name, found)) {
+            // COUNTERS: its converters know each ABI's slots (a per-CPU u64 array either way).
+            continue;
+        }
+        if let (Some(o), Some(n)) = (old(l.name), ours(l.name))
+            && o != n
+        {
+            differ.push(format!(
+                "{} (key/value {}/{} bytes, this build {}/{})",
+                l.name, o.0, o.1, n.0, n.1
+            ));
+        }
+    }
+    (!differ.is_empty()).then(|| {
+        format!(
+            "the layout of {} differs and this build has no decoder for ABI {found}'s",
+            differ.join(", ")
+        )
+    })
+}
+
+/// Key and value sizes of this build's maps, from the embedded object (none in a check-only
+/// build).
+fn object_sizes() -> std::collections::HashMap<String, (u32, u32)> {
+    if super::OBJECT.is_empty() {
+        return Default::default();
+    }
+    aya_obj::Object::parse(super::OBJECT)
+        .map(|o| {
+            o.maps
+                .iter()
+                .map(|(name, m)| (name.clone(), (m.key_size(), m.value_size())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Keeps or drains the connection maps together (`layout::SOCKHASH_GROUP`): if one the old
@@ -221,13 +296,14 @@ impl Plan {
     /// every map exists) and says what it did with each map in `report`. `Rebuild` maps are
     /// written by the caller (CONFIG from its options, ABI); `FromRegistry` ones by `rebuild`,
     /// run once if any is (it writes every pod into the staged set, kept maps included: the
-    /// same values there), which returns how many pods it wrote.
+    /// same values there), which returns how many pods it wrote and the inbound pods whose
+    /// listener it skipped (gone meanwhile).
     pub(super) fn fill(
         &self,
         pins: &Pins,
         staging: &Pins,
         report: &mut Report,
-        rebuild: impl FnOnce() -> Result<usize, Error>,
+        rebuild: impl FnOnce() -> Result<(usize, Vec<String>), Error>,
     ) -> Result<(), Error> {
         report.migrated_from = Some(self.from);
         let pods = if self.rebuilds_registry() {
@@ -243,16 +319,42 @@ impl Plan {
                         .map_or_else(String::new, |n| format!(", {n} entries"));
                     format!("{} kept (same layout{entries})", l.name)
                 }
+                // A connection map is only copied after the swap (`catch_up`): a copy made
+                // now would keep the entries of connections that close before their writer
+                // is swapped (the old programs remove them from the old map only), and the
+                // new readers look in their own map first — a reused 4-tuple would get the
+                // closed connection's original destination.
+                Step::Convert(_) if is_connection_map(l.name) => {
+                    let prev = layout::CONNECTION_MAPS
+                        .iter()
+                        .find(|c| c.name == l.name)
+                        .map_or("", |c| c.previous);
+                    format!(
+                        "{} new (the old one is read through {prev} until the swap is done)",
+                        l.name
+                    )
+                }
                 Step::Convert(convert) => {
                     let n = convert(pins, staging)?;
                     format!("{} converted ({n} entries)", l.name)
                 }
                 Step::Rebuild => format!("{} rebuilt", l.name),
-                Step::FromRegistry => format!(
-                    "{} rebuilt from the pod registry ({} pods)",
-                    l.name,
-                    pods.unwrap_or_default()
-                ),
+                Step::FromRegistry => {
+                    let (pods, skipped) = pods.as_ref().map_or((0, &[][..]), |(n, s)| (*n, &s[..]));
+                    let skipped = if skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; listeners of {} pods gone meanwhile not registered: {}",
+                            skipped.len(),
+                            skipped.join(", ")
+                        )
+                    };
+                    format!(
+                        "{} rebuilt from the pod registry ({pods} pods){skipped}",
+                        l.name
+                    )
+                }
                 Step::Drain if !pins.map(l.name).exists() => {
                     format!("{} new (empty; ABI {} had none)", l.name, self.from)
                 }
@@ -272,10 +374,11 @@ impl Plan {
             .any(|(l, step)| l.name == name && matches!(step, Step::Convert(_)))
     }
 
-    /// Copies each converted connection map once more, once every program is swapped (no old
-    /// writer runs): what the old programs wrote since the first copy, read meanwhile through
-    /// the `*_PREV` maps, joins the new map. A failure is reported, not fatal: the entries stay
-    /// readable through `*_PREV` until the next migration.
+    /// Copies each converted connection map, once every program is swapped (no old writer
+    /// runs): what the old programs wrote, read meanwhile through the `*_PREV` maps, joins the
+    /// new map and leaves the old one ([`carry_over`]: less the connections that close
+    /// meanwhile). A failure is
+    /// reported, not fatal: the entries stay readable through `*_PREV` until the next migration.
     pub(super) fn catch_up(&self, pins: &Pins, staging: &Pins, report: &mut Report) {
         for c in layout::CONNECTION_MAPS {
             let convert = self.steps.iter().find_map(|(l, step)| match step {
@@ -285,13 +388,13 @@ impl Plan {
             let Some(convert) = convert else { continue };
             let line = match convert(pins, staging) {
                 Ok(n) => format!(
-                    "{} caught up ({n} entries the old programs wrote since)",
+                    "{} carried over after the swap ({n} entries the old programs wrote)",
                     c.name
                 ),
                 Err(err) => {
                     warn!(map = c.name, %err, "copying the connection map after the swap failed");
                     format!(
-                        "{} not caught up ({err}); its newest old entries are read through {}",
+                        "{} not carried over ({err}); its old entries are read through {}",
                         c.name, c.previous
                     )
                 }
@@ -301,24 +404,94 @@ impl Plan {
     }
 }
 
-/// A connection map of a layout this build shares, old to new, entry by entry. An entry already
-/// in the new map (copied before, or written by a new program since) is left as it is: the
-/// new programs' entry is the newer one.
+/// Whether `name` is a connection-owned map (`layout::CONNECTION_MAPS`).
+fn is_connection_map(name: &str) -> bool {
+    layout::CONNECTION_MAPS.iter().any(|c| c.name == name)
+}
+
+/// A connection map of a layout this build shares, old to new, entry by entry, once every
+/// program is swapped (`catch_up`; no old writer runs any more). See [`carry_over`].
 fn copy<K: aya::Pod, V: aya::Pod>(
     old: &Pins,
     new: &Pins,
     name: &'static str,
 ) -> Result<usize, Error> {
-    let from: HashMap<MapData, K, V> = open_pinned(old, name)?;
+    let mut from: HashMap<MapData, K, V> = open_pinned(old, name)?;
     let mut to: HashMap<MapData, K, V> = open_pinned(new, name)?;
-    let mut copied = 0;
-    for (k, v) in dump(&from) {
-        match to.insert(k, v, BPF_NOEXIST) {
-            Ok(()) => copied += 1,
-            Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => return Err(Error::Map { map: name, source }),
+    let entries = dump(&from);
+    carry_over(&mut from, &mut to, entries).map_err(|source| Error::Map { map: name, source })
+}
+
+/// The two maps of a catch-up as [`carry_over`] uses them (a trait so its handling of
+/// connections that close meanwhile is tested without a kernel).
+trait Entries<K, V> {
+    fn has(&self, key: &K) -> Result<bool, MapError>;
+    /// Inserts where `key` is absent; false if it was present.
+    fn insert_absent(&mut self, key: &K, value: &V) -> Result<bool, MapError>;
+    fn delete(&mut self, key: &K) -> Result<(), MapError>;
+}
+
+impl<K: aya::Pod, V: aya::Pod> Entries<K, V> for HashMap<MapData, K, V> {
+    fn has(&self, key: &K) -> Result<bool, MapError> {
+        match self.get(key, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e),
         }
+    }
+
+    fn insert_absent(&mut self, key: &K, value: &V) -> Result<bool, MapError> {
+        match self.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn delete(&mut self, key: &K) -> Result<(), MapError> {
+        match self.remove(key) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// Moves `entries` (listed from `from`, the old map) into `to`, the new one; returns how many
+/// it inserted. An entry already in `to` was written by a new program since: the newer one, it
+/// stays. A connection can close between the listing and the insert (the new programs then
+/// removed its entry from both maps, and the insert would bring it back, stale, for a later
+/// connection of the same 4-tuple): after each insert the key is looked up in `from` again,
+/// and if it is gone the insert is undone. Each key handled is then deleted from `from` (the
+/// new programs' `*_PREV` map): the new map holds it, or a newer entry, and a later miss of a
+/// new program in its own map must not find a stale one there (an entry nothing removes, e.g.
+/// under a key whose connection closed without the removal finding it). Race-free because every program is swapped: no old writer adds to `from`, and a close
+/// after the re-check removes the entry from `to` itself.
+fn carry_over<K, V>(
+    from: &mut impl Entries<K, V>,
+    to: &mut impl Entries<K, V>,
+    entries: Vec<(K, V)>,
+) -> Result<usize, MapError> {
+    let mut copied = 0;
+    for (k, v) in entries {
+        if to.insert_absent(&k, &v)? {
+            if from.has(&k)? {
+                copied += 1;
+            } else {
+                // Closed meanwhile.
+                to.delete(&k)?;
+                continue;
+            }
+        }
+        from.delete(&k)?;
     }
     Ok(copied)
 }
@@ -596,8 +769,8 @@ mod tests {
         }
     }
 
-    /// The probe build (ABI 8) declares a registry map and the connection maps changed: the
-    /// e2e migration test runs every path.
+    /// The probe build (ABI 8) declares every registry map and every connection map changed:
+    /// the e2e migration test runs every path against fresh maps.
     #[cfg(feature = "abi-probe")]
     #[test]
     fn abi_7_rebuilds_the_registry_converts_the_connections_and_keeps_the_rest() {
@@ -605,12 +778,18 @@ mod tests {
         assert!(plan.rebuilds_registry());
         for (l, step) in &plan.steps {
             let expected = match l.name {
-                map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG => {
+                map::COUNTERS | map::COOKIE_ORIG | map::TUPLE_ORIG | map::DNS_ORIG => {
                     matches!(step, Step::Convert(_))
                 }
-                map::POD_CONFIG | map::POD_PORTS | map::POD_LISTENER | map::LISTENERS => {
-                    matches!(step, Step::FromRegistry)
-                }
+                map::POD_CONFIG
+                | map::POD_IPS
+                | map::POD_PORTS
+                | map::CIDR_EXCLUDE
+                | map::CIDR_INCLUDE
+                | map::POD_INFO
+                | map::POD_LISTENER
+                | map::POD_LISTENER6
+                | map::LISTENERS => matches!(step, Step::FromRegistry),
                 map::ABI => matches!(step, Step::Rebuild),
                 _ => matches!(step, Step::Keep),
             };
@@ -649,7 +828,7 @@ mod tests {
         Err(Error::NoObject)
     }
 
-    /// After the swap every converted connection map is copied once more; a kept one is
+    /// After the swap every converted connection map is copied; a kept one is
     /// not, and a failed copy is reported without failing the migration.
     #[test]
     fn converted_connection_maps_catch_up_after_the_swap() {
@@ -671,12 +850,174 @@ mod tests {
             [map::COOKIE_ORIG, map::TUPLE_ORIG]
         );
         assert_eq!(report.maps.len(), 2, "{:?}", report.maps);
-        assert!(report.maps[0].starts_with("COOKIE_ORIG caught up (1 entries"));
+        assert!(report.maps[0].starts_with("COOKIE_ORIG carried over after the swap (1 entries"));
         assert!(
-            report.maps[1].starts_with("TUPLE_ORIG not caught up")
+            report.maps[1].starts_with("TUPLE_ORIG not carried over")
                 && report.maps[1].contains("TUPLE_PREV"),
             "{:?}",
             report.maps
+        );
+    }
+
+    static FILLED: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+
+    fn fake_fill_cookie(_: &Pins, _: &Pins) -> Result<usize, Error> {
+        FILLED.lock().expect("lock").push(map::COOKIE_ORIG);
+        Ok(1)
+    }
+
+    fn fake_fill_counters(_: &Pins, _: &Pins) -> Result<usize, Error> {
+        FILLED.lock().expect("lock").push(map::COUNTERS);
+        Ok(1)
+    }
+
+    /// Before the swap only the counters are converted: a connection map copied then would
+    /// keep entries of connections the old programs close before their writers are swapped.
+    #[test]
+    fn connection_maps_are_not_copied_before_the_swap() {
+        let l = |name| layout::of(name).expect("layout");
+        let plan = Plan {
+            from: 7,
+            steps: vec![
+                (l(map::COOKIE_ORIG), Step::Convert(fake_fill_cookie)),
+                (l(map::COUNTERS), Step::Convert(fake_fill_counters)),
+            ],
+        };
+        let pins = Pins::new("/x");
+        let mut report = Report::default();
+        plan.fill(&pins, &pins.staging(), &mut report, || Ok((0, Vec::new())))
+            .expect("fill");
+        assert_eq!(*FILLED.lock().expect("lock"), [map::COUNTERS]);
+        assert!(
+            report.maps[0].starts_with("COOKIE_ORIG new") && report.maps[0].contains("COOKIE_PREV"),
+            "{:?}",
+            report.maps
+        );
+    }
+
+    /// A map in memory.
+    #[derive(Default)]
+    struct Fake {
+        entries: std::collections::BTreeMap<u32, u32>,
+    }
+
+    impl Entries<u32, u32> for Fake {
+        fn has(&self, key: &u32) -> Result<bool, MapError> {
+            Ok(self.entries.contains_key(key))
+        }
+        fn insert_absent(&mut self, key: &u32, value: &u32) -> Result<bool, MapError> {
+            if self.entries.contains_key(key) {
+                return Ok(false);
+            }
+            self.entries.insert(*key, *value);
+            Ok(true)
+        }
+        fn delete(&mut self, key: &u32) -> Result<(), MapError> {
+            self.entries.remove(key);
+            Ok(())
+        }
+    }
+
+    /// A connection listed in the old map that closes before its entry is inserted in the new
+    /// one (the close removed it from both) does not come back in the new map; an entry a
+    /// new program wrote since is the newer one and stays.
+    #[test]
+    fn a_connection_closed_during_the_catch_up_is_not_carried_over() {
+        let mut old = Fake::default();
+        old.entries.extend([(1, 10), (3, 30)]);
+        let mut new = Fake::default();
+        new.entries.insert(3, 33);
+        // Listed with 2, which closed before the insert (gone from the old map).
+        let listed = vec![(1, 10), (2, 20), (3, 30)];
+        let copied = carry_over(&mut old, &mut new, listed).expect("carry over");
+        assert_eq!(copied, 1);
+        assert_eq!(new.entries.get(&1), Some(&10));
+        assert_eq!(
+            new.entries.get(&2),
+            None,
+            "a closed connection's entry came back"
+        );
+        assert_eq!(new.entries.get(&3), Some(&33));
+    }
+
+    /// Once carried over (or superseded by a new program's entry), an entry leaves the old
+    /// map: a new program's later miss does not find it through `*_PREV`.
+    #[test]
+    fn the_old_map_is_emptied_of_what_was_carried_over() {
+        let mut old = Fake::default();
+        old.entries.extend([(1, 10), (3, 30), (4, 40)]);
+        let mut new = Fake::default();
+        new.entries.insert(3, 33);
+        let listed = vec![(1, 10), (3, 30)];
+        carry_over(&mut old, &mut new, listed).expect("carry over");
+        // 4 was not listed (written after the listing by no one but a test): left alone.
+        assert_eq!(old.entries.keys().copied().collect::<Vec<_>>(), [4]);
+    }
+
+    /// A map whose key or value size changed with no decoder is refused before anything
+    /// changes (the rebuild would read the old rows with this build's types); the same sizes,
+    /// or a map the old ABI lacks, pass.
+    #[test]
+    fn a_map_of_another_size_without_a_decoder_is_refused() {
+        let l = |name| layout::of(name).expect("layout");
+        let steps = vec![
+            (l(map::POD_CONFIG), Step::FromRegistry),
+            (l(map::POD_INFO), Step::Keep),
+            (l(map::TUPLE_ORIG), Step::Convert(fake_fill_cookie)),
+            (l(map::MSG_HISTORY), Step::Drain),
+        ];
+        let ours = |_: &str| Some((8, 32));
+        let same = |_: &str| Some((8, 32));
+        assert_eq!(undecodable(7, &steps, same, ours), None);
+        let bigger = |name: &str| match name {
+            map::POD_INFO => Some((4, 64)),
+            map::MSG_HISTORY => Some((1, 1)),
+            map::TUPLE_ORIG => None,
+            _ => Some((8, 32)),
+        };
+        let why = undecodable(7, &steps, bigger, ours).expect("refused");
+        assert!(
+            why.contains("POD_INFO (key/value 4/64 bytes, this build 8/32)"),
+            "{why}"
+        );
+        assert!(!why.contains("MSG_HISTORY"), "{why}");
+        assert!(!why.contains("TUPLE_ORIG"), "{why}");
+    }
+
+    /// The sizes `plan` compares come from the embedded object (a check-only build has none).
+    #[test]
+    fn this_builds_sizes_are_read_from_the_object() {
+        if super::super::OBJECT.is_empty() {
+            return;
+        }
+        let sizes = object_sizes();
+        for name in map::PINNED {
+            assert!(sizes.contains_key(*name), "{name}: {sizes:?}");
+        }
+    }
+
+    /// An inbound pod the rebuild skipped (gone meanwhile) is named in the report.
+    #[test]
+    fn the_report_names_the_pods_whose_listener_the_rebuild_skipped() {
+        let plan = Plan {
+            from: 7,
+            steps: vec![(
+                layout::of(map::POD_LISTENER).expect("layout"),
+                Step::FromRegistry,
+            )],
+        };
+        let pins = Pins::new("/x");
+        let mut report = Report::default();
+        plan.fill(&pins, &pins.staging(), &mut report, || {
+            Ok((4, vec!["gone-pod".to_owned()]))
+        })
+        .expect("fill");
+        assert_eq!(
+            report.maps,
+            [
+                "POD_LISTENER rebuilt from the pod registry (4 pods); listeners of 1 pods gone \
+              meanwhile not registered: gone-pod"
+            ]
         );
     }
 }

@@ -29,10 +29,13 @@ impl MapUse {
     }
 }
 
-/// Every pinned map under `pins`, in `names::map::PINNED` order; maps not pinned are skipped.
+/// Every pinned map under `pins`, in `names::map::PINNED` order, then the previous ABI's
+/// connection maps (`names::map::PREVIOUS`: after a migration, entries the old programs wrote
+/// that the catch-up could not carry over); maps not pinned are skipped.
 pub fn occupancy(pins: &Pins) -> Vec<MapUse> {
     names::map::PINNED
         .iter()
+        .chain(names::map::PREVIOUS)
         .filter_map(|&name| map_use(pins, name))
         .collect()
 }

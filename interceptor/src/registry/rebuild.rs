@@ -17,11 +17,12 @@
 use std::collections::HashSet;
 
 use interceptor_common::pod::{MODE_EBPF, POD_INBOUND};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Error, locate, pod_name};
 use crate::{
     bpf::{Maps, maps::ListenerFamily},
+    capabilities,
     discovery::{listeners, netns::Netns},
 };
 
@@ -31,14 +32,26 @@ pub struct Rebuilt {
     pub pods: usize,
     /// Inbound pods whose proxy listener was registered in the new maps.
     pub listeners: usize,
+    /// Inbound pods whose live listener was not registered because the pod (its network
+    /// namespace) or its listener went away during the rebuild: the agent's first pass
+    /// collects the pod, or finds its listener again.
+    pub skipped: Vec<String>,
 }
 
 /// Writes every pod of `old` into `new`, whose registry maps are fresh or the very objects of
 /// `old` (kept: the same values are written again). `inbound_port` is the proxy's inbound
-/// listener port. Fails if a pod does not fit, or if an inbound pod whose listener was live in
-/// `old` cannot have it in `new` (inbound connections to it would then find no proxy after the
-/// swap): the caller then abandons the migration and the old datapath runs on.
-pub fn rebuild(old: &Maps, new: &mut Maps, inbound_port: u16) -> Result<Rebuilt, Error> {
+/// listener port; with `resolve_listeners` false (the per-pod listener maps and the listener
+/// sockhash are all kept, and so are their entries) no listener is looked for. Fails if a pod
+/// does not fit, or if an inbound pod whose listener was live in `old` cannot have it in `new`
+/// for a reason other than the pod or its listener going away meanwhile (denied, or still
+/// there): inbound connections to it would then find no proxy after the swap. The caller then
+/// abandons the migration and the old datapath runs on.
+pub fn rebuild(
+    old: &Maps,
+    new: &mut Maps,
+    inbound_port: u16,
+    resolve_listeners: bool,
+) -> Result<Rebuilt, Error> {
     let infos = old.pod_infos();
     let cookies: Vec<(u32, u64)> = infos
         .iter()
@@ -73,20 +86,36 @@ pub fn rebuild(old: &Maps, new: &mut Maps, inbound_port: u16) -> Result<Rebuilt,
         let inbound = configs
             .get(&info.netns_cookie)
             .is_some_and(|c| c.flags & POD_INBOUND != 0);
-        if inbound && register_listener(old, new, *id, info, inbound_port, &live)? {
-            done.listeners += 1;
+        if !inbound || !resolve_listeners {
+            continue;
+        }
+        match register_listener(old, new, *id, info, inbound_port, &live)? {
+            Registered::Yes => done.listeners += 1,
+            Registered::No => {}
+            Registered::Skipped => done.skipped.push(name),
         }
     }
     info!(
         pods = done.pods,
         listeners = done.listeners,
+        skipped = ?done.skipped,
         "rebuilt the pod registry's maps"
     );
     Ok(done)
 }
 
-/// Registers the pod's proxy listener in `new` (`listeners::resolve`). Whether it did; an
-/// error only where `old` had a live one.
+/// Whether [`register_listener`] registered the pod's listener.
+#[derive(Debug, PartialEq, Eq)]
+enum Registered {
+    Yes,
+    /// The pod had no live listener (or is gone): nothing to register.
+    No,
+    /// It had one, but the pod or the listener went away meanwhile.
+    Skipped,
+}
+
+/// Registers the pod's proxy listener in `new` (`listeners::resolve`). An error only where
+/// `old` had a live one and it is neither gone nor the pod ([`judge`]).
 fn register_listener(
     old: &Maps,
     new: &mut Maps,
@@ -94,27 +123,101 @@ fn register_listener(
     info: &interceptor_common::pod::PodInfo,
     port: u16,
     live: &HashSet<u64>,
-) -> Result<bool, Error> {
-    let had = [ListenerFamily::V4, ListenerFamily::V6]
+) -> Result<Registered, Error> {
+    let old_cookies: Vec<u64> = [ListenerFamily::V4, ListenerFamily::V6]
         .into_iter()
         .filter_map(|f| old.pod_listener(id, f))
-        .any(|cookie| live.contains(&cookie));
-    let netns = locate(info).map(|path| Netns::open(&path));
-    let result = match netns {
-        Some(Ok(netns)) => listeners::resolve(new, id, &netns, port).map(drop),
-        Some(Err(err)) => Err(err.into()),
+        .collect();
+    let had = old_cookies.iter().any(|cookie| live.contains(cookie));
+    let Some(path) = locate(info) else {
         // Gone: the agent's first pass collects it.
-        None => return Ok(false),
+        return Ok(Registered::No);
     };
-    match result {
-        Ok(()) => Ok(true),
-        Err(err) if had => Err(Error::Listener {
+    let result = Netns::open(&path)
+        .map_err(listeners::Error::from)
+        .and_then(|netns| listeners::resolve(new, id, &netns, port).map(drop));
+    let Err(err) = result else {
+        return Ok(Registered::Yes);
+    };
+    // Looked at again only now: the pod, or its listener, may have gone since the snapshot.
+    let still_there = || {
+        locate(info).is_some() && {
+            let now = old.listener_cookies();
+            old_cookies.iter().any(|cookie| now.contains(cookie))
+        }
+    };
+    match judge(&err, had, still_there) {
+        Judgement::HadNone => {
+            debug!(pod = %pod_name(info), %err, "inbound listener not resolved (it had none)");
+            Ok(Registered::No)
+        }
+        Judgement::Gone => {
+            warn!(pod = %pod_name(info), %err, "inbound pod or its listener went away during the rebuild; skipped");
+            Ok(Registered::Skipped)
+        }
+        Judgement::Fail => Err(Error::Listener {
             pod: pod_name(info),
             source: Box::new(err),
         }),
-        Err(err) => {
-            debug!(pod = %pod_name(info), %err, "inbound listener not resolved (it had none)");
-            Ok(false)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Judgement {
+    /// The pod had no live listener in the old maps.
+    HadNone,
+    /// The pod (its network namespace) or its old listener is gone: skipped.
+    Gone,
+    /// It had one and still has: the migration must not go on without it.
+    Fail,
+}
+
+/// What a failed listener resolution means for the rebuild. A refusal (EPERM/EACCES, e.g. an
+/// adopt the kernel denied) fails it whatever else holds; otherwise only if the pod and its
+/// old listener are `still_there`.
+fn judge(err: &listeners::Error, had: bool, still_there: impl FnOnce() -> bool) -> Judgement {
+    if !had {
+        Judgement::HadNone
+    } else if capabilities::is_denied(err) || still_there() {
+        Judgement::Fail
+    } else {
+        Judgement::Gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_listener() -> listeners::Error {
+        listeners::Error::NoListener {
+            port: 15006,
+            netns: "/proc/1/ns/net".into(),
         }
+    }
+
+    /// A pod that went away (or whose proxy closed its listener) between the snapshot and its
+    /// resolution is skipped, not a failed migration.
+    #[test]
+    fn a_pod_gone_during_the_rebuild_is_skipped() {
+        assert_eq!(judge(&no_listener(), true, || false), Judgement::Gone);
+        let diag = listeners::Error::Diag {
+            netns: "/proc/1/ns/net".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert_eq!(judge(&diag, true, || false), Judgement::Gone);
+    }
+
+    #[test]
+    fn a_pod_still_there_or_a_denied_adopt_fails_the_rebuild() {
+        assert_eq!(judge(&no_listener(), true, || true), Judgement::Fail);
+        let denied = listeners::Error::Adopt {
+            port: 15006,
+            inode: 7,
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+            lacks: String::new(),
+        };
+        assert_eq!(judge(&denied, true, || false), Judgement::Fail);
+        assert_eq!(judge(&no_listener(), false, || true), Judgement::HadNone);
     }
 }

@@ -361,6 +361,22 @@ fn programs(status: &Value) -> Vec<(String, u32, Value, u64)> {
         .collect()
 }
 
+/// `pod list --json`, less the pod `except`, by name.
+fn pod_list(h: &Harness, except: &str) -> Vec<Value> {
+    let out = h.cli(&["pod", "list", "--json"]);
+    assert!(out.status.success(), "pod list: {out:?}");
+    let list: Value = serde_json::from_slice(&out.stdout).expect("pod list JSON");
+    let mut pods: Vec<Value> = list
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter(|p| p["name"] != except)
+        .cloned()
+        .collect();
+    pods.sort_by_key(|p| p["name"].as_str().unwrap_or_default().to_owned());
+    pods
+}
+
 fn map_capacity(status: &Value, name: &str) -> u64 {
     status["maps"]
         .as_array()
@@ -413,6 +429,7 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
     let old = programs(&before);
     assert_eq!(old.len(), 10, "{old:?}");
     let old_counters = map_capacity(&before, "COUNTERS");
+    let pods_before = pod_list(&h, &gone.netns);
 
     let load = Load::default();
     let mut report = Value::Null;
@@ -449,23 +466,24 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             .iter()
             .filter_map(Value::as_str)
             .collect();
-        // The probe build declares COUNTERS, two registry maps, the per-pod listeners and the
-        // listener sockhash, and two original-destination maps changed: the counters and the connection maps
-        // are converted (the latter caught up again between their writers' and readers'
-        // swaps), the registry's rebuilt from its four pods (the deleted one included: the
+        // The probe build declares COUNTERS, every registry map and every connection map
+        // changed: the counters and the connection maps are converted (the latter only once
+        // every program is swapped), the registry's rebuilt from its four pods (the deleted one included: the
         // agent's first pass collects it), ABI rewritten, the rest kept as they are.
         for line in &maps {
             let name = line.split(' ').next().unwrap_or_default();
             let expected = match name {
                 "COUNTERS" => "converted",
-                // Not "not caught up (...)": a failed catch-up must fail here.
-                "COOKIE_ORIG" | "TUPLE_ORIG"
-                    if line.starts_with(&format!("{name} caught up (")) =>
+                // Not "not carried over (...)": a failed catch-up must fail here.
+                "COOKIE_ORIG" | "TUPLE_ORIG" | "DNS_ORIG"
+                    if line.starts_with(&format!("{name} carried over after the swap (")) =>
                 {
-                    "entries the old programs wrote since"
+                    "entries the old programs wrote"
                 }
-                "COOKIE_ORIG" | "TUPLE_ORIG" => "converted",
-                "POD_CONFIG" | "POD_PORTS" | "POD_LISTENER" | "LISTENERS" => {
+                // Not copied before the swap: read through the *_PREV maps meanwhile.
+                "COOKIE_ORIG" | "TUPLE_ORIG" | "DNS_ORIG" => "new (the old one is read through",
+                "POD_CONFIG" | "POD_IPS" | "POD_PORTS" | "CIDR_EXCLUDE" | "CIDR_INCLUDE"
+                | "POD_INFO" | "POD_LISTENER" | "POD_LISTENER6" | "LISTENERS" => {
                     "rebuilt from the pod registry (4 pods)"
                 }
                 "ABI" => "rebuilt",
@@ -473,13 +491,22 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
             };
             assert!(line.contains(expected), "{line}: {maps:?}");
         }
-        assert_eq!(maps.len(), 24, "{maps:?}");
+        // A line per pinned map, and one per connection map's catch-up.
+        assert_eq!(maps.len(), 25, "{maps:?}");
         assert!(
             maps.iter()
-                .any(|l| l.starts_with("TUPLE_ORIG converted") && !l.contains("(0 entries)")),
-            "the held connection's entry was converted: {maps:?}"
+                .any(|l| l.starts_with("TUPLE_ORIG carried over") && !l.contains("(0 entries")),
+            "the held connection's entry was carried over: {maps:?}"
         );
         assert_eq!(map_capacity(&after, "COUNTERS"), old_counters + 1);
+        // Every pod rebuilt into the fresh registry maps as it was: same ids, addresses,
+        // settings and inbound listeners (the deleted pod aside: the first pass collects it).
+        assert_eq!(pod_list(&h, &gone.netns), pods_before);
+        // The old connection maps, read through their *_PREV names, are shown (emptied by the
+        // catch-up of what it carried over).
+        for prev in ["COOKIE_PREV", "TUPLE_PREV"] {
+            assert!(map_capacity(&after, prev) > 1, "{prev} is the old map");
+        }
         let human = String::from_utf8(h.cli(&["status"]).stdout).expect("utf-8");
         assert!(
             human.contains("started     migrated from ABI 7")
@@ -535,7 +562,7 @@ fn abi_change_under_load_migrates_the_maps_then_uninstall_leaves_nothing() {
         assert!(load.keep_alive.load(Ordering::Relaxed) > kept_before);
         wait_until(Duration::from_secs(20), || h.counter("abi_probe") > 0);
         // The connection accepted before the upgrade is answered by the new getsockopt, from
-        // the converted TUPLE_ORIG.
+        // TUPLE_ORIG as carried over after the swap.
         let asked = socket2::SockRef::from(&accepted)
             .original_dst()
             .expect("SO_ORIGINAL_DST after the migration");
