@@ -933,7 +933,7 @@ async fn a_retry_replays_the_request_trailers() {
 /// close; later ones are the h2 crate's server, answering 200.
 #[tokio::test]
 async fn a_stream_refused_by_goaway_is_retried_as_refused() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
@@ -941,24 +941,13 @@ async fn a_stream_refused_by_goaway_is_retried_as_refused() {
         while let Ok((mut stream, _)) = listener.accept().await {
             if std::mem::take(&mut first) {
                 tokio::spawn(async move {
-                    let mut preface = [0u8; 24];
-                    if stream.read_exact(&mut preface).await.is_err() {
+                    if !raw_h2_open(&mut stream).await {
                         return;
                     }
-                    // SETTINGS (empty), then a SETTINGS ACK for the client's.
-                    let _ = stream
-                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
-                        .await;
                     for _ in 0..64 {
-                        let mut head = [0u8; 9];
-                        if stream.read_exact(&mut head).await.is_err() {
+                        let Some((head, _payload)) = raw_h2_frame(&mut stream).await else {
                             return;
-                        }
-                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                        let mut payload = vec![0u8; len];
-                        if stream.read_exact(&mut payload).await.is_err() {
-                            return;
-                        }
+                        };
                         if head[3] == 1 {
                             // HEADERS: GOAWAY, last stream id 0, NO_ERROR; then close.
                             let _ = stream
@@ -1086,7 +1075,7 @@ async fn an_oversized_streaming_body_is_a_413_not_an_upstream_failure() {
 /// that count PINGs (answering them) and never answer the request.
 #[tokio::test]
 async fn upstream_h2_pings_only_when_configured() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     for (limits, want_pings) in [
         ("h2_keepalive_interval: 1s, h2_keepalive_timeout: 3s", false),
         (
@@ -1102,23 +1091,13 @@ async fn upstream_h2_pings_only_when_configured() {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let pings = counted.clone();
                 tokio::spawn(async move {
-                    let mut preface = [0u8; 24];
-                    if stream.read_exact(&mut preface).await.is_err() {
+                    if !raw_h2_open(&mut stream).await {
                         return;
                     }
-                    let _ = stream
-                        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
-                        .await;
                     for _ in 0..1000 {
-                        let mut head = [0u8; 9];
-                        if stream.read_exact(&mut head).await.is_err() {
+                        let Some((head, payload)) = raw_h2_frame(&mut stream).await else {
                             return;
-                        }
-                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                        let mut payload = vec![0u8; len];
-                        if stream.read_exact(&mut payload).await.is_err() {
-                            return;
-                        }
+                        };
                         if head[3] == 6 && head[4] & 1 == 0 {
                             pings.fetch_add(1, Ordering::SeqCst);
                             let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
@@ -1158,4 +1137,29 @@ async fn upstream_h2_pings_only_when_configured() {
         assert_eq!(seen > 0, want_pings, "{limits}: {seen} upstream PINGs");
         task.abort();
     }
+}
+
+/// A raw h2 server's side of the connection preface: reads the client's, sends an empty
+/// SETTINGS and the ACK of the client's. False once the client is gone.
+async fn raw_h2_open(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut preface = [0u8; 24];
+    if stream.read_exact(&mut preface).await.is_err() {
+        return false;
+    }
+    let _ = stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0])
+        .await;
+    true
+}
+
+/// The next frame a raw h2 server reads: its 9-byte head and its payload.
+async fn raw_h2_frame(stream: &mut tokio::net::TcpStream) -> Option<([u8; 9], Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head, payload))
 }
