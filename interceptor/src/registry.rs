@@ -19,7 +19,7 @@ use interceptor_common::{
     addr,
     pod::{
         BACKEND_LEGACY, BACKEND_NFT, MODE_EBPF, MODE_IPTABLES, POD_INBOUND, POD_NAME_LEN,
-        POD_OUTBOUND, PodInfo, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
+        POD_OUTBOUND, PodConfig, PodInfo, SOURCE_KUBERNETES, SOURCE_NETNS, SOURCE_PID,
     },
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -32,7 +32,10 @@ pub use self::{
     rebuild::{Rebuilt, rebuild},
 };
 use crate::{
-    bpf::{self, Maps, Pins, maps::ListenerFamily},
+    bpf::{
+        self, Maps, Pins,
+        maps::{ListenerFamily, PodRows},
+    },
     discovery::{
         held::HeldNamespaces,
         listeners,
@@ -178,6 +181,13 @@ pub struct PodEntry {
     pub spec: PodSpec,
 }
 
+impl Drop for Registry<'_> {
+    fn drop(&mut self) {
+        // Before the lock goes: what the session read is only true while it is held.
+        self.maps.end_session();
+    }
+}
+
 /// Which inbound pods a listener pass looks into.
 #[derive(Clone, Copy)]
 enum Which {
@@ -221,6 +231,7 @@ impl<'a> Registry<'a> {
             path,
             source: e.into(),
         })?;
+        maps.begin_session();
         Ok(Self {
             pins,
             maps,
@@ -333,6 +344,12 @@ impl<'a> Registry<'a> {
             let netns = locate(&info).and_then(|p| Netns::open(p).ok());
             self.disable_iptables(id, &info, netns.as_ref())?;
         } else {
+            if entry.inbound
+                && let Some(netns) = locate(&info).and_then(|p| Netns::open(p).ok())
+            {
+                let port = self.maps.global_config()?.inbound_port as u16;
+                listeners::release(self.maps, &netns, port);
+            }
             self.remove(id, info.netns_cookie)?;
         }
         info!(pod = %entry.name, id, "pod disabled");
@@ -616,11 +633,35 @@ fn ensure_passthrough_v6(netns: &Netns, passthrough: IpAddr, addresses: &[IpAddr
     }
 }
 
-/// Every enabled pod.
+/// Every enabled pod, by id. Each table is read once: per-pod reads made `pod list` and
+/// `status` O(pods²) (every pod read the node-wide tables whole, and walked `LISTENERS`).
 pub fn list(pins: &Pins, maps: &Maps) -> Result<Vec<PodEntry>, Error> {
-    maps.pod_ids()
+    let mut infos = maps.pod_infos();
+    infos.sort_unstable_by_key(|(id, _)| *id);
+    let configs = maps.pod_configs();
+    let ebpf: Vec<(u32, u64)> = infos
+        .iter()
+        .filter(|(_, i)| i.mode != MODE_IPTABLES)
+        .map(|(id, i)| (*id, i.netns_cookie))
+        .collect();
+    let mut rows = maps.pods_rows(&ebpf);
+    let listeners = maps.pod_listeners(ListenerFamily::V4);
+    let live = maps.listener_cookies();
+    infos
         .into_iter()
-        .map(|id| entry(pins, maps, id))
+        .map(|(id, info)| {
+            if info.mode == MODE_IPTABLES {
+                return iptables_mode::entry(pins, id, &info);
+            }
+            Ok(ebpf_entry(
+                id,
+                &info,
+                configs.get(&info.netns_cookie).copied(),
+                rows.remove(&id).unwrap_or_default(),
+                listeners.get(&id).copied(),
+                |cookie| live.contains(&cookie),
+            ))
+        })
         .collect()
 }
 
@@ -640,14 +681,30 @@ fn entry(pins: &Pins, maps: &Maps, id: u32) -> Result<PodEntry, Error> {
     if info.mode == MODE_IPTABLES {
         return iptables_mode::entry(pins, id, &info);
     }
-    let config = maps.pod_config(info.netns_cookie);
-    let rows = maps.pod_rows(id, info.netns_cookie);
-    let listener = maps.pod_listener(id, ListenerFamily::V4);
-    let inbound = config.is_some_and(|c| c.flags & POD_INBOUND != 0);
-    Ok(PodEntry {
+    Ok(ebpf_entry(
         id,
-        name: pod_name(&info),
-        source: source_name(&info),
+        &info,
+        maps.pod_config(info.netns_cookie),
+        maps.pod_rows(id, info.netns_cookie),
+        maps.pod_listener(id, ListenerFamily::V4),
+        |cookie| maps.has_listener(cookie),
+    ))
+}
+
+/// An eBPF-mode pod's entry from what the maps hold of it.
+fn ebpf_entry(
+    id: u32,
+    info: &PodInfo,
+    config: Option<PodConfig>,
+    rows: PodRows,
+    listener: Option<u64>,
+    listening: impl Fn(u64) -> bool,
+) -> PodEntry {
+    let inbound = config.is_some_and(|c| c.flags & POD_INBOUND != 0);
+    PodEntry {
+        id,
+        name: pod_name(info),
+        source: source_name(info),
         mode: "ebpf",
         backend: None,
         netns_cookie: info.netns_cookie,
@@ -655,9 +712,9 @@ fn entry(pins: &Pins, maps: &Maps, id: u32) -> Result<PodEntry, Error> {
         outbound: config.is_some_and(|c| c.flags & POD_OUTBOUND != 0),
         inbound,
         inbound_listener: listener,
-        inbound_ready: inbound && listener.is_some_and(|c| maps.has_listener(c)),
+        inbound_ready: inbound && listener.is_some_and(listening),
         spec: datapath::read_spec(config.as_ref(), &rows),
-    })
+    }
 }
 
 /// A path to the pod's network namespace if it still exists.

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     os::fd::AsRawFd,
+    sync::{Mutex, PoisonError},
 };
 
 use aya::maps::{
@@ -22,7 +23,10 @@ use interceptor_common::{
     sockmap::SockKey,
 };
 
+use self::session::{Session, Tables};
 use super::{Error, Pins};
+
+mod session;
 
 /// Every map user space reads or writes (the ring buffers are opened by their consumers).
 pub struct Maps {
@@ -40,6 +44,8 @@ pub struct Maps {
     socks: SockHash<MapData, SockKey>,
     counters: PerCpuArray<MapData, u64>,
     netns_probe: HashMap<MapData, u64, u64>,
+    /// Set while this process holds the registry's lock (`session.rs`).
+    session: Mutex<Option<Session>>,
 }
 
 /// A range as the per-pod CIDR maps hold it: address and prefix in the address's own family.
@@ -126,6 +132,7 @@ impl Maps {
             socks: open_pinned(pins, map::SOCKS)?,
             counters: open_pinned(pins, map::COUNTERS)?,
             netns_probe: open_pinned(pins, map::NETNS_PROBE)?,
+            session: Mutex::new(None),
         })
     }
 
@@ -203,22 +210,110 @@ impl Maps {
         self.socks.keys().filter(Result::is_ok).count()
     }
 
-    /// Whether a listening socket with this cookie is in the listener sockhash.
+    /// Whether a listening socket with this cookie is in the listener sockhash. In a registry
+    /// session, as of the session's one walk plus its own inserts (the sockhash cannot be
+    /// looked up by key from user space with 4-byte values, so each answer is a walk).
     pub fn has_listener(&self, cookie: u64) -> bool {
-        self.listeners.keys().any(|k| k.is_ok_and(|k| k == cookie))
+        self.with_session(|s| {
+            s.listeners
+                .get_or_insert_with(|| self.walk_listeners())
+                .contains(&cookie)
+        })
+        .unwrap_or_else(|| self.listeners.keys().any(|k| k.is_ok_and(|k| k == cookie)))
     }
 
     /// Cookies of every listener in `LISTENERS` (one map walk, for passes over many pods).
     pub fn listener_cookies(&self) -> std::collections::HashSet<u64> {
+        self.with_session(|s| {
+            s.listeners
+                .get_or_insert_with(|| self.walk_listeners())
+                .clone()
+        })
+        .unwrap_or_else(|| self.walk_listeners())
+    }
+
+    fn walk_listeners(&self) -> HashSet<u64> {
         self.listeners.keys().filter_map(Result::ok).collect()
+    }
+}
+
+/// Registry sessions: the pod tables read once per holder of the registry's lock
+/// (`maps/session.rs` says why).
+impl Maps {
+    /// Starts a session; `Registry::lock` calls it once it holds the lock.
+    pub(crate) fn begin_session(&mut self) {
+        *self
+            .session
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Session::default());
+    }
+
+    /// Ends the session; dropping the registry calls it before releasing the lock.
+    pub(crate) fn end_session(&mut self) {
+        *self
+            .session
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    fn with_session<R>(&self, f: impl FnOnce(&mut Session) -> R) -> Option<R> {
+        let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
+        session.as_mut().map(f)
+    }
+
+    /// Applies a write to what the session has read of the rows (nothing outside a session,
+    /// or before the rows were read).
+    fn note_rows(&self, f: impl FnOnce(&mut Tables)) {
+        self.with_session(|s| s.rows.as_mut().map(f));
+    }
+
+    /// A write failed part-way: what the session has of these tables is no longer known.
+    fn forget_rows(&self) {
+        self.with_session(|s| s.rows = None);
+    }
+
+    /// Every pod's rows, one read of each table.
+    fn read_tables(&self) -> Tables {
+        let mut t = Tables::default();
+        for (k, rule) in dump(&self.pod_ports) {
+            t.add_port(
+                k.pod_id,
+                PortRule {
+                    port: k.port,
+                    direction: k.direction,
+                    rule,
+                },
+            );
+        }
+        for (trie, excluded) in [(&self.cidr_exclude, true), (&self.cidr_include, false)] {
+            for k in trie.keys().filter_map(Result::ok) {
+                t.add_range(
+                    k.data().pod_id(),
+                    excluded,
+                    k.data().to_range(k.prefix_len()),
+                );
+            }
+        }
+        for (a, cookie) in dump(&self.pod_ips) {
+            t.push_address(cookie, addr::to_ip(a));
+        }
+        t
     }
 }
 
 /// Pods: identity records, configs, addresses.
 impl Maps {
-    /// Every enabled pod's id and identity record (one map walk).
+    /// Every enabled pod's id and identity record (one map walk; in a registry session, the
+    /// session's one walk).
     pub fn pod_infos(&self) -> Vec<(u32, PodInfo)> {
-        dump(&self.pod_info)
+        self.with_session(|s| {
+            s.infos
+                .get_or_insert_with(|| dump(&self.pod_info).into_iter().collect())
+                .iter()
+                .map(|(id, info)| (*id, *info))
+                .collect()
+        })
+        .unwrap_or_else(|| dump(&self.pod_info))
     }
 
     pub fn pod_info(&self, id: u32) -> Option<PodInfo> {
@@ -241,17 +336,27 @@ impl Maps {
 
     /// Ids in use.
     pub fn pod_ids(&self) -> BTreeSet<u32> {
-        dump(&self.pod_info).into_iter().map(|(id, _)| id).collect()
+        self.pod_infos().into_iter().map(|(id, _)| id).collect()
     }
 
     pub fn put_pod_info(&mut self, id: u32, info: PodInfo) -> Result<(), WriteError> {
-        self.pod_info
+        let written = self
+            .pod_info
             .insert(id, info, 0)
-            .map_err(write_err(map::POD_INFO))
+            .map_err(write_err(map::POD_INFO));
+        self.with_session(|s| match (&written, s.infos.as_mut()) {
+            (Ok(()), Some(infos)) => {
+                infos.insert(id, info);
+            }
+            (Err(_), _) => s.infos = None,
+            (Ok(()), None) => {}
+        });
+        written
     }
 
     pub fn remove_pod_info(&mut self, id: u32) {
         let _ = self.pod_info.remove(&id);
+        self.with_session(|s| s.infos.as_mut().map(|infos| infos.remove(&id)));
     }
 
     /// Every pod's config by namespace cookie (one batched read).
@@ -271,6 +376,7 @@ impl Maps {
 
     pub fn forget_address(&mut self, ip: IpAddr) {
         let _ = self.pod_ips.remove(&addr::from_ip(ip));
+        self.note_rows(|t| t.forget_address(ip));
     }
 
     /// The cookie connect4 recorded for a probe socket (kernels without `SO_NETNS_COOKIE`),
@@ -283,6 +389,13 @@ impl Maps {
 
     /// The pod's rows as the maps hold them (sorted, so they compare).
     pub fn pod_rows(&self, id: u32, netns_cookie: u64) -> PodRows {
+        if let Some(rows) = self.with_session(|s| {
+            s.rows
+                .get_or_insert_with(|| self.read_tables())
+                .rows(id, netns_cookie)
+        }) {
+            return rows;
+        }
         let mut rows = PodRows {
             ports: dump(&self.pod_ports)
                 .into_iter()
@@ -413,11 +526,41 @@ impl Maps {
     pub fn remove_pod_entries(&mut self, id: u32, netns_cookie: u64) {
         let _ = self.pod_config.remove(&netns_cookie);
         self.drop_rows_except(id, netns_cookie, &PodRows::default());
+        // Its proxy's listeners leave `LISTENERS` too: a disabled pod's sidecar may keep
+        // running, and every pass walks that map (10 000 such listeners cost 67 ms a pass).
+        // Enabling the pod again borrows the listener back (`discovery::listeners`).
+        for family in [ListenerFamily::V4, ListenerFamily::V6] {
+            if let Some(cookie) = self.pod_listener(id, family) {
+                self.remove_listener(cookie);
+            }
+        }
         let _ = self.pod_listener.remove(&id);
         let _ = self.pod_listener6.remove(&id);
     }
 
     fn insert_rows(&mut self, id: u32, cookie: u64, rows: &PodRows) -> Result<(), WriteError> {
+        let written = self.write_rows(id, cookie, rows);
+        match written {
+            Ok(()) => self.note_rows(|t| {
+                for r in &rows.ports {
+                    t.add_port(id, *r);
+                }
+                for r in &rows.excluded {
+                    t.add_range(id, true, *r);
+                }
+                for r in &rows.included {
+                    t.add_range(id, false, *r);
+                }
+                for ip in &rows.addresses {
+                    t.add_address(cookie, *ip);
+                }
+            }),
+            Err(_) => self.forget_rows(),
+        }
+        written
+    }
+
+    fn write_rows(&mut self, id: u32, cookie: u64, rows: &PodRows) -> Result<(), WriteError> {
         for r in &rows.ports {
             self.pod_ports
                 .insert(port_key(id, r), r.rule, 0)
@@ -442,6 +585,40 @@ impl Maps {
     }
 
     fn drop_rows_except(&mut self, id: u32, cookie: u64, keep: &PodRows) {
+        // In a session the pod's rows are known: delete just the stale ones.
+        let known = self.with_session(|s| {
+            s.rows
+                .get_or_insert_with(|| self.read_tables())
+                .rows(id, cookie)
+        });
+        if let Some(have) = known {
+            for r in have.ports.iter().filter(|r| {
+                !keep
+                    .ports
+                    .iter()
+                    .any(|k| (k.port, k.direction) == (r.port, r.direction))
+            }) {
+                let _ = self.pod_ports.remove(&port_key(id, r));
+            }
+            for (trie, have, keep) in [
+                (&mut self.cidr_exclude, &have.excluded, &keep.excluded),
+                (&mut self.cidr_include, &have.included, &keep.included),
+            ] {
+                for &(ip, prefix) in have.iter().filter(|r| !keep.contains(r)) {
+                    let (key, len) = CidrKey::range(id, ip, prefix);
+                    let _ = trie.remove(&LpmKey::new(len, key));
+                }
+            }
+            for ip in have
+                .addresses
+                .iter()
+                .filter(|a| !keep.addresses.contains(a))
+            {
+                let _ = self.pod_ips.remove(&addr::from_ip(*ip));
+            }
+            self.note_rows(|t| t.retain(id, cookie, keep));
+            return;
+        }
         let ports: HashSet<PortKey> = keep.ports.iter().map(|r| port_key(id, r)).collect();
         let stale: Vec<PortKey> = dump(&self.pod_ports)
             .into_iter()
@@ -505,7 +682,15 @@ impl Maps {
     pub fn add_listener(&mut self, cookie: u64, socket: &impl AsRawFd) -> Result<(), WriteError> {
         self.listeners
             .insert(cookie, socket.as_raw_fd(), 0)
-            .map_err(write_err(map::LISTENERS))
+            .map_err(write_err(map::LISTENERS))?;
+        self.with_session(|s| s.listeners.as_mut().map(|l| l.insert(cookie)));
+        Ok(())
+    }
+
+    /// Takes a listener out of `LISTENERS` (the socket stays open; nothing is redirected to it).
+    pub fn remove_listener(&mut self, cookie: u64) {
+        let _ = self.listeners.remove(&cookie);
+        self.with_session(|s| s.listeners.as_mut().map(|l| l.remove(&cookie)));
     }
 
     fn listener_map(&self, family: ListenerFamily) -> &HashMap<MapData, u32, u64> {

@@ -160,3 +160,140 @@ fn hundreds_of_pods_are_listed_exactly_and_only_the_gone_ones_collected() {
         "no live pod collected later"
     );
 }
+
+/// A registry writer reads the pod tables once per lock and then follows its own writes
+/// (`bpf/maps/session.rs`), as the agent does when it re-enables every pod after a restart.
+/// Enables, updates and disables made in one lock (group A) and one lock each (group B) must
+/// leave each pod as enabling a fresh pod with its last spec does (group C), and no row of
+/// anything disabled or replaced behind: read back without a session.
+#[test]
+fn many_writes_in_one_lock_leave_the_maps_as_a_fresh_enable_does() {
+    use interceptor::{
+        bpf::{Maps, Pins},
+        discovery::netns::Netns,
+        registry::{
+            self, PodRef, PodSource, Registry,
+            spec::{PodSpec, parse_cidrs, parse_ports},
+        },
+    };
+
+    const N: usize = 24;
+    let _churn = crate::namespace_churn();
+    let mut h = Harness::new("session");
+    h.start_agent(&[]);
+    let crowd = Crowd::new(&h.lab.name, 3 * N);
+    let pins = Pins::new(&h.pin_root);
+    let mut maps = Maps::open(&pins).expect("opening the pinned maps");
+    let other = PodSpec {
+        exclude_inbound_ports: parse_ports("x", "8081,8082").unwrap(),
+        exclude_outbound_ports: parse_ports("x", "5432").unwrap(),
+        include_outbound_ports: parse_ports("x", "9000").unwrap(),
+        exclude_outbound_cidrs: parse_cidrs("x", "198.18.99.0/24,fd00:198:18:99::/64").unwrap(),
+        ..PodSpec::default()
+    };
+    // What pod i goes through: enabled; the odd ones updated to `other`; every third updated
+    // back to the defaults; every fifth disabled.
+    let steps = |i: usize| {
+        let mut s = vec![Some(PodSpec::default())];
+        if i % 2 == 1 {
+            s.push(Some(other.clone()));
+        }
+        if i.is_multiple_of(3) {
+            s.push(Some(PodSpec::default()));
+        }
+        if i.is_multiple_of(5) {
+            s.push(None);
+        }
+        s
+    };
+    let apply = |registry: &mut Registry<'_>, name: &str, step: &Option<PodSpec>| match step {
+        Some(spec) => {
+            let netns = Netns::by_name(name).expect("pod namespace");
+            registry
+                .enable(&netns, &PodSource::Netns(name.to_owned()), spec)
+                .unwrap_or_else(|e| panic!("enable {name}: {e}"));
+        }
+        None => {
+            registry
+                .disable(&PodRef::Netns(name.to_owned()))
+                .unwrap_or_else(|e| panic!("disable {name}: {e}"));
+        }
+    };
+    {
+        let mut registry = Registry::lock(&pins, &mut maps).expect("lock");
+        for round in 0..4 {
+            for i in 0..N {
+                if let Some(step) = steps(i).get(round) {
+                    apply(&mut registry, &crowd.names[i], step);
+                }
+            }
+        }
+    }
+    for round in 0..4 {
+        for i in 0..N {
+            if let Some(step) = steps(i).get(round) {
+                let mut registry = Registry::lock(&pins, &mut maps).expect("lock");
+                apply(&mut registry, &crowd.names[N + i], step);
+            }
+        }
+    }
+    for i in 0..N {
+        if let Some(Some(last)) = steps(i).last() {
+            let mut registry = Registry::lock(&pins, &mut maps).expect("lock");
+            apply(&mut registry, &crowd.names[2 * N + i], &Some(last.clone()));
+        }
+    }
+    drop(maps);
+
+    let fresh = Maps::open(&pins).expect("opening the pinned maps");
+    let listed = registry::list(&pins, &fresh).expect("listing");
+    let by_name: BTreeMap<&str, &registry::PodEntry> =
+        listed.iter().map(|e| (e.name.as_str(), e)).collect();
+    let kept = (0..N).filter(|i| !i.is_multiple_of(5)).count();
+    assert_eq!(listed.len(), 3 * kept, "every enabled pod listed once");
+    for i in 0..N {
+        let group = |g: usize| by_name.get(crowd.names[g * N + i].as_str());
+        if i.is_multiple_of(5) {
+            assert!(group(0).is_none() && group(1).is_none(), "pod {i} disabled");
+            continue;
+        }
+        let reference = group(2).unwrap_or_else(|| panic!("pod {i} of group C listed"));
+        for g in 0..2 {
+            let entry = group(g).unwrap_or_else(|| panic!("pod {i} of group {g} listed"));
+            assert_eq!(
+                entry.spec, reference.spec,
+                "pod {i}, group {g}: spec as a fresh enable"
+            );
+            assert_eq!(
+                entry.addresses,
+                vec![std::net::IpAddr::V4(Crowd::addr(g * N + i))],
+                "pod {i}, group {g}: its own address only"
+            );
+        }
+        let want = if i % 2 == 1 && !i.is_multiple_of(3) {
+            other.exclude_outbound_cidrs.len()
+        } else {
+            0
+        };
+        assert_eq!(
+            reference.spec.exclude_outbound_cidrs.len(),
+            want,
+            "pod {i}: its last spec"
+        );
+    }
+    // Nothing of the disabled pods or of replaced specs left: the tables hold exactly the
+    // listed pods' rows.
+    let rows: Vec<_> = listed
+        .iter()
+        .map(|e| fresh.pod_rows(e.id, e.netns_cookie))
+        .collect();
+    let status = h.status();
+    let sum =
+        |f: fn(&interceptor::bpf::maps::PodRows) -> usize| rows.iter().map(f).sum::<usize>() as u64;
+    assert_eq!(entries(&status, "POD_PORTS"), sum(|r| r.ports.len()));
+    assert_eq!(entries(&status, "CIDR_EXCLUDE"), sum(|r| r.excluded.len()));
+    assert_eq!(entries(&status, "CIDR_INCLUDE"), sum(|r| r.included.len()));
+    assert_eq!(entries(&status, "POD_IPS"), sum(|r| r.addresses.len()));
+    assert_eq!(entries(&status, "POD_CONFIG"), listed.len() as u64);
+    assert_eq!(entries(&status, "POD_INFO"), listed.len() as u64);
+}
