@@ -100,6 +100,11 @@ pub struct Step {
     pub pass_ms: f64,
     /// Mean time of the last 100 `pod enable`s before this step, milliseconds.
     pub enable_ms: Option<f64>,
+    /// Every filler enabled again under one registry lock, as an agent's first pass after a
+    /// restart does: milliseconds per pod.
+    pub reenable_ms_per_pod: Option<f64>,
+    /// `registry::list` (what `interceptor pod list` and `status` read), milliseconds.
+    pub list_ms: f64,
     pub agent: AgentUse,
     pub maps: Vec<occupancy::MapUse>,
 }
@@ -283,6 +288,21 @@ fn step(
             args.requests,
         )?);
     }
+    let list_started = Instant::now();
+    let listed = interceptor::registry::list(pins, &interceptor::bpf::Maps::open(pins)?)?;
+    let list_ms = list_started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        listed.len() == fillers.enabled() + 2,
+        "{} pods listed, {} enabled",
+        listed.len(),
+        fillers.enabled() + 2
+    );
+    let reenable_ms_per_pod = if fillers.enabled() > 0 {
+        let took = fillers.reenable_all(pins)?;
+        Some(took.as_secs_f64() * 1e3 / fillers.enabled() as f64)
+    } else {
+        None
+    };
     let enable = &fillers.enable_seconds;
     let enable_ms = (!enable.is_empty()).then(|| {
         let last = &enable[enable.len().saturating_sub(100)..];
@@ -303,6 +323,8 @@ fn step(
         rounds,
         pass_ms: pass_s * 1e3,
         enable_ms,
+        reenable_ms_per_pod,
+        list_ms,
         agent: probe::agent_use(agent)?,
         maps: occupancy::occupancy(pins),
     })
@@ -392,13 +414,14 @@ impl ScaleReport {
         let _ = writeln!(
             out,
             "| pods enabled | connect() p50 | connect() p99 | request p50 | request p99 | \
-             conn-per-request p50 | errors | agent pass ms | `pod enable` ms | agent RSS MiB | \
-             agent fds |\n|---|---|---|---|---|---|---|---|---|---|---|"
+             conn-per-request p50 | errors | agent pass ms | `pod enable` ms | re-enable all, \
+             ms per pod | `pod list` ms | agent RSS MiB | agent fds |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1} | {:.1} | {} |",
                 s.label,
                 us(s.connect_p50_us),
                 us(s.connect_p99_us),
@@ -409,6 +432,9 @@ impl ScaleReport {
                 s.pass_ms,
                 s.enable_ms
                     .map_or_else(|| "–".to_owned(), |m| format!("{m:.2}")),
+                s.reenable_ms_per_pod
+                    .map_or_else(|| "–".to_owned(), |m| format!("{m:.2}")),
+                s.list_ms,
                 s.agent.rss_kib as f64 / 1024.0,
                 s.agent.fds
             );

@@ -96,6 +96,22 @@ impl Fillers {
         Ok(())
     }
 
+    /// Enables every enabled filler again under one registry lock, as an agent's first pass
+    /// after a restart does (it knows no pod yet, so it enables each it finds). How long it took.
+    pub(super) fn reenable_all(&self, pins: &Pins) -> Result<Duration> {
+        let mut maps = Maps::open(pins)?;
+        let started = Instant::now();
+        let mut registry = Registry::lock(pins, &mut maps)?;
+        for name in &self.names[..self.enabled] {
+            let netns = Netns::by_name(name)?;
+            registry
+                .enable(&netns, &PodSource::Netns(name.clone()), &PodSpec::default())
+                .with_context(|| format!("enabling filler pod {name} again"))?;
+        }
+        drop(registry);
+        Ok(started.elapsed())
+    }
+
     /// Disables the last `n` enabled fillers (their namespaces and listeners stay).
     pub(super) fn disable_last(&mut self, n: usize, pins: &Pins) -> Result<()> {
         let mut maps = Maps::open(pins)?;
