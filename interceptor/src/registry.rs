@@ -51,6 +51,11 @@ pub enum Error {
     #[error(transparent)]
     Netns(#[from] netns::Error),
     #[error(
+        "the datapath's maps were replaced (an agent upgrade or --replace) while this waited \
+         for the pod registry, and they cannot be opened again: {0}"
+    )]
+    MapsReplaced(#[source] Box<bpf::Error>),
+    #[error(
         "cannot read the network-namespace cookie of {path}: {reason}. On kernels without \
          SO_NETNS_COOKIE (< 5.14) the running agent's connect4 program answers instead: start \
          `interceptor agent` first"
@@ -231,6 +236,12 @@ impl<'a> Registry<'a> {
             path,
             source: e.into(),
         })?;
+        // Opened before an upgrade or a `--replace` that happened while this waited: the maps
+        // in the pins' place now are others. Reopened (refused if their ABI is not ours).
+        if !maps.is_current(pins) {
+            *maps = Maps::open(pins).map_err(|e| Error::MapsReplaced(Box::new(e)))?;
+            info!("the pinned maps were replaced while waiting for the registry lock; reopened");
+        }
         maps.begin_session();
         Ok(Self {
             pins,

@@ -136,6 +136,33 @@ impl Maps {
         })
     }
 
+    /// Whether every handle is still the map pinned under its name. A migration (a new ABI)
+    /// or `--replace` pins new maps in their place; a process that opened the old ones, then
+    /// waited for the registry lock, would write maps no program reads any more.
+    pub(crate) fn is_current(&self, pins: &Pins) -> bool {
+        use aya::maps::IterableMap as _;
+        let held: [(&str, &MapData); 14] = [
+            (map::CONFIG, self.config.map()),
+            (map::ABI, self.abi.map()),
+            (map::POD_CONFIG, self.pod_config.map()),
+            (map::POD_IPS, self.pod_ips.map()),
+            (map::POD_PORTS, self.pod_ports.map()),
+            (map::CIDR_EXCLUDE, self.cidr_exclude.map()),
+            (map::CIDR_INCLUDE, self.cidr_include.map()),
+            (map::POD_INFO, self.pod_info.map()),
+            (map::POD_LISTENER, self.pod_listener.map()),
+            (map::POD_LISTENER6, self.pod_listener6.map()),
+            (map::LISTENERS, self.listeners.map()),
+            (map::SOCKS, self.socks.map()),
+            (map::COUNTERS, self.counters.map()),
+            (map::NETNS_PROBE, self.netns_probe.map()),
+        ];
+        held.into_iter().all(|(name, data)| {
+            let pinned = aya::maps::MapInfo::from_pin(pins.map(name)).map(|i| i.id());
+            matches!((data.info().map(|i| i.id()), pinned), (Ok(a), Ok(b)) if a == b)
+        })
+    }
+
     /// Refuses state written by an incompatible build. 0 = not written yet (fresh maps).
     pub(crate) fn check_abi(&self, pins: &Pins) -> Result<(), Error> {
         let found = self.abi.get(&0, 0).map_err(|source| Error::Map {

@@ -699,6 +699,39 @@ fn a_migration_stopped_after_its_first_swap_is_finished_by_the_next_agent() {
     assert_clean(&load, &echo);
 }
 
+/// A `pod` command that opened the maps, then waited for the registry lock while an upgrade
+/// migrated them (the migration holds that lock from staging to commit), must not write the
+/// replaced maps: no program reads them any more, so the pod it "enabled" would not be
+/// intercepted. It reopens them, and refuses when their ABI is not its own.
+#[test]
+fn a_pod_command_that_waited_through_a_migration_does_not_write_the_old_maps() {
+    use interceptor::{
+        bpf::{Maps, Pins},
+        registry::Registry,
+    };
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abistale");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let pins = Pins::new(&h.pin_root);
+    // Opened before the upgrade, as a command that then blocks on the lock.
+    let mut waiting = Maps::open(&pins).expect("opening the ABI 7 maps");
+    assert!(h.stop_agent(), "old agent exits cleanly");
+    h.bin = probe;
+    h.start_agent(&["--keep-pinned"]);
+    assert_eq!(h.status()["datapath"]["how"], "migrated");
+    // The lock is free again: the waiting command takes it.
+    let err = match Registry::lock(&pins, &mut waiting) {
+        Ok(_) => panic!("the registry was opened on the replaced maps"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        err.contains("replaced") && err.contains("ABI 8"),
+        "refused, saying why: {err}"
+    );
+    let s = connect_from(&client, echo.addr).expect("connect");
+    assert_eq!(echo_round_trip(s, b"after").expect("echo"), b"after");
+}
+
 #[test]
 fn a_downgrade_across_the_abi_is_refused_and_the_datapath_runs_on() {
     let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
