@@ -47,6 +47,10 @@ enum Command {
     /// The datapath and the agent with thousands of pods enabled: latency, map occupancy,
     /// 10 000 concurrent connections, agent memory (what `cargo xtask bench scale` runs).
     BenchScale(bench::scale::ScaleArgs),
+    /// connect() latency from the client pod under pinning / agent-stopped conditions, with
+    /// and without thousands of filler namespaces (enabled or not): the scale benchmark's
+    /// 16-vs-33 µs connect() rounds.
+    BenchConnect(bench::scale::connectlat::ConnectLatArgs),
     /// Small applications the demo, the tests and the benchmarks run inside pods.
     #[command(subcommand)]
     Testapp(TestappCommand),
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
             | Command::DnsBench(_)
             | Command::BenchProxy(_)
             | Command::BenchScale(_)
+            | Command::BenchConnect(_)
     );
     let level = match (&cli.log_level, narrated) {
         (Some(level), _) => level.clone(),
@@ -194,6 +199,13 @@ fn run(command: Command) -> Result<()> {
         }
         Command::BenchScale(args) => {
             let report = bench::scale::run(&args)?;
+            let dir = report.write(&args.out)?;
+            println!("{}", report.markdown());
+            eprintln!("wrote {}", dir.display());
+            Ok(())
+        }
+        Command::BenchConnect(args) => {
+            let report = bench::scale::connectlat::run(&args)?;
             let dir = report.write(&args.out)?;
             println!("{}", report.markdown());
             eprintln!("wrote {}", dir.display());

@@ -216,6 +216,23 @@ impl Rig {
         self.agent.as_ref().and_then(Managed::pid)
     }
 
+    /// Every process the rig started (the agent too), by pid.
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes
+            .iter()
+            .chain(self.agent.as_ref())
+            .filter_map(Managed::pid)
+            .collect()
+    }
+
+    /// The pid of the process the rig started as `name` (e.g. "client sidecar").
+    pub fn process_pid(&self, name: &str) -> Option<u32> {
+        self.processes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(Managed::pid)
+    }
+
     pub fn exe(&self) -> &PathBuf {
         &self.exe
     }

@@ -12,6 +12,7 @@
 //! then a soak of bounded cycles (pod churn + a connection wave) watches the agent's memory and
 //! descriptors. Last, every filler is disabled and the latencies are measured again.
 
+pub mod connectlat;
 mod fillers;
 pub mod probe;
 pub mod storm;
@@ -280,12 +281,14 @@ fn step(
 ) -> Result<Step> {
     let (pass_s, _) = probe::pass_time(health, Duration::from_secs(3))?;
     let mut rounds = Vec::new();
+    let processes = rig.pids();
     for _ in 0..args.rounds {
         rounds.push(probe::sample(
             &rig.client,
             target,
             args.connects,
             args.requests,
+            &processes,
         )?);
     }
     let list_started = Instant::now();
@@ -403,7 +406,8 @@ impl ScaleReport {
         let _ = writeln!(
             out,
             "Command: `{}` — {} on {} ({} CPUs), {:.0} s. Latencies from the client pod through \
-             both sidecars on the eBPF datapath, medians of {} rounds (min–max), microseconds.\n",
+             both sidecars on the eBPF datapath, medians of {} rounds (min–max), microseconds; \
+             connect() with its thread alone on one CPU, the rig's processes on the others.\n",
             self.command,
             self.started,
             self.kernel,

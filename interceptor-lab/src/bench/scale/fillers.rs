@@ -112,6 +112,32 @@ impl Fillers {
         Ok(started.elapsed())
     }
 
+    /// Creates namespaces up to `to` with their listener on the inbound port, without enabling
+    /// them: the kernel holds the same namespaces and sockets as at `to` enabled pods, the
+    /// datapath's maps hold none of them (`bench-connect`'s "created" stage). `grow` closes
+    /// these listeners and binds them again after each enable, as the benchmark does.
+    pub(super) fn create_unenabled(&mut self, to: usize) -> Result<()> {
+        if to > 32_000 {
+            bail!("at most 32 000 filler pods (their addresses are 198.19.128.0/17)");
+        }
+        let from = self.names.len();
+        if to > from {
+            self.create(from, to)?;
+        }
+        for i in self.listeners.len()..to {
+            let netns = Netns::by_name(&self.names[i])?;
+            let l = netns
+                .run(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))))??;
+            self.listeners.push(l);
+        }
+        Ok(())
+    }
+
+    /// Closes the listeners of fillers that are not enabled (the next `grow` binds them again).
+    pub(super) fn close_unenabled_listeners(&mut self) {
+        self.listeners.truncate(self.enabled);
+    }
+
     /// Disables the last `n` enabled fillers (their namespaces and listeners stay).
     pub(super) fn disable_last(&mut self, n: usize, pins: &Pins) -> Result<()> {
         let mut maps = Maps::open(pins)?;

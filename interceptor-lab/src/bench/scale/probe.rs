@@ -8,6 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use nix::{
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    unistd::Pid,
+};
 use serde::Serialize;
 
 use crate::{
@@ -28,7 +32,7 @@ pub struct Latency {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Sample {
     /// connect() of an intercepted connection (connect4's map lookups, the redirect to the
-    /// sidecar), then close.
+    /// sidecar), then close; measured with the thread alone on one CPU (`Apart`).
     pub connect: Latency,
     /// Keep-alive GETs, one at a time, through both sidecars.
     pub request: Latency,
@@ -37,9 +41,22 @@ pub struct Sample {
     pub connection_per_request: Latency,
 }
 
-/// Runs one round from `client` against `target`.
-pub fn sample(client: &LabPod, target: SocketAddr, connects: u32, requests: u64) -> Result<Sample> {
-    let connect = client.run(|| connect_latency(target, connects))?;
+/// Runs one round from `client` against `target`; `rig` are the pids of the rig's processes
+/// (sidecars, app, agent), kept off the CPU that measures connect() (see `Apart`).
+pub fn sample(
+    client: &LabPod,
+    target: SocketAddr,
+    connects: u32,
+    requests: u64,
+    rig: &[u32],
+) -> Result<Sample> {
+    let apart = Apart::new(rig)?;
+    let connect = client.run(|| {
+        let _pinned = apart.pin_this_thread();
+        connect_latency(target, connects)
+    });
+    drop(apart);
+    let connect = connect?;
     let keep_alive = client.run(|| load(target, requests, Mode::KeepAlive))??;
     let per_request = client.run(|| load(target, requests / 4, Mode::ConnectionPerRequest))??;
     Ok(Sample {
@@ -48,6 +65,88 @@ pub fn sample(client: &LabPod, target: SocketAddr, connects: u32, requests: u64)
         request_per_second: keep_alive.requests_per_second,
         connection_per_request: latency_of(&per_request),
     })
+}
+
+/// The connect() loop's thread alone on one CPU, every process of the rig on the others, for
+/// as long as this lives (each thread's affinity is restored on drop). Without it the result
+/// depends on where the scheduler puts a new thread: on this 2-CPU machine, a round whose probe
+/// shares its CPU with the client sidecar's accepting thread measures the sidecar's accept
+/// too (each connect() wakes it and it preempts the probe: ~0.8 involuntary context switches
+/// per connect, p50 30–35 µs instead of 15–17; `bench-connect`, README "Node scale"). A
+/// single-CPU machine pins nothing.
+pub struct Apart {
+    probe_cpu: Option<usize>,
+    saved: Vec<(Pid, CpuSet)>,
+}
+
+impl Apart {
+    pub fn new(pids: &[u32]) -> Result<Self> {
+        let allowed = sched_getaffinity(Pid::from_raw(0))?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .collect();
+        let mut apart = Self {
+            probe_cpu: None,
+            saved: Vec::new(),
+        };
+        let [probe_cpu, rest @ ..] = cpus.as_slice() else {
+            return Ok(apart);
+        };
+        if rest.is_empty() {
+            return Ok(apart);
+        }
+        let mut others = CpuSet::new();
+        for &c in rest {
+            others.set(c)?;
+        }
+        for &pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.filter_map(Result::ok) {
+                let Ok(tid) = task.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let tid = Pid::from_raw(tid);
+                // A thread may have exited meanwhile.
+                if let Ok(before) = sched_getaffinity(tid)
+                    && sched_setaffinity(tid, &others).is_ok()
+                {
+                    apart.saved.push((tid, before));
+                }
+            }
+        }
+        apart.probe_cpu = Some(*probe_cpu);
+        Ok(apart)
+    }
+
+    /// Pins the calling thread to the probe's CPU until the guard drops.
+    pub fn pin_this_thread(&self) -> Option<PinnedThread> {
+        let cpu = self.probe_cpu?;
+        let before = sched_getaffinity(Pid::from_raw(0)).ok()?;
+        let mut one = CpuSet::new();
+        one.set(cpu).ok()?;
+        sched_setaffinity(Pid::from_raw(0), &one).ok()?;
+        Some(PinnedThread { before })
+    }
+}
+
+impl Drop for Apart {
+    fn drop(&mut self) {
+        for (tid, set) in &self.saved {
+            let _ = sched_setaffinity(*tid, set);
+        }
+    }
+}
+
+pub struct PinnedThread {
+    before: CpuSet,
+}
+
+impl Drop for PinnedThread {
+    fn drop(&mut self) {
+        let _ = sched_setaffinity(Pid::from_raw(0), &self.before);
+    }
 }
 
 fn latency_of(r: &loadgen::LoadResult) -> Latency {
@@ -59,7 +158,7 @@ fn latency_of(r: &loadgen::LoadResult) -> Latency {
     }
 }
 
-fn connect_latency(target: SocketAddr, n: u32) -> Latency {
+pub(super) fn connect_latency(target: SocketAddr, n: u32) -> Latency {
     let mut h = Histogram::default();
     let mut errors = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
