@@ -162,6 +162,8 @@ pub struct ScaleReport {
     pub steps: Vec<Step>,
     pub storm: Option<StormStep>,
     pub soak: Vec<SoakCycle>,
+    /// Every filler disabled at the end (`pod disable` each, a lock each): pods and seconds.
+    pub disabled: (usize, f64),
     pub seconds: f64,
 }
 
@@ -251,7 +253,9 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
 
     eprintln!("disabling every filler pod");
     let all = fillers.enabled();
+    let disable_started = Instant::now();
     fillers.disable_last(all, &pins)?;
+    let disabled = (all, disable_started.elapsed().as_secs_f64());
     steps.push(measure("2 pods (after)", &fillers)?);
     drop(fillers);
     drop(rig);
@@ -264,6 +268,7 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         steps,
         storm,
         soak,
+        disabled,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -483,6 +488,15 @@ impl ScaleReport {
             let _ = write!(out, " {:.1} MiB |", total as f64 / 1048576.0);
         }
         let _ = writeln!(out);
+        let (pods, seconds) = self.disabled;
+        if pods > 0 {
+            let _ = writeln!(
+                out,
+                "\nDisabling the {pods} filler pods one `pod disable` at a time took {seconds:.1} s \
+                 ({:.2} ms per pod).",
+                seconds * 1e3 / pods as f64
+            );
+        }
         if let Some(st) = &self.storm {
             let _ = writeln!(
                 out,
