@@ -221,21 +221,33 @@ impl<'a> Registry<'a> {
             source,
         })?;
         let path = dir.join("pods.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| Error::Io {
-                what: "opening",
+        let lock = loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|source| Error::Io {
+                    what: "opening",
+                    path: path.clone(),
+                    source,
+                })?;
+            let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| Error::Io {
+                what: "locking",
                 path: path.clone(),
+                source: e.into(),
+            })?;
+            // An uninstall or `--replace` removes the lock file while others wait on it: the
+            // next writer locks a new file, so this one must too, or two write at once.
+            if same_file(&lock, &path) {
+                break lock;
+            }
+            fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                what: "creating",
+                path: dir.clone(),
                 source,
             })?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| Error::Io {
-            what: "locking",
-            path,
-            source: e.into(),
-        })?;
+        };
         // Opened before an upgrade or a `--replace` that happened while this waited: the maps
         // in the pins' place now are others. Reopened (refused if their ABI is not ours).
         if !maps.is_current(pins) {
@@ -355,12 +367,6 @@ impl<'a> Registry<'a> {
             let netns = locate(&info).and_then(|p| Netns::open(p).ok());
             self.disable_iptables(id, &info, netns.as_ref())?;
         } else {
-            if entry.inbound
-                && let Some(netns) = locate(&info).and_then(|p| Netns::open(p).ok())
-            {
-                let port = self.maps.global_config()?.inbound_port as u16;
-                listeners::release(self.maps, &netns, port);
-            }
             self.remove(id, info.netns_cookie)?;
         }
         info!(pod = %entry.name, id, "pod disabled");
@@ -619,6 +625,15 @@ impl<'a> Registry<'a> {
         iptables_mode::forget(self.pins, id);
         self.maps.remove_pod_info(id);
         Ok(())
+    }
+}
+
+/// Whether the locked file is still the one at `path` (not removed or replaced meanwhile).
+fn same_file(locked: &File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (locked.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 

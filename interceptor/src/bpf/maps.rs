@@ -23,7 +23,7 @@ use interceptor_common::{
     sockmap::SockKey,
 };
 
-use self::session::{Session, Tables};
+use self::session::{LISTENERS_FRESH, Session, Tables, canonical};
 use super::{Error, Pins};
 
 mod session;
@@ -237,24 +237,35 @@ impl Maps {
         self.socks.keys().filter(Result::is_ok).count()
     }
 
-    /// Whether a listening socket with this cookie is in the listener sockhash. In a registry
-    /// session, as of the session's one walk plus its own inserts (the sockhash cannot be
-    /// looked up by key from user space with 4-byte values, so each answer is a walk).
+    /// Whether a listening socket with this cookie is in the listener sockhash (the sockhash
+    /// cannot be looked up by key from user space with 4-byte values: each answer is a walk).
+    /// In a registry session a recent walk answers; a miss walks again once it is
+    /// `LISTENERS_FRESH` old (a proxy may have listened since).
     pub fn has_listener(&self, cookie: u64) -> bool {
         self.with_session(|s| {
-            s.listeners
-                .get_or_insert_with(|| self.walk_listeners())
-                .contains(&cookie)
+            if let Some((seen, at)) = &s.listeners
+                && (seen.contains(&cookie) || at.elapsed() < LISTENERS_FRESH)
+            {
+                return seen.contains(&cookie);
+            }
+            let seen = self.walk_listeners();
+            let found = seen.contains(&cookie);
+            s.listeners = Some((seen, std::time::Instant::now()));
+            found
         })
         .unwrap_or_else(|| self.listeners.keys().any(|k| k.is_ok_and(|k| k == cookie)))
     }
 
-    /// Cookies of every listener in `LISTENERS` (one map walk, for passes over many pods).
+    /// Cookies of every listener in `LISTENERS` (one map walk, for passes over many pods; in
+    /// a registry session, a walk at most `LISTENERS_FRESH` old).
     pub fn listener_cookies(&self) -> std::collections::HashSet<u64> {
-        self.with_session(|s| {
-            s.listeners
-                .get_or_insert_with(|| self.walk_listeners())
-                .clone()
+        self.with_session(|s| match &s.listeners {
+            Some((seen, at)) if at.elapsed() < LISTENERS_FRESH => seen.clone(),
+            _ => {
+                let seen = self.walk_listeners();
+                s.listeners = Some((seen.clone(), std::time::Instant::now()));
+                seen
+            }
         })
         .unwrap_or_else(|| self.walk_listeners())
     }
@@ -322,7 +333,7 @@ impl Maps {
             }
         }
         for (a, cookie) in dump(&self.pod_ips) {
-            t.push_address(cookie, addr::to_ip(a));
+            t.add_address(cookie, addr::to_ip(a));
         }
         t
     }
@@ -553,14 +564,6 @@ impl Maps {
     pub fn remove_pod_entries(&mut self, id: u32, netns_cookie: u64) {
         let _ = self.pod_config.remove(&netns_cookie);
         self.drop_rows_except(id, netns_cookie, &PodRows::default());
-        // Its proxy's listeners leave `LISTENERS` too: a disabled pod's sidecar may keep
-        // running, and every pass walks that map (10 000 such listeners cost 67 ms a pass).
-        // Enabling the pod again borrows the listener back (`discovery::listeners`).
-        for family in [ListenerFamily::V4, ListenerFamily::V6] {
-            if let Some(cookie) = self.pod_listener(id, family) {
-                self.remove_listener(cookie);
-            }
-        }
         let _ = self.pod_listener.remove(&id);
         let _ = self.pod_listener6.remove(&id);
     }
@@ -631,6 +634,8 @@ impl Maps {
                 (&mut self.cidr_exclude, &have.excluded, &keep.excluded),
                 (&mut self.cidr_include, &have.included, &keep.included),
             ] {
+                // Compared as the trie keys them (`have` is canonical already).
+                let keep: Vec<Range> = keep.iter().map(|r| canonical(*r)).collect();
                 for &(ip, prefix) in have.iter().filter(|r| !keep.contains(r)) {
                     let (key, len) = CidrKey::range(id, ip, prefix);
                     let _ = trie.remove(&LpmKey::new(len, key));
@@ -710,14 +715,8 @@ impl Maps {
         self.listeners
             .insert(cookie, socket.as_raw_fd(), 0)
             .map_err(write_err(map::LISTENERS))?;
-        self.with_session(|s| s.listeners.as_mut().map(|l| l.insert(cookie)));
+        self.with_session(|s| s.listeners.as_mut().map(|(l, _)| l.insert(cookie)));
         Ok(())
-    }
-
-    /// Takes a listener out of `LISTENERS` (the socket stays open; nothing is redirected to it).
-    pub fn remove_listener(&mut self, cookie: u64) {
-        let _ = self.listeners.remove(&cookie);
-        self.with_session(|s| s.listeners.as_mut().map(|l| l.remove(&cookie)));
     }
 
     fn listener_map(&self, family: ListenerFamily) -> &HashMap<MapData, u32, u64> {

@@ -109,21 +109,6 @@ pub fn resolve(maps: &mut Maps, pod_id: u32, netns: &Netns, port: u16) -> Result
     Ok(found.iter().map(|l| l.cookie).collect())
 }
 
-/// Takes every listener on `port` in the pod out of `LISTENERS` when the pod is disabled: its
-/// proxy may keep listening (SO_REUSEPORT sockets beyond the recorded one included), and a
-/// listener left there costs every later pass a step of its walk. Best effort.
-pub fn release(maps: &mut Maps, netns: &Netns, port: u16) {
-    match netns.run(|| listening_on(port)) {
-        Ok(Ok(found)) => {
-            for l in found {
-                maps.remove_listener(l.cookie);
-            }
-        }
-        Ok(Err(err)) => debug!(%err, "listing the disabled pod's listeners"),
-        Err(err) => debug!(%err, "entering the disabled pod's namespace"),
-    }
-}
-
 /// Records one listener under the pod (`POD_LISTENER`, or `POD_LISTENER6` for `v6`).
 fn register(
     maps: &mut Maps,

@@ -52,6 +52,20 @@ pub fn rebuild(
     inbound_port: u16,
     resolve_listeners: bool,
 ) -> Result<Rebuilt, Error> {
+    // The staged maps are this process's alone until the swap: a session spares each pod's
+    // listener check a walk of the growing staged `LISTENERS` (O(pods²) at node scale).
+    new.begin_session();
+    let rebuilt = rebuild_pods(old, new, inbound_port, resolve_listeners);
+    new.end_session();
+    rebuilt
+}
+
+fn rebuild_pods(
+    old: &Maps,
+    new: &mut Maps,
+    inbound_port: u16,
+    resolve_listeners: bool,
+) -> Result<Rebuilt, Error> {
     let infos = old.pod_infos();
     let cookies: Vec<(u32, u64)> = infos
         .iter()

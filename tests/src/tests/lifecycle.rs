@@ -44,21 +44,8 @@ fn pod_disable_restores_direct_traffic_and_removes_its_state() {
         IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))
     );
 
-    let listeners = |h: &Harness| {
-        h.status()["maps"]
-            .as_array()
-            .expect("maps")
-            .iter()
-            .find(|m| m["name"] == "LISTENERS")
-            .and_then(|m| m["entries"].as_u64())
-            .expect("LISTENERS entries")
-    };
-    assert!(listeners(&h) >= 2, "both sidecars' listeners steered to");
     h.disable(&client);
     h.disable(&server);
-    // Their sidecars still listen, but nothing is steered to a disabled pod's listener: it
-    // leaves LISTENERS (every agent pass walks that map).
-    assert_eq!(listeners(&h), 0, "disabled pods' listeners left LISTENERS");
     let before = h.counters();
     let s = connect_from(&client, echo.addr).expect("connect");
     assert_eq!(s.peer_addr().expect("peer"), echo.addr);
@@ -71,8 +58,8 @@ fn pod_disable_restores_direct_traffic_and_removes_its_state() {
     let pods_dir = h.pin_root.join("pods");
     assert_eq!(std::fs::read_dir(&pods_dir).expect("pods dir").count(), 0);
 
-    // Enabled again with the same sidecars still running: their listeners are borrowed back
-    // and inbound goes through the server's sidecar again.
+    // Enabled again with the same sidecars still running: inbound goes through the server's
+    // sidecar again (its listener stayed in LISTENERS; sockops adds one only at listen()).
     h.enable(&client, &[]);
     h.enable(&server, &[]);
     h.wait_inbound_ready(&server);
