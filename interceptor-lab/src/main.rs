@@ -97,6 +97,19 @@ enum TestappCommand {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// The same gRPC echo on the h2 crate directly (no hyper, no tonic).
+    H2EchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// A connection's streams on its own task, not a task each.
+        #[arg(long)]
+        inline: bool,
+    },
+    /// The same echo on hyper's HTTP/2 server without tonic.
+    HyperEchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// WebSocket server that echoes every message.
     WsEchoServer {
         #[arg(long)]
@@ -246,6 +259,12 @@ fn testapp_command(cmd: TestappCommand) -> Result<()> {
         }
         TestappCommand::GrpcEchoServer { listen } => {
             runtime()?.block_on(testapp::grpc_echo::grpc_echo_server(listen))?;
+        }
+        TestappCommand::H2EchoServer { listen, inline } => {
+            runtime()?.block_on(testapp::h2_echo::h2_echo_server(listen, inline))?;
+        }
+        TestappCommand::HyperEchoServer { listen } => {
+            runtime()?.block_on(testapp::h2_echo::hyper_echo_server(listen))?;
         }
         TestappCommand::WsEchoServer { listen } => {
             runtime()?.block_on(testapp::ws_echo::ws_echo_server(listen))?;

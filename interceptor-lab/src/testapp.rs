@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 pub mod grpc_echo;
+pub mod h2_echo;
 pub mod stream;
 pub mod ws_echo;
 

@@ -187,6 +187,18 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
     }
 
     let grpc_app_pid = app_procs[1].pid();
+    // The same echo on the h2 crate alone, for the memory rows only: the floor of an h2 server
+    // without hyper.
+    let h2_app_addr = free_addr()?;
+    let mut h2_app = Proc::spawn(
+        "h2 app",
+        Command::new(&lab)
+            .args(["--log-level", "warn", "testapp", "h2-echo-server", "--listen"])
+            .arg(h2_app_addr.to_string()),
+    )?;
+    h2_app.wait_listening(h2_app_addr)?;
+    let h2_app_pid = h2_app.pid();
+    app_procs.push(h2_app);
     let config = scratch.join("interceptor.yaml");
     std::fs::write(&config, configs::interceptor(apps))?;
     let ports: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect::<Result<_>>()?;
@@ -309,7 +321,12 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
         let measured = peers
             .iter()
             .filter_map(|p| Some((p.name, p.h2, p.pid?)))
-            .chain(std::iter::once(grpc_app));
+            .chain(std::iter::once(grpc_app))
+            .chain(std::iter::once((
+                "the same echo on the h2 crate alone (no hyper)",
+                h2_app_addr,
+                h2_app_pid,
+            )));
         for (name, addr, pid) in measured {
             eprintln!("{name}: memory per idle h2 connection");
             match idle::bytes_per_connection(addr, pid, args.idle_connections, &request).await {

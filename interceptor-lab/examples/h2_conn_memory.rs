@@ -1,0 +1,271 @@
+//! What an idle h2 connection costs a server, by allocation: a counting global allocator (over
+//! mimalloc, as the lab and the product use) counts the bytes live on the server's threads
+//! only, and the net count per allocation size, while N h2c client connections each make one
+//! gRPC call and stay open. The clients and the upstream app run on untracked threads.
+//!
+//!     cargo run --release -p interceptor-lab --example h2_conn_memory -- hyper|h2|proxy [N]
+//!
+//! `hyper`: the benchmark's gRPC app (tonic on hyper's h2 server); `h2`: the same echo on the
+//! h2 crate alone; `proxy`: the sidecar proxy in front of the `hyper` app.
+
+#![allow(unsafe_code, reason = "a global allocator")]
+
+use std::{
+    alloc::{GlobalAlloc, Layout},
+    cell::Cell,
+    net::{SocketAddr, TcpListener as StdListener},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http::Request;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use interceptor::cli::ProxyArgs;
+use interceptor_lab::{fixed_dst::FixedDst, testapp};
+use tokio::{net::TcpStream, task::JoinHandle};
+
+/// Sizes counted one by one up to this; larger ones share the last slot.
+const MAX_SIZE: usize = 1 << 17;
+
+struct Counting;
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static BY_SIZE: [AtomicI64; MAX_SIZE + 1] = [const { AtomicI64::new(0) }; MAX_SIZE + 1];
+
+thread_local! {
+    static UNTRACKED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn tracked() -> bool {
+    !UNTRACKED.try_with(Cell::get).unwrap_or(true)
+}
+
+fn count(size: usize, sign: i64) {
+    LIVE.fetch_add(sign * size as i64, Relaxed);
+    BY_SIZE[size.min(MAX_SIZE)].fetch_add(sign, Relaxed);
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if tracked() {
+            count(layout.size(), 1);
+        }
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if tracked() {
+            count(layout.size(), 1);
+        }
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if tracked() {
+            count(layout.size(), -1);
+        }
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if tracked() {
+            count(layout.size(), -1);
+            count(new_size, 1);
+        }
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+#[derive(Parser)]
+struct Wrap {
+    #[command(flatten)]
+    args: ProxyArgs,
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn untracked_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(|| UNTRACKED.with(|u| u.set(true)))
+        .build()?)
+}
+
+struct Held {
+    _sender: SendRequest<Full<Bytes>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn idle_connection(target: SocketAddr) -> Result<Held> {
+    let stream = TcpStream::connect(target).await?;
+    let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // One gRPC message of 64 bytes, as the benchmark sends.
+    let mut msg = vec![0u8, 0, 0, 0, 64];
+    msg.extend_from_slice(&[b'x'; 64]);
+    let req = Request::post("http://grpc/bench.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(msg)))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .context("no answer")??;
+    if !resp.status().is_success() {
+        bail!("answered {}", resp.status());
+    }
+    resp.into_body().collect().await?;
+    Ok(Held {
+        _sender: sender,
+        task,
+    })
+}
+
+fn snapshot() -> (i64, Vec<i64>) {
+    (
+        LIVE.load(Relaxed),
+        BY_SIZE.iter().map(|c| c.load(Relaxed)).collect(),
+    )
+}
+
+fn main() -> Result<()> {
+    UNTRACKED.with(|u| u.set(true));
+    let mut argv = std::env::args().skip(1);
+    let mode = argv.next().unwrap_or_else(|| "hyper".into());
+    let n: usize = argv.next().map_or(Ok(1000), |s| s.parse())?;
+    let clients = untracked_runtime()?;
+    let app = free_addr()?;
+    let target = match mode.as_str() {
+        "hyper" => {
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(testapp::grpc_echo::grpc_echo_server(app))
+            });
+            app
+        }
+        "h2" => {
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(testapp::h2_echo::h2_echo_server(app, false))
+            });
+            app
+        }
+        "proxy" => {
+            clients.spawn(testapp::grpc_echo::grpc_echo_server(app));
+            let dir = std::env::temp_dir().join(format!("h2-conn-memory-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let config = dir.join("proxy.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "clusters:\n  - name: grpc\n    endpoints: [\"{app}\"]\n    protocol: http2\n\
+                     outbound:\n  listeners:\n    - port: 9080\n      virtual_hosts:\n        \
+                     - name: grpc\n          domains: [\"*\"]\n          routes:\n            \
+                     - route: {{cluster: grpc}}\n"
+                ),
+            )?;
+            let ports: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect::<Result<_>>()?;
+            let wrap = Wrap::parse_from(
+                [
+                    "proxy".to_owned(),
+                    "--no-drop-privileges".into(),
+                    "--workers".into(),
+                    "1".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                    "--outbound".into(),
+                    ports[0].to_string(),
+                    "--outbound-v6".into(),
+                    "none".into(),
+                    "--inbound".into(),
+                    ports[1].to_string(),
+                    "--metrics".into(),
+                    ports[2].to_string(),
+                    "--health".into(),
+                    ports[3].to_string(),
+                    "--admin".into(),
+                    ports[4].to_string(),
+                ]
+                .into_iter(),
+            );
+            std::thread::spawn(move || {
+                interceptor::commands::proxy::run_with(
+                    wrap.args,
+                    Some(Arc::new(FixedDst("127.0.0.1:9080".parse()?))),
+                )
+            });
+            ports[0]
+        }
+        other => bail!("unknown mode {other}: hyper, h2 or proxy"),
+    };
+    clients.block_on(async move {
+        for _ in 0..100 {
+            if TcpStream::connect(target).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut warm = Vec::new();
+        for _ in 0..16 {
+            warm.push(idle_connection(target).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (live0, sizes0) = snapshot();
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            held.push(idle_connection(target).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (live1, sizes1) = snapshot();
+        let per = (live1 - live0) as f64 / n as f64;
+        println!("{mode}: {per:.0} bytes live per idle h2 connection (n = {n})");
+        println!("  size (bytes) x allocations per connection, net:");
+        let mut rows: Vec<(usize, f64)> = sizes0
+            .iter()
+            .zip(&sizes1)
+            .enumerate()
+            .map(|(size, (a, b))| (size, (b - a) as f64 / n as f64))
+            .filter(|(_, k)| k.abs() >= 0.05)
+            .collect();
+        rows.sort_by(|a, b| (b.0 as f64 * b.1).total_cmp(&(a.0 as f64 * a.1)));
+        for (size, k) in rows {
+            let label = if size == MAX_SIZE {
+                format!(">={size}")
+            } else {
+                size.to_string()
+            };
+            println!("  {label:>8} x {k:.2} = {:.0}", size as f64 * k);
+        }
+        drop(held);
+        drop(warm);
+        anyhow::Ok(())
+    })?;
+    std::process::exit(0)
+}
