@@ -192,29 +192,26 @@ fn main() -> Result<()> {
                 ),
             )?;
             let ports: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect::<Result<_>>()?;
-            let wrap = Wrap::parse_from(
-                [
-                    "proxy".to_owned(),
-                    "--no-drop-privileges".into(),
-                    "--workers".into(),
-                    "1".into(),
-                    "--config".into(),
-                    config.display().to_string(),
-                    "--outbound".into(),
-                    ports[0].to_string(),
-                    "--outbound-v6".into(),
-                    "none".into(),
-                    "--inbound".into(),
-                    ports[1].to_string(),
-                    "--metrics".into(),
-                    ports[2].to_string(),
-                    "--health".into(),
-                    ports[3].to_string(),
-                    "--admin".into(),
-                    ports[4].to_string(),
-                ]
-                .into_iter(),
-            );
+            let wrap = Wrap::parse_from([
+                "proxy".to_owned(),
+                "--no-drop-privileges".into(),
+                "--workers".into(),
+                "1".into(),
+                "--config".into(),
+                config.display().to_string(),
+                "--outbound".into(),
+                ports[0].to_string(),
+                "--outbound-v6".into(),
+                "none".into(),
+                "--inbound".into(),
+                ports[1].to_string(),
+                "--metrics".into(),
+                ports[2].to_string(),
+                "--health".into(),
+                ports[3].to_string(),
+                "--admin".into(),
+                ports[4].to_string(),
+            ]);
             std::thread::spawn(move || {
                 interceptor::commands::proxy::run_with(
                     wrap.args,
