@@ -193,7 +193,13 @@ pub fn run(args: &ProxyBenchArgs) -> Result<ProxyReport> {
     let mut h2_app = Proc::spawn(
         "h2 app",
         Command::new(&lab)
-            .args(["--log-level", "warn", "testapp", "h2-echo-server", "--listen"])
+            .args([
+                "--log-level",
+                "warn",
+                "testapp",
+                "h2-echo-server",
+                "--listen",
+            ])
             .arg(h2_app_addr.to_string()),
     )?;
     h2_app.wait_listening(h2_app_addr)?;
