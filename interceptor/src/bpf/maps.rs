@@ -70,6 +70,17 @@ pub struct PodRows {
     pub addresses: Vec<IpAddr>,
 }
 
+impl PodRows {
+    /// In one order, so two reads of the same rows compare equal.
+    pub(crate) fn sort(&mut self) {
+        self.ports
+            .sort_unstable_by_key(|r| (r.direction, r.port, r.rule));
+        self.excluded.sort_unstable();
+        self.included.sort_unstable();
+        self.addresses.sort_unstable();
+    }
+}
+
 /// A pod write that did not fit: which map refused it.
 #[derive(Debug, thiserror::Error)]
 #[error("writing map {map}: {source} (map full?)")]
@@ -452,9 +463,7 @@ impl Maps {
                 .map(|(a, _)| addr::to_ip(a))
                 .collect(),
         };
-        rows.ports
-            .sort_unstable_by_key(|r| (r.direction, r.port, r.rule));
-        rows.addresses.sort_unstable();
+        rows.sort();
         rows
     }
 
@@ -527,11 +536,7 @@ impl Maps {
             }
         }
         for rows in out.values_mut() {
-            rows.ports
-                .sort_unstable_by_key(|r| (r.direction, r.port, r.rule));
-            rows.excluded.sort_unstable();
-            rows.included.sort_unstable();
-            rows.addresses.sort_unstable();
+            rows.sort();
         }
         out
     }

@@ -103,11 +103,7 @@ impl Tables {
         if let Some(a) = self.addresses.get(&cookie) {
             rows.addresses.clone_from(a);
         }
-        rows.ports
-            .sort_unstable_by_key(|r| (r.direction, r.port, r.rule));
-        rows.excluded.sort_unstable();
-        rows.included.sort_unstable();
-        rows.addresses.sort_unstable();
+        rows.sort();
         rows
     }
 
