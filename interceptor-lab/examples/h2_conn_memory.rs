@@ -21,16 +21,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use clap::Parser;
-use http::Request;
-use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use interceptor::cli::ProxyArgs;
-use interceptor_lab::{fixed_dst::FixedDst, testapp};
-use tokio::{net::TcpStream, task::JoinHandle};
+use interceptor_lab::{bench::proxy::idle::idle_connection, fixed_dst::FixedDst, testapp};
+use tokio::net::TcpStream;
 
 /// Sizes counted one by one up to this; larger ones share the last slot.
 const MAX_SIZE: usize = 1 << 17;
@@ -105,43 +101,11 @@ fn untracked_runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-struct Held {
-    _sender: SendRequest<Full<Bytes>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn idle_connection(target: SocketAddr) -> Result<Held> {
-    let stream = TcpStream::connect(target).await?;
-    let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-        .await?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    // One gRPC message of 64 bytes, as the benchmark sends.
+/// One gRPC message of 64 bytes, as the benchmark sends.
+fn grpc_message() -> Bytes {
     let mut msg = vec![0u8, 0, 0, 0, 64];
     msg.extend_from_slice(&[b'x'; 64]);
-    let req = Request::post("http://grpc/bench.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from(msg)))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .context("no answer")??;
-    if !resp.status().is_success() {
-        bail!("answered {}", resp.status());
-    }
-    resp.into_body().collect().await?;
-    Ok(Held {
-        _sender: sender,
-        task,
-    })
+    Bytes::from(msg)
 }
 
 fn snapshot() -> (i64, Vec<i64>) {
@@ -229,15 +193,16 @@ fn main() -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let message = grpc_message();
         let mut warm = Vec::new();
         for _ in 0..16 {
-            warm.push(idle_connection(target).await?);
+            warm.push(idle_connection(target, &message).await?);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (live0, sizes0) = snapshot();
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
-            held.push(idle_connection(target).await?);
+            held.push(idle_connection(target, &message).await?);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (live1, sizes1) = snapshot();

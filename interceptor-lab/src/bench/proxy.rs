@@ -10,7 +10,7 @@
 
 mod configs;
 mod grpc_load;
-mod idle;
+pub mod idle;
 mod procs;
 mod results;
 mod ws_load;

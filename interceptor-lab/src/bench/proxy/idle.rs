@@ -15,7 +15,7 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use super::procs::rss_kib;
 
 /// A client connection kept open (its task ends when the sender is dropped).
-struct Held {
+pub struct Held {
     _sender: SendRequest<Full<Bytes>>,
     task: JoinHandle<()>,
 }
@@ -26,7 +26,9 @@ impl Drop for Held {
     }
 }
 
-async fn idle_connection(target: SocketAddr, request: &Bytes) -> Result<Held> {
+/// An h2c connection to `target` that has made one gRPC call (`request`, a framed message)
+/// and is left idle.
+pub async fn idle_connection(target: SocketAddr, request: &Bytes) -> Result<Held> {
     let stream = TcpStream::connect(target)
         .await
         .with_context(|| format!("connecting to {target}"))?;
