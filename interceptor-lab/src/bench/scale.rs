@@ -184,24 +184,8 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     } else {
         args.connections
     };
-    let health = free_port()?;
-    let agent_args = [
-        "--health-addr".to_owned(),
-        health.to_string(),
-        "--reconcile-seconds".to_owned(),
-        "1".to_owned(),
-    ];
     eprintln!("starting two pods with sidecars and the agent");
-    let rig = Rig::new(
-        Mode::Ebpf,
-        Workload::Http {
-            app: App::Testapp,
-            sidecar: Sidecar::Interceptor,
-            sizes: &[64],
-        },
-        "scale",
-        &agent_args,
-    )?;
+    let (rig, health) = measured_pods("scale", "1")?;
     let pins = rig.pins().clone();
     let agent = rig.agent_pid().context("the agent is not running")?;
     let target = rig.app_addr();
@@ -271,6 +255,29 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         disabled,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The two measured pods (client, server with the test app), this project's sidecar in each,
+/// on the eBPF datapath with its agent, whose health/metrics address is returned beside them.
+fn measured_pods(tag: &str, reconcile_seconds: &str) -> Result<(Rig, SocketAddr)> {
+    let health = free_port()?;
+    let agent_args = [
+        "--health-addr".to_owned(),
+        health.to_string(),
+        "--reconcile-seconds".to_owned(),
+        reconcile_seconds.to_owned(),
+    ];
+    let rig = Rig::new(
+        Mode::Ebpf,
+        Workload::Http {
+            app: App::Testapp,
+            sidecar: Sidecar::Interceptor,
+            sizes: &[64],
+        },
+        tag,
+        &agent_args,
+    )?;
+    Ok((rig, health))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -34,11 +34,8 @@ use nix::{
 };
 use serde::Serialize;
 
-use super::{Spread, fillers::Fillers, free_port, probe::Apart};
-use crate::{
-    bench::{App, Mode, Rig, Sidecar, Workload},
-    loadgen::Histogram,
-};
+use super::{Spread, fillers::Fillers, probe::Apart};
+use crate::loadgen::Histogram;
 
 /// `interceptor-lab bench-connect` options.
 #[derive(Debug, clap::Args)]
@@ -120,23 +117,7 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
     if cpus < 2 {
         bail!("needs two CPUs");
     }
-    let health = free_port()?;
-    let agent_args = [
-        "--health-addr".to_owned(),
-        health.to_string(),
-        "--reconcile-seconds".to_owned(),
-        args.reconcile_seconds.clone(),
-    ];
-    let rig = Rig::new(
-        Mode::Ebpf,
-        Workload::Http {
-            app: App::Testapp,
-            sidecar: Sidecar::Interceptor,
-            sizes: &[64],
-        },
-        "connlat",
-        &agent_args,
-    )?;
+    let (rig, _health) = super::measured_pods("connlat", &args.reconcile_seconds)?;
     let pins = rig.pins().clone();
     let agent = rig.agent_pid().context("the agent is not running")?;
     let sidecar = rig
