@@ -722,36 +722,54 @@ async fn a_small_grpc_request_without_content_length_is_retried() {
     }
 }
 
-/// An h2c upstream (the h2 crate's server) that answers every request with its headers and part
-/// of the body, then resets the stream with CANCEL — the body cut short, never END_STREAM.
-async fn cut_short_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// Serves one h2c connection with the h2 crate's server: each request stream goes to `handle`
+/// on a task of its own.
+async fn serve_h2_streams<F, Fut>(stream: TcpStream, handle: F)
+where
+    F: Fn(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Ok(mut conn) = h2::server::handshake(stream).await else {
+        return;
+    };
+    while let Some(Ok((req, respond))) = conn.accept().await {
+        tokio::spawn(handle(req, respond));
+    }
+}
+
+/// An h2c upstream on a fresh port whose every connection is served by `serve_h2_streams`.
+async fn h2_upstream<F, Fut>(handle: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let resp = Response::builder()
-                            .status(200)
-                            .header("content-type", "application/grpc")
-                            .body(())
-                            .expect("response");
-                        let Ok(mut send) = respond.send_response(resp, false) else {
-                            return;
-                        };
-                        let _ = send.send_data(Bytes::from_static(b"part of the body"), false);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        send.send_reset(h2::Reason::CANCEL);
-                    });
-                }
-            });
+            tokio::spawn(serve_h2_streams(stream, handle.clone()));
         }
     });
     (addr, task)
+}
+
+/// An h2c upstream (the h2 crate's server) that answers every request with its headers and part
+/// of the body, then resets the stream with CANCEL — the body cut short, never END_STREAM.
+async fn cut_short_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    h2_upstream(|_req, mut respond| async move {
+        let resp = Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("response");
+        let Ok(mut send) = respond.send_response(resp, false) else {
+            return;
+        };
+        let _ = send.send_data(Bytes::from_static(b"part of the body"), false);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send.send_reset(h2::Reason::CANCEL);
+    })
+    .await
 }
 
 async fn cut_short_proxy() -> (Proxy, tokio::task::JoinHandle<()>) {
@@ -845,50 +863,39 @@ async fn an_upstream_reset_mid_body_is_a_reset_for_an_h2_client() {
 /// included, and the next attempt with the trailers it saw.
 #[tokio::test]
 async fn a_retry_replays_the_request_trailers() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let calls = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let calls = calls.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        let mut data = Vec::new();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            data.extend_from_slice(&chunk);
-                        }
-                        let saw = match body.trailers().await {
-                            Ok(Some(t)) => t
-                                .get("x-req-trailer")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("other")
-                                .to_owned(),
-                            Ok(None) => "none".to_owned(),
-                            Err(_) => "error".to_owned(),
-                        };
-                        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-                        let resp = Response::builder()
-                            .status(200)
-                            .header("content-type", "application/grpc")
-                            .header("grpc-status", if first { "14" } else { "0" })
-                            .header("x-saw-trailers", saw)
-                            .header("x-saw-body", String::from_utf8_lossy(&data).into_owned())
-                            .body(())
-                            .expect("response");
-                        let _ = respond.send_response(resp, true);
-                    });
-                }
-            });
+    let (addr, task) = h2_upstream(move |req, mut respond| {
+        let calls = counted.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut data = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                data.extend_from_slice(&chunk);
+            }
+            let saw = match body.trailers().await {
+                Ok(Some(t)) => t
+                    .get("x-req-trailer")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("other")
+                    .to_owned(),
+                Ok(None) => "none".to_owned(),
+                Err(_) => "error".to_owned(),
+            };
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            let resp = Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .header("grpc-status", if first { "14" } else { "0" })
+                .header("x-saw-trailers", saw)
+                .header("x-saw-body", String::from_utf8_lossy(&data).into_owned())
+                .body(())
+                .expect("response");
+            let _ = respond.send_response(resp, true);
         }
-    });
+    })
+    .await;
     let proxy = Proxy::start(
         &retry_config(addr),
         "127.0.0.1:50051".parse().expect("addr"),
@@ -960,15 +967,10 @@ async fn a_stream_refused_by_goaway_is_retried_as_refused() {
                 });
                 continue;
             }
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    let resp = Response::builder().status(200).body(()).expect("response");
-                    let _ = respond.send_response(resp, true);
-                }
-            });
+            tokio::spawn(serve_h2_streams(stream, |_req, mut respond| async move {
+                let resp = Response::builder().status(200).body(()).expect("response");
+                let _ = respond.send_response(resp, true);
+            }));
         }
     });
     let config = format!(
@@ -1016,28 +1018,16 @@ outbound:
 #[tokio::test]
 async fn an_oversized_streaming_body_is_a_413_not_an_upstream_failure() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     // An h2c upstream that reads the whole body before it answers.
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                        }
-                        let resp = Response::builder().status(200).body(()).expect("response");
-                        let _ = respond.send_response(resp, true);
-                    });
-                }
-            });
+    let (addr, task) = h2_upstream(|req, mut respond| async move {
+        let mut body = req.into_body();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
         }
-    });
+        let resp = Response::builder().status(200).body(()).expect("response");
+        let _ = respond.send_response(resp, true);
+    })
+    .await;
     let proxy = Proxy::start(
         &format!(
             "limits: {{max_request_body_bytes: 1000}}\noutbound: {{listeners: [{{port: {}, app_protocol: grpc}}]}}",
