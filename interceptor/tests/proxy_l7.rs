@@ -559,6 +559,76 @@ outbound:
     );
 }
 
+/// A client that declares a body and hangs up half-way through it: over HTTP/1.1 hyper's client
+/// reports that as a user error caused by the request body. It is the client's fault, so the
+/// endpoint is neither retried nor blamed (one blamed failure would eject it here), and the
+/// client gets a 400, not a 5xx.
+#[tokio::test]
+async fn a_request_body_cut_short_over_http1_is_not_retried_nor_blamed_on_the_endpoint() {
+    let app = Backend::start("app", Behaviour::Ok).await;
+    let yaml = format!(
+        r#"
+clusters:
+  - name: svc
+    endpoints: ["{}"]
+    outlier_detection: {{consecutive_errors: 1, base_ejection_time: 10m}}
+outbound:
+  listeners:
+    - port: 9080
+      virtual_hosts:
+        - name: svc
+          domains: [svc]
+          routes:
+            - route:
+                cluster: svc
+                retry_policy: {{num_retries: 2, retry_on: "reset,5xx,connect-failure", base_interval: 1ms, max_interval: 1ms}}
+"#,
+        app.addr
+    );
+    let proxy = Proxy::start(&yaml, "127.0.0.1:9080".parse().expect("addr")).await;
+    let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .expect("write head");
+    s.write_all(&[b'x'; 1000])
+        .await
+        .expect("write part of the body");
+    // Let the head and the first bytes reach the app before the client goes away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.hits() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.hits(), 1, "the request reached the app");
+    s.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    if let Some(status) = status_of(&answer) {
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+    }
+    // The proxy may still be finishing the attempt: wait for it to be counted.
+    let series =
+        "interceptor_proxy_requests_total{direction=\"Outbound\",cluster=\"svc\",code=\"400\"}";
+    while proxy.metric(series).await == 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        proxy.metric(series).await,
+        1.0,
+        "{}",
+        proxy.prometheus().await
+    );
+    assert_eq!(app.hits(), 1, "not retried");
+    assert_eq!(
+        proxy
+            .metric("interceptor_proxy_retries_total{direction=\"Outbound\",cluster=\"svc\"}")
+            .await,
+        0.0
+    );
+    let svc = cluster_json(&proxy, "svc").await;
+    assert_eq!(svc["endpoints"][0]["health"], "healthy", "{svc}");
+    assert_eq!(svc["stats"]["outlier_ejections"], 0, "{svc}");
+}
+
 #[tokio::test]
 async fn route_timeout_answers_504() {
     let slow = Backend::start("slow", Behaviour::Slow(Duration::from_secs(30))).await;
