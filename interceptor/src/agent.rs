@@ -269,7 +269,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                 daemonset: Some(ds),
                 ..
             }),
-        ) => Some((c.clone(), ds.clone())),
+        ) => Some((
+            c.clone(),
+            ds.clone(),
+            owner::OwnerWatch::start(c.clone(), ds),
+        )),
         _ => None,
     };
     let membership = Membership::join(&opts.pins)?;
@@ -363,19 +367,22 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                  (`interceptor uninstall` removes the datapath)"
                     .to_owned(),
             ),
-            Some((client, ds)) => match owner::check(client, &ds, OWNER_CHECK_TIMEOUT).await {
-                Verdict::Present => Some(format!(
-                    "DaemonSet {ds} still exists: this stop is a restart or rollout"
-                )),
-                Verdict::Unknown(err) => Some(format!(
-                    "could not ask the API about DaemonSet {ds} ({err}); keeping the pods \
-                     intercepted (`interceptor uninstall` removes the datapath)"
-                )),
-                Verdict::Uninstalling(why) => {
-                    info!(daemonset = %ds, "{why}: uninstalling from this node");
-                    None
+            Some((client, ds, watched)) => {
+                match owner::check(client, &ds, OWNER_CHECK_TIMEOUT, watched.seen()).await {
+                    Verdict::Present => Some(format!(
+                        "DaemonSet {ds} still exists: this stop is a restart or rollout"
+                    )),
+                    Verdict::Unknown(err) => Some(format!(
+                        "could not ask the API about DaemonSet {ds} ({err}) and its watch saw no \
+                     deletion; keeping the pods intercepted (`interceptor uninstall` removes the \
+                     datapath)"
+                    )),
+                    Verdict::Uninstalling(why) => {
+                        info!(daemonset = %ds, "{why}: uninstalling from this node");
+                        None
+                    }
                 }
-            },
+            }
         },
     };
     if let Some(why) = keep {

@@ -151,7 +151,7 @@ fn check(objects: &Objects) {
         rules[0].resources.as_deref(),
         Some(&["daemonsets".to_owned()][..])
     );
-    assert_eq!(rules[0].verbs, vec!["get".to_owned()]);
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
     assert_eq!(
         rules[0].resource_names.as_deref(),
         Some(std::slice::from_ref(

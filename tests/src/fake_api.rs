@@ -2,10 +2,11 @@
 //! machines. It speaks the real wire protocol the agent's kube-rs client speaks — JSON over
 //! HTTP/1.1, bearer-token auth, `resourceVersion`s, list then `?watch=true` streams of
 //! newline-delimited watch events, `allowWatchBookmarks` BOOKMARK events, `fieldSelector`
-//! (`spec.nodeName`), and `410 Gone` ERROR events for a watch from a compacted version — for
-//! the resources the agent uses: pods, namespaces (list/watch) and events.k8s.io/v1 Events
-//! (create/patch). The test is the only writer; it can end every watch, compact history, and
-//! restart the server on the same port.
+//! (`spec.nodeName`, `metadata.name`), and `410 Gone` ERROR events for a watch from a compacted
+//! version — for the resources the agent uses: pods, namespaces (list/watch), its own
+//! DaemonSet (get, list/watch) and events.k8s.io/v1 Events (create/patch). The test is the only
+//! writer; it can end every watch, compact history, restart the server on the same port, and
+//! refuse every new request with 403 (RBAC deleted) while open watches go on.
 //!
 //! Not faked: pagination (lists are returned whole; tests stay far below the client's 500-item
 //! page), label selectors, and every other resource (404, as for an unknown path).
@@ -86,6 +87,11 @@ struct State {
     lists: BTreeMap<&'static str, u64>,
     /// The highest resourceVersion sent in a BOOKMARK, per kind.
     bookmarked: BTreeMap<&'static str, u64>,
+    /// Watch events written to open watches, per kind and type ("DaemonSet", "DELETED").
+    delivered: BTreeMap<(&'static str, String), u64>,
+    /// Every new request is refused with 403 (the agent's RoleBinding deleted); open watches
+    /// go on, as the real server does not authorize a running watch again.
+    forbidden: bool,
 }
 
 struct Shared {
@@ -217,6 +223,22 @@ impl FakeApi {
     }
 
     /// Watch connections served so far.
+    /// Watch events of `kind` and `type_` written to open watches so far.
+    pub fn delivered(&self, kind: &str, type_: &str) -> u64 {
+        let s = self.shared.state.lock().expect("lock");
+        s.delivered
+            .iter()
+            .filter(|((k, t), _)| *k == kind && t == type_)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// While `on`, every new request gets 403 Forbidden, as when `helm uninstall` deletes the
+    /// agent's Role and RoleBinding right after its DaemonSet.
+    pub fn refuse_requests(&self, on: bool) {
+        self.with(|s| s.forbidden = on);
+    }
+
     pub fn watches(&self) -> u64 {
         self.shared.state.lock().expect("lock").watches
     }
@@ -420,28 +442,45 @@ fn query(req: &Request<hyper::body::Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `spec.nodeName=NODE` (or `==`); None when there is no selector. Other fields are refused as
-/// the real server refuses unsupported field labels.
-fn node_selector(q: &BTreeMap<String, String>) -> Result<Option<String>, String> {
-    let Some(sel) = q.get("fieldSelector").filter(|s| !s.is_empty()) else {
-        return Ok(None);
+/// Which objects a list or watch asks for: the path's namespace and a field selector of
+/// `spec.nodeName` and `metadata.name` terms (`=` or `==`).
+#[derive(Clone, Debug, Default)]
+struct Filter {
+    namespace: Option<String>,
+    node: Option<String>,
+    name: Option<String>,
+}
+
+/// Other field labels are refused, as the real server refuses unsupported ones.
+fn filter(namespace: Option<&str>, q: &BTreeMap<String, String>) -> Result<Filter, String> {
+    let mut out = Filter {
+        namespace: namespace.map(str::to_owned),
+        ..Filter::default()
     };
-    let mut node = None;
+    let Some(sel) = q.get("fieldSelector").filter(|s| !s.is_empty()) else {
+        return Ok(out);
+    };
     for term in sel.split(',') {
         let (field, value) = term
             .split_once("==")
             .or_else(|| term.split_once('='))
             .ok_or_else(|| format!("invalid field selector {term:?}"))?;
-        if field != "spec.nodeName" {
-            return Err(format!("field label not supported: {field}"));
+        match field {
+            "spec.nodeName" => out.node = Some(value.to_owned()),
+            "metadata.name" => out.name = Some(value.to_owned()),
+            _ => return Err(format!("field label not supported: {field}")),
         }
-        node = Some(value.to_owned());
     }
-    Ok(node)
+    Ok(out)
 }
 
-fn matches(object: &Value, node: Option<&str>) -> bool {
-    node.is_none_or(|n| object["spec"]["nodeName"].as_str() == Some(n))
+fn matches(object: &Value, filter: &Filter) -> bool {
+    let is = |field: &Value, want: &Option<String>| {
+        want.as_deref().is_none_or(|w| field.as_str() == Some(w))
+    };
+    is(&object["spec"]["nodeName"], &filter.node)
+        && is(&object["metadata"]["name"], &filter.name)
+        && is(&object["metadata"]["namespace"], &filter.namespace)
 }
 
 async fn handle(
@@ -463,13 +502,25 @@ async fn handle(
     if !authorized {
         return status(401, "Unauthorized", "Unauthorized");
     }
-    let q = query(&req);
     let path = req.uri().path().to_owned();
+    if shared.state.lock().expect("lock").forbidden {
+        return status(
+            403,
+            "Forbidden",
+            &format!("access to {path} is forbidden for this service account"),
+        );
+    }
+    let q = query(&req);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
-        (Method::GET, ["api", "v1", "pods"]) => list_or_watch(Kind::Pod, &q, shared, stop).await,
+        (Method::GET, ["api", "v1", "pods"]) => {
+            list_or_watch(Kind::Pod, None, &q, shared, stop).await
+        }
         (Method::GET, ["api", "v1", "namespaces"]) => {
-            list_or_watch(Kind::Namespace, &q, shared, stop).await
+            list_or_watch(Kind::Namespace, None, &q, shared, stop).await
+        }
+        (Method::GET, ["apis", "apps", "v1", "namespaces", ns, "daemonsets"]) => {
+            list_or_watch(Kind::DaemonSet, Some(ns), &q, shared, stop).await
         }
         (Method::GET, ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
             let key = (Kind::DaemonSet, (*ns).to_owned(), (*name).to_owned());
@@ -551,12 +602,13 @@ async fn handle(
 
 async fn list_or_watch(
     kind: Kind,
+    namespace: Option<&str>,
     q: &BTreeMap<String, String>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> Response<Body> {
-    let node = match node_selector(q) {
-        Ok(n) => n,
+    let filter = match filter(namespace, q) {
+        Ok(f) => f,
         Err(msg) => return status(400, "BadRequest", &msg),
     };
     let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
@@ -566,13 +618,13 @@ async fn list_or_watch(
         let items: Vec<Value> = s
             .objects
             .iter()
-            .filter(|((k, _, _), o)| *k == kind && matches(o, node.as_deref()))
+            .filter(|((k, _, _), o)| *k == kind && matches(o, &filter))
             .map(|(_, o)| o.clone())
             .collect();
         return json_response(
             StatusCode::OK,
             &json!({
-                "kind": format!("{}List", kind.name()), "apiVersion": "v1",
+                "kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
                 "metadata": {"resourceVersion": s.rv.to_string()},
                 "items": items,
             }),
@@ -597,7 +649,7 @@ async fn list_or_watch(
     tokio::spawn(watch_stream(
         WatchArgs {
             kind,
-            node,
+            filter,
             from,
             bookmarks,
             timeout,
@@ -620,7 +672,7 @@ async fn list_or_watch(
 
 struct WatchArgs {
     kind: Kind,
-    node: Option<String>,
+    filter: Filter,
     from: u64,
     bookmarks: bool,
     timeout: Duration,
@@ -656,9 +708,7 @@ async fn watch_stream(
                     .log
                     .iter()
                     .filter(|c| {
-                        c.rv > last
-                            && c.kind == args.kind
-                            && matches(&c.object, args.node.as_deref())
+                        c.rv > last && c.kind == args.kind && matches(&c.object, &args.filter)
                     })
                     .map(|c| json!({"type": c.type_, "object": c.object}))
                     .collect();
@@ -669,9 +719,17 @@ async fn watch_stream(
             return;
         }
         for event in out {
+            let type_ = event["type"].as_str().unwrap_or("").to_owned();
             if tx.send(line(event)).await.is_err() {
                 return;
             }
+            *shared
+                .state
+                .lock()
+                .expect("lock")
+                .delivered
+                .entry((args.kind.name(), type_))
+                .or_default() += 1;
         }
         if ended {
             return;
@@ -683,7 +741,7 @@ async fn watch_stream(
             _ = tokio::time::sleep_until(deadline) => return,
             _ = tokio::time::sleep(BOOKMARK_EVERY), if args.bookmarks => {
                 let bookmark = json!({"type": "BOOKMARK", "object": {
-                    "kind": args.kind.name(), "apiVersion": "v1",
+                    "kind": args.kind.name(), "apiVersion": args.kind.api_version(),
                     "metadata": {"resourceVersion": current.to_string()},
                 }});
                 if tx.send(line(bookmark)).await.is_err() {

@@ -269,6 +269,84 @@ fn a_deleted_daemonset_uninstalls_and_a_stop_without_one_keeps_the_datapath() {
     );
 }
 
+/// `helm uninstall` and `kubectl delete -f` delete the agent's Role, RoleBinding and
+/// ServiceAccount right after its DaemonSet, before the garbage collector stops its pods: by
+/// SIGTERM the agent's GET of its DaemonSet is refused. The agent's watch saw the deletion
+/// while it was still allowed to, so the stop still removes everything. A refusal alone (RBAC
+/// broken while the DaemonSet exists) keeps the datapath: it never takes pods out of the mesh.
+#[test]
+fn an_uninstall_that_deleted_the_agents_rbac_first_still_removes_everything() {
+    let World {
+        mut h,
+        env,
+        server: _server,
+        echo,
+    } = World::new("krbac");
+    let (pod, _) = meshed_pod(&mut h, &env, "app", &[(STATUS, "{}")], PROXY, true);
+    env.api.apply(
+        Kind::DaemonSet,
+        serde_json::json!({"metadata": {"namespace": DS_NS, "name": DS_NAME}}),
+    );
+    // Watches of the DaemonSet the agents opened.
+    let daemonset_watches = || {
+        env.api
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.starts_with(&format!("GET /apis/apps/v1/namespaces/{DS_NS}/daemonsets?"))
+                    && r.contains(&format!("fieldSelector=metadata.name%3D{DS_NAME}"))
+                    && r.contains("watch=true")
+            })
+            .count()
+    };
+    h.start_kube_agent(&env.kubeconfig, &env.node, DAEMONSET);
+    wait_entry(&h, "app", |_| true);
+    through_sidecar(&pod, &echo);
+    wait_until(WAIT, || daemonset_watches() > 0);
+
+    // RBAC broken while the DaemonSet exists: a stop is a restart.
+    env.api.refuse_requests(true);
+    assert!(h.stop_agent(), "agent exits cleanly");
+    assert!(
+        h.pin_root.exists(),
+        "a refused answer alone keeps the datapath"
+    );
+    through_sidecar(&pod, &echo);
+
+    // RBAC back, a new agent; then the uninstall: the DaemonSet deleted, at once every request
+    // refused, then SIGTERM.
+    env.api.refuse_requests(false);
+    let watched_before = daemonset_watches();
+    h.start_kube_agent(&env.kubeconfig, &env.node, DAEMONSET);
+    wait_entry(&h, "app", |_| true);
+    through_sidecar(&pod, &echo);
+    wait_until(WAIT, || daemonset_watches() > watched_before);
+    let deleted_before = env.api.delivered("DaemonSet", "DELETED");
+    env.api.delete(Kind::DaemonSet, DS_NS, DS_NAME);
+    env.api.refuse_requests(true);
+    // The deletion reaches the agent's open watch.
+    wait_until(WAIT, || {
+        env.api.delivered("DaemonSet", "DELETED") > deleted_before
+    });
+    // The agent reads the event off its socket at once; in a cluster the garbage collector's
+    // SIGTERM comes later than this.
+    std::thread::sleep(Duration::from_millis(500));
+    let refused_before = env.api.requests().len();
+    assert!(h.stop_agent(), "agent exits cleanly");
+    assert!(
+        !h.pin_root.exists(),
+        "the uninstall removed the datapath although the API refused the stopping agent"
+    );
+    direct(&pod, &echo);
+    assert!(
+        env.api.requests()[refused_before..]
+            .iter()
+            .any(|r| r == &format!("GET /apis/apps/v1/namespaces/{DS_NS}/daemonsets/{DS_NAME}")),
+        "the stopping agent asked (and was refused): {:?}",
+        env.api.requests()
+    );
+}
+
 #[test]
 fn not_ready_until_the_first_list_then_ready() {
     let mut h = Harness::new("kready");
