@@ -104,6 +104,8 @@ pub struct AgentOptions {
     pub load: LoadOptions,
     /// Leave programs attached and maps pinned on exit (interception goes on without an agent).
     pub keep_pinned: bool,
+    /// Stand by while an agent of an older ABI runs, then migrate (`--wait-for-old-agent`).
+    pub wait_for_old_agent: bool,
     /// How often pods are checked (gone namespaces, proxy listeners).
     pub reconcile_every: Duration,
     /// Learn the pods from the Kubernetes API (`--kube`).
@@ -276,8 +278,12 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         )),
         _ => None,
     };
+    tokio::pin!(shutdown);
     let membership = Membership::join(&opts.pins)?;
-    let mut datapath = Datapath::start(opts.pins.clone(), &opts.load)?;
+    let Some(mut datapath) = start_datapath(&opts, &ready, &mut shutdown).await? else {
+        stop_health.cancel();
+        return Ok(());
+    };
     if let Some(features) = &opts.features
         && let Err(err) = features.record(&opts.pins)
     {
@@ -304,7 +310,6 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     brake.check(&mut datapath.maps);
 
     let mut tick = tokio::time::interval(opts.reconcile_every);
-    tokio::pin!(shutdown);
     loop {
         // Ready once pinned and, with --kube, once the first complete list has been applied.
         if !ready.get() && controller.as_ref().is_none_or(|c| c.watch.synced()) {
@@ -395,6 +400,68 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     drop(membership);
     Ok(())
 }
+
+/// Starts the datapath; with `--wait-for-old-agent`, a migration refused because the older
+/// ABI's agent still runs is tried again every second meanwhile. During that wait this agent is
+/// ready (the old datapath serves every pod, and a rolling update with `maxSurge` stops the
+/// old pod only once the new one is ready) and touches nothing. None: stopped while waiting.
+async fn start_datapath(
+    opts: &AgentOptions,
+    ready: &health::Readiness,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<Datapath>, Error> {
+    let mut waiting_since = None;
+    let mut warned = false;
+    loop {
+        match Datapath::start(opts.pins.clone(), &opts.load) {
+            Err(bpf::Error::MigrationWhileRunning { found, pids, .. })
+                if opts.wait_for_old_agent =>
+            {
+                let since = *waiting_since.get_or_insert_with(|| {
+                    info!(
+                        found,
+                        expected = interceptor_common::ABI_VERSION,
+                        old_agents = %pids,
+                        "the pinned datapath is of an older ABI and its agent still runs: \
+                         standing by (ready; the old datapath serves) until it stops, then migrating"
+                    );
+                    // A line scripts and tests wait for.
+                    println!("interceptor agent standing by for the old agent ({pids})");
+                    ready.set(true);
+                    std::time::Instant::now()
+                });
+                if !warned && since.elapsed() >= STANDBY_WARN_AFTER {
+                    warned = true;
+                    warn!(
+                        old_agents = %pids,
+                        "still standing by for the old agent: stop it to let this one migrate \
+                         the datapath"
+                    );
+                }
+                tokio::select! {
+                    _ = &mut *shutdown => {
+                        info!("stopped while standing by: the old agent's datapath is untouched");
+                        return Ok(None);
+                    }
+                    _ = tokio::time::sleep(STANDBY_RETRY) => {}
+                }
+            }
+            Ok(datapath) => {
+                if waiting_since.is_some() {
+                    // Ready again once this agent's own first pass is done.
+                    ready.set(false);
+                }
+                return Ok(Some(datapath));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// A rollout stops the old pod within seconds of the new one's readiness; longer means
+/// something else runs an agent here.
+const STANDBY_WARN_AFTER: Duration = Duration::from_secs(120);
 
 /// How long a stopping agent waits for the API's answer about its DaemonSet.
 const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -104,6 +104,12 @@ pub struct AgentArgs {
     /// Replace pinned state written by an incompatible version instead of refusing to start.
     #[arg(long)]
     pub replace: bool,
+    /// When the pinned datapath is of an older ABI and its agent still runs (a rolling update
+    /// with `maxSurge`: the old pod leaves only once this one is ready), stand by — ready, the
+    /// old datapath serving — and migrate as soon as the old agent has stopped, instead of
+    /// exiting with an error. The chart and the manifest set it.
+    #[arg(long, env = "INTERCEPTOR_WAIT_FOR_OLD_AGENT")]
+    pub wait_for_old_agent: bool,
     /// Level of the eBPF programs' own log records.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Warn)]
     pub bpf_log_level: BpfLogLevel,

@@ -50,6 +50,7 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
             replace: args.replace,
         },
         keep_pinned: args.keep_pinned,
+        wait_for_old_agent: args.wait_for_old_agent,
         reconcile_every: cli::secs(args.reconcile_seconds.max(0.05)),
         kube,
         health_addr: args.health_addr,

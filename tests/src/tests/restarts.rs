@@ -651,6 +651,63 @@ fn a_migration_is_refused_while_the_old_agent_runs_even_with_replace() {
     assert!(echo.seen().iter().all(|s| s.peer.ip() == PASSTHROUGH));
 }
 
+/// A rolling update with `maxSurge: 1, maxUnavailable: 0` to a release of a newer ABI: the new
+/// agent starts while the old one still runs, and the old pod is stopped only once the new one
+/// is ready. Without `--wait-for-old-agent` the new agent exits (the migration is refused under
+/// a running agent), restarts, exits again, and the rollout never finishes. With it, the new
+/// agent stands by, ready, touching nothing, and migrates once the old agent has stopped —
+/// under load, with no failed request.
+#[test]
+fn a_surge_rollout_to_a_newer_abi_stands_by_then_migrates_without_a_failed_request() {
+    let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
+    let mut h = Harness::new("abisurge");
+    let (client, echo) = meshed(&mut h, &["--keep-pinned"]);
+    let old_pid = h.agent_mut().pid().expect("agent pid");
+    let load = Load::default();
+    thread::scope(|s| {
+        s.spawn(|| load.run(&client, echo.addr));
+        let _stop = StopOnDrop(&load);
+        load.wait_progress(5);
+        let release = std::mem::replace(&mut h.bin, probe.clone());
+        h.spawn_agent(&["--keep-pinned", "--wait-for-old-agent"])
+            .wait_for_line("standing by", Duration::from_secs(60))
+            .expect("the new agent stands by");
+        h.bin = release;
+        // Standing by touches nothing: the old datapath serves on.
+        load.wait_progress(5);
+        let during = h.status();
+        assert_eq!(
+            during["datapath"]["how"], "loaded",
+            "{}",
+            during["datapath"]
+        );
+        assert!(!h.pin_root.join("maps_next").exists(), "nothing staged");
+        // The rollout stops the old pod once the new one is ready.
+        assert!(h.stop_agent_at(0), "old agent {old_pid} exits cleanly");
+        h.agent_mut()
+            .wait_for_line("agent ready", Duration::from_secs(90))
+            .expect("the new agent migrates and is ready");
+        // The datapath is of the probe's ABI now: its CLI reads it from here on.
+        h.bin = probe.clone();
+        let after = h.status();
+        assert_eq!(
+            after["datapath"]["how"], "migrated",
+            "{}",
+            after["datapath"]
+        );
+        load.wait_progress(5);
+        load.stop.store(true, Ordering::Relaxed);
+    });
+    assert_clean(&load, &echo);
+    assert!(h.stop_agent(), "agent exits cleanly");
+    let out = h.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_migration_stopped_after_its_first_swap_is_finished_by_the_next_agent() {
     let probe = interceptor_lab::bins::abi_probe().expect("the abi-probe agent");
