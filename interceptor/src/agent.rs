@@ -194,7 +194,13 @@ pub fn preflight(cgroup: Option<&Path>) -> Result<(PathBuf, Features), Error> {
 struct Membership {
     lock: Flock<File>,
     pid_file: PathBuf,
+    /// Held for the agent's life on its pid file: a file nobody holds is a dead agent's, even
+    /// when its pid has been reused (`running_agents`).
+    _alive: Flock<File>,
 }
+
+/// What this build writes in its pid file; older builds left it empty (and did not lock it).
+const PID_FILE_LOCKED: &[u8] = b"locked\n";
 
 impl Membership {
     fn join(pins: &Pins) -> Result<Self, Error> {
@@ -216,9 +222,25 @@ impl Membership {
             path: path.clone(),
             source: e.into(),
         })?;
+        // Locked under a temporary name, then renamed: nobody sees it unlocked.
         let pid_file = dir.join("agents").join(std::process::id().to_string());
-        fs::write(&pid_file, b"").map_err(io("writing", &pid_file))?;
-        Ok(Self { lock, pid_file })
+        let tmp = dir
+            .join("agents")
+            .join(format!(".{}.new", std::process::id()));
+        fs::write(&tmp, PID_FILE_LOCKED).map_err(io("writing", &tmp))?;
+        let file = File::open(&tmp).map_err(io("opening", &tmp))?;
+        let alive =
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| Error::Io {
+                what: "locking",
+                path: tmp.clone(),
+                source: e.into(),
+            })?;
+        fs::rename(&tmp, &pid_file).map_err(io("renaming", &tmp))?;
+        Ok(Self {
+            lock,
+            pid_file,
+            _alive: alive,
+        })
     }
 
     /// Whether no other agent holds the instance (turns our shared lock into an exclusive one).
@@ -234,18 +256,42 @@ impl Drop for Membership {
     }
 }
 
-/// Pids of the agents currently running on this instance.
+/// Pids of the agents currently running on this instance. A pid file is left behind by an
+/// agent that was killed (SIGKILL, OOM), and its pid can be reused by anything: this build's
+/// files are live while locked; an older build's (empty, never locked) while its pid runs an
+/// `interceptor … agent` command line.
 pub fn running_agents(pins: &Pins) -> Vec<u32> {
     let Ok(dir) = fs::read_dir(pins.run_dir().join("agents")) else {
         return Vec::new();
     };
     let mut pids: Vec<u32> = dir
         .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .filter(|(pid, path)| agent_alive(*pid, path))
+        .map(|(pid, _)| pid)
         .collect();
     pids.sort_unstable();
     pids
+}
+
+fn agent_alive(pid: u32, pid_file: &Path) -> bool {
+    let Ok(file) = File::open(pid_file) else {
+        return false;
+    };
+    let mut head = [0; PID_FILE_LOCKED.len()];
+    let n = std::io::Read::read(&mut &file, &mut head).unwrap_or(0);
+    if &head[..n] == PID_FILE_LOCKED {
+        // Ours: live exactly while its agent holds the lock (the probe's lock, if it is taken,
+        // goes with `file` at once).
+        return Flock::lock(file, FlockArg::LockSharedNonblock).is_err();
+    }
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|&b| b == 0);
+    let program = args.next().unwrap_or_default();
+    let name = program.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    name.starts_with(b"interceptor") && args.any(|a| a == b"agent")
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -265,6 +311,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     };
     // Kept to ask, at stop time, whether the stop is an uninstall.
     let owner_check = match (&client, &opts.kube) {
+        // --keep-pinned never uninstalls: nothing to ask.
+        _ if opts.keep_pinned => None,
         (
             Some(c),
             Some(KubeOptions {
@@ -281,7 +329,12 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     tokio::pin!(shutdown);
     let membership = Membership::join(&opts.pins)?;
     let Some(mut datapath) = start_datapath(&opts, &ready, &mut shutdown).await? else {
+        // Stopped while standing by: an uninstall (both pods of a surge stopped at once) is
+        // still one; the old agent, if it is still there, decides instead (`last_one`).
         stop_health.cancel();
+        if exit_decision(&opts, owner_check).await.is_none() && membership.last_one() {
+            uninstall(&opts.pins)?;
+        }
         return Ok(());
     };
     if let Some(features) = &opts.features
@@ -363,33 +416,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     }
     let pins = datapath.pins.clone();
     drop(datapath);
-    let keep = match (opts.keep_pinned, &opts.kube) {
-        (true, _) => Some("--keep-pinned".to_owned()),
-        (false, None) => None,
-        (false, Some(_)) => match owner_check {
-            None => Some(
-                "Kubernetes mode without --daemonset: a stop is never an uninstall \
-                 (`interceptor uninstall` removes the datapath)"
-                    .to_owned(),
-            ),
-            Some((client, ds, watched)) => {
-                match owner::check(client, &ds, OWNER_CHECK_TIMEOUT, watched.seen()).await {
-                    Verdict::Present => Some(format!(
-                        "DaemonSet {ds} still exists: this stop is a restart or rollout"
-                    )),
-                    Verdict::Unknown(err) => Some(format!(
-                        "could not ask the API about DaemonSet {ds} ({err}) and its watch saw no \
-                     deletion; keeping the pods intercepted (`interceptor uninstall` removes the \
-                     datapath)"
-                    )),
-                    Verdict::Uninstalling(why) => {
-                        info!(daemonset = %ds, "{why}: uninstalling from this node");
-                        None
-                    }
-                }
-            }
-        },
-    };
+    let keep = exit_decision(&opts, owner_check).await;
     if let Some(why) = keep {
         info!(root = %pins.root().display(), "keeping the datapath pinned and attached: {why}");
     } else if membership.last_one() {
@@ -401,6 +428,40 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
+/// Why this stop keeps the datapath; None: it is an uninstall.
+async fn exit_decision(
+    opts: &AgentOptions,
+    owner_check: Option<(kube::Client, owner::DaemonSetRef, owner::OwnerWatch)>,
+) -> Option<String> {
+    match (opts.keep_pinned, &opts.kube) {
+        (true, _) => Some("--keep-pinned".to_owned()),
+        (false, None) => None,
+        (false, Some(_)) => match owner_check {
+            None => Some(
+                "Kubernetes mode without --daemonset: a stop is never an uninstall \
+                 (`interceptor uninstall` removes the datapath)"
+                    .to_owned(),
+            ),
+            Some((client, ds, watched)) => {
+                match owner::check(client, &ds, OWNER_CHECK_TIMEOUT, Some(&watched)).await {
+                    Verdict::Present => Some(format!(
+                        "DaemonSet {ds} still exists: this stop is a restart or rollout"
+                    )),
+                    Verdict::Unknown(err) => Some(format!(
+                        "could not ask the API about DaemonSet {ds} ({err}) and its watch saw no \
+                         deletion; keeping the pods intercepted (`interceptor uninstall` removes \
+                         the datapath)"
+                    )),
+                    Verdict::Uninstalling(why) => {
+                        info!(daemonset = %ds, "{why}: uninstalling from this node");
+                        None
+                    }
+                }
+            }
+        },
+    }
+}
+
 /// Starts the datapath; with `--wait-for-old-agent`, a migration refused because the older
 /// ABI's agent still runs is tried again every second meanwhile. During that wait this agent is
 /// ready (the old datapath serves every pod, and a rolling update with `maxSurge` stops the
@@ -410,50 +471,63 @@ async fn start_datapath(
     ready: &health::Readiness,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<Datapath>, Error> {
-    let mut waiting_since = None;
+    let mut waiting_since: Option<std::time::Instant> = None;
     let mut warned = false;
+    let others_run = || {
+        running_agents(&opts.pins)
+            .into_iter()
+            .any(|pid| pid != std::process::id())
+    };
     loop {
-        match Datapath::start(opts.pins.clone(), &opts.load) {
-            Err(bpf::Error::MigrationWhileRunning { found, pids, .. })
-                if opts.wait_for_old_agent =>
-            {
-                let since = *waiting_since.get_or_insert_with(|| {
-                    info!(
-                        found,
-                        expected = interceptor_common::ABI_VERSION,
-                        old_agents = %pids,
-                        "the pinned datapath is of an older ABI and its agent still runs: \
-                         standing by (ready; the old datapath serves) until it stops, then migrating"
-                    );
-                    // A line scripts and tests wait for.
-                    println!("interceptor agent standing by for the old agent ({pids})");
-                    ready.set(true);
-                    std::time::Instant::now()
-                });
-                if !warned && since.elapsed() >= STANDBY_WARN_AFTER {
-                    warned = true;
-                    warn!(
-                        old_agents = %pids,
-                        "still standing by for the old agent: stop it to let this one migrate \
-                         the datapath"
-                    );
-                }
-                tokio::select! {
-                    _ = &mut *shutdown => {
-                        info!("stopped while standing by: the old agent's datapath is untouched");
-                        return Ok(None);
+        // While standing by, start again (and so run `migrate::recover`, which renames staged
+        // pins) only once the old agent is gone.
+        let standing_by = waiting_since.is_some() && others_run();
+        if !standing_by {
+            match Datapath::start(opts.pins.clone(), &opts.load) {
+                Err(bpf::Error::MigrationWhileRunning { found, pids, .. })
+                    if opts.wait_for_old_agent =>
+                {
+                    if waiting_since.is_none() {
+                        info!(
+                            found,
+                            expected = interceptor_common::ABI_VERSION,
+                            old_agents = %pids,
+                            "the pinned datapath is of an older ABI and its agent still runs: \
+                             standing by (ready; the old datapath serves) until it stops, then \
+                             migrating"
+                        );
+                        // A line scripts and tests wait for.
+                        println!("interceptor agent standing by for the old agent ({pids})");
+                        ready.set(true);
+                        waiting_since = Some(std::time::Instant::now());
                     }
-                    _ = tokio::time::sleep(STANDBY_RETRY) => {}
                 }
-            }
-            Ok(datapath) => {
-                if waiting_since.is_some() {
-                    // Ready again once this agent's own first pass is done.
-                    ready.set(false);
+                Ok(datapath) => {
+                    if waiting_since.is_some() {
+                        // Ready again once this agent's own first pass is done.
+                        ready.set(false);
+                    }
+                    return Ok(Some(datapath));
                 }
-                return Ok(Some(datapath));
+                Err(err) => return Err(err.into()),
             }
-            Err(err) => return Err(err.into()),
+        }
+        if !warned && waiting_since.is_some_and(|t| t.elapsed() >= STANDBY_WARN_AFTER) {
+            warned = true;
+            // A rollout stops the old pod within seconds of this one's readiness: not ready
+            // any more, so that a rollout stalls where it can be seen.
+            ready.set(false);
+            warn!(
+                "still standing by for the old agent after {STANDBY_WARN_AFTER:?}: not ready; \
+                 stop it to let this one migrate the datapath"
+            );
+        }
+        tokio::select! {
+            _ = &mut *shutdown => {
+                info!("stopped while standing by: the old agent's datapath is untouched");
+                return Ok(None);
+            }
+            _ = tokio::time::sleep(STANDBY_RETRY) => {}
         }
     }
 }
@@ -461,7 +535,7 @@ async fn start_datapath(
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// A rollout stops the old pod within seconds of the new one's readiness; longer means
 /// something else runs an agent here.
-const STANDBY_WARN_AFTER: Duration = Duration::from_secs(120);
+const STANDBY_WARN_AFTER: Duration = Duration::from_secs(600);
 
 /// How long a stopping agent waits for the API's answer about its DaemonSet.
 const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);

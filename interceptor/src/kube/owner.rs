@@ -129,7 +129,15 @@ impl OwnerWatch {
                 };
                 let before = tx.send_replace(now);
                 if before != now && matches!(now, Seen::Deleting | Seen::Gone) {
-                    info!(daemonset = %owner, seen = ?now, "the DaemonSet is being deleted or gone: the next stop uninstalls");
+                    info!(
+                        daemonset = %owner,
+                        seen = ?now,
+                        "the DaemonSet is being deleted or gone: the next stop uninstalls"
+                    );
+                    // A line scripts and tests wait for.
+                    println!(
+                        "interceptor agent: DaemonSet {owner} {now:?}: the next stop uninstalls"
+                    );
                 }
             }
         });
@@ -139,6 +147,16 @@ impl OwnerWatch {
     pub fn seen(&self) -> Seen {
         *self.seen.borrow()
     }
+
+    /// What the watch sees within `timeout`, returning early at a deletion.
+    async fn deletion_within(&self, timeout: Duration) -> Seen {
+        let mut seen = self.seen.clone();
+        let deleted = |s: &Seen| matches!(s, Seen::Deleting | Seen::Gone);
+        match tokio::time::timeout(timeout, seen.wait_for(deleted)).await {
+            Ok(Ok(s)) => *s,
+            _ => self.seen(),
+        }
+    }
 }
 
 impl Drop for OwnerWatch {
@@ -147,12 +165,15 @@ impl Drop for OwnerWatch {
     }
 }
 
-/// Asks the API, for at most `timeout`; when it does not answer, goes by what the watch saw.
+/// Asks the API, for at most `timeout`; when it does not answer, goes by what the watch sees,
+/// waiting up to `REFUSED_WAIT` for a deletion: a refusal is itself a hint that an uninstall is
+/// under way (`kubectl delete -f` can delete the namespace's RBAC and pods before the
+/// DaemonSet).
 pub async fn check(
     client: Client,
     owner: &DaemonSetRef,
     timeout: Duration,
-    watched: Seen,
+    watched: Option<&OwnerWatch>,
 ) -> Verdict {
     let api: Api<DaemonSet> = Api::namespaced(client, &owner.namespace);
     let failed = match tokio::time::timeout(timeout, api.get_opt(&owner.name)).await {
@@ -164,8 +185,16 @@ pub async fn check(
         }
         Ok(Ok(Some(_))) => return Verdict::Present,
     };
-    decide_without_answer(failed, watched)
+    let seen = match watched {
+        Some(w) => w.deletion_within(REFUSED_WAIT).await,
+        None => Seen::Nothing,
+    };
+    decide_without_answer(failed, seen)
 }
+
+/// How long a stop whose question failed waits for the watch to see a deletion (well inside
+/// Kubernetes' 30 s grace period, with the 5 s question before it).
+const REFUSED_WAIT: Duration = Duration::from_secs(5);
 
 /// The API refused or did not answer: an uninstall only if the watch saw the deletion.
 fn decide_without_answer(failed: String, watched: Seen) -> Verdict {

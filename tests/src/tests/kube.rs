@@ -328,9 +328,9 @@ fn an_uninstall_that_deleted_the_agents_rbac_first_still_removes_everything() {
     wait_until(WAIT, || {
         env.api.delivered("DaemonSet", "DELETED") > deleted_before
     });
-    // The agent reads the event off its socket at once; in a cluster the garbage collector's
-    // SIGTERM comes later than this.
-    std::thread::sleep(Duration::from_millis(500));
+    h.agent_mut()
+        .wait_for_line("the next stop uninstalls", WAIT)
+        .expect("the agent saw the deletion");
     let refused_before = env.api.requests().len();
     assert!(h.stop_agent(), "agent exits cleanly");
     assert!(
