@@ -21,6 +21,10 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 // 16 MB "sane default" taken from golang http2
 const DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE: usize = 16 << 20;
 
+/// Patched (third_party/h2/PATCHES.md): the read buffer starts at this size
+/// and grows on demand; before each read there is at least half of it free.
+pub(super) const INITIAL_READ_CAPACITY: usize = 1_024;
+
 #[derive(Debug)]
 pub struct FramedRead<T> {
     inner: InnerFramedRead<T, LengthDelimitedCodec>,
@@ -421,6 +425,12 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
+            // Patched: tokio-util reserves a single byte before reading, so a
+            // small buffer's last few free bytes would make a read of their size.
+            let buf = self.inner.read_buffer_mut();
+            if buf.capacity() - buf.len() < INITIAL_READ_CAPACITY / 2 {
+                buf.reserve(INITIAL_READ_CAPACITY);
+            }
             let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),

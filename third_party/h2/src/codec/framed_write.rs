@@ -60,10 +60,15 @@ enum Next<B> {
     Continuation(frame::Continuation),
 }
 
-/// Initialize the connection with this amount of write buffer.
+/// Buffer up to this much before flushing.
 ///
 /// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
 /// frame that big.
+///
+/// Patched (third_party/h2/PATCHES.md): this is no longer allocated up front.
+/// The buffer starts empty and grows as frames are encoded into it (`BytesMut`
+/// reserves on every write); `has_capacity` measures against this limit, so
+/// frames are batched exactly as before.
 const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
@@ -93,7 +98,7 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -307,9 +312,10 @@ where
     }
 
     fn has_capacity(&self) -> bool {
-        self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+        // Patched: the buffer grows on demand, so what matters is the limit,
+        // or the capacity if a large frame already grew it past that.
+        let capacity = self.buf.get_ref().capacity().max(DEFAULT_BUFFER_CAPACITY);
+        self.next.is_none() && (capacity - self.buf.get_ref().len() >= self.min_buffer_capacity)
     }
 
     fn is_empty(&self) -> bool {

@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::length_delimited;
+use tokio_util::codec::FramedRead as InnerFramedRead;
 
 use std::io;
 
@@ -42,12 +43,18 @@ where
         let framed_write = FramedWrite::new(io);
 
         // Delimit the frames
-        let delimited = length_delimited::Builder::new()
+        let codec = length_delimited::Builder::new()
             .big_endian()
             .length_field_length(3)
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
-            .new_read(framed_write);
+            .new_codec();
+
+        // Patched (third_party/h2/PATCHES.md): a small read buffer rather than
+        // tokio-util's 8 KiB; `FramedRead::poll_next` keeps room for a useful
+        // read and the length-delimited codec reserves each frame's length.
+        let delimited =
+            InnerFramedRead::with_capacity(framed_write, codec, framed_read::INITIAL_READ_CAPACITY);
 
         let mut inner = FramedRead::new(delimited);
 

@@ -158,7 +158,9 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Patched (third_party/h2/PATCHES.md): allocated by the first
+            // Huffman-coded string, `huffman::decode` reserves what it needs.
+            buffer: BytesMut::new(),
         }
     }
 
