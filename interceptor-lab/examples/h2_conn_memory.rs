@@ -3,7 +3,10 @@
 //! only, and the net count per allocation size, while N h2c client connections each make one
 //! gRPC call and stay open. The clients and the upstream app run on untracked threads.
 //!
-//!     cargo run --release -p interceptor-lab --example h2_conn_memory -- hyper|h2|proxy [N]
+//!     cargo run --release -p interceptor-lab --example h2_conn_memory -- hyper|h2|proxy [N] [BYTES]
+//!
+//! BYTES is the gRPC message each connection sends (and gets back) before going idle: 64 as the
+//! benchmark does by default, larger to see what a connection keeps after a burst.
 //!
 //! `hyper`: the benchmark's gRPC app (tonic on hyper's h2 server); `h2`: the same echo on the
 //! h2 crate alone; `proxy`: the sidecar proxy in front of the `hyper` app.
@@ -101,10 +104,11 @@ fn untracked_runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// One gRPC message of 64 bytes, as the benchmark sends.
-fn grpc_message() -> Bytes {
-    let mut msg = vec![0u8, 0, 0, 0, 64];
-    msg.extend_from_slice(&[b'x'; 64]);
+/// One gRPC message of `len` bytes (the benchmark sends 64).
+fn grpc_message(len: u32) -> Bytes {
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(&len.to_be_bytes());
+    msg.resize(5 + len as usize, b'x');
     Bytes::from(msg)
 }
 
@@ -120,6 +124,7 @@ fn main() -> Result<()> {
     let mut argv = std::env::args().skip(1);
     let mode = argv.next().unwrap_or_else(|| "hyper".into());
     let n: usize = argv.next().map_or(Ok(1000), |s| s.parse())?;
+    let message_len: u32 = argv.next().map_or(Ok(64), |s| s.parse())?;
     let clients = untracked_runtime()?;
     let app = free_addr()?;
     let target = match mode.as_str() {
@@ -193,7 +198,7 @@ fn main() -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let message = grpc_message();
+        let message = grpc_message(message_len);
         let mut warm = Vec::new();
         for _ in 0..16 {
             warm.push(idle_connection(target, &message).await?);
@@ -207,7 +212,9 @@ fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (live1, sizes1) = snapshot();
         let per = (live1 - live0) as f64 / n as f64;
-        println!("{mode}: {per:.0} bytes live per idle h2 connection (n = {n})");
+        println!(
+            "{mode}: {per:.0} bytes live per idle h2 connection (n = {n}, {message_len} B message)"
+        );
         println!("  size (bytes) x allocations per connection, net:");
         let mut rows: Vec<(usize, f64)> = sizes0
             .iter()
