@@ -54,6 +54,14 @@ struct Keyed {
 }
 
 impl Tables {
+    /// Ids that have ports or ranges.
+    pub(super) fn pods(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_pod
+            .iter()
+            .filter(|(_, k)| !(k.ports.is_empty() && k.excluded.is_empty() && k.included.is_empty()))
+            .map(|(id, _)| *id)
+    }
+
     pub(super) fn add_port(&mut self, pod: u32, rule: PortRule) {
         let ports = &mut self.by_pod.entry(pod).or_default().ports;
         // One rule per (port, direction): the map's key.
