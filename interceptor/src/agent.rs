@@ -409,10 +409,7 @@ pub async fn run(
         info!("another agent still uses the datapath; leaving it attached");
     }
     drop(membership);
-    info!(
-        seconds = stopping.elapsed().as_secs_f64(),
-        "agent stopped"
-    );
+    info!(seconds = stopping.elapsed().as_secs_f64(), "agent stopped");
     Ok(())
 }
 

@@ -277,7 +277,9 @@ impl<'a> Registry<'a> {
 
     /// Whether the holder was asked to stop (see [`Registry::until`]).
     pub fn stopping(&self) -> bool {
-        self.stop.as_ref().is_some_and(CancellationToken::is_cancelled)
+        self.stop
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
     }
 
     /// Starts (or updates) interception of the pod whose network namespace is `netns`.
@@ -433,7 +435,10 @@ impl<'a> Registry<'a> {
         let mut owners = NetnsOwners::default();
         for (id, info) in infos {
             if self.stopping() {
-                debug!(removed = gone.len(), "stopping: the rest of the pass is left undone");
+                debug!(
+                    removed = gone.len(),
+                    "stopping: the rest of the pass is left undone"
+                );
                 break;
             }
             if held

@@ -576,7 +576,11 @@ fn detach_pods(pins: &Pins) {
     for (done, pod) in pods.iter().enumerate() {
         let _ = fs::remove_dir_all(pod);
         if said.elapsed() >= std::time::Duration::from_secs(1) {
-            info!(done = done + 1, of = pods.len(), "detaching the pods' sk_lookup links");
+            info!(
+                done = done + 1,
+                of = pods.len(),
+                "detaching the pods' sk_lookup links"
+            );
             said = std::time::Instant::now();
         }
     }

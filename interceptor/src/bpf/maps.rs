@@ -274,8 +274,7 @@ impl Maps {
     /// `LISTENERS_FRESH` old (a proxy may have listened since).
     pub fn has_listener(&self, cookie: u64) -> bool {
         use std::os::fd::AsFd as _;
-        if let Ok(found) =
-            super::sys::holds_key(self.listeners.fd().as_fd(), &cookie.to_ne_bytes())
+        if let Ok(found) = super::sys::holds_key(self.listeners.fd().as_fd(), &cookie.to_ne_bytes())
         {
             return found;
         }
@@ -536,7 +535,8 @@ impl Maps {
     /// one read of the tables. Returns how many pods had some.
     pub fn drop_orphan_rows(&mut self) -> usize {
         let live: HashSet<u32> = self.pod_ids().into_iter().collect();
-        let orphans_in = |t: &Tables| -> Vec<u32> { t.pods().filter(|id| !live.contains(id)).collect() };
+        let orphans_in =
+            |t: &Tables| -> Vec<u32> { t.pods().filter(|id| !live.contains(id)).collect() };
         let orphans = self
             .with_session(|s| orphans_in(s.rows.get_or_insert_with(|| self.read_tables())))
             .unwrap_or_else(|| orphans_in(&self.read_tables()));

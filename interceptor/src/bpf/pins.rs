@@ -165,7 +165,10 @@ fn is_bpffs_mount(path: &Path) -> bool {
     let bpffs = nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type().0 == super::features::BPF_FS_MAGIC);
     bpffs
-        && match (std::fs::metadata(path), path.parent().map(std::fs::metadata)) {
+        && match (
+            std::fs::metadata(path),
+            path.parent().map(std::fs::metadata),
+        ) {
             (Ok(own), Some(Ok(parent))) => own.dev() != parent.dev(),
             _ => true,
         }

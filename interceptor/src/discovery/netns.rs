@@ -351,7 +351,10 @@ impl NetnsOwners {
                 let mut by_ns = HashMap::new();
                 let procs = std::fs::read_dir("/proc").into_iter().flatten();
                 for e in procs.filter_map(Result::ok) {
-                    if e.file_name().to_str().is_none_or(|n| n.parse::<i32>().is_err()) {
+                    if e.file_name()
+                        .to_str()
+                        .is_none_or(|n| n.parse::<i32>().is_err())
+                    {
                         continue;
                     }
                     let path = e.path().join("ns/net");
@@ -365,4 +368,3 @@ impl NetnsOwners {
             .cloned()
     }
 }
-

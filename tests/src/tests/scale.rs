@@ -310,7 +310,7 @@ fn rows_left_under_a_free_id_go_when_the_agent_starts() {
         Maps, Pins,
         maps::{PodRows, PortRule},
     };
-    use interceptor_common::pod::{DIR_OUTBOUND, PORT_EXCLUDE, POD_NAME_LEN, PodInfo};
+    use interceptor_common::pod::{DIR_OUTBOUND, POD_NAME_LEN, PORT_EXCLUDE, PodInfo};
 
     let _churn = crate::namespace_churn();
     let mut h = Harness::new("orphans");
@@ -342,12 +342,24 @@ fn rows_left_under_a_free_id_go_when_the_agent_starts() {
         maps.restore_pod(id, &info, None, &stale);
         maps.remove_pod_info(id);
     }
-    assert_eq!(entries(&h.status(), "POD_PORTS"), 2, "the stale rows are in");
+    assert_eq!(
+        entries(&h.status(), "POD_PORTS"),
+        2,
+        "the stale rows are in"
+    );
 
     h.start_agent(&[]);
     let status = h.status();
-    assert_eq!(entries(&status, "POD_PORTS"), 0, "gone at the agent's start");
-    assert_eq!(entries(&status, "CIDR_EXCLUDE"), 0, "gone at the agent's start");
+    assert_eq!(
+        entries(&status, "POD_PORTS"),
+        0,
+        "gone at the agent's start"
+    );
+    assert_eq!(
+        entries(&status, "CIDR_EXCLUDE"),
+        0,
+        "gone at the agent's start"
+    );
 
     let crowd = Crowd::new(&h.lab.name, 1);
     let out = h.cli(&["pod", "enable", "--netns", &crowd.names[0], "--json"]);
@@ -363,9 +375,15 @@ fn rows_left_under_a_free_id_go_when_the_agent_starts() {
     let status = h.status();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], 1, "the free id");
-    assert_eq!(enabled, listed[0], "what enable returned is what list reads back");
+    assert_eq!(
+        enabled, listed[0],
+        "what enable returned is what list reads back"
+    );
     let spec = listed[0]["spec"].to_string();
-    assert!(!spec.contains("4444") && !spec.contains("198.18.77"), "{spec}");
+    assert!(
+        !spec.contains("4444") && !spec.contains("198.18.77"),
+        "{spec}"
+    );
     let rows = entries(&status, "POD_PORTS");
     assert!(rows > 0, "its own rows");
     drop(maps);

@@ -58,7 +58,9 @@ impl Tables {
     pub(super) fn pods(&self) -> impl Iterator<Item = u32> + '_ {
         self.by_pod
             .iter()
-            .filter(|(_, k)| !(k.ports.is_empty() && k.excluded.is_empty() && k.included.is_empty()))
+            .filter(|(_, k)| {
+                !(k.ports.is_empty() && k.excluded.is_empty() && k.included.is_empty())
+            })
             .map(|(id, _)| *id)
     }
 
@@ -219,7 +221,10 @@ mod tests {
         let stored = written.as_stored();
         assert_eq!(stored, t.rows(3, 42));
         assert_eq!(stored.ports, vec![rule(80, 2), rule(9000, 2)]);
-        assert_eq!(stored.excluded, vec![r("10.0.0.0", 8), r("192.168.0.0", 16)]);
+        assert_eq!(
+            stored.excluded,
+            vec![r("10.0.0.0", 8), r("192.168.0.0", 16)]
+        );
     }
 
     #[test]
