@@ -51,6 +51,9 @@ enum Command {
     /// and without thousands of filler namespaces (enabled or not): the scale benchmark's
     /// 16-vs-33 µs connect() rounds.
     BenchConnect(bench::scale::connectlat::ConnectLatArgs),
+    /// Filler pods (as `bench-scale` enables them) on a running agent's datapath, held until
+    /// stdin closes: for profiling the agent and `pod` commands at node scale by hand.
+    ScaleFillers(bench::scale::FillerArgs),
     /// Small applications the demo, the tests and the benchmarks run inside pods.
     #[command(subcommand)]
     Testapp(TestappCommand),
@@ -224,6 +227,7 @@ fn run(command: Command) -> Result<()> {
             eprintln!("wrote {}", dir.display());
             Ok(())
         }
+        Command::ScaleFillers(args) => bench::scale::hold_fillers(&args),
         Command::Testapp(cmd) => testapp_command(cmd),
         Command::Proxy { fixed_dst, args } => {
             interceptor::commands::proxy::run_with(*args, Some(Arc::new(FixedDst(fixed_dst))))

@@ -28,6 +28,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use tokio::{task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::{
@@ -186,12 +187,12 @@ impl PodController {
     /// One pass: every pod of the snapshot to its decided state, and every Kubernetes entry of
     /// the registry that no pod wants removed. Does nothing before the first complete list (an
     /// empty store would look like "every pod is gone").
-    pub fn reconcile(&mut self, pins: &Pins, maps: &mut Maps) {
-        if !self.watch.synced() {
+    pub fn reconcile(&mut self, pins: &Pins, maps: &mut Maps, stop: &CancellationToken) {
+        if !self.watch.synced() || stop.is_cancelled() {
             return;
         }
         let mut registry = match Registry::lock(pins, maps) {
-            Ok(r) => r,
+            Ok(r) => r.until(stop),
             Err(err) => {
                 warn!(%err, "cannot lock the pod registry");
                 return;
@@ -253,6 +254,11 @@ impl PodController {
             (MetricState::Invalid, 0),
         ];
         for (pod, uid, name, decision) in &decided {
+            if registry.stopping() {
+                // The agent is stopping: the pods not reached yet are the next agent's.
+                info!("stopping: the rest of the pass is left to the next agent");
+                return;
+            }
             let pod: &Pod = pod;
             let state = self.pods.entry(uid.clone()).or_default();
             state.name.clone_from(name);

@@ -24,6 +24,7 @@ use interceptor_common::{
 };
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::spec::PodSpec;
@@ -39,7 +40,7 @@ use crate::{
     discovery::{
         held::HeldNamespaces,
         listeners,
-        netns::{self, Netns},
+        netns::{self, Netns, NetnsOwners},
     },
     iptables::{self, Backend},
 };
@@ -209,6 +210,8 @@ pub struct Registry<'a> {
     pins: &'a Pins,
     maps: &'a mut Maps,
     _lock: Flock<File>,
+    /// Cancelled when the agent stops: a pass over every pod ends between two pods.
+    stop: Option<CancellationToken>,
 }
 
 impl<'a> Registry<'a> {
@@ -259,7 +262,24 @@ impl<'a> Registry<'a> {
             pins,
             maps,
             _lock: lock,
+            stop: None,
         })
+    }
+
+    /// Passes over every pod (`collect_gone_held`, listener resolution) end early, between two
+    /// pods, once `stop` is cancelled: what they leave is the next pass's (or the next
+    /// agent's) to do. An agent asked to stop in the middle of a pass over 10 000 pods
+    /// otherwise finished the pass first.
+    pub fn until(mut self, stop: &CancellationToken) -> Self {
+        self.stop = Some(stop.clone());
+        self
+    }
+
+    /// Whether the holder was asked to stop (see [`Registry::until`]).
+    pub fn stopping(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
     }
 
     /// Starts (or updates) interception of the pod whose network namespace is `netns`.
@@ -301,6 +321,7 @@ impl<'a> Registry<'a> {
             )),
             _ => None,
         };
+        let fresh = existing.is_none();
         let id = match existing {
             Some((id, info)) if info.mode == MODE_IPTABLES => {
                 // Switching modes: the pod's iptables rules go before the datapath takes over.
@@ -316,7 +337,13 @@ impl<'a> Registry<'a> {
         let config = datapath::pod_config(id, spec, &addresses);
         let rows = datapath::pod_rows(spec, &addresses, &proxy_ports);
         let info = pod_info(cookie, netns, source, &name, MODE_EBPF, 0);
-        if let Err(source) = self.maps.write_pod(id, &info, &config, &rows) {
+        // A free id has no rows to replace (see `Maps::write_new_pod`).
+        let written = if fresh {
+            self.maps.write_new_pod(id, &info, &config, &rows)
+        } else {
+            self.maps.write_pod(id, &info, &config, &rows)
+        };
+        if let Err(source) = written {
             let err = Error::MapWrite {
                 map: source.map,
                 pod: name.clone(),
@@ -354,7 +381,26 @@ impl<'a> Registry<'a> {
             bpf::attach::detach_pod(self.pins, id)?;
         }
         info!(pod = %name, id, ?addresses, inbound, outbound = spec.outbound, "pod enabled");
-        self.entry(id)
+        // What was just written is the pod's rows (write_pod drops the rest): no read of every
+        // pod's rows to say so.
+        Ok(ebpf_entry(
+            id,
+            &info,
+            Some(config),
+            rows.as_stored(),
+            self.maps.pod_listener(id, ListenerFamily::V4),
+            |cookie| self.maps.has_listener(cookie),
+        ))
+    }
+
+    /// Deletes rows left under ids no pod holds by a writer that died part-way, in an older
+    /// build's order (rows before the identity record). The agent does it once at start; see
+    /// `Maps::write_new_pod`.
+    pub fn drop_orphan_rows(&mut self) {
+        let n = self.maps.drop_orphan_rows();
+        if n > 0 {
+            info!(ids = n, "removed rows left under ids no pod holds");
+        }
     }
 
     /// Stops interception of a pod and removes everything it had in the maps.
@@ -385,9 +431,20 @@ impl<'a> Registry<'a> {
         let infos = self.infos();
         let ids: std::collections::HashSet<u32> = infos.iter().map(|(id, _)| *id).collect();
         held.retain(|id| ids.contains(&id));
+        // One walk of /proc for every pod whose name no longer resolves, not one each.
+        let mut owners = NetnsOwners::default();
         for (id, info) in infos {
+            if self.stopping() {
+                debug!(
+                    removed = gone.len(),
+                    "stopping: the rest of the pass is left undone"
+                );
+                break;
+            }
             if held
-                .locate(id, &info, primary_path(&info), || locate(&info))
+                .locate(id, &info, primary_path(&info), &mut owners, |owners| {
+                    locate_with(&info, owners)
+                })
                 .is_none()
             {
                 let entry = self.entry(id)?;
@@ -425,6 +482,9 @@ impl<'a> Registry<'a> {
             self.maps.pod_listeners(ListenerFamily::V6),
         );
         for (id, info) in self.infos() {
+            if self.stopping() {
+                break;
+            }
             let inbound = configs
                 .get(&info.netns_cookie)
                 .is_some_and(|c| c.flags & POD_INBOUND != 0);
@@ -754,12 +814,20 @@ fn primary_path(info: &PodInfo) -> Option<PathBuf> {
 }
 
 pub fn locate(info: &PodInfo) -> Option<PathBuf> {
+    locate_with(info, &mut NetnsOwners::default())
+}
+
+/// As [`locate`], with the processes' namespaces of a pass (`owners`: one walk of /proc for
+/// all the pods it is asked about).
+fn locate_with(info: &PodInfo, owners: &mut NetnsOwners) -> Option<PathBuf> {
     let same = |p: &PathBuf| {
         Netns::open(p).is_ok_and(|ns| ns.is(info.netns_dev, info.netns_ino, info.netns_cookie))
     };
-    primary_path(info)
-        .filter(same)
-        .or_else(|| netns::find_by_identity(info.netns_dev, info.netns_ino, info.netns_cookie))
+    primary_path(info).filter(same).or_else(|| {
+        owners
+            .find(info.netns_dev, info.netns_ino)
+            .filter(|p| same(p))
+    })
 }
 
 fn display_name(source: &PodSource) -> String {

@@ -237,6 +237,27 @@ impl Rig {
         &self.exe
     }
 
+    /// Stops the agent (SIGTERM; SIGKILL after `grace`) and starts another with `extra`
+    /// (the arguments `new` takes). Returns how long the old one took from SIGTERM to its exit
+    /// and whether it exited by itself within `grace`.
+    pub fn restart_agent(&mut self, extra: &[String], grace: Duration) -> Result<(Duration, bool)> {
+        let (took, clean) = self.stop_agent(grace);
+        self.start_agent(extra)?;
+        Ok((took, clean))
+    }
+
+    /// Stops the agent (SIGTERM; SIGKILL after `grace`): how long from SIGTERM to its exit,
+    /// and whether it exited by itself within `grace`.
+    pub fn stop_agent(&mut self, grace: Duration) -> (Duration, bool) {
+        let Some(mut agent) = self.agent.take() else {
+            return (Duration::ZERO, true);
+        };
+        let started = std::time::Instant::now();
+        let status = agent.stop(grace);
+        let took = started.elapsed();
+        (took, took < grace && status.is_some_and(|s| s.success()))
+    }
+
     fn start_agent(&mut self, extra: &[String]) -> Result<()> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--pin-root")

@@ -106,6 +106,9 @@ pub struct Step {
     pub reenable_ms_per_pod: Option<f64>,
     /// `registry::list` (what `interceptor pod list` and `status` read), milliseconds.
     pub list_ms: f64,
+    /// SIGTERM to exit of an agent that keeps the datapath (`--keep-pinned`, as a Kubernetes
+    /// agent's stop is): milliseconds, None at steps without fillers.
+    pub keep_stop_ms: Option<f64>,
     pub agent: AgentUse,
     pub maps: Vec<occupancy::MapUse>,
 }
@@ -164,6 +167,10 @@ pub struct ScaleReport {
     pub soak: Vec<SoakCycle>,
     /// Every filler disabled at the end (`pod disable` each, a lock each): pods and seconds.
     pub disabled: (usize, f64),
+    /// Last, every filler enabled again and a standalone agent (no `--keep-pinned`) stopped:
+    /// it removes the datapath. Pods, seconds from SIGTERM to exit, and whether it exited by
+    /// itself within the grace period.
+    pub cleaning_stop: Option<(usize, f64, bool)>,
     pub seconds: f64,
 }
 
@@ -185,17 +192,34 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         args.connections
     };
     eprintln!("starting two pods with sidecars and the agent");
-    let (rig, health) = measured_pods("scale", "1")?;
+    let health = free_port()?;
+    // `--keep-pinned`: each step stops the agent and starts another (its stop time) without
+    // the datapath going; the rig removes it at the end.
+    let keep = agent_args(health, "1", true);
+    let mut rig = measured_pods_with("scale", &keep)?;
     let pins = rig.pins().clone();
-    let agent = rig.agent_pid().context("the agent is not running")?;
     let target = rig.app_addr();
-    let measure = |label: &str, fillers: &Fillers| -> Result<Step> {
+    let measure = |rig: &mut Rig, label: &str, fillers: &Fillers| -> Result<Step> {
         eprintln!("measuring: {label}");
-        step(&rig, args, label, fillers, &pins, agent, health, target)
+        let keep_stop_ms = if fillers.enabled() > 0 {
+            let (took, clean) = rig.restart_agent(&keep, STOP_GRACE)?;
+            eprintln!(
+                "  agent stop (keeping the datapath): {:.0} ms{}",
+                took.as_secs_f64() * 1e3,
+                if clean { "" } else { ", killed" }
+            );
+            Some(took.as_secs_f64() * 1e3)
+        } else {
+            None
+        };
+        let agent = rig.agent_pid().context("the agent is not running")?;
+        let mut s = step(rig, args, label, fillers, &pins, agent, health, target)?;
+        s.keep_stop_ms = keep_stop_ms;
+        Ok(s)
     };
 
     let mut fillers = Fillers::new();
-    let mut steps = vec![measure("2 pods (baseline)", &fillers)?];
+    let mut steps = vec![measure(&mut rig, "2 pods (baseline)", &fillers)?];
     let mut counts: Vec<usize> = args
         .steps
         .iter()
@@ -206,7 +230,7 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     for n in counts {
         eprintln!("enabling filler pods up to {n}");
         fillers.grow(n, &pins)?;
-        steps.push(measure(&format!("{} pods", n + 2), &fillers)?);
+        steps.push(measure(&mut rig, &format!("{} pods", n + 2), &fillers)?);
     }
 
     let storm = (connections > 0)
@@ -223,7 +247,7 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
             .client
             .run(|| storm::run(target, connections / 5, 256, || {}))?;
         std::thread::sleep(Duration::from_secs(2));
-        let agent_now = probe::agent_use(agent)?;
+        let agent_now = probe::agent_use(rig.agent_pid().context("the agent is not running")?)?;
         eprintln!(
             "soak cycle {cycle}/{}: agent {} KiB, {} fds",
             args.soak_cycles, agent_now.rss_kib, agent_now.fds
@@ -240,7 +264,21 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     let disable_started = Instant::now();
     fillers.disable_last(all, &pins)?;
     let disabled = (all, disable_started.elapsed().as_secs_f64());
-    steps.push(measure("2 pods (after)", &fillers)?);
+    steps.push(measure(&mut rig, "2 pods (after)", &fillers)?);
+
+    // A stop that cleans up, at the largest count: an agent without --keep-pinned removes every
+    // pod's sk_lookup link and the pins.
+    eprintln!("enabling {all} filler pods again (one lock) for a cleaning stop");
+    fillers.grow_one_lock(all, &pins)?;
+    rig.restart_agent(&agent_args(health, "1", false), STOP_GRACE)?;
+    let (took, clean) = rig.stop_agent(STOP_GRACE);
+    eprintln!(
+        "  agent stop (removing the datapath, {} pods): {:.2} s{}",
+        all + 2,
+        took.as_secs_f64(),
+        if clean { "" } else { ", killed" }
+    );
+    let cleaning_stop = Some((all + 2, took.as_secs_f64(), clean));
     drop(fillers);
     drop(rig);
     Ok(ScaleReport {
@@ -253,20 +291,65 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         storm,
         soak,
         disabled,
+        cleaning_stop,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// `interceptor-lab scale-fillers` options.
+#[derive(Debug, clap::Args)]
+pub struct FillerArgs {
+    /// The datapath instance (a running agent's `--pin-root`).
+    #[arg(long)]
+    pub pin_root: PathBuf,
+    /// Filler pods to create and enable.
+    #[arg(long, default_value_t = 10_000)]
+    pub pods: usize,
+}
+
+/// Creates and enables `pods` filler pods on a running agent's datapath (one registry lock),
+/// prints `fillers ready`, and holds them until stdin closes; then deletes their namespaces
+/// (their pods are left to the agent's next pass). For profiling the agent and `pod` commands
+/// at node scale by hand.
+pub fn hold_fillers(args: &FillerArgs) -> Result<()> {
+    let pins = Pins::new(&args.pin_root);
+    let mut fillers = Fillers::new();
+    let took = fillers.grow_one_lock(args.pods, &pins)?;
+    eprintln!(
+        "enabled {} filler pods in {:.1} s (one lock)",
+        args.pods,
+        took.as_secs_f64()
+    );
+    println!("fillers ready");
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    Ok(())
 }
 
 /// The two measured pods (client, server with the test app), this project's sidecar in each,
 /// on the eBPF datapath with its agent, whose health/metrics address is returned beside them.
 fn measured_pods(tag: &str, reconcile_seconds: &str) -> Result<(Rig, SocketAddr)> {
     let health = free_port()?;
-    let agent_args = [
+    let rig = measured_pods_with(tag, &agent_args(health, reconcile_seconds, false))?;
+    Ok((rig, health))
+}
+
+/// How long a stopping agent gets before SIGKILL: Kubernetes' default grace period.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+fn agent_args(health: SocketAddr, reconcile_seconds: &str, keep_pinned: bool) -> Vec<String> {
+    let mut args = vec![
         "--health-addr".to_owned(),
         health.to_string(),
         "--reconcile-seconds".to_owned(),
         reconcile_seconds.to_owned(),
     ];
+    if keep_pinned {
+        args.push("--keep-pinned".to_owned());
+    }
+    args
+}
+
+fn measured_pods_with(tag: &str, agent_args: &[String]) -> Result<Rig> {
     let rig = Rig::new(
         Mode::Ebpf,
         Workload::Http {
@@ -275,9 +358,9 @@ fn measured_pods(tag: &str, reconcile_seconds: &str) -> Result<(Rig, SocketAddr)
             sizes: &[64],
         },
         tag,
-        &agent_args,
+        agent_args,
     )?;
-    Ok((rig, health))
+    Ok(rig)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -340,6 +423,7 @@ fn step(
         enable_ms,
         reenable_ms_per_pod,
         list_ms,
+        keep_stop_ms: None,
         agent: probe::agent_use(agent)?,
         maps: occupancy::occupancy(pins),
     })
@@ -431,13 +515,13 @@ impl ScaleReport {
             out,
             "| pods enabled | connect() p50 | connect() p99 | request p50 | request p99 | \
              conn-per-request p50 | errors | agent pass ms | `pod enable` ms | re-enable all, \
-             ms per pod | `pod list` ms | agent RSS MiB | agent fds |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|"
+             ms per pod | `pod list` ms | agent stop ms | agent RSS MiB | agent fds |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1} | {} | {:.1} | {} |",
                 s.label,
                 us(s.connect_p50_us),
                 us(s.connect_p99_us),
@@ -451,6 +535,8 @@ impl ScaleReport {
                 s.reenable_ms_per_pod
                     .map_or_else(|| "–".to_owned(), |m| format!("{m:.2}")),
                 s.list_ms,
+                s.keep_stop_ms
+                    .map_or_else(|| "–".to_owned(), |m| format!("{m:.0}")),
                 s.agent.rss_kib as f64 / 1024.0,
                 s.agent.fds
             );
@@ -502,6 +588,22 @@ impl ScaleReport {
                 "\nDisabling the {pods} filler pods one `pod disable` at a time took {seconds:.1} s \
                  ({:.2} ms per pod).",
                 seconds * 1e3 / pods as f64
+            );
+        }
+        if self.steps.iter().any(|s| s.keep_stop_ms.is_some()) {
+            let _ = writeln!(
+                out,
+                "\nAgent stop: SIGTERM to exit of an agent keeping the datapath (`--keep-pinned`, \
+                 as a Kubernetes agent's stop that is not an uninstall), before the step's \
+                 measurements (a new agent is started after it)."
+            );
+        }
+        if let Some((pods, seconds, clean)) = self.cleaning_stop {
+            let _ = writeln!(
+                out,
+                "\nStopping a standalone agent (it removes the datapath: every pod's sk_lookup \
+                 link and the pins) with {pods} pods enabled took {seconds:.2} s{}.",
+                if clean { "" } else { " and it was killed" }
             );
         }
         if let Some(st) = &self.storm {

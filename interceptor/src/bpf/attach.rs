@@ -552,10 +552,43 @@ pub fn teardown(pins: &Pins) -> Result<(), Error> {
     if !pins.root().exists() {
         return Ok(());
     }
+    detach_pods(pins);
     fs::remove_dir_all(pins.root()).map_err(|e| Error::io("removing", pins.root(), e))?;
     let _ = fs::remove_dir_all(pins.run_dir());
     info!(root = %pins.root().display(), "removed the pinned datapath");
     Ok(())
+}
+
+/// Unpins every pod's sk_lookup link (the kernel detaches each), saying how far it got each
+/// second: one unpin per pod, so the one step of a teardown that grows with the node
+/// (measured: see the README's "Node scale"). Errors are left to the `remove_dir_all` after.
+fn detach_pods(pins: &Pins) {
+    let Ok(dir) = fs::read_dir(pins.pods_dir()) else {
+        return;
+    };
+    let pods: Vec<PathBuf> = dir.filter_map(Result::ok).map(|e| e.path()).collect();
+    if pods.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let mut said = started;
+    info!(pods = pods.len(), "detaching the pods' sk_lookup links");
+    for (done, pod) in pods.iter().enumerate() {
+        let _ = fs::remove_dir_all(pod);
+        if said.elapsed() >= std::time::Duration::from_secs(1) {
+            info!(
+                done = done + 1,
+                of = pods.len(),
+                "detaching the pods' sk_lookup links"
+            );
+            said = std::time::Instant::now();
+        }
+    }
+    info!(
+        pods = pods.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "detached the pods' sk_lookup links"
+    );
 }
 
 /// Attaches the pinned sk_lookup program to a network namespace and pins the link under the

@@ -71,6 +71,25 @@ pub struct PodRows {
 }
 
 impl PodRows {
+    /// These rows as the maps hold them once written and read back: one rule per (port,
+    /// direction), ranges by their prefix bits, each once, sorted.
+    pub(crate) fn as_stored(&self) -> PodRows {
+        let mut t = Tables::default();
+        for r in &self.ports {
+            t.add_port(0, *r);
+        }
+        for r in &self.excluded {
+            t.add_range(0, true, *r);
+        }
+        for r in &self.included {
+            t.add_range(0, false, *r);
+        }
+        for ip in &self.addresses {
+            t.add_address(0, *ip);
+        }
+        t.rows(0, 0)
+    }
+
     /// In one order, so two reads of the same rows compare equal.
     pub(crate) fn sort(&mut self) {
         self.ports
@@ -248,11 +267,17 @@ impl Maps {
         self.socks.keys().filter(Result::is_ok).count()
     }
 
-    /// Whether a listening socket with this cookie is in the listener sockhash (the sockhash
-    /// cannot be looked up by key from user space with 4-byte values: each answer is a walk).
-    /// In a registry session a recent walk answers; a miss walks again once it is
+    /// Whether a listening socket with this cookie is in the listener sockhash. The sockhash
+    /// cannot be looked up by key from user space with 4-byte values; `sys::holds_key` asks
+    /// with three `BPF_MAP_GET_NEXT_KEY` calls instead. Where that cannot answer, a walk does:
+    /// in a registry session a recent walk answers; a miss walks again once it is
     /// `LISTENERS_FRESH` old (a proxy may have listened since).
     pub fn has_listener(&self, cookie: u64) -> bool {
+        use std::os::fd::AsFd as _;
+        if let Ok(found) = super::sys::holds_key(self.listeners.fd().as_fd(), &cookie.to_ne_bytes())
+        {
+            return found;
+        }
         self.with_session(|s| {
             if let Some((seen, at)) = &s.listeners
                 && (seen.contains(&cookie) || at.elapsed() < LISTENERS_FRESH)
@@ -480,6 +505,47 @@ impl Maps {
         self.insert_pod(id, info, config, rows)?;
         self.drop_rows_except(id, info.netns_cookie, rows);
         Ok(())
+    }
+
+    /// Writes a pod under an id no pod holds (`Registry::free_id`): the identity record
+    /// first, then the rows, then the config that switches interception on. Nothing of an
+    /// earlier pod of that id is looked for or deleted, which keeps a lone `pod enable` from
+    /// reading every pod's rows (`POD_PORTS` holds six per pod: 60 000 rows read for one pod
+    /// at 10 000 pods). That rests on one order: a pod's rows are written after its identity
+    /// record and deleted before it (`Registry::remove`), so an id without a record has no
+    /// rows — even after a writer died part-way. Rows that an older build (rows first) left
+    /// under a free id go at the agent's start ([`Maps::drop_orphan_rows`]).
+    pub fn write_new_pod(
+        &mut self,
+        id: u32,
+        info: &PodInfo,
+        config: &PodConfig,
+        rows: &PodRows,
+    ) -> Result<(), WriteError> {
+        let cookie = info.netns_cookie;
+        self.put_pod_info(id, *info)?;
+        self.insert_rows(id, cookie, rows)?;
+        self.pod_config
+            .insert(cookie, *config, 0)
+            .map_err(write_err(map::POD_CONFIG))?;
+        Ok(())
+    }
+
+    /// Deletes the rows of pod ids that have no identity record (see [`Maps::write_new_pod`]):
+    /// one read of the tables. Returns how many pods had some.
+    pub fn drop_orphan_rows(&mut self) -> usize {
+        let live: HashSet<u32> = self.pod_ids().into_iter().collect();
+        let orphans_in =
+            |t: &Tables| -> Vec<u32> { t.pods().filter(|id| !live.contains(id)).collect() };
+        let orphans = self
+            .with_session(|s| orphans_in(s.rows.get_or_insert_with(|| self.read_tables())))
+            .unwrap_or_else(|| orphans_in(&self.read_tables()));
+        for &id in &orphans {
+            // Addresses are keyed by the owner's cookie, which an orphan has none of: left to
+            // `claim_addresses`, which frees an address whose owner is no pod.
+            self.drop_rows_except(id, 0, &PodRows::default());
+        }
+        orphans.len()
     }
 
     /// The writing half of [`Maps::write_pod`]: rows, identity record, then the config. Alone

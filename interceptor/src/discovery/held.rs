@@ -17,7 +17,7 @@ use std::{
 
 use interceptor_common::pod::PodInfo;
 
-use super::netns::{self, Netns};
+use super::netns::{Netns, NetnsOwners};
 
 #[derive(Default)]
 pub struct HeldNamespaces {
@@ -41,22 +41,21 @@ impl HeldNamespaces {
         id: u32,
         info: &PodInfo,
         primary: Option<PathBuf>,
-        full: impl FnOnce() -> Option<PathBuf>,
+        owners: &mut NetnsOwners,
+        full: impl FnOnce(&mut NetnsOwners) -> Option<PathBuf>,
     ) -> Option<PathBuf> {
         if let Some(h) = self.by_pod.get(&id)
             && (h.dev, h.ino, h.cookie) == (info.netns_dev, info.netns_ino, info.netns_cookie)
         {
-            let found = primary.filter(|p| same_inode(p, h.dev, h.ino)).or_else(|| {
-                netns::processes_in(h.dev, h.ino)
-                    .next()
-                    .map(|(_, dir)| dir.join("ns/net"))
-            });
+            let found = primary
+                .filter(|p| same_inode(p, h.dev, h.ino))
+                .or_else(|| owners.find(h.dev, h.ino));
             if found.is_none() {
                 self.by_pod.remove(&id);
             }
             return found;
         }
-        let path = full()?;
+        let path = full(owners)?;
         // Verified again on the very descriptor held: the namespace `full` saw could have died
         // and its number gone to a newcomer between the two opens.
         if let Ok(ns) = Netns::open(&path)

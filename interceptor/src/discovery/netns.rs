@@ -10,6 +10,7 @@
 )]
 
 use std::{
+    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
@@ -333,12 +334,37 @@ pub fn processes_in(dev: u64, ino: u64) -> impl Iterator<Item = (i32, PathBuf)> 
         })
 }
 
-/// Finds a live process in the namespace with this identity (for pods whose name no longer
-/// resolves): its `/proc/PID/ns/net`. A namespace with the same inode number but another cookie
-/// is a newcomer that inherited the number, not this one.
-pub fn find_by_identity(dev: u64, ino: u64, cookie: u64) -> Option<PathBuf> {
-    let path = processes_in(dev, ino).next()?.1.join("ns/net");
-    Netns::open(&path)
-        .is_ok_and(|ns| ns.is(dev, ino, cookie))
-        .then_some(path)
+/// Which network namespace each process is in: one walk of /proc, taken when first asked, for
+/// a pass that looks for many pods whose names no longer resolve (a walk per pod made a pass
+/// over thousands of deleted pods O(pods × processes)). A snapshot: a process that enters or
+/// leaves a namespace after the walk is seen by the next pass.
+#[derive(Default)]
+pub struct NetnsOwners {
+    by_ns: Option<HashMap<(u64, u64), PathBuf>>,
+}
+
+impl NetnsOwners {
+    /// `/proc/PID/ns/net` of a process in the namespace (dev, ino), if the walk saw one.
+    pub fn find(&mut self, dev: u64, ino: u64) -> Option<PathBuf> {
+        self.by_ns
+            .get_or_insert_with(|| {
+                let mut by_ns = HashMap::new();
+                let procs = std::fs::read_dir("/proc").into_iter().flatten();
+                for e in procs.filter_map(Result::ok) {
+                    if e.file_name()
+                        .to_str()
+                        .is_none_or(|n| n.parse::<i32>().is_err())
+                    {
+                        continue;
+                    }
+                    let path = e.path().join("ns/net");
+                    if let Ok(m) = std::fs::metadata(&path) {
+                        by_ns.entry((m.dev(), m.ino())).or_insert(path);
+                    }
+                }
+                by_ns
+            })
+            .get(&(dev, ino))
+            .cloned()
+    }
 }

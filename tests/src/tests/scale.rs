@@ -297,3 +297,94 @@ fn many_writes_in_one_lock_leave_the_maps_as_a_fresh_enable_does() {
     assert_eq!(entries(&status, "POD_CONFIG"), listed.len() as u64);
     assert_eq!(entries(&status, "POD_INFO"), listed.len() as u64);
 }
+
+/// A pod under a fresh id is written without looking for an earlier pod's rows under that id
+/// (`Maps::write_new_pod`: a lone `pod enable` then reads no node-wide table): an id without an
+/// identity record has no rows, because a pod's rows are written after its record and removed
+/// before it. Rows an older build left under a free id (it wrote them first, so a writer that
+/// died part-way left them) go when an agent starts; the pod enabled next under that id has
+/// its own rows only. Also: the entry `pod enable` returns is what `pod list` reads back.
+#[test]
+fn rows_left_under_a_free_id_go_when_the_agent_starts() {
+    use interceptor::bpf::{
+        Maps, Pins,
+        maps::{PodRows, PortRule},
+    };
+    use interceptor_common::pod::{DIR_OUTBOUND, POD_NAME_LEN, PORT_EXCLUDE, PodInfo};
+
+    let _churn = crate::namespace_churn();
+    let mut h = Harness::new("orphans");
+    h.start_agent(&["--keep-pinned"]);
+    assert!(h.stop_agent(), "the agent stops cleanly");
+    let pins = Pins::new(&h.pin_root);
+    let mut maps = Maps::open(&pins).expect("opening the pinned maps");
+    let stale = PodRows {
+        ports: vec![PortRule {
+            port: 4444,
+            direction: DIR_OUTBOUND,
+            rule: PORT_EXCLUDE,
+        }],
+        excluded: vec![("198.18.77.0".parse().unwrap(), 24)],
+        ..PodRows::default()
+    };
+    // Under id 1 (the next pod's) and 7: rows, no identity record, no config.
+    for id in [1u32, 7] {
+        let info = PodInfo {
+            netns_cookie: 0xdead_0000 + u64::from(id),
+            netns_ino: 0,
+            netns_dev: 0,
+            source: 0,
+            pid: 0,
+            mode: 0,
+            backend: 0,
+            name: [0; POD_NAME_LEN],
+        };
+        maps.restore_pod(id, &info, None, &stale);
+        maps.remove_pod_info(id);
+    }
+    assert_eq!(
+        entries(&h.status(), "POD_PORTS"),
+        2,
+        "the stale rows are in"
+    );
+
+    h.start_agent(&[]);
+    let status = h.status();
+    assert_eq!(
+        entries(&status, "POD_PORTS"),
+        0,
+        "gone at the agent's start"
+    );
+    assert_eq!(
+        entries(&status, "CIDR_EXCLUDE"),
+        0,
+        "gone at the agent's start"
+    );
+
+    let crowd = Crowd::new(&h.lab.name, 1);
+    let out = h.cli(&["pod", "enable", "--netns", &crowd.names[0], "--json"]);
+    assert!(
+        out.status.success(),
+        "pod enable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let enabled: Value = serde_json::from_slice(&out.stdout).expect("pod enable --json");
+    let out = h.cli(&["pod", "list", "--json"]);
+    assert!(out.status.success(), "pod list");
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).expect("pod list --json");
+    let status = h.status();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], 1, "the free id");
+    assert_eq!(
+        enabled, listed[0],
+        "what enable returned is what list reads back"
+    );
+    let spec = listed[0]["spec"].to_string();
+    assert!(
+        !spec.contains("4444") && !spec.contains("198.18.77"),
+        "{spec}"
+    );
+    let rows = entries(&status, "POD_PORTS");
+    assert!(rows > 0, "its own rows");
+    drop(maps);
+}

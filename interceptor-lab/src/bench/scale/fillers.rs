@@ -96,6 +96,42 @@ impl Fillers {
         Ok(())
     }
 
+    /// Creates fillers up to `to` and enables them all under one registry lock (as an agent's
+    /// first pass after a restart does), then binds their listeners: a quick way to reach a
+    /// node-scale pod count (`interceptor-lab scale-fillers`). How long the enables took.
+    pub(super) fn grow_one_lock(&mut self, to: usize, pins: &Pins) -> Result<Duration> {
+        if to > 32_000 {
+            bail!("at most 32 000 filler pods (their addresses are 198.19.128.0/17)");
+        }
+        let from = self.names.len();
+        if to > from {
+            self.create(from, to)?;
+        }
+        let mut maps = Maps::open(pins)?;
+        let started = Instant::now();
+        let mut registry = Registry::lock(pins, &mut maps)?;
+        for i in self.enabled..to {
+            let netns = Netns::by_name(&self.names[i])?;
+            registry
+                .enable(
+                    &netns,
+                    &PodSource::Netns(self.names[i].clone()),
+                    &PodSpec::default(),
+                )
+                .with_context(|| format!("enabling filler pod {} of {to}", i + 1))?;
+            self.enabled = i + 1;
+        }
+        drop(registry);
+        let took = started.elapsed();
+        for i in self.listeners.len()..to {
+            let netns = Netns::by_name(&self.names[i])?;
+            let l = netns
+                .run(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT))))??;
+            self.listeners.push(l);
+        }
+        Ok(took)
+    }
+
     /// Enables every enabled filler again under one registry lock, as an agent's first pass
     /// after a restart does (it knows no pod yet, so it enables each it finds). How long it took.
     pub(super) fn reenable_all(&self, pins: &Pins) -> Result<Duration> {

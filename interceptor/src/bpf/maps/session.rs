@@ -54,6 +54,16 @@ struct Keyed {
 }
 
 impl Tables {
+    /// Ids that have ports or ranges.
+    pub(super) fn pods(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_pod
+            .iter()
+            .filter(|(_, k)| {
+                !(k.ports.is_empty() && k.excluded.is_empty() && k.included.is_empty())
+            })
+            .map(|(id, _)| *id)
+    }
+
     pub(super) fn add_port(&mut self, pod: u32, rule: PortRule) {
         let ports = &mut self.by_pod.entry(pod).or_default().ports;
         // One rule per (port, direction): the map's key.
@@ -182,6 +192,39 @@ mod tests {
         };
         t.retain(1, 0, &keep);
         assert_eq!(t.rows(1, 0).excluded, vec![r("10.0.0.0", 8)]);
+    }
+
+    #[test]
+    fn rows_as_stored_are_what_a_read_back_returns() {
+        let r = |s: &str, p| (s.parse::<IpAddr>().unwrap(), p);
+        let rule = |port, rule| PortRule {
+            port,
+            direction: 1,
+            rule,
+        };
+        let written = PodRows {
+            ports: vec![rule(9000, 1), rule(80, 2), rule(9000, 2)],
+            excluded: vec![r("10.1.2.3", 8), r("10.0.0.0", 8), r("192.168.0.0", 16)],
+            included: vec![],
+            addresses: vec![r("198.18.0.2", 32).0, r("198.18.0.1", 32).0],
+        };
+        let mut t = Tables::default();
+        for p in &written.ports {
+            t.add_port(3, *p);
+        }
+        for e in &written.excluded {
+            t.add_range(3, true, *e);
+        }
+        for a in &written.addresses {
+            t.add_address(42, *a);
+        }
+        let stored = written.as_stored();
+        assert_eq!(stored, t.rows(3, 42));
+        assert_eq!(stored.ports, vec![rule(80, 2), rule(9000, 2)]);
+        assert_eq!(
+            stored.excluded,
+            vec![r("10.0.0.0", 8), r("192.168.0.0", 16)]
+        );
     }
 
     #[test]
