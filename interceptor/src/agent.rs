@@ -342,9 +342,8 @@ pub async fn run(
         )),
         _ => None,
     };
-    tokio::pin!(shutdown);
     let membership = Membership::join(&opts.pins)?;
-    let Some(mut datapath) = start_datapath(&opts, &ready, &mut shutdown).await? else {
+    let Some(mut datapath) = start_datapath(&opts, &ready, &stop).await? else {
         // Stopped while standing by: an uninstall (both pods of a surge stopped at once) is
         // still one; the old agent, if it is still there, decides instead (`last_one`).
         stop_health.cancel();
@@ -494,7 +493,7 @@ async fn exit_decision(
 async fn start_datapath(
     opts: &AgentOptions,
     ready: &health::Readiness,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    stop: &CancellationToken,
 ) -> Result<Option<Datapath>, Error> {
     let mut waiting_since: Option<std::time::Instant> = None;
     let mut warned = false;
@@ -548,7 +547,7 @@ async fn start_datapath(
             );
         }
         tokio::select! {
-            _ = &mut *shutdown => {
+            _ = stop.cancelled() => {
                 info!("stopped while standing by: the old agent's datapath is untouched");
                 return Ok(None);
             }
