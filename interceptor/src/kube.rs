@@ -241,6 +241,11 @@ impl PodController {
             .filter(|e| e.kubernetes && !wanted.contains(e.name.as_str()))
             .collect();
         for entry in unwanted {
+            // Each removal is whole on its own; the next agent finds the rest unwanted again.
+            if registry.stopping() {
+                info!("stopping: the rest of the pass is left to the next agent");
+                return;
+            }
             remove(&mut registry, entry);
         }
         entries = self::entries(&registry);
@@ -343,6 +348,9 @@ impl PodController {
             .map(|s| s.name.as_str())
             .collect();
         for entry in &entries {
+            if registry.stopping() {
+                return;
+            }
             if entry.kubernetes
                 && !current.contains(&entry.id)
                 && applied_names.contains(entry.name.as_str())

@@ -823,11 +823,9 @@ fn locate_with(info: &PodInfo, owners: &mut NetnsOwners) -> Option<PathBuf> {
     let same = |p: &PathBuf| {
         Netns::open(p).is_ok_and(|ns| ns.is(info.netns_dev, info.netns_ino, info.netns_cookie))
     };
-    primary_path(info).filter(same).or_else(|| {
-        owners
-            .find(info.netns_dev, info.netns_ino)
-            .filter(|p| same(p))
-    })
+    primary_path(info)
+        .filter(same)
+        .or_else(|| owners.find(info.netns_dev, info.netns_ino, same))
 }
 
 fn display_name(source: &PodSource) -> String {

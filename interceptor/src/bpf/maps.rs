@@ -548,8 +548,10 @@ impl Maps {
         orphans.len()
     }
 
-    /// The writing half of [`Maps::write_pod`]: rows, identity record, then the config. Alone
-    /// for maps that hold nothing else of the pod (a migration's rebuild).
+    /// The writing half of [`Maps::write_pod`]: identity record, rows, then the config (an id
+    /// with rows always has its record, so a fresh pod under a free id need not look for rows;
+    /// the record alone switches nothing on). Alone for maps that hold nothing else of the pod
+    /// (a migration's rebuild).
     pub fn insert_pod(
         &mut self,
         id: u32,
@@ -558,8 +560,8 @@ impl Maps {
         rows: &PodRows,
     ) -> Result<(), WriteError> {
         let cookie = info.netns_cookie;
-        self.insert_rows(id, cookie, rows)?;
         self.put_pod_info(id, *info)?;
+        self.insert_rows(id, cookie, rows)?;
         self.pod_config
             .insert(cookie, *config, 0)
             .map_err(write_err(map::POD_CONFIG))?;
@@ -618,8 +620,8 @@ impl Maps {
     ) {
         let cookie = info.netns_cookie;
         self.drop_rows_except(id, cookie, rows);
-        let _ = self.insert_rows(id, cookie, rows);
         let _ = self.put_pod_info(id, *info);
+        let _ = self.insert_rows(id, cookie, rows);
         match config {
             Some(config) => {
                 let _ = self.pod_config.insert(cookie, config, 0);

@@ -49,7 +49,7 @@ impl HeldNamespaces {
         {
             let found = primary
                 .filter(|p| same_inode(p, h.dev, h.ino))
-                .or_else(|| owners.find(h.dev, h.ino));
+                .or_else(|| owners.find(h.dev, h.ino, |p| same_inode(p, h.dev, h.ino)));
             if found.is_none() {
                 self.by_pod.remove(&id);
             }

@@ -340,12 +340,15 @@ pub fn processes_in(dev: u64, ino: u64) -> impl Iterator<Item = (i32, PathBuf)> 
 /// leaves a namespace after the walk is seen by the next pass.
 #[derive(Default)]
 pub struct NetnsOwners {
-    by_ns: Option<HashMap<(u64, u64), PathBuf>>,
+    /// Every process the walk saw in each namespace: the first may exit before it is asked
+    /// about while others stay.
+    by_ns: Option<HashMap<(u64, u64), Vec<PathBuf>>>,
 }
 
 impl NetnsOwners {
-    /// `/proc/PID/ns/net` of a process in the namespace (dev, ino), if the walk saw one.
-    pub fn find(&mut self, dev: u64, ino: u64) -> Option<PathBuf> {
+    /// `/proc/PID/ns/net` of a process the walk saw in the namespace (dev, ino) for which `ok`
+    /// holds (the first such, in /proc order).
+    pub fn find(&mut self, dev: u64, ino: u64, ok: impl Fn(&PathBuf) -> bool) -> Option<PathBuf> {
         self.by_ns
             .get_or_insert_with(|| {
                 let mut by_ns = HashMap::new();
@@ -359,12 +362,17 @@ impl NetnsOwners {
                     }
                     let path = e.path().join("ns/net");
                     if let Ok(m) = std::fs::metadata(&path) {
-                        by_ns.entry((m.dev(), m.ino())).or_insert(path);
+                        by_ns
+                            .entry((m.dev(), m.ino()))
+                            .or_insert_with(Vec::new)
+                            .push(path);
                     }
                 }
                 by_ns
             })
-            .get(&(dev, ino))
+            .get(&(dev, ino))?
+            .iter()
+            .find(|p| ok(p))
             .cloned()
     }
 }
