@@ -245,7 +245,8 @@ impl Membership {
 
     /// Whether no other agent holds the instance (turns our shared lock into an exclusive one).
     fn last_one(&self) -> bool {
-        // flock converts the lock atomically or fails.
+        // Linux converts a flock by dropping it first: a failed conversion leaves this agent
+        // without its share, so call this only on the way out.
         self.lock.relock(FlockArg::LockExclusiveNonblock).is_ok()
     }
 }

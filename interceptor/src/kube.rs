@@ -198,7 +198,7 @@ impl PodController {
                 return;
             }
         };
-        let mut entries = entries(&registry);
+        let entries = entries(&registry);
         let snapshot = self.watch.pods.state();
         let live: HashSet<String> = snapshot.iter().filter_map(|p| p.uid()).collect();
         self.pods.retain(|uid, state| {
@@ -248,7 +248,6 @@ impl PodController {
             }
             remove(&mut registry, entry);
         }
-        entries = self::entries(&registry);
 
         let mut index: Option<ProcIndex> = None;
         let mut counts = [
@@ -280,10 +279,8 @@ impl PodController {
                     because,
                 } => {
                     // Switching modes, the registry removes what the old mode applied.
-                    if ctx.ensure(state, *mode, spec, &mut registry, &entries, &mut index) {
+                    if ctx.ensure(state, *mode, spec, &mut registry, &mut index) {
                         debug!(pod = %name, ?because, "intercepted");
-                        // The pass below must see this pod's current entry.
-                        entries = self::entries(&registry);
                     }
                 }
                 Decision::Skip { reason } => {
@@ -333,6 +330,9 @@ impl PodController {
             }
         }
         self.metrics.set_pods(&counts);
+        // Read once after the loop, not after every pod it enabled (that was a copy of every
+        // entry per pod: O(pods²) in an agent's first pass after a restart).
+        let entries = self::entries(&registry);
 
         // Stale duplicates: an older entry under the name of a pod now applied elsewhere (its
         // sandbox was recreated while no agent ran).
@@ -404,14 +404,16 @@ impl Ctx<'_> {
         mode: Mode,
         spec: &PodSpec,
         registry: &mut Registry<'_>,
-        entries: &[Entry],
         index: &mut Option<ProcIndex>,
     ) -> bool {
-        let entry = |id: u32| entries.iter().find(|e| e.id == id && e.name == state.name);
+        // Its entry as the registry holds it now (one lookup: an enable earlier in this pass
+        // may have taken over this pod's addresses and removed it).
         if let Some(applied) = &state.applied
             && applied.mode == mode
             && applied.spec == *spec
-            && entry(applied.id).is_some()
+            && registry
+                .info(applied.id)
+                .is_some_and(|i| registry::pod_name(&i) == state.name)
             && procfs::still_in(self.proc_root, applied.pid, applied.netns)
         {
             return false;

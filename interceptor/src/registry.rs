@@ -551,6 +551,11 @@ impl<'a> Registry<'a> {
         entry(self.pins, self.maps, id)
     }
 
+    /// One pod's identity record (one lookup).
+    pub fn info(&self, id: u32) -> Option<PodInfo> {
+        self.maps.pod_info(id)
+    }
+
     /// Every enabled pod's id and identity record (cheap: one map walk, no rules read).
     pub fn infos(&self) -> Vec<(u32, PodInfo)> {
         self.maps.pod_infos()
