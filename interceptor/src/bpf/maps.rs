@@ -522,13 +522,7 @@ impl Maps {
         config: &PodConfig,
         rows: &PodRows,
     ) -> Result<(), WriteError> {
-        let cookie = info.netns_cookie;
-        self.put_pod_info(id, *info)?;
-        self.insert_rows(id, cookie, rows)?;
-        self.pod_config
-            .insert(cookie, *config, 0)
-            .map_err(write_err(map::POD_CONFIG))?;
-        Ok(())
+        self.insert_pod(id, info, config, rows)
     }
 
     /// Deletes the rows of pod ids that have no identity record (see [`Maps::write_new_pod`]):

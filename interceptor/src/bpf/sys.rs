@@ -270,27 +270,8 @@ pub(super) fn count_keys(fd: BorrowedFd<'_>, key_size: usize, limit: usize) -> i
     let mut key = vec![0u8; key_size.max(1)];
     let mut next = vec![0u8; key_size.max(1)];
     let mut count = 0;
-    let mut first = true;
-    while count < limit {
-        let attr = MapNextKeyAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            pad: 0,
-            // NULL asks for the first key.
-            key: if first { 0 } else { key.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-            rest: [0; 40],
-        };
-        match bpf(
-            BPF_MAP_GET_NEXT_KEY,
-            (&attr as *const MapNextKeyAttr).cast(),
-            std::mem::size_of::<MapNextKeyAttr>(),
-        ) {
-            Ok(_) => {}
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(err) => return Err(err),
-        }
+    while count < limit && next_key(fd, (count > 0).then_some(&key[..]), &mut next)? {
         count += 1;
-        first = false;
         std::mem::swap(&mut key, &mut next);
     }
     Ok(count)
