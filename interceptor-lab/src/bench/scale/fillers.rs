@@ -53,8 +53,8 @@ impl Fillers {
         Ipv4Addr::new(198, 19, 128 + (i / 250) as u8, (i % 250) as u8 + 1)
     }
 
-    /// Creates and enables fillers until `to` are enabled; says how it goes on stderr.
-    pub(super) fn grow(&mut self, to: usize, pins: &Pins) -> Result<()> {
+    /// Creates the fillers' namespaces up to `to` (enabled or not).
+    fn create_up_to(&mut self, to: usize) -> Result<()> {
         if to > 32_000 {
             bail!("at most 32 000 filler pods (their addresses are 198.19.128.0/17)");
         }
@@ -62,6 +62,12 @@ impl Fillers {
         if to > from {
             self.create(from, to)?;
         }
+        Ok(())
+    }
+
+    /// Creates and enables fillers until `to` are enabled; says how it goes on stderr.
+    pub(super) fn grow(&mut self, to: usize, pins: &Pins) -> Result<()> {
+        self.create_up_to(to)?;
         let mut maps = Maps::open(pins)?;
         let started = Instant::now();
         let mut last_report = Instant::now();
@@ -100,13 +106,7 @@ impl Fillers {
     /// first pass after a restart does), then binds their listeners: a quick way to reach a
     /// node-scale pod count (`interceptor-lab scale-fillers`). How long the enables took.
     pub(super) fn grow_one_lock(&mut self, to: usize, pins: &Pins) -> Result<Duration> {
-        if to > 32_000 {
-            bail!("at most 32 000 filler pods (their addresses are 198.19.128.0/17)");
-        }
-        let from = self.names.len();
-        if to > from {
-            self.create(from, to)?;
-        }
+        self.create_up_to(to)?;
         let mut maps = Maps::open(pins)?;
         let started = Instant::now();
         let mut registry = Registry::lock(pins, &mut maps)?;
@@ -153,13 +153,7 @@ impl Fillers {
     /// datapath's maps hold none of them (`bench-connect`'s "created" stage). `grow` closes
     /// these listeners and binds them again after each enable, as the benchmark does.
     pub(super) fn create_unenabled(&mut self, to: usize) -> Result<()> {
-        if to > 32_000 {
-            bail!("at most 32 000 filler pods (their addresses are 198.19.128.0/17)");
-        }
-        let from = self.names.len();
-        if to > from {
-            self.create(from, to)?;
-        }
+        self.create_up_to(to)?;
         for i in self.listeners.len()..to {
             let netns = Netns::by_name(&self.names[i])?;
             let l = netns
