@@ -336,11 +336,7 @@ pub async fn run(
                 daemonset: Some(ds),
                 ..
             }),
-        ) => Some((
-            c.clone(),
-            ds.clone(),
-            owner::OwnerWatch::start(c.clone(), ds),
-        )),
+        ) => Some(owner::OwnerWatch::start(c.clone(), ds.clone())),
         _ => None,
     };
     let membership = Membership::join(&opts.pins)?;
@@ -456,7 +452,7 @@ pub async fn run(
 /// Why this stop keeps the datapath; None: it is an uninstall.
 async fn exit_decision(
     opts: &AgentOptions,
-    owner_check: Option<(kube::Client, owner::DaemonSetRef, owner::OwnerWatch)>,
+    owner_check: Option<owner::OwnerWatch>,
 ) -> Option<String> {
     match (opts.keep_pinned, &opts.kube) {
         (true, _) => Some("--keep-pinned".to_owned()),
@@ -467,8 +463,9 @@ async fn exit_decision(
                  (`interceptor uninstall` removes the datapath)"
                     .to_owned(),
             ),
-            Some((client, ds, watched)) => {
-                match owner::check(client, &ds, OWNER_CHECK_TIMEOUT, Some(&watched)).await {
+            Some(watched) => {
+                let ds = watched.owner();
+                match watched.check(OWNER_CHECK_TIMEOUT).await {
                     Verdict::Present => Some(format!(
                         "DaemonSet {ds} still exists: this stop is a restart or rollout"
                     )),

@@ -87,8 +87,11 @@ impl Seen {
     }
 }
 
-/// The agent's watch of its own DaemonSet (see the module's doc for why).
+/// The agent's watch of its own DaemonSet (see the module's doc for why), and the question it
+/// asks at stop time.
 pub struct OwnerWatch {
+    api: Api<DaemonSet>,
+    owner: DaemonSetRef,
     seen: watch::Receiver<Seen>,
     task: JoinHandle<()>,
 }
@@ -96,56 +99,89 @@ pub struct OwnerWatch {
 impl OwnerWatch {
     /// Starts watching (`fieldSelector=metadata.name=NAME`, which RBAC's `resourceNames`
     /// requires for list and watch), re-listing with kube's backoff when the watch breaks.
-    pub fn start(client: Client, owner: &DaemonSetRef) -> Self {
+    pub fn start(client: Client, owner: DaemonSetRef) -> Self {
         let api: Api<DaemonSet> = Api::namespaced(client, &owner.namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={}", owner.name));
         let (tx, seen) = watch::channel(Seen::Nothing);
-        let owner = owner.clone();
-        let task = tokio::spawn(async move {
-            let mut events = watcher(api, config).default_backoff().boxed();
-            // During a (re-)list: what it has shown so far; a list without the object says
-            // it is gone.
-            let mut listing = None;
-            while let Some(event) = events.next().await {
-                let now = match event {
-                    Ok(watcher::Event::Init) => {
-                        listing = Some(Seen::Gone);
-                        continue;
+        let task = tokio::spawn({
+            let (api, owner) = (api.clone(), owner.clone());
+            async move {
+                let mut events = watcher(api, config).default_backoff().boxed();
+                // During a (re-)list: what it has shown so far; a list without the object says
+                // it is gone.
+                let mut listing = None;
+                while let Some(event) = events.next().await {
+                    let now = match event {
+                        Ok(watcher::Event::Init) => {
+                            listing = Some(Seen::Gone);
+                            continue;
+                        }
+                        Ok(watcher::Event::InitApply(ds)) => {
+                            listing = Some(Seen::of(&ds));
+                            continue;
+                        }
+                        Ok(watcher::Event::InitDone) => match listing.take() {
+                            Some(seen) => seen,
+                            None => continue,
+                        },
+                        Ok(watcher::Event::Apply(ds)) => Seen::of(&ds),
+                        Ok(watcher::Event::Delete(_)) => Seen::Gone,
+                        Err(err) => {
+                            debug!(daemonset = %owner, %err, "watching the DaemonSet");
+                            continue;
+                        }
+                    };
+                    let before = tx.send_replace(now);
+                    if before != now && matches!(now, Seen::Deleting | Seen::Gone) {
+                        info!(
+                            daemonset = %owner,
+                            seen = ?now,
+                            "the DaemonSet is being deleted or gone: the next stop uninstalls"
+                        );
+                        // A line scripts and tests wait for.
+                        println!(
+                            "interceptor agent: DaemonSet {owner} {now:?}: the next stop uninstalls"
+                        );
                     }
-                    Ok(watcher::Event::InitApply(ds)) => {
-                        listing = Some(Seen::of(&ds));
-                        continue;
-                    }
-                    Ok(watcher::Event::InitDone) => match listing.take() {
-                        Some(seen) => seen,
-                        None => continue,
-                    },
-                    Ok(watcher::Event::Apply(ds)) => Seen::of(&ds),
-                    Ok(watcher::Event::Delete(_)) => Seen::Gone,
-                    Err(err) => {
-                        debug!(daemonset = %owner, %err, "watching the DaemonSet");
-                        continue;
-                    }
-                };
-                let before = tx.send_replace(now);
-                if before != now && matches!(now, Seen::Deleting | Seen::Gone) {
-                    info!(
-                        daemonset = %owner,
-                        seen = ?now,
-                        "the DaemonSet is being deleted or gone: the next stop uninstalls"
-                    );
-                    // A line scripts and tests wait for.
-                    println!(
-                        "interceptor agent: DaemonSet {owner} {now:?}: the next stop uninstalls"
-                    );
                 }
             }
         });
-        Self { seen, task }
+        Self {
+            api,
+            owner,
+            seen,
+            task,
+        }
     }
 
-    pub fn seen(&self) -> Seen {
+    pub fn owner(&self) -> &DaemonSetRef {
+        &self.owner
+    }
+
+    fn seen(&self) -> Seen {
         *self.seen.borrow()
+    }
+
+    /// Asks the API, for at most `timeout`; when it does not answer, goes by what the watch
+    /// sees, waiting up to `REFUSED_WAIT` for a deletion: a refusal is itself a hint that an
+    /// uninstall is under way (`kubectl delete -f` can delete the namespace's RBAC and pods
+    /// before the DaemonSet).
+    pub async fn check(&self, timeout: Duration) -> Verdict {
+        let failed = match tokio::time::timeout(timeout, self.api.get_opt(&self.owner.name)).await {
+            Err(_) => format!("no answer within {timeout:?}"),
+            Ok(Err(err)) => err.to_string(),
+            // The answer judged as the watch judges what it sees.
+            Ok(Ok(ds)) => {
+                return match ds.as_ref().map_or(Seen::Gone, Seen::of) {
+                    Seen::Gone => Verdict::Uninstalling("the DaemonSet is gone".to_owned()),
+                    Seen::Deleting => {
+                        Verdict::Uninstalling("the DaemonSet is being deleted".to_owned())
+                    }
+                    Seen::Present | Seen::Nothing => Verdict::Present,
+                };
+            }
+        };
+        decide_without_answer(failed, self.deletion_within(REFUSED_WAIT).await)
     }
 
     /// What the watch sees within `timeout`, returning early at a deletion.
@@ -163,33 +199,6 @@ impl Drop for OwnerWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// Asks the API, for at most `timeout`; when it does not answer, goes by what the watch sees,
-/// waiting up to `REFUSED_WAIT` for a deletion: a refusal is itself a hint that an uninstall is
-/// under way (`kubectl delete -f` can delete the namespace's RBAC and pods before the
-/// DaemonSet).
-pub async fn check(
-    client: Client,
-    owner: &DaemonSetRef,
-    timeout: Duration,
-    watched: Option<&OwnerWatch>,
-) -> Verdict {
-    let api: Api<DaemonSet> = Api::namespaced(client, &owner.namespace);
-    let failed = match tokio::time::timeout(timeout, api.get_opt(&owner.name)).await {
-        Err(_) => format!("no answer within {timeout:?}"),
-        Ok(Err(err)) => err.to_string(),
-        Ok(Ok(None)) => return Verdict::Uninstalling("the DaemonSet is gone".to_owned()),
-        Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {
-            return Verdict::Uninstalling("the DaemonSet is being deleted".to_owned());
-        }
-        Ok(Ok(Some(_))) => return Verdict::Present,
-    };
-    let seen = match watched {
-        Some(w) => w.deletion_within(REFUSED_WAIT).await,
-        None => Seen::Nothing,
-    };
-    decide_without_answer(failed, seen)
 }
 
 /// How long a stop whose question failed waits for the watch to see a deletion (well inside
