@@ -337,9 +337,9 @@ impl<'a> Registry<'a> {
         let config = datapath::pod_config(id, spec, &addresses);
         let rows = datapath::pod_rows(spec, &addresses, &proxy_ports);
         let info = pod_info(cookie, netns, source, &name, MODE_EBPF, 0);
-        // A free id has no rows to replace (see `Maps::write_new_pod`).
+        // A free id has no rows to replace (see `Maps::insert_pod`).
         let written = if fresh {
-            self.maps.write_new_pod(id, &info, &config, &rows)
+            self.maps.insert_pod(id, &info, &config, &rows)
         } else {
             self.maps.write_pod(id, &info, &config, &rows)
         };
@@ -395,7 +395,7 @@ impl<'a> Registry<'a> {
 
     /// Deletes rows left under ids no pod holds by a writer that died part-way, in an older
     /// build's order (rows before the identity record). The agent does it once at start; see
-    /// `Maps::write_new_pod`.
+    /// `Maps::insert_pod`.
     pub fn drop_orphan_rows(&mut self) {
         let n = self.maps.drop_orphan_rows();
         if n > 0 {
@@ -819,18 +819,28 @@ fn primary_path(info: &PodInfo) -> Option<PathBuf> {
 }
 
 pub fn locate(info: &PodInfo) -> Option<PathBuf> {
-    locate_with(info, &mut NetnsOwners::default())
+    let same = |p: &PathBuf| is_pods_netns(info, p);
+    // Alone, a walk of /proc that stops at the first process found in the namespace.
+    primary_path(info).filter(same).or_else(|| {
+        netns::processes_in(info.netns_dev, info.netns_ino)
+            .map(|(_, dir)| dir.join("ns/net"))
+            .find(same)
+    })
 }
 
 /// As [`locate`], with the processes' namespaces of a pass (`owners`: one walk of /proc for
 /// all the pods it is asked about).
 fn locate_with(info: &PodInfo, owners: &mut NetnsOwners) -> Option<PathBuf> {
-    let same = |p: &PathBuf| {
-        Netns::open(p).is_ok_and(|ns| ns.is(info.netns_dev, info.netns_ino, info.netns_cookie))
-    };
+    let same = |p: &PathBuf| is_pods_netns(info, p);
     primary_path(info)
         .filter(same)
         .or_else(|| owners.find(info.netns_dev, info.netns_ino, same))
+}
+
+/// Whether `path` opens the pod's namespace (a newcomer that inherited its inode number has
+/// another cookie).
+fn is_pods_netns(info: &PodInfo, path: &PathBuf) -> bool {
+    Netns::open(path).is_ok_and(|ns| ns.is(info.netns_dev, info.netns_ino, info.netns_cookie))
 }
 
 fn display_name(source: &PodSource) -> String {

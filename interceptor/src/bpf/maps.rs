@@ -492,9 +492,9 @@ impl Maps {
         rows
     }
 
-    /// Makes the pod's entries these: rows first, then the identity record, then the config
-    /// that switches interception on; then what an earlier version had and this one does not
-    /// goes. Never less intercepted in between than before or after.
+    /// Makes the pod's entries these: written as [`Maps::insert_pod`] does, then what an
+    /// earlier version had and this one does not goes. Never less intercepted in between than
+    /// before or after.
     pub fn write_pod(
         &mut self,
         id: u32,
@@ -507,25 +507,7 @@ impl Maps {
         Ok(())
     }
 
-    /// Writes a pod under an id no pod holds (`Registry::free_id`): the identity record
-    /// first, then the rows, then the config that switches interception on. Nothing of an
-    /// earlier pod of that id is looked for or deleted, which keeps a lone `pod enable` from
-    /// reading every pod's rows (`POD_PORTS` holds six per pod: 60 000 rows read for one pod
-    /// at 10 000 pods). That rests on one order: a pod's rows are written after its identity
-    /// record and deleted before it (`Registry::remove`), so an id without a record has no
-    /// rows — even after a writer died part-way. Rows that an older build (rows first) left
-    /// under a free id go at the agent's start ([`Maps::drop_orphan_rows`]).
-    pub fn write_new_pod(
-        &mut self,
-        id: u32,
-        info: &PodInfo,
-        config: &PodConfig,
-        rows: &PodRows,
-    ) -> Result<(), WriteError> {
-        self.insert_pod(id, info, config, rows)
-    }
-
-    /// Deletes the rows of pod ids that have no identity record (see [`Maps::write_new_pod`]):
+    /// Deletes the rows of pod ids that have no identity record (see [`Maps::insert_pod`]):
     /// one read of the tables. Returns how many pods had some.
     pub fn drop_orphan_rows(&mut self) -> usize {
         let live: HashSet<u32> = self.pod_ids().into_iter().collect();
@@ -542,10 +524,16 @@ impl Maps {
         orphans.len()
     }
 
-    /// The writing half of [`Maps::write_pod`]: identity record, rows, then the config (an id
-    /// with rows always has its record, so a fresh pod under a free id need not look for rows;
-    /// the record alone switches nothing on). Alone for maps that hold nothing else of the pod
-    /// (a migration's rebuild).
+    /// The writing half of [`Maps::write_pod`]: the identity record first, then the rows, then
+    /// the config that switches interception on (the record alone switches nothing on). Alone
+    /// for maps that hold nothing else of the pod: a migration's rebuild, and a pod under an id
+    /// no pod holds (`Registry::free_id`). There nothing of an earlier pod of that id is looked
+    /// for or deleted, which keeps a lone `pod enable` from reading every pod's rows
+    /// (`POD_PORTS` holds six per pod: 60 000 rows read for one pod at 10 000 pods). That rests
+    /// on this order: a pod's rows are written after its identity record and deleted before it
+    /// (`Registry::remove`), so an id without a record has no rows — even after a writer died
+    /// part-way. Rows that an older build (rows first) left under a free id go at the agent's
+    /// start ([`Maps::drop_orphan_rows`]).
     pub fn insert_pod(
         &mut self,
         id: u32,

@@ -66,7 +66,7 @@ impl Pins {
         if resolved.parent().is_none() {
             return Err(err("the filesystem root"));
         }
-        if resolved == Path::new("/sys/fs/bpf") || is_bpffs_mount(&resolved) {
+        if resolved == Path::new(super::features::BPFFS) || is_bpffs_mount(&resolved) {
             return Err(err(
                 "that is a bpffs mount itself, shared with every other BPF program",
             ));

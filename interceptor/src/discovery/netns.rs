@@ -321,6 +321,13 @@ pub fn pod_addresses() -> io::Result<Vec<IpAddr>> {
 /// The processes (`/proc/PID` directories, with their pid) whose network namespace is the one
 /// with this identity. Scans /proc: only for slow paths.
 pub fn processes_in(dev: u64, ino: u64) -> impl Iterator<Item = (i32, PathBuf)> {
+    processes().filter(move |(_, dir)| {
+        std::fs::metadata(dir.join("ns/net")).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+    })
+}
+
+/// Every process's `/proc/PID` directory, with its pid.
+fn processes() -> impl Iterator<Item = (i32, PathBuf)> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -328,9 +335,6 @@ pub fn processes_in(dev: u64, ino: u64) -> impl Iterator<Item = (i32, PathBuf)> 
         .filter_map(|e| {
             let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
             Some((pid, e.path()))
-        })
-        .filter(move |(_, dir)| {
-            std::fs::metadata(dir.join("ns/net")).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
         })
 }
 
@@ -352,15 +356,8 @@ impl NetnsOwners {
         self.by_ns
             .get_or_insert_with(|| {
                 let mut by_ns = HashMap::new();
-                let procs = std::fs::read_dir("/proc").into_iter().flatten();
-                for e in procs.filter_map(Result::ok) {
-                    if e.file_name()
-                        .to_str()
-                        .is_none_or(|n| n.parse::<i32>().is_err())
-                    {
-                        continue;
-                    }
-                    let path = e.path().join("ns/net");
+                for (_, dir) in processes() {
+                    let path = dir.join("ns/net");
                     if let Ok(m) = std::fs::metadata(&path) {
                         by_ns
                             .entry((m.dev(), m.ino()))

@@ -299,7 +299,7 @@ fn many_writes_in_one_lock_leave_the_maps_as_a_fresh_enable_does() {
 }
 
 /// A pod under a fresh id is written without looking for an earlier pod's rows under that id
-/// (`Maps::write_new_pod`: a lone `pod enable` then reads no node-wide table): an id without an
+/// (`Maps::insert_pod`: a lone `pod enable` then reads no node-wide table): an id without an
 /// identity record has no rows, because a pod's rows are written after its record and removed
 /// before it. Rows an older build left under a free id (it wrote them first, so a writer that
 /// died part-way left them) go when an agent starts; the pod enabled next under that id has
