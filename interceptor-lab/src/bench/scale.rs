@@ -11,6 +11,11 @@
 //! opened and closed (`scale/storm.rs`) and the connection maps must return to their baseline;
 //! then a soak of bounded cycles (pod churn + a connection wave) watches the agent's memory and
 //! descriptors. Last, every filler is disabled and the latencies are measured again.
+//!
+//! The fillers' namespaces are created (with their listeners, not enabled) and measured
+//! before any is enabled: that step is the control for every pod count, which is measured with
+//! all of them present. Thousands of namespaces raise connect() and request tails on their own
+//! (`interceptor-lab bench-connect --stages 0,created,enabled`).
 
 pub mod connectlat;
 mod fillers;
@@ -48,8 +53,9 @@ pub struct ScaleArgs {
     /// Concurrent intercepted connections opened and closed at the largest step.
     #[arg(long, default_value_t = 10_000)]
     pub connections: usize,
-    /// Measurement rounds per step (medians; min–max shown).
-    #[arg(long, default_value_t = 3)]
+    /// Measurement rounds per step (medians; min–max shown). Cheap next to growing the
+    /// fillers, and p99s of single rounds on a shared 2-CPU machine spread 3–5×.
+    #[arg(long, default_value_t = 9)]
     pub rounds: u32,
     /// connect() calls per round.
     #[arg(long, default_value_t = 2_000)]
@@ -90,6 +96,8 @@ pub struct Step {
     pub label: String,
     /// Pods enabled on the node (fillers and the two measured pods).
     pub pods: usize,
+    /// Pod network namespaces on the node, enabled or not (fillers and the two measured pods).
+    pub namespaces: usize,
     pub rounds: Vec<Sample>,
     pub connect_p50_us: Spread,
     pub connect_p99_us: Spread,
@@ -177,6 +185,7 @@ pub struct ScaleReport {
 /// Runs the benchmark.
 pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     let t0 = Instant::now();
+    settle_namespaces();
     let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let nofile = raise_nofile();
     // Each sidecar holds two descriptors per proxied connection (downstream and upstream).
@@ -220,6 +229,17 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
 
     let mut fillers = Fillers::new();
     let mut steps = vec![measure(&mut rig, "2 pods (baseline)", &fillers)?];
+    // The control: every filler's namespace and listener, none enabled. Holding thousands of
+    // namespaces costs the kernel (and so connect() and request tails) whether or not a pod is
+    // intercepted; each pod count below is measured with all of them present, so it differs
+    // from this step only in what the datapath and the agent hold.
+    eprintln!("creating {} filler namespaces (not enabled)", args.pods);
+    fillers.create_unenabled(args.pods)?;
+    steps.push(measure(
+        &mut rig,
+        &format!("2 pods, {} namespaces not enabled", args.pods),
+        &fillers,
+    )?);
     let mut counts: Vec<usize> = args
         .steps
         .iter()
@@ -229,7 +249,11 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
     counts.push(args.pods);
     for n in counts {
         eprintln!("enabling filler pods up to {n}");
+        // `grow` binds each filler's listener after its enable, as a sidecar starting in an
+        // enabled pod does (sockops registers it); the rest get theirs back after.
+        fillers.close_unenabled_listeners();
         fillers.grow(n, &pins)?;
+        fillers.create_unenabled(args.pods)?;
         steps.push(measure(&mut rig, &format!("{} pods", n + 2), &fillers)?);
     }
 
@@ -294,6 +318,43 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport> {
         cleaning_stop,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Waits (at most 10 minutes) until the kernel has finished destroying network namespaces
+/// deleted before this run (an earlier benchmark's thousands of fillers): `cleanup_net` runs
+/// in a kernel worker for minutes after `ip netns del` returns (~3 min for 10 000 here), holds
+/// the lock namespace creation needs and takes CPU from whatever is measured meanwhile. A
+/// worker running an item of the `netns` workqueue is named `kworker/…+netns`; done when none
+/// has been seen for 3 s. (`net_namespace` slab counts do not fall with it: freed objects stay
+/// in the allocator's per-CPU slabs.)
+pub(crate) fn settle_namespaces() {
+    fn cleaning() -> bool {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        dir.filter_map(Result::ok).any(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("kworker/") && c.trim_end().ends_with("+netns"))
+        })
+    }
+    let started = Instant::now();
+    let mut quiet_since = Instant::now();
+    let mut told = false;
+    while quiet_since.elapsed() < Duration::from_secs(3)
+        && started.elapsed() < Duration::from_secs(600)
+    {
+        if cleaning() {
+            if !told {
+                eprintln!("waiting for the kernel to finish destroying deleted network namespaces");
+                told = true;
+            }
+            quiet_since = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    if told {
+        eprintln!("  done after {:.0} s", started.elapsed().as_secs_f64());
+    }
 }
 
 /// `interceptor-lab scale-fillers` options.
@@ -409,6 +470,7 @@ fn step(
     Ok(Step {
         label: label.to_owned(),
         pods: fillers.enabled() + 2,
+        namespaces: fillers.namespaces() + 2,
         connect_p50_us: Spread::of(rounds.iter().map(|r| r.connect.p50_us)),
         connect_p99_us: Spread::of(rounds.iter().map(|r| r.connect.p99_us)),
         request_p50_us: Spread::of(rounds.iter().map(|r| r.request.p50_us)),
@@ -503,7 +565,11 @@ impl ScaleReport {
             out,
             "Command: `{}` — {} on {} ({} CPUs), {:.0} s. Latencies from the client pod through \
              both sidecars on the eBPF datapath, medians of {} rounds (min–max), microseconds; \
-             connect() with its thread alone on one CPU, the rig's processes on the others.\n",
+             connect() with its thread alone on one CPU, the rig's processes on the others. \
+             Every pod count is measured with all the fillers' namespaces present, enabled or \
+             not: the row with 2 pods and those namespaces is its control (the kernel's cost \
+             of the namespaces themselves, without interception, is the difference between it \
+             and the baseline).\n",
             self.command,
             self.started,
             self.kernel,
@@ -513,16 +579,17 @@ impl ScaleReport {
         );
         let _ = writeln!(
             out,
-            "| pods enabled | connect() p50 | connect() p99 | request p50 | request p99 | \
+            "| pods enabled | namespaces | connect() p50 | connect() p99 | request p50 | request p99 | \
              conn-per-request p50 | errors | agent pass ms | `pod enable` ms | re-enable all, \
              ms per pod | `pod list` ms | agent stop ms | agent RSS MiB | agent fds |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for s in &self.steps {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1} | {} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1} | {} | {:.1} | {} |",
                 s.label,
+                s.namespaces,
                 us(s.connect_p50_us),
                 us(s.connect_p99_us),
                 us(s.request_p50_us),

@@ -8,7 +8,13 @@
 //! - `together`: the client sidecar's threads and the probe on CPU 1;
 //! - `pinned`: the probe alone on CPU 0, every process of the rig (sidecars, app, agent) on
 //!   the other CPUs: what `bench-scale` does now (`probe::Apart`);
-//! - `agent-stopped`: nothing pinned, the agent SIGSTOPped for the round.
+//! - `agent-stopped`: nothing pinned, the agent SIGSTOPped for the round;
+//! - `pinned-agent-stopped`: as `pinned`, the agent SIGSTOPped for the round (the agent's
+//!   periodic pass grows with the pods: does it set the tail?).
+//!
+//! With `--requests`, each round then sends that many keep-alive GETs through both sidecars
+//! under the same condition (unpinned, as `bench-scale` measures them; the agent still stopped
+//! in the `*agent-stopped` conditions).
 //!
 //! Conditions alternate round by round. Each round also records the CPU the probe ran on,
 //! its voluntary and involuntary context switches and the share of connects above 25 µs.
@@ -49,6 +55,9 @@ pub struct ConnectLatArgs {
     /// Conditions, alternated round by round.
     #[arg(long, value_delimiter = ',', default_values_t = ["free".to_owned(), "pinned".to_owned(), "agent-stopped".to_owned()])]
     pub conditions: Vec<String>,
+    /// Keep-alive requests through both sidecars after each round's connects (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub requests: u64,
     /// Rounds of each condition at each stage.
     #[arg(long, default_value_t = 6)]
     pub rounds: u32,
@@ -76,6 +85,9 @@ pub struct Round {
     pub p50_us: f64,
     pub p99_us: f64,
     pub mean_us: f64,
+    /// Keep-alive request latency of the round (`--requests`), µs; 0 without.
+    pub request_p50_us: f64,
+    pub request_p99_us: f64,
     /// Share of connects that took more than 25 µs.
     pub slow_share: f64,
     /// CPUs the probe was seen on (per connect), counts per CPU.
@@ -117,6 +129,7 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
     if cpus < 2 {
         bail!("needs two CPUs");
     }
+    super::settle_namespaces();
     let (rig, _health) = super::measured_pods("connlat", &args.reconcile_seconds)?;
     let pins = rig.pins().clone();
     let agent = rig.agent_pid().context("the agent is not running")?;
@@ -155,7 +168,7 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
         for round in 0..args.rounds {
             for condition in &args.conditions {
                 let (probe_cpu, sidecar_set, others_set) = match condition.as_str() {
-                    "free" | "agent-stopped" => (None, all, all),
+                    "free" | "agent-stopped" | "pinned-agent-stopped" => (None, all, all),
                     "apart" => (Some(0), one_cpu(1)?, all),
                     "together" => (Some(1), one_cpu(1)?, all),
                     // As `bench-scale` measures now (`probe::Apart`): below.
@@ -174,11 +187,12 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
                 }
                 let cpu0 = cpu_ticks();
                 let ours0: u64 = ours.iter().map(|&p| process_ticks(p)).sum();
-                let stopped = condition == "agent-stopped";
+                let stopped = condition.ends_with("agent-stopped");
                 if stopped {
                     kill(Pid::from_raw(agent as i32), Signal::SIGSTOP)?;
                 }
-                let apart = (condition == "pinned")
+                let apart = condition
+                    .starts_with("pinned")
                     .then(|| Apart::new(&rig.pids()))
                     .transpose()?;
                 let measured = rig.client.run(|| {
@@ -186,6 +200,18 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
                     probe(target, args.connects, probe_cpu, cpus)
                 });
                 drop(apart);
+                let requests = (args.requests > 0)
+                    .then(|| {
+                        rig.client.run(|| {
+                            super::probe::load(
+                                target,
+                                args.requests,
+                                crate::loadgen::Mode::KeepAlive,
+                            )
+                        })
+                    })
+                    .transpose()?
+                    .transpose()?;
                 if stopped {
                     kill(Pid::from_raw(agent as i32), Signal::SIGCONT)?;
                 }
@@ -196,7 +222,12 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
                     set_process_affinity(p, &all)?;
                 }
                 let m = measured??;
+                let (request_p50_us, request_p99_us) = requests
+                    .as_ref()
+                    .map_or((0.0, 0.0), |r| (r.latency_us.p50, r.latency_us.p99));
                 let r = Round {
+                    request_p50_us,
+                    request_p99_us,
                     stage: stage.clone(),
                     condition: condition.clone(),
                     round,
@@ -208,7 +239,7 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
                 };
                 eprintln!(
                     "{:>8} {:>14} r{:<2} tid {} t {:.6}-{:.6} steal {} foreign {} tw {}->{} p50 {:5.1} p99 {:6.1} mean {:5.1} slow {:4.2} probe cpus {:?} \
-                     csw {}/{} sidecar cpus {:?}",
+                     csw {}/{} sidecar cpus {:?} request p50 {:.0} p99 {:.0}",
                     r.stage,
                     r.condition,
                     r.round,
@@ -226,7 +257,9 @@ pub fn run(args: &ConnectLatArgs) -> Result<ConnectLatReport> {
                     r.probe_cpus,
                     r.voluntary_switches,
                     r.involuntary_switches,
-                    r.sidecar_cpus
+                    r.sidecar_cpus,
+                    r.request_p50_us,
+                    r.request_p99_us
                 );
                 rounds.push(r);
             }
@@ -388,6 +421,8 @@ fn probe(target: SocketAddr, n: u32, cpu: Option<usize>, cpus: usize) -> Result<
         p50_us: p.p50,
         p99_us: p.p99,
         mean_us: p.mean,
+        request_p50_us: 0.0,
+        request_p99_us: 0.0,
         slow_share: slow as f64 / h.count().max(1) as f64,
         probe_cpus: on,
         sidecar_cpus: Vec::new(),
@@ -412,15 +447,17 @@ impl ConnectLatReport {
         let _ = writeln!(
             out,
             "Command: `{}` — {} on {} ({} CPUs), {:.0} s. connect() from the client pod, \
-             microseconds: median over rounds of each round's p50 (min–max), rounds whose p50 \
-             is above 25 µs, mean share of connects above 25 µs, involuntary context switches \
-             per connect.\n",
+             microseconds: median over rounds of each round's p50 and p99 (min–max), rounds \
+             whose p50 is above 25 µs, mean share of connects above 25 µs, involuntary context \
+             switches per connect; keep-alive request p99 through both sidecars (with \
+             `--requests`).\n",
             self.command, self.started, self.kernel, self.cpus, self.seconds
         );
         let _ = writeln!(
             out,
-            "| stage | condition | rounds | connect() p50 | rounds > 25 µs | connects > 25 µs | \
-             involuntary csw / connect |\n|---|---|---|---|---|---|---|"
+            "| stage | condition | rounds | connect() p50 | connect() p99 | rounds > 25 µs | \
+             connects > 25 µs | involuntary csw / connect | request p99 |\n\
+             |---|---|---|---|---|---|---|---|---|"
         );
         let mut keys: Vec<(&str, &str)> = Vec::new();
         for r in &self.rounds {
@@ -436,6 +473,8 @@ impl ConnectLatReport {
                 .filter(|r| r.stage == stage && r.condition == condition)
                 .collect();
             let p50 = Spread::of(rs.iter().map(|r| r.p50_us));
+            let p99 = Spread::of(rs.iter().map(|r| r.p99_us));
+            let request = Spread::of(rs.iter().map(|r| r.request_p99_us));
             let slow_rounds = rs.iter().filter(|r| r.p50_us > 25.0).count();
             let slow_share = rs.iter().map(|r| r.slow_share).sum::<f64>() / rs.len() as f64;
             let connects: f64 = rs
@@ -445,13 +484,25 @@ impl ConnectLatReport {
             let ivcsw: f64 = rs.iter().map(|r| r.involuntary_switches as f64).sum();
             let _ = writeln!(
                 out,
-                "| {stage} | {condition} | {} | {:.1} ({:.1}–{:.1}) | {slow_rounds} | {:.0} % | {:.2} |",
+                "| {stage} | {condition} | {} | {:.1} ({:.1}–{:.1}) | {:.0} ({:.0}–{:.0}) | \
+                 {slow_rounds} | {:.0} % | {:.2} | {} |",
                 rs.len(),
                 p50.median,
                 p50.min,
                 p50.max,
+                p99.median,
+                p99.min,
+                p99.max,
                 slow_share * 100.0,
-                ivcsw / connects.max(1.0)
+                ivcsw / connects.max(1.0),
+                if request.max > 0.0 {
+                    format!(
+                        "{:.0} ({:.0}–{:.0})",
+                        request.median, request.min, request.max
+                    )
+                } else {
+                    "–".to_owned()
+                }
             );
         }
         out

@@ -48,6 +48,11 @@ impl Fillers {
         self.enabled
     }
 
+    /// Namespaces created so far, enabled or not.
+    pub(super) fn namespaces(&self) -> usize {
+        self.names.len()
+    }
+
     fn address(i: usize) -> Ipv4Addr {
         // 250 per /24 from 198.19.128.0: at most 128 × 250 = 32 000 fillers.
         Ipv4Addr::new(198, 19, 128 + (i / 250) as u8, (i % 250) as u8 + 1)

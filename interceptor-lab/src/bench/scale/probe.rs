@@ -184,7 +184,7 @@ pub(super) fn connect_latency(target: SocketAddr, n: u32) -> Latency {
     }
 }
 
-fn load(target: SocketAddr, requests: u64, mode: Mode) -> Result<loadgen::LoadResult> {
+pub(super) fn load(target: SocketAddr, requests: u64, mode: Mode) -> Result<loadgen::LoadResult> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
