@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
     header::{self, CONTENT_LENGTH, HOST},
@@ -292,13 +292,26 @@ fn observe_grpc_status(response: &mut Response<ResponseBody>, ctx: &Arc<ConnCtx>
         return;
     }
     if let Either::Left(body) = response.body_mut() {
-        let ctx = ctx.clone();
-        body.on_trailers(Box::new(move |trailers: Option<&HeaderMap>| {
-            let code = trailers
-                .and_then(|t| t.get(&GRPC_STATUS))
-                .map_or("none", |v| v.to_str().unwrap_or("invalid"));
-            ctx.record_grpc(&cluster, code);
-        }));
+        body.on_trailers(GrpcStatusHook {
+            ctx: ctx.clone(),
+            cluster,
+        });
+    }
+}
+
+/// Counts a streamed gRPC response's status from its trailers once its body ends.
+pub struct GrpcStatusHook {
+    ctx: Arc<ConnCtx>,
+    cluster: Arc<str>,
+}
+
+impl GrpcStatusHook {
+    /// The body ended, with these trailers (`None`: without).
+    pub fn ended(self, trailers: Option<&HeaderMap>) {
+        let code = trailers
+            .and_then(|t| t.get(&GRPC_STATUS))
+            .map_or("none", |v| v.to_str().unwrap_or("invalid"));
+        self.ctx.record_grpc(&self.cluster, code);
     }
 }
 
@@ -486,6 +499,30 @@ impl RequestBody {
     }
 }
 
+/// A body read to its end, its data as one buffer (trailers dropped), as `collect` and
+/// `to_bytes` would, without their list of chunks: a body that comes in one piece (a unary
+/// call's message, with its END_STREAM) is kept as it came, with no allocation.
+async fn read_whole(mut body: DownstreamBody) -> Result<Bytes, hyper::Error> {
+    let mut whole = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if let Some(buf) = joined.as_mut() {
+            buf.extend_from_slice(&data);
+        } else if whole.is_empty() {
+            whole = data;
+        } else {
+            let mut buf = BytesMut::with_capacity(whole.len() + data.len());
+            buf.extend_from_slice(&whole);
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        }
+    }
+    Ok(joined.map_or(whole, BytesMut::freeze))
+}
+
 /// `grpc-timeout` (RFC: up to 8 digits and a unit, H M S m u n) as a duration.
 fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
@@ -559,8 +596,8 @@ async fn forward(
         RequestBody::Replay(Bytes::new())
     } else if retry.num_retries > 0 && declared.is_some_and(|n| n <= limits.retry_buffer_bytes) {
         // Small enough to keep: the request can be retried.
-        match body.collect().await {
-            Ok(collected) => RequestBody::Replay(collected.to_bytes()),
+        match read_whole(body).await {
+            Ok(whole) => RequestBody::Replay(whole),
             Err(err) => {
                 debug!(%err, "client body ended early");
                 return local_reply(StatusCode::BAD_REQUEST, "incomplete request body\n");
@@ -772,8 +809,18 @@ fn upstream_request(
         .body(body)?;
     *req.headers_mut() = headers;
     req.headers_mut()
-        .insert(X_ATTEMPT_COUNT, HeaderValue::from(attempt));
+        .insert(X_ATTEMPT_COUNT, attempt_count(attempt));
     Ok(req)
+}
+
+/// `x-envoy-attempt-count`'s value: static text for the usual few attempts
+/// (`HeaderValue::from(u32)` formats into a fresh buffer every time).
+fn attempt_count(attempt: u32) -> HeaderValue {
+    const FEW: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match attempt.checked_sub(1).and_then(|i| FEW.get(i as usize)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(attempt),
+    }
 }
 
 fn classify_error(err: &SendError) -> Outcome {
@@ -980,8 +1027,10 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, version: Version,
         headers.insert(HOST, v);
     }
     if !headers.contains_key(&X_REQUEST_ID)
-        && let Ok(v) = HeaderValue::from_bytes(&request_id_bytes())
+        && let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from_owner(request_id_bytes()))
     {
+        // One allocation that clones share (a retry's copy of the headers): a value made
+        // from a slice is copied into a `Vec`, and its first clone allocates once more.
         headers.insert(X_REQUEST_ID, v);
     }
     // Unique per request: HPACK gains nothing from indexing it, and every indexed id would

@@ -888,8 +888,9 @@ impl Inner {
     }
 }
 
-/// Called once at the end of a response body with its trailers, if any.
-pub type TrailersHook = Box<dyn FnOnce(Option<&http::HeaderMap>) + Send + Sync>;
+/// Told once, at the end of a response body, its trailers if any: a concrete type rather than
+/// a boxed closure, which would cost an allocation per gRPC call.
+pub type TrailersHook = super::http::GrpcStatusHook;
 
 enum Release {
     Connection(Arc<Pool>, SendRequest<UpstreamBody>, SocketAddr),
@@ -912,10 +913,10 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
-    /// Calls `hook` with the trailers when the body ends (with `None` if it has none).
+    /// Tells `hook` the trailers when the body ends (`None` if it has none).
     pub fn on_trailers(&mut self, hook: TrailersHook) {
         if self.body.is_end_stream() {
-            hook(None);
+            hook.ended(None);
         } else {
             self.trailers = Some(hook);
         }
@@ -951,12 +952,12 @@ impl Body for PooledBody {
             && let Some(trailers) = frame.trailers_ref()
             && let Some(hook) = this.trailers.take()
         {
-            hook(Some(trailers));
+            hook.ended(Some(trailers));
         }
         match &polled {
             Poll::Ready(None) => {
                 if let Some(hook) = this.trailers.take() {
-                    hook(None);
+                    hook.ended(None);
                 }
                 if let Some(release) = this.release.take() {
                     release.done();

@@ -12,6 +12,10 @@ use std::io::Cursor;
 use std::ops::ControlFlow;
 use std::str::Utf8Error;
 
+/// Patched (third_party/h2/PATCHES.md): how much the Huffman scratch grows by at least, once
+/// the strings split off it have used what it had.
+const HUFFMAN_SCRATCH_BLOCK: usize = 512;
+
 /// Decodes headers using HPACK
 #[derive(Debug)]
 pub struct Decoder {
@@ -159,7 +163,7 @@ impl Decoder {
             last_max_update: size,
             table: Table::new(size),
             // Patched (third_party/h2/PATCHES.md): allocated by the first
-            // Huffman-coded string, `huffman::decode` reserves what it needs.
+            // Huffman-coded string, a block at a time.
             buffer: BytesMut::new(),
         }
     }
@@ -335,6 +339,13 @@ impl Decoder {
 
         let offset = (buf.position() - old_pos) as usize;
         if huff {
+            // Patched (third_party/h2/PATCHES.md): the scratch grows a block at a time, which
+            // the strings decoded next share, rather than by exactly what each string needs
+            // (an allocation, and one more when the string is split off, for every string).
+            let need = len * 8 / 5 + 1;
+            if self.buffer.capacity() - self.buffer.len() < need {
+                self.buffer.reserve(need.max(HUFFMAN_SCRATCH_BLOCK));
+            }
             let ret = {
                 let raw = &buf.chunk()[..len];
                 huffman::decode(raw, &mut self.buffer).map(|buf| StringMarker {
