@@ -629,6 +629,63 @@ outbound:
     assert_eq!(svc["stats"]["outlier_ejections"], 0, "{svc}");
 }
 
+/// hyper ends an h2 request body cleanly when the client resets its stream with NO_ERROR, so a
+/// retryable body read whole looked complete: the app was handed the declared content-length
+/// and fewer bytes. It must be answered 400 and never forwarded.
+#[tokio::test]
+async fn an_h2_request_body_reset_with_no_error_part_way_never_reaches_the_app() {
+    let app = Backend::start("app", Behaviour::Ok).await;
+    let yaml = format!(
+        r#"
+clusters:
+  - name: svc
+    endpoints: ["{}"]
+outbound:
+  listeners:
+    - port: 9080
+      virtual_hosts:
+        - name: svc
+          domains: [svc]
+          routes:
+            - route:
+                cluster: svc
+                retry_policy: {{num_retries: 2, retry_on: "reset,5xx,connect-failure", base_interval: 1ms, max_interval: 1ms}}
+"#,
+        app.addr
+    );
+    let proxy = Proxy::start(&yaml, "127.0.0.1:9080".parse().expect("addr")).await;
+    let tcp = TcpStream::connect(proxy.outbound).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("h2 ready");
+    let req = Request::post("http://svc/upload")
+        .header("content-length", "1000")
+        .body(())
+        .expect("request");
+    let (_response, mut send) = client.send_request(req, false).expect("send head");
+    send.send_data(Bytes::from_static(&[b'x'; 400]), false)
+        .expect("send part of the body");
+    // Let the head and the first bytes reach the proxy before the reset.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send.send_reset(h2::Reason::NO_ERROR);
+    let series =
+        "interceptor_proxy_requests_total{direction=\"Outbound\",cluster=\"svc\",code=\"400\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proxy.metric(series).await == 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        proxy.metric(series).await,
+        1.0,
+        "{}",
+        proxy.prometheus().await
+    );
+    // Anything forwarded would have reached the app by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.hits(), 0, "a body cut short was forwarded");
+    conn.abort();
+}
+
 #[tokio::test]
 async fn route_timeout_answers_504() {
     let slow = Backend::start("slow", Behaviour::Slow(Duration::from_secs(30))).await;

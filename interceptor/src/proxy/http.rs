@@ -509,6 +509,11 @@ async fn read_whole(mut body: DownstreamBody) -> Result<Bytes, hyper::Error> {
         let Ok(data) = frame?.into_data() else {
             continue;
         };
+        // An empty DATA frame carrying END_STREAM after the message (a common client
+        // pattern) would otherwise copy the whole body to append nothing.
+        if data.is_empty() {
+            continue;
+        }
         if let Some(buf) = joined.as_mut() {
             buf.extend_from_slice(&data);
         } else if whole.is_empty() {
@@ -597,6 +602,17 @@ async fn forward(
     } else if retry.num_retries > 0 && declared.is_some_and(|n| n <= limits.retry_buffer_bytes) {
         // Small enough to keep: the request can be retried.
         match read_whole(body).await {
+            // hyper ends an h2 body cleanly when the client resets its stream with NO_ERROR:
+            // a body shorter than its content-length is cut short, never forwarded (the
+            // upstream would be handed the declared length and fewer bytes, on every retry).
+            Ok(whole) if declared.is_some_and(|n| whole.len() as u64 != n) => {
+                debug!(
+                    got = whole.len(),
+                    declared = declared.unwrap_or(0),
+                    "client body shorter than its content-length"
+                );
+                return local_reply(StatusCode::BAD_REQUEST, "incomplete request body\n");
+            }
             Ok(whole) => RequestBody::Replay(whole),
             Err(err) => {
                 debug!(%err, "client body ended early");
