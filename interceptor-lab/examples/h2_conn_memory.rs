@@ -17,18 +17,13 @@ use std::{
     alloc::{GlobalAlloc, Layout},
     cell::Cell,
     net::{SocketAddr, TcpListener as StdListener},
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering::Relaxed},
-    },
+    sync::atomic::{AtomicI64, Ordering::Relaxed},
     time::Duration,
 };
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
-use clap::Parser;
-use interceptor::cli::ProxyArgs;
-use interceptor_lab::{bench::proxy::idle::idle_connection, fixed_dst::FixedDst, testapp};
+use interceptor_lab::{bench::proxy::idle::idle_connection, fixed_dst, testapp};
 use tokio::net::TcpStream;
 
 /// Sizes counted one by one up to this; larger ones share the last slot.
@@ -85,12 +80,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-#[derive(Parser)]
-struct Wrap {
-    #[command(flatten)]
-    args: ProxyArgs,
-}
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
@@ -149,45 +138,7 @@ fn main() -> Result<()> {
         "proxy" => {
             clients.spawn(testapp::grpc_echo::grpc_echo_server(app));
             let dir = std::env::temp_dir().join(format!("h2-conn-memory-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let config = dir.join("proxy.yaml");
-            std::fs::write(
-                &config,
-                format!(
-                    "clusters:\n  - name: grpc\n    endpoints: [\"{app}\"]\n    protocol: http2\n\
-                     outbound:\n  listeners:\n    - port: 9080\n      virtual_hosts:\n        \
-                     - name: grpc\n          domains: [\"*\"]\n          routes:\n            \
-                     - route: {{cluster: grpc}}\n"
-                ),
-            )?;
-            let ports: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect::<Result<_>>()?;
-            let wrap = Wrap::parse_from([
-                "proxy".to_owned(),
-                "--no-drop-privileges".into(),
-                "--workers".into(),
-                "1".into(),
-                "--config".into(),
-                config.display().to_string(),
-                "--outbound".into(),
-                ports[0].to_string(),
-                "--outbound-v6".into(),
-                "none".into(),
-                "--inbound".into(),
-                ports[1].to_string(),
-                "--metrics".into(),
-                ports[2].to_string(),
-                "--health".into(),
-                ports[3].to_string(),
-                "--admin".into(),
-                ports[4].to_string(),
-            ]);
-            std::thread::spawn(move || {
-                interceptor::commands::proxy::run_with(
-                    wrap.args,
-                    Some(Arc::new(FixedDst("127.0.0.1:9080".parse()?))),
-                )
-            });
-            ports[0]
+            fixed_dst::start_h2c_proxy(&dir, "grpc", app)?
         }
         other => bail!("unknown mode {other}: hyper, h2 or proxy"),
     };

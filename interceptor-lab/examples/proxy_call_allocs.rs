@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener as StdListener},
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -26,12 +26,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use clap::Parser;
 use http::Request;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use interceptor::cli::ProxyArgs;
-use interceptor_lab::{fixed_dst::FixedDst, testapp};
+use interceptor_lab::{fixed_dst, testapp};
 use tokio::net::TcpStream;
 
 struct Counting;
@@ -95,12 +93,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-#[derive(Parser)]
-struct Wrap {
-    #[command(flatten)]
-    args: ProxyArgs,
-}
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
@@ -217,47 +209,9 @@ fn main() -> Result<()> {
     let app = free_addr()?;
     clients.spawn(testapp::grpc_echo::grpc_echo_server(app));
     let dir = std::env::temp_dir().join(format!("proxy-call-allocs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("proxy.yaml");
     // The benchmark's config (`bench/proxy/configs.rs`), the gRPC cluster only.
-    std::fs::write(
-        &config,
-        format!(
-            "clusters:\n  - name: outbound|50051||grpc.default.svc.cluster.local\n    \
-             endpoints: [\"{app}\"]\n    protocol: http2\n\
-             outbound:\n  listeners:\n    - port: 9080\n      virtual_hosts:\n        \
-             - name: grpc\n          domains: [\"*\"]\n          routes:\n            \
-             - route: {{cluster: \"outbound|50051||grpc.default.svc.cluster.local\"}}\n"
-        ),
-    )?;
-    let ports: Vec<SocketAddr> = (0..5).map(|_| free_addr()).collect::<Result<_>>()?;
-    let wrap = Wrap::parse_from([
-        "proxy".to_owned(),
-        "--no-drop-privileges".into(),
-        "--workers".into(),
-        "1".into(),
-        "--config".into(),
-        config.display().to_string(),
-        "--outbound".into(),
-        ports[0].to_string(),
-        "--outbound-v6".into(),
-        "none".into(),
-        "--inbound".into(),
-        ports[1].to_string(),
-        "--metrics".into(),
-        ports[2].to_string(),
-        "--health".into(),
-        ports[3].to_string(),
-        "--admin".into(),
-        ports[4].to_string(),
-    ]);
-    std::thread::spawn(move || {
-        interceptor::commands::proxy::run_with(
-            wrap.args,
-            Some(Arc::new(FixedDst("127.0.0.1:9080".parse()?))),
-        )
-    });
-    let target = ports[0];
+    let target =
+        fixed_dst::start_h2c_proxy(&dir, "outbound|50051||grpc.default.svc.cluster.local", app)?;
     clients.block_on(async move {
         for _ in 0..100 {
             if TcpStream::connect(target).await.is_ok() {
