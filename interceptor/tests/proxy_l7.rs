@@ -209,6 +209,19 @@ impl Proxy {
             .unwrap_or(0.0)
     }
 
+    /// A sample's value once it is non-zero (the proxy may still be finishing a request), or
+    /// as it is after 10 s.
+    async fn await_metric(&self, series: &str) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(series).await;
+            if v != 0.0 || tokio::time::Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn admin_json(&self, path: &str) -> serde_json::Value {
         let (_, body) = get(self.admin, "admin", path).await;
         serde_json::from_str(&body).expect("admin JSON")
@@ -279,6 +292,29 @@ fn status_of(raw: &[u8]) -> Option<u16> {
 }
 
 // === tests ===
+
+/// One cluster `svc` of `app` (plus `cluster_extra`, a line of its settings), routed from
+/// outbound port 9080 for host `svc`, retried twice on reset, 5xx and connect failure.
+fn retrying_svc_config(app: SocketAddr, cluster_extra: &str) -> String {
+    format!(
+        r#"
+clusters:
+  - name: svc
+    endpoints: ["{app}"]
+    {cluster_extra}
+outbound:
+  listeners:
+    - port: 9080
+      virtual_hosts:
+        - name: svc
+          domains: [svc]
+          routes:
+            - route:
+                cluster: svc
+                retry_policy: {{num_retries: 2, retry_on: "reset,5xx,connect-failure", base_interval: 1ms, max_interval: 1ms}}
+"#
+    )
+}
 
 fn routing_config(a: SocketAddr, b: SocketAddr, port: u16) -> String {
     format!(
@@ -566,24 +602,9 @@ outbound:
 #[tokio::test]
 async fn a_request_body_cut_short_over_http1_is_not_retried_nor_blamed_on_the_endpoint() {
     let app = Backend::start("app", Behaviour::Ok).await;
-    let yaml = format!(
-        r#"
-clusters:
-  - name: svc
-    endpoints: ["{}"]
-    outlier_detection: {{consecutive_errors: 1, base_ejection_time: 10m}}
-outbound:
-  listeners:
-    - port: 9080
-      virtual_hosts:
-        - name: svc
-          domains: [svc]
-          routes:
-            - route:
-                cluster: svc
-                retry_policy: {{num_retries: 2, retry_on: "reset,5xx,connect-failure", base_interval: 1ms, max_interval: 1ms}}
-"#,
-        app.addr
+    let yaml = retrying_svc_config(
+        app.addr,
+        "outlier_detection: {consecutive_errors: 1, base_ejection_time: 10m}",
     );
     let proxy = Proxy::start(&yaml, "127.0.0.1:9080".parse().expect("addr")).await;
     let mut s = TcpStream::connect(proxy.outbound).await.expect("connect");
@@ -608,11 +629,8 @@ outbound:
     // The proxy may still be finishing the attempt: wait for it to be counted.
     let series =
         "interceptor_proxy_requests_total{direction=\"Outbound\",cluster=\"svc\",code=\"400\"}";
-    while proxy.metric(series).await == 0.0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert_eq!(
-        proxy.metric(series).await,
+        proxy.await_metric(series).await,
         1.0,
         "{}",
         proxy.prometheus().await
@@ -635,24 +653,7 @@ outbound:
 #[tokio::test]
 async fn an_h2_request_body_reset_with_no_error_part_way_never_reaches_the_app() {
     let app = Backend::start("app", Behaviour::Ok).await;
-    let yaml = format!(
-        r#"
-clusters:
-  - name: svc
-    endpoints: ["{}"]
-outbound:
-  listeners:
-    - port: 9080
-      virtual_hosts:
-        - name: svc
-          domains: [svc]
-          routes:
-            - route:
-                cluster: svc
-                retry_policy: {{num_retries: 2, retry_on: "reset,5xx,connect-failure", base_interval: 1ms, max_interval: 1ms}}
-"#,
-        app.addr
-    );
+    let yaml = retrying_svc_config(app.addr, "");
     let proxy = Proxy::start(&yaml, "127.0.0.1:9080".parse().expect("addr")).await;
     let tcp = TcpStream::connect(proxy.outbound).await.expect("connect");
     let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
@@ -670,12 +671,8 @@ outbound:
     send.send_reset(h2::Reason::NO_ERROR);
     let series =
         "interceptor_proxy_requests_total{direction=\"Outbound\",cluster=\"svc\",code=\"400\"}";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while proxy.metric(series).await == 0.0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert_eq!(
-        proxy.metric(series).await,
+        proxy.await_metric(series).await,
         1.0,
         "{}",
         proxy.prometheus().await
