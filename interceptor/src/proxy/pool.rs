@@ -810,15 +810,25 @@ async fn send_on(
             return Err(NotSent::Failed(SendError::H2 { addr, source: err }));
         }
     };
-    let cancel = if eos {
-        None
+    let (cancel, count) = if eos {
+        (None, StreamCount::Own(guard))
     } else {
         // Eagerly: a body already complete goes out now, without a task of its own.
         let mut pipe = Pipe::new(body, send);
         match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx))).await {
-            Poll::Ready(Ok(())) => None,
+            Poll::Ready(Ok(())) => (None, StreamCount::Own(guard)),
             Poll::Ready(Err(err)) => return Err(NotSent::Failed(SendError::from_pipe(addr, err))),
-            Poll::Pending => Some(h2c::spawn_pipe(pipe)),
+            Poll::Pending => {
+                // h2 counts the stream open until the body is sent too, however early the
+                // response ends: the pool's count must not drop before h2's, or the pool
+                // admits streams that h2 holds back, unopened and with no timeout, past the
+                // peer's limit.
+                let shared = Arc::new(guard);
+                (
+                    Some(h2c::spawn_pipe(pipe, shared.clone())),
+                    StreamCount::Shared(shared),
+                )
+            }
         }
     };
     let resp = match response.await {
@@ -838,7 +848,7 @@ async fn send_on(
     let (head, recv) = resp.into_parts();
     let mut pooled = PooledBody {
         body: Inner::H2(H2Body::new(recv)),
-        release: Some(Release::Stream(guard)),
+        release: Some(Release::Stream(count)),
         trailers: None,
     };
     pooled.release_if_done();
@@ -894,7 +904,16 @@ pub type TrailersHook = super::http::GrpcStatusHook;
 
 enum Release {
     Connection(Arc<Pool>, SendRequest<UpstreamBody>, SocketAddr),
-    Stream(StreamGuard),
+    Stream(StreamCount),
+}
+
+/// A stream's place in its connection's count: the response's alone, or shared with the task
+/// still sending the request body.
+#[derive(Debug)]
+#[expect(dead_code, reason = "held for its Drop, which ends the count")]
+enum StreamCount {
+    Own(StreamGuard),
+    Shared(Arc<StreamGuard>),
 }
 
 impl Release {

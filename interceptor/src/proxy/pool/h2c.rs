@@ -163,8 +163,9 @@ impl Future for Pipe {
 
 /// A body still streaming when its request went out: its own task, which resets the stream
 /// if the caller gives up on the response before it comes (`cancel` dropped unsent is not
-/// giving up: that is what happens once the response is in).
-pub(super) fn spawn_pipe(mut pipe: Pipe) -> Cancel {
+/// giving up: that is what happens once the response is in). The task keeps `hold` until the
+/// body is sent or the stream reset.
+pub(super) fn spawn_pipe<H: Send + 'static>(mut pipe: Pipe, hold: H) -> Cancel {
     let report = BodyFailure::default();
     pipe.report = Some(report.clone());
     let (tx, mut rx) = oneshot::channel::<()>();
@@ -189,6 +190,7 @@ pub(super) fn spawn_pipe(mut pipe: Pipe) -> Cancel {
             })
         });
         done.await;
+        drop(hold);
     });
     Cancel(Some(tx), report)
 }
