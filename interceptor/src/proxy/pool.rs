@@ -137,8 +137,9 @@ pub struct Pool {
     idle: Mutex<IdleSet>,
     h2: Mutex<HashMap<SocketAddr, Vec<H2Conn>>>,
     /// One h2 connection is being opened per endpoint at a time, so a burst of first requests
-    /// shares it instead of opening one connection each.
-    h2_opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// shares it instead of opening one connection each; if that open fails, the requests
+    /// that waited for it fail with it.
+    h2_opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<OpenFailed>>>>>,
     /// Endpoints found not to speak h2c, and when: `auto` requests go to them as HTTP/1.1
     /// (for an idle timeout, then h2c is tried again).
     h1_only: Mutex<HashMap<SocketAddr, Instant>>,
@@ -203,6 +204,42 @@ impl Drop for ClosedOnDrop {
         self.state.closed.store(true, Ordering::Release);
         if let Some(pool) = self.pool.upgrade() {
             pool.prune_h2(self.addr);
+        }
+    }
+}
+
+/// Why an h2 connection could not be opened, told to the requests that waited for it.
+///
+/// Each retrying the open in turn would hold the last of a burst for one connect timeout per
+/// request ahead of it (16 × 10 s for h2load's 16 streams to an endpoint that accepts and
+/// never answers); Envoy fails a pool's pending requests with the connect failure too.
+#[derive(Debug)]
+struct OpenFailed {
+    not_http2: bool,
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl OpenFailed {
+    fn new(err: &SendError) -> Self {
+        let (kind, message) = match err {
+            SendError::Connect { source, .. } => (source.kind(), source.to_string()),
+            other => (io::ErrorKind::Other, other.to_string()),
+        };
+        Self {
+            not_http2: matches!(err, SendError::NotHttp2 { .. }),
+            kind,
+            message,
+        }
+    }
+
+    fn error(&self, addr: SocketAddr) -> SendError {
+        if self.not_http2 {
+            return SendError::NotHttp2 { addr };
+        }
+        SendError::Connect {
+            addr,
+            source: io::Error::new(self.kind, self.message.clone()),
         }
     }
 }
@@ -670,15 +707,25 @@ impl Pool {
                         .lock()
                         .map(|mut m| m.entry(addr).or_default().clone())
                         .unwrap_or_default();
-                    let opening = lock.lock().await;
+                    let mut opening = lock.lock().await;
                     let taken = match self.take_h2(addr, settings) {
                         Some(taken) => taken,
                         None => {
+                            if let Some(failed) = opening.as_ref() {
+                                if failed.not_http2 && fallback {
+                                    drop(opening);
+                                    return Box::pin(self.send(addr, as_http1(req))).await;
+                                }
+                                return Err(failed.error(addr));
+                            }
                             // Boxed, as every rarely taken branch here: a request's future (moved
                             // whole when its stream's task is spawned) stays small.
                             let opened = Box::pin(self.open_h2(addr, settings)).await;
                             if let Ok(mut m) = self.h2_opening.lock() {
                                 m.remove(&addr);
+                            }
+                            if let Err(err) = &opened {
+                                *opening = Some(OpenFailed::new(err));
                             }
                             match opened {
                                 Err(SendError::NotHttp2 { .. }) if fallback => {
