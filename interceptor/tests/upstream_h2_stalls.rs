@@ -1,0 +1,642 @@
+//! Calls through the proxy to h2c upstreams that behave legally but unusually, looking for a
+//! call that never ends (issue 18: h2load stalled through the proxy, never through haproxy).
+//! The upstream is raw frames on a socket, so it can do what no library server does on demand:
+//! lower SETTINGS_MAX_CONCURRENT_STREAMS mid-flight, answer before reading the request body,
+//! never read, stay silent, send GOAWAY below streams in flight, or close with
+//! ENHANCE_YOUR_CALM. The client is the h2 crate's (hyper's), 16 gRPC-shaped calls at once on
+//! one connection as h2load sends them. Every call must end — a response or a gRPC-shaped
+//! error — within a bound, and the proxy's gauges must return to 0.
+
+#[path = "support/proxy.rs"]
+mod support;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use support::Proxy;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+
+const CALLS: usize = 16;
+/// Far above what any call needs here: a call still open then is a call that hangs.
+const BOUND: Duration = Duration::from_secs(15);
+
+// === a raw h2c upstream ===
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const NO_ERROR: u32 = 0;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("frame length");
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn settings(entries: &[(u16, u32)]) -> Vec<u8> {
+    let mut p = Vec::new();
+    for (id, value) in entries {
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&value.to_be_bytes());
+    }
+    frame(SETTINGS, 0, 0, &p)
+}
+
+fn goaway(last_stream: u32, code: u32) -> Vec<u8> {
+    let mut p = last_stream.to_be_bytes().to_vec();
+    p.extend_from_slice(&code.to_be_bytes());
+    frame(GOAWAY, 0, 0, &p)
+}
+
+/// A whole gRPC answer: `:status 200` (static index 8), `content-type: application/grpc`
+/// (literal, indexed name 31), one message, and `grpc-status: 0` trailers (literal, new name).
+fn grpc_answer(stream: u32) -> Vec<u8> {
+    let mut head = vec![0x88, 0x0f, 0x10, 16];
+    head.extend_from_slice(b"application/grpc");
+    let mut out = frame(HEADERS, 0x4, stream, &head);
+    out.extend(frame(DATA, 0, stream, &[0, 0, 0, 0, 2, b'o', b'k']));
+    let mut trailers = vec![0x00, 11];
+    trailers.extend_from_slice(b"grpc-status");
+    trailers.extend_from_slice(&[1, b'0']);
+    out.extend(frame(HEADERS, 0x4 | END_STREAM, stream, &trailers));
+    out
+}
+
+/// How a raw upstream connection behaves.
+#[derive(Clone, Copy, Debug, Default)]
+struct Behaviour {
+    /// Nothing at all after accepting: no SETTINGS, no reads.
+    mute: bool,
+    /// Its SETTINGS and then nothing (reads, acknowledges nothing, answers nothing).
+    settings_then_silence: bool,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS in its first SETTINGS.
+    max_streams: Option<u32>,
+    /// Once this many requests arrived, a second SETTINGS lowers the limit to this.
+    lower_to: Option<(usize, u32)>,
+    /// SETTINGS_INITIAL_WINDOW_SIZE in its first SETTINGS.
+    stream_window: Option<u32>,
+    /// Never gives window back (reads request DATA, sends no WINDOW_UPDATE).
+    keep_window: bool,
+    /// Answers at the request's HEADERS, before its body (else at its END_STREAM).
+    answer_early: bool,
+    /// Waits this long before each answer.
+    delay: Duration,
+    /// Once this many requests arrived: GOAWAY(NO_ERROR) naming the first half as the last it
+    /// processes; those are answered, the others never.
+    goaway_after: Option<usize>,
+    /// Once this many requests arrived: GOAWAY(ENHANCE_YOUR_CALM) and close, answering none.
+    calm_after: Option<usize>,
+}
+
+/// An h2c upstream on a fresh port; counts the connections it accepted. A GOAWAY or
+/// ENHANCE_YOUR_CALM comes on the first connection only: later ones (the proxy's retries)
+/// answer every call.
+async fn raw_upstream(
+    how: Behaviour,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            let how = if first || (how.goaway_after.is_none() && how.calm_after.is_none()) {
+                how
+            } else {
+                Behaviour {
+                    max_streams: how.max_streams,
+                    ..Behaviour::default()
+                }
+            };
+            held.push(tokio::spawn(serve_raw(stream, how)));
+        }
+    });
+    (addr, accepted, task)
+}
+
+async fn serve_raw(stream: TcpStream, how: Behaviour) {
+    let (mut rd, mut wr) = stream.into_split();
+    if how.mute {
+        // Holds the socket open, reading nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop((rd, wr));
+        return;
+    }
+    let mut preface = [0u8; 24];
+    if rd.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    let mut first = Vec::new();
+    if let Some(n) = how.max_streams {
+        first.push((0x3, n));
+    }
+    if let Some(w) = how.stream_window {
+        first.push((0x4, w));
+    }
+    if wr.write_all(&settings(&first)).await.is_err() {
+        return;
+    }
+    if how.settings_then_silence {
+        let mut sink = vec![0u8; 64 * 1024];
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        return;
+    }
+    // One writer, so delayed answers from their own tasks interleave whole frames.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = |sid: u32| {
+        let tx = tx.clone();
+        let delay = how.delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(grpc_answer(sid));
+        });
+    };
+    let mut requests = 0usize;
+    // Streams that may still be answered; `None` = every one.
+    let mut last_answered: Option<u32> = None;
+    let mut seen: Vec<u32> = Vec::new();
+    let mut open: HashMap<u32, bool> = HashMap::new();
+    // Before a GOAWAY or ENHANCE_YOUR_CALM, answers wait for it (so some streams are in flight).
+    let hold = how.goaway_after.is_some() || how.calm_after.is_some();
+    let mut held: Vec<u32> = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        if rd.read_exact(&mut head).await.is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if rd.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        let (kind, flags) = (head[3], head[4]);
+        let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let answerable = |sid: u32| last_answered.is_none_or(|last| sid <= last);
+        match kind {
+            SETTINGS if flags & ACK == 0 => {
+                let _ = tx.send(frame(SETTINGS, ACK, 0, &[]));
+            }
+            PING if flags & ACK == 0 => {
+                let _ = tx.send(frame(PING, ACK, 0, &payload));
+            }
+            HEADERS => {
+                requests += 1;
+                seen.push(sid);
+                open.insert(sid, true);
+                if (how.answer_early || flags & END_STREAM != 0) && answerable(sid) {
+                    if hold && last_answered.is_none() {
+                        held.push(sid);
+                    } else {
+                        answer(sid);
+                    }
+                    open.insert(sid, false);
+                }
+                if how.lower_to.is_some_and(|(after, _)| requests == after) {
+                    let n = how.lower_to.map_or(0, |(_, n)| n);
+                    let _ = tx.send(settings(&[(0x3, n)]));
+                }
+                if how.goaway_after == Some(requests) {
+                    let last = seen[seen.len() / 2 - 1];
+                    last_answered = Some(last);
+                    let _ = tx.send(goaway(last, NO_ERROR));
+                    held.retain(|&s| s <= last);
+                    held.drain(..).for_each(&answer);
+                }
+                if how.calm_after == Some(requests) {
+                    // Closes with every stream unanswered.
+                    let _ = tx.send(goaway(sid, ENHANCE_YOUR_CALM));
+                    break;
+                }
+            }
+            DATA => {
+                if len > 0 && !how.keep_window {
+                    let inc = u32::try_from(len).unwrap_or(0).to_be_bytes();
+                    let _ = tx.send(frame(WINDOW_UPDATE, 0, 0, &inc));
+                    let _ = tx.send(frame(WINDOW_UPDATE, 0, sid, &inc));
+                }
+                if flags & END_STREAM != 0 && open.get(&sid) == Some(&true) && answerable(sid) {
+                    if hold && last_answered.is_none() {
+                        held.push(sid);
+                    } else {
+                        answer(sid);
+                    }
+                    open.insert(sid, false);
+                }
+            }
+            RST_STREAM => {
+                open.remove(&sid);
+            }
+            _ => {}
+        }
+    }
+    drop(tx);
+    // Lets queued answers and the GOAWAY out before the socket closes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    writer.abort();
+}
+
+// === the client: 16 gRPC-shaped calls on one h2 connection ===
+
+/// How one call ended.
+#[derive(Debug)]
+enum Ended {
+    /// HTTP status and `grpc-status` (from the head of a trailers-only answer, or the trailers).
+    Answered(StatusCode, Option<String>),
+    /// The stream or connection failed (a reset, GOAWAY, or the connection closing).
+    Failed(#[expect(dead_code, reason = "shown by Debug in assertion messages")] String),
+}
+
+/// When a call's request body (its only DATA frame) goes out.
+#[derive(Clone, Copy, Debug)]
+enum Body {
+    /// Right after the head, as h2load sends it.
+    WithHead,
+    /// Only once every call's response head is in: a client that keeps its side of each
+    /// stream open until it has heard back on all of them (legal, as a bidi stream whose
+    /// server answered early).
+    AfterAllHeads,
+}
+
+/// `calls` gRPC unary calls at once on one h2c connection to `proxy`. Panics naming the calls
+/// still open after `BOUND`.
+async fn calls_on_one_connection(proxy: SocketAddr, calls: usize, body: Body) -> Vec<Ended> {
+    let stream = TcpStream::connect(proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let (heads, _) = watch::channel(0usize);
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let client = client.clone();
+            let heads = heads.clone();
+            tokio::spawn(async move { one_call(client, i, body, heads, calls).await })
+        })
+        .collect();
+    let mut ended = Vec::new();
+    let mut hung = Vec::new();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match tokio::time::timeout_at(deadline, t).await {
+            Ok(Ok(e)) => ended.push(e),
+            Ok(Err(join)) => ended.push(Ended::Failed(format!("task: {join}"))),
+            Err(_) => hung.push(i),
+        }
+    }
+    assert!(
+        hung.is_empty(),
+        "{} of {calls} calls never ended within {BOUND:?} (calls {hung:?}; {} response heads \
+         in); the others: {ended:?}",
+        hung.len(),
+        *heads.borrow()
+    );
+    drop(client);
+    conn.abort();
+    ended
+}
+
+async fn one_call(
+    client: h2::client::SendRequest<Bytes>,
+    i: usize,
+    when: Body,
+    heads: watch::Sender<usize>,
+    calls: usize,
+) -> Ended {
+    let mut client = match client.ready().await {
+        Ok(c) => c,
+        Err(e) => return Ended::Failed(format!("ready: {e}")),
+    };
+    let req = Request::post("http://grpc.test:50051/bench.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (resp, mut send) = match client.send_request(req, false) {
+        Ok(sent) => sent,
+        Err(e) => return Ended::Failed(format!("send: {e}")),
+    };
+    let mut msg = vec![0, 0, 0, 0, 64];
+    msg.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, 64));
+    let mut all_heads = heads.subscribe();
+    let body = async move {
+        if matches!(when, Body::AfterAllHeads) {
+            let _ = all_heads.wait_for(|n| *n >= calls).await;
+        }
+        send.reserve_capacity(msg.len());
+        let _ = send.send_data(Bytes::from(msg), true);
+        send
+    };
+    let resp = async move {
+        let resp = resp.await;
+        heads.send_modify(|n| *n += 1);
+        resp
+    };
+    let (resp, _send) = tokio::join!(resp, body);
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => return Ended::Failed(format!("response: {e}")),
+    };
+    let status = resp.status();
+    let head_grpc = grpc_status(resp.headers());
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            Ok(c) => {
+                let _ = body.flow_control().release_capacity(c.len());
+            }
+            Err(e) => return Ended::Failed(format!("body: {e}")),
+        }
+    }
+    match body.trailers().await {
+        Ok(Some(t)) => Ended::Answered(status, grpc_status(&t).or(head_grpc)),
+        Ok(None) => Ended::Answered(status, head_grpc),
+        Err(e) => Ended::Failed(format!("trailers: {e}")),
+    }
+}
+
+fn grpc_status(h: &http::HeaderMap) -> Option<String> {
+    h.get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn answered_ok(e: &Ended) -> bool {
+    matches!(e, Ended::Answered(s, Some(g)) if *s == StatusCode::OK && g == "0")
+}
+
+/// A proxy whose cluster `grpc` (h2c upstream, `connect_timeout`) is every call's route.
+async fn proxy_for(up: SocketAddr, connect_timeout: &str) -> Proxy {
+    let yaml = format!(
+        r#"
+clusters:
+  - name: grpc
+    endpoints: ["{up}"]
+    protocol: http2
+    connect_timeout: {connect_timeout}
+    outlier_detection: {{consecutive_errors: 0}}
+outbound:
+  listeners:
+    - port: 50051
+      virtual_hosts:
+        - name: grpc
+          domains: ["*"]
+          routes:
+            - route: {{cluster: grpc}}
+"#
+    );
+    Proxy::start(&yaml, "127.0.0.1:50051".parse().expect("addr")).await
+}
+
+/// Every request and connection the proxy counted as open is closed again (bounded wait).
+async fn assert_gauges_back_to_zero(proxy: &Proxy) {
+    proxy.assert_no_open_connections().await;
+    let mut last = 0.0;
+    for _ in 0..100 {
+        last = proxy
+            .prometheus()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("interceptor_proxy_active_requests{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if last == 0.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{last} requests still counted as active after 5 s");
+}
+
+// === tests ===
+
+/// The upstream allows 100 streams, then — with 8 calls in flight — lowers the limit to 1. The
+/// calls over the new limit wait in h2's queue of streams not yet opened (nothing times that
+/// out): each must still be answered.
+#[tokio::test]
+async fn a_stream_limit_lowered_mid_flight_leaves_no_call_hanging() {
+    let how = Behaviour {
+        max_streams: Some(100),
+        lower_to: Some((8, 1)),
+        delay: Duration::from_millis(100),
+        ..Behaviour::default()
+    };
+    let (up, _accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::WithHead).await;
+    assert!(ended.iter().all(answered_ok), "{ended:?}");
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// The upstream allows 4 streams and answers each call whole at its HEADERS, before the
+/// request body arrives; the client sends bodies only once every call has its answer. An
+/// answer's end does not end the stream for h2 (the request body is still to go): a pool
+/// counting streams only until their answers end puts the 5th call on the same connection,
+/// where h2 holds it back, unopened, until a body goes — which here never happens. Within the
+/// peer's limit the 5th call needs a connection of its own.
+#[tokio::test]
+async fn answers_before_request_bodies_leave_no_call_hanging() {
+    let how = Behaviour {
+        max_streams: Some(4),
+        answer_early: true,
+        ..Behaviour::default()
+    };
+    let (up, _accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::AfterAllHeads).await;
+    assert!(ended.iter().all(answered_ok), "{ended:?}");
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// The upstream gives a 16-byte stream window and never gives any back: the 69-byte request
+/// bodies can never be sent whole. The calls cannot succeed, but a gRPC deadline must still
+/// end each one (DEADLINE_EXCEEDED), and nothing stays counted.
+#[tokio::test]
+async fn a_window_never_given_back_ends_at_the_deadline() {
+    let how = Behaviour {
+        stream_window: Some(16),
+        keep_window: true,
+        ..Behaviour::default()
+    };
+    let (up, _accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = deadline_calls(proxy.outbound).await;
+    for e in &ended {
+        assert!(
+            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "4"),
+            "{ended:?}"
+        );
+    }
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// 16 calls with `grpc-timeout: 500m` on one connection.
+async fn deadline_calls(proxy: SocketAddr) -> Vec<Ended> {
+    let stream = TcpStream::connect(proxy).await.expect("connect");
+    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let tasks: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut client = client.ready().await.expect("ready");
+                let req = Request::post("http://grpc.test:50051/bench.Echo/Unary")
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .header("grpc-timeout", "500m")
+                    .body(())
+                    .expect("request");
+                let (resp, mut send) = client.send_request(req, false).expect("send");
+                let mut msg = vec![0, 0, 0, 0, 64];
+                msg.extend([b'x'; 64]);
+                send.reserve_capacity(msg.len());
+                let _ = send.send_data(Bytes::from(msg), true);
+                match resp.await {
+                    Ok(r) => Ended::Answered(r.status(), grpc_status(r.headers())),
+                    Err(e) => Ended::Failed(e.to_string()),
+                }
+            })
+        })
+        .collect();
+    let all = tokio::time::timeout(BOUND, futures::future::join_all(tasks))
+        .await
+        .expect("every deadline call ended");
+    drop(client);
+    conn.abort();
+    all.into_iter()
+        .map(|r| r.unwrap_or_else(|e| Ended::Failed(e.to_string())))
+        .collect()
+}
+
+/// An upstream that accepts and says nothing (no SETTINGS): a burst of 16 calls on a cold
+/// pool must all get UNAVAILABLE within the connect timeout, not one connect timeout each
+/// in turn.
+#[tokio::test]
+async fn a_mute_upstream_fails_a_burst_within_one_connect_timeout() {
+    let how = Behaviour {
+        mute: true,
+        ..Behaviour::default()
+    };
+    let (up, _accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "1s").await;
+    let started = tokio::time::Instant::now();
+    let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::WithHead).await;
+    let took = started.elapsed();
+    for e in &ended {
+        assert!(
+            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
+            "{ended:?}"
+        );
+    }
+    assert!(
+        took < Duration::from_secs(4),
+        "16 calls to a mute upstream took {took:?} with a 1 s connect timeout: they waited \
+         for each other's connect timeouts"
+    );
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// An upstream that sends its SETTINGS and then nothing: calls wait as long as the client lets
+/// them (no route timeout, as Istio), and a gRPC deadline ends each one.
+#[tokio::test]
+async fn an_upstream_silent_after_its_settings_ends_at_the_deadline() {
+    let how = Behaviour {
+        settings_then_silence: true,
+        ..Behaviour::default()
+    };
+    let (up, _accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = deadline_calls(proxy.outbound).await;
+    for e in &ended {
+        assert!(
+            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "4"),
+            "{ended:?}"
+        );
+    }
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// With 16 calls in flight the upstream sends a graceful GOAWAY naming the first 8 as the
+/// last it processes, answers those, never the rest, and keeps the connection open. The rest
+/// were never processed: each gets an answer (the default retry policy's success on a new
+/// connection, or UNAVAILABLE) — none waits on the old connection.
+#[tokio::test]
+async fn a_goaway_below_streams_in_flight_leaves_no_call_hanging() {
+    let how = Behaviour {
+        goaway_after: Some(CALLS),
+        delay: Duration::from_millis(50),
+        ..Behaviour::default()
+    };
+    let (up, _accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::WithHead).await;
+    let ok = ended.iter().filter(|e| answered_ok(e)).count();
+    assert!(ok >= CALLS / 2, "{ended:?}");
+    for e in &ended {
+        assert!(
+            answered_ok(e) || matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
+            "{ended:?}"
+        );
+    }
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// With 16 calls in flight the upstream closes the connection with GOAWAY(ENHANCE_YOUR_CALM),
+/// answering none: each call ends (UNAVAILABLE, or a retry's answer from a new connection),
+/// and the next call is answered on a new connection.
+#[tokio::test]
+async fn an_enhance_your_calm_goaway_ends_every_call() {
+    let how = Behaviour {
+        calm_after: Some(CALLS),
+        ..Behaviour::default()
+    };
+    let (up, accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::WithHead).await;
+    for e in &ended {
+        assert!(
+            answered_ok(e) || matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
+            "{ended:?}"
+        );
+    }
+    let again = calls_on_one_connection(proxy.outbound, 1, Body::WithHead).await;
+    assert!(again.iter().all(answered_ok), "{again:?}");
+    assert!(accepted.load(Ordering::SeqCst) >= 2, "no new connection");
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
