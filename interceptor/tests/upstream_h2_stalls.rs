@@ -458,6 +458,37 @@ async fn a_stream_limit_lowered_mid_flight_leaves_no_call_hanging() {
     task.abort();
 }
 
+/// The upstream allows 100 streams, then lowers its limit to 1 at the first call (h2 reports 1
+/// before it has applied a peer's first SETTINGS too, which must not hide a real 1). Calls
+/// made while that stream is open go to a new connection, as past any other limit, instead of
+/// queueing unopened behind it in h2.
+#[tokio::test]
+async fn a_stream_limit_lowered_to_one_sends_new_calls_to_a_new_connection() {
+    let how = Behaviour {
+        max_streams: Some(100),
+        lower_to: Some((1, 1)),
+        delay: Duration::from_millis(500),
+        ..Behaviour::default()
+    };
+    let (up, accepted, task) = raw_upstream(how).await;
+    let proxy = proxy_for(up, "10s").await;
+    let first = tokio::spawn(calls_on_one_connection(proxy.outbound, 1, Body::WithHead));
+    // The first call's stream is open upstream and the lower limit applied.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let later = calls_on_one_connection(proxy.outbound, 2, Body::WithHead).await;
+    let first = first.await.expect("first call");
+    assert!(
+        first.iter().chain(&later).all(answered_ok),
+        "{first:?} {later:?}"
+    );
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 2,
+        "calls past the upstream's lowered limit of 1 shared its one connection"
+    );
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
 /// The upstream allows 4 streams and answers each call whole at its HEADERS, before the
 /// request body arrives; the client sends bodies only once every call has its answer. An
 /// answer's end does not end the stream for h2 (the request body is still to go): a pool

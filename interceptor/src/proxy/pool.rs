@@ -581,6 +581,9 @@ impl Pool {
             // goes unanswered.
             let mut conn = std::pin::pin!(conn);
             let mut next_ping = keepalive.map(|(every, _)| Instant::now() + every);
+            // h2 reports 1 until it has applied the peer's first SETTINGS (the builder's
+            // `initial_max_send_streams`); after that, 1 is the peer's word too.
+            let mut applied = false;
             loop {
                 let now = Instant::now();
                 let mut wait = match watched.idle_for(now) {
@@ -595,9 +598,9 @@ impl Pool {
                 // frame can change it); the first one comes from `heard`.
                 let run = std::future::poll_fn(|cx| {
                     let polled = conn.as_mut().poll(cx);
-                    // 1 until h2 has applied the peer's first SETTINGS.
                     let peer = conn.max_concurrent_send_streams();
-                    if peer != 1 {
+                    if applied || peer != 1 {
+                        applied = true;
                         watched.peer_max_streams.store(peer, Ordering::Release);
                     }
                     polled
