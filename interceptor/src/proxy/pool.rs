@@ -860,25 +860,19 @@ async fn send_on(
             return Err(NotSent::Failed(SendError::H2 { addr, source: err }));
         }
     };
-    let (cancel, count) = if eos {
-        (None, StreamCount::Own(guard))
+    let sending = if eos {
+        Sending::Sent(guard)
     } else {
         // Eagerly: a body already complete goes out now, without a task of its own.
         let mut pipe = Pipe::new(body, send);
         match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx))).await {
-            Poll::Ready(Ok(())) => (None, StreamCount::Own(guard)),
+            Poll::Ready(Ok(())) => Sending::Sent(guard),
             Poll::Ready(Err(err)) => return Err(NotSent::Failed(SendError::from_pipe(addr, err))),
-            Poll::Pending => {
-                // h2 counts the stream open until the body is sent too, however early the
-                // response ends: the pool's count must not drop before h2's, or the pool
-                // admits streams that h2 holds back, unopened and with no timeout, past the
-                // peer's limit.
-                let shared = Arc::new(guard);
-                (
-                    Some(h2c::spawn_pipe(pipe, shared.clone())),
-                    StreamCount::Shared(shared),
-                )
-            }
+            // The guard goes with the pipe: h2 counts the stream open until the body is sent
+            // too, however early the response ends, and the pool's count must not drop before
+            // h2's, or the pool admits streams that h2 holds back, unopened and with no
+            // timeout, past the peer's limit.
+            Poll::Pending => Sending::Piped(h2c::spawn_pipe(pipe, guard)),
         }
     };
     let resp = match response.await {
@@ -886,15 +880,18 @@ async fn send_on(
         Err(source) => {
             // A spawned body that failed reset the stream itself: the client's error, not
             // the upstream's.
-            if let Some(source) = cancel.as_ref().and_then(h2c::Cancel::body_failure) {
+            if let Sending::Piped(cancel) = &sending
+                && let Some(source) = cancel.body_failure()
+            {
                 return Err(NotSent::Failed(SendError::Body { addr, source }));
             }
             return Err(NotSent::Failed(SendError::H2 { addr, source }));
         }
     };
-    if let Some(cancel) = cancel {
-        cancel.disarm();
-    }
+    let count = match sending {
+        Sending::Sent(guard) => StreamCount::Own(guard),
+        Sending::Piped(cancel) => StreamCount::Shared(cancel.disarm()),
+    };
     let (head, recv) = resp.into_parts();
     let mut pooled = PooledBody {
         body: Inner::H2(H2Body::new(recv)),
@@ -963,7 +960,13 @@ enum Release {
 #[expect(dead_code, reason = "held for its Drop, which ends the count")]
 enum StreamCount {
     Own(StreamGuard),
-    Shared(Arc<StreamGuard>),
+    Shared(Arc<h2c::PipeShared>),
+}
+
+/// How a request's body went: whole before the response was awaited, or by a task of its own.
+enum Sending {
+    Sent(StreamGuard),
+    Piped(h2c::Cancel),
 }
 
 impl Release {

@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderValue, Method, header};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
-use super::super::cluster::UpstreamBody;
+use super::{super::cluster::UpstreamBody, StreamGuard};
 
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,10 +45,19 @@ pub(super) struct Pipe {
     report: Option<BodyFailure>,
 }
 
-/// The client body's error, if it failed in a spawned pipe: the request's task, which sees only
-/// the stream reset that followed, answers with it (413 past the size limit) and does not blame
-/// the endpoint.
-pub(super) type BodyFailure = Arc<Mutex<Option<BoxError>>>;
+/// What a spawned pipe shares with its request's task, in one allocation.
+#[derive(Debug)]
+pub(super) struct PipeShared {
+    /// The client body's error, if it failed in the pipe: the request's task, which sees only
+    /// the stream reset that followed, answers with it (413 past the size limit) and does not
+    /// blame the endpoint.
+    failure: Mutex<Option<BoxError>>,
+    /// The stream's place in its connection's count, kept until the pipe has ended and the
+    /// response is done with (h2 counts the stream open until both sides end).
+    _stream: StreamGuard,
+}
+
+type BodyFailure = Arc<PipeShared>;
 
 impl Pipe {
     pub(super) fn new(body: UpstreamBody, send: h2::SendStream<Bytes>) -> Self {
@@ -138,8 +147,8 @@ impl Future for Pipe {
                     // Reported before the reset, so the request's task finds it when the reset
                     // wakes it.
                     let err = match &this.report {
-                        Some(slot) => {
-                            if let Ok(mut slot) = slot.lock() {
+                        Some(shared) => {
+                            if let Ok(mut slot) = shared.failure.lock() {
                                 *slot = Some(err);
                             }
                             "the client's request body failed".into()
@@ -163,11 +172,14 @@ impl Future for Pipe {
 
 /// A body still streaming when its request went out: its own task, which resets the stream
 /// if the caller gives up on the response before it comes (`cancel` dropped unsent is not
-/// giving up: that is what happens once the response is in). The task keeps `hold` until the
-/// body is sent or the stream reset.
-pub(super) fn spawn_pipe<H: Send + 'static>(mut pipe: Pipe, hold: H) -> Cancel {
-    let report = BodyFailure::default();
-    pipe.report = Some(report.clone());
+/// giving up: that is what happens once the response is in). The stream stays counted until
+/// the task has ended and the [`Cancel::disarm`]ed share is dropped.
+pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
+    let shared = Arc::new(PipeShared {
+        failure: Mutex::new(None),
+        _stream: stream,
+    });
+    pipe.report = Some(shared.clone());
     let (tx, mut rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         tokio::pin!(pipe);
@@ -190,22 +202,23 @@ pub(super) fn spawn_pipe<H: Send + 'static>(mut pipe: Pipe, hold: H) -> Cancel {
             })
         });
         done.await;
-        drop(hold);
     });
-    Cancel(Some(tx), report)
+    Cancel(Some(tx), shared)
 }
 
 /// Resets a spawned body's stream when dropped, unless [`Cancel::disarm`]ed.
 pub(super) struct Cancel(Option<oneshot::Sender<()>>, BodyFailure);
 
 impl Cancel {
-    pub(super) fn disarm(mut self) {
+    /// The response is in: the pipe goes on, and the returned share keeps the stream counted.
+    pub(super) fn disarm(mut self) -> Arc<PipeShared> {
         self.0.take();
+        self.1.clone()
     }
 
     /// The client body's error, if that is why the spawned pipe ended.
     pub(super) fn body_failure(&self) -> Option<BoxError> {
-        self.1.lock().ok()?.take()
+        self.1.failure.lock().ok()?.take()
     }
 }
 
