@@ -365,7 +365,13 @@ impl Rig {
         for pod in [Pod::Client, Pod::Server] {
             self.start_sidecar(pod, sidecar)?;
         }
-        self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
+        // Experiment (issue 15): ICPT_BENCH_SERVER_ONLY=1 intercepts only the server pod (the
+        // client sidecar still runs, unused): the load generator reaches the server pod directly.
+        if std::env::var_os("ICPT_BENCH_SERVER_ONLY").is_some() {
+            self.intercept(&[Pod::Server], &PodSpec::default())?;
+        } else {
+            self.intercept(&[Pod::Client, Pod::Server], &PodSpec::default())?;
+        }
         let timeout = Duration::from_secs(20);
         if self.mode.ebpf()
             && !crate::lab::wait_inbound_ready(&self.pins, &self.server.netns, timeout)?
