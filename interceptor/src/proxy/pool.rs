@@ -724,7 +724,10 @@ impl Pool {
                             // Boxed, as every rarely taken branch here: a request's future (moved
                             // whole when its stream's task is spawned) stays small.
                             let opened = Box::pin(self.open_h2(addr, settings)).await;
-                            if let Ok(mut m) = self.h2_opening.lock() {
+                            // Only this open's entry: a later open may have replaced it.
+                            if let Ok(mut m) = self.h2_opening.lock()
+                                && m.get(&addr).is_some_and(|l| Arc::ptr_eq(l, &lock))
+                            {
                                 m.remove(&addr);
                             }
                             if let Err(err) = &opened {
