@@ -108,6 +108,7 @@ pub fn clusters_json(source: &ConfigSource) -> Value {
                     "protocol": c.protocol,
                     "cx_idle_http1": c.idle_connections(),
                     "cx_open_http2": c.h2_connections(),
+                    "rq_active_http2": c.h2_streams(),
                     "stats": {
                         "rq_total": s.rq_total.load(Ordering::Relaxed),
                         "rq_error": s.rq_error.load(Ordering::Relaxed),
@@ -136,6 +137,9 @@ fn clusters_text(source: &ConfigSource) -> String {
     let mut out = String::new();
     for c in clusters_json(source).as_array().into_iter().flatten() {
         let name = c["name"].as_str().unwrap_or_default();
+        for k in ["cx_idle_http1", "cx_open_http2", "rq_active_http2"] {
+            let _ = writeln!(out, "{name}::{k}::{}", c[k]);
+        }
         if let Some(stats) = c["stats"].as_object() {
             for (k, v) in stats {
                 let _ = writeln!(out, "{name}::{k}::{v}");

@@ -230,6 +230,11 @@ impl Cluster {
         self.pools.iter().map(|p| p.h2_connections()).sum()
     }
 
+    /// Streams counted open on upstream HTTP/2 connections over every worker's pool.
+    pub fn h2_streams(&self) -> usize {
+        self.pools.iter().map(|p| p.h2_streams()).sum()
+    }
+
     pub fn from_config(c: &ClusterConfig, workers: usize) -> Self {
         Self::new(
             c.name.clone(),

@@ -45,6 +45,10 @@ use self::{
 };
 use super::cluster::{UpstreamBody, connect};
 
+/// The builder's stream limit, which h2 reports until it has applied the peer's first
+/// SETTINGS: above any u32, so never a peer's value.
+const NOT_YET_APPLIED: usize = usize::MAX - 1;
+
 /// Idle connections kept per endpoint (more are closed when they come back).
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
@@ -175,6 +179,9 @@ struct H2State {
     peer_max_streams: AtomicUsize,
     /// When the last stream ended (or the connection opened).
     idle_since: Mutex<Instant>,
+    /// The pool's idle timeout, which also bounds how long a request body whose response has
+    /// ended waits for window (`h2c::spawn_pipe`).
+    idle_timeout: Duration,
 }
 
 impl H2State {
@@ -304,6 +311,21 @@ impl Pool {
                     .flatten()
                     .filter(|c| !c.state.closed.load(Ordering::Acquire))
                     .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Streams counted open on upstream HTTP/2 connections (all endpoints): Envoy's
+    /// `upstream_rq_active` for h2. A stream stays counted until h2 is done with it too (its
+    /// request body sent as well as its response ended).
+    pub fn h2_streams(&self) -> usize {
+        self.h2
+            .lock()
+            .map(|m| {
+                m.values()
+                    .flatten()
+                    .map(|c| c.state.streams.load(Ordering::Acquire))
+                    .sum()
             })
             .unwrap_or(0)
     }
@@ -537,9 +559,10 @@ impl Pool {
         let (socket, mut heard) = HeardIo::new(stream);
         let mut builder = h2::client::Builder::new();
         builder
-            // One stream until the peer's SETTINGS say how many it takes (h2 holds the others
-            // back until then), so a burst on a new connection is never refused.
-            .initial_max_send_streams(1)
+            // A value no SETTINGS frame can carry (a u32), so the connection's task knows
+            // whether h2 has applied the peer's SETTINGS yet. Nothing is sent before the pool
+            // has read the peer's first SETTINGS, and then no more streams than it allows.
+            .initial_max_send_streams(NOT_YET_APPLIED)
             .max_header_list_size(settings.max_header_list_size)
             // hyper's client defaults, which this pool used before it drove h2 itself.
             .initial_window_size(H2_STREAM_WINDOW)
@@ -561,6 +584,7 @@ impl Pool {
             streams: AtomicUsize::new(0),
             peer_max_streams: AtomicUsize::new(usize::MAX),
             idle_since: Mutex::new(Instant::now()),
+            idle_timeout: self.idle_timeout,
         });
         let idle_timeout = self.idle_timeout;
         let keepalive = settings
@@ -581,9 +605,6 @@ impl Pool {
             // goes unanswered.
             let mut conn = std::pin::pin!(conn);
             let mut next_ping = keepalive.map(|(every, _)| Instant::now() + every);
-            // h2 reports 1 until it has applied the peer's first SETTINGS (the builder's
-            // `initial_max_send_streams`); after that, 1 is the peer's word too.
-            let mut applied = false;
             loop {
                 let now = Instant::now();
                 let mut wait = match watched.idle_for(now) {
@@ -599,8 +620,10 @@ impl Pool {
                 let run = std::future::poll_fn(|cx| {
                     let polled = conn.as_mut().poll(cx);
                     let peer = conn.max_concurrent_send_streams();
-                    if applied || peer != 1 {
-                        applied = true;
+                    // Before h2 has applied the peer's first SETTINGS it reports the
+                    // builder's value; after, every limit it reports is the peer's (a 1 too,
+                    // however soon after the first SETTINGS it came).
+                    if peer != NOT_YET_APPLIED {
                         watched.peer_max_streams.store(peer, Ordering::Release);
                     }
                     polled
@@ -674,7 +697,14 @@ impl Pool {
                 });
             }
         };
-        state.peer_max_streams.store(max_streams, Ordering::Release);
+        // Unless the connection's task has published h2's word already, which may be a later
+        // SETTINGS than the first.
+        let _ = state.peer_max_streams.compare_exchange(
+            usize::MAX,
+            max_streams,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         // Checked under the lock: a task ending after this check prunes the entry once the
         // lock is free (it marks the connection closed before taking the lock).
         let mut all = self.h2.lock().map_err(|_| SendError::NotHttp2 { addr })?;
@@ -724,7 +754,10 @@ impl Pool {
                             // Boxed, as every rarely taken branch here: a request's future (moved
                             // whole when its stream's task is spawned) stays small.
                             let opened = Box::pin(self.open_h2(addr, settings)).await;
-                            if let Ok(mut m) = self.h2_opening.lock() {
+                            // Only this open's entry: a later open may have replaced it.
+                            if let Ok(mut m) = self.h2_opening.lock()
+                                && m.get(&addr).is_some_and(|l| Arc::ptr_eq(l, &lock))
+                            {
                                 m.remove(&addr);
                             }
                             if let Err(err) = &opened {

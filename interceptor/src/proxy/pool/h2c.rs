@@ -43,6 +43,8 @@ pub(super) struct Pipe {
     waiting: Option<(Bytes, bool)>,
     /// Where a spawned pipe leaves the client body's error for the request's task.
     report: Option<BodyFailure>,
+    /// Counts the DATA frames sent: a spawned pipe's wait for window restarts when it moves.
+    progress: u32,
 }
 
 /// What a spawned pipe shares with its request's task, in one allocation.
@@ -66,6 +68,7 @@ impl Pipe {
             send,
             waiting: None,
             report: None,
+            progress: 0,
         }
     }
 
@@ -88,7 +91,7 @@ impl Future for Pipe {
                 };
                 return Poll::Ready(Err(this.h2_err(err)));
             }
-            if let Some((data, eos)) = this.waiting.take() {
+            if let Some((mut data, eos)) = this.waiting.take() {
                 while this.send.capacity() == 0 {
                     match this.send.poll_capacity(cx) {
                         Poll::Pending => {
@@ -105,10 +108,25 @@ impl Future for Pipe {
                         }
                     }
                 }
-                if let Err(err) = this.send.send_data(data, eos) {
+                // No more than the window assigned: h2 would queue the rest and count the
+                // stream open while it holds it, long after this pipe (and the pool's count
+                // of the stream) ended, if the peer never gives window back.
+                let capacity = this.send.capacity();
+                let rest = if data.len() > capacity {
+                    let piece = data.split_to(capacity);
+                    Some(std::mem::replace(&mut data, piece))
+                } else {
+                    None
+                };
+                let last = eos && rest.is_none();
+                if let Err(err) = this.send.send_data(data, last) {
                     return Poll::Ready(Err(this.h2_err(err)));
                 }
-                if eos {
+                this.progress = this.progress.wrapping_add(1);
+                if let Some(rest) = rest {
+                    this.send.reserve_capacity(rest.len());
+                    this.waiting = Some((rest, eos));
+                } else if eos {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
@@ -127,9 +145,9 @@ impl Future for Pipe {
                             }
                             continue;
                         }
-                        // A claim of one byte, raised to the chunk by `send_data`: a body that
-                        // never sends pins no window (hyper #4003).
-                        this.send.reserve_capacity(1);
+                        // Claimed once a chunk is in hand, so a body that never sends pins no
+                        // window (hyper #4003); sent as window comes, never queued past it.
+                        this.send.reserve_capacity(data.len());
                         this.waiting = Some((data, eos));
                     }
                     Err(frame) => {
@@ -174,7 +192,14 @@ impl Future for Pipe {
 /// if the caller gives up on the response before it comes (`cancel` dropped unsent is not
 /// giving up: that is what happens once the response is in). The stream stays counted until
 /// the task has ended and the [`Cancel::disarm`]ed share is dropped.
+///
+/// Once the response has ended, a pipe that has waited for window longer than the pool's idle
+/// timeout (`stall_limit`) with no DATA frame sent resets its stream (CANCEL): the upstream
+/// answered and may never read the rest, and a stream counted for good would keep its
+/// connection from ever closing as idle, even after a reload. (The client's body is not read
+/// while the window is waited for, so a client gone meanwhile goes unseen until then.)
 pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
+    let stall_limit = stream.0.idle_timeout;
     let shared = Arc::new(PipeShared {
         failure: Mutex::new(None),
         _stream: stream,
@@ -183,6 +208,10 @@ pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
     let (tx, mut rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         tokio::pin!(pipe);
+        let stall = tokio::time::sleep(stall_limit);
+        tokio::pin!(stall);
+        // The pipe's progress when the stall timer was last set, while it is set.
+        let mut armed: Option<u32> = None;
         let mut watching = true;
         let done = std::future::poll_fn(|cx| {
             if watching {
@@ -195,11 +224,44 @@ pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
                     Poll::Pending => {}
                 }
             }
-            pipe.as_mut().poll(cx).map(|r| {
+            if let Poll::Ready(r) = pipe.as_mut().poll(cx) {
                 if let Err(err) = r {
                     tracing::debug!(?err, "upstream request body ended early");
                 }
-            })
+                return Poll::Ready(());
+            }
+            if watching || pipe.waiting.is_none() || stall_limit.is_zero() {
+                armed = None;
+                return Poll::Pending;
+            }
+            if armed != Some(pipe.progress) {
+                armed = Some(pipe.progress);
+                stall
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + stall_limit);
+            }
+            while stall.as_mut().poll(cx).is_ready() {
+                // The response is still being read (its body holds the other share): the
+                // upstream may yet give window as it goes on.
+                if pipe
+                    .report
+                    .as_ref()
+                    .is_some_and(|r| Arc::strong_count(r) > 1)
+                {
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + stall_limit);
+                    continue;
+                }
+                tracing::debug!(
+                    ?stall_limit,
+                    "upstream gave no window for the rest of a request body after its response; \
+                     resetting the stream"
+                );
+                pipe.send.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(());
+            }
+            Poll::Pending
         });
         done.await;
     });
