@@ -7,7 +7,9 @@
 //! one connection as h2load sends them. Every call must end — a response or a gRPC-shaped
 //! error — within a bound, and the proxy's gauges must return to 0: its requests, its client
 //! connections, and its count of upstream h2 streams (the pool's, which decides what a
-//! connection can still take).
+//! connection can still take). The `streams_a_*` tests count what the upstream processed: a
+//! stream a GOAWAY names as processed is not sent again unless the route retries on `reset`;
+//! one it refuses is retried on a new connection.
 
 #[path = "support/proxy.rs"]
 mod support;
@@ -800,6 +802,247 @@ async fn an_enhance_your_calm_goaway_ends_every_call() {
     let again = calls_on_one_connection(proxy.outbound, 1, Body::WithHead).await;
     assert!(again.iter().all(answered_ok), "{again:?}");
     assert!(accepted.load(Ordering::SeqCst) >= 2, "no new connection");
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+// === GOAWAY: what was processed is not sent again ===
+
+/// What a counting upstream's first connection does once `after` requests are whole on it.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// GOAWAY(last stream id = the highest so far, ENHANCE_YOUR_CALM), then close, answering
+    /// none: every request on it was processed (counted), none answered.
+    CalmAndClose,
+    /// GOAWAY(last stream id = that of the `processed`-th request, NO_ERROR): the requests up
+    /// to it are processed and answered, the later ones refused (never processed nor
+    /// answered). The connection stays open.
+    Refuse { processed: usize },
+}
+
+/// The requests an upstream processed: (connection number from 0, the message's letter —
+/// each call's message is its own letter repeated).
+type Processed = Arc<std::sync::Mutex<Vec<(usize, u8)>>>;
+
+/// An h2c upstream whose first connection ends as `ending` says once `after` requests are
+/// whole on it; later connections answer every request. Every request processed (and only
+/// those) is recorded.
+async fn counting_upstream(
+    after: usize,
+    ending: Ending,
+) -> (SocketAddr, Processed, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let processed = Processed::default();
+    let record = processed.clone();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut n = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            let first = (n == 0).then_some((after, ending));
+            held.push(tokio::spawn(serve_counting(
+                stream,
+                n,
+                first,
+                record.clone(),
+            )));
+            n += 1;
+        }
+    });
+    (addr, processed, task)
+}
+
+async fn serve_counting(
+    stream: TcpStream,
+    conn: usize,
+    ending: Option<(usize, Ending)>,
+    processed: Processed,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut preface = [0u8; 24];
+    if rd.read_exact(&mut preface).await.is_err() || wr.write_all(&settings(&[])).await.is_err() {
+        return;
+    }
+    let process = |letter: u8| processed.lock().expect("lock").push((conn, letter));
+    // Each stream's letter (the first byte of its message), then the requests whole so far.
+    let mut letters: HashMap<u32, u8> = HashMap::new();
+    let mut whole: Vec<(u32, u8)> = Vec::new();
+    let mut last_answered: Option<u32> = None;
+    loop {
+        let mut head = [0u8; 9];
+        if rd.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if rd.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let (kind, flags) = (head[3], head[4]);
+        let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut out = Vec::new();
+        match kind {
+            SETTINGS if flags & ACK == 0 => out = frame(SETTINGS, ACK, 0, &[]),
+            PING if flags & ACK == 0 => out = frame(PING, ACK, 0, &payload),
+            DATA => {
+                if let Some(&letter) = payload.get(5) {
+                    letters.entry(sid).or_insert(letter);
+                }
+                if len > 0 {
+                    let inc = u32::try_from(len).unwrap_or(0).to_be_bytes();
+                    out.extend(frame(WINDOW_UPDATE, 0, 0, &inc));
+                    out.extend(frame(WINDOW_UPDATE, 0, sid, &inc));
+                }
+                if flags & END_STREAM != 0 {
+                    let letter = letters.get(&sid).copied().unwrap_or(b'?');
+                    match ending {
+                        None => {
+                            process(letter);
+                            out.extend(grpc_answer(sid));
+                        }
+                        Some(_) if last_answered.is_some() => {}
+                        Some((_, Ending::CalmAndClose)) => {
+                            process(letter);
+                            whole.push((sid, letter));
+                        }
+                        Some((_, Ending::Refuse { .. })) => whole.push((sid, letter)),
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some((after, how)) = ending
+            && last_answered.is_none()
+            && whole.len() == after
+        {
+            whole.sort_unstable();
+            match how {
+                Ending::CalmAndClose => {
+                    let highest = whole.last().map_or(0, |w| w.0);
+                    out.extend(goaway(highest, ENHANCE_YOUR_CALM));
+                    let _ = wr.write_all(&out).await;
+                    let _ = wr.shutdown().await;
+                    // Lets the GOAWAY and FIN arrive before anything unread resets the socket.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return;
+                }
+                Ending::Refuse { processed: first } => {
+                    let last = whole[first - 1].0;
+                    last_answered = Some(last);
+                    out.extend(goaway(last, NO_ERROR));
+                    for &(sid, letter) in whole.iter().filter(|w| w.0 <= last) {
+                        process(letter);
+                        out.extend(grpc_answer(sid));
+                    }
+                }
+            }
+        }
+        if !out.is_empty() && wr.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A proxy like [`proxy_for`] whose route has `retry_policy` (YAML flow mapping).
+async fn proxy_with_retry(up: SocketAddr, retry_policy: &str) -> Proxy {
+    let yaml = format!(
+        r#"
+clusters:
+  - name: grpc
+    endpoints: ["{up}"]
+    protocol: http2
+    connect_timeout: 10s
+    outlier_detection: {{consecutive_errors: 0}}
+outbound:
+  listeners:
+    - port: 50051
+      virtual_hosts:
+        - name: grpc
+          domains: ["*"]
+          routes:
+            - route: {{cluster: grpc, retry_policy: {retry_policy}}}
+"#
+    );
+    Proxy::start(&yaml, "127.0.0.1:50051".parse().expect("addr")).await
+}
+
+/// How many times the upstream processed each call's request, by call.
+fn times_processed(processed: &Processed, calls: usize) -> Vec<usize> {
+    let all = processed.lock().expect("lock").clone();
+    (0..calls)
+        .map(|i| all.iter().filter(|p| p.1 == b'a' + i as u8).count())
+        .collect()
+}
+
+/// Two calls on one upstream connection; the upstream processes both, then sends
+/// GOAWAY(last stream id = the higher of the two, ENHANCE_YOUR_CALM) and closes without
+/// answering. Neither stream was refused (both are at or below the last stream id): under the
+/// default retry policy (refused-stream, no reset) neither may be sent again, and each client
+/// gets UNAVAILABLE.
+#[tokio::test]
+async fn streams_a_calm_goaway_names_as_processed_are_not_sent_again() {
+    let (up, processed, task) = counting_upstream(2, Ending::CalmAndClose).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = calls_on_one_connection(proxy.outbound, 2, Body::WithHead).await;
+    // Any retry would have had time to reach the upstream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        times_processed(&processed, 2),
+        [1, 1],
+        "each request must reach the upstream exactly once: {:?}; calls: {ended:?}",
+        processed.lock().expect("lock")
+    );
+    for e in &ended {
+        assert!(
+            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
+            "{ended:?}"
+        );
+    }
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// The same upstream, with a route that retries on `reset` (as Envoy's): the two calls, whose
+/// requests may have been processed and were lost with the connection, are sent again on a
+/// new connection, and answered.
+#[tokio::test]
+async fn streams_a_calm_goaway_names_as_processed_are_retried_on_reset() {
+    let (up, processed, task) = counting_upstream(2, Ending::CalmAndClose).await;
+    let proxy = proxy_with_retry(
+        up,
+        "{retry_on: reset, num_retries: 1, base_interval: 1ms, max_interval: 1ms}",
+    )
+    .await;
+    let ended = calls_on_one_connection(proxy.outbound, 2, Body::WithHead).await;
+    assert!(ended.iter().all(answered_ok), "{ended:?}");
+    assert_eq!(
+        times_processed(&processed, 2),
+        [2, 2],
+        "{:?}",
+        processed.lock().expect("lock")
+    );
+    assert_gauges_back_to_zero(&proxy).await;
+    task.abort();
+}
+
+/// Four calls on one upstream connection; the upstream sends GOAWAY(NO_ERROR) naming the
+/// second as the last it processes, answers the first two and never the others. The two
+/// refused streams were not processed: the default retry policy (refused-stream) sends them
+/// on a new connection, where they are answered. Every call succeeds and every request is
+/// processed exactly once.
+#[tokio::test]
+async fn streams_a_goaway_refuses_are_retried_on_a_new_connection() {
+    let (up, processed, task) = counting_upstream(4, Ending::Refuse { processed: 2 }).await;
+    let proxy = proxy_for(up, "10s").await;
+    let ended = calls_on_one_connection(proxy.outbound, 4, Body::WithHead).await;
+    assert!(ended.iter().all(answered_ok), "{ended:?}");
+    let all = processed.lock().expect("lock").clone();
+    assert_eq!(times_processed(&processed, 4), [1, 1, 1, 1], "{all:?}");
+    assert_eq!(
+        all.iter().filter(|p| p.0 == 0).count(),
+        2,
+        "the first connection processes the two streams at or below the GOAWAY's last id: {all:?}"
+    );
     assert_gauges_back_to_zero(&proxy).await;
     task.abort();
 }

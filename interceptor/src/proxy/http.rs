@@ -865,6 +865,16 @@ fn classify_error(err: &SendError) -> Outcome {
 /// stream id is below it. h2 fails a stream with the peer's GOAWAY only in that case (a stream
 /// the peer took and then lost to the connection closing fails with an I/O error instead), so
 /// like REFUSED_STREAM it is safe to retry and no fault of the endpoint's.
+///
+/// In the vendored h2 (`third_party/h2/src/proto`): `streams/streams.rs` `recv_go_away` fails
+/// only the streams above the frame's last stream id with the remote GOAWAY, whatever its error
+/// code, and a stream opened after it gets the same error from `send_request`
+/// (`ensure_no_conn_error`). A stream at or below the last id stays open; when the connection
+/// then ends it gets an I/O error (`streams/state.rs` `recv_eof`: BrokenPipe; or the read's own
+/// error through `connection.rs` `handle_poll2_result`), classified a reset: retried only under
+/// `retry_on: reset` (or 5xx, gateway-error). h2's own GOAWAY (a protocol error it detected) is
+/// `Initiator::Library`, not remote. Pinned by the `streams_a_*` tests in
+/// `tests/upstream_h2_stalls.rs`.
 fn refused(err: &h2::Error) -> bool {
     err.reason() == Some(h2::Reason::REFUSED_STREAM) || (err.is_go_away() && err.is_remote())
 }
