@@ -459,20 +459,25 @@ outbound:
     Proxy::start(&yaml, "127.0.0.1:50051".parse().expect("addr")).await
 }
 
+/// The upstream h2 streams the proxy counts open to cluster `grpc` (`/clusters`).
+async fn upstream_streams(proxy: &Proxy) -> u64 {
+    let clusters = proxy.admin_json("/clusters?format=json").await;
+    clusters
+        .as_array()
+        .expect("clusters")
+        .iter()
+        .find(|c| c["name"] == "grpc")
+        .and_then(|c| c["rq_active_http2"].as_u64())
+        .expect("rq_active_http2 of cluster grpc")
+}
+
 /// Every request, client connection and upstream h2 stream the proxy counted as open is closed
 /// again (bounded waits). The first two drop at a response's head and its client's close; only
 /// the upstream count sees a stream kept open past both (`/clusters`' `rq_active_http2`).
 async fn assert_gauges_back_to_zero(proxy: &Proxy) {
     let mut streams = 0;
     for _ in 0..100 {
-        let clusters = proxy.admin_json("/clusters?format=json").await;
-        streams = clusters
-            .as_array()
-            .expect("clusters")
-            .iter()
-            .find(|c| c["name"] == "grpc")
-            .and_then(|c| c["rq_active_http2"].as_u64())
-            .expect("rq_active_http2 of cluster grpc");
+        streams = upstream_streams(proxy).await;
         if streams == 0 {
             break;
         }
@@ -629,9 +634,16 @@ async fn bodies_stuck_without_window_after_their_answers_keep_their_streams_coun
         ..Behaviour::default()
     };
     let (up, accepted, task) = raw_upstream(how).await;
-    let proxy = proxy_with(up, "10s", "\n    idle_timeout: 1s", "").await;
+    // Long enough that the stuck bodies are still counted when the 5th call comes on a slow
+    // machine, short enough for the reset to come within assert_gauges_back_to_zero's wait.
+    let proxy = proxy_with(up, "10s", "\n    idle_timeout: 3s", "").await;
     let first = calls_on_one_connection(proxy.outbound, 4, Body::WithHead).await;
     assert!(first.iter().all(answered_ok), "{first:?}");
+    assert_eq!(
+        upstream_streams(&proxy).await,
+        4,
+        "the 4 answered calls whose bodies h2 still holds stay counted"
+    );
     let fifth = calls_on_one_connection(proxy.outbound, 1, Body::WithHead).await;
     assert!(fifth.iter().all(answered_ok), "{fifth:?}");
     assert_eq!(

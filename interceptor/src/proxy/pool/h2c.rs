@@ -208,8 +208,8 @@ pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
     let (tx, mut rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         tokio::pin!(pipe);
-        let stall = tokio::time::sleep(stall_limit);
-        tokio::pin!(stall);
+        // Created when first armed: most pipes never wait for window after their response.
+        let mut stall = std::pin::pin!(None::<tokio::time::Sleep>);
         // The pipe's progress when the stall timer was last set, while it is set.
         let mut armed: Option<u32> = None;
         let mut watching = true;
@@ -236,11 +236,15 @@ pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
             }
             if armed != Some(pipe.progress) {
                 armed = Some(pipe.progress);
-                stall
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + stall_limit);
+                let at = tokio::time::Instant::now() + stall_limit;
+                match stall.as_mut().as_pin_mut() {
+                    Some(timer) => timer.reset(at),
+                    None => stall.set(Some(tokio::time::sleep_until(at))),
+                }
             }
-            while stall.as_mut().poll(cx).is_ready() {
+            while let Some(mut timer) = stall.as_mut().as_pin_mut()
+                && timer.as_mut().poll(cx).is_ready()
+            {
                 // The response is still being read (its body holds the other share): the
                 // upstream may yet give window as it goes on.
                 if pipe
@@ -248,9 +252,7 @@ pub(super) fn spawn_pipe(mut pipe: Pipe, stream: StreamGuard) -> Cancel {
                     .as_ref()
                     .is_some_and(|r| Arc::strong_count(r) > 1)
                 {
-                    stall
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + stall_limit);
+                    timer.reset(tokio::time::Instant::now() + stall_limit);
                     continue;
                 }
                 tracing::debug!(
