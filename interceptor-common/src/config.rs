@@ -42,6 +42,15 @@ pub const CONFIG_MSG_ADAPTIVE: u32 = 1 << 2;
 /// TCP (redirected bytes are not charged to the receiver's socket buffer).
 pub const CONFIG_MSG_BRAKE: u32 = 1 << 3;
 
+/// The two ends of every in-pod hop of an enabled pod (app→proxy, proxy→app passthrough, the
+/// proxy's own inbound call, DNS over TCP to the proxy: the sockets connect4/6 recorded) get
+/// `TCP_NODELAY` at sockops' established callback, redirected or not. A hop left on loopback
+/// TCP (`--no-sockmap`, `--no-msg-redirect`, a lost first-write race, the adaptive policy,
+/// the brake) would otherwise hold a corked app's sub-MSS tail for the proxy's delayed ACK
+/// (40 ms; README, issue 15); a redirected hop never Nagles anyway. Default on; off with
+/// `agent --no-app-nodelay`.
+pub const CONFIG_APP_NODELAY: u32 = 1 << 4;
+
 impl GlobalConfig {
     pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
     pub const DEFAULT_INBOUND_PORT: u16 = 15006;
@@ -51,7 +60,7 @@ impl GlobalConfig {
         Self {
             outbound_port: Self::DEFAULT_OUTBOUND_PORT as u32,
             inbound_port: Self::DEFAULT_INBOUND_PORT as u32,
-            flags: CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD,
+            flags: CONFIG_MSG_REDIRECT | CONFIG_POD_TO_POD | CONFIG_APP_NODELAY,
             passthrough_ip4: u32::from_ne_bytes(PASSTHROUGH_V4),
             passthrough_ip6: addr_words(PASSTHROUGH_V6),
             dns_port: Self::DEFAULT_DNS_PORT as u32,

@@ -322,6 +322,29 @@ pub(crate) fn ops_tuple(ctx: &SockOpsContext) -> Option<(Addr, Addr, u32, u32)> 
 
 // === helpers taking the program context ===
 
+/// `SOL_TCP` and `TCP_NODELAY` from include/uapi/linux/tcp.h and in.h.
+const SOL_TCP: i32 = 6;
+const TCP_NODELAY: i32 = 1;
+
+/// `bpf_setsockopt(SOL_TCP, TCP_NODELAY, 1)` on the sock_ops socket (a full socket at the
+/// established callbacks; allowed from sock_ops on every kernel the loader accepts). 0 or a
+/// negative errno.
+#[inline(always)]
+pub(crate) fn ops_set_nodelay(ctx: &SockOpsContext) -> i64 {
+    let mut one: i32 = 1;
+    // SAFETY: the program's own sock_ops context; `one` lives on the stack for the call and
+    // its exact size is passed.
+    unsafe {
+        aya_ebpf::helpers::bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            TCP_NODELAY,
+            (&mut one as *mut i32).cast(),
+            core::mem::size_of::<i32>() as i32,
+        )
+    }
+}
+
 /// The socket's cookie (`bpf_get_socket_cookie`; sock_addr, sock_ops and sk_msg contexts).
 #[inline(always)]
 pub(crate) fn socket_cookie<C: aya_ebpf::EbpfContext>(ctx: &C) -> u64 {

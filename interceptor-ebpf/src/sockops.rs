@@ -14,7 +14,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    config::{CONFIG_MSG_ADAPTIVE, CONFIG_MSG_BRAKE, CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD},
+    config::{
+        CONFIG_APP_NODELAY, CONFIG_MSG_ADAPTIVE, CONFIG_MSG_BRAKE, CONFIG_MSG_REDIRECT,
+        CONFIG_POD_TO_POD,
+    },
     counters::Counter,
     event::{Event, EVENT_LISTENER},
     history::{canonical, ConnMsgs, HistKey, CONN_TCP, KIND_POD_TO_POD},
@@ -76,6 +79,25 @@ fn redirect_enabled() -> bool {
     matches!(config(), Some(cfg) if cfg.flags & CONFIG_MSG_REDIRECT != 0)
 }
 
+/// One end of an in-pod hop of an enabled pod (a socket connect4/6 recorded, or its accepted
+/// peer): `TCP_NODELAY`, whether or not it joins the sockhash (a joined socket can fall back
+/// to TCP later, when sk_msg can no longer set options). A redirected hop never Nagles
+/// (`tcp_bpf_sendmsg` hands each sendmsg over whole), so this only makes a hop left on
+/// loopback TCP behave like it: Nagle there saves nothing (the proxy re-segments what it
+/// forwards) and, with a corked app (nginx `tcp_nopush`), holds the response's tail until the
+/// proxy's delayed ACK, 40 ms (README, issue 15). Never for other sockets: host, pods not
+/// enabled, iptables-mode pods, the pod→pod hop. A failure leaves the socket as it was.
+#[inline(always)]
+fn app_nodelay(ctx: &SockOpsContext) {
+    if !matches!(config(), Some(cfg) if cfg.flags & CONFIG_APP_NODELAY != 0) {
+        return;
+    }
+    let ret = ctx::ops_set_nodelay(ctx);
+    if ret != 0 {
+        warn!(ctx, "TCP_NODELAY on an in-pod hop failed: {}", ret);
+    }
+}
+
 #[inline(always)]
 fn add_to_sockhash(ctx: &SockOpsContext, key: &mut SockKey, inserted: Counter) {
     match maps::add_socket(&SOCKS, key, ctx) {
@@ -102,6 +124,7 @@ fn on_active_established(ctx: &SockOpsContext) {
         pod_to_pod(ctx, &mut key, true);
         return;
     };
+    app_nodelay(ctx);
     let wanted = redirect_enabled() && orig.flags & ORIG_NO_SOCKMAP == 0;
     let hist = HistKey {
         netns: key.netns,
@@ -180,6 +203,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
         pod_to_pod(ctx, &mut key, false);
         return;
     };
+    app_nodelay(ctx);
     // ORIG_SKIP_SHORT: the connecting end stayed out (see `pays_to_redirect`), so must this one.
     if redirect_enabled() && flags & (ORIG_NO_SOCKMAP | ORIG_SKIP_SHORT) == 0 {
         add_to_sockhash(ctx, &mut key, Counter::SockhashInsert);

@@ -97,6 +97,13 @@ pub struct AgentArgs {
     /// (sk_msg then only carries each pod's app↔proxy hops; for comparisons).
     #[arg(long)]
     pub no_pod_to_pod: bool,
+    /// Leave Nagle's algorithm as the app set it on the app↔proxy and proxy→app hops of
+    /// enabled pods. By default both ends of those in-pod hops get TCP_NODELAY when they are
+    /// established: a hop left on loopback TCP (--no-sockmap, the adaptive policy, a lost
+    /// first-write race) otherwise holds a corked app's last segment for the proxy's delayed
+    /// ACK, 40 ms (README, issue 15); a redirected hop never delays writes anyway.
+    #[arg(long)]
+    pub no_app_nodelay: bool,
     /// Leave programs attached and maps pinned on exit: interception goes on without an agent.
     /// (Always so with --kube: there a stop is not an uninstall, see --daemonset.)
     #[arg(long)]

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use interceptor_common::names;
+use interceptor_common::{config::CONFIG_APP_NODELAY, names};
 use serde::Serialize;
 
 use crate::{
@@ -30,6 +30,9 @@ pub struct Status {
     /// Which connections sk_msg carries: `off`, `always` or `adaptive` (`agent
     /// --msg-redirect-policy`), and whether the TCP-memory-pressure brake holds new ones on TCP.
     pub msg_redirect: Option<MsgRedirect>,
+    /// Both ends of enabled pods' in-pod hops get TCP_NODELAY when established (`agent
+    /// --no-app-nodelay` turns it off). None before an agent wrote the settings.
+    pub app_nodelay: Option<bool>,
     /// DNS capture's sendmsg/recvmsg programs are attached: eBPF-mode pods may ask for it.
     pub dns_capture_ebpf: bool,
     /// How the running agent got the datapath (loaded, upgraded in place, adopted) and what of
@@ -92,20 +95,21 @@ impl Status {
                 }
             })
             .collect();
-        let (pods, sockhash_entries, counters, msg_redirect) =
-            if pins.map(names::map::POD_INFO).exists() {
-                let maps = Maps::open(pins)?;
-                let pods = registry::list(pins, &maps).unwrap_or_default();
-                let msg_redirect = maps.global_config().ok().map(|c| MsgRedirect::of(&c));
-                (
-                    pods,
-                    maps.sockhash_entries(),
-                    maps.counters()?,
-                    msg_redirect,
-                )
-            } else {
-                (Vec::new(), 0, BTreeMap::new(), None)
-            };
+        let (pods, sockhash_entries, counters, global) = if pins.map(names::map::POD_INFO).exists()
+        {
+            let maps = Maps::open(pins)?;
+            let pods = registry::list(pins, &maps).unwrap_or_default();
+            (
+                pods,
+                maps.sockhash_entries(),
+                maps.counters()?,
+                maps.global_config().ok(),
+            )
+        } else {
+            (Vec::new(), 0, BTreeMap::new(), None)
+        };
+        let msg_redirect = global.as_ref().map(MsgRedirect::of);
+        let app_nodelay = global.map(|c| c.flags & CONFIG_APP_NODELAY != 0);
         Ok(Self {
             pin_root: pins.root().display().to_string(),
             attached: pins.is_live(),
@@ -118,6 +122,7 @@ impl Status {
             maps: crate::bpf::occupancy::occupancy(pins),
             counters,
             msg_redirect,
+            app_nodelay,
             dns_capture_ebpf: crate::bpf::attach::dns_capture_available(pins),
             datapath: Report::of_instance(pins),
         })
@@ -177,6 +182,17 @@ impl Status {
                     " — BRAKE ON: TCP memory pressure, new connections stay on TCP"
                 } else {
                     ""
+                }
+            );
+        }
+        if let Some(on) = self.app_nodelay {
+            let _ = writeln!(
+                out,
+                "app nodelay {}",
+                if on {
+                    "on: in-pod hops of enabled pods get TCP_NODELAY"
+                } else {
+                    "off (--no-app-nodelay): in-pod hops keep the app's Nagle setting"
                 }
             );
         }

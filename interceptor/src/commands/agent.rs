@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use interceptor_common::config::{
-    CONFIG_MSG_ADAPTIVE, CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD, GlobalConfig,
+    CONFIG_APP_NODELAY, CONFIG_MSG_ADAPTIVE, CONFIG_MSG_REDIRECT, CONFIG_POD_TO_POD, GlobalConfig,
 };
 
 use crate::{
@@ -40,6 +40,9 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
     }
     if args.no_pod_to_pod {
         config.flags &= !CONFIG_POD_TO_POD;
+    }
+    if args.no_app_nodelay {
+        config.flags &= !CONFIG_APP_NODELAY;
     }
     let opts = AgentOptions {
         pins,

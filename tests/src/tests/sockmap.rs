@@ -1102,3 +1102,155 @@ fn what_a_stalled_reader_lets_a_writer_queue_redirected_and_on_tcp() {
         queued[1]
     );
 }
+
+// === TCP_NODELAY on in-pod hops (issue 15: Nagle + delayed ACK on a hop left on TCP) ===
+
+/// A server inside `pod` that reports, for every connection it accepts, the peer and the
+/// accepted socket's TCP_NODELAY exactly as accept() returned it, then echoes.
+struct NodelayServer {
+    addr: SocketAddr,
+    accepted: std::sync::mpsc::Receiver<(SocketAddr, bool)>,
+}
+
+impl NodelayServer {
+    fn start(pod: &LabPod, addr: SocketAddr) -> Self {
+        let listener = pod
+            .run(|| std::net::TcpListener::bind(addr))
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let (tx, accepted) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                let nodelay = stream.nodelay().expect("getsockopt TCP_NODELAY");
+                let peer = stream.peer_addr().expect("peer");
+                let _ = tx.send((peer, nodelay));
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Self { addr, accepted }
+    }
+}
+
+/// One connection from `from` to `to`: (the connecting app's TCP_NODELAY right after
+/// connect(), the accepting app's right after accept()). A byte is echoed end to end first, so
+/// a proxy in between has connected upstream.
+fn nodelay_of(from: &LabPod, to: &NodelayServer) -> (bool, bool) {
+    let stream = connect_from(from, to.addr).expect("connect");
+    let client = stream.nodelay().expect("getsockopt TCP_NODELAY");
+    let back = echo_round_trip(stream, b"x").expect("echo");
+    assert_eq!(back, b"x");
+    let (_peer, server) = to
+        .accepted
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server accepted");
+    (client, server)
+}
+
+/// Both ends of every in-pod hop of an enabled pod — the app's socket to its sidecar and the
+/// app's socket accepted from the sidecar's 127.0.0.6 — have TCP_NODELAY as soon as connect()
+/// / accept() return, in a `--no-sockmap` pod (hops on loopback TCP) as in a redirected one;
+/// apps here never set it themselves. Nothing else changes: the host's sockets, a pod that is
+/// not enabled, and the far end of an enabled pod's connection to the host keep Nagle on.
+#[test]
+fn in_pod_hops_of_enabled_pods_get_tcp_nodelay_and_nothing_else_does() {
+    let mut h = Harness::new("nodelay");
+    let redirected = h.pod("redir");
+    let on_tcp = h.pod("ontcp");
+    let plain = h.pod("plain");
+    h.start_agent(&[]);
+    h.sidecar(&redirected);
+    h.sidecar(&on_tcp);
+    let node = LabPod {
+        name: "node".into(),
+        netns: h.lab.node_netns().to_owned(),
+        ip: h.lab.gateway(),
+        ip6: Ipv6Addr::UNSPECIFIED,
+        cgroup: None,
+    };
+    let at_redirected = NodelayServer::start(&redirected, SocketAddr::new(ip4(&redirected), 9000));
+    let at_on_tcp = NodelayServer::start(&on_tcp, SocketAddr::new(ip4(&on_tcp), 9000));
+    let at_plain = NodelayServer::start(&plain, SocketAddr::new(ip4(&plain), 9000));
+    let at_node = NodelayServer::start(&node, SocketAddr::new(IpAddr::V4(node.ip), 9100));
+    h.enable(&redirected, &[]);
+    h.enable(&on_tcp, &["--no-sockmap"]);
+    h.wait_inbound_ready(&redirected);
+    h.wait_inbound_ready(&on_tcp);
+    assert_eq!(h.status()["app_nodelay"], true, "the default");
+    let before = h.counters();
+    // (what, from, to, connecting app's TCP_NODELAY, accepting app's TCP_NODELAY)
+    let cases: [(&str, &LabPod, &NodelayServer, bool, bool); 8] = [
+        (
+            "redirected pod -> --no-sockmap pod",
+            &redirected,
+            &at_on_tcp,
+            true,
+            true,
+        ),
+        (
+            "--no-sockmap pod -> redirected pod",
+            &on_tcp,
+            &at_redirected,
+            true,
+            true,
+        ),
+        ("redirected pod -> host", &redirected, &at_node, true, false),
+        ("--no-sockmap pod -> host", &on_tcp, &at_node, true, false),
+        ("host -> redirected pod", &node, &at_redirected, false, true),
+        ("host -> host", &node, &at_node, false, false),
+        ("pod not enabled -> itself", &plain, &at_plain, false, false),
+        ("host -> pod not enabled", &node, &at_plain, false, false),
+    ];
+    let mut report = String::new();
+    let mut wrong = 0;
+    for (what, from, to, want_client, want_server) in cases {
+        let (client, server) = nodelay_of(from, to);
+        let ok = (client, server) == (want_client, want_server);
+        wrong += usize::from(!ok);
+        report += &format!(
+            "{what:<36} connect() end nodelay={} (want {}), accept() end nodelay={} (want {}){}\n",
+            u8::from(client),
+            u8::from(want_client),
+            u8::from(server),
+            u8::from(want_server),
+            if ok { "" } else { "  WRONG" }
+        );
+    }
+    eprintln!("{report}");
+    assert_eq!(wrong, 0, "TCP_NODELAY as apps see it:\n{report}");
+    let after = h.counters();
+    // The in-pod ends of the redirected pod did join the sockhash; the --no-sockmap pod's
+    // did not: both kinds were covered.
+    assert!(after.since(&before, "sockhash_insert") >= 4);
+    assert!(after.since(&before, "connect_redirected") >= 4);
+}
+
+#[test]
+fn with_no_app_nodelay_in_pod_hops_keep_the_apps_setting() {
+    let mut h = Harness::new("nodelayoff");
+    let client = h.pod("client");
+    let server = h.pod("server");
+    h.start_agent(&["--no-app-nodelay"]);
+    h.sidecar(&client);
+    h.sidecar(&server);
+    let at_server = NodelayServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    h.enable(&client, &["--no-sockmap"]);
+    h.enable(&server, &[]);
+    h.wait_inbound_ready(&server);
+    assert_eq!(h.status()["app_nodelay"], false);
+    let out = h.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("app nodelay off"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(nodelay_of(&client, &at_server), (false, false));
+}
