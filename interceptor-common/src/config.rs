@@ -48,7 +48,8 @@ pub const CONFIG_MSG_BRAKE: u32 = 1 << 3;
 /// TCP (`--no-sockmap`, `--no-msg-redirect`, a lost first-write race, the adaptive policy,
 /// the brake) would otherwise hold a corked app's sub-MSS tail for the proxy's delayed ACK
 /// (40 ms; README, issue 15); a redirected hop never Nagles anyway. Default on; off with
-/// `agent --no-app-nodelay`.
+/// `agent --no-app-nodelay`, and below Linux 6.1 (bpf_setsockopt refuses TCP_NODELAY there).
+/// New within ABI 7: programs built before it ignore the bit.
 pub const CONFIG_APP_NODELAY: u32 = 1 << 4;
 
 impl GlobalConfig {

@@ -37,7 +37,8 @@ pub mod sockmap;
 /// `CONFIG` flags `CONFIG_MSG_ADAPTIVE`, `CONFIG_MSG_BRAKE`; `OrigDst` flag `ORIG_SKIP_SHORT`
 /// (`TUPLE_ORIG`). No existing layout changed except `COUNTERS`'s length; `CONFIG` and
 /// `TUPLE_ORIG` keep theirs (an entry without the new flags means what it meant at 6). An agent
-/// of ABI 7 migrates a datapath of ABI 6 (`layout`).
+/// of ABI 7 migrates a datapath of ABI 6 (`layout`). Later within 7, no layout change: the
+/// `CONFIG` flag `CONFIG_APP_NODELAY` (TCP_NODELAY on in-pod hops), ignored by earlier programs.
 /// 8 (the `abi-probe` test build only, never released): `COUNTERS` gained `abi_probe`. An agent
 /// of ABI 8 migrates a datapath of ABI 7 or 6: the ABI change the e2e tests exercise (7→8).
 ///

@@ -327,8 +327,8 @@ const SOL_TCP: i32 = 6;
 const TCP_NODELAY: i32 = 1;
 
 /// `bpf_setsockopt(SOL_TCP, TCP_NODELAY, 1)` on the sock_ops socket (a full socket at the
-/// established callbacks; allowed from sock_ops on every kernel the loader accepts). 0 or a
-/// negative errno.
+/// established callbacks). The kernel takes TCP_NODELAY here from Linux 6.1 (EINVAL before;
+/// the agent leaves `CONFIG_APP_NODELAY` off there). 0 or a negative errno.
 #[inline(always)]
 pub(crate) fn ops_set_nodelay(ctx: &SockOpsContext) -> i64 {
     let mut one: i32 = 1;

@@ -92,10 +92,9 @@ fn app_nodelay(ctx: &SockOpsContext) {
     if !matches!(config(), Some(cfg) if cfg.flags & CONFIG_APP_NODELAY != 0) {
         return;
     }
-    let ret = ctx::ops_set_nodelay(ctx);
-    if ret != 0 {
-        warn!(ctx, "TCP_NODELAY on an in-pod hop failed: {}", ret);
-    }
+    // A failure leaves the socket as it was; not logged (it would be once per connection,
+    // and the agent only sets the flag where the kernel takes the option).
+    let _ = ctx::ops_set_nodelay(ctx);
 }
 
 #[inline(always)]

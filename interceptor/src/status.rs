@@ -192,7 +192,8 @@ impl Status {
                 if on {
                     "on: in-pod hops of enabled pods get TCP_NODELAY"
                 } else {
-                    "off (--no-app-nodelay): in-pod hops keep the app's Nagle setting"
+                    "off (--no-app-nodelay, Linux < 6.1, or programs without it): in-pod hops keep \
+                     the app's Nagle setting"
                 }
             );
         }

@@ -140,6 +140,11 @@ impl Features {
         } else {
             "pod→pod (same node): over the veths (no netns cookie in sockops/sk_msg, Linux < 5.15)"
         });
+        v.push(if self.app_nodelay() {
+            "app nodelay: TCP_NODELAY on in-pod hops"
+        } else {
+            "app nodelay: unavailable (bpf_setsockopt TCP_NODELAY needs Linux >= 6.1)"
+        });
         // The load itself decides (see `attach_dns`); this is what the kernel's version says.
         v.push(if kernel_below(&self.kernel, (5, 2)) {
             "dns capture: iptables mode only (no cgroup recvmsg, Linux < 5.2)"
@@ -168,6 +173,13 @@ impl Features {
     /// server end is a connection sk_lookup steered. Elsewhere that hop stays on TCP.
     pub fn pod_to_pod(&self) -> bool {
         self.netns_keys() && self.inbound()
+    }
+
+    /// TCP_NODELAY on in-pod hops (sockops.rs `app_nodelay`): `bpf_setsockopt` accepts
+    /// `TCP_NODELAY` from Linux 6.1 (before, only a short list of SOL_TCP options, and it
+    /// answers EINVAL), so the agent leaves `CONFIG_APP_NODELAY` off below.
+    pub fn app_nodelay(&self) -> bool {
+        !kernel_below(&self.kernel, (6, 1))
     }
 
     pub fn has(&self, probe: &str) -> bool {

@@ -41,7 +41,8 @@ pub fn run(pins: Pins, args: AgentArgs) -> Result<()> {
     if args.no_pod_to_pod {
         config.flags &= !CONFIG_POD_TO_POD;
     }
-    if args.no_app_nodelay {
+    // Below 6.1 the programs' bpf_setsockopt would fail on every in-pod connection.
+    if args.no_app_nodelay || !features.app_nodelay() {
         config.flags &= !CONFIG_APP_NODELAY;
     }
     let opts = AgentOptions {
