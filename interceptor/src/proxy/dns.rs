@@ -123,6 +123,20 @@ pub fn bind(settings: &DnsSettings) -> Result<Option<Listeners>, (SocketAddr, io
 }
 
 fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener, SocketAddr)> {
+    // Port 0: the port UDP picked may be taken for TCP (a connection's local port on a busy
+    // loopback), so another pick is tried; a configured port fails at once.
+    let tries = if addr.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        match bind_pair_once(addr) {
+            Err(err) if err.kind() == io::ErrorKind::AddrInUse => last = Some(err),
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
+}
+
+fn bind_pair_once(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener, SocketAddr)> {
     let udp = std::net::UdpSocket::bind(addr)?;
     let bound = udp.local_addr()?;
     udp.set_nonblocking(true)?;
