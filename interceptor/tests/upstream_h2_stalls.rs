@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use support::Proxy;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
@@ -58,6 +58,25 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&stream.to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// One frame off the socket: (type, flags, stream id, payload); None once it ends.
+async fn read_frame(rd: &mut (impl AsyncRead + Unpin)) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    rd.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    rd.read_exact(&mut payload).await.ok()?;
+    let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], sid, payload))
+}
+
+/// WINDOW_UPDATEs giving `len` bytes back to the connection and to stream `sid`.
+fn window_back(sid: u32, len: usize) -> Vec<u8> {
+    let inc = u32::try_from(len).unwrap_or(0).to_be_bytes();
+    let mut out = frame(WINDOW_UPDATE, 0, 0, &inc);
+    out.extend(frame(WINDOW_UPDATE, 0, sid, &inc));
+    out
 }
 
 fn settings(entries: &[(u16, u32)]) -> Vec<u8> {
@@ -220,18 +239,7 @@ async fn serve_raw(stream: TcpStream, how: Behaviour, lowered: watch::Sender<usi
     // second is the lowering's).
     let mut acks = 0usize;
     let mut lowering_sent = how.lower_at_once.is_some();
-    loop {
-        let mut head = [0u8; 9];
-        if rd.read_exact(&mut head).await.is_err() {
-            break;
-        }
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        if rd.read_exact(&mut payload).await.is_err() {
-            break;
-        }
-        let (kind, flags) = (head[3], head[4]);
-        let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    while let Some((kind, flags, sid, payload)) = read_frame(&mut rd).await {
         let answerable = |sid: u32| last_answered.is_none_or(|last| sid <= last);
         match kind {
             SETTINGS if flags & ACK == 0 => {
@@ -277,10 +285,8 @@ async fn serve_raw(stream: TcpStream, how: Behaviour, lowered: watch::Sender<usi
                 }
             }
             DATA => {
-                if len > 0 && !how.keep_window {
-                    let inc = u32::try_from(len).unwrap_or(0).to_be_bytes();
-                    let _ = tx.send(frame(WINDOW_UPDATE, 0, 0, &inc));
-                    let _ = tx.send(frame(WINDOW_UPDATE, 0, sid, &inc));
+                if !payload.is_empty() && !how.keep_window {
+                    let _ = tx.send(window_back(sid, payload.len()));
                 }
                 if flags & END_STREAM != 0 && open.get(&sid) == Some(&true) && answerable(sid) {
                     if hold && last_answered.is_none() {
@@ -328,6 +334,16 @@ enum Body {
 /// `calls` gRPC unary calls at once on one h2c connection to `proxy`. Panics naming the calls
 /// still open after `BOUND`.
 async fn calls_on_one_connection(proxy: SocketAddr, calls: usize, body: Body) -> Vec<Ended> {
+    calls_with(proxy, calls, body, None).await
+}
+
+/// [`calls_on_one_connection`], each call with `grpc-timeout` if given.
+async fn calls_with(
+    proxy: SocketAddr,
+    calls: usize,
+    body: Body,
+    grpc_timeout: Option<&'static str>,
+) -> Vec<Ended> {
     let stream = TcpStream::connect(proxy).await.expect("connect");
     let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
     let conn = tokio::spawn(conn);
@@ -336,7 +352,7 @@ async fn calls_on_one_connection(proxy: SocketAddr, calls: usize, body: Body) ->
         .map(|i| {
             let client = client.clone();
             let heads = heads.clone();
-            tokio::spawn(async move { one_call(client, i, body, heads, calls).await })
+            tokio::spawn(async move { one_call(client, i, body, heads, calls, grpc_timeout).await })
         })
         .collect();
     let mut ended = Vec::new();
@@ -367,16 +383,19 @@ async fn one_call(
     when: Body,
     heads: watch::Sender<usize>,
     calls: usize,
+    grpc_timeout: Option<&'static str>,
 ) -> Ended {
     let mut client = match client.ready().await {
         Ok(c) => c,
         Err(e) => return Ended::Failed(format!("ready: {e}")),
     };
-    let req = Request::post("http://grpc.test:50051/bench.Echo/Unary")
+    let mut req = Request::post("http://grpc.test:50051/bench.Echo/Unary")
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
+        .header("te", "trailers");
+    if let Some(t) = grpc_timeout {
+        req = req.header("grpc-timeout", t);
+    }
+    let req = req.body(()).expect("request");
     let (resp, mut send) = match client.send_request(req, false) {
         Ok(sent) => sent,
         Err(e) => return Ended::Failed(format!("send: {e}")),
@@ -426,8 +445,13 @@ fn grpc_status(h: &http::HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// HTTP 200 with `grpc-status` `code` (the proxy's gRPC-shaped errors are 200 too).
+fn answered_grpc(e: &Ended, code: &str) -> bool {
+    matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == code)
+}
+
 fn answered_ok(e: &Ended) -> bool {
-    matches!(e, Ended::Answered(s, Some(g)) if *s == StatusCode::OK && g == "0")
+    answered_grpc(e, "0")
 }
 
 /// A proxy whose cluster `grpc` (h2c upstream, `connect_timeout`) is every call's route.
@@ -538,6 +562,16 @@ async fn a_stream_limit_lowered_to_one_sends_new_calls_to_a_new_connection() {
         delay: Duration::from_millis(500),
         ..Behaviour::default()
     };
+    calls_past_a_limit_of_one_get_a_new_connection(
+        how,
+        "calls past the upstream's lowered limit of 1 shared its one connection",
+    )
+    .await;
+}
+
+/// One call, and once the proxy has acknowledged the upstream's lowered limit of 1 (while that
+/// call's stream is open), two more: all answered, the two on a connection of their own.
+async fn calls_past_a_limit_of_one_get_a_new_connection(how: Behaviour, shared: &str) {
     let (up, accepted, task, mut lowered) = raw_upstream_telling(how).await;
     let proxy = proxy_for(up, "10s").await;
     let first = tokio::spawn(calls_on_one_connection(proxy.outbound, 1, Body::WithHead));
@@ -553,10 +587,7 @@ async fn a_stream_limit_lowered_to_one_sends_new_calls_to_a_new_connection() {
         first.iter().chain(&later).all(answered_ok),
         "{first:?} {later:?}"
     );
-    assert!(
-        accepted.load(Ordering::SeqCst) >= 2,
-        "calls past the upstream's lowered limit of 1 shared its one connection"
-    );
+    assert!(accepted.load(Ordering::SeqCst) >= 2, "{shared}");
     assert_gauges_back_to_zero(&proxy).await;
     task.abort();
 }
@@ -574,26 +605,12 @@ async fn a_stream_limit_lowered_to_one_right_after_the_first_settings_is_heard()
         delay: Duration::from_millis(500),
         ..Behaviour::default()
     };
-    let (up, accepted, task, mut lowered) = raw_upstream_telling(how).await;
-    let proxy = proxy_for(up, "10s").await;
-    let first = tokio::spawn(calls_on_one_connection(proxy.outbound, 1, Body::WithHead));
-    tokio::time::timeout(BOUND, lowered.wait_for(|n| *n >= 1))
-        .await
-        .expect("the proxy acknowledged the lowered limit")
-        .expect("upstream");
-    let later = calls_on_one_connection(proxy.outbound, 2, Body::WithHead).await;
-    let first = first.await.expect("first call");
-    assert!(
-        first.iter().chain(&later).all(answered_ok),
-        "{first:?} {later:?}"
-    );
-    assert!(
-        accepted.load(Ordering::SeqCst) >= 2,
+    calls_past_a_limit_of_one_get_a_new_connection(
+        how,
         "calls past the upstream's limit of 1 (lowered right after its first SETTINGS) shared \
-         its one connection"
-    );
-    assert_gauges_back_to_zero(&proxy).await;
-    task.abort();
+         its one connection",
+    )
+    .await;
 }
 
 /// The upstream allows 4 streams and answers each call whole at its HEADERS, before the
@@ -669,10 +686,7 @@ async fn a_window_never_given_back_ends_at_the_deadline() {
     let proxy = proxy_for(up, "10s").await;
     let ended = deadline_calls(proxy.outbound).await;
     for e in &ended {
-        assert!(
-            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "4"),
-            "{ended:?}"
-        );
+        assert!(answered_grpc(e, "4"), "{ended:?}");
     }
     assert_gauges_back_to_zero(&proxy).await;
     task.abort();
@@ -680,40 +694,7 @@ async fn a_window_never_given_back_ends_at_the_deadline() {
 
 /// 16 calls with `grpc-timeout: 500m` on one connection.
 async fn deadline_calls(proxy: SocketAddr) -> Vec<Ended> {
-    let stream = TcpStream::connect(proxy).await.expect("connect");
-    let (client, conn) = h2::client::handshake(stream).await.expect("h2 handshake");
-    let conn = tokio::spawn(conn);
-    let tasks: Vec<_> = (0..CALLS)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut client = client.ready().await.expect("ready");
-                let req = Request::post("http://grpc.test:50051/bench.Echo/Unary")
-                    .header("content-type", "application/grpc")
-                    .header("te", "trailers")
-                    .header("grpc-timeout", "500m")
-                    .body(())
-                    .expect("request");
-                let (resp, mut send) = client.send_request(req, false).expect("send");
-                let mut msg = vec![0, 0, 0, 0, 64];
-                msg.extend([b'x'; 64]);
-                send.reserve_capacity(msg.len());
-                let _ = send.send_data(Bytes::from(msg), true);
-                match resp.await {
-                    Ok(r) => Ended::Answered(r.status(), grpc_status(r.headers())),
-                    Err(e) => Ended::Failed(e.to_string()),
-                }
-            })
-        })
-        .collect();
-    let all = tokio::time::timeout(BOUND, futures::future::join_all(tasks))
-        .await
-        .expect("every deadline call ended");
-    drop(client);
-    conn.abort();
-    all.into_iter()
-        .map(|r| r.unwrap_or_else(|e| Ended::Failed(e.to_string())))
-        .collect()
+    calls_with(proxy, CALLS, Body::WithHead, Some("500m")).await
 }
 
 /// An upstream that accepts and says nothing (no SETTINGS): a burst of 16 calls on a cold
@@ -732,10 +713,7 @@ async fn a_mute_upstream_fails_a_burst_within_one_connect_timeout() {
     let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::WithHead).await;
     let took = started.elapsed();
     for e in &ended {
-        assert!(
-            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
-            "{ended:?}"
-        );
+        assert!(answered_grpc(e, "14"), "{ended:?}");
     }
     assert!(
         took < Duration::from_millis(2500),
@@ -758,10 +736,7 @@ async fn an_upstream_silent_after_its_settings_ends_at_the_deadline() {
     let proxy = proxy_for(up, "10s").await;
     let ended = deadline_calls(proxy.outbound).await;
     for e in &ended {
-        assert!(
-            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "4"),
-            "{ended:?}"
-        );
+        assert!(answered_grpc(e, "4"), "{ended:?}");
     }
     assert_gauges_back_to_zero(&proxy).await;
     task.abort();
@@ -784,10 +759,7 @@ async fn a_goaway_below_streams_in_flight_leaves_no_call_hanging() {
     let ok = ended.iter().filter(|e| answered_ok(e)).count();
     assert!(ok >= CALLS / 2, "{ended:?}");
     for e in &ended {
-        assert!(
-            answered_ok(e) || matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
-            "{ended:?}"
-        );
+        assert!(answered_ok(e) || answered_grpc(e, "14"), "{ended:?}");
     }
     assert_gauges_back_to_zero(&proxy).await;
     task.abort();
@@ -806,10 +778,7 @@ async fn an_enhance_your_calm_goaway_ends_every_call() {
     let proxy = proxy_for(up, "10s").await;
     let ended = calls_on_one_connection(proxy.outbound, CALLS, Body::WithHead).await;
     for e in &ended {
-        assert!(
-            answered_ok(e) || matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
-            "{ended:?}"
-        );
+        assert!(answered_ok(e) || answered_grpc(e, "14"), "{ended:?}");
     }
     let again = calls_on_one_connection(proxy.outbound, 1, Body::WithHead).await;
     assert!(again.iter().all(answered_ok), "{again:?}");
@@ -880,18 +849,7 @@ async fn serve_counting(
     let mut letters: HashMap<u32, u8> = HashMap::new();
     let mut whole: Vec<(u32, u8)> = Vec::new();
     let mut last_answered: Option<u32> = None;
-    loop {
-        let mut head = [0u8; 9];
-        if rd.read_exact(&mut head).await.is_err() {
-            return;
-        }
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        if rd.read_exact(&mut payload).await.is_err() {
-            return;
-        }
-        let (kind, flags) = (head[3], head[4]);
-        let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    while let Some((kind, flags, sid, payload)) = read_frame(&mut rd).await {
         let mut out = Vec::new();
         match kind {
             SETTINGS if flags & ACK == 0 => out = frame(SETTINGS, ACK, 0, &[]),
@@ -900,10 +858,8 @@ async fn serve_counting(
                 if let Some(&letter) = payload.get(5) {
                     letters.entry(sid).or_insert(letter);
                 }
-                if len > 0 {
-                    let inc = u32::try_from(len).unwrap_or(0).to_be_bytes();
-                    out.extend(frame(WINDOW_UPDATE, 0, 0, &inc));
-                    out.extend(frame(WINDOW_UPDATE, 0, sid, &inc));
+                if !payload.is_empty() {
+                    out.extend(window_back(sid, payload.len()));
                 }
                 if flags & END_STREAM != 0 {
                     let letter = letters.get(&sid).copied().unwrap_or(b'?');
@@ -955,29 +911,6 @@ async fn serve_counting(
     }
 }
 
-/// A proxy like [`proxy_for`] whose route has `retry_policy` (YAML flow mapping).
-async fn proxy_with_retry(up: SocketAddr, retry_policy: &str) -> Proxy {
-    let yaml = format!(
-        r#"
-clusters:
-  - name: grpc
-    endpoints: ["{up}"]
-    protocol: http2
-    connect_timeout: 10s
-    outlier_detection: {{consecutive_errors: 0}}
-outbound:
-  listeners:
-    - port: 50051
-      virtual_hosts:
-        - name: grpc
-          domains: ["*"]
-          routes:
-            - route: {{cluster: grpc, retry_policy: {retry_policy}}}
-"#
-    );
-    Proxy::start(&yaml, "127.0.0.1:50051".parse().expect("addr")).await
-}
-
 /// How many times the upstream processed each call's request, by call.
 fn times_processed(processed: &Processed, calls: usize) -> Vec<usize> {
     let all = processed.lock().expect("lock").clone();
@@ -1005,10 +938,7 @@ async fn streams_a_calm_goaway_names_as_processed_are_not_sent_again() {
         processed.lock().expect("lock")
     );
     for e in &ended {
-        assert!(
-            matches!(e, Ended::Answered(StatusCode::OK, Some(g)) if g == "14"),
-            "{ended:?}"
-        );
+        assert!(answered_grpc(e, "14"), "{ended:?}");
     }
     assert_gauges_back_to_zero(&proxy).await;
     task.abort();
@@ -1020,9 +950,11 @@ async fn streams_a_calm_goaway_names_as_processed_are_not_sent_again() {
 #[tokio::test]
 async fn streams_a_calm_goaway_names_as_processed_are_retried_on_reset() {
     let (up, processed, task) = counting_upstream(2, Ending::CalmAndClose).await;
-    let proxy = proxy_with_retry(
+    let proxy = proxy_with(
         up,
-        "{retry_on: reset, num_retries: 1, base_interval: 1ms, max_interval: 1ms}",
+        "10s",
+        "",
+        ", retry_policy: {retry_on: reset, num_retries: 1, base_interval: 1ms, max_interval: 1ms}",
     )
     .await;
     let ended = calls_on_one_connection(proxy.outbound, 2, Body::WithHead).await;
