@@ -460,9 +460,12 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) {
 pub struct Seen {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The accepted socket's TCP_NODELAY as accept() returned it (the server never sets it).
+    pub nodelay: bool,
 }
 
-/// A TCP server bound inside a pod: echoes every byte back and records each connection.
+/// A TCP server bound inside a pod: echoes every byte back and records each connection
+/// before it echoes anything.
 pub struct EchoServer {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -483,10 +486,16 @@ impl EchoServer {
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { break };
-                let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+                let (Ok(peer), Ok(local), Ok(nodelay)) =
+                    (stream.peer_addr(), stream.local_addr(), stream.nodelay())
+                else {
                     continue;
                 };
-                record.lock().expect("lock").push(Seen { peer, local });
+                record.lock().expect("lock").push(Seen {
+                    peer,
+                    local,
+                    nodelay,
+                });
                 let _ = tx.send(());
                 thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];

@@ -1106,54 +1106,19 @@ fn what_a_stalled_reader_lets_a_writer_queue_redirected_and_on_tcp() {
 
 // === TCP_NODELAY on in-pod hops (issue 15: Nagle + delayed ACK on a hop left on TCP) ===
 
-/// A server inside `pod` that reports, for every connection it accepts, the peer and the
-/// accepted socket's TCP_NODELAY exactly as accept() returned it, then echoes.
-struct NodelayServer {
-    addr: SocketAddr,
-    accepted: std::sync::mpsc::Receiver<(SocketAddr, bool)>,
-}
-
-impl NodelayServer {
-    fn start(pod: &LabPod, addr: SocketAddr) -> Self {
-        let listener = pod
-            .run(|| std::net::TcpListener::bind(addr))
-            .expect("netns")
-            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        let (tx, accepted) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { break };
-                let nodelay = stream.nodelay().expect("getsockopt TCP_NODELAY");
-                let peer = stream.peer_addr().expect("peer");
-                let _ = tx.send((peer, nodelay));
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = stream.read(&mut buf) {
-                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = stream.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-        Self { addr, accepted }
-    }
-}
-
 /// One connection from `from` to `to`: (the connecting app's TCP_NODELAY right after
 /// connect(), the accepting app's right after accept()). A byte is echoed end to end first, so
 /// a proxy in between has connected upstream.
-fn nodelay_of(from: &LabPod, to: &NodelayServer) -> (bool, bool) {
+fn nodelay_of(from: &LabPod, to: &EchoServer) -> (bool, bool) {
+    let before = to.seen().len();
     let stream = connect_from(from, to.addr).expect("connect");
     let client = stream.nodelay().expect("getsockopt TCP_NODELAY");
     let back = echo_round_trip(stream, b"x").expect("echo");
     assert_eq!(back, b"x");
-    let (_peer, server) = to
-        .accepted
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the server accepted");
-    (client, server)
+    // Recorded at accept, before the echo: this connection's entry.
+    let seen = to.seen();
+    assert_eq!(seen.len(), before + 1, "one connection accepted: {seen:?}");
+    (client, seen[before].nodelay)
 }
 
 /// Both ends of every in-pod hop of an enabled pod — the app's socket to its sidecar and the
@@ -1177,10 +1142,10 @@ fn in_pod_hops_of_enabled_pods_get_tcp_nodelay_and_nothing_else_does() {
         ip6: Ipv6Addr::UNSPECIFIED,
         cgroup: None,
     };
-    let at_redirected = NodelayServer::start(&redirected, SocketAddr::new(ip4(&redirected), 9000));
-    let at_on_tcp = NodelayServer::start(&on_tcp, SocketAddr::new(ip4(&on_tcp), 9000));
-    let at_plain = NodelayServer::start(&plain, SocketAddr::new(ip4(&plain), 9000));
-    let at_node = NodelayServer::start(&node, SocketAddr::new(IpAddr::V4(node.ip), 9100));
+    let at_redirected = EchoServer::start(&redirected, SocketAddr::new(ip4(&redirected), 9000));
+    let at_on_tcp = EchoServer::start(&on_tcp, SocketAddr::new(ip4(&on_tcp), 9000));
+    let at_plain = EchoServer::start(&plain, SocketAddr::new(ip4(&plain), 9000));
+    let at_node = EchoServer::start(&node, SocketAddr::new(IpAddr::V4(node.ip), 9100));
     h.enable(&redirected, &[]);
     h.enable(&on_tcp, &["--no-sockmap"]);
     h.wait_inbound_ready(&redirected);
@@ -1191,7 +1156,7 @@ fn in_pod_hops_of_enabled_pods_get_tcp_nodelay_and_nothing_else_does() {
     assert_eq!(h.status()["app_nodelay"], supported, "the default");
     let before = h.counters();
     // (what, from, to, connecting app's TCP_NODELAY, accepting app's TCP_NODELAY)
-    let cases: [(&str, &LabPod, &NodelayServer, bool, bool); 8] = [
+    let cases: [(&str, &LabPod, &EchoServer, bool, bool); 8] = [
         (
             "redirected pod -> --no-sockmap pod",
             &redirected,
@@ -1263,7 +1228,7 @@ fn with_no_app_nodelay_in_pod_hops_keep_the_apps_setting() {
     h.start_agent(&["--no-app-nodelay"]);
     h.sidecar(&client);
     h.sidecar(&server);
-    let at_server = NodelayServer::start(&server, SocketAddr::new(ip4(&server), 9000));
+    let at_server = EchoServer::start(&server, SocketAddr::new(ip4(&server), 9000));
     h.enable(&client, &["--no-sockmap"]);
     h.enable(&server, &[]);
     h.wait_inbound_ready(&server);
